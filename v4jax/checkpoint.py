@@ -1,0 +1,287 @@
+"""HF-format checkpoints: `config.json` + safetensors with the `deepseek_v4` tensor names.
+
+On disk, DeepSeek-V4 checkpoints use the official tensor names (`layers.3.attn.wq_a.weight`,
+`layers.3.hc_attn_fn`, per-expert `ffn.experts.7.w1.weight`, ...): the Hub release as is, and
+transformers' `save_pretrained` with a `model.` prefix (and `model.embed_tokens.weight`,
+`model.hc_head.hc_fn`, `head.weight`); transformers renames them to its module names when loading.
+Both spellings load here. One table (`hf_rules`) maps each canonical name to the model variable it
+fills and the layout change (torch [out, in] vs our [in, out] kernels; the grouped `wo_a`; expert e of
+a stacked [E, ...] weight). Loading checks every tensor's presence, shape and dtype kind and names the
+first bad one; writing is the exact inverse (a round trip reproduces every tensor, name and dtype).
+
+MTP: transformers does not instantiate the MTP block, so checkpoints it saves have no `mtp.*`
+tensors and load with `n_mtp_layers = 0`; the Hub release's `mtp.0.*` tensors load when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.config import ConfigError, V4Config
+from v4jax.tensorfile import TensorFileError, open_directory, write_sharded
+
+
+class CheckpointError(ValueError):
+    """A missing, unexpected, mis-shaped or mis-typed tensor, or an unusable checkpoint directory."""
+
+
+class Layout(enum.Enum):
+    SAME = "same"
+    TRANSPOSE = "transpose"  # torch Linear [out, in] <-> our kernel [in, out]
+    GROUPED_OUT = "grouped_out"  # wo_a [g*d_g, in] <-> ours [g, in, d_g]
+
+
+Path = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str  # canonical (official-style) tensor name, e.g. "layers.1.attn.wq_a.weight"
+    ours: Path  # variable path in the model state
+    layout: Layout
+    index: int | None = None  # expert slot of a stacked [E, ...] variable, for per-expert tensors
+
+
+def _block_rules(prefix: str, ours: Path, block, n_experts: int) -> list[Rule]:
+    """Rules for one Block at canonical prefix `prefix` (e.g. "layers.3") and model path `ours`."""
+    T, S = Layout.TRANSPOSE, Layout.SAME
+    table = [
+        ("hc_attn_fn", ("attn_hc", "fn"), S), ("hc_attn_base", ("attn_hc", "base"), S),
+        ("hc_attn_scale", ("attn_hc", "scale"), S),
+        ("hc_ffn_fn", ("ffn_hc", "fn"), S), ("hc_ffn_base", ("ffn_hc", "base"), S),
+        ("hc_ffn_scale", ("ffn_hc", "scale"), S),
+        ("attn_norm.weight", ("attn_norm", "weight"), S),
+        ("ffn_norm.weight", ("ffn_norm", "weight"), S),
+        ("attn.wq_a.weight", ("attn", "wq_a", "kernel"), T),
+        ("attn.q_norm.weight", ("attn", "q_norm", "weight"), S),
+        ("attn.wq_b.weight", ("attn", "wq_b", "kernel"), T),
+        ("attn.wkv.weight", ("attn", "wkv", "kernel"), T),
+        ("attn.norm.weight", ("attn", "kv_norm", "weight"), S),
+        ("attn.wo_a.weight", ("attn", "wo_a"), Layout.GROUPED_OUT),
+        ("attn.wo_b.weight", ("attn", "wo_b", "kernel"), T),
+        ("attn.attn_sink", ("attn", "sinks"), S),
+        ("ffn.gate.weight", ("ffn", "gate", "weight", "kernel"), T),
+        ("ffn.shared_experts.w1.weight", ("ffn", "shared_experts", "w1", "kernel"), T),
+        ("ffn.shared_experts.w2.weight", ("ffn", "shared_experts", "w2", "kernel"), T),
+        ("ffn.shared_experts.w3.weight", ("ffn", "shared_experts", "w3", "kernel"), T),
+    ]
+    if hasattr(block.ffn.gate, "tid2eid"):
+        table.append(("ffn.gate.tid2eid", ("ffn", "gate", "tid2eid"), S))
+    else:
+        table.append(("ffn.gate.bias", ("ffn", "gate", "bias"), S))
+    attn = block.attn
+    for name_c, ours_c, present in (("attn.compressor", ("attn", "compressor"), attn.compressor is not None),
+                                    ("attn.indexer.compressor", ("attn", "indexer", "compressor"), attn.indexer is not None)):
+        if present:
+            table += [(f"{name_c}.wkv.weight", ours_c + ("wkv", "kernel"), T),
+                      (f"{name_c}.wgate.weight", ours_c + ("wgate", "kernel"), T),
+                      (f"{name_c}.ape", ours_c + ("ape",), S),
+                      (f"{name_c}.norm.weight", ours_c + ("norm", "weight"), S)]
+    if attn.indexer is not None:
+        table += [("attn.indexer.wq_b.weight", ("attn", "indexer", "wq_b", "kernel"), T),
+                  ("attn.indexer.weights_proj.weight", ("attn", "indexer", "weights_proj", "kernel"), T)]
+    rules = [Rule(f"{prefix}.{n}", ours + o, lay) for n, o, lay in table]
+    for e in range(n_experts):  # per-expert tensors [I, d] / [d, I] fill slot e of the stacked weights
+        for w in ("w1", "w2", "w3"):
+            rules.append(Rule(f"{prefix}.ffn.experts.{e}.{w}.weight", ours + ("ffn", "experts", w), T, e))
+    return rules
+
+
+def hf_rules(model) -> list[Rule]:
+    """Every tensor of `model` (a Transformer, concrete or abstract) by canonical name."""
+    S, T = Layout.SAME, Layout.TRANSPOSE
+    E = model.cfg.n_routed_experts
+    rules = [Rule("embed.weight", ("embed", "embedding"), S),
+             Rule("norm.weight", ("norm", "weight"), S),
+             Rule("hc_head_fn", ("hc_head", "fn"), S),
+             Rule("hc_head_base", ("hc_head", "base"), S),
+             Rule("hc_head_scale", ("hc_head", "scale"), S),
+             Rule("head.weight", ("head", "kernel"), T)]
+    for i, block in enumerate(model.layers):
+        rules += _block_rules(f"layers.{i}", ("layers", i), block, E)
+    if model.mtp is not None:
+        rules += [Rule("mtp.0.e_proj.weight", ("mtp", "e_proj", "kernel"), T),
+                  Rule("mtp.0.h_proj.weight", ("mtp", "h_proj", "kernel"), T),
+                  Rule("mtp.0.enorm.weight", ("mtp", "enorm", "weight"), S),
+                  Rule("mtp.0.hnorm.weight", ("mtp", "hnorm", "weight"), S),
+                  Rule("mtp.0.norm.weight", ("mtp", "norm", "weight"), S),
+                  Rule("mtp.0.hc_head_fn", ("mtp", "hc_head", "fn"), S),
+                  Rule("mtp.0.hc_head_base", ("mtp", "hc_head", "base"), S),
+                  Rule("mtp.0.hc_head_scale", ("mtp", "hc_head", "scale"), S)]
+        rules += _block_rules("mtp.0", ("mtp", "block"), model.mtp.block, E)
+    return rules
+
+
+# Spellings on disk. The Hub release uses the canonical names; transformers' save_pretrained writes
+# the same names under a `model.` prefix except for these, which it writes with module names.
+_TRANSFORMERS_SPELLING = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight",
+                          "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+                          "hc_head_scale": "model.hc_head.hc_scale"}
+_CANONICAL = {v: k for k, v in _TRANSFORMERS_SPELLING.items()} | {"lm_head.weight": "head.weight",
+                                                                   "model.embed.weight": "embed.weight"}
+
+
+def canonical_name(key: str) -> str:
+    """Map a tensor name as found on disk (Hub release or transformers save) to its canonical name."""
+    if key in _CANONICAL:
+        return _CANONICAL[key]
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def transformers_name(name: str) -> str:
+    """The spelling transformers' save_pretrained uses for a canonical name."""
+    if name in _TRANSFORMERS_SPELLING:
+        return _TRANSFORMERS_SPELLING[name]
+    return name if name.startswith("mtp.") else f"model.{name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout conversions (numpy; they also work on zero-stride placeholder arrays to derive shapes)
+
+def to_ours(layout: Layout, a: np.ndarray, model_shape: tuple[int, ...]) -> np.ndarray:
+    if layout is Layout.SAME:
+        return a
+    if layout is Layout.TRANSPOSE:
+        return a.T
+    g, fan_in, d_g = model_shape  # GROUPED_OUT: row block g' of wo_a is group g'
+    return a.reshape(g, d_g, fan_in).transpose(0, 2, 1)
+
+
+def to_hf(layout: Layout, a: np.ndarray) -> np.ndarray:
+    if layout is Layout.SAME:
+        return a
+    if layout is Layout.TRANSPOSE:
+        return a.T
+    g, fan_in, d_g = a.shape
+    return a.transpose(0, 2, 1).reshape(g * d_g, fan_in)
+
+
+def _placeholder(shape, dtype) -> np.ndarray:
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadInfo:
+    config: V4Config
+    spelling: dict[str, str]  # canonical name -> key as found on disk
+    dtypes: dict[str, np.dtype]  # canonical name -> dtype found on disk
+    mtp_loaded: bool
+
+
+def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+            mtp: bool | None = None) -> tuple[Any, LoadInfo]:
+    """Load an HF-format directory (config.json + safetensors, Hub or transformers spelling).
+
+    dtype / param_dtype override the compute / storage dtypes (default: config's torch_dtype).
+    mtp: True requires MTP tensors, False ignores them, None loads them when present.
+    """
+    from v4jax.model import Transformer  # local import: the model module imports nothing from here
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    try:
+        cfg = V4Config.from_json_file(os.path.join(directory, "config.json"), **overrides)
+        found = open_directory(directory)
+    except (ConfigError, TensorFileError) as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    where, spelling = {}, {}
+    for key, tf in found.items():
+        name = canonical_name(key)
+        if name in where:
+            raise CheckpointError(f"{directory}: tensor {name!r} is stored twice (as {spelling[name]!r} and {key!r})")
+        where[name], spelling[name] = tf, key
+    has_mtp = any(k.startswith("mtp.") for k in where)
+    if mtp and not has_mtp:
+        raise CheckpointError(f"{directory}: MTP requested but the checkpoint has no mtp.* tensors")
+    use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
+    cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
+
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    variables = dict(nnx.to_flat_state(state))
+    rules = hf_rules(abstract)
+    expected = {r.name for r in rules}
+    ignored = set() if use_mtp else {k for k in where if k.startswith("mtp.")}
+    extra = sorted(set(where) - expected - ignored)
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensor {spelling[extra[0]]!r}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + "; does config.json match the checkpoint?")
+    values: dict[Path, np.ndarray] = {}
+    dtypes = {}
+    for rule in rules:
+        if rule.name not in where:
+            raise CheckpointError(f"{directory}: missing tensor {transformers_name(rule.name)!r}")
+        tf, key = where[rule.name], spelling[rule.name]
+        var = variables[rule.ours]
+        slot_shape = tuple(var.shape[1:]) if rule.index is not None else tuple(var.shape)
+        want = to_hf(rule.layout, _placeholder(slot_shape, np.float32)).shape
+        if tuple(tf.shape(key)) != tuple(want):
+            raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tf.shape(key))}, expected {tuple(want)}")
+        is_int = bool(jnp.issubdtype(var.dtype, jnp.integer))
+        got = tf.dtype(key)
+        if is_int != bool(np.issubdtype(got, np.integer)):
+            raise CheckpointError(f"{directory}: tensor {key!r} has dtype {got}, expected "
+                                  f"{'an integer' if is_int else 'a floating-point'} dtype")
+        a = to_ours(rule.layout, np.asarray(tf[key]), slot_shape)
+        if is_int and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
+            raise CheckpointError(f"{directory}: tensor {key!r} holds expert ids outside [0, {cfg.n_routed_experts})")
+        dtypes[rule.name] = got
+        if rule.index is None:
+            values[rule.ours] = a
+        else:
+            values.setdefault(rule.ours, np.zeros(var.shape, a.dtype))[rule.index] = a
+    for path, a in values.items():
+        var = variables[path]
+        var.set_value(jnp.asarray(a).astype(var.dtype))
+    return nnx.merge(graphdef, state), LoadInfo(cfg, spelling, dtypes, use_mtp)
+
+
+def hf_tensors(model, info: LoadInfo | None = None) -> dict[str, np.ndarray]:
+    """The model's tensors by on-disk name: the spelling and dtypes of `info` when given (exact
+    write-back of a loaded checkpoint), else transformers' spelling, the variables' dtypes, and
+    int64 for the hash table (transformers' buffer dtype)."""
+    variables = dict(nnx.to_flat_state(nnx.state(model)))
+    arrays: dict[Path, np.ndarray] = {}
+    out = {}
+    for rule in hf_rules(model):
+        if rule.ours not in arrays:
+            arrays[rule.ours] = np.asarray(variables[rule.ours].get_value())
+        a = arrays[rule.ours] if rule.index is None else arrays[rule.ours][rule.index]
+        a = to_hf(rule.layout, a)
+        if info is not None and rule.name in info.dtypes:
+            want, key = info.dtypes[rule.name], info.spelling[rule.name]
+        else:
+            want = np.int64 if np.issubdtype(a.dtype, np.integer) else a.dtype
+            key = transformers_name(rule.name)
+        out[key] = np.ascontiguousarray(a.astype(want))
+    return out
+
+
+def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None,
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> list[str]:
+    """Write config.json and the safetensors shards (+ index when sharded). Refuses a non-empty
+    directory unless overwrite=True, so an existing checkpoint is never clobbered by accident."""
+    directory = os.fspath(directory)
+    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
+        raise CheckpointError(f"{directory} is not empty; pass overwrite=True to replace its checkpoint")
+    os.makedirs(directory, exist_ok=True)
+    files = write_sharded(directory, hf_tensors(model, info), max_shard_bytes)
+    tmp = os.path.join(directory, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(model.cfg.to_hf_dict(), f, indent=2)
+    os.replace(tmp, os.path.join(directory, "config.json"))
+    return files + ["config.json"]

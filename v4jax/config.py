@@ -1,0 +1,470 @@
+"""DeepSeek-V4 configuration (spec §1).
+
+One frozen dataclass, `V4Config`, holds every architectural value. Layer kinds are enums, not strings
+scattered through the model: `AttentionKind` per layer (spec §1.2) and `RouterKind` per MoE layer
+(spec §5). Presets: `v4-flash`, `v4-pro` (released values, spec §1.1) and `tiny`, `tiny-b` (CPU test
+configs that keep every mechanism active, spec §11).
+
+HF `config.json` I/O (`from_hf_dict` / `to_hf_dict`) accepts both the current transformers field names
+(`layer_types`, `mlp_layer_types`, `compress_rates`, `rope_parameters`, `partial_rotary_factor`) and the
+older ones shipped with the release (`compress_ratios`, `compress_rate_csa/hca`, `num_hash_layers`,
+`qk_rope_head_dim`, `rope_scaling`), and writes the current ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unsupported configuration value."""
+
+
+class AttentionKind(enum.Enum):
+    """Attention variant of one layer (spec §4). Values are the HF `layer_types` labels."""
+
+    SLIDING = "sliding_attention"  # SWA only (compress ratio 0)
+    CSA = "compressed_sparse_attention"  # overlapping compressor + lightning indexer top-k
+    HCA = "heavily_compressed_attention"  # non-overlapping compressor, all visible entries
+
+
+class RouterKind(enum.Enum):
+    """Expert selection of one MoE layer (spec §5). Values are the HF `mlp_layer_types` labels."""
+
+    HASH = "hash_moe"  # frozen token-id -> experts table (spec §5.2)
+    LEARNED = "moe"  # top-k of sqrt(softplus) affinities + selection bias (spec §5.1)
+
+
+SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class V4Config:
+    """Every architectural value of a DeepSeek-V4 model.
+
+    Fields (spec §1.1 notation in brackets):
+      vocab_size [V]; dim [d] hidden size; n_layers [L] main blocks (MTP not counted);
+      n_heads [H]; head_dim [c] shared q/kv head width; rope_head_dim [r] RoPE dims at the end of a head;
+      q_lora_rank [d_c] query latent; o_groups [g], o_lora_rank [d_g] grouped output projection;
+      window_size [n_win] sliding window including the query token;
+      layer_types: one AttentionKind per main layer; csa_ratio [m], hca_ratio [m'] compression ratios;
+      router_types: one RouterKind per main layer (hash layers first in the releases);
+      index_n_heads [n_I], index_head_dim [c_I], index_topk [k_I] lightning indexer;
+      n_routed_experts [E], n_shared_experts (must be 1), n_activated_experts [k], moe_inter_dim [I];
+      score_func router affinity; route_scale routed-weight scale; swiglu_limit [L] clamp;
+      hc_mult [n_hc] residual streams; hc_sinkhorn_iters, hc_eps mHC (spec §3.2);
+      norm_eps every RMSNorm; rope_theta plain RoPE base (SWA layers); compress_rope_theta base of
+      CSA/HCA layers; rope_factor, original_seq_len, beta_fast, beta_slow YaRN (spec §1.3; factor 1
+      disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
+      dtype compute dtype; param_dtype storage dtype of parameters;
+      attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
+      bos_token_id, eos_token_id carried through config.json.
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    window_size: int
+    layer_types: tuple[AttentionKind, ...]
+    router_types: tuple[RouterKind, ...]
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_routed_experts: int
+    n_activated_experts: int
+    moe_inter_dim: int
+    csa_ratio: int = 4
+    hca_ratio: int = 128
+    n_shared_experts: int = 1
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    max_seq_len: int = 1048576
+    n_mtp_layers: int = 1
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_chunk: int = 512
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+
+    def __post_init__(self):
+        # Accept lists/strings for the schedules and normalise them to enum tuples.
+        object.__setattr__(self, "layer_types", tuple(_as_enum(AttentionKind, t, "layer_types") for t in self.layer_types))
+        object.__setattr__(self, "router_types", tuple(_as_enum(RouterKind, t, "router_types") for t in self.router_types))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    # Derived values
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    @property
+    def n_hash_layers(self) -> int:
+        return sum(t is RouterKind.HASH for t in self.router_types)
+
+    def compress_ratio(self, kind: AttentionKind) -> int:
+        """Tokens per compressed entry for a layer kind (0 = no compressor)."""
+        return {AttentionKind.SLIDING: 0, AttentionKind.CSA: self.csa_ratio, AttentionKind.HCA: self.hca_ratio}[kind]
+
+    @property
+    def compress_ratios(self) -> tuple[int, ...]:
+        """Official-style per-layer ratios, MTP entries (always SWA, spec §6) appended."""
+        return tuple(self.compress_ratio(k) for k in self.layer_types) + (0,) * self.n_mtp_layers
+
+    def replace(self, **changes: Any) -> "V4Config":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent value."""
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "index_topk",
+                     "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult",
+                     "hc_sinkhorn_iters", "max_seq_len", "attention_chunk"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        need(len(self.layer_types) == self.n_layers,
+             f"layer_types has {len(self.layer_types)} entries but n_layers is {self.n_layers}")
+        need(len(self.router_types) == self.n_layers,
+             f"router_types has {len(self.router_types)} entries but n_layers is {self.n_layers}")
+        need(self.rope_head_dim >= 2 and self.rope_head_dim % 2 == 0,
+             f"rope_head_dim must be a positive even number, got {self.rope_head_dim}")
+        need(self.rope_head_dim <= self.head_dim,
+             f"rope_head_dim ({self.rope_head_dim}) exceeds head_dim ({self.head_dim})")
+        need(self.rope_head_dim <= self.index_head_dim,
+             f"rope_head_dim ({self.rope_head_dim}) exceeds index_head_dim ({self.index_head_dim})")
+        need(self.n_heads % self.o_groups == 0,
+             f"n_heads ({self.n_heads}) is not divisible by o_groups ({self.o_groups})")
+        need(self.n_activated_experts <= self.n_routed_experts,
+             f"n_activated_experts ({self.n_activated_experts}) exceeds n_routed_experts ({self.n_routed_experts})")
+        need(self.n_shared_experts == 1, f"n_shared_experts must be 1 (official code asserts it), got {self.n_shared_experts}")
+        need(self.score_func in SCORE_FUNCS, f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
+        need(self.n_mtp_layers in (0, 1), f"n_mtp_layers must be 0 or 1 (spec §6: depth 1), got {self.n_mtp_layers}")
+        need(self.window_size <= self.max_seq_len, f"window_size ({self.window_size}) exceeds max_seq_len ({self.max_seq_len})")
+        uses = set(self.layer_types)
+        if AttentionKind.CSA in uses:
+            need(isinstance(self.csa_ratio, int) and 1 <= self.csa_ratio <= self.max_seq_len,
+                 f"csa_ratio must be in [1, max_seq_len], got {self.csa_ratio}")
+        if AttentionKind.HCA in uses:
+            need(isinstance(self.hca_ratio, int) and 1 <= self.hca_ratio <= self.max_seq_len,
+                 f"hca_ratio must be in [1, max_seq_len], got {self.hca_ratio}")
+        if AttentionKind.CSA in uses:
+            need(self.index_topk <= max(1, self.max_seq_len // self.csa_ratio),
+                 f"index_topk ({self.index_topk}) exceeds the number of compressed entries at max_seq_len "
+                 f"({self.max_seq_len // self.csa_ratio})")
+        for name in ("route_scale", "swiglu_limit", "hc_eps", "norm_eps", "rope_theta", "compress_rope_theta",
+                     "rope_factor", "beta_fast", "beta_slow"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v!r}")
+        need(self.beta_fast >= self.beta_slow, f"beta_fast ({self.beta_fast}) is below beta_slow ({self.beta_slow})")
+        need(self.original_seq_len >= 1, f"original_seq_len must be >= 1, got {self.original_seq_len}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+
+    # ----------------------------------------------------------------------------------------------
+    # Presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "V4Config":
+        try:
+            make = _PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}") from None
+        return make().replace(**overrides) if overrides else make()
+
+    # ----------------------------------------------------------------------------------------------
+    # HF config.json
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> "V4Config":
+        """Build from an HF `config.json` dict (current or older field names)."""
+        if d.get("model_type", "deepseek_v4") != "deepseek_v4":
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
+        if d.get("num_key_value_heads", 1) != 1:
+            raise ConfigError(f"num_key_value_heads must be 1 (shared single-head KV), got {d['num_key_value_heads']}")
+        for flag, want in (("norm_topk_prob", True), ("tie_word_embeddings", False), ("attention_bias", False),
+                           ("mlp_bias", False)):
+            if flag in d and d[flag] is not want:
+                raise ConfigError(f"{flag}={d[flag]!r} is not supported (DeepSeek-V4 uses {want})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (DeepSeek-V4 uses 'silu')")
+        try:
+            n_layers = int(d["num_hidden_layers"])
+            head_dim = int(d["head_dim"])
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+
+        rates = dict(d.get("compress_rates") or {})
+        csa = int(d.get("compress_rate_csa", rates.get(AttentionKind.CSA.value, 4)))
+        hca = int(d.get("compress_rate_hca", rates.get(AttentionKind.HCA.value, 128)))
+        n_mtp = int(d.get("num_nextn_predict_layers", 1))
+
+        if d.get("layer_types") is not None:
+            layer_types = [_as_enum(AttentionKind, t, "layer_types") for t in d["layer_types"]]
+        elif d.get("compress_ratios") is not None:
+            ratios = list(d["compress_ratios"])
+            if len(ratios) not in (n_layers, n_layers + n_mtp):
+                raise ConfigError(f"compress_ratios has {len(ratios)} entries; expected {n_layers} or "
+                                  f"{n_layers + n_mtp} (layers + MTP)")
+            hca_seen = sorted({r for r in ratios[:n_layers] if r not in (0, csa)})
+            if len(hca_seen) > 1:
+                raise ConfigError(f"compress_ratios mixes several HCA ratios {hca_seen}; one is supported")
+            if hca_seen:
+                hca = hca_seen[0]
+            if any(r < 0 for r in ratios):
+                raise ConfigError(f"compress_ratios has a negative ratio: {ratios}")
+            layer_types = [AttentionKind.SLIDING if r == 0 else AttentionKind.CSA if r == csa else AttentionKind.HCA
+                           for r in ratios[:n_layers]]
+        else:
+            raise ConfigError("config.json has neither layer_types nor compress_ratios; the layer schedule is "
+                              "required (transformers' default is the Pro schedule, wrong for Flash)")
+        if len(layer_types) != n_layers:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
+
+        if d.get("mlp_layer_types") is not None:
+            router_types = [_as_enum(RouterKind, t, "mlp_layer_types") for t in d["mlp_layer_types"]]
+        else:
+            n_hash = int(d.get("num_hash_layers", 3))
+            router_types = [RouterKind.HASH] * min(n_layers, n_hash) + [RouterKind.LEARNED] * max(0, n_layers - n_hash)
+
+        if "qk_rope_head_dim" in d:
+            rope_head_dim = int(d["qk_rope_head_dim"])
+        elif d.get("partial_rotary_factor") is not None:
+            rope_head_dim = int(round(head_dim * float(d["partial_rotary_factor"])))
+        else:
+            rope_head_dim = 64
+
+        rp = d.get("rope_parameters") or {}
+        compress_rope = rp.get("compress") if isinstance(rp.get("compress"), dict) else (d.get("rope_scaling") or rp)
+        compress_rope = dict(compress_rope or {})
+        rope_type = compress_rope.get("rope_type", compress_rope.get("type", "default"))
+        if rope_type not in ("yarn", "default"):
+            raise ConfigError(f"rope type {rope_type!r} is not supported for compressed layers (yarn or default)")
+        if rope_type == "yarn":
+            yarn = dict(rope_factor=float(compress_rope.get("factor", 16.0)),
+                        original_seq_len=int(compress_rope.get("original_max_position_embeddings", 65536)),
+                        beta_fast=float(compress_rope.get("beta_fast") or 32), beta_slow=float(compress_rope.get("beta_slow") or 1))
+        else:
+            yarn = dict(rope_factor=1.0)
+        main_rope = rp.get("main") if isinstance(rp.get("main"), dict) else {}
+        compress_theta = d.get("compress_rope_theta", compress_rope.get("rope_theta", 160000.0))
+
+        kwargs = dict(
+            vocab_size=int(d.get("vocab_size", 129280)),
+            dim=int(d.get("hidden_size", 4096)),
+            n_layers=n_layers,
+            n_heads=int(d.get("num_attention_heads", 64)),
+            head_dim=head_dim,
+            rope_head_dim=rope_head_dim,
+            q_lora_rank=int(d.get("q_lora_rank", 1024)),
+            o_groups=int(d.get("o_groups", 8)),
+            o_lora_rank=int(d.get("o_lora_rank", 1024)),
+            window_size=int(d.get("sliding_window", 128)),
+            layer_types=tuple(layer_types),
+            router_types=tuple(router_types),
+            csa_ratio=csa,
+            hca_ratio=hca,
+            index_n_heads=int(d.get("index_n_heads", 64)),
+            index_head_dim=int(d.get("index_head_dim", 128)),
+            index_topk=int(d.get("index_topk", 512)),
+            n_routed_experts=int(d.get("n_routed_experts", 256)),
+            n_shared_experts=int(d.get("n_shared_experts", 1)),
+            n_activated_experts=int(d.get("num_experts_per_tok", 6)),
+            moe_inter_dim=int(d.get("moe_intermediate_size", 2048)),
+            score_func=str(d.get("scoring_func", "sqrtsoftplus")),
+            route_scale=float(d.get("routed_scaling_factor", 1.5)),
+            swiglu_limit=float(d.get("swiglu_limit", 10.0)),
+            hc_mult=int(d.get("hc_mult", 4)),
+            hc_sinkhorn_iters=int(d.get("hc_sinkhorn_iters", 20)),
+            hc_eps=float(d.get("hc_eps", 1e-6)),
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(main_rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            compress_rope_theta=float(compress_theta),
+            max_seq_len=int(d.get("max_position_embeddings", 1048576)),
+            n_mtp_layers=n_mtp,
+            dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
+            param_dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
+            bos_token_id=d.get("bos_token_id", 0),
+            eos_token_id=d.get("eos_token_id", 1),
+            **yarn,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """HF `config.json` dict in the current transformers field names."""
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta,
+                    "partial_rotary_factor": self.rope_head_dim / self.head_dim}
+        if self.rope_factor != 1.0:
+            compress.update(rope_type="yarn", factor=self.rope_factor,
+                            original_max_position_embeddings=self.original_seq_len,
+                            beta_fast=self.beta_fast, beta_slow=self.beta_slow, attention_factor=1.0)
+        return {
+            "architectures": ["DeepseekV4ForCausalLM"],
+            "model_type": "deepseek_v4",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": 1,
+            "head_dim": self.head_dim,
+            "partial_rotary_factor": self.rope_head_dim / self.head_dim,
+            "q_lora_rank": self.q_lora_rank,
+            "o_groups": self.o_groups,
+            "o_lora_rank": self.o_lora_rank,
+            "sliding_window": self.window_size,
+            "layer_types": [t.value for t in self.layer_types],
+            "compress_rates": {AttentionKind.CSA.value: self.csa_ratio, AttentionKind.HCA.value: self.hca_ratio},
+            "mlp_layer_types": [t.value for t in self.router_types],
+            "index_n_heads": self.index_n_heads,
+            "index_head_dim": self.index_head_dim,
+            "index_topk": self.index_topk,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.n_activated_experts,
+            "moe_intermediate_size": self.moe_inter_dim,
+            "scoring_func": self.score_func,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": self.route_scale,
+            "swiglu_limit": self.swiglu_limit,
+            "hc_mult": self.hc_mult,
+            "hc_sinkhorn_iters": self.hc_sinkhorn_iters,
+            "hc_eps": self.hc_eps,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "compress_rope_theta": self.compress_rope_theta,
+            "rope_parameters": {
+                "main": {"rope_type": "default", "rope_theta": self.rope_theta,
+                         "partial_rotary_factor": self.rope_head_dim / self.head_dim},
+                "compress": compress,
+            },
+            "max_position_embeddings": self.max_seq_len,
+            "num_nextn_predict_layers": self.n_mtp_layers,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "V4Config":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        return cls.from_hf_dict(d, **overrides)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
+            f.write("\n")
+
+
+def _as_enum(enum_cls, value, field: str):
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = [m.value for m in enum_cls]
+        raise ConfigError(f"unknown {field} entry {value!r}; expected one of {allowed}") from None
+
+
+def _dtype_name(name: Any) -> str:
+    name = str(name).replace("torch.", "")
+    return {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "float": "float32"}.get(name, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets (spec §1.1, §1.2, §11)
+
+def _flash() -> V4Config:
+    S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
+    return V4Config(
+        vocab_size=129280, dim=4096, n_layers=43, n_heads=64, head_dim=512, rope_head_dim=64,
+        q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window_size=128,
+        layer_types=(S, S) + (C, H) * 20 + (C,),  # [0,0] + [4,128]x20 + [4]; MTP (SWA) implied
+        router_types=(RouterKind.HASH,) * 3 + (RouterKind.LEARNED,) * 40,
+        index_n_heads=64, index_head_dim=128, index_topk=512,
+        n_routed_experts=256, n_activated_experts=6, moe_inter_dim=2048, route_scale=1.5,
+        dtype="bfloat16", param_dtype="bfloat16",
+    )
+
+
+def _pro() -> V4Config:
+    C, H = AttentionKind.CSA, AttentionKind.HCA
+    return V4Config(
+        vocab_size=129280, dim=7168, n_layers=61, n_heads=128, head_dim=512, rope_head_dim=64,
+        q_lora_rank=1536, o_groups=16, o_lora_rank=1024, window_size=128,
+        layer_types=(H, H) + (C, H) * 29 + (C,),  # [128,128] + [4,128]x29 + [4]
+        router_types=(RouterKind.HASH,) * 3 + (RouterKind.LEARNED,) * 58,
+        index_n_heads=64, index_head_dim=128, index_topk=1024,
+        n_routed_experts=384, n_activated_experts=6, moe_inter_dim=3072, route_scale=2.5,
+        dtype="bfloat16", param_dtype="bfloat16",
+    )
+
+
+def _tiny() -> V4Config:
+    """Spec §11: SWA+hash, CSA, HCA (ratio 16), CSA; MTP; YaRN ramp exercised (lo=0, hi=2)."""
+    S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
+    return V4Config(
+        vocab_size=512, dim=128, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=16,
+        q_lora_rank=64, o_groups=2, o_lora_rank=32, window_size=8,
+        layer_types=(S, C, H, C), router_types=(RouterKind.HASH,) + (RouterKind.LEARNED,) * 3,
+        csa_ratio=4, hca_ratio=16,
+        index_n_heads=4, index_head_dim=32, index_topk=4,
+        n_routed_experts=8, n_activated_experts=2, moe_inter_dim=64, route_scale=1.5,
+        rope_factor=4.0, original_seq_len=32, max_seq_len=128, attention_chunk=32,
+    )
+
+
+def _tiny_b() -> V4Config:
+    """A second small config with different heads, streams, ratios, window, top-k and experts."""
+    S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
+    return V4Config(
+        vocab_size=300, dim=96, n_layers=5, n_heads=6, head_dim=32, rope_head_dim=8,
+        q_lora_rank=48, o_groups=3, o_lora_rank=16, window_size=12,
+        layer_types=(H, C, S, C, H), router_types=(RouterKind.HASH,) * 2 + (RouterKind.LEARNED,) * 3,
+        csa_ratio=2, hca_ratio=8,
+        index_n_heads=3, index_head_dim=16, index_topk=5,
+        n_routed_experts=6, n_activated_experts=3, moe_inter_dim=40, route_scale=2.5,
+        hc_mult=3, rope_factor=8.0, original_seq_len=16, max_seq_len=128, attention_chunk=16,
+    )
+
+
+_PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "tiny-b": _tiny_b}
+PRESETS = tuple(_PRESETS)

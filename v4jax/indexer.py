@@ -1,0 +1,91 @@
+"""Lightning indexer (spec §4.4): picks, for each query, the top-k visible compressed entries.
+
+Index keys come from a second, small overlapping compressor (width c_I) over the layer input; index
+queries from the shared query latent cQ (no per-head norm). Score
+`I[t, s] = sum_h w[t, h] * ReLU(q_I[t, h] . K_I[s])` with `w = weights_proj(x) / sqrt(c_I n_I)`.
+
+Ties break towards the lowest entry index (`jax.lax.top_k` is stable); ReLU scores are often
+exactly tied at zero, so any two implementations can differ there. Invisible picks become -1.
+The [T, N_c] score matrix is never held whole: queries are scored and selected in chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.compressor import Compressor
+from v4jax.config import V4Config
+from v4jax.layers import Linear
+from v4jax.rope import apply_rope
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
+        pd = cfg.param_dtype
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("q_lora", "index_heads"),
+                           param_dtype=pd, rngs=rngs)
+        self.weights_proj = Linear(cfg.dim, cfg.index_n_heads, ("embed", "index_heads"), param_dtype=pd, rngs=rngs)
+        self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, True, cfg.norm_eps,
+                                     param_dtype=pd, rngs=rngs)
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.ratio, self.chunk = cfg.csa_ratio, cfg.attention_chunk
+
+    def __call__(self, x: jax.Array, cq: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+        """x [B,T,d], cq [B,T,d_c], positions [T] -> selected entry ids [B, T, min(k_I, N_c)], -1 = empty."""
+        B, T, _ = x.shape
+        keys = self.compressor(x, inv_freq)  # [B, N_c, c_I]
+        q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
+        q = apply_rope(q, positions[:, None], inv_freq)  # [B, T, n_I, c_I]
+        w = self.weights_proj(x, jnp.float32) * (self.head_dim * self.n_heads) ** -0.5  # [B, T, n_I]
+        return select_topk(q, w, keys, positions, self.ratio, self.topk, self.chunk)
+
+
+def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
+    """I = sum_h w_h ReLU(q_h . K_s), fp32. q [B,Q,n_I,c_I], w [B,Q,n_I], keys [B,N,c_I] -> [B,Q,N]."""
+    dots = jnp.einsum("bqhc,bnc->bqhn", q, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqhn,bqh->bqn", jax.nn.relu(dots), w)
+
+
+def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int) -> jax.Array:
+    """Chunked scoring + top-k. Entry s is visible to query t iff s < floor((t+1)/m) (spec §4.6)."""
+    B, T = q.shape[:2]
+    N = keys.shape[1]
+    k = min(topk, N)
+    if k == 0:
+        return jnp.zeros((B, T, 0), jnp.int32)
+
+    def one_chunk(args):
+        q_c, w_c, pos_c = args  # [B,Q,n_I,c_I], [B,Q,n_I], [Q]
+        scores = index_scores(q_c, w_c, keys)  # [B, Q, N]
+        visible = jnp.arange(N)[None, :] < ((pos_c + 1) // ratio)[:, None]  # [Q, N]
+        scores = jnp.where(visible[None], scores, -jnp.inf)
+        idx = jax.lax.top_k(scores, k)[1]  # [B, Q, k], lowest index first on ties
+        return jnp.where(idx < ((pos_c + 1) // ratio)[None, :, None], idx, -1).astype(jnp.int32)
+
+    return map_query_chunks(one_chunk, (q, w, positions), T, chunk)
+
+
+def map_query_chunks(fn, args, T: int, chunk: int):
+    """Apply fn to query chunks of at most `chunk` rows and stitch the results along axis 1.
+
+    args: arrays whose query axis is 1 ([B, T, ...]) except a leading positions array [T] (axis 0).
+    Pads T up to a multiple of the chunk; padded rows are computed and dropped. Chunks run in sequence
+    (lax.map) so per-chunk temporaries are never held for all of T at once.
+    """
+    Q = min(chunk, T)
+    n = -(-T // Q)
+    pad = n * Q - T
+
+    def split(a, axis):
+        a = jnp.pad(a, [(0, pad) if i == axis else (0, 0) for i in range(a.ndim)], mode="edge" if axis == 0 else "constant")
+        a = a.reshape(*a.shape[:axis], n, Q, *a.shape[axis + 1:])
+        return jnp.moveaxis(a, axis, 0)
+
+    *batched, positions = args
+    chunks = tuple(split(a, 1) for a in batched) + (split(positions, 0),)
+    out = jax.lax.map(fn, chunks) if n > 1 else jax.tree.map(lambda o: o[None], fn(jax.tree.map(lambda c: c[0], chunks)))
+    out = jnp.moveaxis(out, 0, 1)  # [B, n, Q, ...]
+    return out.reshape(out.shape[0], n * Q, *out.shape[3:])[:, :T]

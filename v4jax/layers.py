@@ -1,0 +1,75 @@
+"""Basic layers: parameters with logical axis names, linear, embedding, RMSNorm.
+
+Every parameter is declared with its logical axis names (`logical_axes` metadata, e.g.
+`("embed", "q_lora")`); the sharding rules table maps those names to mesh axes. Model code never
+names mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # N(0, 0.02) for matrices (HF transformers' initializer_range; spec §3.6, §12.5)
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state read by the forward pass: the hash routing table (spec §5.2) and the
+    aux-loss-free selection bias (spec §5.4, updated outside the gradient)."""
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names. init: 'normal' (std 0.02), 'zeros' or 'ones'."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x W with W stored [in, out] (the transpose of torch's [out, in]). Products accumulate
+    in fp32; the result is cast to `dtype` (the compute dtype unless a caller asks for fp32)."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+                 param_dtype, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (in_features, out_features), axes, param_dtype)
+
+    def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
+        dtype = dtype or x.dtype
+        w = self.kernel[...].astype(dtype)
+        return jnp.matmul(x.astype(dtype), w, preferred_element_type=jnp.float32).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Weighted RMSNorm; statistics and the weight product in fp32, cast back to the input dtype.
+    The weight is stored in fp32 whatever the parameter dtype (as HF keeps it; bf16 weights load
+    exactly), so the arithmetic the spec puts in fp32 (§1.4) sees the checkpoint's values."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, *, rngs: nnx.Rngs, param_dtype=None):
+        self.weight = param(rngs, (dim,), (axis_name,), jnp.float32, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return (rms_normalize(x.astype(jnp.float32), self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """Un-weighted RMS normalisation over the last axis (statistic in fp32)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab_size, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [B, T, d]

@@ -1,0 +1,119 @@
+"""DeepSeekMoE with sqrt(softplus) routing, hash routing and one shared expert (spec §5).
+
+Routing is fp32. The selection bias (aux-loss-free balancing) only chooses experts; the combine
+weights are the unbiased affinities of the chosen experts, renormalised and scaled by route_scale.
+Hash layers choose experts from a frozen token-id table instead. Routed experts run dropless:
+tokens are sorted by expert and multiplied with `jax.lax.ragged_dot` (no capacity, no dropping).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.config import RouterKind, V4Config
+from v4jax.layers import Buffer, Linear, param
+
+
+def affinity(logits: jax.Array, score_func: str) -> jax.Array:
+    """s_e from router logits (fp32). sqrtsoftplus for V4 (spec §5.1 step 2)."""
+    if score_func == "sqrtsoftplus":
+        return jnp.sqrt(jax.nn.softplus(logits))
+    if score_func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """SiLU(min(gate, L)) * clip(up, -L, L) (spec §5.3), fp32."""
+    return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [N, k] fp32 combine weights (renormalised, times route_scale)
+    experts: jax.Array  # [N, k] int32 chosen expert ids
+    scores: jax.Array  # [N, E] fp32 affinities s_e (for the balance loss)
+
+
+class Gate(nnx.Module):
+    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs):
+        E, k = cfg.n_routed_experts, cfg.n_activated_experts
+        self.weight = Linear(cfg.dim, E, ("embed", "experts"), param_dtype=cfg.param_dtype, rngs=rngs)
+        if kind is RouterKind.HASH:
+            # Frozen token -> k distinct experts table (spec §5.2). Released checkpoints ship theirs; a
+            # fresh model draws k distinct experts per token uniformly (generation undisclosed, §12.6).
+            keys = jax.random.uniform(rngs.params(), (cfg.vocab_size, E))
+            self.tid2eid = Buffer(jnp.argsort(keys, axis=-1)[:, :k].astype(jnp.int32), logical_axes=("vocab", None))
+        else:
+            self.bias = Buffer(jnp.zeros((E,), jnp.float32), logical_axes=("experts",))  # selection only
+        self.kind, self.topk, self.route_scale, self.score_func = kind, k, cfg.route_scale, cfg.score_func
+
+    def __call__(self, x: jax.Array, tokens: jax.Array) -> Routing:
+        """x [N, d] (after ffn_norm), tokens [N] -> Routing."""
+        scores = affinity(self.weight(x, jnp.float32), self.score_func)  # [N, E]
+        if self.kind is RouterKind.HASH:
+            experts = self.tid2eid[...][tokens]
+        else:
+            experts = jax.lax.top_k(scores + self.bias[...], self.topk)[1]  # bias affects the choice only
+        w = jnp.take_along_axis(scores, experts, axis=-1)
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * self.route_scale
+        return Routing(w, experts.astype(jnp.int32), scores)
+
+
+class Experts(nnx.Module):
+    """E routed SwiGLU experts stored stacked: w1, w3 [E, d, I] (gate, up), w2 [E, I, d]."""
+
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
+        E, d, I, pd = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.param_dtype
+        self.w1 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
+        self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
+        self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
+        self.limit = cfg.swiglu_limit
+
+    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+        """Dropless sorted dispatch. x [N, d] -> sum_k w_k FFN_{e_k}(x) [N, d] fp32."""
+        N, d = x.shape
+        E = self.w1.shape[0]
+        k = routing.experts.shape[1]
+        flat = routing.experts.reshape(-1)  # [N*k]
+        order = jnp.argsort(flat, stable=True)
+        token = order // k  # token of each sorted (token, choice) pair
+        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
+        xs = x[token]  # [N*k, d] expert-contiguous
+        dt = x.dtype
+        gate = jax.lax.ragged_dot(xs, self.w1[...].astype(dt), sizes, preferred_element_type=jnp.float32)
+        up = jax.lax.ragged_dot(xs, self.w3[...].astype(dt), sizes, preferred_element_type=jnp.float32)
+        h = swiglu(gate, up, self.limit) * routing.weights.reshape(-1)[order][:, None]  # weight before W2
+        y = jax.lax.ragged_dot(h.astype(dt), self.w2[...].astype(dt), sizes, preferred_element_type=jnp.float32)
+        return jnp.zeros((N, d), jnp.float32).at[token].add(y)  # un-permute and combine in fp32
+
+
+class SharedExpert(nnx.Module):
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
+        d, I, pd = cfg.dim, cfg.moe_inter_dim, cfg.param_dtype
+        self.w1 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
+        self.w3 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
+        self.w2 = Linear(I, d, ("mlp", "embed"), param_dtype=pd, rngs=rngs)
+        self.limit = cfg.swiglu_limit
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = swiglu(self.w1(x, jnp.float32), self.w3(x, jnp.float32), self.limit)
+        return self.w2(h.astype(x.dtype), jnp.float32)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs):
+        self.gate = Gate(cfg, kind, rngs=rngs)
+        self.experts = Experts(cfg, rngs=rngs)
+        self.shared_experts = SharedExpert(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Routing]:
+        """x [B, T, d], tokens [B, T] -> ([B, T, d], Routing over the B*T tokens)."""
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        routing = self.gate(flat, tokens.reshape(-1))
+        y = self.experts(flat, routing) + self.shared_experts(flat)  # accumulated in fp32
+        return y.astype(x.dtype).reshape(B, T, d), routing

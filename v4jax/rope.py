@@ -1,0 +1,57 @@
+"""Interleaved partial RoPE with the YaRN table (spec §1.3).
+
+Pairs (2i, 2i+1) of the last `rope_head_dim` channels form one complex number. SWA-only layers use
+plain RoPE at `rope_theta`; CSA/HCA layers use `compress_rope_theta` with YaRN (no mscale anywhere).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.config import AttentionKind, V4Config
+
+
+def inv_frequencies(cfg: V4Config, kind: AttentionKind) -> np.ndarray:
+    """Angular frequency per pair, float32 [r/2]: plain for SWA layers, YaRN for compressed ones."""
+    r = cfg.rope_head_dim
+    if kind is AttentionKind.SLIDING:
+        return (1.0 / cfg.rope_theta ** (np.arange(0, r, 2, dtype=np.float32) / r)).astype(np.float32)
+    theta = cfg.compress_rope_theta
+    base = (1.0 / theta ** (np.arange(0, r, 2, dtype=np.float32) / r)).astype(np.float32)
+    if cfg.rope_factor == 1.0:
+        return base
+    lo, hi = yarn_correction_range(cfg.beta_fast, cfg.beta_slow, r, theta, cfg.original_seq_len)
+    if lo == hi:
+        hi += 0.001  # spec §1.3: avoid a zero-width ramp
+    ramp = np.clip((np.arange(r // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+    return (base / cfg.rope_factor * ramp + base * (1 - ramp)).astype(np.float32)
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, r: int, theta: float, original_len: int):
+    """(lo, hi) pair indices of the YaRN ramp: D(beta) = r ln(L0 / (2 pi beta)) / (2 ln theta)."""
+
+    def d(beta):
+        return r * math.log(original_len / (2 * math.pi * beta)) / (2 * math.log(theta))
+
+    return max(math.floor(d(beta_fast)), 0), min(math.ceil(d(beta_slow)), r - 1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, inverse: bool = False) -> jax.Array:
+    """Rotate the last 2*len(inv_freq) channels of x (interleaved pairs) by position * inv_freq.
+
+    x: [..., c]; positions: int array broadcastable against x.shape[:-1] (e.g. [T] for [B, T, c],
+    [T, 1] for [B, T, H, c]). inverse=True applies the conjugate rotation (output de-rotation, §4.5).
+    """
+    r = 2 * inv_freq.shape[0]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., r/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if inverse:
+        sin = -sin
+    nope, rope = x[..., :-r], x[..., -r:].astype(jnp.float32)
+    a, b = rope[..., 0::2], rope[..., 1::2]
+    rotated = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rope.shape)
+    return jnp.concatenate([nope, rotated.astype(x.dtype)], axis=-1)
