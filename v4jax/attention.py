@@ -64,9 +64,10 @@ class Attention(nnx.Module):
                              cfg.compress_ratio(self.kind), cfg.attention_chunk)  # [B, T, H, c]
         o = apply_rope(o, positions[:, None], inv_freq, inverse=True)  # de-rotate at the query position
         g = cfg.o_groups
-        o = o.reshape(B, T, g, -1)  # heads grouped contiguously
-        u = jnp.einsum("btgi,gio->btgo", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
-        return self.wo_b(u.astype(x.dtype).reshape(B, T, -1))
+        o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]: heads grouped contiguously
+        # (group axis leading: XLA:CPU cannot run a bf16 x bf16 -> f32 dot with a trailing batch axis)
+        u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
+        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1))  # concat groups -> [B,T,d]
 
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,

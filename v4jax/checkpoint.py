@@ -206,6 +206,8 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     has_mtp = any(k.startswith("mtp.") for k in where)
     if mtp and not has_mtp:
         raise CheckpointError(f"{directory}: MTP requested but the checkpoint has no mtp.* tensors")
+    if mtp and not cfg.n_mtp_layers:
+        raise CheckpointError(f"{directory}: MTP requested but config.json sets num_nextn_predict_layers to 0")
     use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
     cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
 
@@ -224,7 +226,8 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     dtypes = {}
     for rule in rules:
         if rule.name not in where:
-            raise CheckpointError(f"{directory}: missing tensor {transformers_name(rule.name)!r}")
+            spelled = transformers_name(rule.name) if any(k.startswith("model.") for k in found) else rule.name
+            raise CheckpointError(f"{directory}: missing tensor {spelled!r}")
         tf, key = where[rule.name], spelling[rule.name]
         var = variables[rule.ours]
         slot_shape = tuple(var.shape[1:]) if rule.index is not None else tuple(var.shape)
@@ -243,7 +246,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
         if rule.index is None:
             values[rule.ours] = a
         else:
-            values.setdefault(rule.ours, np.zeros(var.shape, a.dtype))[rule.index] = a
+            values.setdefault(rule.ours, np.zeros(var.shape, np.dtype(var.dtype)))[rule.index] = a
     for path, a in values.items():
         var = variables[path]
         var.set_value(jnp.asarray(a).astype(var.dtype))
@@ -279,6 +282,9 @@ def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None
     if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
         raise CheckpointError(f"{directory} is not empty; pass overwrite=True to replace its checkpoint")
     os.makedirs(directory, exist_ok=True)
+    for f in os.listdir(directory):  # an overwrite must not leave stale shards or an index behind
+        if f.endswith(".safetensors") or f == "model.safetensors.index.json":
+            os.remove(os.path.join(directory, f))
     files = write_sharded(directory, hf_tensors(model, info), max_shard_bytes)
     tmp = os.path.join(directory, "config.json.tmp")
     with open(tmp, "w") as f:

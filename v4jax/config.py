@@ -273,7 +273,9 @@ class V4Config:
         else:
             yarn = dict(rope_factor=1.0)
         main_rope = rp.get("main") if isinstance(rp.get("main"), dict) else {}
-        compress_theta = d.get("compress_rope_theta", compress_rope.get("rope_theta", 160000.0))
+        # transformers reads the compressed-layer base from rope_parameters["compress"] when nested
+        nested = rp.get("compress") if isinstance(rp.get("compress"), dict) else {}
+        compress_theta = nested.get("rope_theta", d.get("compress_rope_theta", 160000.0))
 
         kwargs = dict(
             vocab_size=int(d.get("vocab_size", 129280)),
@@ -310,6 +312,7 @@ class V4Config:
             n_mtp_layers=n_mtp,
             dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
             param_dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
+            attention_chunk=int(d.get("attention_chunk", 512)),
             bos_token_id=d.get("bos_token_id", 0),
             eos_token_id=d.get("eos_token_id", 1),
             **yarn,
@@ -372,6 +375,7 @@ class V4Config:
             "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "attention_chunk": self.attention_chunk,  # v4jax-only memory knob; transformers keeps it
             "torch_dtype": self.param_dtype,
         }
 

@@ -47,11 +47,17 @@ class TensorFile:
                 header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TensorFileError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise TensorFileError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
         self._start = 8 + n
         self._entries = header
         data_size = size - self._start
         for name, e in header.items():
+            offsets = e.get("data_offsets") if isinstance(e, dict) else None
+            if (not isinstance(e, dict) or not isinstance(e.get("shape"), list) or not isinstance(offsets, list)
+                    or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]):
+                raise TensorFileError(f"{self.path}: tensor {name!r} has a malformed header entry")
             if e.get("dtype") not in DTYPES:
                 raise TensorFileError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
             begin, end = e["data_offsets"]
@@ -137,7 +143,7 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray
     with open(tmp, "w") as f:
         json.dump(index, f, indent=2)
     os.replace(tmp, os.path.join(directory, f"{prefix}.safetensors.index.json"))
-    return names
+    return names + [f"{prefix}.safetensors.index.json"]
 
 
 def open_directory(directory: str | os.PathLike) -> dict[str, TensorFile]:

@@ -1,0 +1,125 @@
+"""Parity tool: dump this implementation's activations, and compare dumps from any two backends.
+
+  python -m v4jax.parity dump --checkpoint DIR --input-ids IDS.npy --out OUT [--dtype float32]
+  python -m v4jax.parity compare A B [--rtol 1e-5] [--atol X]
+
+`dump` runs the stateless forward on int token ids [B, S] and writes OUT/logits.npy (float32
+[B, S, V]), OUT/hidden_states.npy (float32 [L+1, B, S, hc_mult, d]: entry 0 the widened embedding,
+entry i the streams after layer i-1), OUT/final_hidden.npy ([B, S, d], after the hc head and the
+final norm) and, when the checkpoint has MTP weights, OUT/mtp_logits.npy ([B, S-1, V]).
+`compare` prints max |a-b| and ||a-b|| / ||b|| for every array present in both folders and exits 1
+when any exceeds the tolerances (2 on unusable input). Another backend writes the same files to
+check itself against v4jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Validate token ids: integer [B, S] (or [S]) within [0, vocab_size). Returns int32 [B, S]."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"token ids must have shape [B, S] with S >= 1, got {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); found {ids.min()}..{ids.max()}")
+    return ids.astype(np.int32)
+
+
+def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from v4jax.checkpoint import load_hf
+
+    model, info = load_hf(checkpoint, dtype=dtype, param_dtype=dtype)
+    try:
+        ids = np.load(input_ids)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read token ids from {input_ids}: {e}") from None
+    ids = check_token_ids(ids, info.config.vocab_size)
+    if ids.shape[1] > info.config.max_seq_len:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len {info.config.max_seq_len}")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids, return_hidden_states=True)
+
+    o = forward(state, jnp.asarray(ids))
+    arrays = {"logits": o.logits, "hidden_states": jnp.stack(o.hidden_states), "final_hidden": o.final_hidden}
+    if o.mtp_logits is not None:
+        arrays["mtp_logits"] = o.mtp_logits
+    os.makedirs(out, exist_ok=True)
+    result = {}
+    for name, a in arrays.items():
+        result[name] = np.asarray(a, dtype=np.float32)
+        np.save(os.path.join(out, f"{name}.npy"), result[name])
+    return result
+
+
+def compare(a_dir: str, b_dir: str, rtol: float = 1e-5, atol: float | None = None) -> bool:
+    """Print errors for every array in both folders; True when all are within tolerance."""
+    for d in (a_dir, b_dir):
+        if not os.path.isdir(d):
+            raise ValueError(f"{d} is not a directory")
+    names = sorted({f[:-4] for f in os.listdir(a_dir) if f.endswith(".npy")}
+                   & {f[:-4] for f in os.listdir(b_dir) if f.endswith(".npy")})
+    if not names:
+        raise ValueError(f"no .npy array is present in both {a_dir} and {b_dir}")
+    ok = True
+    print(f"{'array':<16} {'shape':<26} {'max_abs_err':>12} {'rel_err':>12}  status")
+    for name in names:
+        a = np.load(os.path.join(a_dir, f"{name}.npy")).astype(np.float64)
+        b = np.load(os.path.join(b_dir, f"{name}.npy")).astype(np.float64)
+        if a.shape != b.shape:
+            print(f"{name:<16} {str(a.shape) + ' vs ' + str(b.shape):<26} {'-':>12} {'-':>12}  SHAPE MISMATCH")
+            ok = False
+            continue
+        max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+        norm_b = float(np.linalg.norm(b))
+        rel = float(np.linalg.norm(a - b) / norm_b) if norm_b else (0.0 if max_abs == 0 else float("inf"))
+        good = np.isfinite(rel) and rel <= rtol and (atol is None or max_abs <= atol)
+        ok &= bool(good)
+        print(f"{name:<16} {str(a.shape):<26} {max_abs:12.3e} {rel:12.3e}  {'ok' if good else 'EXCEEDS'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m v4jax.parity", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump", help="run the forward and write logits / hidden states as .npy")
+    d.add_argument("--checkpoint", required=True, help="HF-format directory (config.json + safetensors)")
+    d.add_argument("--input-ids", required=True, help=".npy file of int token ids [B, S]")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and parameter dtype")
+    c = sub.add_parser("compare", help="compare the arrays of two dump folders")
+    c.add_argument("a")
+    c.add_argument("b", help="the reference: relative error is ||a-b|| / ||b||")
+    c.add_argument("--rtol", type=float, default=1e-5, help="max relative error (default 1e-5)")
+    c.add_argument("--atol", type=float, default=None, help="max absolute error (default: unchecked)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "dump":
+            arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype)
+            for name, a in arrays.items():
+                print(f"wrote {os.path.join(args.out, name + '.npy')} {a.shape}")
+            return 0
+        return 0 if compare(args.a, args.b, args.rtol, args.atol) else 1
+    except ValueError as e:  # CheckpointError and ConfigError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
