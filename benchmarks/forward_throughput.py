@@ -15,8 +15,13 @@ If an input draw fails the check *and* has a near tie at a top-k boundary (route
 < 1e-4, where fp reordering between jit and eager legitimately flips a discrete selection), it is
 redrawn, and the redraw is reported; any other failure is reported as FAIL and the exit code is 1.
 
-Usage (from the repo root):
-    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/forward_throughput.py [--markdown] [--quick]
+The machine may be shared: each row also reports the share of all CPUs that *other* processes used while
+it was timed (/proc/stat minus this process's CPU time), and a row above 15% is timed again (--retry-busy).
+torch's OpenMP threads slow down by 10-100x when another process holds one of two cores, so a busy row
+would overstate the ratio badly.
+
+Usage (from the repo root; results and reading in BENCHMARKS.md):
+    JAX_PLATFORMS=cpu python -m benchmarks.forward_throughput [--markdown] [--quick]
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ def cpu_busy(interval: float = 1.0) -> str:
     return "n/a" if math.isnan(bg) else f"{100 * bg:.0f}% of all CPUs busy with other work over {interval:.0f} s"
 
 
+def source_info() -> str:
+    """The commit of the checkout and whether v4jax/ differs from it (results depend on the code timed)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "v4jax"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}" + (" + uncommitted changes under v4jax/" if dirty else " (v4jax/ clean)")
+
+
 def machine_info() -> list[tuple[str, str]]:
     import flax
     import jax
@@ -110,6 +130,7 @@ def machine_info() -> list[tuple[str, str]]:
                   f"inter-op threads {torch.get_num_interop_threads()}; defaults)"),
         ("transformers", transformers.__version__),
         ("numpy", np.__version__),
+        ("v4jax source", source_info()),
     ]
 
 
@@ -177,9 +198,6 @@ def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int,
                     f"redrawing the input")
             else:
                 status = "FAIL"
-            if T > cfg.max_seq_len:
-                log(f"[{name}] B={B} T={T}: note T exceeds the preset's max_seq_len={cfg.max_seq_len} "
-                    f"(neither implementation rejects it)")
 
             # --- timing: warmup, then interleaved repeats ---
             def run_jax():
@@ -254,7 +272,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "tiny-b"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4])
-    p.add_argument("--seq", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--seq", nargs="+", type=int, default=[64, 128])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight seed (and base of the input seeds)")

@@ -293,3 +293,11 @@ def test_gradients_are_finite_and_reach_every_trainable_parameter(tiny_model):
     # the indexer is trained by its own loss (spec §8.6); everything else gets a gradient from the LM loss
     zero = [p for p, g in flat if "indexer" not in p and not bool(jnp.any(g[...] != 0))]
     assert zero == [], zero
+
+
+def test_forward_rejects_sequences_beyond_max_seq_len_and_non_integer_tokens(tiny_model):
+    cfg, model, _ = tiny_model
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        model(jnp.zeros((1, 4), jnp.float32))

@@ -83,6 +83,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, return_hidden_states: bool = False, with_mtp: bool = True) -> ModelOutput:
         """Stateless full-sequence forward. tokens: int [B, T] (ids must lie in [0, vocab_size))."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         dtype = jnp.dtype(self.cfg.dtype)
         e = self.embed(tokens, dtype)  # [B, T, d]
         streams = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))  # widen
