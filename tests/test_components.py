@@ -10,7 +10,7 @@ from flax import nnx
 
 from v4jax.attention import sparse_attention
 from v4jax.compressor import Compressor
-from v4jax.config import AttentionKind, RouterKind, V4Config
+from v4jax.config import AttentionKind, V4Config
 from v4jax.indexer import select_topk
 from v4jax.mhc import HyperConnection, sinkhorn
 from v4jax.model import Transformer

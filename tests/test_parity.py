@@ -8,7 +8,6 @@ Exact ties (the indexer's ReLU zeros) are broken lowest-index-first on both side
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

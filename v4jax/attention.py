@@ -28,10 +28,10 @@ class Attention(nnx.Module):
         pd = cfg.param_dtype
         H, c, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), param_dtype=pd, rngs=rngs)
-        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", param_dtype=pd, rngs=rngs)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", rngs=rngs)
         self.wq_b = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), param_dtype=pd, rngs=rngs)
         self.wkv = Linear(cfg.dim, c, ("embed", "head_dim"), param_dtype=pd, rngs=rngs)
-        self.kv_norm = RMSNorm(c, cfg.norm_eps, "head_dim", param_dtype=pd, rngs=rngs)
+        self.kv_norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
         # Grouped output projection: group g' maps its (H/g)*c head outputs to d_g (row block g' of wo_a).
         self.wo_a = param(rngs, (g, H // g * c, cfg.o_lora_rank), ("o_groups", "heads", "o_lora"), pd)
         self.wo_b = Linear(g * cfg.o_lora_rank, cfg.dim, ("o_lora", "embed"), param_dtype=pd, rngs=rngs)

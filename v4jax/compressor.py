@@ -31,7 +31,7 @@ class Compressor(nnx.Module):
         self.wkv = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
         self.wgate = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
         self.ape = param(rngs, (ratio, kappa * width), (None, "compress_width"), jnp.float32, init="zeros")
-        self.norm = RMSNorm(width, norm_eps, "head_dim", param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(width, norm_eps, "head_dim", rngs=rngs)
         self.width, self.ratio, self.overlap = width, ratio, overlap
 
     def __call__(self, x: jax.Array, inv_freq: np.ndarray) -> jax.Array:

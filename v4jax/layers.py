@@ -53,7 +53,7 @@ class RMSNorm(nnx.Module):
     The weight is stored in fp32 whatever the parameter dtype (as HF keeps it; bf16 weights load
     exactly), so the arithmetic the spec puts in fp32 (§1.4) sees the checkpoint's values."""
 
-    def __init__(self, dim: int, eps: float, axis_name: str, *, rngs: nnx.Rngs, param_dtype=None):
+    def __init__(self, dim: int, eps: float, axis_name: str, *, rngs: nnx.Rngs):
         self.weight = param(rngs, (dim,), (axis_name,), jnp.float32, init="ones")
         self.eps = eps
 

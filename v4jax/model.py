@@ -32,12 +32,11 @@ class Block(nnx.Module):
     """One V4 block (spec §2.2); the attention variant and router kind are the only differences."""
 
     def __init__(self, cfg: V4Config, attention: AttentionKind, router: RouterKind, *, rngs: nnx.Rngs):
-        pd = cfg.param_dtype
         self.attn_hc = HyperConnection(cfg, rngs=rngs)
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.attn = Attention(cfg, attention, rngs=rngs)
         self.ffn_hc = HyperConnection(cfg, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.ffn = MoE(cfg, router, rngs=rngs)
 
     def __call__(self, streams: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Routing]:
@@ -53,13 +52,13 @@ class MTPBlock(nnx.Module):
 
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
         pd = cfg.param_dtype
-        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
-        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.e_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
         self.h_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
         self.block = Block(cfg, AttentionKind.SLIDING, RouterKind.LEARNED, rngs=rngs)
         self.hc_head = HyperHead(cfg, rngs=rngs)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
 
     def __call__(self, streams: jax.Array, next_embedding: jax.Array, next_tokens: jax.Array):
         """streams [B, T, n_hc, d] of the last main block; next_embedding [B, T, d] = Embed(tok_{t+1})."""
@@ -76,7 +75,7 @@ class Transformer(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.dim, param_dtype=pd, rngs=rngs)
         self.layers = nnx.List([Block(cfg, a, r, rngs=rngs) for a, r in zip(cfg.layer_types, cfg.router_types)])
         self.hc_head = HyperHead(cfg, rngs=rngs)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", param_dtype=pd, rngs=rngs)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
         self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers else None
         self.cfg = cfg
