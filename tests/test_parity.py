@@ -94,6 +94,10 @@ def test_parity_tool_rejects_out_of_range_token_ids(tmp_root, tmp_path, capsys):
     assert parity.main(["dump", "--checkpoint", directory, "--input-ids", str(tmp_path / "f.npy"),
                         "--out", str(tmp_path / "o")]) == 2
     assert "must be integers" in capsys.readouterr().err
+    np.save(tmp_path / "long.npy", np.zeros((1, cfg.max_seq_len + 1), np.int64))  # the model's own length check
+    assert parity.main(["dump", "--checkpoint", directory, "--input-ids", str(tmp_path / "long.npy"),
+                        "--out", str(tmp_path / "o")]) == 2
+    assert "exceeds max_seq_len" in capsys.readouterr().err
 
 
 def test_bf16_forward_runs_and_stays_near_fp32(tmp_root):

@@ -48,8 +48,6 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32") -> d
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read token ids from {input_ids}: {e}") from None
     ids = check_token_ids(ids, info.config.vocab_size)
-    if ids.shape[1] > info.config.max_seq_len:
-        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len {info.config.max_seq_len}")
     graphdef, state = nnx.split(model)
 
     @jax.jit
