@@ -1,3 +1,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 host CPU devices for the sharding tests (set before jax initialises its backend); tests that do
+# not shard run on the first device as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

@@ -10,11 +10,11 @@ from flax import nnx
 
 from v4jax.attention import sparse_attention
 from v4jax.compressor import Compressor
-from v4jax.config import AttentionKind, V4Config
+from v4jax.config import AttentionKind, MoEImpl, RouterKind, V4Config
 from v4jax.indexer import select_topk
 from v4jax.mhc import HyperConnection, sinkhorn
 from v4jax.model import Transformer
-from v4jax.moe import Experts, Routing, swiglu
+from v4jax.moe import MoE, Experts, Routing, swiglu
 from v4jax.rope import apply_rope, inv_frequencies, yarn_correction_range
 
 
@@ -210,9 +210,12 @@ def test_swiglu_clamp_engages_gate_from_above_and_up_on_both_sides():
     np.testing.assert_allclose(np.asarray(swiglu(g, u, 10.0)), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", list(MoEImpl))
 @pytest.mark.parametrize("pattern", ["random", "one_expert", "empty_experts"])
-def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern):
-    cfg = V4Config.preset("tiny")
+def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern, impl):
+    if impl is MoEImpl.PALLAS:
+        pytest.importorskip("pallas_kernels.moe_dispatch")
+    cfg = V4Config.preset("tiny", moe_impl=impl)
     experts = Experts(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     N, k, E = 13, cfg.n_activated_experts, cfg.n_routed_experts
@@ -220,7 +223,7 @@ def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern):
     ids = {"random": rng.integers(0, E, (N, k)), "one_expert": np.tile([3, 5], (N, 1)),
            "empty_experts": np.tile([0, 7], (N, 1))}[pattern]
     w = rng.uniform(size=(N, k)).astype(np.float32)
-    got = np.asarray(experts(x, Routing(jnp.asarray(w), jnp.asarray(ids, jnp.int32), None)))
+    got = np.asarray(experts(x[None], Routing(jnp.asarray(w), jnp.asarray(ids, jnp.int32), None)))[0]
     W1, W2, W3 = (np.asarray(v[...]) for v in (experts.w1, experts.w2, experts.w3))
     want = np.zeros((N, cfg.dim))
     for n in range(N):
@@ -233,20 +236,22 @@ def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern):
 
 def test_hash_layer_routes_by_the_token_table_and_learned_layer_by_biased_topk():
     cfg = V4Config.preset("tiny")
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)))
-    table = np.asarray(model.layers[0].ffn.gate.tid2eid[...])
-    out = model(tokens)
-    np.testing.assert_array_equal(np.asarray(out.routing[0].experts), table[np.asarray(tokens[0])])
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (12,)))
+    x = jnp.asarray(rng.normal(size=(12, cfg.dim)), jnp.float32)
+    hashed = MoE(cfg, RouterKind.HASH, rngs=nnx.Rngs(0))
+    r = hashed.gate(x, tokens)
+    np.testing.assert_array_equal(np.asarray(r.experts), np.asarray(hashed.gate.tid2eid[...])[np.asarray(tokens)])
     # learned layer: a large bias on expert 6 forces its selection; weights stay the unbiased affinities
-    gate = model.layers[1].ffn.gate
+    gate = MoE(cfg, RouterKind.LEARNED, rngs=nnx.Rngs(1)).gate
     gate.bias[...] = jnp.zeros(cfg.n_routed_experts).at[6].set(100.0)
-    r = model(tokens).routing[1]
+    r = gate(x, tokens)
     assert bool((r.experts == 6).any(axis=-1).all())
     np.testing.assert_allclose(np.asarray(r.weights.sum(-1)), cfg.route_scale, rtol=1e-5)
     s = np.asarray(r.scores)
     chosen = np.take_along_axis(s, np.asarray(r.experts), -1)
     np.testing.assert_allclose(np.asarray(r.weights), chosen / chosen.sum(-1, keepdims=True) * cfg.route_scale, rtol=1e-5)
+
 
 
 # ---------------------------------------------------------------- whole model

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.context import constrain
 from v4jax.compressor import Compressor
 from v4jax.config import AttentionKind, V4Config
 from v4jax.indexer import Indexer, map_query_chunks
@@ -50,7 +51,7 @@ class Attention(nnx.Module):
         inv_freq = inv_frequencies(cfg, self.kind)  # YaRN/compress table on CSA/HCA, plain on SWA (§1.3)
 
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c], shared with the indexer
-        q = self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        q = constrain(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), ("batch", "seq", "act_heads", None))
         q = apply_rope(rms_normalize(q, cfg.norm_eps), positions[:, None], inv_freq)  # per-head un-weighted norm
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]
 

@@ -47,11 +47,13 @@ class Rule:
     name: str  # canonical (official-style) tensor name, e.g. "layers.1.attn.wq_a.weight"
     ours: Path  # variable path in the model state
     layout: Layout
-    index: int | None = None  # expert slot of a stacked [E, ...] variable, for per-expert tensors
+    index: tuple[int, ...] | None = None  # leading indices into a stacked variable: (layer repeat,)
+    # for a scanned block's tensors, (repeat, expert) or (expert,) for per-expert tensors
 
 
-def _block_rules(prefix: str, ours: Path, block, n_experts: int) -> list[Rule]:
-    """Rules for one Block at canonical prefix `prefix` (e.g. "layers.3") and model path `ours`."""
+def _block_rules(prefix: str, ours: Path, block, n_experts: int, lead: tuple[int, ...] = ()) -> list[Rule]:
+    """Rules for one Block at canonical prefix `prefix` (e.g. "layers.3") and model path `ours`;
+    `lead` indexes the block's slot in stacked (scanned) variables."""
     T, S = Layout.TRANSPOSE, Layout.SAME
     table = [
         ("hc_attn_fn", ("attn_hc", "fn"), S), ("hc_attn_base", ("attn_hc", "base"), S),
@@ -88,10 +90,10 @@ def _block_rules(prefix: str, ours: Path, block, n_experts: int) -> list[Rule]:
     if attn.indexer is not None:
         table += [("attn.indexer.wq_b.weight", ("attn", "indexer", "wq_b", "kernel"), T),
                   ("attn.indexer.weights_proj.weight", ("attn", "indexer", "weights_proj", "kernel"), T)]
-    rules = [Rule(f"{prefix}.{n}", ours + o, lay) for n, o, lay in table]
+    rules = [Rule(f"{prefix}.{n}", ours + o, lay, lead or None) for n, o, lay in table]
     for e in range(n_experts):  # per-expert tensors [I, d] / [d, I] fill slot e of the stacked weights
         for w in ("w1", "w2", "w3"):
-            rules.append(Rule(f"{prefix}.ffn.experts.{e}.{w}.weight", ours + ("ffn", "experts", w), T, e))
+            rules.append(Rule(f"{prefix}.ffn.experts.{e}.{w}.weight", ours + ("ffn", "experts", w), T, lead + (e,)))
     return rules
 
 
@@ -105,8 +107,8 @@ def hf_rules(model) -> list[Rule]:
              Rule("hc_head_base", ("hc_head", "base"), S),
              Rule("hc_head_scale", ("hc_head", "scale"), S),
              Rule("head.weight", ("head", "kernel"), T)]
-    for i, block in enumerate(model.layers):
-        rules += _block_rules(f"layers.{i}", ("layers", i), block, E)
+    for i, (s, p, r) in enumerate(model.layer_slots()):  # layer i lives in slot r of stage s, position p
+        rules += _block_rules(f"layers.{i}", ("stages", s, "blocks", p), model.stages[s].blocks[p], E, (r,))
     if model.mtp is not None:
         rules += [Rule("mtp.0.e_proj.weight", ("mtp", "e_proj", "kernel"), T),
                   Rule("mtp.0.h_proj.weight", ("mtp", "h_proj", "kernel"), T),
@@ -229,7 +231,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
             raise CheckpointError(f"{directory}: missing tensor {spelled!r}")
         tf, key = where[rule.name], spelling[rule.name]
         var = variables[rule.ours]
-        slot_shape = tuple(var.shape[1:]) if rule.index is not None else tuple(var.shape)
+        slot_shape = tuple(var.shape[len(rule.index or ()):])
         want = to_hf(rule.layout, _placeholder(slot_shape, np.float32)).shape
         if tuple(tf.shape(key)) != tuple(want):
             raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tf.shape(key))}, expected {tuple(want)}")

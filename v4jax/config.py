@@ -40,6 +40,29 @@ class RouterKind(enum.Enum):
     LEARNED = "moe"  # top-k of sqrt(softplus) affinities + selection bias (spec §5.1)
 
 
+class Remat(enum.Enum):
+    """What the backward pass recomputes in each scanned block (memory/compute trade-off, not math)."""
+
+    NONE = "none"  # keep every activation
+    FULL = "full"  # keep only the block inputs; recompute the block
+    DOTS = "dots"  # keep matmul outputs without batch dimensions (jax.checkpoint_policies)
+
+
+class AttentionImpl(enum.Enum):
+    """Which implementation of the core sparse attention and indexer top-k runs (same function)."""
+
+    REFERENCE = "reference"  # pure JAX (v4jax.attention.sparse_attention, v4jax.indexer.select_topk)
+    PALLAS = "pallas"  # pallas_kernels.sparse_attention / lightning_indexer
+
+
+class MoEImpl(enum.Enum):
+    """Which implementation of the routed experts' grouped SwiGLU runs (same function)."""
+
+    REFERENCE = "reference"  # one-hot per-expert masked matmuls (slow; for checking)
+    RAGGED_DOT = "ragged_dot"  # jax.lax.ragged_dot on expert-sorted rows
+    PALLAS = "pallas"  # pallas_kernels.moe_dispatch grouped matmul
+
+
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -64,6 +87,7 @@ class V4Config:
       disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
       dtype compute dtype; param_dtype storage dtype of parameters;
       attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
+      remat, attention_impl, moe_impl: implementation choices (enums above; never change the math);
       bos_token_id, eos_token_id carried through config.json.
     """
 
@@ -106,6 +130,9 @@ class V4Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_chunk: int = 512
+    remat: Remat = Remat.NONE
+    attention_impl: AttentionImpl = AttentionImpl.REFERENCE
+    moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
 
@@ -113,6 +140,8 @@ class V4Config:
         # Accept lists/strings for the schedules and normalise them to enum tuples.
         object.__setattr__(self, "layer_types", tuple(_as_enum(AttentionKind, t, "layer_types") for t in self.layer_types))
         object.__setattr__(self, "router_types", tuple(_as_enum(RouterKind, t, "router_types") for t in self.router_types))
+        for name, kind in (("remat", Remat), ("attention_impl", AttentionImpl), ("moe_impl", MoEImpl)):
+            object.__setattr__(self, name, _as_enum(kind, getattr(self, name), name))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------

@@ -8,13 +8,16 @@ tokens are sorted by expert and multiplied with `jax.lax.ragged_dot` (no capacit
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.config import RouterKind, V4Config
+from sharding.context import active
+from sharding.expert_parallel import expert_axes, expert_parallel_ffn
+from v4jax.config import MoEImpl, RouterKind, V4Config
 from v4jax.layers import Buffer, Linear, param
 
 
@@ -36,6 +39,20 @@ class Routing(NamedTuple):
     weights: jax.Array  # [N, k] fp32 combine weights (renormalised, times route_scale)
     experts: jax.Array  # [N, k] int32 chosen expert ids
     scores: jax.Array  # [N, E] fp32 affinities s_e (for the balance loss)
+
+
+class RoutingStats(NamedTuple):
+    """Per-sequence routing statistics of one MoE layer: all the training loop needs (spec §5.4)."""
+
+    load: jax.Array  # [B, E] fp32: how many of the sequence's tokens chose each expert
+    mean_affinity: jax.Array  # [B, E] fp32: P_e, the mean over tokens of s_e / sum_e' s_e'
+
+
+def routing_stats(routing: Routing, B: int, T: int) -> RoutingStats:
+    E = routing.scores.shape[-1]
+    load = jnp.sum(jax.nn.one_hot(routing.experts.reshape(B, -1), E, dtype=jnp.float32), axis=1)
+    s = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
+    return RoutingStats(load, jnp.mean(s.reshape(B, T, E), axis=1))
 
 
 class Gate(nnx.Module):
@@ -71,24 +88,63 @@ class Experts(nnx.Module):
         self.w1 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
-        self.limit = cfg.swiglu_limit
+        self.limit, self.impl = cfg.swiglu_limit, cfg.moe_impl
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
-        """Dropless sorted dispatch. x [N, d] -> sum_k w_k FFN_{e_k}(x) [N, d] fp32."""
-        N, d = x.shape
-        E = self.w1.shape[0]
-        k = routing.experts.shape[1]
+        """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
+        B, T, d = x.shape
+        ffn = functools.partial(_GROUPED_FFN[self.impl](), limit=self.limit)
+        w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
+        ctx = active()
+        if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
+            k = routing.experts.shape[-1]
+            return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
+                                       w1, w3, w2, ffn, *ctx)
+        E, k = w1.shape[0], routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
         token = order // k  # token of each sorted (token, choice) pair
         sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
-        xs = x[token]  # [N*k, d] expert-contiguous
-        dt = x.dtype
-        gate = jax.lax.ragged_dot(xs, self.w1[...].astype(dt), sizes, preferred_element_type=jnp.float32)
-        up = jax.lax.ragged_dot(xs, self.w3[...].astype(dt), sizes, preferred_element_type=jnp.float32)
-        h = swiglu(gate, up, self.limit) * routing.weights.reshape(-1)[order][:, None]  # weight before W2
-        y = jax.lax.ragged_dot(h.astype(dt), self.w2[...].astype(dt), sizes, preferred_element_type=jnp.float32)
-        return jnp.zeros((N, d), jnp.float32).at[token].add(y)  # un-permute and combine in fp32
+        y = ffn(x.reshape(B * T, d)[token], sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d]
+        return jnp.zeros((B * T, d), jnp.float32).at[token].add(y).reshape(B, T, d)  # un-permute, combine in fp32
+
+
+def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                   row_weights: jax.Array, limit: float) -> jax.Array:
+    """The routed experts on expert-contiguous rows (reference path, `jax.lax.ragged_dot`).
+
+    xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
+    expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
+    row (applied before W2, as the official code does). Returns [M, d] fp32.
+    """
+    dt = xs.dtype
+    gate = jax.lax.ragged_dot(xs, w1.astype(dt), sizes, preferred_element_type=jnp.float32)
+    up = jax.lax.ragged_dot(xs, w3.astype(dt), sizes, preferred_element_type=jnp.float32)
+    h = swiglu(gate, up, limit) * row_weights[:, None]
+    return jax.lax.ragged_dot(h.astype(dt), w2.astype(dt), sizes, preferred_element_type=jnp.float32)
+
+
+def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                          row_weights: jax.Array, limit: float) -> jax.Array:
+    """The same function as `grouped_swiglu` by one masked dense FFN per expert (moe_impl=reference):
+    E times the FLOPs, no ragged op, easy to read and to trust."""
+    dt = xs.dtype
+    ends = jnp.cumsum(sizes)
+    expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups
+    mask = jax.nn.one_hot(expert, w1.shape[0], dtype=jnp.float32)  # [M, E]
+    gate = jnp.einsum("md,edi->emi", xs, w1.astype(dt), preferred_element_type=jnp.float32)
+    up = jnp.einsum("md,edi->emi", xs, w3.astype(dt), preferred_element_type=jnp.float32)
+    h = swiglu(gate, up, limit) * (mask.T * row_weights[None, :])[..., None]
+    return jnp.einsum("emi,eid->md", h.astype(dt), w2.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _pallas_grouped_swiglu():
+    from pallas_kernels.moe_dispatch import grouped_swiglu as kernel  # imported only when chosen
+    return kernel
+
+
+_GROUPED_FFN = {MoEImpl.REFERENCE: lambda: grouped_swiglu_onehot, MoEImpl.RAGGED_DOT: lambda: grouped_swiglu,
+                MoEImpl.PALLAS: _pallas_grouped_swiglu}
 
 
 class SharedExpert(nnx.Module):
@@ -115,5 +171,5 @@ class MoE(nnx.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         routing = self.gate(flat, tokens.reshape(-1))
-        y = self.experts(flat, routing) + self.shared_experts(flat)  # accumulated in fp32
-        return y.astype(x.dtype).reshape(B, T, d), routing
+        y = self.experts(x, routing) + self.shared_experts(x)  # accumulated in fp32
+        return y.astype(x.dtype), routing

@@ -1,0 +1,143 @@
+"""Expert parallelism: routed experts split over the mesh axes the rules give `experts`; dropless.
+
+Inside one `shard_map` over the whole mesh each device holds its tokens' rows (split over the batch /
+sequence axes) and E/ep experts. Two regimes, chosen by where the tokens live:
+
+* tokens split over the expert axes (the usual training layout): each device sorts its (token,
+  choice) rows by expert, sends every row to the device holding its expert with one all-to-all, runs
+  its local experts on what it received (grouped SwiGLU on expert-sorted rows), and sends the results
+  back with a second all-to-all; the combine happens where the token lives.
+* tokens replicated over the expert axes (a batch too small to split, e.g. decode): each device runs
+  its local experts on the rows routed to them and the partial outputs are summed over the axes.
+
+Dropless: no row is ever dropped. With static shapes this means the receive buffer has room for the
+worst case, every row of every sender on one device: ep x n x min(k, E_local) rows. On TPU/GPU the rows
+travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all, so there
+fixed-size per-destination blocks go through `all_to_all`. The local grouped matmul only computes the
+real rows' groups (rows past the last group give zeros). Tensor parallelism inside an expert (the
+`expert_mlp` columns over axes that do not split the tokens) adds one psum of the combined output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from sharding.rules import AxisRules, ShardingError
+
+GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] fp32
+
+
+def expert_axes(mesh: jax.sharding.Mesh, rules: AxisRules) -> tuple[str, ...]:
+    return tuple(a for a in rules.mesh_axes("experts") if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def _flat(axes: tuple[str, ...]):
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
+                        w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules) -> jax.Array:
+    """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
+    [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32."""
+    B, T, d = x.shape
+    E = w1.shape[0]
+    ep_axes = expert_axes(mesh, rules)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    if E % ep:
+        raise ShardingError(f"{E} routed experts do not divide over mesh axes {ep_axes} of size {ep}")
+    token_spec = rules.spec(("batch", "seq", None), x.shape, mesh, what="activation")
+    token_axes = tuple(a for entry in token_spec for a in ((entry,) if isinstance(entry, str) else (entry or ())))
+    split_tokens = all(a in token_axes for a in ep_axes)
+    if not split_tokens and any(a in token_axes for a in ep_axes):
+        raise ShardingError(f"tokens are split over only some of the expert axes {ep_axes} (token axes "
+                            f"{token_axes}); split them over all or none")
+    tp_axes = tuple(a for a in rules.mesh_axes("expert_mlp")
+                    if a in mesh.shape and mesh.shape[a] > 1 and a not in token_axes and a not in ep_axes)
+    if w1.shape[2] % math.prod(mesh.shape[a] for a in tp_axes):
+        raise ShardingError(f"moe_inter_dim {w1.shape[2]} does not divide over tensor axes {tp_axes}")
+    ragged = mesh.devices.flat[0].platform in ("tpu", "gpu", "cuda", "rocm")
+    w_in = P(_flat(ep_axes), None, _flat(tp_axes))
+    w_out = P(_flat(ep_axes), _flat(tp_axes), None)
+    tok = P(*token_spec)
+    E_loc = E // ep
+
+    def local(x, experts, weights, w1, w3, w2):
+        b, t, _ = x.shape
+        n, k = b * t, experts.shape[-1]
+        x = x.reshape(n, d)
+        flat = experts.reshape(n * k)
+        rank = jax.lax.axis_index(ep_axes)
+        if split_tokens:
+            y_sorted, order = _exchange(x, flat, weights.reshape(n * k), w1, w3, w2, ffn, ep_axes, ep, E_loc,
+                                        min(k, E_loc), ragged)
+        else:  # tokens replicated over the expert axes: local experts only, partial sums
+            # mark the replicated inputs as per-device values explicitly, so their gradients are
+            # summed over the expert axes (the transpose of this cast is a psum)
+            x, weights = (jax.lax.pcast(a, ep_axes, to="varying") for a in (x, weights))
+            local_e = flat - rank * E_loc
+            mine = (local_e >= 0) & (local_e < E_loc)
+            key = jnp.where(mine, local_e, E_loc)
+            order = jnp.argsort(key, stable=True)
+            sizes = jnp.sum(jax.nn.one_hot(key, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
+            y_sorted = ffn(x[order // k], sizes, w1, w3, w2, weights.reshape(n * k)[order])
+        out = jnp.zeros((n, d), jnp.float32).at[order // k].add(y_sorted)
+        reduce = tp_axes + (() if split_tokens else ep_axes)
+        if reduce:
+            out = jax.lax.psum(out, reduce)
+        return out.reshape(b, t, d)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
+    return fn(x, experts, weights, w1, w3, w2)
+
+
+def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, per_token: int, ragged: bool):
+    """All-to-all dispatch of this device's rows to their experts' devices and back.
+    Returns (outputs of the sorted rows [n*k, d] fp32, the sort order of the rows)."""
+    n, d = x.shape
+    nk = flat.shape[0]
+    C = n * per_token  # worst case rows from one sender to one receiver
+    order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
+    s_exp = flat[order]
+    dest = s_exp // E_loc
+    send_sizes = jnp.sum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)  # [ep]
+    offsets = jnp.cumsum(send_sizes) - send_sizes
+    xs, ws, le = x[order // (nk // n)], row_w[order], (s_exp % E_loc).astype(jnp.int32)
+
+    def a2a(a):  # block j of a goes to device j; block j of the result came from device j
+        return jax.lax.all_to_all(a, axes, 0, 0, tiled=True)
+
+    if ragged:
+        recv_sizes = a2a(send_sizes)
+        rank = jax.lax.axis_index(axes)
+        land = jnp.full((ep,), rank * C, jnp.int32)  # my block lands at rank*C on every receiver
+
+        def go(a, fill):
+            out = jnp.full((ep * C,) + a.shape[1:], fill, a.dtype)
+            return jax.lax.ragged_all_to_all(a, out, offsets, send_sizes, land, recv_sizes, axis_name=axes)
+
+        xr, wr, lr = go(xs, 0), go(ws, 0), go(le, E_loc)
+    else:
+        pos = jnp.arange(nk) - offsets[dest]  # slot of each row inside its destination's block
+
+        def go(a, fill):
+            buf = jnp.full((ep, C) + a.shape[1:], fill, a.dtype).at[dest, pos].set(a)
+            return a2a(buf).reshape((ep * C,) + a.shape[1:])
+
+        xr, wr, lr = go(xs, 0), go(ws, 0), go(le, E_loc)
+
+    o2 = jnp.argsort(lr, stable=True)  # received rows by local expert; empty slots (E_loc) last
+    sizes = jnp.sum(jax.nn.one_hot(lr, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
+    y = jnp.zeros((ep * C, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
+
+    if ragged:
+        back = jnp.zeros((nk, d), jnp.float32)
+        starts = jnp.arange(ep, dtype=jnp.int32) * C
+        return jax.lax.ragged_all_to_all(y, back, starts, recv_sizes, a2a(offsets), send_sizes,
+                                         axis_name=axes), order
+    y = a2a(y.reshape(ep, C, d))
+    return y[dest, pos], order

@@ -1,0 +1,241 @@
+"""Sharding: the rules table, meshes, sharded == unsharded numerics, expert parallelism, scanned layers.
+
+Runs on 8 host CPU devices (tests/conftest.py forces the count)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sharding import expert_parallel
+from sharding.context import use_mesh_rules
+from sharding.mesh import make_mesh
+from sharding.partition import create_sharded, shard_module, spec_table, state_shardings
+from sharding.rules import LOGICAL_AXES, PRESETS, ShardingError, get_rules, parse_overrides
+from v4jax.config import AttentionKind, RouterKind, V4Config
+from v4jax.model import Transformer, layer_schedule
+from v4jax.moe import Experts, Routing, swiglu
+
+S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
+
+
+def small_cfg(**kw):
+    base = dict(n_mtp_layers=0, max_seq_len=64, attention_chunk=16)
+    return V4Config.preset("tiny", **{**base, **kw})
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def loss_fn(model, tokens):
+    logits = model(tokens).logits[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def loss_and_grads(model, tokens, mesh=None, rules=None):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(params, rest, tokens):
+        return loss_fn(nnx.merge(graphdef, params, rest), tokens)
+
+    def run(params, rest, tokens):
+        loss, grads = jax.value_and_grad(f)(params, rest, tokens)
+        return loss, grads, nnx.merge(graphdef, params, rest)(tokens).logits
+
+    if mesh is None:
+        return jax.jit(run)(params, rest, tokens)
+    with use_mesh_rules(mesh, rules):
+        return jax.jit(run)(params, rest, tokens)
+
+
+def test_every_preset_maps_every_logical_axis_and_overrides_apply():
+    for name in PRESETS:
+        rules = get_rules(name)
+        assert {k for k, _ in rules.table} == set(LOGICAL_AXES)
+    r = get_rules("fsdp_ep", **parse_overrides("experts=expert+fsdp,vocab="))
+    assert r.mesh_axes("experts") == ("expert", "fsdp") and r.mesh_axes("vocab") == ()
+
+
+# (preset, mesh, batch): every preset, at least four mesh shapes, batch divisible by the token axes
+CASES = [
+    ("fsdp", "fsdp=8", 8),
+    ("fsdp", "data=2,fsdp=4", 8),
+    ("fsdp_ep", "fsdp=2,expert=4", 8),
+    ("fsdp_tp_ep", "fsdp=2,expert=2,tensor=2", 4),
+    ("long_context", "fsdp=2,expert=2,context=2", 4),
+]
+SLOW_CASES = [("fsdp_ep", "expert=8", 8), ("fsdp_tp_ep", "expert=4,tensor=2", 4), ("long_context", "context=8", 1)]
+
+# What the table says for a few parameters, written out by hand (leading None = scanned layers axis).
+EXPECTED = {
+    "fsdp": {"embed.embedding": P("fsdp"), "stages.0.blocks.1.ffn.experts.w1": P(None, None, "fsdp"),
+             "stages.0.blocks.1.attn.wq_b.kernel": P(None, "fsdp")},
+    "fsdp_ep": {"embed.embedding": P(("fsdp", "expert")),
+                "stages.0.blocks.1.ffn.experts.w1": P(None, "expert", "fsdp"),
+                "stages.0.blocks.1.ffn.experts.w2": P(None, "expert", "fsdp"),
+                "stages.0.blocks.1.attn.wq_b.kernel": P(None, ("fsdp", "expert"))},
+    "fsdp_tp_ep": {"embed.embedding": P(("tensor", "fsdp"), "expert"),
+                   "stages.0.blocks.1.ffn.experts.w1": P(None, "expert", "fsdp", "tensor"),
+                   "stages.0.blocks.1.attn.wq_b.kernel": P(None, ("fsdp", "expert"), "tensor"),
+                   "head.kernel": P(("fsdp", "expert"), "tensor")},
+    "long_context": {"embed.embedding": P(("fsdp", "context"), "expert"),
+                     "stages.0.blocks.1.ffn.experts.w1": P(None, "expert", ("fsdp", "context"))},
+}
+
+
+def _check_sharded_equals_unsharded(preset, mesh_spec, batch):
+    cfg = small_cfg()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    T = 32
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, T)), jnp.int32)
+    loss0, grads0, logits0 = loss_and_grads(model, tokens)
+
+    mesh, rules = make_mesh(mesh_spec), get_rules(preset)
+    sharded = shard_module(model, mesh, rules)
+    state = nnx.state(sharded)
+    # the parameters really are laid out as the table says
+    table = spec_table(state, mesh, rules)
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        assert var.get_value().sharding.spec == table[name], name
+    for name, spec in EXPECTED[preset].items():
+        got = table[name]
+        assert tuple(got) + (None,) * (len(spec) - len(got)) == tuple(spec) + (None,) * (len(got) - len(spec)), \
+            (name, got, spec)
+    loss1, grads1, logits1 = loss_and_grads(sharded, tokens, mesh, rules)
+    assert rel_err(logits1, logits0) <= 1e-5
+    assert abs(float(loss1) - float(loss0)) <= 1e-5 * abs(float(loss0))
+    flat0 = {p: np.asarray(v.get_value(), np.float64) for p, v in nnx.to_flat_state(grads0)}
+    flat1 = {p: np.asarray(v.get_value(), np.float64) for p, v in nnx.to_flat_state(grads1)}
+    total = np.sqrt(sum(np.sum(g * g) for g in flat0.values()))
+    assert np.sqrt(sum(np.sum((flat1[p] - g) ** 2) for p, g in flat0.items())) <= 1e-5 * total
+    for path, g in flat0.items():  # per tensor; tensors under 1% of the total norm are held to 1e-7 of it
+        assert np.linalg.norm(flat1[path] - g) <= 1e-5 * max(np.linalg.norm(g), 1e-2 * total), path
+
+
+@pytest.mark.parametrize("preset,mesh_spec,batch", CASES)
+def test_sharded_forward_and_gradient_equal_unsharded_and_params_follow_the_table(preset, mesh_spec, batch):
+    _check_sharded_equals_unsharded(preset, mesh_spec, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,mesh_spec,batch", SLOW_CASES)
+def test_sharded_equals_unsharded_more_meshes(preset, mesh_spec, batch):
+    _check_sharded_equals_unsharded(preset, mesh_spec, batch)
+
+
+def test_create_sharded_builds_variables_in_place_with_the_table_layout():
+    cfg = small_cfg()
+    mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
+    model = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    w1 = model.stages[0].blocks[1].ffn.experts.w1.get_value()
+    assert w1.sharding.spec == P(None, "expert", "fsdp", None)
+    assert w1.addressable_shards[0].data.shape == (1, cfg.n_routed_experts // 4, cfg.dim // 2, cfg.moe_inter_dim)
+
+
+# ---------------------------------------------------------------- expert parallelism
+def _routing(pattern, N, k, E, rng):
+    if pattern == "random":
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(N)])
+    elif pattern == "all_to_one_expert":  # every token's first choice is expert 5; the rest on expert 0..
+        ids = np.tile(np.r_[5, np.arange(k - 1)], (N, 1))
+    else:  # "empty_experts": only the first half of the experts ever chosen
+        ids = np.stack([rng.permutation(E // 2)[:k] for _ in range(N)])
+    w = rng.uniform(0.1, 1.0, size=(N, k)).astype(np.float32)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(w)
+
+
+@pytest.mark.parametrize("pattern", ["random", "all_to_one_expert", "empty_experts"])
+@pytest.mark.parametrize("mesh_spec,preset,batch", [("fsdp=2,expert=4", "fsdp_ep", 8),  # tokens meet experts by all-to-all
+                                                    ("expert=8", "fsdp_ep", 1),  # batch 1: tokens replicated, psum
+                                                    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4)])
+def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch):
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    experts = Experts(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    T = 12
+    x = jnp.asarray(rng.normal(size=(batch, T, cfg.dim)), jnp.float32)
+    ids, w = _routing(pattern, batch * T, 3, 8, rng)
+    routing = Routing(w, ids, None)
+    mesh, rules = make_mesh(mesh_spec), get_rules(preset)
+    assert expert_parallel.expert_axes(mesh, rules)
+
+    def f(x, w, experts):
+        return experts(x, Routing(w, ids, None))
+
+    want, vjp0 = jax.vjp(f, x, w, experts)
+    sharded = shard_module(experts, mesh, rules)
+    with use_mesh_rules(mesh, rules):
+        got, vjp1 = jax.vjp(jax.jit(f), x, w, sharded)
+    assert rel_err(got, want) <= 1e-5
+    # dropless: every (token, choice) contributes; the per-token loop agrees with the dispatch
+    W1, W3, W2 = (np.asarray(v[...]) for v in (experts.w1, experts.w3, experts.w2))
+    xn, idn, wn = np.asarray(x).reshape(-1, cfg.dim), np.asarray(ids), np.asarray(w)
+    loop = np.zeros_like(xn)
+    for n in range(xn.shape[0]):
+        for j in range(3):
+            e = idn[n, j]
+            h = np.asarray(swiglu(jnp.asarray(xn[n] @ W1[e]), jnp.asarray(xn[n] @ W3[e]), cfg.swiglu_limit))
+            loop[n] += wn[n, j] * (h @ W2[e])
+    assert rel_err(np.asarray(got).reshape(-1, cfg.dim), loop) <= 1e-5
+    ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    g0, g1 = vjp0(ct), vjp1(ct)
+    assert rel_err(g1[0], g0[0]) <= 1e-5 and rel_err(g1[1], g0[1]) <= 1e-5
+    for name in ("w1", "w2", "w3"):
+        assert rel_err(getattr(g1[2], name).get_value(), getattr(g0[2], name).get_value()) <= 1e-5, name
+
+
+# ---------------------------------------------------------------- scanned layers
+def test_layer_schedule_scans_the_repeating_period():
+    f = V4Config.preset("v4-flash")
+    stages = layer_schedule(tuple(zip(f.layer_types, f.router_types)))
+    assert sum(len(u) * r for u, r in stages) == f.n_layers
+    assert sum(len(u) for u, _ in stages) <= 4  # distinct compiled blocks, not 43
+    p = V4Config.preset("v4-pro")
+    assert sum(len(u) for u, _ in layer_schedule(tuple(zip(p.layer_types, p.router_types)))) <= 4
+
+
+def test_scanned_stack_equals_applying_each_layer_in_turn_and_compiles_each_unit_once():
+    L = RouterKind.LEARNED
+    cfg = small_cfg(n_layers=7, layer_types=(S, C, H, C, H, C, H), router_types=(RouterKind.HASH,) + (L,) * 6)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert [len(s.unit) * s.repeats for s in model.stages] == [1, 6] and model.stages[1].repeats == 3
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+    out = model(tokens, return_hidden_states=True)
+    # by hand: slice each layer's parameters out of the stacks and apply the blocks one by one
+    streams = out.hidden_states[0]
+    for i, (s, p, r) in enumerate(model.layer_slots()):
+        graphdef, state = nnx.split(model.stages[s].blocks[p])
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
+        streams, _ = block(streams, tokens)
+        assert rel_err(streams, out.hidden_states[i + 1]) <= 1e-6, i
+    jaxpr = jax.make_jaxpr(lambda t: model(t).logits)(tokens)
+    assert str(jaxpr).count("scan[") >= len(model.stages)
+
+
+# ---------------------------------------------------------------- bad meshes and rules
+def test_bad_meshes_and_rules_fail_before_compiling():
+    with pytest.raises(ShardingError, match="asks for 16 devices, but only 8 exist"):
+        make_mesh("fsdp=16")
+    with pytest.raises(ShardingError, match="unknown mesh axis 'pipeline'"):
+        make_mesh("pipeline=2")
+    with pytest.raises(ShardingError, match="only one axis may be -1"):
+        make_mesh("fsdp=-1,expert=-1")
+    with pytest.raises(ShardingError, match="unknown rules preset 'zero3'"):
+        get_rules("zero3")
+    with pytest.raises(ShardingError, match="unknown logical axis 'embedding'"):
+        get_rules("fsdp", embedding=("fsdp",))
+    cfg = small_cfg(dim=100)  # 100 does not split over 8
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ShardingError, match=r"dimension 'embed' of size 100 does not divide over mesh axes \('fsdp',\)"):
+        state_shardings(nnx.state(abstract), make_mesh("fsdp=8"), get_rules("fsdp", vocab=()))
+    with pytest.raises(ShardingError, match=r"6 routed experts do not divide over mesh axes \('expert',\) of size 4"):
+        expert_parallel.expert_parallel_ffn(
+            jnp.zeros((8, 2, 128)), jnp.zeros((8, 2, 2), jnp.int32), jnp.ones((8, 2, 2)),
+            jnp.zeros((6, 128, 64)), jnp.zeros((6, 128, 64)), jnp.zeros((6, 64, 128)),
+            lambda *a: a[0], make_mesh("expert=4,fsdp=2"), get_rules("fsdp_ep"))
