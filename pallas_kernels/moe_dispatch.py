@@ -1,0 +1,442 @@
+"""Routed experts as Pallas TPU grouped matmuls, forward and backward (spec §5.3, `moe_impl = "pallas"`).
+
+Same function as `v4jax.moe.grouped_swiglu` (the `jax.lax.ragged_dot` path) and
+`v4jax.moe.grouped_swiglu_onehot` (one masked dense FFN per expert): rows of `xs` are sorted by expert,
+`sizes[e]` rows belong to expert e, rows past `sum(sizes)` belong to no expert and give zeros.
+
+Three kernels:
+  gmm   out[r] = lhs[r] @ rhs[group(r)]                 [M, K] x [E, K, N] -> [M, N]
+  gmm with transpose_rhs: out[r] = lhs[r] @ rhs[g]^T    [M, N] x [E, K, N] -> [M, K]   (dlhs)
+  tgmm  out[e] = sum_{r in group e} lhs[r]^T dout[r]    [M, K] x [M, N]    -> [E, K, N] (drhs)
+`gmm` carries a `jax.custom_vjp` whose backward is the other two, so `grouped_swiglu` differentiates
+through Pallas only (the SwiGLU and the row weights between the matmuls are plain JAX).
+
+How groups meet row tiles. Rows are cut into tiles of `tm`. A *visit* is one (group, row tile) pair
+where the group has rows in the tile; the kernels' grid runs over visits in order (groups ascending,
+then tiles ascending), so a tile shared by two groups is visited twice in a row and each visit keeps
+only the rows of its group (a row mask on the store for gmm, on the operands for tgmm). The number
+of visits depends on the sizes, so the grid has the static bound T + E (T row tiles, E groups: every
+group boundary adds at most one visit); the visits past the real count do nothing and fetch nothing
+(their block indices repeat the previous step's, which the TPU pipeline does not re-fetch).
+
+  * gmm adds a pseudo-group for the rows past `sum(sizes)` (and the padding up to a tile multiple):
+    its visits skip the matmul and the weight fetch and store zeros, so the output is defined
+    everywhere. Tiles entirely past the groups cost one empty grid step per (k, n) block.
+  * tgmm visits each empty expert once (no matmul, no fetch) to store its zero gradient.
+
+Grid orders. gmm: (output column tiles, visits, contraction tiles); the output tile stays in VMEM
+while the visits of one row tile follow each other. With the whole contraction in one block (the
+default when it fits), consecutive visits of one group reuse the weight block without a new DMA, so
+each expert's weights are read once per output column tile. tgmm: (K tiles, N tiles, visits) with
+the visits as the reduction; the fp32 accumulator is reset at a group's first visit and stored at
+its last.
+
+FLOPs: every visit runs a full tm-row matmul, so the MXU work is (M + ~E * tm) * K * N * 2 instead
+of M * K * N * 2; the default row tile shrinks when experts get few rows (`default_tiling`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401 (re-exported reference)
+from v4jax.moe import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
+from v4jax.moe import swiglu
+
+Tiling = tuple[int, int, int]  # (tm rows, tk contraction, tn output columns)
+
+_ROW_ALIGN = 16  # row tiles are multiples of 16: the bf16 sublane tiling (fp32 needs 8)
+_LANE = 128
+_VMEM_BUDGET = 40 * 2**20  # blocks + scratch the default tiling may use (v7x has 64 MiB of VMEM per core)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling
+
+
+def default_tiling(m: int, k: int, n: int, groups: int, dtype, *, transposed_out: bool = False) -> Tiling:
+    """Block sizes from a traffic model, not from timings (untuned: no TPU was available).
+
+    tm: the largest of 512/256/128 whose boundary waste groups * tm stays under half the rows (every
+    expert boundary costs up to one extra tm-row matmul). tk: the whole contraction when a
+    double-buffered [tk, tn] weight block fits the budget, so each expert's weights are fetched once
+    per column tile; else 2048. tn: 512 (tgmm, `transposed_out`: tk = tn = 1024, an fp32 accumulator
+    of 4 MiB).
+    """
+    item = jnp.dtype(dtype).itemsize
+    tm = 128
+    for cand in (512, 256):
+        if groups * cand <= m // 2:
+            tm = cand
+            break
+    if transposed_out:
+        return tm, 1024, 1024
+    tn = 512
+    tk = _round_up(k, _LANE)
+    if 2 * tk * tn * item + 2 * tm * tk * item > _VMEM_BUDGET // 2:
+        tk = 2048
+    return tm, tk, tn
+
+
+def _fit(dim: int, tile: int, align: int) -> tuple[int, int]:
+    """(block, padded dim): the whole dim as one block when it fits in a tile, else tile-multiple padding."""
+    if dim <= tile:
+        return dim, dim
+    return tile, _round_up(dim, tile) if tile % align == 0 else dim
+
+
+def _check_tiling(tiling) -> Tiling:
+    if len(tiling) != 3 or any(int(t) <= 0 for t in tiling):
+        raise ValueError(f"tiling must be three positive ints (tm, tk, tn), got {tiling}")
+    tm, tk, tn = (int(t) for t in tiling)
+    if tm % _ROW_ALIGN or tk % _LANE or tn % _LANE:
+        raise ValueError(f"tiling {tiling}: tm must be a multiple of {_ROW_ALIGN}, tk and tn of {_LANE}")
+    return tm, tk, tn
+
+
+def _row_tile(m: int, tm: int) -> tuple[int, int]:
+    tm = min(tm, _round_up(m, _ROW_ALIGN))
+    return tm, _round_up(m, tm)
+
+
+def _vmem_limit(block_bytes: int) -> int:
+    # Double-buffered blocks + scratch, with headroom for Mosaic's own temporaries.
+    return int(min(max(2 * block_bytes + (8 << 20), 32 << 20), 100 << 20))
+
+
+# ----------------------------------------------------------------------------------------------
+# Visit metadata (plain JAX on [E]-sized arrays; scalar-prefetched into SMEM)
+
+
+class Visits(NamedTuple):
+    offsets: jax.Array  # [G + 1] int32: group g owns rows [offsets[g], offsets[g + 1])
+    group: jax.Array  # [V] int32 group of each visit (E = the rows past the groups)
+    tile: jax.Array  # [V] int32 row tile of each visit
+    fetch_tile: jax.Array  # [V] int32 row tile to fetch (the last real visit's for visits without work)
+    fetch_group: jax.Array  # [V] int32 expert whose weights to fetch (likewise; always < E)
+    work: jax.Array  # [V] int32 1 where the visit multiplies (a real visit of a non-empty expert)
+    count: jax.Array  # [1] int32 number of real visits (<= V)
+
+
+def make_visits(group_sizes: jax.Array, m: int, m_pad: int, tm: int, *, tail: bool, visit_empty: bool) -> Visits:
+    """The (group, row tile) visits of `group_sizes` over m rows padded to m_pad (a multiple of tm).
+
+    tail: add the pseudo-group of rows [sum(sizes), m_pad) (gmm stores zeros there).
+    visit_empty: one visit for each empty expert (tgmm stores its zero gradient).
+    Sizes are clipped so that the groups end by row m (ragged_dot leaves sum(sizes) > M undefined).
+    """
+    E = group_sizes.shape[0]
+    tiles = m_pad // tm
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    if tail:
+        starts = jnp.concatenate([starts, ends[-1:]])
+        ends = jnp.concatenate([ends, jnp.full((1,), m_pad, jnp.int32)])
+    size = ends - starts
+    first = jnp.minimum(starts // tm, tiles - 1)
+    last = jnp.maximum(ends - 1, 0) // tm
+    count = jnp.where(size > 0, last - first + 1, 1 if visit_empty else 0)
+    cum = jnp.cumsum(count)
+    total = cum[-1]
+    n_visits = tiles + starts.shape[0] - 1  # each group boundary inside a tile adds one visit
+    v = jnp.minimum(jnp.arange(n_visits, dtype=jnp.int32), total - 1)  # past the real visits: repeat the last
+    group = jnp.searchsorted(cum, v, side="right").astype(jnp.int32)
+    tile = first[group] + v - (cum[group] - count[group])
+    work = (jnp.arange(n_visits) < total) & (size[group] > 0) & (group < E)
+    src = jnp.maximum(jax.lax.cummax(jnp.where(work, jnp.arange(n_visits), -1)), 0)
+    return Visits(jnp.concatenate([starts, ends[-1:]]), group, tile, tile[src], jnp.minimum(group[src], E - 1),
+                  work.astype(jnp.int32), total[None])
+
+
+# ----------------------------------------------------------------------------------------------
+# gmm
+
+
+def _gmm_kernel(offsets, group, tile, fetch_tile, fetch_group, work, count, lhs_ref, rhs_ref, out_ref, acc_ref, *,
+                tm: int, nk: int, transpose_rhs: bool, precision):
+    del fetch_tile, fetch_group  # used by the index maps only
+    v, k = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _zero():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(work[v] == 1)
+    def _multiply():
+        dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[0], dims, precision=precision,
+                                            preferred_element_type=jnp.float32)
+
+    @pl.when((k == nk - 1) & (v < count[0]))
+    def _store():  # only this visit's rows; the tile's other rows belong to the neighbouring visits
+        g = group[v]
+        rows = tile[v] * tm + jax.lax.broadcasted_iota(jnp.int32, acc_ref.shape, 0)
+        mine = (rows >= offsets[g]) & (rows < offsets[g + 1])
+        out_ref[...] = jnp.where(mine, acc_ref[...].astype(out_ref.dtype), out_ref[...])
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _gmm_call(lhs, rhs, group_sizes, out_dtype, tiling, interpret, transpose_rhs: bool):
+    """lhs [M, C] x rhs [E, C, O] (or [E, O, C] with transpose_rhs) -> [M, O] out_dtype."""
+    M, C = lhs.shape
+    E = rhs.shape[0]
+    O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if tiling is None:
+        tiling = default_tiling(M, C, O, E, lhs.dtype)
+    tm, tk, tn = tiling
+    tm, m_pad = _row_tile(M, tm)
+    tk, c_pad = _fit(C, tk, _LANE)
+    tn, o_pad = _fit(O, tn, _LANE)
+    # Padding the weights copies them: only when a dim is larger than its tile and not a multiple of it.
+    lhs = jnp.pad(lhs, ((0, m_pad - M), (0, c_pad - C)))
+    if transpose_rhs:
+        rhs = jnp.pad(rhs, ((0, 0), (0, o_pad - O), (0, c_pad - C)))
+    else:
+        rhs = jnp.pad(rhs, ((0, 0), (0, c_pad - C), (0, o_pad - O)))
+    nk, nn = c_pad // tk, o_pad // tn
+    visits = make_visits(group_sizes, M, m_pad, tm, tail=True, visit_empty=False)
+    n_visits = visits.group.shape[0]
+
+    def lhs_map(n, v, k, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        return fetch_tile[v], jnp.where(work[v] == 1, k, nk - 1)
+
+    def rhs_map(n, v, k, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        kk = jnp.where(work[v] == 1, k, nk - 1)
+        return (fetch_group[v], n, kk) if transpose_rhs else (fetch_group[v], kk, n)
+
+    def out_map(n, v, k, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        return tile[v], n
+
+    rhs_block = (1, tn, tk) if transpose_rhs else (1, tk, tn)
+    item, out_item = lhs.dtype.itemsize, jnp.dtype(out_dtype).itemsize
+    block_bytes = tm * tk * item + tk * tn * item + tm * tn * out_item
+    weight_reads = E if nk == 1 else n_visits  # whole-contraction blocks are reused across a group's visits
+    cost = pl.CostEstimate(
+        flops=2 * (m_pad + min(E, n_visits) * tm) * c_pad * o_pad,
+        transcendentals=0,
+        bytes_accessed=m_pad * c_pad * item * nn + weight_reads * c_pad * o_pad * item + m_pad * o_pad * out_item)
+    out = pl.pallas_call(
+        functools.partial(_gmm_kernel, tm=tm, nk=nk, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype)),
+        out_shape=jax.ShapeDtypeStruct((m_pad, o_pad), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(visits),
+            grid=(nn, n_visits, nk),
+            in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
+            out_specs=pl.BlockSpec((tm, tn), out_map),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+                                             vmem_limit_bytes=_vmem_limit(block_bytes + tm * tn * 4)),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="moe_gmm_t" if transpose_rhs else "moe_gmm",
+    )(*visits, lhs, rhs)
+    return out[:M, :O]
+
+
+# ----------------------------------------------------------------------------------------------
+# tgmm
+
+
+def _tgmm_kernel(offsets, group, tile, fetch_tile, fetch_group, work, count, lhs_ref, dout_ref, out_ref, acc_ref, *,
+                 tm: int, precision):
+    del fetch_tile, fetch_group
+    v, last_v = pl.program_id(2), pl.num_programs(2) - 1
+    g = group[v]
+    first = (v == 0) | (group[jnp.maximum(v - 1, 0)] != g)
+    last = (v == count[0] - 1) | (group[jnp.minimum(v + 1, last_v)] != g)
+    real = v < count[0]
+
+    @pl.when(real & first)
+    def _zero():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(work[v] == 1)
+    def _accumulate():  # rows of other groups are zeroed in both operands (0 * inf would be NaN)
+        def mine(x):
+            rows = tile[v] * tm + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+            return jnp.where((rows >= offsets[g]) & (rows < offsets[g + 1]), x, jnp.zeros_like(x))
+        acc_ref[...] += jax.lax.dot_general(mine(lhs_ref[...]), mine(dout_ref[...]), (((0,), (0,)), ((), ())),
+                                            precision=precision, preferred_element_type=jnp.float32)
+
+    @pl.when(real & last)
+    def _store():
+        out_ref[0] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _tgmm_call(lhs, dout, group_sizes, out_dtype, tiling, interpret):
+    """sum over the rows of each group of lhs[r]^T dout[r]: [M, K] x [M, N] -> [E, K, N] out_dtype."""
+    M, K = lhs.shape
+    N = dout.shape[1]
+    E = group_sizes.shape[0]
+    if tiling is None:
+        tiling = default_tiling(M, K, N, E, lhs.dtype, transposed_out=True)
+    tm, tk, tn = tiling
+    tm, m_pad = _row_tile(M, tm)
+    tk, k_pad = _fit(K, tk, _LANE)
+    tn, n_pad = _fit(N, tn, _LANE)
+    lhs = jnp.pad(lhs, ((0, m_pad - M), (0, k_pad - K)))
+    dout = jnp.pad(dout, ((0, m_pad - M), (0, n_pad - N)))
+    nk, nn = k_pad // tk, n_pad // tn
+    visits = make_visits(group_sizes, M, m_pad, tm, tail=False, visit_empty=True)
+    n_visits = visits.group.shape[0]
+
+    def lhs_map(kk, n, v, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        return fetch_tile[v], kk
+
+    def dout_map(kk, n, v, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        return fetch_tile[v], n
+
+    def out_map(kk, n, v, offsets, group, tile, fetch_tile, fetch_group, work, count):
+        return group[v], kk, n
+
+    item, out_item = lhs.dtype.itemsize, jnp.dtype(out_dtype).itemsize
+    block_bytes = tm * tk * item + tm * tn * dout.dtype.itemsize + tk * tn * out_item
+    cost = pl.CostEstimate(
+        flops=2 * (m_pad + min(E, n_visits) * tm) * k_pad * n_pad,
+        transcendentals=0,
+        bytes_accessed=m_pad * k_pad * item * nn + m_pad * n_pad * dout.dtype.itemsize * nk + E * k_pad * n_pad * out_item)
+    out = pl.pallas_call(
+        functools.partial(_tgmm_kernel, tm=tm, precision=_precision(lhs.dtype)),
+        out_shape=jax.ShapeDtypeStruct((E, k_pad, n_pad), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(visits),
+            grid=(nk, nn, n_visits),
+            in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), dout_map)],
+            out_specs=pl.BlockSpec((1, tk, tn), out_map),
+            scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             vmem_limit_bytes=_vmem_limit(block_bytes + tk * tn * 4)),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="moe_tgmm",
+    )(*visits, lhs, dout)
+    return out[:, :K, :N]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_sizes(group_sizes, E: int):
+    if group_sizes.ndim != 1 or group_sizes.shape[0] != E:
+        raise ValueError(f"group_sizes must have shape [{E}] (one size per group), got {group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
+    return _gmm_call(lhs, rhs, group_sizes, out_dtype, tiling, interpret, transpose_rhs=False)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
+    return _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(out_dtype, tiling, interpret, residuals, dout):
+    # Cotangents come in out_dtype (fp32); the matmuls run in the operands' dtype with fp32 accumulation.
+    lhs, rhs, group_sizes = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = _gmm_call(dout, rhs, group_sizes, lhs.dtype, tiling, interpret, transpose_rhs=True)
+    drhs = _tgmm_call(lhs, dout, group_sizes, rhs.dtype, tiling, interpret)
+    return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
+        tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+    """Grouped matmul: lhs [M, K] rows sorted by group, rhs [E, K, N], group_sizes [E] -> [M, N].
+
+    Row r of group e (the rows [sum(sizes[:e]), sum(sizes[:e+1]))) gets lhs[r] @ rhs[e]; rows past
+    sum(group_sizes) get zeros. Same function as `jax.lax.ragged_dot`, differentiable (custom VJP:
+    dlhs by gmm with the transposed weights, drhs by `tgmm`). Accumulates in fp32 and returns
+    preferred_element_type (default lhs.dtype). tiling (tm, tk, tn): rows, contraction and output
+    column block sizes (None: `default_tiling`).
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"gmm needs lhs [M, K] and rhs [E, K, N], got {lhs.shape} and {rhs.shape}")
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"gmm needs lhs and rhs of one dtype, got {lhs.dtype} and {rhs.dtype}")
+    _check_sizes(group_sizes, rhs.shape[0])
+    out_dtype = np.dtype(preferred_element_type or lhs.dtype)
+    return _gmm(lhs, rhs, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret)
+
+
+def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_element_type=jnp.float32,
+         tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+    """Grouped outer product: out[e] = sum over the rows r of group e of lhs[r]^T dout[r].
+
+    lhs [M, K], dout [M, N] rows sorted by group, group_sizes [E] -> [E, K, N] (empty groups: zeros;
+    rows past sum(group_sizes) ignored). The weight gradient of `gmm`.
+    """
+    if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
+        raise ValueError(f"tgmm needs lhs [M, K] and dout [M, N] with the same M, got {lhs.shape} and {dout.shape}")
+    if lhs.dtype != dout.dtype:
+        raise ValueError(f"tgmm needs lhs and dout of one dtype, got {lhs.dtype} and {dout.dtype}")
+    _check_sizes(group_sizes, group_sizes.shape[0] if group_sizes.ndim == 1 else -1)
+    out_dtype = np.dtype(preferred_element_type or lhs.dtype)
+    return _tgmm_call(lhs, dout, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret)
+
+
+def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                   row_weights: jax.Array, limit: float, *, interpret: bool = False,
+                   tiling: Tiling | None = None) -> jax.Array:
+    """The routed experts on expert-contiguous rows, on the Pallas grouped matmuls (moe_impl=pallas).
+
+    Same signature and function as `v4jax.moe.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
+    (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
+    (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
+    fp32; the SwiGLU clamp runs in fp32 between the kernels.
+    """
+    if xs.ndim != 2 or w1.shape != w3.shape or w1.shape[:2] != (w2.shape[0], xs.shape[1]) or w2.shape[1:] != (w1.shape[2], xs.shape[1]):
+        raise ValueError(f"grouped_swiglu needs xs [M, d], w1/w3 [E, d, I], w2 [E, I, d]; got xs {xs.shape}, "
+                         f"w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape}")
+    if row_weights.shape != xs.shape[:1]:
+        raise ValueError(f"row_weights must have shape [{xs.shape[0]}], got {row_weights.shape}")
+    dt = xs.dtype
+    mm = functools.partial(gmm, group_sizes=sizes, preferred_element_type=jnp.float32, tiling=tiling,
+                           interpret=interpret)
+    gate, up = mm(xs, w1.astype(dt)), mm(xs, w3.astype(dt))  # [M, I] fp32
+    h = swiglu(gate, up, limit) * row_weights[:, None]
+    return mm(h.astype(dt), w2.astype(dt))  # [M, d] fp32
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation helpers (plain JAX: a gather and a scatter-add that XLA already does at HBM speed)
+
+
+def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sort the (token, choice) pairs by expert, stably (rows of one expert keep token order).
+
+    x [N, d], experts [N, k] int32 in [0, num_experts) -> (xs [N*k, d] rows grouped by expert,
+    sizes [E] int32 rows per expert, order [N*k] the flat pair index n*k + j of each row).
+    """
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return x[order // k], sizes, order
+
+
+def unpermute_combine(y: jax.Array, order: jax.Array, num_tokens: int, k: int) -> jax.Array:
+    """Inverse of permute plus the sum over a token's k choices: y [N*k, d] -> [N, d] fp32.
+
+    The combine weights were already applied per row (`row_weights` of grouped_swiglu).
+    """
+    return jnp.zeros((num_tokens, y.shape[1]), jnp.float32).at[order // k].add(y.astype(jnp.float32))
