@@ -87,7 +87,9 @@ def _cdiv(a: int, b: int) -> int:
 # UE8M0 scales
 
 def ue8m0_to_float(scale) -> np.ndarray:
-    """Decode UE8M0 scales (float8_e8m0fnu or their raw uint8 bytes) to float32: 2**(b-127), 255 -> NaN."""
+    """Decode UE8M0 scales (float8_e8m0fnu or their raw uint8 bytes) to float32: 2**(b-127), 255 -> NaN.
+    (On jax, XLA flushes the one subnormal result, byte 0 = 2**-127, to zero; our quantisers never
+    produce byte 0.)"""
     if _is_jax(scale):
         import jax.numpy as jnp
         import jax
@@ -95,8 +97,9 @@ def ue8m0_to_float(scale) -> np.ndarray:
         v = jnp.ldexp(jnp.ones(b.shape, jnp.float32), b.astype(jnp.int32) - UE8M0_BIAS)
         return jnp.where(b == UE8M0_NAN, jnp.nan, v)
     b = _bytes(np.asarray(scale), "a UE8M0 scale").astype(np.int32)
-    v = np.ldexp(np.float32(1.0), b - UE8M0_BIAS).astype(np.float32)
-    v[b == UE8M0_NAN] = np.nan
+    nan = b == UE8M0_NAN
+    v = np.ldexp(np.float32(1.0), np.where(nan, 0, b - UE8M0_BIAS)).astype(np.float32)
+    v[nan] = np.nan
     return v
 
 
