@@ -255,7 +255,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
     def _finish():
         _merge_sublanes(buf_v, buf_i, kp)
         top = buf_i[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, block_q]
-        out_ref[0] = jnp.where(top < vis_ref[...], top, -1)
+        out_ref[0] = jnp.transpose(jnp.where(top < vis_ref[...], top, -1))  # [block_q, kp]
 
 
 def _pow2(n: int) -> int:
@@ -324,7 +324,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
             pl.BlockSpec((1, H, block_q), lambda b, i, j, nb: (b, 0, i)),
             pl.BlockSpec((1, block_k, C), key_block),
         ],
-        out_specs=pl.BlockSpec((1, kp, block_q), lambda b, i, j, nb: (b, 0, i)),
+        out_specs=pl.BlockSpec((1, block_q, kp), lambda b, i, j, nb: (b, i, 0)),
         scratch_shapes=[pltpu.VMEM((SUBLANES * kp, block_q), jnp.float32),  # running top-kp per sublane
                         pltpu.VMEM((SUBLANES * kp, block_q), jnp.int32),
                         pltpu.VMEM((block_k, block_q), jnp.float32),  # the key block being merged
@@ -333,14 +333,14 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((B, kp, t_pad), jnp.int32),
+        out_shape=jax.ShapeDtypeStruct((B, t_pad, kp), jnp.int32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                              vmem_limit_bytes=_vmem_limit(kp, block_q, block_k, H, C, q.dtype)),
         cost_estimate=pl.CostEstimate(flops=cost['flops'], transcendentals=0,
                                       bytes_accessed=cost['bytes']),
         interpret=interpret,
     )(nblocks.astype(jnp.int32), vis[None, :], q2, wt, kk)
-    return jnp.swapaxes(out[:, :k, :T], 1, 2)  # [B, T, k], best first
+    return out[:, :T, :k]  # [B, T, k], best first
 
 
 def _vmem_limit(kp: int, block_q: int, block_k: int, n_heads: int, head_dim: int, dtype) -> int:
