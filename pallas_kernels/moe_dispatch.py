@@ -110,6 +110,19 @@ def _row_tile(m: int, tm: int) -> tuple[int, int]:
     return tm, _round_up(m, tm)
 
 
+def _out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+    """A kernel output's type. Inside a shard_map that tracks varying axes (check_vma, the default) a
+    Pallas output must say which mesh axes it varies over: every axis any operand varies over.
+    (`manual_axis_type` in jax 0.10, `vma` before; outside shard_map both are empty.)"""
+    avals = [jax.typeof(x) for x in operands]
+    mats = [getattr(a, "manual_axis_type", None) for a in avals]
+    if mats[0] is not None:
+        varying = frozenset().union(*(m.varying for m in mats))
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
+    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals))
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma) if vma else jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _vmem_limit(block_bytes: int) -> int:
     # Double-buffered blocks + scratch, with headroom for Mosaic's own temporaries.
     return int(min(max(2 * block_bytes + (8 << 20), 32 << 20), 100 << 20))
@@ -190,7 +203,7 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _gmm_call(lhs, rhs, group_sizes, out_dtype, tiling, interpret, transpose_rhs: bool):
+def _gmm_call(lhs, rhs, group_sizes, interpret, *, out_dtype, tiling, transpose_rhs: bool):
     """lhs [M, C] x rhs [E, C, O] (or [E, O, C] with transpose_rhs) -> [M, O] out_dtype."""
     M, C = lhs.shape
     E = rhs.shape[0]
@@ -231,7 +244,7 @@ def _gmm_call(lhs, rhs, group_sizes, out_dtype, tiling, interpret, transpose_rhs
         bytes_accessed=m_pad * c_pad * item * nn + weight_reads * c_pad * o_pad * item + m_pad * o_pad * out_item)
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, nk=nk, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype)),
-        out_shape=jax.ShapeDtypeStruct((m_pad, o_pad), out_dtype),
+        out_shape=_out_struct((m_pad, o_pad), out_dtype, lhs, rhs, *visits),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(visits),
             grid=(nn, n_visits, nk),
@@ -277,7 +290,7 @@ def _tgmm_kernel(offsets, group, tile, fetch_tile, fetch_group, work, count, lhs
         out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _tgmm_call(lhs, dout, group_sizes, out_dtype, tiling, interpret):
+def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
     """sum over the rows of each group of lhs[r]^T dout[r]: [M, K] x [M, N] -> [E, K, N] out_dtype."""
     M, K = lhs.shape
     N = dout.shape[1]
@@ -311,7 +324,7 @@ def _tgmm_call(lhs, dout, group_sizes, out_dtype, tiling, interpret):
         bytes_accessed=m_pad * k_pad * item * nn + m_pad * n_pad * dout.dtype.itemsize * nk + E * k_pad * n_pad * out_item)
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, precision=_precision(lhs.dtype)),
-        out_shape=jax.ShapeDtypeStruct((E, k_pad, n_pad), out_dtype),
+        out_shape=_out_struct((E, k_pad, n_pad), out_dtype, lhs, dout, *visits),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(visits),
             grid=(nk, nn, n_visits),
@@ -331,6 +344,24 @@ def _tgmm_call(lhs, dout, group_sizes, out_dtype, tiling, interpret):
 # Public entry points
 
 
+def _run(call, interpret, *args):
+    """call(*args, interpret): the Mosaic kernel (interpret=False), Pallas' interpreter (True), or with
+    interpret=None the kernel when lowered for TPU and the interpreter on other backends (decided at
+    lowering, so AOT compilation for a TPU topology on a CPU host still gets the TPU kernel)."""
+    if interpret is None:
+        interpreter = _interpreter(args)
+        return jax.lax.platform_dependent(*args, tpu=lambda *a: call(*a, False), default=lambda *a: call(*a, interpreter))
+    return call(*args, _interpreter(args) if interpret is True else interpret)
+
+
+def _interpreter(operands):
+    """The generic interpreter (fast), or inside a shard_map with varying operands the TPU interpreter:
+    the generic one's block-index slicing trips the varying-axes check there (jax 0.10.2)."""
+    varying = any(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
+                  or getattr(jax.typeof(x), "vma", None) for x in operands)
+    return pltpu.InterpretParams() if varying else True
+
+
 def _check_sizes(group_sizes, E: int):
     if group_sizes.ndim != 1 or group_sizes.shape[0] != E:
         raise ValueError(f"group_sizes must have shape [{E}] (one size per group), got {group_sizes.shape}")
@@ -340,7 +371,8 @@ def _check_sizes(group_sizes, E: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
-    return _gmm_call(lhs, rhs, group_sizes, out_dtype, tiling, interpret, transpose_rhs=False)
+    return _run(functools.partial(_gmm_call, out_dtype=out_dtype, tiling=tiling, transpose_rhs=False), interpret,
+                lhs, rhs, group_sizes)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
@@ -351,8 +383,9 @@ def _gmm_bwd(out_dtype, tiling, interpret, residuals, dout):
     # Cotangents come in out_dtype (fp32); the matmuls run in the operands' dtype with fp32 accumulation.
     lhs, rhs, group_sizes = residuals
     dout = dout.astype(lhs.dtype)
-    dlhs = _gmm_call(dout, rhs, group_sizes, lhs.dtype, tiling, interpret, transpose_rhs=True)
-    drhs = _tgmm_call(lhs, dout, group_sizes, rhs.dtype, tiling, interpret)
+    dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True), interpret,
+                dout, rhs, group_sizes)
+    drhs = _run(functools.partial(_tgmm_call, out_dtype=rhs.dtype, tiling=tiling), interpret, lhs, dout, group_sizes)
     return dlhs, drhs, None
 
 
@@ -360,14 +393,15 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
-        tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+        tiling: Tiling | None = None, interpret: bool | None = None) -> jax.Array:
     """Grouped matmul: lhs [M, K] rows sorted by group, rhs [E, K, N], group_sizes [E] -> [M, N].
 
     Row r of group e (the rows [sum(sizes[:e]), sum(sizes[:e+1]))) gets lhs[r] @ rhs[e]; rows past
     sum(group_sizes) get zeros. Same function as `jax.lax.ragged_dot`, differentiable (custom VJP:
     dlhs by gmm with the transposed weights, drhs by `tgmm`). Accumulates in fp32 and returns
     preferred_element_type (default lhs.dtype). tiling (tm, tk, tn): rows, contraction and output
-    column block sizes (None: `default_tiling`).
+    column block sizes (None: `default_tiling`). interpret: None runs the Mosaic kernel when lowered
+    for TPU and Pallas' interpreter elsewhere (CPU tests); True/False force one.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"gmm needs lhs [M, K] and rhs [E, K, N], got {lhs.shape} and {rhs.shape}")
@@ -379,7 +413,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_element_type=jnp.float32,
-         tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+         tiling: Tiling | None = None, interpret: bool | None = None) -> jax.Array:
     """Grouped outer product: out[e] = sum over the rows r of group e of lhs[r]^T dout[r].
 
     lhs [M, K], dout [M, N] rows sorted by group, group_sizes [E] -> [E, K, N] (empty groups: zeros;
@@ -391,18 +425,20 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_e
         raise ValueError(f"tgmm needs lhs and dout of one dtype, got {lhs.dtype} and {dout.dtype}")
     _check_sizes(group_sizes, group_sizes.shape[0] if group_sizes.ndim == 1 else -1)
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
-    return _tgmm_call(lhs, dout, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret)
+    return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=None if tiling is None else _check_tiling(tiling)),
+                interpret, lhs, dout, group_sizes)
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   row_weights: jax.Array, limit: float, *, interpret: bool = False,
+                   row_weights: jax.Array, limit: float, *, interpret: bool | None = None,
                    tiling: Tiling | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows, on the Pallas grouped matmuls (moe_impl=pallas).
 
     Same signature and function as `v4jax.moe.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
     (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
-    fp32; the SwiGLU clamp runs in fp32 between the kernels.
+    fp32; the SwiGLU clamp runs in fp32 between the kernels. interpret and tiling as for `gmm`
+    (interpret=None: the TPU kernel on TPU, the interpreter elsewhere, so moe_impl=pallas runs anywhere).
     """
     if xs.ndim != 2 or w1.shape != w3.shape or w1.shape[:2] != (w2.shape[0], xs.shape[1]) or w2.shape[1:] != (w1.shape[2], xs.shape[1]):
         raise ValueError(f"grouped_swiglu needs xs [M, d], w1/w3 [E, d, I], w2 [E, I, d]; got xs {xs.shape}, "

@@ -1,0 +1,307 @@
+"""Pallas MoE grouped matmuls (pallas_kernels/moe_dispatch.py) against the references.
+
+Numerics run the kernels in Pallas' interpreter on CPU; the last tests compile them with the real
+Mosaic compiler for TPU topologies described by libtpu (no TPU needed).
+Errors are relative to the reference's largest magnitude: fp32 <= 1e-5, bf16 <= 2e-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.moe_dispatch import (default_tiling, gmm, grouped_swiglu, make_visits, permute, tgmm,
+                                         unpermute_combine)
+from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot
+from v4jax.moe import grouped_swiglu_onehot
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+HI = jax.lax.Precision.HIGHEST
+
+# M = 70 rows (not a tile multiple), E = 5 experts. With the test tiling (16, 128, 128) and d = 160 the
+# contraction over d takes two blocks plus padding; I = 96 fits one block (whole-dim block).
+M, D, I, E = 70, 160, 96, 5
+TILING = (16, 128, 128)
+SIZES = {
+    "random": [12, 0, 25, 3, 30],
+    "one_expert": [0, 0, 70, 0, 0],
+    "empty_experts_and_unrouted_tail": [0, 20, 0, 17, 0],  # sum 37 < M: rows 37.. belong to no expert
+    "tile_aligned_boundaries": [16, 16, 0, 32, 6],
+    "no_rows_routed": [0, 0, 0, 0, 0],
+}
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def operands(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    a = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
+    xs, w1, w3, w2 = a(M, D), a(E, D, I, scale=D ** -0.5), a(E, D, I, scale=D ** -0.5), a(E, I, D, scale=I ** -0.5)
+    row_weights = jnp.asarray(rng.uniform(0.1, 1.0, M), jnp.float32)
+    return xs, w1, w3, w2, row_weights
+
+
+def ragged_dot(lhs, rhs, sizes):
+    return jax.lax.ragged_dot(lhs, rhs, sizes, precision=HI, preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Visit metadata
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_visits_cover_every_row_exactly_once_within_the_static_bound(seed):
+    rng = np.random.default_rng(seed)
+    E_, tm, m = int(rng.integers(1, 9)), 16, int(rng.integers(1, 120))
+    sizes = rng.multinomial(int(rng.integers(0, m + 1)), rng.dirichlet(np.ones(E_) * 0.3)).astype(np.int32)
+    m_pad = -(-m // tm) * tm
+    v = jax.tree.map(np.asarray, make_visits(jnp.asarray(sizes), m, m_pad, tm, tail=True, visit_empty=False))
+    count = int(v.count[0])
+    assert count <= len(v.group) == m_pad // tm + E_  # the grid's static bound holds
+    owner = np.full(m_pad, -1)
+    for g, t in zip(v.group[:count], v.tile[:count]):
+        rows = np.arange(t * tm, (t + 1) * tm)
+        mine = rows[(rows >= v.offsets[g]) & (rows < v.offsets[g + 1])]
+        assert mine.size and (owner[mine] == -1).all()
+        owner[mine] = g
+    want = np.concatenate([np.repeat(np.arange(E_), sizes), np.full(m_pad - sizes.sum(), E_)])
+    np.testing.assert_array_equal(owner, want)  # every row stored once, by its own group (E = unrouted)
+    assert (np.diff(v.group[:count]) >= 0).all() and (v.fetch_group < E_).all()
+
+
+def test_default_tiling_shrinks_the_row_tile_when_experts_get_few_rows():
+    assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16) == (128, 4096, 512)  # ~192 rows per expert
+    assert default_tiling(1 << 20, 4096, 2048, 256, jnp.bfloat16)[0] == 512
+    assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16, transposed_out=True) == (128, 1024, 1024)
+
+
+# ------------------------------------------------------------------------------------------------
+# gmm / tgmm against ragged_dot and per-group products
+
+
+_gmm_f32 = jax.jit(lambda a, b, s: gmm(a, b, s, preferred_element_type=jnp.float32, tiling=TILING))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", sorted(SIZES))
+def test_gmm_matches_ragged_dot_and_zeroes_unrouted_rows(case, dtype):
+    xs, w1, *_ = operands(dtype)
+    sizes = jnp.asarray(SIZES[case], jnp.int32)
+    got = _gmm_f32(xs, w1, sizes)
+    want = ragged_dot(xs, w1, sizes)
+    assert got.shape == (M, I) and got.dtype == jnp.float32
+    assert rel_err(got, want) <= TOL[dtype] or not np.any(np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got[int(sum(SIZES[case])):]), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tgmm_is_the_per_group_sum_of_outer_products(dtype):
+    xs, *_ = operands(dtype)
+    dout = jnp.asarray(np.random.default_rng(1).normal(size=(M, I)), dtype)
+    sizes = SIZES["empty_experts_and_unrouted_tail"]
+    got = jax.jit(lambda a, b, s: tgmm(a, b, s, tiling=TILING))(xs, dout, jnp.asarray(sizes, jnp.int32))
+    ends = np.cumsum(sizes)
+    x64, d64 = np.asarray(xs, np.float64), np.asarray(dout, np.float64)
+    want = np.stack([x64[e - s:e].T @ d64[e - s:e] for s, e in zip(sizes, ends)])
+    assert got.shape == (E, D, I)
+    assert rel_err(got, want) <= TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(got)[[0, 2, 4]], 0.0)  # experts without rows
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_gradients_match_ragged_dot(dtype):
+    xs, w1, *_ = operands(dtype)
+    sizes = jnp.asarray(SIZES["random"], jnp.int32)
+    ct = jnp.asarray(np.random.default_rng(2).normal(size=(M, I)), jnp.float32)
+    loss = lambda mm: lambda a, b: jnp.sum(mm(a, b) * ct)  # noqa: E731
+    got = jax.jit(jax.grad(loss(lambda a, b: gmm(a, b, sizes, preferred_element_type=jnp.float32, tiling=TILING)),
+                           argnums=(0, 1)))(xs, w1)
+    want = jax.grad(loss(lambda a, b: ragged_dot(a.astype(jnp.float32), b.astype(jnp.float32), sizes)),
+                    argnums=(0, 1))(xs, w1)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and rel_err(g, w) <= TOL[dtype]
+
+
+def test_gmm_rejects_bad_input_with_a_clear_error():
+    xs, w1, *_ = operands(jnp.float32)
+    sizes = jnp.asarray(SIZES["random"], jnp.int32)
+    with pytest.raises(ValueError, match="lhs \\[M, K\\] and rhs"):
+        gmm(xs, w1[:, :10], sizes)
+    with pytest.raises(ValueError, match="group_sizes must have shape"):
+        gmm(xs, w1, sizes[:3])
+    with pytest.raises(ValueError, match="tiling"):
+        gmm(xs, w1, sizes, tiling=(10, 128, 128))
+    with pytest.raises(ValueError, match="one dtype"):
+        gmm(xs, w1.astype(jnp.bfloat16), sizes)
+    with pytest.raises(ValueError, match="row_weights"):
+        grouped_swiglu(xs, sizes, w1, w1, jnp.swapaxes(w1, 1, 2), jnp.ones((3,)), 10.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped_swiglu: reference (one-hot) vs ragged_dot vs pallas
+
+
+def _fn(impl):
+    if impl == "pallas":
+        return lambda *a: grouped_swiglu(*a, 7.0, tiling=TILING)
+    return lambda *a: {"reference": grouped_swiglu_onehot, "ragged_dot": grouped_swiglu_ragged_dot}[impl](*a, 7.0)
+
+
+@functools.cache
+def _compiled(impl, mode):
+    """One jitted function per implementation; the sizes are an argument, so the cases share it."""
+    fn = _fn(impl)
+    if mode == "forward":
+        return jax.jit(fn)
+    loss = lambda x, s, a, b, c, r, ct: jnp.sum(fn(x, s, a, b, c, r) * ct)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", sorted(SIZES))
+def test_grouped_swiglu_forward_agrees_three_ways(case, dtype):
+    xs, w1, w3, w2, rw = operands(dtype)
+    args = (xs, jnp.asarray(SIZES[case], jnp.int32), w1, w3, w2, rw)
+    with jax.default_matmul_precision("highest"):
+        ref = _compiled("reference", "forward")(*args)
+        ragged = _compiled("ragged_dot", "forward")(*args)
+    got = _compiled("pallas", "forward")(*args)
+    assert got.shape == (M, D) and got.dtype == jnp.float32
+    routed = int(sum(SIZES[case]))
+    np.testing.assert_array_equal(np.asarray(got[routed:]), 0.0)
+    if routed:
+        assert rel_err(got, ref) <= TOL[dtype] and rel_err(ragged, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["random", "one_expert", "empty_experts_and_unrouted_tail", "tile_aligned_boundaries"])
+def test_grouped_swiglu_gradients_match_the_references(case, dtype):
+    xs, w1, w3, w2, rw = operands(dtype, seed=3)
+    ct = jnp.asarray(np.random.default_rng(4).normal(size=(M, D)), jnp.float32)
+    args = (xs, jnp.asarray(SIZES[case], jnp.int32), w1, w3, w2, rw, ct)
+    with jax.default_matmul_precision("highest"):
+        ref, ragged = _compiled("reference", "grad")(*args), _compiled("ragged_dot", "grad")(*args)
+    got = _compiled("pallas", "grad")(*args)
+    for name, g, r, rd in zip(("dxs", "dw1", "dw3", "dw2", "drow_weights"), got, ref, ragged):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        assert rel_err(g, r) <= TOL[dtype], (name, rel_err(g, r))
+        assert rel_err(rd, r) <= TOL[dtype], (name, "ragged_dot", rel_err(rd, r))
+    routed = int(sum(SIZES[case]))
+    np.testing.assert_array_equal(np.asarray(got[0][routed:]), 0.0)  # unrouted rows get no gradient
+
+
+def test_unrouted_rows_holding_nan_do_not_leak_into_outputs_or_gradients():
+    xs, w1, w3, w2, rw = operands(jnp.float32)
+    sizes = jnp.asarray(SIZES["empty_experts_and_unrouted_tail"], jnp.int32)
+    xs = xs.at[40:].set(jnp.nan)  # rows past sum(sizes) = 37, some inside the tile shared with expert 3
+    fn = lambda x, a, b, c: jnp.sum(grouped_swiglu(x, sizes, a, b, c, rw, 7.0, tiling=TILING) ** 2)  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(xs, w1, w3, w2)
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads[1:])
+    assert np.isfinite(np.asarray(grads[0][:37])).all() and not np.any(np.asarray(grads[0][40:]))
+
+
+def test_default_tiling_path_and_the_permutation_helpers_reproduce_the_dropless_layer():
+    rng = np.random.default_rng(5)
+    N, k = 23, 2
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    experts = jnp.asarray(rng.integers(0, E, (N, k)), jnp.int32)
+    w = jnp.asarray(rng.uniform(size=(N, k)), jnp.float32)
+    _, w1, w3, w2, _ = operands(jnp.float32)
+    xs, sizes, order = permute(x, experts, E)
+    y = unpermute_combine(grouped_swiglu(xs, sizes, w1, w3, w2, w.reshape(-1)[order], 7.0), order, N, k)
+    want = np.zeros((N, D))
+    for n in range(N):
+        for j in range(k):
+            e = int(experts[n, j])
+            h = jax.nn.silu(jnp.minimum(x[n] @ w1[e], 7.0)) * jnp.clip(x[n] @ w3[e], -7.0, 7.0)
+            want[n] += float(w[n, j]) * np.asarray(h @ w2[e], np.float64)
+    assert rel_err(y, want) <= 1e-5
+
+
+def test_runs_per_device_on_local_experts_inside_shard_map():
+    devices = jax.devices()[:2]
+    if len(devices) < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.sharding.Mesh(np.array(devices), ("expert",))
+    P = jax.sharding.PartitionSpec
+    rng = np.random.default_rng(6)
+    E2, Mloc = 4, 32  # 2 local experts and 32 (partly unrouted) rows per device
+    xs = jnp.asarray(rng.normal(size=(2 * Mloc, D)), jnp.float32)
+    sizes = jnp.asarray([10, 15, 0, 20], jnp.int32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E2, D, I)) * D ** -0.5, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E2, I, D)) * I ** -0.5, jnp.float32)
+    rw = jnp.ones((2 * Mloc,), jnp.float32)
+    specs = (P("expert"), P("expert"), P("expert"), P("expert"), P("expert"), P("expert"))
+    got = jax.jit(jax.shard_map(lambda *a: grouped_swiglu(*a, 7.0, tiling=TILING), mesh=mesh, in_specs=specs,
+                                out_specs=P("expert")))(xs, sizes, w1, w3, w2, rw)
+    for dev in range(2):
+        sl, el = slice(dev * Mloc, (dev + 1) * Mloc), slice(2 * dev, 2 * dev + 2)
+        with jax.default_matmul_precision("highest"):
+            want = grouped_swiglu_onehot(xs[sl], sizes[el], w1[el], w3[el], w2[el], rw[sl], 7.0)
+        assert rel_err(got[sl], want) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Real Mosaic compilation for TPU topologies (no TPU needed).
+
+
+def _topology(name):
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed")
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
+        pytest.skip(f"TPU topology {name} unavailable: {e}")
+
+
+def compile_for_tpu(topology, fn, shapes):
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(_topology(topology).devices[:1], ("x",)),
+                                          jax.sharding.PartitionSpec())
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _swiglu_shapes(m, d, i, e, dtype):
+    return [((m, d), dtype), ((e,), jnp.int32), ((e, d, i), dtype), ((e, d, i), dtype), ((e, i, d), dtype),
+            ((m,), jnp.float32)]
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_mosaic_compiles_forward_and_backward_for_tpu(topology, dtype):
+    fwd = lambda *a: grouped_swiglu(*a, 10.0)  # noqa: E731 - default tiling, whole-contraction blocks
+    bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))
+    for fn in (fwd, bwd):
+        compiled = compile_for_tpu(topology, fn, _swiglu_shapes(1024, 512, 256, 8, dtype))
+        hlo = compiled.as_text()
+        assert "tpu_custom_call" in hlo and "moe_gmm" in hlo  # the Mosaic kernels, not the interpreter
+        if fn is bwd:
+            assert "moe_gmm_t" in hlo and "moe_tgmm" in hlo
+        assert compiled.cost_analysis()["flops"] > 0
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_mosaic_compiles_small_unaligned_dims_and_padded_tiles(topology):
+    fwd = lambda *a: grouped_swiglu(*a, 10.0, tiling=(16, 128, 128))  # noqa: E731
+    bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))
+    compile_for_tpu(topology, bwd, _swiglu_shapes(M, D, I, E, jnp.bfloat16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2", "v5e:2x2"])
+@pytest.mark.parametrize("shape", [(8192 * 6, 4096, 2048, 256), (4096 * 6, 7168, 3072, 384)], ids=["flash", "pro"])
+def test_mosaic_compiles_at_the_released_expert_shapes(topology, shape):
+    fwd = lambda *a: grouped_swiglu(*a, 10.0)  # noqa: E731
+    bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))
+    compiled = compile_for_tpu(topology, bwd, _swiglu_shapes(*shape, jnp.bfloat16))
+    assert "moe_tgmm" in compiled.as_text()
