@@ -40,5 +40,5 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     if ctx is None:
         return x
     mesh, rules = ctx
-    spec = rules.spec(logical_axes, x.shape, mesh, what="activation")
+    spec = rules.spec(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

@@ -50,7 +50,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
     ep = math.prod(mesh.shape[a] for a in ep_axes)
     if E % ep:
         raise ShardingError(f"{E} routed experts do not divide over mesh axes {ep_axes} of size {ep}")
-    token_spec = rules.spec(("batch", "seq", None), x.shape, mesh, what="activation")
+    token_spec = rules.spec(("batch", "seq", None), x.shape, mesh)
     token_axes = tuple(a for entry in token_spec for a in ((entry,) if isinstance(entry, str) else (entry or ())))
     split_tokens = all(a in token_axes for a in ep_axes)
     if not split_tokens and any(a in token_axes for a in ep_axes):

@@ -33,7 +33,8 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: AxisRules)
                 raise ShardingError(f"{_path_name(path)}: a {len(shape)}-d variable without logical_axes")
             spec = PartitionSpec()
         else:
-            spec = rules.spec(axes, shape, mesh, what=_path_name(path))
+            matrix = sum(a != "layers" for a in axes) > 1
+            spec = rules.spec(axes, shape, mesh, what=_path_name(path), strict=isinstance(var, nnx.Param) and matrix)
         sharding = NamedSharding(mesh, spec)
         return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
 
@@ -74,7 +75,11 @@ def shard_module(module, mesh: jax.sharding.Mesh, rules: AxisRules):
 def data_sharding(mesh: jax.sharding.Mesh, rules: AxisRules, shape: tuple[int, ...],
                   logical_axes: tuple[str | None, ...] = ("batch", "seq")) -> NamedSharding:
     """Sharding of an input batch (token ids [B, T]); errors when B or T does not divide."""
-    return NamedSharding(mesh, rules.spec(logical_axes, shape, mesh, what="input batch"))
+    spec = rules.spec(logical_axes, shape, mesh, what="input batch")
+    if spec[0] is None and any(mesh.shape[a] > 1 for a in rules.mesh_axes(logical_axes[0]) if a in mesh.shape):
+        raise ShardingError(f"input batch of {shape[0]} sequences does not split over the batch axes "
+                            f"{rules.mesh_axes(logical_axes[0])} of mesh {dict(mesh.shape)}")
+    return NamedSharding(mesh, spec)
 
 
 def host_local_to_global(local: Any, mesh: jax.sharding.Mesh, rules: AxisRules, global_shape: tuple[int, ...],

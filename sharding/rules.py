@@ -102,16 +102,20 @@ class AxisRules:
             raise ShardingError(f"unknown logical axis {logical!r}; the rules table knows {list(LOGICAL_AXES)}") from None
 
     def spec(self, logical_axes: Iterable[str | None], shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
-             what: str = "parameter") -> PartitionSpec:
+             what: str = "activation", strict: bool = False) -> PartitionSpec:
         """PartitionSpec for a tensor of `shape` named `logical_axes` on `mesh`.
 
-        what="parameter" (or a parameter path) raises ShardingError when a dimension does not divide;
-        what="activation" leaves such a dimension unsplit on the offending axes instead."""
+        Dimensions take their mesh axes in order, skipping an axis already used by an earlier
+        dimension or one that does not divide the dimension (a later dimension may take it instead:
+        the embedding's vocabulary 129280 splits over fsdp=8 and its width over expert=64).
+        strict=True (matrix parameters): every mesh axis the rules ask for must land on some
+        dimension, else ShardingError naming `what`: a matrix silently replicated over an axis meant
+        to split it is the memory blow-up the table exists to prevent."""
         logical_axes = tuple(logical_axes)
         if len(logical_axes) != len(shape):
             raise ShardingError(f"{what}: {len(logical_axes)} logical axes {logical_axes} for shape {shape}")
         used: set[str] = set()
-        vector = sum(n != "layers" for n in logical_axes) == 1  # a vector, possibly stacked over layers
+        requested: list[str] = []
         out = []
         for name, size in zip(logical_axes, shape):
             if name is None:
@@ -122,17 +126,19 @@ class AxisRules:
                 if ax not in mesh.shape:
                     raise ShardingError(f"rules {self.name!r} map {name!r} to mesh axis {ax!r}, which the mesh "
                                         f"{dict(mesh.shape)} does not have")
-                if ax in used or mesh.shape[ax] == 1:
+                if mesh.shape[ax] == 1:
                     continue
-                if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[ax]):
-                    if what == "activation" or vector:
-                        continue  # activations and vectors (norms, sinks, biases) stay whole instead
-                    raise ShardingError(
-                        f"{what}: dimension {name!r} of size {size} does not divide over mesh axes "
-                        f"{tuple(axes) + (ax,)} of sizes {tuple(mesh.shape[a] for a in axes) + (mesh.shape[ax],)}")
+                requested.append(ax)
+                if ax in used or size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[ax]):
+                    continue
                 axes.append(ax)
             used.update(axes)
             out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+        missing = [a for a in dict.fromkeys(requested) if a not in used]
+        if strict and missing:
+            dims = ", ".join(f"{n}={s}" for n, s in zip(logical_axes, shape))
+            raise ShardingError(f"{what}: mesh axes {tuple(missing)} of sizes {tuple(mesh.shape[a] for a in missing)} "
+                                f"divide none of its dimensions ({dims}) that the rules {self.name!r} allow")
         return PartitionSpec(*out)
 
 

@@ -232,7 +232,8 @@ def test_bad_meshes_and_rules_fail_before_compiling():
         get_rules("fsdp", embedding=("fsdp",))
     cfg = small_cfg(dim=100)  # 100 does not split over 8
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    with pytest.raises(ShardingError, match=r"dimension 'embed' of size 100 does not divide over mesh axes \('fsdp',\)"):
+    with pytest.raises(ShardingError, match=r"embed.embedding: mesh axes \('fsdp',\) of sizes \(8,\) divide none of its "
+                                            r"dimensions \(vocab=512, embed=100\)"):
         state_shardings(nnx.state(abstract), make_mesh("fsdp=8"), get_rules("fsdp", vocab=()))
     with pytest.raises(ShardingError, match=r"6 routed experts do not divide over mesh axes \('expert',\) of size 4"):
         expert_parallel.expert_parallel_ffn(

@@ -30,7 +30,7 @@ class Compressor(nnx.Module):
         kappa = 2 if overlap else 1
         self.wkv = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
         self.wgate = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
-        self.ape = param(rngs, (ratio, kappa * width), (None, "compress_width"), jnp.float32, init="zeros")
+        self.ape = param(rngs, (ratio, kappa * width), (None, None), jnp.float32, init="zeros")  # small: replicated
         self.norm = RMSNorm(width, norm_eps, "head_dim", rngs=rngs)
         self.width, self.ratio, self.overlap = width, ratio, overlap
 

@@ -1,0 +1,436 @@
+"""Ahead-of-time dry run of a v4jax step on a TPU topology, on a machine without TPUs.
+
+    python -m sharding.dryrun --config v4-flash --topology v5p:8x8x8 --rules fsdp_ep \
+        [--mode train|prefill|decode] [--batch B] [--seq S] [--mesh fsdp=64,expert=8] \
+        [--num-slices N --dcn data=N] [--json OUT]
+
+Compiles the step with libtpu for the topology's devices (jax.experimental.topologies) and reports,
+per device: argument / output / temporary bytes from the compiled memory analysis against the chip's
+HBM; FLOPs and HBM bytes from the compiled cost analysis; bytes moved by collectives (summed from the
+compiled HLO); and a roofline estimate of the step time (the slowest of compute, HBM traffic and ICI
+traffic) with the MFU it implies for the model FLOPs (6 N_active per token for training, 2 N_active for
+inference, plus attention). When the step does not fit, it says so and names the biggest buffers
+(exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
+
+train: forward + backward + AdamW update (fp32 master weights and moments, bf16 compute, full remat).
+prefill: forward over the prompt, logits of the last position (bf16 weights).
+decode: one token against a cache of --seq positions (needs the inference cache, v4jax.generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sharding.chips import Chip, chip_for
+from sharding.context import use_mesh_rules
+from sharding.mesh import describe, make_mesh
+from sharding.partition import data_sharding, state_shardings
+from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
+from v4jax.config import AttentionKind, Remat, V4Config
+from v4jax.model import Transformer
+
+
+class DoesNotFit(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Report:
+    config: str
+    topology: str
+    chip: str
+    devices: int
+    mesh: str
+    rules: str
+    mode: str
+    batch: int
+    seq: int
+    compile_seconds: float
+    argument_bytes: int  # per device
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    peak_bytes: int  # argument + output + temp - alias
+    hbm_bytes: float  # per device
+    fits: bool
+    flops_per_device: float  # compiled cost analysis x scan correction
+    flops_per_device_text: float  # compiled cost analysis as XLA reports it (each loop body once)
+    scan_correction: float
+    hbm_traffic_per_device: float  # compiled cost analysis "bytes accessed"
+    collective_bytes_per_device: float  # summed over collective ops in the compiled HLO
+    model_flops: float  # analytic, whole step, all devices
+    step_time_s: float  # roofline estimate
+    bound: str  # compute | memory | collectives
+    mfu: float
+    tokens: int
+    biggest_buffers: list[tuple[str, int]]
+
+    def table(self) -> str:
+        g = 2**30
+        rows = [
+            ("config / mode", f"{self.config} / {self.mode}  (batch {self.batch} x seq {self.seq} = {self.tokens} tokens)"),
+            ("topology", f"{self.topology}: {self.devices} devices ({self.chip}), mesh {self.mesh}, rules {self.rules}"),
+            ("compile time", f"{self.compile_seconds:.0f} s"),
+            ("per-device memory", f"args {self.argument_bytes / g:.2f} GiB + out {self.output_bytes / g:.2f} GiB + temp "
+                                  f"{self.temp_bytes / g:.2f} GiB - aliased {self.alias_bytes / g:.2f} GiB = "
+                                  f"{self.peak_bytes / g:.2f} GiB of {self.hbm_bytes / g:.1f} GiB HBM "
+                                  f"({'fits' if self.fits else 'DOES NOT FIT'})"),
+            ("compiled FLOPs / device", f"{self.flops_per_device:.3e} (XLA counts each scanned body once: "
+                                        f"{self.flops_per_device_text:.3e} x {self.scan_correction:.2f})"),
+            ("HBM traffic / device", f"{self.hbm_traffic_per_device / g:.2f} GiB"),
+            ("collective bytes / device", f"{self.collective_bytes_per_device / g:.2f} GiB"),
+            ("model FLOPs (all devices)", f"{self.model_flops:.3e}"),
+            ("roofline step time", f"{self.step_time_s * 1e3:.1f} ms ({self.bound}-bound)"),
+            ("MFU at that step time", f"{100 * self.mfu:.1f}%"),
+            ("biggest buffers / device", ", ".join(f"{n} {b / g:.2f} GiB" for n, b in self.biggest_buffers[:5])),
+        ]
+        w = max(len(r[0]) for r in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+def tpu_devices(topology: str, num_slices: int = 1):
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit(f"jax.experimental.topologies unavailable: {e}")
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
+    except Exception as e:  # libtpu missing or an unknown topology name
+        raise SystemExit(f"cannot build TPU topology {topology!r}: {str(e).splitlines()[0]} "
+                         f"(install libtpu with: pip install 'jax[tpu]')")
+
+
+def default_mesh(rules: str, cfg: V4Config, n: int) -> str:
+    """A sensible mesh for a preset on n devices: experts over the largest power of two dividing both
+    n and E (capped at 64), tensor 4 for fsdp_tp_ep, context 4 for long_context, fsdp the rest."""
+    def pow2_gcd(a, b, cap):
+        g = math.gcd(a, b)
+        return min(1 << (g.bit_length() - 1) if g & (g - 1) else g, cap)
+
+    if rules == "fsdp":
+        return "fsdp=-1"
+    ep = pow2_gcd(n, cfg.n_routed_experts, 64)
+    if rules == "fsdp_ep":
+        return f"expert={ep},fsdp=-1"
+    if rules == "fsdp_tp_ep":
+        tp = 4 if n % 4 == 0 else 1
+        return f"tensor={tp},expert={pow2_gcd(n // tp, cfg.n_routed_experts, 64)},fsdp=-1"
+    cp = 4 if n % 4 == 0 else 1
+    return f"context={cp},expert={pow2_gcd(n // cp, cfg.n_routed_experts, 64)},fsdp=-1"
+
+
+def active_params(cfg: V4Config, abstract_state) -> tuple[int, int]:
+    """(total parameters, parameters active per token: routed experts count k of E; the embedding
+    table is a lookup and does not count)."""
+    total = active = 0
+    for path, var in nnx.to_flat_state(abstract_state):
+        n = int(np.prod(var.shape))
+        total += n
+        names = [str(p) for p in path]
+        if "embed" in names and "embedding" in names:
+            continue
+        if "experts" in names and names[-1] in ("w1", "w2", "w3"):
+            n = n * cfg.n_activated_experts // cfg.n_routed_experts
+        if "tid2eid" in names or "bias" in names:
+            continue
+        active += n
+    return total, active
+
+
+def attention_flops_per_token(cfg: V4Config, context: int) -> float:
+    """Forward FLOPs of the core attention of one token at position ~context (QK and PV products),
+    summed over layers: window + (CSA: top-k entries | HCA: all context/m' entries)."""
+    per_key = 4 * cfg.n_heads * cfg.head_dim
+    total = 0.0
+    for kind in cfg.layer_types:
+        keys = min(cfg.window_size, context)
+        if kind is AttentionKind.CSA:
+            keys += min(cfg.index_topk, context // cfg.csa_ratio)
+            total += 2 * cfg.index_n_heads * cfg.index_head_dim * (context // cfg.csa_ratio)  # indexer scores
+        elif kind is AttentionKind.HCA:
+            keys += context // cfg.hca_ratio
+        total += per_key * keys
+    return total
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                         r"ragged-all-to-all)(-start)?\(")
+_SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|s8|u8|pred|f8e4m3fn|f8e5m2|s64|u64|f64)\[([0-9,]*)\]")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1,
+          "f8e5m2": 1, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        total += _BYTES[dtype] * (math.prod(int(d) for d in dims.split(",") if d) if dims else 1)
+    return total
+
+
+def collective_bytes(hlo_text: str) -> float:
+    """Bytes produced by collective ops in a compiled (per-device) HLO module, loop bodies counted
+    once per known trip count."""
+    comps = _split_computations(hlo_text)
+    trips = _trip_counts(hlo_text, comps)
+    total = 0.0
+    for name, body in comps.items():
+        mult = trips.get(name, 1)
+        for m in _COLLECTIVE.finditer(body):
+            if m.group(3):  # async start: its tuple holds the operand and the result; count the result
+                total += mult * max((_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))), default=0)
+            else:
+                total += mult * _shape_bytes(m.group(1))
+    return total
+
+
+def _split_computations(hlo_text: str) -> dict[str, str]:
+    comps, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if m and not line.startswith(" "):
+            if name:
+                comps[name] = "\n".join(lines)
+            name, lines = m.group(2), []
+        elif name:
+            lines.append(line)
+    if name:
+        comps[name] = "\n".join(lines)
+    return comps
+
+
+def _trip_counts(hlo_text: str, comps: dict[str, str]) -> dict[str, int]:
+    """Computation name -> how many times it runs per step: while bodies run their trip count (the
+    s32 constant their condition compares against), called computations inherit their caller's."""
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for parent, body in comps.items():
+        for line in body.splitlines():
+            w = re.search(r"\swhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
+            if w:
+                consts = re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", comps.get(w.group(1), ""))
+                calls.setdefault(parent, []).append((w.group(2), int(consts[0]) if len(consts) == 1 else 1))
+                continue
+            for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+                calls.setdefault(parent, []).append((callee, 1))
+    mult: dict[str, int] = {}
+    called = {c for v in calls.values() for c, _ in v}
+
+    def visit(comp, factor, depth=0):
+        for child, n in calls.get(comp, []):
+            mult[child] = mult.get(child, 0) + factor * n
+            if depth < 50:
+                visit(child, factor * n, depth + 1)
+
+    for root in comps:
+        if root not in called:
+            mult[root] = 1
+            visit(root, 1)
+    return mult
+
+
+def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
+    """XLA's cost analysis counts a while-loop body once; v4jax scans each stage's unit `repeats`
+    times. Ratio of the analytic FLOPs of the whole model to those of its program text (each unit
+    once, plus everything outside the stages), used to scale the compiled FLOPs and bytes."""
+    from v4jax.model import layer_schedule
+
+    stages = layer_schedule(tuple(zip(cfg.layer_types, cfg.router_types)))
+    outside, per_unit = 0.0, {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        names = [str(p) for p in path]
+        n = float(np.prod(var.shape))
+        if names[-1] in ("w1", "w2", "w3") and "experts" in names:
+            n *= cfg.n_activated_experts / cfg.n_routed_experts
+        if "embedding" in names or "tid2eid" in names:
+            continue
+        if names[0] == "stages":
+            s = int(names[1])
+            per_unit[s] = per_unit.get(s, 0.0) + 2 * n / stages[s][1]  # one repeat's worth
+        else:
+            outside += 2 * n
+    attn = {k: attention_flops_per_token(cfg.replace(n_layers=1, layer_types=(k,), router_types=cfg.router_types[:1]), seq)
+            for k in set(cfg.layer_types)}
+    text = outside + sum(per_unit[s] + sum(attn[a] for a, _ in unit) for s, (unit, _) in enumerate(stages))
+    full = outside + sum(r * (per_unit[s] + sum(attn[a] for a, _ in unit)) for s, (unit, r) in enumerate(stages))
+    return full / text
+
+
+# ------------------------------------------------------------------------------------------------
+def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules):
+    """(jitted step, abstract args with shardings, argument names) for the mode."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
+    tok_sh = data_sharding(mesh, rules, (batch, seq)) if mode != "decode" else None
+
+    def spec_of(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    names = {}
+    for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(p_sh)):
+        names[".".join(map(str, path))] = _per_device_bytes(var.shape, var.dtype, sh.get_value(), mesh)
+
+    def loss_fn(params, rest, tokens):
+        out = nnx.merge(graphdef, params, rest)(tokens)
+        logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+        loss = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        if out.mtp_logits is not None:
+            mlogp = jax.nn.log_softmax(out.mtp_logits[:, :-1], axis=-1)
+            loss += 0.3 * -jnp.mean(jnp.take_along_axis(mlogp, tokens[:, 2:, None], axis=-1))
+        return loss
+
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)
+    if mode == "train":
+        import optax
+
+        tx = optax.adamw(1e-4, weight_decay=0.1)
+        opt = jax.eval_shape(tx.init, params)
+        opt_sh = jax.tree.map(lambda o: p_sh if isinstance(o, nnx.State) else
+                              jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), o),
+                              opt, is_leaf=lambda o: isinstance(o, nnx.State))
+        for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(p_sh)):
+            names["adam moments of " + ".".join(map(str, path))] = 2 * _per_device_bytes(
+                var.shape, jnp.float32, sh.get_value(), mesh)
+
+        def step(params, rest, opt_state, tokens):
+            with use_mesh_rules(mesh, rules):
+                loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+        fn = jax.jit(step, in_shardings=(p_sh, r_sh, opt_sh, tok_sh), out_shardings=(p_sh, opt_sh, None),
+                     donate_argnums=(0, 2))
+        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), spec_of(opt, opt_sh), tokens), names
+    if mode == "prefill":
+        def step(params, rest, tokens):
+            with use_mesh_rules(mesh, rules):
+                return nnx.merge(graphdef, params, rest)(tokens, with_mtp=False).logits[:, -1]
+
+        fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
+        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names
+    if mode == "decode":
+        try:
+            from v4jax import generate  # the inference cache (issue 7)
+        except ImportError:
+            raise SystemExit("decode dry runs need the inference cache (v4jax.generate), which is not in this tree yet")
+        return generate.dryrun_decode(cfg, graphdef, params, rest, p_sh, r_sh, batch, seq, mesh, rules, names)
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
+    n = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+    for entry in sharding.spec:
+        for ax in (entry,) if isinstance(entry, str) else (entry or ()):
+            n //= mesh.shape[ax]
+    return n
+
+
+def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
+            seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
+            rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True) -> Report:
+    chip = chip_for(topology)
+    if isinstance(config, V4Config):
+        cfg, config_name = config, "custom"
+    else:
+        cfg, config_name = V4Config.preset(config), config
+    serving = mode != "train"
+    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
+                      remat=Remat(remat) if remat else (Remat.NONE if serving else Remat.FULL),
+                      max_seq_len=max(cfg.max_seq_len, seq + 1),
+                      n_mtp_layers=0 if serving else cfg.n_mtp_layers)
+    devices = tpu_devices(topology, num_slices)
+    rules = get_rules(rules_name, **(rule_overrides or {}))
+    mesh_spec = mesh_spec or default_mesh(rules_name, cfg, len(devices) // max(num_slices, 1))
+    mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
+    if batch is None:  # one sequence per device along the token-splitting axes
+        batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
+    fn, args, names = build(cfg, mode, batch, seq, mesh, rules)
+    t0 = time.time()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hlo = compiled.as_text()
+    arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias = mem.alias_size_in_bytes
+    peak = arg + out + tmp - alias
+    hbm = chip.hbm_per_device
+    tokens = batch * seq if mode != "decode" else batch
+    abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    correction = scan_correction(cfg, abstract_state, seq)
+    flops_text = float(cost.get("flops", 0.0))
+    flops, traffic = flops_text * correction, float(cost.get("bytes accessed", 0.0)) * correction
+    coll = collective_bytes(hlo)
+    _, n_active = active_params(cfg, abstract_state)
+    per_token = 2 * n_active + attention_flops_per_token(cfg, seq if mode != "train" else seq // 2)
+    model_flops = tokens * per_token * (3 if mode == "train" else 1)
+    per_dev_peak, per_dev_bw, per_dev_ici = (chip.bf16_flops / chip.devices_per_chip,
+                                             chip.hbm_bandwidth / chip.devices_per_chip,
+                                             chip.ici_bandwidth / chip.devices_per_chip)
+    times = {"compute": flops / per_dev_peak, "memory": traffic / per_dev_bw, "collectives": coll / per_dev_ici}
+    bound = max(times, key=times.get)
+    step = times[bound]
+    mfu = model_flops / (len(devices) * per_dev_peak * step) if step > 0 else 0.0
+    biggest = sorted(names.items(), key=lambda kv: -kv[1])
+    biggest = [("temporaries (activations, gradients, collectives)", tmp)] + biggest if tmp > (biggest[0][1] if biggest else 0) else biggest + [("temporaries", tmp)]
+    biggest = sorted(biggest, key=lambda kv: -kv[1])[:8]
+    report = Report(config_name, topology, chip.name, len(devices), describe(mesh), rules_name, mode, batch, seq,
+                    compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
+                    bound, mfu, tokens, biggest)
+    if require_fit and not report.fits:
+        raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
+                         f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
+                         "buffers per device: " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:5]))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sharding.dryrun", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="v4-flash", help="preset name or a config.json path")
+    p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
+    p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, long_context")
+    p.add_argument("--rule", default="", help="overrides, e.g. experts=expert+fsdp,vocab=")
+    p.add_argument("--mode", default="train", choices=["train", "prefill", "decode"])
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: one sequence per device)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mesh", default=None, help="axis sizes, e.g. expert=8,fsdp=-1 (default per rules preset)")
+    p.add_argument("--num-slices", type=int, default=1)
+    p.add_argument("--dcn", default=None, help="axis sizes across slices, e.g. data=2")
+    p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    a = p.parse_args(argv)
+    config: Any = V4Config.from_json_file(a.config) if os.path.isfile(a.config) else a.config
+    try:
+        report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
+                         num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat)
+    except (ShardingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except DoesNotFit as e:
+        print(f"does not fit: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dataclasses.asdict(report), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The TPU dry run on a small topology: compiles with libtpu on this CPU machine, report is sane."""
+
+import json
+
+import pytest
+
+from sharding import dryrun
+from sharding.chips import CHIPS, chip_for
+from v4jax.config import AttentionKind, RouterKind, V4Config
+
+pytest.importorskip("libtpu", reason="libtpu (pip install 'jax[tpu]') is needed for TPU dry runs")
+
+
+def small():
+    return V4Config.preset("tiny", n_layers=2, layer_types=(AttentionKind.SLIDING, AttentionKind.CSA),
+                           router_types=(RouterKind.HASH, RouterKind.LEARNED), n_mtp_layers=0, max_seq_len=64)
+
+
+def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
+    r = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32)
+    assert r.devices == 4 and r.mesh == "expert=4" and r.batch == 4 and r.tokens == 128
+    assert r.fits and 0 < r.peak_bytes < r.hbm_bytes == CHIPS["v5p"].hbm_bytes
+    assert r.argument_bytes > 0 and r.temp_bytes > 0
+    assert r.flops_per_device > 0 and r.hbm_traffic_per_device > 0 and r.collective_bytes_per_device > 0
+    # analytic model FLOPs and compiled FLOPs agree to within the overheads (remat, attention, routing)
+    assert 0.3 < r.model_flops / (r.devices * r.flops_per_device) < 3
+    assert r.step_time_s > 0 and 0 < r.mfu <= 1 and r.bound in ("compute", "memory", "collectives")
+    assert "does" not in r.table() and "roofline step time" in r.table()
+
+
+def test_dry_run_refuses_a_model_that_does_not_fit_and_names_the_biggest_buffers(monkeypatch):
+    import dataclasses
+
+    tiny_chip = dataclasses.replace(CHIPS["v5p"], hbm_bytes=1e6)  # pretend the chip has 1 MB of HBM
+    monkeypatch.setitem(CHIPS, "v5p", tiny_chip)
+    with pytest.raises(dryrun.DoesNotFit, match=r"does not fit on v5p:2x2x1 .* biggest buffers per device: .*GiB"):
+        dryrun.dry_run(small(), "v5p:2x2x1", "fsdp", mode="prefill", seq=32)
+
+
+def test_command_line_errors_are_one_line_and_precede_compilation(capsys, tmp_path):
+    assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--rules", "fsdp", "--mesh", "fsdp=8"]) == 1
+    assert "asks for 8 devices, but only 4 exist" in capsys.readouterr().err
+    assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--rules", "zero3"]) == 1
+    assert "unknown rules preset 'zero3'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no chip figures for TPU generation 'v9'"):
+        chip_for("v9:2x2")
+
+
+def test_collective_bytes_counts_loop_bodies_by_trip_count():
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(5)
+  ROOT %lt = pred[]{:T(512)} compare(%g, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ar = f32[8]{0} all-reduce(%x), channel_id=1, to_apply=%add
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  %ag = bf16[2,4]{1,0:T(8,128)} all-gather(%y), dimensions={0}
+  %s = (bf16[4]{0}, bf16[16]{0}) all-gather-start(%z), dimensions={0}
+  %d = bf16[16]{0} all-gather-done(%s)
+}
+"""
+    assert dryrun.collective_bytes(hlo) == 5 * 32 + 16 + 32  # loop body x 5, plain gather, async gather result
