@@ -110,31 +110,36 @@ class _Plan:
 # ----------------------------------------------------------------------------------------------
 # Block ranges (used both in index maps and in kernels; all int32 scalar arithmetic).
 
+def _div(a, b: int):
+    """a // b for a >= 0 (truncating division: Mosaic lowers it directly, floor division it does not)."""
+    return jax.lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
+
+
 def _window_block(p: _Plan, i, j):
     """Key block for query block i at window step j, and whether that step holds any window key."""
-    first = jnp.maximum(i * p.bq - p.window + 1, 0) // p.bk
-    last = (i * p.bq + p.bq - 1) // p.bk
+    first = _div(jnp.maximum(i * p.bq - p.window + 1, 0), p.bk)
+    last = _div(i * p.bq + p.bq - 1, p.bk)
     return jnp.minimum(first + j, last), (first + j <= last) & (j < p.n_window_steps)
 
 
 def _hca_block(p: _Plan, i, j):
     """Compressed block for query block i at step j (HCA part starts after the window steps)."""
-    visible = jnp.minimum((i * p.bq + p.bq) // p.ratio, p.N)  # entries the block's last query sees
-    n_blocks = (visible + p.bk - 1) // p.bk
+    visible = jnp.minimum(_div(i * p.bq + p.bq, p.ratio), p.N)  # entries the block's last query sees
+    n_blocks = _div(visible + p.bk - 1, p.bk)
     jc = j - p.n_window_steps
     return jnp.clip(jc, 0, jnp.maximum(n_blocks - 1, 0)), (jc >= 0) & (jc < n_blocks)
 
 
 def _window_query_block(p: _Plan, kb, j):
     """Query block at step j of the key-major pass over window key block kb."""
-    first = kb * p.bk // p.bq
-    last = jnp.minimum((kb * p.bk + p.bk + p.window - 2) // p.bq, p.nQ - 1)
+    first = _div(kb * p.bk, p.bq)
+    last = jnp.minimum(_div(kb * p.bk + p.bk + p.window - 2, p.bq), p.nQ - 1)
     return jnp.minimum(first + j, last), first + j <= last
 
 
 def _hca_query_block(p: _Plan, cb, j):
     """Query block at step j of the key-major pass over compressed block cb (first viewer onwards)."""
-    first = ((cb * p.bk + 1) * p.ratio - 1) // p.bq  # query (s + 1) * ratio - 1 is the first to see entry s
+    first = _div((cb * p.bk + 1) * p.ratio - 1, p.bq)  # query (s + 1) * ratio - 1 is the first to see entry s
     return jnp.clip(first + j, 0, p.nQ - 1), first + j <= p.nQ - 1
 
 
@@ -163,6 +168,12 @@ def _logits(p: _Plan, q2, keys, mask):
 # ----------------------------------------------------------------------------------------------
 # CSA gather: one DMA per selected row, HBM -> VMEM.
 
+def _rows_for_dma(comp):
+    """[B, N, c] -> [B, N, 1, c]: each entry its own (1, c) tile, so a DMA may start at any entry
+    (Mosaic rejects row offsets that are not a multiple of the 8-row tile)."""
+    return comp.reshape(comp.shape[0], comp.shape[1], 1, comp.shape[2])
+
+
 def _start_gather(p: _Plan, comp_hbm, idx_smem, b, t, buf, sem, slot):
     def body(u, carry):
         n = jnp.maximum(idx_smem[0, t, u], 0)  # empty slots fetch row 0 (masked later)
@@ -190,7 +201,7 @@ def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, fn):
             _start_gather(p, comp_hbm, idx_smem, b, t + 1, buf, sem, 1 - slot)
 
         _wait_gather(p, comp_hbm, buf, sem, slot)
-        fn(t, buf[slot])
+        fn(t, buf[slot].reshape(p.k, p.c))
         return carry
 
     jax.lax.fori_loop(0, p.bq, body, 0)
@@ -405,8 +416,8 @@ def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
         in_specs += [pl.BlockSpec((1, p.bq, p.k), idx_block),
                      pl.BlockSpec((1, p.bq, p.k), idx_block, memory_space=pltpu.SMEM),
                      pl.BlockSpec(memory_space=pl.ANY)]
-        args += [idx, idx, comp]
-        scratch += [pltpu.VMEM((2, p.k, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))]
+        args += [idx, idx, _rows_for_dma(comp)]
+        scratch += [pltpu.VMEM((2, p.k, 1, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))]
         vmem += 2 * p.k * p.c * comp.dtype.itemsize + 3 * p.bh * p.k * 4
     return pl.pallas_call(
         functools.partial(_forward_kernel, p=p),
@@ -487,10 +498,10 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, idx, comp):
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct((p.B, q.shape[1], p.k, p.c), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((p.rows, 1), jnp.float32), pltpu.VMEM((p.rows, 1), jnp.float32),
-                        pltpu.VMEM((2, p.k, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))],
+                        pltpu.VMEM((2, p.k, 1, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))],
         compiler_params=_compiler_params(p, ("parallel", "parallel"), vmem),
         interpret=p.interpret,
-    )(q, do, lse, delta, idx, idx, comp)
+    )(q, do, lse, delta, idx, idx, _rows_for_dma(comp))
 
 
 def _csa_backward(p: _Plan, q, do, lse, delta, idx, comp):
