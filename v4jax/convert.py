@@ -61,6 +61,18 @@ def _ocp():
     return ocp
 
 
+def _bound_heap():
+    """Serve every allocation of 1 MiB or more by mmap, so a freed tensor's memory goes back to the OS.
+    glibc otherwise raises its mmap threshold after the first large free and serves later tensors
+    from the heap, which then keeps the high-water mark of all of them (measured: peak RSS growth of
+    a 420 MiB conversion 264 -> 139 MiB). No-op where mallopt is unavailable."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -342,6 +354,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ConvertError("source and target are the same directory")
     dtype_name = DTYPE_NAMES[dtype]
+    _bound_heap()
     source = _open_source(src, np.dtype(getattr(ml_dtypes, dtype_name, None) or dtype_name), batch_bytes)
     if fmt == "orbax":
         if source.kind == "orbax":

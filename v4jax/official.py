@@ -32,6 +32,7 @@ import json
 import os
 import re
 import struct
+import weakref
 import zlib
 from typing import Iterable, Iterator
 
@@ -228,12 +229,33 @@ def output_dtype(entry_format: Format, stored_dtype: np.dtype, dtype) -> np.dtyp
     return dtype
 
 
+_DATA_START: "weakref.WeakKeyDictionary[TensorFile, tuple[int, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _read_copy(tf: TensorFile, key: str) -> np.ndarray:
+    """One tensor read into fresh memory with a plain file read. Reading through the TensorFile's
+    memory map would leave every touched page of the file resident (and counted in RSS) for as long
+    as the file stays open; a copy is freed with the tensor, which keeps the reader's memory at one
+    tensor however large the checkpoint."""
+    if tf not in _DATA_START:  # the header was validated by TensorFile; only offsets needed here
+        with open(tf.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            _DATA_START[tf] = (8 + n, json.loads(f.read(n)))
+    start, header = _DATA_START[tf]
+    begin, end = header[key]["data_offsets"]
+    dt = tf.dtype(key)
+    a = np.fromfile(tf.path, dtype=np.uint8, count=end - begin, offset=start + begin)
+    if a.size != end - begin:
+        raise ReleaseError(f"{tf.path}: tensor {key!r} is truncated")
+    return a.view(dt).reshape(tf.shape(key))
+
+
 def read_tensor(entry: ReleaseTensor, dtype=ml_dtypes.bfloat16) -> np.ndarray:
     """The de-quantised tensor of one entry (see `output_dtype`)."""
     out = output_dtype(entry.format, entry.stored_dtype, dtype)
-    w = entry.file[entry.key]
+    w = _read_copy(entry.file, entry.key)
     if entry.stored in (Format.FP8, Format.FP4):
-        s = entry.scale_file[entry.scale_key]
+        s = _read_copy(entry.scale_file, entry.scale_key)
         kind = "fp8" if entry.stored is Format.FP8 else "fp4"
         bad = quant.count_nonfinite_codes(w, s, kind)
         if bad:
