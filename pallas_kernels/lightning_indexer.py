@@ -38,6 +38,9 @@ from v4jax.indexer import select_topk as _reference_select_topk
 
 SUBLANES = 8  # fp32/int32 vreg sublanes: the number of independent running lists per query
 _SENTINEL = jnp.iinfo(jnp.int32).max
+_HEAD_GROUP = 16  # heads per q load: one bf16 (16, 128) tile row group, no relayout of q in HBM
+_MAX_BLOCK_K = 4096  # entries merged per grid step (k = 512: the cheapest sort work per entry)
+_SCORE_ROWS = 512  # entries scored per inner step: the fp32 accumulator [512, 128] is 64 vregs
 
 
 def select_topk_reference(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512) -> jax.Array:
@@ -225,7 +228,7 @@ def _merge_sublanes(buf_v, buf_i, kp: int):
 # Kernel
 
 
-def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, buf_i, new_v, new_i, *,
+def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, buf_i, new_v, new_i, q_heads, *,
                     n_heads: int, head_dim: int, block_k: int, kp: int, precision):
     qb, kb = pl.program_id(1), pl.program_id(2)
     lanes = buf_v.shape[-1]
@@ -234,21 +237,39 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
     def _init():
         buf_v[...] = jnp.full(buf_v.shape, -jnp.inf, jnp.float32)
         buf_i[...] = jnp.full(buf_i.shape, _SENTINEL, jnp.int32)
+        # q arrives [block_q, n_I, c_I] (heads on sublanes); put it head-major once per query block so
+        # that every key block reads q_h as one aligned [block_q, c_I] tile.
+        group = _HEAD_GROUP if n_heads % _HEAD_GROUP == 0 else n_heads
+
+        def relayout(g, carry):
+            first = pl.multiple_of(g * group, group)
+            q_g = q_ref[0, :, pl.ds(first, group), :]  # [block_q, group, c_I]
+            for h in range(group):
+                q_heads[first + h] = q_g[:, h, :]
+            return carry
+
+        jax.lax.fori_loop(0, n_heads // group, relayout, 0)
 
     @pl.when(kb < nblocks_ref[qb])
     def _score_and_merge():
-        keys = k_ref[0]  # [block_k, c_I]
+        sub = min(block_k, _SCORE_ROWS)
 
-        def head(h, acc):
-            q_h = q_ref[0, :, pl.ds(pl.multiple_of(h * head_dim, head_dim), head_dim)]  # [block_q, c_I]
-            dots = jax.lax.dot_general(keys, q_h, (((1,), (1,)), ((), ())), precision=precision,
-                                       preferred_element_type=jnp.float32)  # [block_k, block_q]
-            return acc + w_ref[0, pl.ds(h, 1), :] * jnp.maximum(dots, 0.0)
+        def score_rows(r, carry):
+            rows = pl.ds(pl.multiple_of(r * sub, sub), sub)
+            keys = k_ref[0, rows, :]  # [sub, c_I]
 
-        scores = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((block_k, lanes), jnp.float32))
-        entry = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, lanes), 0)
-        new_v[...] = jnp.where(entry < vis_ref[...], scores, -jnp.inf)  # spec §4.6 visibility
-        new_i[...] = entry
+            def head(h, acc):
+                dots = jax.lax.dot_general(keys, q_heads[h], (((1,), (1,)), ((), ())), precision=precision,
+                                           preferred_element_type=jnp.float32)  # [sub, block_q]
+                return acc + w_ref[0, pl.ds(h, 1), :] * jnp.maximum(dots, 0.0)
+
+            scores = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((sub, lanes), jnp.float32))
+            entry = kb * block_k + r * sub + jax.lax.broadcasted_iota(jnp.int32, (sub, lanes), 0)
+            new_v[rows] = jnp.where(entry < vis_ref[...], scores, -jnp.inf)  # spec §4.6 visibility
+            new_i[rows] = entry
+            return carry
+
+        jax.lax.fori_loop(0, block_k // sub, score_rows, 0)
         _merge_block(buf_v, buf_i, new_v, new_i, kp, block_k // SUBLANES)
 
     @pl.when(kb == pl.num_programs(2) - 1)
@@ -256,6 +277,10 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
         _merge_sublanes(buf_v, buf_i, kp)
         top = buf_i[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, block_q]
         out_ref[0] = jnp.transpose(jnp.where(top < vis_ref[...], top, -1))  # [block_q, kp]
+
+
+def _default_block_k(kp: int, n_entries: int) -> int:
+    return SUBLANES * min(kp, _MAX_BLOCK_K // SUBLANES, _pow2(-(-n_entries // SUBLANES)))
 
 
 def _pow2(n: int) -> int:
@@ -269,7 +294,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [T] -> int32 [B, T, min(topk, N)], -1 = empty.
     `chunk` is accepted for signature compatibility and unused (block_q plays its role).
     block_q: queries per grid step (multiple of 128). block_k: entries scored per step (8 * a power
-    of two, at most 8 * next_pow2(k); default min(8 * next_pow2(k), 4096)).
+    of two, at most 8 * next_pow2(k); default: that bound, at most 4096, and no more than N needs).
     """
     del chunk
     if q.ndim != 4 or w.ndim != 3 or keys.ndim != 3 or positions.ndim != 1:
@@ -289,7 +314,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         return jnp.zeros((B, T, k), jnp.int32)
     kp = _pow2(k)
     if block_k is None:
-        block_k = min(SUBLANES * kp, 4096)
+        block_k = _default_block_k(kp, N)
     m = block_k // SUBLANES
     if block_k % SUBLANES or m & (m - 1) or m > kp:
         raise ValueError(f"block_k must be 8 * a power of two <= 8 * next_pow2(k) = {SUBLANES * kp}, got {block_k}")
@@ -302,7 +327,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     vis = jnp.pad(vis, (0, t_pad - T))  # padded queries see nothing
     nblocks = (vis.reshape(n_q, block_q).max(axis=1) + block_k - 1) // block_k  # key blocks worth scoring
 
-    q2 = jnp.pad(q.reshape(B, T, H * C), ((0, 0), (0, t_pad - T), (0, 0)))
+    q4 = jnp.pad(q, ((0, 0), (0, t_pad - T), (0, 0), (0, 0)))
     wt = jnp.pad(jnp.swapaxes(w.astype(jnp.float32), 1, 2), ((0, 0), (0, 0), (0, t_pad - T)))  # [B, n_I, T]
     kk = jnp.pad(keys.astype(q.dtype), ((0, 0), (0, n_pad - N), (0, 0)))
     fp32 = jnp.dtype(q.dtype) == jnp.float32
@@ -320,7 +345,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         grid=(B, n_q, n_k),
         in_specs=[
             pl.BlockSpec((1, block_q), lambda b, i, j, nb: (0, i)),
-            pl.BlockSpec((1, block_q, H * C), lambda b, i, j, nb: (b, i, 0)),
+            pl.BlockSpec((1, block_q, H, C), lambda b, i, j, nb: (b, i, 0, 0)),
             pl.BlockSpec((1, H, block_q), lambda b, i, j, nb: (b, 0, i)),
             pl.BlockSpec((1, block_k, C), key_block),
         ],
@@ -328,7 +353,8 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         scratch_shapes=[pltpu.VMEM((SUBLANES * kp, block_q), jnp.float32),  # running top-kp per sublane
                         pltpu.VMEM((SUBLANES * kp, block_q), jnp.int32),
                         pltpu.VMEM((block_k, block_q), jnp.float32),  # the key block being merged
-                        pltpu.VMEM((block_k, block_q), jnp.int32)],
+                        pltpu.VMEM((block_k, block_q), jnp.int32),
+                        pltpu.VMEM((H, block_q, C), q.dtype)],  # q of the query block, head-major
     )
     out = pl.pallas_call(
         kernel,
@@ -339,7 +365,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         cost_estimate=pl.CostEstimate(flops=cost['flops'], transcendentals=0,
                                       bytes_accessed=cost['bytes']),
         interpret=interpret,
-    )(nblocks.astype(jnp.int32), vis[None, :], q2, wt, kk)
+    )(nblocks.astype(jnp.int32), vis[None, :], q4, wt, kk)
     return out[:, :T, :k]  # [B, T, k], best first
 
 
@@ -349,8 +375,8 @@ def _vmem_limit(kp: int, block_q: int, block_k: int, n_heads: int, head_dim: int
     item = jnp.dtype(dtype).itemsize
     blocks = 2 * (block_q * n_heads * head_dim * item + block_k * head_dim * item + n_heads * block_q * 4
                   + block_q * 4 + kp * block_q * 4)
-    scratch = 2 * SUBLANES * kp * block_q * 4 + 2 * block_k * block_q * 4
-    temps = 3 * block_k * block_q * 4
+    scratch = 2 * SUBLANES * kp * block_q * 4 + 2 * block_k * block_q * 4 + n_heads * block_q * head_dim * item
+    temps = 3 * min(block_k, _SCORE_ROWS) * block_q * 4 + block_q * _HEAD_GROUP * head_dim * item
     return int(min(max(1.25 * (blocks + scratch + temps) + (2 << 20), 16 << 20), 64 << 20))
 
 
@@ -368,7 +394,7 @@ def cost_estimate(B: int, T: int, N: int, n_heads: int, head_dim: int, ratio: in
     """
     k = min(topk, N)
     kp = _pow2(k)
-    block_k = block_k or min(SUBLANES * kp, 4096)
+    block_k = block_k or _default_block_k(kp, N)
     m = block_k // SUBLANES
     n_q = -(-T // block_q)
     steps = sum(-(-min((min((i + 1) * block_q, T)) // ratio, N) // block_k) for i in range(n_q))
