@@ -332,6 +332,23 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     raise SystemExit(f"unknown mode {mode!r}")
 
 
+def _activation_buffers(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules) -> list[tuple[str, int]]:
+    """The large per-device activation buffers of one step, by formula (for the does-not-fit report)."""
+    from sharding.expert_parallel import expert_axes
+
+    split = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") + rules.mesh_axes("seq") if a in mesh.shape)
+    n = max(1, batch * seq // split)  # tokens per device
+    out = [("logits (fp32) of one step", n * cfg.vocab_size * 4)]
+    ep = math.prod(mesh.shape[a] for a in expert_axes(mesh, rules)) if expert_axes(mesh, rules) else 1
+    if ep > 1:
+        rows = ep * min(n, cfg.moe_dispatch_chunk) * cfg.n_activated_experts
+        out.append(("expert-parallel receive buffer per layer (dropless worst case)", rows * cfg.dim * 2))
+        out.append(("routed-expert hidden [rows, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
+    out.append(("residual streams per layer (kept for backward)" if mode == "train" else "residual streams",
+                n * cfg.hc_mult * cfg.dim * 2))
+    return out
+
+
 def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
     n = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
     for entry in sharding.spec:
@@ -361,7 +378,16 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
     fn, args, names = build(cfg, mode, batch, seq, mesh, rules)
     t0 = time.time()
-    compiled = fn.lower(*args).compile()
+    try:
+        compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler itself refuses programs that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:5] + _activation_buffers(cfg, mode, batch, seq, mesh, rules)
+        biggest.sort(key=lambda kv: -kv[1])
+        raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: the TPU compiler "
+                         f"reports {str(e).split('RESOURCE_EXHAUSTED: ')[-1].strip()} Biggest buffers per device: "
+                         + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:6])) from None
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -11,7 +11,8 @@ sequence axes) and E/ep experts. Two regimes, chosen by where the tokens live:
   its local experts on the rows routed to them and the partial outputs are summed over the axes.
 
 Dropless: no row is ever dropped. With static shapes this means the receive buffer has room for the
-worst case, every row of every sender on one device: ep x n x min(k, E_local) rows. On TPU/GPU the rows
+worst case, every row of every sender on one device: ep x n x k rows for n tokens per device; the
+tokens go in rounds of `chunk` (a scan), so the buffer is ep x chunk x k rows. On TPU/GPU the rows
 travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all, so there
 fixed-size per-destination blocks go through `all_to_all`. The local grouped matmul only computes the
 real rows' groups (rows past the last group give zeros). Tensor parallelism inside an expert (the
@@ -41,9 +42,11 @@ def _flat(axes: tuple[str, ...]):
 
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
-                        w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules) -> jax.Array:
+                        w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules,
+                        chunk: int = 1024) -> jax.Array:
     """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
-    [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32."""
+    [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32. `chunk`: tokens per device per
+    all-to-all round (the worst-case receive buffer is ep x chunk x k rows)."""
     B, T, d = x.shape
     E = w1.shape[0]
     ep_axes = expert_axes(mesh, rules)
@@ -72,9 +75,23 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
         x = x.reshape(n, d)
         flat = experts.reshape(n * k)
         rank = jax.lax.axis_index(ep_axes)
-        if split_tokens:
-            y_sorted, order = _exchange(x, flat, weights.reshape(n * k), w1, w3, w2, ffn, ep_axes, ep, E_loc,
-                                        min(k, E_loc), ragged)
+        if split_tokens:  # rounds of at most `chunk` tokens bound the worst-case buffers
+            nc = min(chunk, n)
+            rounds = -(-n // nc)
+            pad = rounds * nc - n
+            xc = jnp.pad(x, ((0, pad), (0, 0))).reshape(rounds, nc, d)
+            ec = jnp.concatenate([experts.reshape(n, k), jnp.broadcast_to(jnp.arange(k, dtype=experts.dtype), (pad, k))]
+                                 ).reshape(rounds, nc, k)
+            wc = jnp.pad(weights.reshape(n, k), ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
+
+            def one_round(_, args):
+                xr, er, wr = args
+                y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), w1, w3, w2, ffn, ep_axes, ep, E_loc,
+                                            ragged)
+                return None, jnp.zeros((nc, d), jnp.float32).at[order // k].add(y_sorted)
+
+            _, out = jax.lax.scan(jax.checkpoint(one_round), None, (xc, ec, wc))
+            out = out.reshape(rounds * nc, d)[:n]
         else:  # tokens replicated over the expert axes: local experts only, partial sums
             # mark the replicated inputs as per-device values explicitly, so their gradients are
             # summed over the expert axes (the transpose of this cast is a psum)
@@ -85,7 +102,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             order = jnp.argsort(key, stable=True)
             sizes = jnp.sum(jax.nn.one_hot(key, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
             y_sorted = ffn(x[order // k], sizes, w1, w3, w2, weights.reshape(n * k)[order])
-        out = jnp.zeros((n, d), jnp.float32).at[order // k].add(y_sorted)
+            out = jnp.zeros((n, d), jnp.float32).at[order // k].add(y_sorted)
         reduce = tp_axes + (() if split_tokens else ep_axes)
         if reduce:
             out = jax.lax.psum(out, reduce)
@@ -95,12 +112,13 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
     return fn(x, experts, weights, w1, w3, w2)
 
 
-def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, per_token: int, ragged: bool):
+def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, ragged: bool):
     """All-to-all dispatch of this device's rows to their experts' devices and back.
     Returns (outputs of the sorted rows [n*k, d] fp32, the sort order of the rows)."""
     n, d = x.shape
     nk = flat.shape[0]
-    C = n * per_token  # worst case rows from one sender to one receiver
+    C = nk  # worst case rows from one sender to one receiver (every choice of every token; a hash
+    # table may repeat an expert within a row, so k rather than min(k, E_local))
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
     s_exp = flat[order]
     dest = s_exp // E_loc

@@ -155,7 +155,7 @@ def _routing(pattern, N, k, E, rng):
                                                     ("expert=8", "fsdp_ep", 1),  # batch 1: tokens replicated, psum
                                                     ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4)])
 def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch):
-    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3, moe_dispatch_chunk=5)  # 12 tokens/device: 3 rounds
     experts = Experts(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(3)
     T = 12

@@ -87,6 +87,7 @@ class V4Config:
       disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
       dtype compute dtype; param_dtype storage dtype of parameters;
       attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
+      moe_dispatch_chunk tokens per device per expert-parallel all-to-all round (memory knob);
       remat, attention_impl, moe_impl: implementation choices (enums above; never change the math);
       bos_token_id, eos_token_id carried through config.json.
     """
@@ -130,6 +131,7 @@ class V4Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_chunk: int = 512
+    moe_dispatch_chunk: int = 1024
     remat: Remat = Remat.NONE
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE
     moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
@@ -177,7 +179,7 @@ class V4Config:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
                      "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "index_topk",
                      "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult",
-                     "hc_sinkhorn_iters", "max_seq_len", "attention_chunk"):
+                     "hc_sinkhorn_iters", "max_seq_len", "attention_chunk", "moe_dispatch_chunk"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         need(len(self.layer_types) == self.n_layers,

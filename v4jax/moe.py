@@ -88,7 +88,7 @@ class Experts(nnx.Module):
         self.w1 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
-        self.limit, self.impl = cfg.swiglu_limit, cfg.moe_impl
+        self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, cfg.moe_impl, cfg.moe_dispatch_chunk
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
@@ -99,7 +99,7 @@ class Experts(nnx.Module):
         if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
             k = routing.experts.shape[-1]
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
-                                       w1, w3, w2, ffn, *ctx)
+                                       w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk)
         E, k = w1.shape[0], routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
