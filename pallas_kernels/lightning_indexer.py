@@ -8,8 +8,9 @@ How the [T, N] score matrix is avoided. The grid is (batch, query block, key blo
 axis is a reduction. For one query block (queries on the 128 lanes) the kernel scores one key block
 at a time in VMEM and merges it into a running top-k kept in VMEM scratch, so memory is
 O(block_q * k) per core, independent of N. Key blocks past the last entry any query of the block can
-see are skipped (their DMA too, through a scalar-prefetched block count), which halves the work for
-causal prefill.
+see are skipped (their DMA too, through a scalar-prefetched block count), which about halves the work
+of a long causal prefill (the granularity is block_k entries). q is read in its own [T, n_I, c_I]
+layout and copied head-major into VMEM once per query block, so XLA adds no relayout copy of q.
 
 The running top-k is 8 independent sorted lists, one per sublane: key row r of a block goes to
 sublane r % 8. Every sorting step is then a compare-exchange between whole vregs along the leading
@@ -63,22 +64,27 @@ def _beats(v1, i1, v2, i2):
     return (v1 > v2) | ((v1 == v2) & (i1 < i2))
 
 
-def _exchange(va, ia, vb, ib, flip):
-    """Compare-exchange: the first output gets the winner, or the loser where `flip`."""
-    win = _beats(va, ia, vb, ib) != flip(va.shape)
-    return jnp.where(win, va, vb), jnp.where(win, ia, ib), jnp.where(win, vb, va), jnp.where(win, ib, ia)
+def _exchange(va, ia, vb, ib, descending: bool, flip=None):
+    """Compare-exchange: the first output gets the winner if descending, the loser otherwise; `flip`
+    (a bool mask or None) reverses that where True."""
+    win = _beats(va, ia, vb, ib)
+    if flip is not None:
+        win = win != flip
+    winner = (jnp.where(win, va, vb), jnp.where(win, ia, ib))
+    loser = (jnp.where(win, vb, va), jnp.where(win, ib, ia))
+    return (*winner, *loser) if descending else (*loser, *winner)
 
 
-def _flipper(static: bool, dynamic, sub_flip):
-    """flip(shape) -> bool mask: static direction XOR a scalar (or None) XOR a per-sublane [8, lanes] mask."""
-    def flip(shape):
-        f = jnp.full(shape, static, jnp.bool_)
-        if dynamic is not None:
-            f = f != (jnp.full(shape, dynamic, jnp.int32) != 0)
-        if sub_flip is not None:
-            f = f != jnp.broadcast_to(sub_flip, (*shape[:-2], shape[-2] // SUBLANES, *sub_flip.shape)).reshape(shape)
-        return f
-    return flip
+def _flip_mask(shape, dynamic, sub_flip):
+    """Direction reversals: a traced scalar (block parity; None: absent) XOR a per-sublane [8, lanes]
+    mask (None: absent) -> bool mask of `shape`, or None."""
+    mask = None
+    if dynamic is not None:
+        mask = jnp.full(shape, dynamic, jnp.int32) != 0
+    if sub_flip is not None:
+        sub = jnp.broadcast_to(sub_flip, (*shape[:-2], shape[-2] // SUBLANES, *sub_flip.shape)).reshape(shape)
+        mask = sub if mask is None else mask != sub
+    return mask
 
 
 def _chunk_stage(v, i, length: int, dist: int, block: int, descending: bool, dynamic, sub_flip):
@@ -88,16 +94,17 @@ def _chunk_stage(v, i, length: int, dist: int, block: int, descending: bool, dyn
     if block >= length:
         shape = (length // (2 * dist), 2, rows, lanes)
         vv, ii = v.reshape(shape), i.reshape(shape)
-        flip = _flipper(not descending, dynamic, sub_flip)
-        va, ia, vb, ib = _exchange(vv[:, 0], ii[:, 0], vv[:, 1], ii[:, 1], flip)
+        flip = _flip_mask(vv[:, 0].shape, dynamic, sub_flip)
+        va, ia, vb, ib = _exchange(vv[:, 0], ii[:, 0], vv[:, 1], ii[:, 1], descending, flip)
         v, i = jnp.stack([va, vb], axis=1), jnp.stack([ia, ib], axis=1)
     else:
         shape = (length // (2 * block), 2, block // (2 * dist), 2, rows, lanes)
         vv, ii = v.reshape(shape), i.reshape(shape)
         halves_v, halves_i = [], []
         for d in (0, 1):
-            flip = _flipper(descending == (d == 1), dynamic, sub_flip)
-            va, ia, vb, ib = _exchange(vv[:, d, :, 0], ii[:, d, :, 0], vv[:, d, :, 1], ii[:, d, :, 1], flip)
+            flip = _flip_mask(vv[:, d, :, 0].shape, dynamic, sub_flip)
+            va, ia, vb, ib = _exchange(vv[:, d, :, 0], ii[:, d, :, 0], vv[:, d, :, 1], ii[:, d, :, 1],
+                                       descending if d == 0 else not descending, flip)
             halves_v.append(jnp.stack([va, vb], axis=2))
             halves_i.append(jnp.stack([ia, ib], axis=2))
         v, i = jnp.stack(halves_v, axis=1), jnp.stack(halves_i, axis=1)
@@ -117,7 +124,8 @@ def _far_stage(v_ref, i_ref, base: int, length: int, dist: int, block: int, desc
         start = (u >> (per_group.bit_length() - 1)) * (2 * dist) + (u & (per_group - 1)) * _CHUNK
         a, b = _rows(base + start, _CHUNK), _rows(base + start + dist, _CHUNK)
         dynamic = (start & block) if block < length else None
-        out = _exchange(v_ref[a], i_ref[a], v_ref[b], i_ref[b], _flipper(not descending, dynamic, sub_flip))
+        flip = _flip_mask((_CHUNK * SUBLANES, v_ref.shape[-1]), dynamic, sub_flip)
+        out = _exchange(v_ref[a], i_ref[a], v_ref[b], i_ref[b], descending, flip)
         v_ref[a], i_ref[a], v_ref[b], i_ref[b] = out
         return carry
 
