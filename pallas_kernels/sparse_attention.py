@@ -169,9 +169,30 @@ def _logits(p: _Plan, q2, keys, mask):
 # CSA gather: one DMA per selected row, HBM -> VMEM.
 
 def _rows_for_dma(comp):
-    """[B, N, c] -> [B, N, 1, c]: each entry its own (1, c) tile, so a DMA may start at any entry
-    (Mosaic rejects row offsets that are not a multiple of the 8-row tile)."""
-    return comp.reshape(comp.shape[0], comp.shape[1], 1, comp.shape[2])
+    """[B, N, c] -> [B, N, 1, w] 32-bit words: each entry its own (1, w) tile, so one DMA can fetch any
+    single entry (Mosaic only DMAs whole (8, 128) tiles of a [N, c] array). bf16 entries are packed
+    two to a uint32 word, column j with column j + c/2, so the gathered block is dense 32-bit data
+    (re-tiling packed bf16 rows is slow) and unpacks with two bit operations."""
+    B, N, c = comp.shape
+    if comp.dtype == jnp.float32:
+        return comp.reshape(B, N, 1, c)
+    bits = jax.lax.bitcast_convert_type(comp, jnp.uint16).astype(jnp.uint32)
+    return (bits[..., : c // 2] | (bits[..., c // 2:] << 16)).reshape(B, N, 1, c // 2)
+
+
+def _gather_buffer(p: _Plan, dtype):
+    width = p.c if dtype == jnp.float32 else p.c // 2
+    return pltpu.VMEM((2, p.k, 1, width), jnp.float32 if dtype == jnp.float32 else jnp.uint32)
+
+
+def _unpack_rows(p: _Plan, words, dtype):
+    """[k, 1, w] gathered words -> [k, c] entries in `dtype` (inverse of `_rows_for_dma`)."""
+    words = words.reshape(p.k, words.shape[-1])
+    if dtype == jnp.float32:
+        return words
+    low = jax.lax.bitcast_convert_type(words << 16, jnp.float32)  # bf16 -> fp32 is a 16-bit shift
+    high = jax.lax.bitcast_convert_type(words & jnp.uint32(0xFFFF0000), jnp.float32)
+    return jnp.concatenate([low, high], axis=1).astype(dtype)
 
 
 def _start_gather(p: _Plan, comp_hbm, idx_smem, b, t, buf, sem, slot):
@@ -189,7 +210,7 @@ def _wait_gather(p: _Plan, comp_hbm, buf, sem, slot):
     jax.lax.fori_loop(0, p.k, body, 0)
 
 
-def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, fn):
+def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, dtype, fn):
     """fn(t, rows [k, c]) for each query t of the block, with the next query's rows in flight."""
     _start_gather(p, comp_hbm, idx_smem, b, 0, buf, sem, 0)
 
@@ -201,7 +222,7 @@ def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, fn):
             _start_gather(p, comp_hbm, idx_smem, b, t + 1, buf, sem, 1 - slot)
 
         _wait_gather(p, comp_hbm, buf, sem, slot)
-        fn(t, buf[slot].reshape(p.k, p.c))
+        fn(t, _unpack_rows(p, buf[slot], dtype))
         return carry
 
     jax.lax.fori_loop(0, p.bq, body, 0)
@@ -264,7 +285,7 @@ def _forward_kernel(*refs, p: _Plan):
                 mask = idx_ref[0, pl.ds(t, 1), :] >= 0  # [1, k]
                 s = _logits(p, q_ref[0, t], entries, mask)
                 _online_update(m_ref, l_ref, acc_ref, s, entries, rows)
-            _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, one_query)
+            _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, q_ref.dtype, one_query)
         o_ref[0] = (acc_ref[...] / l_ref[...]).reshape(p.bq, p.bh, p.c).astype(o_ref.dtype)
         lse_ref[0, 0] = (m_ref[...] + jnp.log(l_ref[...])).T
 
@@ -368,7 +389,7 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, idx_ref, idx_smem, c
             jax.lax.dot_general(ds.astype(q_t.dtype), q_t, _TN, preferred_element_type=jnp.float32) * p.scale
             + jax.lax.dot_general(probs.astype(do_t.dtype), do_t, _TN, preferred_element_type=jnp.float32))
 
-    _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, one_query)
+    _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, q_ref.dtype, one_query)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +438,7 @@ def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
                      pl.BlockSpec((1, p.bq, p.k), idx_block, memory_space=pltpu.SMEM),
                      pl.BlockSpec(memory_space=pl.ANY)]
         args += [idx, idx, _rows_for_dma(comp)]
-        scratch += [pltpu.VMEM((2, p.k, 1, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))]
+        scratch += [_gather_buffer(p, comp.dtype), pltpu.SemaphoreType.DMA((2,))]
         vmem += 2 * p.k * p.c * comp.dtype.itemsize + 3 * p.bh * p.k * 4
     return pl.pallas_call(
         functools.partial(_forward_kernel, p=p),
@@ -498,7 +519,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, idx, comp):
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct((p.B, q.shape[1], p.k, p.c), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((p.rows, 1), jnp.float32), pltpu.VMEM((p.rows, 1), jnp.float32),
-                        pltpu.VMEM((2, p.k, 1, p.c), comp.dtype), pltpu.SemaphoreType.DMA((2,))],
+                        _gather_buffer(p, comp.dtype), pltpu.SemaphoreType.DMA((2,))],
         compiler_params=_compiler_params(p, ("parallel", "parallel"), vmem),
         interpret=p.interpret,
     )(q, do, lse, delta, idx, idx, _rows_for_dma(comp))
@@ -590,8 +611,10 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
     B, T, H, c = q.shape
     if kv.shape != (B, T, c) or sinks.shape != (H,):
         raise ValueError(f"inconsistent shapes: q {q.shape}, kv {kv.shape}, sinks {sinks.shape}")
-    if kv.dtype != q.dtype:
-        raise ValueError(f"q and kv must share a dtype, got {q.dtype} and {kv.dtype}")
+    if kv.dtype != q.dtype or q.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"q and kv must share a dtype, float32 or bfloat16; got {q.dtype} and {kv.dtype}")
+    if c % 2:
+        raise ValueError(f"head dim c must be even (bf16 entries are gathered in pairs), got {c}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     N = k = 0
