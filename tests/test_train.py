@@ -1,0 +1,319 @@
+"""train.py / v4jax.train_loop: losses, gradient check, resume exactness (kill -9), SIGTERM, NaN skip,
+corrupt-checkpoint fallback, overfitting, bad inputs, two processes = one.
+
+Runs use a two-layer variant of the tiny preset (SWA+hash, CSA; MTP on) on a small text file; the
+subprocess runs share one persistent compilation cache so only the first one compiles.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax import losses
+from v4jax.data import DataError
+from v4jax.layers import Buffer
+from v4jax.model import Transformer
+from v4jax.moe import RoutingStats
+from v4jax.optim import flat_params
+from v4jax.train_loop import (Checkpointer, TrainingStopped, load_config, make_loss, make_setup, nan_step_array,
+                              read_metrics, train)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ['model.n_layers=2', 'model.layer_types=["sliding_attention", "compressed_sparse_attention"]',
+               'model.router_types=["hash_moe", "moe"]', 'model.vocab_size=264', 'model.max_seq_len=64']
+
+
+def small_overrides(tmp, data, **kw):
+    base = {"seq_len": 32, "batch_size": 4, "steps": 12, "ckpt_every": 4, "log_every": 1, "warmup_steps": 2,
+            "decay_steps": 4, "lr": 3e-3, "progress": False, "tensorboard": False, "plot": False,
+            "async_checkpoints": False, "run_dir": str(tmp), "data": str(data), "num_devices": 1}
+    base.update(kw)
+    return SMALL_MODEL + [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~60 KB of Python source: plenty of rows of 33 tokens, no dependence on the whole stdlib."""
+    import json as j, random as r, os as o
+    d = tmp_path_factory.mktemp("data")
+    text = "".join(open(m.__file__).read() for m in (j.decoder, j.encoder, r, o))[:60000]
+    path = d / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def cli(args, env_extra=None, devices=1):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses_of(path):
+    return {s: r["loss"] for s, r in read_metrics(str(path)).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and bad inputs (no compile)
+
+def test_config_file_and_overrides_compose(tmp_path):
+    cfgfile = tmp_path / "c.toml"
+    cfgfile.write_text('preset = "tiny"\n[model]\ndim = 64\n[optim]\nlr = 1e-3\nsteps = 7\n')
+    tc = load_config(str(cfgfile), ["steps=9", "model.n_heads=2", 'rules="fsdp_ep"', "nan_steps=[3]"])
+    assert tc.steps == 9 and tc.lr == 1e-3 and tc.rules == "fsdp_ep" and tc.nan_steps == (3,)
+    cfg = tc.model_config()
+    assert cfg.dim == 64 and cfg.n_heads == 2 and cfg.param_dtype == "float32"
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['stepz'\]"):
+        load_config(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="must be int"):
+        load_config(None, ["steps=abc"])
+    with pytest.raises(ValueError, match="is not key=value"):
+        load_config(None, ["steps"])
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        load_config(None, ["model.param_dtype=\"bfloat16\""]).model_config()
+
+
+@pytest.mark.parametrize("override,match", [
+    ('data="/nonexistent/corpus.txt"', "data path '/nonexistent/corpus.txt' does not exist"),
+    ('tokenizer="{bad}"', "cannot read tokenizer"),
+    ('tokenizer="/nonexistent/tokenizer.json"', "tokenizer file '/nonexistent/tokenizer.json' does not exist"),
+    ("seq_len=100", r"seq_len 100 must be in \[2, max_seq_len=64\]"),
+    ('mesh="fsdp=16"', "asks for 16 devices, but only 8 exist"),
+    ("batch_size=6", "does not split over the batch axes|does not divide"),
+    ("model.vocab_size=200", "has 258 ids but the model's vocab_size is 200"),
+])
+def test_bad_inputs_fail_with_a_clear_error_before_any_compile(tmp_path, corpus, override, match, monkeypatch):
+    bad_tok = tmp_path / "tokenizer.json"
+    bad_tok.write_text("{not json")
+    override = override.replace("{bad}", str(bad_tok))
+    tc = load_config(None, small_overrides(tmp_path / "run", corpus, mesh="fsdp=4,expert=2", batch_size=8,
+                                           num_devices=0) + [override])
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before validating the inputs")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
+    with pytest.raises(ValueError, match=match):
+        train(tc, log=lambda s: None)
+
+
+def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path):
+    p = cli(["steps=3", f"run_dir={json.dumps(str(tmp_path))}", 'data="/no/such/dir"'])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2, out[-2000:]
+    assert "error: data path '/no/such/dir' does not exist" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+def test_balance_loss_matches_the_spec_formula():
+    rng = np.random.default_rng(0)
+    L, B, E, k, T = 3, 2, 8, 2, 16
+    load = rng.integers(0, 5, (L, B, E)).astype(np.float32)
+    P = rng.dirichlet(np.ones(E), (L, B)).astype(np.float32)
+    got = losses.balance_loss(RoutingStats(jnp.asarray(load), jnp.asarray(P)), k, T)
+    ref = sum(np.mean([np.sum(E / (k * T) * load[l, b] * P[l, b]) for b in range(B)]) for l in range(L))
+    np.testing.assert_allclose(float(got), ref, rtol=1e-6)
+    # only P carries a gradient
+    g = jax.grad(lambda lo, p: losses.balance_loss(RoutingStats(lo, p), k, T), argnums=(0, 1))(jnp.asarray(load),
+                                                                                                 jnp.asarray(P))
+    assert float(jnp.abs(g[0]).sum()) == 0.0 and float(jnp.abs(g[1]).sum()) > 0
+
+
+def test_bias_update_moves_towards_balance_by_gamma():
+    b = jnp.zeros((2, 4))
+    load = jnp.asarray([[4.0, 2.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    np.testing.assert_allclose(np.asarray(losses.bias_update(b, load, 1e-3)),
+                               [[-1e-3, 0.0, 1e-3, 1e-3], [0, 0, 0, 0]])
+
+
+def test_indexer_kl_loss_matches_numpy():
+    rng = np.random.default_rng(1)
+    B, T, N = 2, 5, 6
+    mass = rng.random((B, T, N)).astype(np.float32)
+    scores = rng.normal(size=(B, T, N)).astype(np.float32)
+    visible = np.tril(np.ones((T, N), bool), k=0)[None]  # query t sees entries <= t
+    visible[:, 0] = False  # a query with nothing visible is left out
+    selected = rng.random((B, T, N)) > 0.3
+    for sel in (None, selected):
+        keep = visible & (True if sel is None else sel)
+        kls = []
+        for b in range(B):
+            for t in range(T):
+                m = keep[min(b, keep.shape[0] - 1), t]
+                if not m.any():
+                    continue
+                p = mass[b, t][m] / mass[b, t][m].sum()
+                z = scores[b, t][m]
+                logq = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+                kls.append(np.sum(p * (np.log(p) - logq)))
+        got = losses.indexer_kl_loss(jnp.asarray(mass), jnp.asarray(scores), jnp.asarray(visible),
+                                     None if sel is None else jnp.asarray(sel))
+        np.testing.assert_allclose(float(got), np.mean(kls), rtol=1e-5)
+
+
+def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
+    """fp32, small model: d/de loss(params + e v) by central differences on 3 random directions
+    equals <grad, v> (CE + MTP + balance, every parameter)."""
+    tc = load_config(None, small_overrides("/tmp/unused", corpus) + ["balance_alpha=0.1"])
+    cfg = tc.model_config()
+    setup = make_setup(tc, cfg)
+    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+    params, buffers = flat_params(p), flat_params(b)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 33)), jnp.int32)
+    nan = jnp.asarray(nan_step_array([]))
+    loss_fn = make_loss(tc, setup)
+    f = jax.jit(lambda q: loss_fn(q, buffers, tokens, jnp.int32(0), nan)[0])
+    grad = jax.jit(jax.grad(lambda q: loss_fn(q, buffers, tokens, jnp.int32(0), nan)[0]))(params)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        v = {k: jnp.asarray(rng.normal(size=a.shape), jnp.float32) for k, a in params.items()}
+        norm = np.sqrt(sum(float(jnp.sum(x * x)) for x in v.values()))
+        v = {k: x / norm for k, x in v.items()}
+        eps = 1e-2
+        fd = (float(f({k: params[k] + eps * v[k] for k in params})) -
+              float(f({k: params[k] - eps * v[k] for k in params}))) / (2 * eps)
+        an = sum(float(jnp.sum(grad[k] * v[k])) for k in params)
+        assert abs(fd - an) <= 2e-2 * abs(an) + 2e-4, (fd, an)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+
+def test_overfits_one_batch_and_skips_an_injected_nan_step(tmp_path, corpus, cache):
+    """A corpus of exactly one global batch: the loss must fall near zero; step 5's NaN is skipped."""
+    one = tmp_path / "one.txt"
+    one.write_text("".join(c for c in corpus.read_text() if ord(c) < 128)[:128])  # + eos: 129 tokens = 4 rows of 33
+    tc = load_config(None, small_overrides(tmp_path / "run", one, steps=80, lr=1e-2, warmup_steps=5,
+                                           decay_steps=20, ckpt_every=1000, compile_cache=cache, nan_steps=[5]))
+    logs = []
+    summary = train(tc, log=logs.append)
+    rec = read_metrics(summary["metrics_file"])
+    assert summary["skipped"] == [5] and not rec[5]["ok"]
+    assert any("step 5: non-finite loss" in s for s in logs)
+    assert rec[1]["ce"] > 4.0 and rec[80]["ce"] < 0.3, (rec[1]["ce"], rec[80]["ce"])
+
+
+def test_consecutive_nan_steps_stop_with_a_clear_message(tmp_path, corpus, cache):
+    tc = load_config(None, small_overrides(tmp_path / "run", corpus, nan_steps=[2, 3], max_bad_steps=2,
+                                           compile_cache=cache))
+    with pytest.raises(TrainingStopped, match="2 consecutive steps with a non-finite loss"):
+        train(tc, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, corpus, cache):
+    """12 steps without interruption (checkpoints at 4, 8, 12)."""
+    d = tmp_path_factory.mktemp("straight")
+    p = cli(small_overrides(d, corpus, compile_cache=cache))
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    return d
+
+
+def _wait_for_steps(path, n, proc, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path) and len(read_metrics(str(path))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate()[0][-3000:])
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_kill_9_then_resume_gives_identical_per_step_losses(tmp_path, corpus, cache, straight_run):
+    kill_after = random.Random(os.getpid()).randint(5, 10)  # past the first checkpoint (step 4)
+    args = small_overrides(tmp_path, corpus, compile_cache=cache)
+    p = cli(args)
+    _wait_for_steps(tmp_path / "metrics.jsonl", kill_after, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p = cli(args)  # resume is the default when run_dir has a checkpoint
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from step" in out
+    want, got = losses_of(straight_run / "metrics.jsonl"), losses_of(tmp_path / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 13))
+    assert got == want  # bitwise: fp32 CPU, same programs, same data order
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus, cache, straight_run):
+    args = small_overrides(tmp_path, corpus, compile_cache=cache, ckpt_every=100)  # only SIGTERM saves mid-run
+    p = cli(args)
+    _wait_for_steps(tmp_path / "metrics.jsonl", 3, p)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "(preemption): saved a checkpoint at step" in out, out[-3000:]
+    saved = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert os.path.isdir(tmp_path / "checkpoints" / str(saved))
+    p = cli(args)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0 and f"resumed from step {saved}" in out, out[-3000:]
+    assert losses_of(tmp_path / "metrics.jsonl") == losses_of(straight_run / "metrics.jsonl")
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, corpus, straight_run):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    ckdir = run / "checkpoints"
+    latest = max(int(s) for s in os.listdir(ckdir) if s.isdigit())
+    files = [os.path.join(r, f) for r, _, fs in os.walk(ckdir / str(latest) / "state") for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:  # truncate the largest array file
+        f.truncate(os.path.getsize(biggest) // 2)
+    tc = load_config(None, small_overrides(run, corpus))
+    setup = make_setup(tc, tc.model_config())
+    from v4jax.train_loop import _opt_shardings  # the restore target, as train() builds it
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1), ("x",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    params = flat_params(setup.param_template)
+    state = {"params": params, "buffers": flat_params(setup.buffer_template),
+             "opt": jax.eval_shape(setup.tx.init, params), "step": jax.ShapeDtypeStruct((), jnp.int32),
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
+    logs = []
+    ck = Checkpointer(str(ckdir), 3, False)
+    got, it = ck.restore_latest(abstract, logs.append)
+    ck.close()
+    assert int(got["step"]) == latest - 4 and it.batch == latest - 4
+    assert any(f"checkpoint step {latest} in" in s and "falling back" in s for s in logs), logs
+    assert os.path.isdir(ckdir / f"corrupt-{latest}")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, corpus, cache):
+    """Two CPU 'hosts' (one device each, gloo) vs one process with two devices: same losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = dict(compile_cache=cache, steps=6, ckpt_every=3, num_devices=0)
+    procs = [cli(small_overrides(tmp_path / "two", corpus, **common), devices=1,
+                 env_extra={"V4JAX_COORDINATOR": f"127.0.0.1:{port}", "V4JAX_NUM_PROCESSES": "2",
+                            "V4JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    single = cli(small_overrides(tmp_path / "one", corpus, **common), devices=2)
+    for p in procs + [single]:
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
+    two, one = losses_of(tmp_path / "two" / "metrics.jsonl"), losses_of(tmp_path / "one" / "metrics.jsonl")
+    assert sorted(one) == list(range(1, 7)) and sorted(two) == sorted(one)
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-5)

@@ -1,0 +1,64 @@
+"""Train DeepSeek-V4 (v4jax).
+
+  python train.py                                   # tiny preset on this machine's Python stdlib, CPU, minutes
+  python train.py --config configs/train_tiny.toml steps=1000 lr=1e-3 model.dim=256
+  python train.py --config my.toml data=corpus/*.jsonl tokenizer=tokenizer.json mesh=fsdp=8 rules=fsdp_ep
+
+Settings: configs/train_tiny.toml lists every one; `key=value` arguments override the file and
+`model.key=value` overrides the V4Config preset. The effective config is printed and saved in
+run_dir/config.json. A run_dir with checkpoints resumes (resume=false refuses instead). Multi-host:
+start the same command on every host (jax.distributed via --coordinator/--num-processes/--process-id,
+V4JAX_* variables, or the TPU pod's own environment). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "train_tiny.toml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"TOML config (default: {os.path.relpath(DEFAULT_CONFIG)})")
+    p.add_argument("--metrics-file", default=None, help="JSONL metrics path (default: run_dir/metrics.jsonl)")
+    p.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help="continue from run_dir's latest good checkpoint (the default when one exists)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to start over an existing run")
+    p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="key=value settings (model.key=value for the model config)")
+    args = p.parse_args(argv)
+
+    from sharding.distributed import initialize
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
+
+    from v4jax.train_loop import TrainingStopped, load_config, train
+    overrides = list(args.overrides)
+    if args.metrics_file:
+        overrides.append(f"metrics_file={args.metrics_file!r}".replace("'", '"'))
+    if args.resume is not None:
+        overrides.append(f"resume={'true' if args.resume else 'false'}")
+    try:
+        tc = load_config(args.config or DEFAULT_CONFIG, overrides)
+        summary = train(tc)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ValueError as e:  # bad settings or data, reported before any compile
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = summary.get("last") or {}
+    if summary.get("preempted"):
+        return 0
+    print(f"done: steps {summary['start_step']}..{summary['end_step']}, final loss {last.get('loss', float('nan')):.4f}"
+          f" (ce {last.get('ce', float('nan')):.4f}), {last.get('tokens_per_s', 0):,.0f} tok/s, skipped steps "
+          f"{summary['skipped']}; metrics {summary['metrics_file']}" + (f", curve {summary['plot']}" if 'plot' in summary else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

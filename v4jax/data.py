@@ -1,0 +1,221 @@
+"""Training data: documents -> token ids -> one packed token stream -> fixed-length rows -> batches.
+
+Documents come from the embedded default corpus (this machine's Python standard library `.py`
+sources: no download) or from text / JSONL files (JSONL: one JSON object per line, its "text" field).
+Tokenisers: `ByteTokenizer` (UTF-8 bytes, ids 2..257 after the model's bos=0/eos=1) or a `tokenizers`
+`tokenizer.json`. Every document is followed by eos and all are concatenated (spec §8.3 packing; the
+model has no sample-level attention mask yet, see docs/training.md) and cut into rows of seq_len + 1
+tokens (inputs = row[:-1], targets = row[1:]); consecutive rows share one boundary token.
+
+Order: row order is a permutation drawn from (seed, epoch), so it is deterministic and the iterator
+state is two integers (epoch, batch in the epoch): saved in every checkpoint, resumed exactly
+mid-epoch. Multi-host: every host sees the same permutation and reads only its own rows of each
+global batch (with `cache_dir` the packed stream is a memory-mapped file, so a host touches only
+the rows it reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Iterable, Iterator
+
+import numpy as np
+
+N_SPECIAL = 2  # ByteTokenizer: 0 = bos, 1 = eos, bytes are 2..257
+
+
+class DataError(ValueError):
+    """Unusable data settings: a missing path, an unreadable tokenizer, too little data."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisers
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past the specials; vocabulary 258."""
+
+    name = "byte"
+    bos_id, eos_id = 0, 1
+    vocab_size = 256 + N_SPECIAL
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8", errors="replace"), np.uint8).astype(np.int32) + N_SPECIAL
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(int(i) - N_SPECIAL for i in ids if int(i) >= N_SPECIAL).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json; eos is the first of its known end-of-text tokens present."""
+
+    EOS_NAMES = ("<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises its own exception type for bad JSON
+            raise DataError(f"cannot read tokenizer {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.name = f"tokenizers:{os.path.abspath(path)}"
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(t) for t in self.EOS_NAMES]
+        self.eos_id = next((i for i in ids if i is not None), None)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spec: str):
+    if spec == "byte":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise DataError(f"tokenizer file {spec!r} does not exist (use 'byte' or a tokenizer.json path)")
+    return HFTokenizer(spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents
+
+def stdlib_files() -> list[str]:
+    """The embedded default corpus: this Python's standard library sources, sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+    return sorted(f for f in files if "site-packages" not in f and "dist-packages" not in f)
+
+
+def resolve_files(data: str) -> list[str]:
+    """'stdlib' or a comma-separated list of files, directories (all .txt/.md/.py/.jsonl in them) and globs."""
+    if data == "stdlib":
+        return stdlib_files()
+    files: list[str] = []
+    for item in filter(None, (s.strip() for s in data.split(","))):
+        if os.path.isdir(item):
+            found = [f for ext in ("txt", "md", "py", "jsonl", "json")
+                     for f in glob.glob(os.path.join(item, "**", f"*.{ext}"), recursive=True)]
+        elif any(c in item for c in "*?["):
+            found = glob.glob(item, recursive=True)
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            raise DataError(f"data path {item!r} does not exist")
+        if not found:
+            raise DataError(f"data path {item!r} matches no files")
+        files += sorted(found)
+    return files
+
+
+def documents(files: list[str]) -> Iterator[str]:
+    for path in files:
+        if path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise DataError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+
+
+def pack_tokens(files: list[str], tokenizer, cache_dir: str | None = None) -> np.ndarray:
+    """All documents tokenised, each followed by eos, concatenated: a 1-D uint16/uint32 array.
+
+    With cache_dir the stream is written once to `cache_dir/tokens-<hash>.npy` (hash of the file
+    list, sizes, mtimes and tokenizer) and memory-mapped afterwards."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(tokenizer.name.encode())
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        path = os.path.join(cache_dir, f"tokens-{h.hexdigest()[:16]}.npy")
+        if os.path.exists(path):
+            return np.load(path, mmap_mode="r")
+    eos = tokenizer.eos_id
+    parts = []
+    for doc in documents(files):
+        ids = tokenizer.encode(doc)
+        parts.append(ids.astype(dtype))
+        if eos is not None:
+            parts.append(np.asarray([eos], dtype))
+    tokens = np.concatenate(parts) if parts else np.zeros((0,), dtype)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, tokens)
+        os.replace(tmp, path)  # atomic: concurrent hosts never see half a file
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+@dataclasses.dataclass
+class IteratorState:
+    epoch: int = 0
+    batch: int = 0  # next batch within the epoch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IteratorState":
+        return cls(int(d["epoch"]), int(d["batch"]))
+
+
+class PackedBatches:
+    """Batches of packed rows [micro_batch / host_count, grad_accum, seq_len + 1] for this host.
+
+    Global batch g of an epoch holds rows perm[g*A*B : (g+1)*A*B] (A = grad_accum, B = micro_batch),
+    micro-step a the next B of them, and host h the h-th 1/host_count slice of each micro-batch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, grad_accum: int = 1, seed: int = 0,
+                 host_index: int = 0, host_count: int = 1, state: IteratorState | None = None):
+        if micro_batch % host_count:
+            raise DataError(f"batch_size {micro_batch} does not divide over {host_count} hosts")
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.host_index, self.host_count = host_index, host_count
+        self.n_rows = (len(tokens) - 1) // seq_len
+        per_batch = micro_batch * grad_accum
+        self.batches_per_epoch = self.n_rows // per_batch
+        if self.batches_per_epoch < 1:
+            raise DataError(f"the data holds {len(tokens)} tokens = {self.n_rows} rows of {seq_len + 1}, fewer than "
+                            f"one global batch of {per_batch} rows")
+        self.state = state or IteratorState()
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def rows(self, epoch: int, batch: int) -> np.ndarray:
+        """Row ids [A, B_local] of this host for global batch `batch` of `epoch`."""
+        A, B = self.grad_accum, self.micro_batch
+        ids = self._permutation(epoch)[batch * A * B:(batch + 1) * A * B].reshape(A, B)
+        local = B // self.host_count
+        return ids[:, self.host_index * local:(self.host_index + 1) * local]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        ids = self.rows(self.state.epoch, self.state.batch)
+        starts = ids.astype(np.int64) * self.seq_len
+        out = np.stack([np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in row]) for row in starts])
+        self.state = (IteratorState(self.state.epoch, self.state.batch + 1)
+                      if self.state.batch + 1 < self.batches_per_epoch else IteratorState(self.state.epoch + 1, 0))
+        return np.swapaxes(out, 0, 1).astype(np.int32)  # [B_local, A, T+1]: batch first, as sharded

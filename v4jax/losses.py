@@ -1,0 +1,69 @@
+"""Training losses (spec §5.4, §6, §8.6) and the aux-loss-free selection-bias update.
+
+All in fp32. Shapes: logits [B, T, V]; targets [B, T]; RoutingStats load / mean_affinity [L, B, E]
+(main layers) or [B, E] (MTP block).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.moe import RoutingStats
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy (fp32)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(lse - picked)
+
+
+def mtp_cross_entropy(mtp_logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """MTP loss (spec §6): mtp_logits[:, t] (t < T-1) predicts token t+2 = targets[:, t+1]."""
+    return cross_entropy(mtp_logits, targets[:, 1:])
+
+
+def balance_loss(stats: RoutingStats, n_activated: int, seq_len: int) -> jax.Array:
+    """Sequence-wise balance loss (spec §5.4) without alpha: sum over layers of the mean over
+    sequences of sum_e f_e P_e, f_e = E/(k T) * load_e. Only P_e carries a gradient (the load is a
+    count of top-k choices). Works for [L, B, E] and [B, E] stats."""
+    E = stats.load.shape[-1]
+    f = E / (n_activated * seq_len) * jax.lax.stop_gradient(stats.load)
+    per_sequence = jnp.sum(f * stats.mean_affinity, axis=-1)  # [..., B]
+    return jnp.sum(jnp.mean(per_sequence, axis=-1))
+
+
+def bias_update(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
+    """Aux-loss-free balancing (spec §5.4): b_e += speed if expert e got fewer tokens than the
+    mean, -= speed if more. bias [..., E]; load [..., E] (tokens per expert over the whole batch)."""
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return bias + speed * jnp.sign(mean - load).astype(bias.dtype)
+
+
+def imbalance(load: jax.Array) -> jax.Array:
+    """max_e load_e / mean_e load_e per layer ([..., E] -> [...]); 1 = perfectly balanced."""
+    return jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
+
+
+def indexer_kl_loss(attention_mass: jax.Array, index_scores: jax.Array, visible: jax.Array,
+                    selected: jax.Array | None = None) -> jax.Array:
+    """Lightning-indexer training loss (spec §8.6, V3.2 recipe adapted to compressed entries).
+
+    attention_mass [B, T, N]: the main attention's probability on each compressed entry, summed over
+      heads (window keys and the sink excluded); the target, not differentiated.
+    index_scores [B, T, N]: the indexer's scores I_{t,s} (logits of its distribution).
+    visible [B or 1, T, N] bool: causally visible compressed entries.
+    selected [B, T, N] bool or None: the top-k set S_t (sparse stage) or None (dense warm-up: all
+      visible entries).
+    Returns the mean over queries with at least one entry of KL(p_t || softmax(I_t)) over the set.
+    """
+    keep = visible if selected is None else visible & selected
+    p = jnp.where(keep, jax.lax.stop_gradient(attention_mass).astype(jnp.float32), 0.0)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    logq = jax.nn.log_softmax(jnp.where(keep, index_scores.astype(jnp.float32), -jnp.inf), axis=-1)
+    kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0), axis=-1)  # [B, T]
+    rows = jnp.any(keep, axis=-1) & (total[..., 0] > 0)
+    return jnp.sum(jnp.where(rows, kl, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
