@@ -346,20 +346,26 @@ def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
 
 def _run(call, interpret, *args):
     """call(*args, interpret): the Mosaic kernel (interpret=False), Pallas' interpreter (True), or with
-    interpret=None the kernel when lowered for TPU and the interpreter on other backends (decided at
-    lowering, so AOT compilation for a TPU topology on a CPU host still gets the TPU kernel)."""
+    interpret=None the kernel when lowered for TPU and the interpreter elsewhere. Outside shard_map
+    that is decided at lowering (`platform_dependent`), so AOT compilation for a TPU topology on a CPU
+    host still gets the kernel; inside shard_map the mesh's devices say which."""
+    varying = _varying(args)
     if interpret is None:
-        interpreter = _interpreter(args)
-        return jax.lax.platform_dependent(*args, tpu=lambda *a: call(*a, False), default=lambda *a: call(*a, interpreter))
-    return call(*args, _interpreter(args) if interpret is True else interpret)
+        platform = getattr(getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None), "platform", None)
+        if varying and platform is not None:
+            return call(*args, False if platform == "tpu" else pltpu.InterpretParams())
+        return jax.lax.platform_dependent(*args, tpu=lambda *a: call(*a, False), default=lambda *a: call(*a, True))
+    if interpret is True and varying:
+        interpret = pltpu.InterpretParams()
+    return call(*args, interpret)
 
 
-def _interpreter(operands):
-    """The generic interpreter (fast), or inside a shard_map with varying operands the TPU interpreter:
-    the generic one's block-index slicing trips the varying-axes check there (jax 0.10.2)."""
-    varying = any(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
-                  or getattr(jax.typeof(x), "vma", None) for x in operands)
-    return pltpu.InterpretParams() if varying else True
+def _varying(operands) -> bool:
+    """Whether any operand varies over a manual mesh axis (inside a shard_map with check_vma). The
+    generic interpreter's block-index slicing trips the varying-axes check there (jax 0.10.2), so the
+    TPU interpreter (slower, but it also poisons uninitialised VMEM with NaNs) runs instead."""
+    return any(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
+               or getattr(jax.typeof(x), "vma", None) for x in operands)
 
 
 def _check_sizes(group_sizes, E: int):
