@@ -216,6 +216,18 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_one(release
         np.testing.assert_array_equal(a[n], b[n])
 
 
+def test_crash_after_finalize_resumes_with_the_verification_pass(release, orbax_ckpt, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(orbax_ckpt, dst)
+    m = json.load(open(dst / "manifest.json"))
+    m["complete"] = m["finalized"] = False
+    json.dump(m, open(dst / "manifest.json", "w"))
+    convert.convert(release, dst, progress=False)
+    assert json.load(open(dst / "manifest.json"))["complete"]
+    with pytest.raises(ConvertError, match="conversion of a different source or dtype"):
+        convert.convert(release, dst, dtype="fp32", progress=False)
+
+
 def test_failed_verification_leaves_the_checkpoint_incomplete(release, tmp_path):
     dst = tmp_path / "v"
     convert.convert(release, dst, progress=False)
@@ -316,11 +328,11 @@ def test_cli_reports_throughput_and_peak_rss(release, tmp_path):
 # ---------------------------------------------------------------------------- memory
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import resource, sys
+    import sys
     from v4jax import convert
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = convert.peak_rss_bytes()  # after imports; VmHWM, which (unlike ru_maxrss) starts afresh at exec
     convert.convert(sys.argv[1], sys.argv[2], progress=False, batch_bytes=int(sys.argv[3]))
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    print(convert.peak_rss_bytes() - base)
 """)
 
 
@@ -337,10 +349,10 @@ def test_conversion_peak_rss_stays_near_the_largest_tensor(tmp_path):
     src = tmp_path / "release"
     official.write_release(src, tensors(), max_shard_bytes=64 << 20)
     largest = 4 * d * d * 2  # bf16 output of the largest tensor: 32 MiB
-    total = n_layers * (4 * d * d + n_experts * 3 * inter * d) * 2  # ~ 420 MiB of bf16
+    total = n_layers * (4 * d * d + n_experts * 3 * inter * d) * 2  # ~ 700 MiB of bf16
     r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(src), str(tmp_path / "o"), str(largest)],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     growth = int(r.stdout.strip().splitlines()[-1])
     assert total > 12 * largest
-    assert growth < 6 * largest, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB largest tensor"
+    assert 0 < growth < 6 * largest, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB largest tensor"

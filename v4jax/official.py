@@ -46,7 +46,7 @@ from v4jax.tensorfile import DTYPES, TensorFile, TensorFileError, open_directory
 
 __all__ = ["Format", "ReleaseError", "ReleaseTensor", "release_format", "scale_name", "official_name",
            "hf_name", "scan_release", "read_tensor", "read_release", "requant_mismatches",
-           "ShardedWriter", "write_release", "write_hf", "checksum", "RELEASE_QUANTIZATION_CONFIG"]
+           "read_stored", "ShardedWriter", "write_release", "write_hf", "checksum", "RELEASE_QUANTIZATION_CONFIG"]
 
 
 class ReleaseError(ValueError):
@@ -232,7 +232,7 @@ def output_dtype(entry_format: Format, stored_dtype: np.dtype, dtype) -> np.dtyp
 _DATA_START: "weakref.WeakKeyDictionary[TensorFile, tuple[int, dict]]" = weakref.WeakKeyDictionary()
 
 
-def _read_copy(tf: TensorFile, key: str) -> np.ndarray:
+def read_stored(tf: TensorFile, key: str) -> np.ndarray:
     """One tensor read into fresh memory with a plain file read. Reading through the TensorFile's
     memory map would leave every touched page of the file resident (and counted in RSS) for as long
     as the file stays open; a copy is freed with the tensor, which keeps the reader's memory at one
@@ -253,9 +253,9 @@ def _read_copy(tf: TensorFile, key: str) -> np.ndarray:
 def read_tensor(entry: ReleaseTensor, dtype=ml_dtypes.bfloat16) -> np.ndarray:
     """The de-quantised tensor of one entry (see `output_dtype`)."""
     out = output_dtype(entry.format, entry.stored_dtype, dtype)
-    w = _read_copy(entry.file, entry.key)
+    w = read_stored(entry.file, entry.key)
     if entry.stored in (Format.FP8, Format.FP4):
-        s = _read_copy(entry.scale_file, entry.scale_key)
+        s = read_stored(entry.scale_file, entry.scale_key)
         kind = "fp8" if entry.stored is Format.FP8 else "fp4"
         bad = quant.count_nonfinite_codes(w, s, kind)
         if bad:
@@ -263,7 +263,7 @@ def read_tensor(entry: ReleaseTensor, dtype=ml_dtypes.bfloat16) -> np.ndarray:
         if entry.stored is Format.FP8:
             return quant.dequant_fp8_block(w, s, quant.FP8_BLOCK, out)
         return quant.dequant_fp4(w, s, quant.FP4_BLOCK, out)
-    return np.array(w, dtype=out)
+    return w.astype(out, copy=False)
 
 
 def read_release(directory: str | os.PathLike, dtype=ml_dtypes.bfloat16,

@@ -191,6 +191,18 @@ def quant_fp8_block(w, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # MXFP4 (E2M1, two per byte, per-32 scales along the input dimension)
 
+def _scale_blocks(x: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
+    """x [r, n] times s [r, ceil(n/block)] repeated over each block of `block` columns."""
+    r, n = x.shape
+    full = n // block * block
+    if full == n:
+        return (x.reshape(r, n // block, block) * s[:, :, None]).reshape(r, n)
+    out = np.empty_like(x)
+    out[:, :full] = (x[:, :full].reshape(r, full // block, block) * s[:, : full // block, None]).reshape(r, full)
+    out[:, full:] = x[:, full:] * s[:, -1:]
+    return out
+
+
 def dequant_fp4(packed, scale, block: int = FP4_BLOCK, out_dtype: Any = ml_dtypes.bfloat16):
     """[out, in/2] packed E2M1 bytes (int8 or uint8) x [out, ceil(in/block)] UE8M0 -> [out, in]."""
     _check_2d(packed, "FP4 weight")
@@ -217,7 +229,7 @@ def dequant_fp4(packed, scale, block: int = FP4_BLOCK, out_dtype: Any = ml_dtype
     for r0 in range(0, out, step):
         rows = slice(r0, r0 + step)
         v = E2M1_PAIRS[codes[rows]].reshape(-1, fan_in)
-        y[rows] = (v * np.repeat(s[rows], block, axis=1)[:, :fan_in]).astype(out_dtype)
+        y[rows] = _scale_blocks(v, s[rows], block).astype(out_dtype)
     return y
 
 
@@ -242,8 +254,8 @@ def quant_fp4(w, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
             a = np.pad(a, ((0, 0), (0, pad)))
         s = _pow2_scale(a.reshape(a.shape[0], nb, block).max(axis=2), FP4_MAX, ml_dtypes.float4_e2m1fn)
         scale[rows] = s
-        inv = np.repeat(ue8m0_to_float(np.uint8(254) - s), block, axis=1)[:, :fan_in]  # 1/scale, exact
-        c = np.clip(x * inv, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+        inv = ue8m0_to_float(np.uint8(254) - s)  # 1/scale, exact
+        c = np.clip(_scale_blocks(x, inv, block), -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
         packed[rows] = c[:, 0::2] | (c[:, 1::2] << 4)
     return packed.view(FP4_PACKED_DTYPE), scale.view(UE8M0_DTYPE)
 
