@@ -53,6 +53,15 @@ def test_identical_indices_when_k_spans_many_chunks_and_several_key_blocks(k, bl
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("k, T", [(512, 2304), (1024, 4352)])
+def test_identical_indices_at_the_real_top_k_sizes(k, T):
+    # k_I of V4-Flash / V4-Pro with N a little above k (tiny heads keep interpret mode affordable)
+    q, w, keys, pos = dyadic_inputs(7, B=1, T=T, H=4, C=16, ratio=4)
+    ours, ref = both(q, w, keys, pos, 4, k)
+    np.testing.assert_array_equal(ours, ref)
+
+
 def test_ties_break_towards_lowest_entry_index_like_lax_top_k():
     # Coarse values: most scores collide (many exact zeros from the ReLU, equal small sums).
     q, w, keys, pos = dyadic_inputs(2, B=1, T=256, H=4, C=16, ratio=4, q_levels=1, w_levels=2)
