@@ -313,6 +313,19 @@ def test_transformers_spelling_reads_like_the_release(release, tmp_path):
         np.testing.assert_array_equal(a[n], b[n])
 
 
+def test_unquantised_hf_checkpoint_converts_to_orbax_and_to_a_quantised_release(model_tensors, tmp_path):
+    cfg, tensors = model_tensors
+    official.write_hf(tmp_path / "hf", tensors.items(), config=cfg.to_hf_dict())  # float32, `model.` spelling
+    convert.convert(tmp_path / "hf", tmp_path / "o", progress=False)
+    got = convert.load_converted(tmp_path / "o", cfg)
+    for n, a in tensors.items():
+        keep = official.release_format(n) in (Format.FP32, Format.INT)
+        np.testing.assert_array_equal(got[n], a if keep else a.astype(ml_dtypes.bfloat16))
+    convert.convert(tmp_path / "o", tmp_path / "rel", fmt="official", progress=False)
+    wq = next(e for e in official.scan_release(tmp_path / "rel") if e.name == "layers.1.attn.wq_a.weight")
+    assert wq.stored is Format.FP8 and wq.scale_key == "layers.1.attn.wq_a.scale"
+
+
 def test_cli_reports_throughput_and_peak_rss(release, tmp_path):
     r = subprocess.run([sys.executable, "-m", "v4jax.convert", "--from", str(release), "--to", str(tmp_path / "o"),
                         "--dtype", "fp32", "--no-progress"], capture_output=True, text=True,

@@ -245,7 +245,8 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
             for name, shape, dt in specs_b:
                 got, a = next(stream)
                 if got != name or a.shape != shape or a.dtype != dt:
-                    raise ConvertError(f"tensor {got!r}: read {a.dtype}{list(a.shape)}, expected {name!r} {dt}{list(shape)}")
+                    raise ConvertError(f"tensor {got!r}: read {a.dtype}{list(a.shape)}, "
+                                       f"expected {name!r} {dt}{list(shape)}")
                 batch[name] = a
             try:
                 with ctx:
@@ -279,8 +280,8 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
         for name, shape, dt in batch:
             a, t = arrays.pop(name), by_name[name]
             if tuple(a.shape) != shape or a.dtype != dt or checksum(a) != t["crc32"]:
-                raise ConvertError(f"{tpath}: verification failed for tensor {name!r} (stored "
-                                   f"{a.dtype}{list(a.shape)}, expected {t['dtype']}{t['shape']} with crc32 {t['crc32']})")
+                raise ConvertError(f"{tpath}: verification failed for tensor {name!r} (stored {a.dtype}"
+                                   f"{list(a.shape)}, expected {t['dtype']}{t['shape']} with crc32 {t['crc32']})")
         vbar.update(len(batch))
     vbar.close()
     m["complete"] = True
@@ -425,7 +426,8 @@ def _check_names(specs, cfg, path):
         have = {n for n, _, _ in specs}
     missing, extra = sorted(expected - have), sorted(have - expected)
     if missing:
-        raise ConvertError(f"{path}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{path}: missing tensor {missing[0]!r}{more}")
     if extra:
         raise ConvertError(f"{path}: unexpected tensor {extra[0]!r}; does the config match the checkpoint?")
     return specs
