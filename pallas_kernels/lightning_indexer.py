@@ -236,7 +236,7 @@ def _merge_sublanes(buf_v, buf_i, kp: int):
 # Kernel
 
 
-def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, buf_i, new_v, new_i, q_heads, *,
+def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, buf_i, new_v, new_i, q_heads, slab, *,
                     n_heads: int, head_dim: int, block_k: int, kp: int, precision):
     qb, kb = pl.program_id(1), pl.program_id(2)
     lanes = buf_v.shape[-1]
@@ -283,8 +283,12 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
     @pl.when(kb == pl.num_programs(2) - 1)
     def _finish():
         _merge_sublanes(buf_v, buf_i, kp)
-        top = buf_i[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, block_q]
-        out_ref[0] = jnp.transpose(jnp.where(top < vis_ref[...], top, -1))  # [block_q, kp]
+        for c in range(lanes // 128):  # strided loads need a 128-lane base memref
+            cols = slice(c * 128, (c + 1) * 128)
+            slab[...] = buf_i[:, cols]
+            top = slab[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, 128]
+            top = jnp.where(top < vis_ref[:, cols], top, -1)
+            out_ref[0, cols, :] = jnp.transpose(top)  # [128 queries, kp]
 
 
 def _default_block_k(kp: int, n_entries: int) -> int:
@@ -362,7 +366,8 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
                         pltpu.VMEM((SUBLANES * kp, block_q), jnp.int32),
                         pltpu.VMEM((block_k, block_q), jnp.float32),  # the key block being merged
                         pltpu.VMEM((block_k, block_q), jnp.int32),
-                        pltpu.VMEM((H, block_q, C), q.dtype)],  # q of the query block, head-major
+                        pltpu.VMEM((H, block_q, C), q.dtype),  # q of the query block, head-major
+                        pltpu.VMEM((SUBLANES * kp, 128), jnp.int32)],  # final result, 128 queries at a time
     )
     out = pl.pallas_call(
         kernel,
@@ -383,7 +388,8 @@ def _vmem_limit(kp: int, block_q: int, block_k: int, n_heads: int, head_dim: int
     item = jnp.dtype(dtype).itemsize
     blocks = 2 * (block_q * n_heads * head_dim * item + block_k * head_dim * item + n_heads * block_q * 4
                   + block_q * 4 + kp * block_q * 4)
-    scratch = 2 * SUBLANES * kp * block_q * 4 + 2 * block_k * block_q * 4 + n_heads * block_q * head_dim * item
+    scratch = (2 * SUBLANES * kp * block_q * 4 + 2 * block_k * block_q * 4 + n_heads * block_q * head_dim * item
+               + SUBLANES * kp * 128 * 4)
     temps = 3 * min(block_k, _SCORE_ROWS) * block_q * 4 + block_q * _HEAD_GROUP * head_dim * item
     return int(min(max(1.25 * (blocks + scratch + temps) + (2 << 20), 16 << 20), 64 << 20))
 

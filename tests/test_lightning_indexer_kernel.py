@@ -37,9 +37,10 @@ def both(q, w, keys, positions, ratio, k, **kw):
     return np.asarray(ours), np.asarray(ref)
 
 
-def test_identical_indices_on_random_dyadic_inputs_with_batch_and_ragged_T():
-    q, w, keys, pos = dyadic_inputs(0, B=2, T=300, H=4, C=16, ratio=4)  # T not a multiple of block_q=128
-    ours, ref = both(q, w, keys, pos, 4, 8)
+@pytest.mark.parametrize("block_q", [128, 256])
+def test_identical_indices_on_random_dyadic_inputs_with_batch_and_ragged_T(block_q):
+    q, w, keys, pos = dyadic_inputs(0, B=2, T=300, H=4, C=16, ratio=4)  # T not a multiple of block_q
+    ours, ref = both(q, w, keys, pos, 4, 8, block_q=block_q)
     assert ours.shape == ref.shape == (2, 300, 8) and ours.dtype == np.int32
     np.testing.assert_array_equal(ours, ref)
 
@@ -164,6 +165,11 @@ def test_mosaic_compiles_for_tpu_at_the_real_head_sizes(topology, k):
 
 def test_mosaic_compiles_fp32_inputs():
     compile_for_tpu("v5p:2x2x1", 2048, 512, dtype=jnp.float32)
+
+
+def test_mosaic_compiles_with_256_query_lanes_for_the_256_wide_mxu_of_v6e():
+    compile_for_tpu("v6e:2x2", 4096, 512, fn=lambda q, w, keys, pos: select_topk(
+        q, w, keys, pos, REAL["ratio"], 512, block_q=256))
 
 
 def test_compiled_memory_grows_linearly_in_T_not_T_times_N():
