@@ -65,7 +65,7 @@ def _bound_heap():
     """Serve every allocation of 1 MiB or more by mmap, so a freed tensor's memory goes back to the OS.
     glibc otherwise raises its mmap threshold after the first large free and serves later tensors
     from the heap, which then keeps the high-water mark of all of them (measured: peak RSS growth of
-    a 420 MiB conversion 264 -> 139 MiB). No-op where mallopt is unavailable."""
+    a 700 MiB conversion 264 -> 139 MiB). No-op where mallopt is unavailable."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
