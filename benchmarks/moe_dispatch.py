@@ -5,7 +5,9 @@ expert shapes, the FLOPs, bytes accessed and per-device memory that the compiled
 (`cost_analysis()`, `memory_analysis()`), forward and forward+backward, bf16. One device holds
 E_local = E / ep experts and the rows an all-to-all would send it (tokens * k / ep): ep = 1 for Flash,
 ep = 4 for Pro (Pro's 384 experts' weights plus their gradients do not fit one chip). Ratios are to
-ragged_dot; "useful" is 2 * M * d * I * 3 per pass (x3 with the backward).
+ragged_dot; "useful" is 2 * M * d * I * 3 per pass (x3 with the backward). "roofline ms" is
+max(FLOPs / peak, bytes / HBM bandwidth) with the chip's public peak figures: a model of the
+reported costs, not a timing (no TPU was available).
 
 Reading the FLOPs: XLA cannot see inside a Mosaic kernel, so the pallas figures are the kernels' own
 `pl.CostEstimate` (the MXU work they issue: every visit multiplies a full row tile, so
@@ -43,6 +45,9 @@ IMPLS = {"pallas": grouped_swiglu_pallas, "ragged_dot": grouped_swiglu_ragged_do
 # name: (d, I, E, k, ep)   (spec §1.1)
 MODELS = {"v4-flash": (4096, 2048, 256, 6, 1), "v4-pro": (7168, 3072, 384, 6, 4)}
 GiB = 2**30
+# Public peak figures (bf16 dense TFLOP/s, HBM TB/s) for the roofline column: a model, not a timing.
+PEAK = {"TPU v5": (459e12, 2.765e12), "TPU v6 lite": (918e12, 1.64e12), "TPU v5 lite": (197e12, 0.819e12),
+        "TPU v4": (275e12, 1.2e12)}
 
 
 def program(impl: str, backward: bool):
@@ -79,10 +84,11 @@ def tpu_table(topology_name: str, quick: bool) -> list[str]:
     from jax.experimental import topologies
     topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
     kind = topology.devices[0].device_kind
+    flops_peak, hbm = PEAK.get(kind, (float("nan"), float("nan")))
     lines = [f"TPU cost/memory on {kind} ({topology_name}, one device), bf16, default pallas tiling\n",
              "| model | E_local | tokens | rows M | pass | tiling (tm,tk,tn) | impl | GFLOP | FLOP / useful | "
-             "FLOP / ragged | GB accessed | bytes / ragged | temp GiB | total GiB | mem / ragged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FLOP / ragged | GB accessed | bytes / ragged | temp GiB | total GiB | mem / ragged | roofline ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     models = {"v4-flash": MODELS["v4-flash"]} if quick else MODELS
     for name, (d, i, e, k, ep) in models.items():
         e_local = e // ep
@@ -97,14 +103,15 @@ def tpu_table(topology_name: str, quick: bool) -> list[str]:
                     head = (f"| {name} | {e_local} | {tokens} | {m} | {'fwd+bwd' if backward else 'fwd'} | "
                             f"{tiling if impl == 'pallas' else ''} | {impl} |")
                     if "error" in st:
-                        lines.append(head + f" {st['error']} |" + " |" * 8)
+                        lines.append(head + f" {st['error']} |" + " |" * 9)
                         continue
                     ok = "error" not in base
                     lines.append(
                         head + f" {st['flops'] / 1e9:,.0f} | {st['flops'] / useful:.2f} | "
                         f"{_ratio(st['flops'], base['flops']) if ok else 'n/a'} | {st['bytes'] / 1e9:,.1f} | "
                         f"{_ratio(st['bytes'], base['bytes']) if ok else 'n/a'} | {st['temp'] / GiB:.2f} | "
-                        f"{st['total'] / GiB:.2f} | {_ratio(st['total'], base['total']) if ok else 'n/a'} |")
+                        f"{st['total'] / GiB:.2f} | {_ratio(st['total'], base['total']) if ok else 'n/a'} | "
+                        f"{max(st['flops'] / flops_peak, st['bytes'] / hbm) * 1e3:.1f} |")
                 print("\n".join(lines[-3:]), flush=True)
     return lines
 
