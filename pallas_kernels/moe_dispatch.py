@@ -69,10 +69,11 @@ def default_tiling(m: int, k: int, n: int, groups: int, dtype, *, transposed_out
     """Block sizes from a traffic model, not from timings (untuned: no TPU was available).
 
     tm: the largest of 512/256/128 whose boundary waste groups * tm stays under half the rows (every
-    expert boundary costs up to one extra tm-row matmul). tk: the whole contraction when a
-    double-buffered [tk, tn] weight block fits the budget, so each expert's weights are fetched once
-    per column tile; else 2048. tn: 512 (tgmm, `transposed_out`: tk = tn = 1024, an fp32 accumulator
-    of 4 MiB).
+    expert boundary costs up to one extra tm-row matmul). tk, tn: the whole contraction in one block
+    whenever the double-buffered [tk, tn] weight and [tm, tk] row blocks fit the budget, so each
+    expert's weights are fetched once per column tile; tn 1024 if that fits (half the re-reads of
+    the rows of 512), else 512; failing both tk = 2048, tn = 512. tgmm (`transposed_out`):
+    tk = tn = 1024, an fp32 accumulator of 4 MiB.
     """
     item = jnp.dtype(dtype).itemsize
     tm = 128
@@ -82,11 +83,11 @@ def default_tiling(m: int, k: int, n: int, groups: int, dtype, *, transposed_out
             break
     if transposed_out:
         return tm, 1024, 1024
-    tn = 512
     tk = _round_up(k, _LANE)
-    if 2 * tk * tn * item + 2 * tm * tk * item > _VMEM_BUDGET // 2:
-        tk = 2048
-    return tm, tk, tn
+    for tn in (1024, 512):
+        if 2 * (tk * tn + tm * tk) * item <= _VMEM_BUDGET // 2:
+            return tm, tk, tn
+    return tm, 2048, 512
 
 
 def _fit(dim: int, tile: int, align: int) -> tuple[int, int]:

@@ -81,7 +81,9 @@ def test_visits_cover_every_row_exactly_once_within_the_static_bound(seed):
 
 
 def test_default_tiling_shrinks_the_row_tile_when_experts_get_few_rows():
-    assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16) == (128, 4096, 512)  # ~192 rows per expert
+    assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16) == (128, 4096, 1024)  # ~192 rows per expert
+    assert default_tiling(49152, 7168, 3072, 384, jnp.bfloat16) == (128, 7168, 512)  # whole d = 7168 still fits
+    assert default_tiling(49152, 32768, 2048, 8, jnp.bfloat16) == (512, 2048, 512)  # too wide: split the contraction
     assert default_tiling(1 << 20, 4096, 2048, 256, jnp.bfloat16)[0] == 512
     assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16, transposed_out=True) == (128, 1024, 1024)
 
