@@ -216,6 +216,26 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_one(release
         np.testing.assert_array_equal(a[n], b[n])
 
 
+def test_crash_between_a_save_and_its_manifest_update_is_recognised_on_resume(release, orbax_ckpt, tmp_path,
+                                                                               monkeypatch):
+    dst, calls = tmp_path / "gap", [0]
+    real = convert.checksum
+
+    def checksum_then_crash(a):  # runs after the batch is saved, before the manifest records it
+        calls[0] += 1
+        if calls[0] == 5:
+            raise _Stop
+        return real(a)
+
+    monkeypatch.setattr(convert, "checksum", checksum_then_crash)
+    with pytest.raises(_Stop):
+        convert.convert(release, dst, progress=False, batch_bytes=256 << 10)
+    monkeypatch.setattr(convert, "checksum", real)
+    convert.convert(release, dst, progress=False, batch_bytes=64 << 10)  # the first run's batch size is kept
+    a, b = convert.load_converted(dst), convert.load_converted(orbax_ckpt)
+    assert set(a) == set(b) and all(np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_crash_after_finalize_resumes_with_the_verification_pass(release, orbax_ckpt, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(orbax_ckpt, dst)

@@ -224,7 +224,8 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
         if os.path.exists(tpath) or os.path.exists(tpath + ".partial_save"):
             raise ConvertError(f"{dst} already holds an Orbax checkpoint without a {MANIFEST}; refusing to touch it")
         m = {"format": "v4jax-orbax", "version": _FORMAT_VERSION, "source": _source_id(source),
-             "dtype": dtype_name, "compressed": compress, "complete": False, "finalized": False,
+             "dtype": dtype_name, "compressed": compress, "batch_bytes": batch_bytes,
+             "complete": False, "finalized": False,
              "tensors": [dict(t, crc32=None) for t in specs]}
         if source.config is not None:
             _atomic_json(os.path.join(dst, CONFIG), source.config)
@@ -235,8 +236,10 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
     bar = _bar(len(by_name), progress, initial=len(done))
     if not m["finalized"]:
         # batches are cut from the known sizes before reading, so a batch is never held next to the
-        # tensor that would overflow it
+        # tensor that would overflow it; a resumed run keeps the first run's batch size, so a batch
+        # saved just before a crash (not yet in the manifest) is re-cut identically and recognised
         todo = [(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in m["tensors"] if t["name"] not in done]
+        batch_bytes = m.get("batch_bytes", batch_bytes)
         stream = source.tensors(skip=done)
         ctx = ocp.Context()
         ctx.array.saving.use_compression = compress
