@@ -210,9 +210,11 @@ def _wait_gather(p: _Plan, comp_hbm, buf, sem, slot):
     jax.lax.fori_loop(0, p.k, body, 0)
 
 
-def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, dtype, fn):
-    """fn(t, rows [k, c]) for each query t of the block, with the next query's rows in flight."""
-    _start_gather(p, comp_hbm, idx_smem, b, 0, buf, sem, 0)
+def _for_each_query_gathered(p: _Plan, comp_hbm, idx_smem, b, buf, sem, dtype, fn, first_started=False):
+    """fn(t, rows [k, c]) for each query t of the block, with the next query's rows in flight.
+    first_started: query 0's rows were already requested (into slot 0)."""
+    if not first_started:
+        _start_gather(p, comp_hbm, idx_smem, b, 0, buf, sem, 0)
 
     def body(t, carry):
         slot = t % 2
@@ -259,6 +261,8 @@ def _forward_kernel(*refs, p: _Plan):
         m_ref[...] = sink_ref[0].T  # the sink logit starts the running max; exp(sink - max) = 1
         l_ref[...] = jnp.ones_like(l_ref)
         acc_ref[...] = jnp.zeros_like(acc_ref)
+        if p.mode == "csa":  # the first query's entries arrive while the window blocks are processed
+            _start_gather(p, comp_hbm, idx_smem, b, 0, buf, sem, 0)
 
     row_t = _row_positions(p, row_offset_ref, i)
     q2 = q_ref[0].reshape(p.rows, p.c)
@@ -285,7 +289,8 @@ def _forward_kernel(*refs, p: _Plan):
                 mask = idx_ref[0, pl.ds(t, 1), :] >= 0  # [1, k]
                 s = _logits(p, q_ref[0, t], entries, mask)
                 _online_update(m_ref, l_ref, acc_ref, s, entries, rows)
-            _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, q_ref.dtype, one_query)
+            _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, q_ref.dtype, one_query,
+                                     first_started=True)
         o_ref[0] = (acc_ref[...] / l_ref[...]).reshape(p.bq, p.bh, p.c).astype(o_ref.dtype)
         lse_ref[0, 0] = (m_ref[...] + jnp.log(l_ref[...])).T
 
@@ -395,6 +400,51 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, idx_ref, idx_smem, c
 # ----------------------------------------------------------------------------------------------
 # pallas_call wrappers.
 
+def _block_pairs(p: _Plan) -> tuple[int, int]:
+    """(query block, key block) pairs the kernels visit, per batch row and head group: window, HCA."""
+    i = np.arange(p.nQ)
+    first = np.maximum(i * p.bq - p.window + 1, 0) // p.bk
+    window = int(np.sum((i * p.bq + p.bq - 1) // p.bk - first + 1))
+    hca = 0
+    if p.mode == "hca":
+        hca = int(np.sum(-(-np.minimum((i * p.bq + p.bq) // p.ratio, p.N) // p.bk)))
+    return window, hca
+
+
+def cost_estimates(p: _Plan, itemsize: int) -> dict[str, pl.CostEstimate]:
+    """What each kernel executes (whole blocks, masked entries included), for XLA's cost analysis.
+    csa_backward is for the whole sequence (each chunk's call gets its share)."""
+    window, hca = _block_pairs(p)
+    q_bytes = p.B * p.Tp * p.H * p.c * itemsize
+    stats = p.B * p.Tp * p.H * 4
+    csa_slots = p.B * p.Tp * p.k if p.mode == "csa" else 0
+    gathered = csa_slots * (p.c * itemsize + 8)  # the rows plus the index, read to VMEM and to SMEM
+    est = lambda flops, exps, nbytes: pl.CostEstimate(flops=int(flops), transcendentals=int(exps),
+                                                      bytes_accessed=int(nbytes))
+
+    def key_major(pairs, n_keys):  # per (key block, query block) pair: q and dO blocks and their stats
+        cells = p.B * p.G * pairs * p.rows * p.bk
+        return est(8 * p.c * cells, cells,
+                   p.B * p.G * pairs * p.rows * (2 * p.c * itemsize + 8) + p.B * n_keys * p.c * (itemsize + 4))
+
+    cells = p.B * p.G * (window + hca) * p.rows * p.bk  # logits computed by a query-major kernel
+    key_bytes = p.B * p.G * (window + hca) * p.bk * p.c * itemsize
+    return {
+        "forward": est(4 * p.c * (cells + csa_slots * p.H), cells + csa_slots * p.H,
+                       2 * q_bytes + key_bytes + gathered + stats),
+        "dq": est(6 * p.c * cells, cells, 3 * q_bytes + key_bytes + 2 * stats),
+        "dkv": key_major(window, p.Tp),
+        "dcompressed": key_major(hca, p.Np),
+        "csa_backward": est(10 * p.c * csa_slots * p.H, csa_slots * p.H,
+                            2 * q_bytes + p.B * p.Tp * p.H * p.c * 4 + gathered + csa_slots * p.c * 4 + 2 * stats),
+    }
+
+
+def _share(cost: pl.CostEstimate, fraction: float) -> pl.CostEstimate:
+    return pl.CostEstimate(flops=int(cost.flops * fraction), transcendentals=int(cost.transcendentals * fraction),
+                           bytes_accessed=int(cost.bytes_accessed * fraction))
+
+
 def _compiler_params(p: _Plan, semantics, vmem_bytes: int):
     limit = int(min(max(1.5 * vmem_bytes + (4 << 20), 32 << 20), 100 << 20))
     return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
@@ -442,6 +492,7 @@ def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
         vmem += 2 * p.k * p.c * comp.dtype.itemsize + 3 * p.bh * p.k * 4
     return pl.pallas_call(
         functools.partial(_forward_kernel, p=p),
+        cost_estimate=cost_estimates(p, q.dtype.itemsize)["forward"],
         grid=(p.B, p.G, p.nQ, p.n_steps),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, g, i, j: (b, i, g, 0)),
@@ -468,6 +519,7 @@ def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype):
     vmem = 2 * (3 * p.rows * p.c * item + p.bk * p.c * item) + p.rows * p.c * 4 + 4 * p.rows * p.bk * 4
     return pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
+        cost_estimate=cost_estimates(p, q.dtype.itemsize)["dq"],
         grid=(p.B, p.G, p.nQ, p.n_steps),
         in_specs=in_specs,
         out_specs=q_spec,
@@ -490,6 +542,7 @@ def _dkey_call(p: _Plan, q, do, lse, delta, keys, hca: bool):
     vmem = 2 * (2 * p.rows * p.c * item + p.bk * p.c * item) + 2 * p.bk * p.c * 4 + 4 * p.rows * p.bk * 4
     return pl.pallas_call(
         functools.partial(_dkey_kernel, p=p, hca=hca),
+        cost_estimate=cost_estimates(p, q.dtype.itemsize)["dcompressed" if hca else "dkv"],
         grid=(p.B, keys.shape[1] // p.bk, p.G, n_steps),
         in_specs=[row_offset_spec, q_spec, q_spec, rows_spec, rows_spec, key_spec],
         out_specs=key_spec,
@@ -511,6 +564,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, idx, comp):
             + 2 * p.k * p.c * comp.dtype.itemsize + 4 * p.H * p.k * 4 + 2 * p.rows * 128 * 4)
     return pl.pallas_call(
         functools.partial(_csa_backward_kernel, p=p),
+        cost_estimate=_share(cost_estimates(p, q.dtype.itemsize)["csa_backward"], p.chunk / p.Tp),
         grid=(p.B, n),
         in_specs=[q_spec, q_spec, rows_spec, rows_spec, idx_spec,
                   pl.BlockSpec((1, p.bq, p.k), lambda b, i: (b, i, 0), memory_space=pltpu.SMEM),
@@ -529,6 +583,7 @@ def _csa_backward(p: _Plan, q, do, lse, delta, idx, comp):
     """dq from the selected entries [B, Tp, H, c] fp32 and dcompressed [B, Np, c] fp32, chunk by chunk."""
     n_chunks = p.Tp // p.chunk
     rows_per_chunk = p.chunk * p.H
+    p = dataclasses.replace(p, bq=8)  # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512
 
     def body(dcomp, ci):
         t0 = ci * p.chunk
