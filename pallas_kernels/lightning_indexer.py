@@ -403,8 +403,9 @@ def cost_estimate(B: int, T: int, N: int, n_heads: int, head_dim: int, ratio: in
     """Work of one call with positions 0..T-1 (causal block skipping included), counted from the grid.
 
     flops: the score math (q.K products, ReLU, weight, head sum), what XLA counts for the reference;
-    sort_ops: vector ops of the sorting networks (about 10 per compare-exchange: 2 compares, 2 logic
-    ops, 4 selects, a direction flip), which have no counterpart in XLA's count of lax.top_k.
+    sort_ops: vector ops of the sorting networks, counted as 10 per compare-exchange (3 compares,
+    2 logic ops, 4 selects, some a direction flip), which have no counterpart in XLA's count of
+    lax.top_k.
     """
     k = min(topk, N)
     kp = _pow2(k)

@@ -63,6 +63,20 @@ def test_identical_indices_at_the_real_top_k_sizes(k, T):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.slow
+def test_identical_indices_at_the_real_head_sizes_in_bfloat16():
+    q, w, keys, pos = dyadic_inputs(8, B=1, T=2304, H=64, C=128, ratio=4, q_levels=4, dtype=jnp.bfloat16)
+    ours, ref = both(q, w, keys, pos, 4, 512)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_identical_indices_with_several_head_groups():
+    # n_I = 48: q is read 16 heads at a time (the real n_I = 64 uses 4 such groups)
+    q, w, keys, pos = dyadic_inputs(6, B=1, T=200, H=48, C=16, ratio=4)
+    ours, ref = both(q, w, keys, pos, 4, 8)
+    np.testing.assert_array_equal(ours, ref)
+
+
 def test_ties_break_towards_lowest_entry_index_like_lax_top_k():
     # Coarse values: most scores collide (many exact zeros from the ReLU, equal small sums).
     q, w, keys, pos = dyadic_inputs(2, B=1, T=256, H=4, C=16, ratio=4, q_levels=1, w_levels=2)
