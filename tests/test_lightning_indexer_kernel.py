@@ -127,6 +127,36 @@ def test_gaussian_inputs_select_the_same_scores():
     assert (ours == ref).mean() > 0.99
 
 
+def test_same_selection_as_the_tiny_models_indexer():
+    from flax import nnx
+
+    from v4jax import V4Config
+    from v4jax.config import AttentionKind
+    from v4jax.indexer import Indexer
+    from v4jax.rope import apply_rope, inv_frequencies
+
+    cfg = V4Config.preset("tiny")
+    indexer = Indexer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    B, T = 2, 160
+    x = jnp.asarray(rng.standard_normal((B, T, cfg.dim)), jnp.float32)
+    cq = jnp.asarray(rng.standard_normal((B, T, cfg.q_lora_rank)), jnp.float32)
+    pos, inv_freq = jnp.arange(T), inv_frequencies(cfg, AttentionKind.CSA)
+    keys = indexer.compressor(x, inv_freq)  # the same q, w, keys as Indexer.__call__ builds
+    q = apply_rope(indexer.wq_b(cq).reshape(B, T, indexer.n_heads, indexer.head_dim), pos[:, None], inv_freq)
+    w = indexer.weights_proj(x, jnp.float32) * (indexer.head_dim * indexer.n_heads) ** -0.5
+    ref = np.asarray(indexer(x, cq, pos, inv_freq))
+    ours = np.asarray(select_topk(q, w, keys, pos, indexer.ratio, indexer.topk, indexer.chunk, interpret=True))
+    scores = np.asarray(index_scores(q, w, keys))
+
+    def picked(idx):
+        return np.where(idx >= 0, np.take_along_axis(scores, np.maximum(idx, 0), axis=-1), -np.inf)
+
+    np.testing.assert_array_equal(ours < 0, ref < 0)
+    np.testing.assert_allclose(np.sort(picked(ours), -1), np.sort(picked(ref), -1), rtol=1e-6)
+    assert (ours == ref).mean() > 0.99  # fp32 summation order may only flip near-ties
+
+
 def test_bad_inputs_raise_value_error():
     q, w, keys, pos = dyadic_inputs(0, B=1, T=16, H=4, C=16, ratio=4)
     with pytest.raises(ValueError, match="inconsistent shapes"):
