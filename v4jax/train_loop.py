@@ -68,11 +68,11 @@ class TrainConfig:
     batch_size: int = 8  # global rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     data_seed: int = 0
-    steps: int = 300
+    steps: int = 200
     lr: float = 3e-3  # peak learning rate (spec: 2.7e-4 at scale)
     final_lr: float = 3e-4
     warmup_steps: int = 20
-    decay_steps: int = 100  # cosine decay over the last decay_steps (MTP weight drops then, spec §6)
+    decay_steps: int = 60  # cosine decay over the last decay_steps (MTP weight drops then, spec §6)
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-20
@@ -89,7 +89,7 @@ class TrainConfig:
     indexer_loss_weight: float = 1.0  # used when the model exposes indexer traces (see losses.indexer_kl_loss)
     seed: int = 0  # parameter init and RNG
     run_dir: str = "runs/tiny"
-    ckpt_every: int = 100
+    ckpt_every: int = 50
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     resume: bool = True  # continue from run_dir's latest good checkpoint when there is one
@@ -474,12 +474,11 @@ def plot_loss(metrics_path: str, png: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = sorted(read_metrics(metrics_path).items())
-    steps = [s for s, r in recs if r.get("ok", True)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "ce", "mtp"):
-        ys = [recs_dict[key] for s, recs_dict in recs if recs_dict.get("ok", True) and key in recs_dict]
-        if ys:
-            ax.plot(steps[:len(ys)], ys, label=key)
+        pts = [(s, r[key]) for s, r in recs if r.get("ok", True) and key in r]  # skipped steps left out
+        if pts:
+            ax.plot(*zip(*pts), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
@@ -603,7 +602,7 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     # ---- compile
     step_fn = make_step(tc, setup)
-    metric_sh = None  # replicated scalars / small arrays
+    metric_sh = replicated  # scalars and [L, E] loads: every process can read them
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, metric_sh),
                      donate_argnums=(0,))
     t0 = time.time()
