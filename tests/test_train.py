@@ -26,7 +26,7 @@ from v4jax.layers import Buffer
 from v4jax.model import Transformer
 from v4jax.moe import RoutingStats
 from v4jax.optim import flat_params
-from v4jax.train_loop import (Checkpointer, TrainingStopped, load_config, make_loss, make_setup, nan_step_array,
+from v4jax.train_loop import (Checkpointer, TrainingStopped, hyperparams, load_config, make_loss, make_setup,
                               read_metrics, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,10 +178,11 @@ def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
     _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
     params, buffers = flat_params(p), flat_params(b)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 33)), jnp.int32)
-    nan = jnp.asarray(nan_step_array([]))
+    hyper = hyperparams(tc, setup.schedule, 0)
+    assert float(hyper["mtp_weight"]) == pytest.approx(0.3)
     loss_fn = make_loss(tc, setup)
-    f = jax.jit(lambda q: loss_fn(q, buffers, tokens, jnp.int32(0), nan)[0])
-    grad = jax.jit(jax.grad(lambda q: loss_fn(q, buffers, tokens, jnp.int32(0), nan)[0]))(params)
+    f = jax.jit(lambda q: loss_fn(q, buffers, tokens, hyper)[0])
+    grad = jax.jit(jax.grad(lambda q: loss_fn(q, buffers, tokens, hyper)[0]))(params)
     rng = np.random.default_rng(1)
     for _ in range(3):
         v = {k: jnp.asarray(rng.normal(size=a.shape), jnp.float32) for k, a in params.items()}

@@ -101,9 +101,13 @@ def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtyp
     wide = m.shape[0] <= m.shape[1]
     x = (m if wide else m.T).astype(jnp.float32)
     x = (x / (jnp.linalg.norm(x) + eps)).astype(dtype)
-    for a, b, c in coeffs:
+
+    def ns_step(x, abc):
+        a, b, c = abc[0], abc[1], abc[2]
         gram = x @ x.T  # [min, min]
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        return (a * x + (b * gram + c * gram @ gram) @ x).astype(dtype), None
+
+    x, _ = jax.lax.scan(ns_step, x, jnp.asarray(coeffs, jnp.float32))  # one loop body: small programs
     x = x.astype(jnp.float32)
     return x if wide else x.T
 
@@ -193,21 +197,25 @@ class OptimConfig:
     clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
 
 
-def make_optimizer(groups: dict[str, ParamGroup], lr: Callable, oc: OptimConfig = OptimConfig()
+def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, oc: OptimConfig = OptimConfig()
                    ) -> optax.GradientTransformation:
-    """clip -> {Muon | AdamW} per group -> decoupled weight decay -> -lr. `lr` is a schedule of the
-    optimiser's own update count (skipped steps do not advance it)."""
+    """clip -> {Muon | AdamW} per group -> decoupled weight decay -> -lr.
+
+    lr: a constant, a schedule of the optimiser's own update count, or None: then the updates are
+    -(direction + wd * W) and the caller multiplies them by the learning rate (train_loop does, so
+    the schedule is a runtime input of the compiled step)."""
     labels = {n: (g.optimizer if g.optimizer == "muon" else ("adamw" if g.decay else "adamw_nodecay"))
               for n, g in groups.items()}
     muon_dims = {n: g.batch_dims for n, g in groups.items() if g.optimizer == "muon"}
     wd = oc.weight_decay
 
     def tail(decay: float):
-        return [optax.add_decayed_weights(decay)] if decay else []
+        scale = optax.scale(-1.0) if lr is None else optax.scale_by_learning_rate(lr)
+        return ([optax.add_decayed_weights(decay)] if decay else []) + [scale]
 
     muon = optax.chain(scale_by_muon(muon_dims, oc.muon_momentum, oc.muon_update_rms, jnp.dtype(oc.muon_ns_dtype)),
-                       *tail(wd), optax.scale_by_learning_rate(lr))
+                       *tail(wd))
     adam = lambda decay: optax.chain(optax.scale_by_adam(oc.adam_b1, oc.adam_b2, oc.adam_eps, mu_dtype=jnp.float32),
-                                     *tail(decay), optax.scale_by_learning_rate(lr))
+                                     *tail(decay))
     tx = optax.multi_transform({"muon": muon, "adamw": adam(wd), "adamw_nodecay": adam(0.0)}, labels)
     return optax.chain(optax.clip_by_global_norm(oc.clip_norm), tx) if oc.clip_norm else tx

@@ -100,6 +100,7 @@ class TrainConfig:
     plot: bool = True  # PNG loss curve at the end
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0 = from the device kind when known)
     nan_steps: tuple = ()  # testing hook: these steps (1-based, as logged) get a NaN loss and gradient
+    # (a runtime input, so it never changes the compiled program)
     compile_cache: str = ""  # persistent XLA compilation cache directory ("" = off)
     progress: bool = True
 
@@ -203,7 +204,9 @@ def make_setup(tc: TrainConfig, cfg: V4Config) -> Setup:
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     groups = split_params(logical_axes(params))
     schedule = tc.schedule()
-    return Setup(cfg, graphdef, params, buffers, rest, make_optimizer(groups, schedule.lr, tc.optim()), schedule)
+    # The learning rate is applied by the step from a runtime input (see `hyperparams`), so the
+    # schedule's numbers never enter the compiled program: runs differing only in them share it.
+    return Setup(cfg, graphdef, params, buffers, rest, make_optimizer(groups, None, tc.optim()), schedule)
 
 
 def _learned_mask(cfg: V4Config, include_hash: bool) -> np.ndarray:
@@ -228,15 +231,19 @@ def _bias_updates(cfg: V4Config, buffers: dict, load: jax.Array, mtp_load: jax.A
     return out
 
 
-MAX_NAN_STEPS = 8  # size of the nan_steps testing input (a runtime array, so it never changes the program)
+def hyperparams(tc: TrainConfig, schedule: Schedule, step: int) -> dict:
+    """Runtime inputs of the step taking the state from `step` to step + 1 (0-based): learning rate,
+    MTP weight and the NaN-injection flag (testing hook `nan_steps`, 1-based as logged)."""
+    return {"lr": np.float32(schedule.lr(step)), "mtp_weight": np.float32(schedule.mtp(step)),
+            "nan": np.bool_(step + 1 in tc.nan_steps)}
 
 
 def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
-    """loss_fn(params, buffers, micro [B, T+1], step, nan_steps) -> (total, (parts, load [L, E], mtp_load [E]))."""
-    cfg, sched = setup.cfg, setup.schedule
+    """loss_fn(params, buffers, micro [B, T+1], hyper) -> (total, (parts, load [L, E], mtp_load [E]))."""
+    cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
 
-    def loss_fn(params, buffers, micro, step, nan_steps):
+    def loss_fn(params, buffers, micro, hyper):
         model = nnx.merge(setup.graphdef, unflat_params(setup.param_template, params),
                           unflat_params(setup.buffer_template, buffers), setup.rest)
         inputs, targets = micro[:, :-1], micro[:, 1:]
@@ -246,7 +253,7 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
         total = parts["ce"]
         if out.mtp_logits is not None:
             parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, targets)
-            total = total + sched.mtp(step) * parts["mtp"]
+            total = total + hyper["mtp_weight"] * parts["mtp"]
         stats = out.routing
         masked = stats._replace(mean_affinity=stats.mean_affinity * mask[:, None, None])
         bal = losses.balance_loss(masked, cfg.n_activated_experts, T)
@@ -258,52 +265,46 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
         if traces is not None:
             parts["indexer"] = losses.indexer_kl_loss(*traces)
             total = total + tc.indexer_loss_weight * parts["indexer"]
-        total = total * jnp.where(jnp.any(nan_steps == step), jnp.nan, 1.0)  # testing hook (nan_steps)
+        total = total * jnp.where(hyper["nan"], jnp.nan, 1.0)  # testing hook (nan_steps): loss and grads NaN
         mtp_load = None if out.mtp_routing is None else jnp.sum(out.mtp_routing.load, axis=0)
         return total, (parts, jnp.sum(stats.load, axis=1), mtp_load)
 
     return loss_fn
 
 
-def nan_step_array(steps) -> np.ndarray:
-    if len(steps) > MAX_NAN_STEPS:
-        raise ValueError(f"nan_steps holds at most {MAX_NAN_STEPS} steps, got {len(steps)}")
-    return np.asarray(list(steps) + [-1] * (MAX_NAN_STEPS - len(steps)), np.int32)
-
-
 def make_step(tc: TrainConfig, setup: Setup) -> Callable:
-    """(state, batch [B, A, T+1], nan_steps [8]) -> (state, metrics). Pure; jit it with shardings.
-    nan_steps: 0-based state steps (the logged step minus one) whose loss and gradient are made NaN:
-    a testing hook; -1 = none."""
-    cfg, sched = setup.cfg, setup.schedule
+    """(state, batch [B, A, T+1], hyper) -> (state, metrics). Pure; jit it with shardings.
+    hyper: `hyperparams(...)` of this step (scalars, so the schedule does not change the program)."""
+    cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
     stages = [(st[0], st[1]) for st in _stage_units(cfg)]
     grad_fn = jax.value_and_grad(make_loss(tc, setup), has_aux=True)
 
-    def step_fn(state, batch, nan_steps):
+    def step_fn(state, batch, hyper):
         params, buffers, step = state["params"], state["buffers"], state["step"]
         batch = jnp.swapaxes(batch, 0, 1)  # [A, B, T+1]: one micro-batch per scan step
         A = batch.shape[0]
 
         def micro_step(carry, micro):
-            (loss, aux), grads = grad_fn(params, buffers, micro, step, nan_steps)
+            (loss, aux), grads = grad_fn(params, buffers, micro, hyper)
             acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
             return acc, None
 
-        (loss, aux), grads = grad_fn(params, buffers, batch[0], step, nan_steps)
+        (loss, aux), grads = grad_fn(params, buffers, batch[0], hyper)
         if A > 1:
             (loss, aux, grads), _ = jax.lax.scan(micro_step, (loss, aux, grads), batch[1:])
             loss, aux, grads = jax.tree.map(lambda x: x / A, (loss, aux, grads))
         parts, load, mtp_load = aux
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt = setup.tx.update(grads, state["opt"], params)
+        updates, opt = setup.tx.update(grads, state["opt"], params)  # -(direction + weight decay)
+        updates = jax.tree.map(lambda u: hyper["lr"] * u, updates)
         new = {"params": optax.apply_updates(params, updates), "opt": opt,
                "buffers": _bias_updates(cfg, buffers, load, mtp_load, tc.bias_update_speed, stages)}
         kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                             {"params": params, "opt": state["opt"], "buffers": buffers})
-        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "ok": ok, "lr": sched.lr(step),
-                   "mtp_weight": sched.mtp(step), "load": load,
+        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "ok": ok, "lr": hyper["lr"],
+                   "mtp_weight": hyper["mtp_weight"], "load": load,
                    "imbalance": jnp.sum(losses.imbalance(load) * mask) / jnp.maximum(jnp.sum(mask), 1)}
         return {**kept, "step": step + 1, "rng": state["rng"]}, metrics
 
@@ -538,7 +539,6 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     # ---- checks and data (no compile yet)
     cfg = tc.model_config()
-    nan_step_array(tc.nan_steps)
     if tc.compile_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(tc.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -609,7 +609,8 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     with use_mesh_rules(mesh, rules):
         compiled = jitted.lower(abstract, jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1),
                                                                jnp.int32, sharding=batch_sharding),
-                                jax.ShapeDtypeStruct((MAX_NAN_STEPS,), jnp.int32, sharding=replicated)).compile()
+                                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                             hyperparams(tc, setup.schedule, 0))).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", 0.0))
@@ -629,7 +630,6 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     except ValueError:
         old_handler = None  # not the main thread: no preemption handling
 
-    nan_steps = jax.device_put(nan_step_array([s - 1 for s in tc.nan_steps]), replicated)
     tokens_per_step = tc.grad_accum * tc.batch_size * tc.seq_len
     step = int(jax.device_get(state["step"]))
     first_step = step
@@ -644,7 +644,8 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 local = next(batches)
                 batch = host_local_to_global(local, mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1),
                                              BATCH_AXES)
-                state, m = compiled(state, batch, nan_steps)
+                hyper = jax.device_put(hyperparams(tc, setup.schedule, step), replicated)
+                state, m = compiled(state, batch, hyper)
                 m = jax.device_get(m)
                 step += 1
                 now = time.time()
