@@ -302,6 +302,14 @@ def check_token_ids(tokens, vocab_size: int) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def _concrete(x) -> np.ndarray | None:
+    """x as a numpy array, or None while tracing (checks run on concrete inputs only)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def prefill(model, tokens: jax.Array, lengths: jax.Array | None, cache: Cache) -> tuple[jax.Array, Cache]:
     """Feed a (chunk of a) prompt: tokens [B, T] right-padded, lengths [B] real tokens per row (default
     T). Continues from the cache's current lengths, so calling it chunk by chunk equals one call.
@@ -309,12 +317,13 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array | None, cache: Cache) -
     Checks concrete inputs (ids in the vocabulary, room in the cache); traceable with abstract ones."""
     B, T = tokens.shape
     lengths = jnp.full((B,), T, jnp.int32) if lengths is None else lengths
-    if not isinstance(tokens, jax.core.Tracer):
-        check_token_ids(tokens, model.cfg.vocab_size)
-    if not isinstance(lengths, jax.core.Tracer) and not isinstance(cache.lengths, jax.core.Tracer):
-        if np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > T):
-            raise ValueError(f"lengths must lie in [0, {T}] (the padded prompt width), got {np.asarray(lengths)}")
-        _check_fits(cache, np.asarray(lengths), "prefill")
+    ids, n, held = _concrete(tokens), _concrete(lengths), _concrete(cache.lengths)
+    if ids is not None:
+        check_token_ids(ids, model.cfg.vocab_size)
+    if n is not None and held is not None:
+        if np.any(n < 0) or np.any(n > T):
+            raise ValueError(f"lengths must lie in [0, {T}] (the padded prompt width), got {n}")
+        _check_fits(cache, n, "prefill")
     out = extend(model, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
     return out.logits, out.cache
 

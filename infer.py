@@ -1,0 +1,227 @@
+"""Generate text with a DeepSeek-V4 checkpoint (v4jax): cached, batched, optionally MTP-speculative.
+
+  python infer.py --checkpoint HF_DIR --prompt "Hello" [--tokenizer tokenizer.json]
+  python infer.py --checkpoint HF_DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
+  python infer.py --checkpoint HF_DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
+      [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
+      [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N]
+
+The checkpoint is an HF-format directory (config.json + *.safetensors, the Hub or transformers
+spelling; `v4jax.checkpoint.load_hf`). Tokens stream to stdout as they are produced; the cache size
+per token and in total for the requested length is printed first, and the speed (and the speculative
+acceptance rate) at the end. Without --checkpoint it explains how to get one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HOW_TO_GET_A_CHECKPOINT = """\
+infer.py needs --checkpoint DIR: an HF-format directory (config.json + *.safetensors). Ways to get one:
+  * a random tiny model to try the tool (seconds):
+      python infer.py --write-random-checkpoint /tmp/v4tiny --preset tiny
+      python infer.py --checkpoint /tmp/v4tiny --prompt-ids ids.txt
+  * a released model: download deepseek-ai/DeepSeek-V4-Flash (or -Pro) from the Hugging Face Hub and
+    dequantise it with `python -m v4jax.convert --from DOWNLOAD --to OUT --format hf --dtype bf16`
+    (needs the memory of the whole model);
+  * a model trained with train.py: its Orbax run directory is not read by infer.py yet; export it to
+    the HF format first (see docs/inference.md)."""
+
+
+class InferError(ValueError):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+def read_config(path: str):
+    """The V4Config of an HF directory (cheap: config.json only); a clear error for anything else."""
+    from v4jax.config import V4Config
+
+    if not os.path.exists(path):
+        raise InferError(f"checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise InferError(f"checkpoint {path} is not a directory (expected config.json + *.safetensors)")
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        orbax = {"_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoints", "tensors", "manifest.json"}
+        if names & orbax or any(n.isdigit() for n in names):
+            raise InferError(f"{path} looks like an Orbax checkpoint (train.py run or converter output); "
+                             "infer.py reads HF-format directories only: export it to HF first "
+                             "(python -m v4jax.convert --from ORBAX_DIR --to OUT --format hf for converter output)")
+        raise InferError(f"{path} has no config.json: not an HF-format checkpoint directory")
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type", "deepseek_v4")
+    if model_type != "deepseek_v4":
+        raise InferError(f"{path} holds a {model_type!r} checkpoint; infer.py runs DeepSeek-V4 (model_type "
+                         "'deepseek_v4') only")
+    return V4Config.from_json_file(os.path.join(path, "config.json"))
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    """A `tokenizers` tokenizer.json whose vocabulary fits the model's."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InferError("--prompt needs the `tokenizers` package (pip install tokenizers), or use --prompt-ids")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+        raise InferError(f"cannot read tokenizer {path}: {e}") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise InferError(f"tokenizer {path} has {n} tokens but the model's vocabulary has {vocab_size}: "
+                         "they do not belong together")
+    return tok
+
+
+def read_prompt_ids(path: str) -> list[list[int]]:
+    """.npy ([S] or [B, S]) or text (one prompt per line; ids separated by spaces or commas)."""
+    if not os.path.isfile(path):
+        raise InferError(f"--prompt-ids file {path} does not exist")
+    if path.endswith(".npy"):
+        try:
+            a = np.load(path)
+        except (OSError, ValueError) as e:
+            raise InferError(f"cannot read {path}: {e}") from None
+        if not np.issubdtype(a.dtype, np.integer) or a.ndim not in (1, 2):
+            raise InferError(f"{path}: expected integer ids [S] or [B, S], got {a.dtype} {a.shape}")
+        return [list(map(int, r)) for r in np.atleast_2d(a)]
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.replace(",", " ").split()
+            if not fields:
+                continue
+            try:
+                rows.append([int(x) for x in fields])
+            except ValueError:
+                raise InferError(f"{path}:{n}: token ids must be integers") from None
+    if not rows:
+        raise InferError(f"{path} holds no token ids")
+    return rows
+
+
+def print_cache_size(cfg, batch: int, max_len: int, dtype: str) -> None:
+    import jax
+
+    from v4jax.cache import cache_nbytes, cache_size, init_cache
+
+    layout = cache_size(cfg, "layout", dtype)
+    release = cache_size(cfg, "release")
+    held = cache_nbytes(jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype)))
+    print(f"KV cache: {layout.per_token:,.0f} B/token + {layout.fixed / 1e6:.2f} MB fixed per sequence "
+          f"({dtype} layout); {held / 1e6:.2f} MB allocated for {batch} x {max_len} tokens. "
+          f"Release format (FP8/FP4): {release.per_token:,.0f} B/token, {release.total(max_len) / 1e6:.2f} MB "
+          f"per sequence at {max_len}.", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python infer.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="HF-format directory (config.json + *.safetensors)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    g.add_argument("--prompt-ids", help=".npy or text file of token ids (one prompt per line)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: CHECKPOINT/tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy)")
+    p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + max new tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    p.add_argument("--write-random-checkpoint", metavar="DIR", help="write a random model (--preset) and exit")
+    p.add_argument("--preset", default="tiny", help="preset for --write-random-checkpoint")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:  # InferError, CheckpointError, ConfigError, generation input errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.write_random_checkpoint:
+        from flax import nnx
+
+        from v4jax.checkpoint import save_hf
+        from v4jax.config import V4Config
+        from v4jax.model import Transformer
+
+        save_hf(Transformer(V4Config.preset(args.preset), rngs=nnx.Rngs(args.seed)), args.write_random_checkpoint)
+        print(f"wrote a random {args.preset} model to {args.write_random_checkpoint}")
+        return 0
+    if not args.checkpoint:
+        print(HOW_TO_GET_A_CHECKPOINT, file=sys.stderr)
+        return 2
+    if args.prompt is None and args.prompt_ids is None:
+        raise InferError("give --prompt TEXT or --prompt-ids FILE")
+    from v4jax.checkpoint import load_hf
+    from v4jax.generate import Generator, Sampling, check_token_ids
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
+    if args.prompt is not None and not os.path.isfile(tok_path):
+        raise InferError(f"--prompt needs a tokenizer: {tok_path} does not exist (pass --tokenizer, or --prompt-ids)")
+    # every check that needs only config.json runs before the weights load
+    cfg = read_config(args.checkpoint)
+    sampling.validate(cfg.vocab_size)
+    tok = load_tokenizer(tok_path, cfg.vocab_size) if (args.tokenizer or args.prompt is not None) else None
+    prompts = [tok.encode(args.prompt).ids] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
+    for p in prompts:
+        check_token_ids(p, cfg.vocab_size)
+        if not p:
+            raise InferError("the prompt is empty after tokenisation")
+    stop = args.stop if args.stop is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
+    need = max(map(len, prompts)) + args.max_new_tokens + int(args.speculative)
+    max_len = args.max_len or min(need, cfg.max_seq_len)
+    if need > max_len:
+        raise InferError(f"prompt of {max(map(len, prompts))} tokens + --max-new-tokens {args.max_new_tokens} needs "
+                         f"{need} cache positions, more than max_len {max_len} (model max_seq_len {cfg.max_seq_len})")
+
+    model, info = load_hf(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
+    if args.speculative and not info.mtp_loaded:
+        raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp.* tensors")
+    print_cache_size(cfg, len(prompts), max_len, args.dtype or cfg.dtype)
+
+    gen = Generator(model)
+    stats: list = []
+    texts = [[] for _ in prompts]
+
+    def render(ids):
+        return tok.decode(ids) if tok else " ".join(map(str, ids))
+
+    shown = ""
+    for update in gen.stream(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop,
+                             seed=args.seed, speculative=args.speculative, prefill_chunk=args.prefill_chunk,
+                             max_len=max_len, stats=stats):
+        for b, ids in update.items():
+            texts[b] += ids
+        if len(prompts) == 1:  # stream a single prompt as it is produced (re-decoded: pieces may merge)
+            text = render(texts[0])
+            if text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    if len(prompts) == 1:
+        print(render(texts[0])[len(shown):])
+    else:
+        for b, ids in enumerate(texts):
+            print(f"[{b}] " + render(ids))
+    s = stats[0]
+    line = (f"prefill {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.generated_tokens} new tokens in "
+            f"{s.decode_s:.2f} s ({s.steps} steps, includes compilation)")
+    if args.speculative:
+        line += f"; MTP acceptance {s.accepted}/{s.drafted} = {s.acceptance_rate:.1%}"
+    print(line, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
