@@ -18,7 +18,7 @@ from flax import nnx
 
 from sharding.context import constrain
 from v4jax.compressor import Compressor
-from v4jax.config import AttentionKind, V4Config
+from v4jax.config import AttentionImpl, AttentionKind, V4Config
 from v4jax.indexer import Indexer, map_query_chunks
 from v4jax.layers import Linear, RMSNorm, param, rms_normalize
 from v4jax.rope import apply_rope, inv_frequencies
@@ -61,8 +61,9 @@ class Attention(nnx.Module):
         if self.indexer is not None:
             topk_idx = self.indexer(x, cq, positions, inv_freq)  # [B, T, k]
 
-        o = sparse_attention(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx,
-                             cfg.compress_ratio(self.kind), cfg.attention_chunk)  # [B, T, H, c]
+        core = sparse_attention if cfg.attention_impl is AttentionImpl.REFERENCE else pallas_sparse_attention
+        o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx,
+                 cfg.compress_ratio(self.kind), cfg.attention_chunk)  # [B, T, H, c]
         o = apply_rope(o, positions[:, None], inv_freq, inverse=True)  # de-rotate at the query position
         g = cfg.o_groups
         o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]: heads grouped contiguously
@@ -126,3 +127,18 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
 
     args = (q, jnp.arange(T)) if topk_idx is None else (q, topk_idx, jnp.arange(T))
     return map_query_chunks(jax.checkpoint(one_chunk), args, T, chunk)
+
+
+def on_tpu_or_interpreted(kernel):
+    """A Pallas TPU kernel as the model calls it: compiled by Mosaic when lowered for TPU (also AOT
+    from a CPU host), run by Pallas' interpreter on any other backend (CPU tests, GPU)."""
+    def run(*args):
+        return jax.lax.platform_dependent(tpu=lambda: kernel(*args, interpret=False),
+                                          default=lambda: kernel(*args, interpret=True))
+    return run
+
+
+def pallas_sparse_attention(*args):
+    """attention_impl=pallas: pallas_kernels.sparse_attention, same function as `sparse_attention`."""
+    from pallas_kernels.sparse_attention import sparse_attention as kernel  # imported only when chosen
+    return on_tpu_or_interpreted(kernel)(*args)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.compressor import Compressor
-from v4jax.config import V4Config
+from v4jax.config import AttentionImpl, V4Config
 from v4jax.layers import Linear
 from v4jax.rope import apply_rope
 
@@ -31,7 +31,7 @@ class Indexer(nnx.Module):
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, True, cfg.norm_eps,
                                      param_dtype=pd, rngs=rngs)
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.ratio, self.chunk = cfg.csa_ratio, cfg.attention_chunk
+        self.ratio, self.chunk, self.impl = cfg.csa_ratio, cfg.attention_chunk, cfg.attention_impl
 
     def __call__(self, x: jax.Array, cq: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
         """x [B,T,d], cq [B,T,d_c], positions [T] -> selected entry ids [B, T, min(k_I, N_c)], -1 = empty."""
@@ -40,6 +40,12 @@ class Indexer(nnx.Module):
         q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
         q = apply_rope(q, positions[:, None], inv_freq)  # [B, T, n_I, c_I]
         w = self.weights_proj(x, jnp.float32) * (self.head_dim * self.n_heads) ** -0.5  # [B, T, n_I]
+        if self.impl is AttentionImpl.PALLAS:
+            from pallas_kernels.lightning_indexer import select_topk as kernel  # imported only when chosen
+            from v4jax.attention import on_tpu_or_interpreted
+
+            q, w, keys = jax.lax.stop_gradient((q, w, keys))  # indices carry no gradient (spec §8.6)
+            return on_tpu_or_interpreted(kernel)(q, w, keys, positions, self.ratio, self.topk, self.chunk)
         return select_topk(q, w, keys, positions, self.ratio, self.topk, self.chunk)
 
 
