@@ -47,6 +47,13 @@ from v4jax.attention import sparse_attention as _reference_sparse_attention
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims):
+    """MXU product with fp32 accumulation; fp32 operands at full precision (bf16 ones are exact)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def sparse_attention_reference(q, kv, sinks, window, compressed=None, topk_idx=None, ratio=0, chunk=512):
@@ -161,7 +168,7 @@ def _row_positions(p: _Plan, row_offset_ref, i):
 
 
 def _logits(p: _Plan, q2, keys, mask):
-    s = jax.lax.dot_general(q2, keys, _NT, preferred_element_type=jnp.float32) * p.scale
+    s = _dot(q2, keys, _NT) * p.scale
     return jnp.where(mask, s, -jnp.inf)
 
 
@@ -239,8 +246,7 @@ def _online_update(m_ref, l_ref, acc_ref, s, values, rows=slice(None)):
     alpha = jnp.exp(m_prev - m_new)
     probs = jnp.exp(s - m_new)
     l_ref[rows, :] = alpha * l_ref[rows, :] + jnp.sum(probs, axis=1, keepdims=True)
-    acc_ref[rows, :] = alpha * acc_ref[rows, :] + jnp.dot(probs.astype(values.dtype), values,
-                                                          preferred_element_type=jnp.float32)
+    acc_ref[rows, :] = alpha * acc_ref[rows, :] + _dot(probs.astype(values.dtype), values, _NN)
     m_ref[rows, :] = m_new
 
 
@@ -301,9 +307,9 @@ def _forward_kernel(*refs, p: _Plan):
 def _dq_update(p: _Plan, dq_ref, q2, do2, lse, delta, keys, mask):
     s = _logits(p, q2, keys, mask)
     probs = jnp.exp(s - lse)
-    dp = jax.lax.dot_general(do2, keys, _NT, preferred_element_type=jnp.float32)
+    dp = _dot(do2, keys, _NT)
     ds = probs * (dp - delta)
-    dq_ref[...] += jnp.dot(ds.astype(keys.dtype), keys, preferred_element_type=jnp.float32) * p.scale
+    dq_ref[...] += _dot(ds.astype(keys.dtype), keys, _NN) * p.scale
 
 
 def _dq_kernel(*refs, p: _Plan):
@@ -362,11 +368,11 @@ def _dkey_kernel(row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dke
         keys = key_ref[0]
         mask = _hca_mask(p, row_t, kb) if hca else _window_mask(p, row_t, kb)
         probs = jnp.exp(_logits(p, q2, keys, mask) - lse_ref[0, 0].T)  # [rows, bk]
-        dp = jax.lax.dot_general(do2, keys, _NT, preferred_element_type=jnp.float32)
+        dp = _dot(do2, keys, _NT)
         ds = probs * (dp - delta_ref[0, 0].T)
         dkey_ref[...] += (  # key = value: d(key) from the logits plus d(value) from the weighted sum
-            jax.lax.dot_general(ds.astype(q2.dtype), q2, _TN, preferred_element_type=jnp.float32) * p.scale
-            + jax.lax.dot_general(probs.astype(do2.dtype), do2, _TN, preferred_element_type=jnp.float32))
+            _dot(ds.astype(q2.dtype), q2, _TN) * p.scale
+            + _dot(probs.astype(do2.dtype), do2, _TN))
 
     @pl.when((g == p.G - 1) & (j == n_steps - 1))
     def _finish():
@@ -387,12 +393,12 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, idx_ref, idx_smem, c
         q_t, do_t = q_ref[0, t], do_ref[0, t]  # [H, c]
         mask = idx_ref[0, pl.ds(t, 1), :] >= 0
         probs = jnp.exp(_logits(p, q_t, entries, mask) - lse_col[rows, :])  # [H, k]
-        dp = jax.lax.dot_general(do_t, entries, _NT, preferred_element_type=jnp.float32)
+        dp = _dot(do_t, entries, _NT)
         ds = probs * (dp - delta_col[rows, :])
-        dq_out[0, t] = jnp.dot(ds.astype(entries.dtype), entries, preferred_element_type=jnp.float32) * p.scale
+        dq_out[0, t] = _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
         drows_out[0, t] = (
-            jax.lax.dot_general(ds.astype(q_t.dtype), q_t, _TN, preferred_element_type=jnp.float32) * p.scale
-            + jax.lax.dot_general(probs.astype(do_t.dtype), do_t, _TN, preferred_element_type=jnp.float32))
+            _dot(ds.astype(q_t.dtype), q_t, _TN) * p.scale
+            + _dot(probs.astype(do_t.dtype), do_t, _TN))
 
     _for_each_query_gathered(p, comp_hbm, idx_smem, b, buf, sem, q_ref.dtype, one_query)
 

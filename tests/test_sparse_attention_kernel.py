@@ -183,6 +183,10 @@ def test_mosaic_compiles_the_kernels_for_tpu(topology, mode, backward):
     assert compiled.memory_analysis() is not None
 
 
+def test_mosaic_compiles_fp32_inputs():
+    compile_for_tpu("v5p:2x2x1", "csa", 1024, backward=True, dtype=jnp.float32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
 @pytest.mark.parametrize("mode", ["swa", "hca", "csa"])
