@@ -14,6 +14,7 @@ V4JAX_* variables, or the TPU pod's own environment). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from v4jax.train_loop import TrainingStopped, load_config, train
     overrides = list(args.overrides)
     if args.metrics_file:
-        overrides.append(f"metrics_file={args.metrics_file!r}".replace("'", '"'))
+        overrides.append(f"metrics_file={json.dumps(args.metrics_file)}")
     if args.resume is not None:
         overrides.append(f"resume={'true' if args.resume else 'false'}")
     try:

@@ -318,3 +318,27 @@ def test_two_processes_train_like_one(tmp_path, corpus, cache):
     two, one = losses_of(tmp_path / "two" / "metrics.jsonl"), losses_of(tmp_path / "one" / "metrics.jsonl")
     assert sorted(one) == list(range(1, 7)) and sorted(two) == sorted(one)
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_big_batch(corpus):
+    """grad_accum=2 x batch 2 takes the same rows as 1 x batch 4: same loss and the same new params."""
+    from v4jax.train_loop import make_step
+    results = []
+    tokens = np.random.default_rng(0).integers(2, 258, (4, 33)).astype(np.int32)
+    for accum, rows in ((1, 4), (2, 2)):
+        tc = load_config(None, small_overrides("/tmp/unused", corpus, grad_accum=accum, batch_size=rows))
+        setup = make_setup(tc, tc.model_config())
+        _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+        params = flat_params(p)
+        state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+        batch = jnp.asarray(tokens.reshape(accum, rows, 33).swapaxes(0, 1))  # [B, A, T+1]
+        new, m = jax.jit(make_step(tc, setup))(state, batch, hyperparams(tc, setup.schedule, 5))
+        results.append((float(m["loss"]), float(m["grad_norm"]), new["params"], new["buffers"]))
+    (l1, g1, p1, b1), (l2, g2, p2, b2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-4)
+    for k in p1:
+        np.testing.assert_allclose(np.asarray(p2[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in b1:
+        np.testing.assert_array_equal(np.asarray(b2[k]), np.asarray(b1[k]), err_msg=k)

@@ -286,14 +286,15 @@ def make_step(tc: TrainConfig, setup: Setup) -> Callable:
         A = batch.shape[0]
 
         def micro_step(carry, micro):
-            (loss, aux), grads = grad_fn(params, buffers, micro, hyper)
-            acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
-            return acc, None
+            return jax.tree.map(jnp.add, carry, grad_fn(params, buffers, micro, hyper)), None
 
-        (loss, aux), grads = grad_fn(params, buffers, batch[0], hyper)
-        if A > 1:
-            (loss, aux, grads), _ = jax.lax.scan(micro_step, (loss, aux, grads), batch[1:])
-            loss, aux, grads = jax.tree.map(lambda x: x / A, (loss, aux, grads))
+        if A == 1:
+            (loss, aux), grads = grad_fn(params, buffers, batch[0], hyper)
+        else:  # sum over micro-batches in fp32 (one traced copy of the model), then the mean
+            shapes = jax.eval_shape(grad_fn, params, buffers, batch[0], hyper)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
+            summed, _ = jax.lax.scan(micro_step, zeros, batch)
+            (loss, aux), grads = jax.tree.map(lambda x: x / A, summed)
         parts, load, mtp_load = aux
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
