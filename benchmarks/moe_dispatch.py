@@ -119,7 +119,8 @@ def tpu_table(topology_name: str, quick: bool) -> list[str]:
 def cpu_table(quick: bool, repeats: int) -> list[str]:
     d, i, e, k = 256, 128, 32, 6
     lines = [f"CPU wall clock ({os.cpu_count()} cores), fp32, d={d} I={i} E={e} k={k}, jitted, median of {repeats}\n",
-             "| tokens | rows M | pass | ragged_dot ms | one-hot ms | one-hot / ragged_dot |", "|---|---|---|---|---|---|"]
+             "| tokens | rows M | pass | ragged_dot ms | one-hot ms | one-hot / ragged_dot |",
+             "|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     for tokens in ((128,) if quick else (128, 512)):
         m = tokens * k

@@ -322,7 +322,8 @@ def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
     cost = pl.CostEstimate(
         flops=2 * (m_pad + min(E, n_visits) * tm) * k_pad * n_pad,
         transcendentals=0,
-        bytes_accessed=m_pad * k_pad * item * nn + m_pad * n_pad * dout.dtype.itemsize * nk + E * k_pad * n_pad * out_item)
+        bytes_accessed=(m_pad * k_pad * item * nn + m_pad * n_pad * dout.dtype.itemsize * nk
+                        + E * k_pad * n_pad * out_item))
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, precision=_precision(lhs.dtype)),
         out_shape=_out_struct((E, k_pad, n_pad), out_dtype, lhs, dout, *visits),
@@ -432,7 +433,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_e
         raise ValueError(f"tgmm needs lhs and dout of one dtype, got {lhs.dtype} and {dout.dtype}")
     _check_sizes(group_sizes, group_sizes.shape[0] if group_sizes.ndim == 1 else -1)
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
-    return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=None if tiling is None else _check_tiling(tiling)),
+    tiling = None if tiling is None else _check_tiling(tiling)
+    return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=tiling),
                 interpret, lhs, dout, group_sizes)
 
 
@@ -447,7 +449,8 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     fp32; the SwiGLU clamp runs in fp32 between the kernels. interpret and tiling as for `gmm`
     (interpret=None: the TPU kernel on TPU, the interpreter elsewhere, so moe_impl=pallas runs anywhere).
     """
-    if xs.ndim != 2 or w1.shape != w3.shape or w1.shape[:2] != (w2.shape[0], xs.shape[1]) or w2.shape[1:] != (w1.shape[2], xs.shape[1]):
+    d = xs.shape[-1] if xs.ndim else -1
+    if xs.ndim != 2 or w1.shape != w3.shape or w1.shape[:2] != (w2.shape[0], d) or w2.shape[1:] != (w1.shape[2], d):
         raise ValueError(f"grouped_swiglu needs xs [M, d], w1/w3 [E, d, I], w2 [E, I, d]; got xs {xs.shape}, "
                          f"w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape}")
     if row_weights.shape != xs.shape[:1]:
