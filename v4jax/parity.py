@@ -7,6 +7,9 @@
 [B, S, V]), OUT/hidden_states.npy (float32 [L+1, B, S, hc_mult, d]: entry 0 the widened embedding,
 entry i the streams after layer i-1), OUT/final_hidden.npy ([B, S, d], after the hc head and the
 final norm) and, when the checkpoint has MTP weights, OUT/mtp_logits.npy ([B, S-1, V]).
+`dump --decode-from S0` also runs the inference cache (v4jax.generate): prefill the first S0 ids, then
+feed the rest one token at a time (teacher forcing), and writes OUT/decode_logits.npy [B, S-S0+1, V]
+whose entry j is the logits at position S0-1+j (j = 0 from the prefill).
 `compare` prints max |a-b| and ||a-b|| / ||b|| for every array present in both folders and exits 1
 when any exceeds the tolerances (2 on unusable input). Another backend writes the same files to
 check itself against v4jax.
@@ -35,7 +38,8 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
+         decode_from: int | None = None) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -58,12 +62,37 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32") -> d
     arrays = {"logits": o.logits, "hidden_states": jnp.stack(o.hidden_states), "final_hidden": o.final_hidden}
     if o.mtp_logits is not None:
         arrays["mtp_logits"] = o.mtp_logits
+    if decode_from is not None:
+        arrays["decode_logits"] = decode_logits(model, ids, decode_from)
     os.makedirs(out, exist_ok=True)
     result = {}
     for name, a in arrays.items():
         result[name] = np.asarray(a, dtype=np.float32)
         np.save(os.path.join(out, f"{name}.npy"), result[name])
     return result
+
+
+def decode_logits(model, ids: np.ndarray, decode_from: int) -> np.ndarray:
+    """Teacher-forced cached decode: prefill ids[:, :S0], then one token per step. [B, S-S0+1, V] fp32."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from v4jax.cache import init_cache
+    from v4jax.generate import decode_step, prefill
+
+    B, S = ids.shape
+    if not 1 <= decode_from <= S:
+        raise ValueError(f"--decode-from must lie in [1, {S}] (the number of input ids), got {decode_from}")
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, cache, t: decode_step(nnx.merge(graphdef, st), cache, t), donate_argnums=1)
+    first = jax.jit(lambda st, cache, t: prefill(nnx.merge(graphdef, st), t, None, cache), donate_argnums=1)
+    logits, cache = first(state, init_cache(model.cfg, B, S, mtp=False), jnp.asarray(ids[:, :decode_from]))
+    out = [np.asarray(logits[:, -1], np.float32)]
+    for t in range(decode_from, S):
+        logits, cache = step(state, cache, jnp.asarray(ids[:, t:t + 1]))
+        out.append(np.asarray(logits[:, 0], np.float32))
+    return np.stack(out, axis=1)
 
 
 def compare(a_dir: str, b_dir: str, rtol: float = 1e-5, atol: float | None = None) -> bool:
@@ -101,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--input-ids", required=True, help=".npy file of int token ids [B, S]")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and parameter dtype")
+    d.add_argument("--decode-from", type=int, default=None, metavar="S0",
+                   help="also write decode_logits.npy: prefill S0 ids, then decode the rest one token at a time")
     c = sub.add_parser("compare", help="compare the arrays of two dump folders")
     c.add_argument("a")
     c.add_argument("b", help="the reference: relative error is ||a-b|| / ||b||")
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "dump":
-            arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype)
+            arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype, decode_from=args.decode_from)
             for name, a in arrays.items():
                 print(f"wrote {os.path.join(args.out, name + '.npy')} {a.shape}")
             return 0
