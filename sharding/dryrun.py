@@ -108,6 +108,8 @@ def tpu_devices(topology: str, num_slices: int = 1):
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
         raise SystemExit(f"jax.experimental.topologies unavailable: {e}")
+    # libtpu takes a machine-wide lock by default; a compile-only client does not need it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kw = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
@@ -323,12 +325,23 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
         return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names
-    if mode == "decode":
-        try:
-            from v4jax import generate  # the inference cache (issue 7)
-        except ImportError:
-            raise SystemExit("decode dry runs need the inference cache (v4jax.generate), which is not in this tree yet")
-        return generate.dryrun_decode(cfg, graphdef, params, rest, p_sh, r_sh, batch, seq, mesh, rules, names)
+    if mode == "decode":  # one token per sequence against a cache holding `seq` positions
+        from v4jax.cache import cache_shardings, init_cache
+        from v4jax.generate import decode_step
+
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, jnp.bfloat16, mtp=False))
+        c_sh = cache_shardings(cache, mesh, rules)
+        names["KV cache (all layers)"] = sum(_per_device_bytes(a.shape, a.dtype, sh, mesh) for a, sh in
+                                             zip(jax.tree.leaves(cache), jax.tree.leaves(c_sh)))
+        tok_sh = NamedSharding(mesh, rules.spec(("batch", None), (batch, 1), mesh))
+
+        def step(params, rest, cache, tokens):
+            with use_mesh_rules(mesh, rules):
+                return decode_step(nnx.merge(graphdef, params, rest), cache, tokens)
+
+        fn = jax.jit(step, in_shardings=(p_sh, r_sh, c_sh, tok_sh), out_shardings=(None, c_sh), donate_argnums=(2,))
+        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), spec_of(cache, c_sh),
+                    jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh)), names
     raise SystemExit(f"unknown mode {mode!r}")
 
 

@@ -5,3 +5,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # not shard run on the first device as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# libtpu (TPU AOT compile tests) takes a machine-wide lock unless told a compile-only client may share
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

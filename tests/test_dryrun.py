@@ -28,6 +28,13 @@ def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
     assert "does" not in r.table() and "roofline step time" in r.table()
 
 
+def test_decode_dry_run_compiles_one_token_against_the_cache():
+    r = dryrun.dry_run(small(), "v6e:2x2", "fsdp_ep", mode="decode", seq=48)
+    assert r.devices == 4 and r.tokens == r.batch == 4 and r.fits
+    assert any(name == "KV cache (all layers)" and b > 0 for name, b in r.biggest_buffers) or r.temp_bytes > 0
+    assert r.flops_per_device > 0 and r.model_flops > 0
+
+
 def test_dry_run_refuses_a_model_that_does_not_fit_and_names_the_biggest_buffers(monkeypatch):
     import dataclasses
 
