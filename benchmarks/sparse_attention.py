@@ -12,7 +12,8 @@ ratio 128):
 Reported from the compiled executable: FLOPs and bytes accessed per token (`cost_analysis()`; the
 Pallas kernels report what they execute through their CostEstimate, masked block entries included),
 and temp memory (`memory_analysis().temp_size_in_bytes`: everything the program allocates beyond its
-arguments and outputs). `--backward` compiles the gradient of sum(out) w.r.t. every input instead.
+arguments and outputs). `--backward` compiles the vjp w.r.t. every input instead, with the output
+cotangent as an argument (as in training, where the layers above produce it).
 
 Caveat: XLA's cost analysis counts a while loop's body once, and the reference runs its query chunks
 in a `lax.map` loop; its FLOPs/bytes are therefore scaled by the number of chunks here (marked "x n").
@@ -73,13 +74,15 @@ def compile_stats(topology_devices, impl: str, kind: str, S: int, backward: bool
     def forward(q, kv, sinks, compressed, topk_idx):
         return fn(q, kv, sinks, WINDOW, compressed, topk_idx, ratio)
 
-    def gradients(q, kv, sinks, compressed, topk_idx):
-        loss = lambda *x: jnp.sum(forward(*x, topk_idx).astype(jnp.float32))
-        return jax.grad(loss, argnums=(0, 1, 2) if compressed is None else (0, 1, 2, 3))(q, kv, sinks, compressed)
+    def gradients(q, kv, sinks, compressed, topk_idx, d_out):  # d_out: the cotangent from the layers above
+        _, vjp = jax.vjp(lambda q, kv, sinks, compressed: forward(q, kv, sinks, compressed, topk_idx),
+                         q, kv, sinks, compressed)
+        return vjp(d_out)
 
     t0 = time.perf_counter()
     try:
-        compiled = jax.jit(gradients if backward else forward).lower(*args).compile()
+        compiled = (jax.jit(gradients).lower(*args, spec((1, S, HEADS, HEAD_DIM))) if backward
+                    else jax.jit(forward).lower(*args)).compile()
     except Exception as e:  # noqa: BLE001 - XLA refuses programs that do not fit the chip's HBM
         need = re.search(r"HLO temporaries \(([0-9.]+[KMGT])\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e):

@@ -380,9 +380,10 @@ def _dkey_kernel(row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dke
 
 
 # ----------------------------------------------------------------------------------------------
-# CSA backward kernel: per query, gather its k entries; dq from them and one dentry row per slot.
+# CSA backward kernel: per query, gather its k entries; dq from them (added to the window part) and one
+# d(entry) row per slot (zero for empty slots, whose p and ds are 0).
 
-def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, idx_ref, idx_smem, comp_hbm, dq_out, drows_out,
+def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, dq_window_ref, idx_ref, idx_smem, comp_hbm, dq_out, drows_out,
                          lse_col, delta_col, buf, sem, *, p: _Plan):
     b = pl.program_id(0)
     lse_col[...] = lse_ref[0, 0].T
@@ -395,7 +396,8 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, idx_ref, idx_smem, c
         probs = jnp.exp(_logits(p, q_t, entries, mask) - lse_col[rows, :])  # [H, k]
         dp = _dot(do_t, entries, _NT)
         ds = probs * (dp - delta_col[rows, :])
-        dq_out[0, t] = _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
+        dq_t = dq_window_ref[0, t] + _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
+        dq_out[0, t] = dq_t.astype(dq_out.dtype)
         drows_out[0, t] = (
             _dot(ds.astype(q_t.dtype), q_t, _TN) * p.scale
             + _dot(probs.astype(do_t.dtype), do_t, _TN))
@@ -559,34 +561,36 @@ def _dkey_call(p: _Plan, q, do, lse, delta, keys, hca: bool):
     )(row_offset, q, do, lse, delta, keys)
 
 
-def _csa_backward_call(p: _Plan, q, do, lse, delta, idx, comp):
-    """One chunk of p.chunk queries: (dq [B, chunk, H, c] fp32, per-slot drows [B, chunk, k, c] fp32)."""
+def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
+    """One chunk of p.chunk queries: (dq [B, chunk, H, c] in q's dtype = dq_window + the entries' part,
+    per-slot drows [B, chunk, k, c] fp32)."""
     n = q.shape[1] // p.bq
     q_spec = pl.BlockSpec((1, p.bq, p.H, p.c), lambda b, i: (b, i, 0, 0))
     rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, i: (b, 0, 0, i))
     idx_spec = pl.BlockSpec((1, p.bq, p.k), lambda b, i: (b, i, 0))
     item = q.dtype.itemsize
-    vmem = (2 * (2 * p.rows * p.c * item + p.rows * p.c * 4 + p.bq * p.k * p.c * 4)
+    vmem = (2 * (3 * p.rows * p.c * item + p.rows * p.c * 4 + p.bq * p.k * p.c * 4)
             + 2 * p.k * p.c * comp.dtype.itemsize + 4 * p.H * p.k * 4 + 2 * p.rows * 128 * 4)
     return pl.pallas_call(
         functools.partial(_csa_backward_kernel, p=p),
         cost_estimate=_share(cost_estimates(p, q.dtype.itemsize)["csa_backward"], p.chunk / p.Tp),
         grid=(p.B, n),
-        in_specs=[q_spec, q_spec, rows_spec, rows_spec, idx_spec,
+        in_specs=[q_spec, q_spec, rows_spec, rows_spec, q_spec, idx_spec,
                   pl.BlockSpec((1, p.bq, p.k), lambda b, i: (b, i, 0), memory_space=pltpu.SMEM),
                   pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=[q_spec, pl.BlockSpec((1, p.bq, p.k, p.c), lambda b, i: (b, i, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((p.B, q.shape[1], p.k, p.c), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((p.rows, 1), jnp.float32), pltpu.VMEM((p.rows, 1), jnp.float32),
                         _gather_buffer(p, comp.dtype), pltpu.SemaphoreType.DMA((2,))],
         compiler_params=_compiler_params(p, ("parallel", "parallel"), vmem),
         interpret=p.interpret,
-    )(q, do, lse, delta, idx, idx, _rows_for_dma(comp))
+    )(q, do, lse, delta, dq_window, idx, idx, _rows_for_dma(comp))
 
 
-def _csa_backward(p: _Plan, q, do, lse, delta, idx, comp):
-    """dq from the selected entries [B, Tp, H, c] fp32 and dcompressed [B, Np, c] fp32, chunk by chunk."""
+def _csa_backward(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
+    """dq [B, Tp, H, c] (dq_window, fp32, plus the selected entries' part) in q's dtype and
+    dcompressed [B, Np, c] fp32, chunk by chunk."""
     n_chunks = p.Tp // p.chunk
     rows_per_chunk = p.chunk * p.H
     p = dataclasses.replace(p, bq=8)  # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512
@@ -596,8 +600,7 @@ def _csa_backward(p: _Plan, q, do, lse, delta, idx, comp):
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, p.chunk, axis=1)
         rows = lambda x: jax.lax.dynamic_slice_in_dim(x, ci * rows_per_chunk, rows_per_chunk, axis=3)
         idx_c = sl(idx)
-        dq_c, drows = _csa_backward_call(p, sl(q), sl(do), rows(lse), rows(delta), idx_c, comp)
-        drows = jnp.where((idx_c >= 0)[..., None], drows, 0.0)
+        dq_c, drows = _csa_backward_call(p, sl(q), sl(do), rows(lse), rows(delta), sl(dq_window), idx_c, comp)
         dcomp = jax.vmap(lambda acc, i, r: acc.at[i].add(r))(  # empty slots add zeros to row 0
             dcomp, jnp.maximum(idx_c, 0).reshape(p.B, -1), drows.reshape(p.B, -1, p.c))
         return dcomp, dq_c
@@ -628,8 +631,8 @@ def _attention_bwd(p: _Plan, res, do):
     delta = _to_rows(p, delta_th)
     do = do.astype(q.dtype)
     if p.mode == "csa":
-        dq_csa, dcomp = _csa_backward(p, q, do, lse, delta, idx, comp)
-        dq = (_dq_call(p, q, kv, comp, do, lse, delta, jnp.float32) + dq_csa).astype(q.dtype)
+        dq_window = _dq_call(p, q, kv, comp, do, lse, delta, jnp.float32)
+        dq, dcomp = _csa_backward(p, q, do, lse, delta, dq_window, idx, comp)
     else:
         dq = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
     dkv = _dkey_call(p, q, do, lse, delta, kv, hca=False).astype(kv.dtype)
@@ -721,5 +724,7 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
     if mode != "swa":
         comp = jnp.pad(compressed, ((0, 0), (0, Np - N), (0, 0)))
     if mode == "csa":
-        idx = jnp.pad(topk_idx.astype(jnp.int32), ((0, 0), (0, Tp - T), (0, 0)), constant_values=-1)
+        idx = topk_idx.astype(jnp.int32)
+        idx = jnp.where(idx >= 0, jnp.minimum(idx, N - 1), -1)  # ids past N clamp as the reference's gather does
+        idx = jnp.pad(idx, ((0, 0), (0, Tp - T), (0, 0)), constant_values=-1)  # (and no DMA leaves the array)
     return _attention(p, qp, kvp, sinks, comp, idx)[:, :T]
