@@ -383,8 +383,8 @@ def _dkey_kernel(row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dke
 # CSA backward kernel: per query, gather its k entries; dq from them (added to the window part) and one
 # d(entry) row per slot (zero for empty slots, whose p and ds are 0).
 
-def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, dq_window_ref, idx_ref, idx_smem, comp_hbm, dq_out, drows_out,
-                         lse_col, delta_col, buf, sem, *, p: _Plan):
+def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, dq_window_ref, idx_ref, idx_smem, comp_hbm, dq_out,
+                         drows_out, lse_col, delta_col, buf, sem, *, p: _Plan):
     b = pl.program_id(0)
     lse_col[...] = lse_ref[0, 0].T
     delta_col[...] = delta_ref[0, 0].T
@@ -396,7 +396,7 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, dq_window_ref, idx_r
         probs = jnp.exp(_logits(p, q_t, entries, mask) - lse_col[rows, :])  # [H, k]
         dp = _dot(do_t, entries, _NT)
         ds = probs * (dp - delta_col[rows, :])
-        dq_t = dq_window_ref[0, t] + _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
+        dq_t = dq_window_ref[0, t].astype(jnp.float32) + _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
         dq_out[0, t] = dq_t.astype(dq_out.dtype)
         drows_out[0, t] = (
             _dot(ds.astype(q_t.dtype), q_t, _TN) * p.scale
@@ -569,7 +569,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
     rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, i: (b, 0, 0, i))
     idx_spec = pl.BlockSpec((1, p.bq, p.k), lambda b, i: (b, i, 0))
     item = q.dtype.itemsize
-    vmem = (2 * (3 * p.rows * p.c * item + p.rows * p.c * 4 + p.bq * p.k * p.c * 4)
+    vmem = (2 * (4 * p.rows * p.c * item + p.bq * p.k * p.c * 4)
             + 2 * p.k * p.c * comp.dtype.itemsize + 4 * p.H * p.k * 4 + 2 * p.rows * 128 * 4)
     return pl.pallas_call(
         functools.partial(_csa_backward_kernel, p=p),
@@ -589,7 +589,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
 
 
 def _csa_backward(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
-    """dq [B, Tp, H, c] (dq_window, fp32, plus the selected entries' part) in q's dtype and
+    """dq [B, Tp, H, c] (dq_window plus the selected entries' part) in q's dtype and
     dcompressed [B, Np, c] fp32, chunk by chunk."""
     n_chunks = p.Tp // p.chunk
     rows_per_chunk = p.chunk * p.H
@@ -631,7 +631,8 @@ def _attention_bwd(p: _Plan, res, do):
     delta = _to_rows(p, delta_th)
     do = do.astype(q.dtype)
     if p.mode == "csa":
-        dq_window = _dq_call(p, q, kv, comp, do, lse, delta, jnp.float32)
+        # The window part in q's dtype: a [T, H, c] fp32 buffer would be 4 GiB at T = 32K, H = 64.
+        dq_window = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
         dq, dcomp = _csa_backward(p, q, do, lse, delta, dq_window, idx, comp)
     else:
         dq = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
