@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from typing import NamedTuple
 
@@ -228,7 +229,7 @@ def size_table(configs: list[str], contexts: list[int], fmt: str = "release") ->
     head = ["model", "bytes/token"] + [f"at {c:,}" for c in contexts] + ["fixed (SWA + state)", "vs V3.2", "vs GQA-8"]
     rows = []
     for name in configs:
-        cfg = V4Config.preset(name)
+        cfg = V4Config.from_json_file(name) if os.path.exists(name) else V4Config.preset(name)
         s = cache_size(cfg, fmt)
         gqa = gqa_baseline_size(cfg.n_layers)
         rows.append([name, f"{s.per_token:,.0f}"] + [_fmt_bytes(s.total(c)) for c in contexts]
