@@ -313,12 +313,12 @@ def _dq_update(p: _Plan, dq_ref, q2, do2, lse, delta, keys, mask):
 
 
 def _dq_kernel(*refs, p: _Plan):
-    row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, kv_ref = refs[:6]
-    rest = refs[6:]
+    first_block_ref, row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, kv_ref = refs[:7]
+    rest = refs[7:]
     if p.mode == "hca":
         comp_ref, rest = rest[0], rest[1:]
     dq_out, dq_ref = rest
-    i, j = pl.program_id(2), pl.program_id(3)
+    i, j = pl.program_id(2) + first_block_ref[0], pl.program_id(3)  # i: query block in the whole sequence
 
     @pl.when(j == 0)
     def _init():
@@ -396,7 +396,7 @@ def _csa_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, dq_window_ref, idx_r
         probs = jnp.exp(_logits(p, q_t, entries, mask) - lse_col[rows, :])  # [H, k]
         dp = _dot(do_t, entries, _NT)
         ds = probs * (dp - delta_col[rows, :])
-        dq_t = dq_window_ref[0, t].astype(jnp.float32) + _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
+        dq_t = dq_window_ref[0, t] + _dot(ds.astype(entries.dtype), entries, _NN) * p.scale
         dq_out[0, t] = dq_t.astype(dq_out.dtype)
         drows_out[0, t] = (
             _dot(ds.astype(q_t.dtype), q_t, _TN) * p.scale
@@ -513,29 +513,33 @@ def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
     )(*args)
 
 
-def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype):
-    row_offset, row_offset_spec = _common_inputs(p)
-    q_spec = pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, g, i, j: (b, i, g, 0))
-    rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, g, i, j: (b, g, 0, i))
-    in_specs = [row_offset_spec, q_spec, q_spec, rows_spec, rows_spec,
-                pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j: (b, _window_block(p, i, j)[0], 0))]
+def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype, first_block=0):
+    """dq of the window (+ HCA) part for the queries in q / do / lse / delta, which start at query
+    block `first_block` (may be traced) of the sequence; kv and comp are whole."""
+    row_offset = _common_inputs(p)[0]
+    q_spec = pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, g, i, j, f: (b, i, g, 0))
+    rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, g, i, j, f: (b, g, 0, i))
+    in_specs = [pl.BlockSpec((1, p.rows), lambda *_: (0, 0)), q_spec, q_spec, rows_spec, rows_spec,
+                pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j, f: (b, _window_block(p, i + f[0], j)[0], 0))]
     args = [row_offset, q, do, lse, delta, kv]
     if p.mode == "hca":
-        in_specs.append(pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j: (b, _hca_block(p, i, j)[0], 0)))
+        in_specs.append(pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j, f: (b, _hca_block(p, i + f[0], j)[0], 0)))
         args.append(comp)
     item = q.dtype.itemsize
     vmem = 2 * (3 * p.rows * p.c * item + p.bk * p.c * item) + p.rows * p.c * 4 + 4 * p.rows * p.bk * 4
     return pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
-        cost_estimate=cost_estimates(p, q.dtype.itemsize)["dq"],
-        grid=(p.B, p.G, p.nQ, p.n_steps),
-        in_specs=in_specs,
-        out_specs=q_spec,
+        cost_estimate=_share(cost_estimates(p, q.dtype.itemsize)["dq"], q.shape[1] / p.Tp),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(p.B, p.G, q.shape[1] // p.bq, p.n_steps),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((p.rows, p.c), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
-        scratch_shapes=[pltpu.VMEM((p.rows, p.c), jnp.float32)],
         compiler_params=_compiler_params(p, ("parallel", "parallel", "parallel", "arbitrary"), vmem),
         interpret=p.interpret,
-    )(*args)
+    )(jnp.asarray(first_block, jnp.int32).reshape(1), *args)
 
 
 def _dkey_call(p: _Plan, q, do, lse, delta, keys, hca: bool):
@@ -569,7 +573,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
     rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, i: (b, 0, 0, i))
     idx_spec = pl.BlockSpec((1, p.bq, p.k), lambda b, i: (b, i, 0))
     item = q.dtype.itemsize
-    vmem = (2 * (4 * p.rows * p.c * item + p.bq * p.k * p.c * 4)
+    vmem = (2 * (3 * p.rows * p.c * item + p.rows * p.c * 4 + p.bq * p.k * p.c * 4)
             + 2 * p.k * p.c * comp.dtype.itemsize + 4 * p.H * p.k * 4 + 2 * p.rows * 128 * 4)
     return pl.pallas_call(
         functools.partial(_csa_backward_kernel, p=p),
@@ -588,11 +592,12 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
     )(q, do, lse, delta, dq_window, idx, idx, _rows_for_dma(comp))
 
 
-def _csa_backward(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
-    """dq [B, Tp, H, c] (dq_window plus the selected entries' part) in q's dtype and
-    dcompressed [B, Np, c] fp32, chunk by chunk."""
+def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
+    """dq [B, Tp, H, c] in q's dtype and dcompressed [B, Np, c] fp32, chunk by chunk: per chunk the
+    window dq kernel (fp32), then the gather kernel adds the entries' part and emits per-slot rows."""
     n_chunks = p.Tp // p.chunk
     rows_per_chunk = p.chunk * p.H
+    p_window = p
     p = dataclasses.replace(p, bq=8)  # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512
 
     def body(dcomp, ci):
@@ -600,7 +605,10 @@ def _csa_backward(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, p.chunk, axis=1)
         rows = lambda x: jax.lax.dynamic_slice_in_dim(x, ci * rows_per_chunk, rows_per_chunk, axis=3)
         idx_c = sl(idx)
-        dq_c, drows = _csa_backward_call(p, sl(q), sl(do), rows(lse), rows(delta), sl(dq_window), idx_c, comp)
+        q_c, do_c, lse_c, delta_c = sl(q), sl(do), rows(lse), rows(delta)
+        dq_window = _dq_call(p_window, q_c, kv, None, do_c, lse_c, delta_c, jnp.float32,
+                             first_block=t0 // p_window.bq)
+        dq_c, drows = _csa_backward_call(p, q_c, do_c, lse_c, delta_c, dq_window, idx_c, comp)
         dcomp = jax.vmap(lambda acc, i, r: acc.at[i].add(r))(  # empty slots add zeros to row 0
             dcomp, jnp.maximum(idx_c, 0).reshape(p.B, -1), drows.reshape(p.B, -1, p.c))
         return dcomp, dq_c
@@ -631,9 +639,7 @@ def _attention_bwd(p: _Plan, res, do):
     delta = _to_rows(p, delta_th)
     do = do.astype(q.dtype)
     if p.mode == "csa":
-        # The window part in q's dtype: a [T, H, c] fp32 buffer would be 4 GiB at T = 32K, H = 64.
-        dq_window = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
-        dq, dcomp = _csa_backward(p, q, do, lse, delta, dq_window, idx, comp)
+        dq, dcomp = _csa_backward(p, q, kv, do, lse, delta, idx, comp)
     else:
         dq = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
     dkv = _dkey_call(p, q, do, lse, delta, kv, hca=False).astype(kv.dtype)
