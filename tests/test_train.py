@@ -323,26 +323,26 @@ def test_two_processes_train_like_one(tmp_path, corpus, cache):
 
 @pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(corpus):
-    """grad_accum=2 x batch 2 takes the same rows as 1 x batch 4: same loss and the same new params."""
+    """grad_accum=2 x batch 2 takes the same rows as 1 x batch 4: same loss, gradients and bias update.
+    (Gradients, not updated params: Muon's Newton-Schulz and AdamW's first step with eps 1e-20 amplify
+    fp-rounding differences in near-zero or near-rank-deficient gradients, e.g. at the symmetric init.)"""
     from v4jax.train_loop import make_step
     results = []
     tokens = np.random.default_rng(0).integers(2, 258, (4, 33)).astype(np.int32)
     for accum, rows in ((1, 4), (2, 2)):
-        # adam_eps 1e-8: with the spec's 1e-20 a first AdamW step moves every entry by lr * sign(g), so
-        # entries whose exact gradient is 0 (symmetric mHC biases at init) follow the sign of fp noise.
-        tc = load_config(None, small_overrides("/tmp/unused", corpus, grad_accum=accum, batch_size=rows,
-                                               adam_eps=1e-8))
+        tc = load_config(None, small_overrides("/tmp/unused", corpus, grad_accum=accum, batch_size=rows))
         setup = make_setup(tc, tc.model_config())
         _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
         params = flat_params(p)
         state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
         batch = jnp.asarray(tokens.reshape(accum, rows, 33).swapaxes(0, 1))  # [B, A, T+1]
-        new, m = jax.jit(make_step(tc, setup))(state, batch, hyperparams(tc, setup.schedule, 5))
-        results.append((float(m["loss"]), float(m["grad_norm"]), new["params"], new["buffers"]))
+        new, m = jax.jit(make_step(tc, setup, return_grads=True))(state, batch, hyperparams(tc, setup.schedule, 5))
+        results.append((float(m["loss"]), float(m["grad_norm"]), m["grads"], new["buffers"]))
     (l1, g1, p1, b1), (l2, g2, p2, b2) = results
     assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-4)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in p1.values())
     for k in p1:
-        np.testing.assert_allclose(np.asarray(p2[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(np.asarray(p2[k]), np.asarray(p1[k]), rtol=1e-4, atol=1e-5 * scale, err_msg=k)
     for k in b1:
         np.testing.assert_array_equal(np.asarray(b2[k]), np.asarray(b1[k]), err_msg=k)

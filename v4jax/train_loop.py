@@ -272,9 +272,10 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
     return loss_fn
 
 
-def make_step(tc: TrainConfig, setup: Setup) -> Callable:
+def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Callable:
     """(state, batch [B, A, T+1], hyper) -> (state, metrics). Pure; jit it with shardings.
-    hyper: `hyperparams(...)` of this step (scalars, so the schedule does not change the program)."""
+    hyper: `hyperparams(...)` of this step (scalars, so the schedule does not change the program).
+    return_grads: also put the (accumulated, unclipped) gradients in metrics["grads"] (tests)."""
     cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
     stages = [(st[0], st[1]) for st in _stage_units(cfg)]
@@ -307,6 +308,8 @@ def make_step(tc: TrainConfig, setup: Setup) -> Callable:
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "ok": ok, "lr": hyper["lr"],
                    "mtp_weight": hyper["mtp_weight"], "load": load,
                    "imbalance": jnp.sum(losses.imbalance(load) * mask) / jnp.maximum(jnp.sum(mask), 1)}
+        if return_grads:
+            metrics["grads"] = grads
         return {**kept, "step": step + 1, "rng": state["rng"]}, metrics
 
     return step_fn
