@@ -600,7 +600,8 @@ def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
     p_window = p
     p = dataclasses.replace(p, bq=8)  # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512
 
-    def body(dcomp, ci):
+    def body(carry, ci):
+        dcomp, dq = carry
         t0 = ci * p.chunk
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, p.chunk, axis=1)
         rows = lambda x: jax.lax.dynamic_slice_in_dim(x, ci * rows_per_chunk, rows_per_chunk, axis=3)
@@ -611,10 +612,11 @@ def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
         dq_c, drows = _csa_backward_call(p, q_c, do_c, lse_c, delta_c, dq_window, idx_c, comp)
         dcomp = jax.vmap(lambda acc, i, r: acc.at[i].add(r))(  # empty slots add zeros to row 0
             dcomp, jnp.maximum(idx_c, 0).reshape(p.B, -1), drows.reshape(p.B, -1, p.c))
-        return dcomp, dq_c
+        return (dcomp, jax.lax.dynamic_update_slice_in_dim(dq, dq_c, t0, axis=1)), None
 
-    dcomp, dq = jax.lax.scan(body, jnp.zeros((p.B, p.Np, p.c), jnp.float32), jnp.arange(n_chunks))
-    return jnp.moveaxis(dq, 0, 1).reshape(p.B, p.Tp, p.H, p.c), dcomp
+    init = (jnp.zeros((p.B, p.Np, p.c), jnp.float32), jnp.zeros(q.shape, q.dtype))  # dq updated in place
+    (dcomp, dq), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return dq, dcomp
 
 
 # ----------------------------------------------------------------------------------------------
