@@ -169,6 +169,7 @@ def test_indexer_kl_loss_matches_numpy():
         np.testing.assert_allclose(float(got), np.mean(kls), rtol=1e-5)
 
 
+@pytest.mark.slow  # ~1.5 min of compiles; run with -m slow
 def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
     """fp32, small model: d/de loss(params + e v) by central differences on 3 random directions
     equals <grad, v> (CE + MTP + balance, every parameter)."""
@@ -199,6 +200,7 @@ def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
 # --------------------------------------------------------------------------------------------------
 # Training runs
 
+@pytest.mark.slow  # several minutes on 2 cores; run with -m slow
 def test_overfits_one_batch_and_skips_an_injected_nan_step(tmp_path, corpus, cache):
     """A corpus of exactly one global batch: the loss must fall near zero; step 5's NaN is skipped."""
     one = tmp_path / "one.txt"
