@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.chips import Chip, chip_for
+from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings

@@ -1,6 +1,5 @@
 """The TPU dry run on a small topology: compiles with libtpu on this CPU machine, report is sane."""
 
-import json
 
 import pytest
 

@@ -160,7 +160,6 @@ def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh
     T = 12
     x = jnp.asarray(rng.normal(size=(batch, T, cfg.dim)), jnp.float32)
     ids, w = _routing(pattern, batch * T, 3, 8, rng)
-    routing = Routing(w, ids, None)
     mesh, rules = make_mesh(mesh_spec), get_rules(preset)
     assert expert_parallel.expert_axes(mesh, rules)
 
