@@ -41,6 +41,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
 from v4jax.config import AttentionKind, Remat, V4Config
+from v4jax.losses import cross_entropy, mtp_cross_entropy
 from v4jax.model import Transformer
 
 
@@ -289,11 +290,9 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
     def loss_fn(params, rest, tokens):
         out = nnx.merge(graphdef, params, rest)(tokens)
-        logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
-        loss = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        loss = cross_entropy(out.logits[:, :-1], tokens[:, 1:])
         if out.mtp_logits is not None:
-            mlogp = jax.nn.log_softmax(out.mtp_logits[:, :-1], axis=-1)
-            loss += 0.3 * -jnp.mean(jnp.take_along_axis(mlogp, tokens[:, 2:, None], axis=-1))
+            loss += 0.3 * mtp_cross_entropy(out.mtp_logits[:, :-1], tokens[:, 1:])
         return loss
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)

@@ -23,9 +23,8 @@ reads; an entry it completed is invisible until the window really completes and 
 
 from __future__ import annotations
 
-import functools
 import time
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +34,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.cache import Cache, LayerCache, init_cache
 from v4jax.compressor import _overlap_candidates
-from v4jax.config import AttentionKind, V4Config
-from v4jax.indexer import index_scores, map_query_chunks
+from v4jax.indexer import map_query_chunks, select_topk_at
 from v4jax.layers import rms_normalize
 from v4jax.model import LOGITS, STREAMS, TOKENS
 from v4jax.rope import apply_rope, inv_frequencies
@@ -99,26 +97,6 @@ def compressor_extend(comp, x: jax.Array, start: jax.Array, n_valid: jax.Array, 
     index = jnp.where(done, index, entries.shape[1])  # out of range: dropped
     entries = jax.vmap(lambda e, i, v: e.at[i].set(v, mode="drop"))(entries, index, new_entries)
     return entries, _ring_write(values, new_v, start, n_valid), _ring_write(logits, new_l, start, n_valid)
-
-
-def select_topk_at(q: jax.Array, w: jax.Array, keys: jax.Array, pos: jax.Array, ratio: int, topk: int,
-                   chunk: int) -> jax.Array:
-    """Indexer top-k for queries at per-row positions pos [B, T] over an entry buffer keys [B, N, c_I]
-    (entries s >= floor((t+1)/m) invisible, -1 where fewer are visible). Same rule as `select_topk`."""
-    B, T = q.shape[:2]
-    N = keys.shape[1]
-    k = min(topk, N)
-    if k == 0:
-        return jnp.zeros((B, T, 0), jnp.int32)
-
-    def one_chunk(args):
-        q_c, w_c, pos_c, _ = args
-        limit = ((pos_c + 1) // ratio)[..., None]  # [B, Q, 1]
-        scores = jnp.where(jnp.arange(N) < limit, index_scores(q_c, w_c, keys), -jnp.inf)
-        idx = jax.lax.top_k(scores, k)[1]
-        return jnp.where(idx < limit, idx, -1).astype(jnp.int32)
-
-    return map_query_chunks(one_chunk, (q, w, pos, jnp.arange(T)), T, chunk)
 
 
 def cached_core_attention(q: jax.Array, keys: jax.Array, sinks: jax.Array, window: int, pos: jax.Array,

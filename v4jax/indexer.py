@@ -56,7 +56,14 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
 
 
 def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int) -> jax.Array:
-    """Chunked scoring + top-k. Entry s is visible to query t iff s < floor((t+1)/m) (spec §4.6)."""
+    """Chunked scoring + top-k for queries at positions [T] (the same for every row)."""
+    return select_topk_at(q, w, keys, jnp.broadcast_to(positions, q.shape[:2]), ratio, topk, chunk)
+
+
+def select_topk_at(q, w, keys, pos, ratio: int, topk: int, chunk: int) -> jax.Array:
+    """Chunked scoring + top-k for queries at per-row positions pos [B, T] (the cached path's
+    queries sit at different positions per sequence). Entry s is visible to query t iff
+    s < floor((t+1)/m) (spec §4.6). q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I] -> [B, T, min(k, N)]."""
     B, T = q.shape[:2]
     N = keys.shape[1]
     k = min(topk, N)
@@ -64,14 +71,13 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int) -> jax
         return jnp.zeros((B, T, 0), jnp.int32)
 
     def one_chunk(args):
-        q_c, w_c, pos_c = args  # [B,Q,n_I,c_I], [B,Q,n_I], [Q]
-        scores = index_scores(q_c, w_c, keys)  # [B, Q, N]
-        visible = jnp.arange(N)[None, :] < ((pos_c + 1) // ratio)[:, None]  # [Q, N]
-        scores = jnp.where(visible[None], scores, -jnp.inf)
+        q_c, w_c, pos_c, _ = args  # [B,Q,n_I,c_I], [B,Q,n_I], [B,Q], [Q]
+        limit = ((pos_c + 1) // ratio)[..., None]  # [B, Q, 1]
+        scores = jnp.where(jnp.arange(N) < limit, index_scores(q_c, w_c, keys), -jnp.inf)  # [B, Q, N]
         idx = jax.lax.top_k(scores, k)[1]  # [B, Q, k], lowest index first on ties
-        return jnp.where(idx < ((pos_c + 1) // ratio)[None, :, None], idx, -1).astype(jnp.int32)
+        return jnp.where(idx < limit, idx, -1).astype(jnp.int32)
 
-    return map_query_chunks(one_chunk, (q, w, positions), T, chunk)
+    return map_query_chunks(one_chunk, (q, w, pos, jnp.arange(T)), T, chunk)
 
 
 def map_query_chunks(fn, args, T: int, chunk: int):
