@@ -425,9 +425,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     bound = max(times, key=times.get)
     step = times[bound]
     mfu = model_flops / (len(devices) * per_dev_peak * step) if step > 0 else 0.0
-    biggest = sorted(names.items(), key=lambda kv: -kv[1])
-    biggest = [("temporaries (activations, gradients, collectives)", tmp)] + biggest if tmp > (biggest[0][1] if biggest else 0) else biggest + [("temporaries", tmp)]
-    biggest = sorted(biggest, key=lambda kv: -kv[1])[:8]
+    biggest = sorted([*names.items(), ("temporaries (activations, gradients, collectives)", tmp)],
+                     key=lambda kv: -kv[1])[:8]
     report = Report(config_name, topology, chip.name, len(devices), describe(mesh), rules_name, mode, batch, seq,
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest)
