@@ -138,6 +138,41 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)) / np.linalg.norm(b.astype(np.float64)))
 
 
+def check_agreement(ours, pm, cfg, B: int, T: int, seed: int, log, label: str = ""):
+    """Draw [B, T] token ids and check that `ours(ids) -> logits` agrees with the peer `pm` on them
+    (relative error <= TOL). A failing draw with a near tie at a router or indexer top-k boundary
+    (margin < NEAR_TIE) is redrawn, up to MAX_DRAWS draws. Returns (ids, rel err, "ok" | "FAIL",
+    redraws as (draw, err, router margin, indexer margin))."""
+    import torch
+
+    from v4jax import peer
+
+    redraws, status, err = [], "ok", float("nan")
+    for draw in range(MAX_DRAWS):
+        rng = np.random.default_rng([seed, B, T, draw])
+        ids = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+        a = ours(ids)
+        with torch.no_grad(), peer.stable_topk():
+            b = pm(torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.float().numpy()
+        err = rel_err(a, b)
+        if err <= TOL:
+            break
+        run = peer.run_peer(pm, cfg, ids)
+        margin = min(run.router_margin, run.indexer_margin)
+        if margin >= NEAR_TIE:
+            status = "FAIL"
+            log(f"[{label}] B={B} T={T} draw {draw}: rel err {err:.2e} > {TOL:.0e} with no near tie "
+                f"(router margin {run.router_margin:.1e}, indexer margin {run.indexer_margin:.1e})")
+            break
+        redraws.append((draw, err, run.router_margin, run.indexer_margin))
+        log(f"[{label}] B={B} T={T} draw {draw}: rel err {err:.2e} > {TOL:.0e}, near tie at a top-k "
+            f"boundary (router margin {run.router_margin:.1e}, indexer margin {run.indexer_margin:.1e}); "
+            f"redrawing the input")
+    else:
+        status = "FAIL"
+    return ids, err, status, redraws
+
+
 def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int, retry_busy: int,
                  deadline: float, log):
     import jax
@@ -172,32 +207,10 @@ def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int,
             compiled = forward.lower(state, x_shape).compile()
             compile_s = time.perf_counter() - t0
 
-            # --- agreement check (redraw only on a near tie at a top-k boundary) ---
-            redraws, status, err = [], "ok", float("nan")
-            for draw in range(MAX_DRAWS):
-                rng = np.random.default_rng([seed, B, T, draw])
-                ids = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
-                x = jnp.asarray(ids)
-                t_ids = torch.as_tensor(ids, dtype=torch.long)
-                a = np.asarray(compiled(state, x))
-                with torch.no_grad(), peer.stable_topk():
-                    b = pm(t_ids, use_cache=False).logits.float().numpy()
-                err = rel_err(a, b)
-                if err <= TOL:
-                    break
-                run = peer.run_peer(pm, cfg, ids)
-                margin = min(run.router_margin, run.indexer_margin)
-                if margin >= NEAR_TIE:
-                    status = "FAIL"
-                    log(f"[{name}] B={B} T={T} draw {draw}: rel err {err:.2e} > {TOL:.0e} with no near tie "
-                        f"(router margin {run.router_margin:.1e}, indexer margin {run.indexer_margin:.1e})")
-                    break
-                redraws.append((draw, err, run.router_margin, run.indexer_margin))
-                log(f"[{name}] B={B} T={T} draw {draw}: rel err {err:.2e} > {TOL:.0e}, near tie at a top-k "
-                    f"boundary (router margin {run.router_margin:.1e}, indexer margin {run.indexer_margin:.1e}); "
-                    f"redrawing the input")
-            else:
-                status = "FAIL"
+            ids, err, status, redraws = check_agreement(lambda x: np.asarray(compiled(state, jnp.asarray(x))), pm,
+                                                        cfg, B, T, seed, log, name)
+            x = jnp.asarray(ids)
+            t_ids = torch.as_tensor(ids, dtype=torch.long)
 
             # --- timing: warmup, then interleaved repeats ---
             def run_jax():

@@ -145,12 +145,12 @@ def cpu_table(quick: bool, repeats: int) -> list[str]:
     return lines
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="V4-Flash forward at 512 tokens and a small CPU run")
     parser.add_argument("--topology", default="v5p:2x2x1", help="libtpu topology name to compile for")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = tpu_table(args.topology, args.quick) + [""] + cpu_table(args.quick, args.repeats)
     print("\n" + "\n".join(out))
 

@@ -78,13 +78,13 @@ def bench(preset: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
             "loss": float(m["loss"])}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape per preset, fewer steps")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--markdown", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     shapes = [(8, 64)] if args.quick else [(8, 64), (8, 128)]
     steps = 5 if args.quick else args.steps
     rows = [bench(preset, b, s, steps, args.warmup) for preset in ("tiny", "tiny-b") for b, s in shapes]

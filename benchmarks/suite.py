@@ -1,0 +1,517 @@
+"""The benchmark suite: run every benchmark and write generated sections of BENCHMARKS.md.
+
+    python -m benchmarks [--quick] [--only NAME[,NAME]] [--out BENCHMARKS.md] [--no-write] [--dryrun]
+
+Sections (in order; `--only` picks some):
+  peer        v4jax vs the transformers peer, same weights and inputs, CPU: forward, prefill, decode
+              (batch 1 and 8), training step; ratios (benchmarks/peer_compare.py)
+  scaling     per-token attention cost vs context, sparse vs dense, from compiled cost analysis; KV cache
+              and FLOPs vs the V3.2 baseline against the report's figures; PNG plot (benchmarks/scaling.py)
+  dryrun      scale on paper: the recorded dry-run JSONs in benchmarks/results/dryrun/ (written by
+              `python -m sharding.dryrun --json`, or by `--dryrun` here) and the MaxText DeepSeek-V3 reference
+  gpu         kernel times and roofline fractions on a GPU, when the machine has one
+  components  the per-component benchmarks (forward_throughput, decode, train_step, sparse_attention,
+              lightning_indexer, moe_dispatch, convert), each run in-process with its own CLI arguments
+              (their quick settings under --quick) and its printed output kept
+
+Each generated section sits between `<!-- suite:NAME begin -->` and `<!-- suite:NAME end -->` in the
+output file; only those spans are replaced (or appended when missing), everything else is kept as
+written. Every section states the machine, the versions, the code version and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import glob
+import io
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+DRYRUN_DIR = os.path.join(RESULTS, "dryrun")
+MARK = "<!-- suite:{name} {edge} -->"
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    body: str  # Markdown, without the title, machine and command lines
+    numbers: list[float]  # every measured number, for the smoke test (all must be finite)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine, versions, code version
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    from benchmarks.forward_throughput import _cpu_model
+
+    try:
+        with open("/proc/meminfo") as f:
+            ram = f"{int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        ram = "RAM unknown"
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{_cpu_model()}, {os.cpu_count()} cores ({usable} usable), {ram}, {platform.system()} "
+            f"{platform.release()}; load average at start {load}")
+
+
+def versions() -> str:
+    import jax
+
+    names = ["jax", "jaxlib", "flax", "torch", "transformers", "libtpu", "numpy"]
+    return f"python {platform.python_version()}, " + ", ".join(f"{n} {_version(n)}" for n in names) + (
+        f"; JAX backend {jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}")
+
+
+def code_version() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "v4jax", "pallas_kernels", "sharding", "benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"`{head}`" + (" plus uncommitted changes under v4jax/ pallas_kernels/ sharding/ benchmarks/" if dirty
+                          else " (clean)")
+
+
+def _span(values, scale: float = 1.0, digits: int = 2) -> str:
+    """median (min-max) of a list."""
+    import statistics
+
+    v = [x * scale for x in values]
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def _numbers(text: str) -> list[float]:
+    """Every number in a Markdown text (for the finiteness check); 'nan'/'inf' count as non-finite."""
+    out = [float(x.replace(",", "")) for x in re.findall(r"(?<![\w.])-?\d[\d,]*\.?\d*(?:e[+-]?\d+)?", text)]
+    out += [math.nan for _ in re.findall(r"\b(?:nan|NaN|inf)\b", text)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+def section_peer(quick: bool, log) -> Section:
+    from benchmarks import peer_compare
+
+    s = peer_compare.settings(quick)
+    rows = peer_compare.run(quick, log)
+    bad = [r for r in rows if not r["check"].startswith("ok")]
+    body = [
+        f"Presets {', '.join(s['presets'])}; prompt T = {s['seq']}, {s['steps']} greedy decode steps, "
+        f"{s['repeats']} repeats after {s['warmup']} warm-up; both sides single-threaded (torch 1 thread, "
+        "XLA:CPU without Eigen threads) on a shared machine. Same weights (the peer saved HF-style and loaded "
+        "with `checkpoint.load_hf`) and the same token ids on both sides; each row is checked before it is "
+        "timed (forward / prefill: logits within 1e-4 relative; decode: identical greedy tokens and first-step "
+        "logits; train: loss and global gradient norm within 1e-4 relative).",
+        "",
+        peer_compare.table(rows),
+        "",
+        "ratio = peer median time / v4jax median time (>1: v4jax faster); tok/s = tokens per call / median "
+        "(decode: B tokens per step). v4jax: `jax.jit` (cache donated for prefill/decode; train = "
+        "`jax.value_and_grad` of the CE loss). Peer: transformers `DeepseekV4ForCausalLM`, eager, under "
+        "`peer.stable_topk()`; train = `loss.backward()`. Compile time is excluded from the timings. "
+        "`other load`: share of all CPUs used by other processes while the row was timed; rows with high "
+        "other load are noisy (both sides run alternately, so the ratio is less affected than the times).",
+    ]
+    if bad:
+        body.append(f"\n**{len(bad)} row(s) failed their check**: their timings compare different computations.")
+    numbers = [x for r in rows for x in (*r["ours"], *r["peer"], r["err"])]
+    return Section("v4jax vs the transformers peer (CPU, fp32)", "\n".join(body), numbers)
+
+
+def section_scaling(quick: bool, log, contexts=None) -> Section:
+    from benchmarks import scaling
+
+    if contexts is not None:
+        rows, where = scaling.layer_table(contexts, log=log)
+        out = dict(layers=scaling.format_layer_table(rows, where), rows=rows, plot=None)
+        out["cache"], out["cache_shares"] = scaling.cache_table()
+        out["flops"], out["flops_shares"] = scaling.flops_table()
+    else:
+        out = scaling.run(quick, log=log)
+    flash_c, pro_c = out["cache_shares"]["v4-flash"], out["cache_shares"]["v4-pro"]
+    flash_f, pro_f = out["flops_shares"]["v4-flash"], out["flops_shares"]["v4-pro"]
+    plot = os.path.relpath(out["plot"], ROOT) if out["plot"] else None
+    body = [
+        "**1. Attention cost per token vs context** (`benchmarks/scaling.py`). One new token at position S-1 "
+        "against the cache (one decode step), one attention layer of V4-Flash shape (H=64, c=512, d=4096), bf16, "
+        "compiled from ShapeDtypeStructs only (nothing runs). SWA/CSA/HCA run `generate.attention_extend` "
+        "(projections, compressor and indexer updates, top-k, core attention, output projection); dense is the "
+        "same layer with plain causal attention over all S cached keys. FLOPs and bytes from `cost_analysis()` "
+        "(one token: no loops, nothing under-counted); temp from `memory_analysis()`; cache held = the cache "
+        "arrays for this sequence (bf16 layout of `init_cache`). Bytes accessed include the layer's weights "
+        "(~200 MB at batch 1), which is why they are flat in S for SWA/HCA.",
+        "",
+        out["layers"],
+        "",
+        "**2. KV cache per sequence** (`v4jax.cache.cache_size`, release storage: FP8 entries with BF16 RoPE dims, "
+        "FP4 indexer keys; spec §4.7) vs the V3.2-shaped baseline (61 MLA layers, 656 B latent + 132 B indexer key "
+        "per layer per token). Report (spec §9): at 1M, Flash 7% and Pro 10% of V3.2.",
+        "",
+        out["cache"],
+        "",
+        "**3. Whole-model FLOPs per token at 1M context vs V3.2** (analytic, not compiled): 2 x active parameters "
+        "(counted from the abstract model as the dry run counts them; embedding excluded) + core attention "
+        "(QK and PV: 4 H c FLOPs per key seen: window + CSA top-k or HCA entries) + indexer scores "
+        "(2 n_I c_I per visible compressed entry). V3.2: 2 x 37e9 + 61 x (indexer 2 x 64 x 128 x S + MLA over "
+        "the top 2048 tokens with absorbed projections, 2 x 128 x (576 + 512) per key). Report (spec §9): Flash "
+        "10%, Pro 27% in \"equivalent FP8 FLOPs\", a conversion it does not define; the last-but-one column "
+        "counts V4's FP4 indexer FLOPs at half as one reading of it.",
+        "",
+        out["flops"],
+        "",
+        f"**Reading.** KV cache: Flash {100 * flash_c:.1f}% and Pro {100 * pro_c:.1f}% of V3.2 at 1M (report 7% / "
+        f"10%). FLOPs: Flash {100 * flash_f[0]:.1f}% ({100 * flash_f[1]:.1f}% with the FP4 indexer at half) and "
+        f"Pro {100 * pro_f[0]:.1f}% ({100 * pro_f[1]:.1f}%) of V3.2 (report 10% / 27%): the report's figures lie "
+        "within the two conventions. Per layer, CSA's per-token cost is dominated at long context by the "
+        "indexer scan over S/4 compressed keys (linear in S, 1/4 the keys of dense and 1/4 the width), HCA's by "
+        "S/128 entries; dense grows with S at full width.",
+    ]
+    if plot:
+        body += ["", f"![attention cost and KV cache vs context]({plot})"]
+    numbers = [x for r in out["rows"] for x in (r["flops"], r["bytes"], r["temp"], r["cache"])]
+    numbers += [flash_c, pro_c, *flash_f, *pro_f]
+    return Section("Scaling with context: sparse vs dense attention, KV cache and FLOPs vs V3.2", "\n".join(body),
+                   numbers)
+
+
+# MaxText's published DeepSeek-V3 training run on v5p (AI-Hypercomputer/tpu-recipes,
+# training/v5p/DeepSeek3-671B-MaxText/README.md, config `deepseek3_671b_v5p_1024` of MaxText
+# benchmarks/maxtext_v5p_model_configs.py @ 3eb77db3c): its example log line reads
+# "completed step: 11, seconds: 90.668, TFLOP/s/device: 152.415, Tokens/s/device: 542.108,
+# total_weights: 25165824"; v5p-1024 is 512 chips; 152.4 / 459 TFLOP/s peak = 33.2% MFU.
+MAXTEXT_V3 = dict(run="DeepSeek-V3 671B train (MaxText, measured on hardware)", topology="v5p-1024 (512 chips)",
+                  tflops_per_device=152.415, peak=459e12, step_s=90.668, tokens=25165824, tokens_per_device=542.108,
+                  source="AI-Hypercomputer/tpu-recipes training/v5p/DeepSeek3-671B-MaxText/README.md "
+                         "(MaxText config `deepseek3_671b_v5p_1024`)")
+
+
+def load_dryruns(directory: str = DRYRUN_DIR) -> list[dict]:
+    """Every dry-run report JSON in the directory (sharding.dryrun.Report as a dict), with its file name."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read dry-run result {path}: {e}") from None
+        if not isinstance(d, dict) or "topology" not in d or "config" not in d:
+            raise ValueError(f"{path} is not a sharding.dryrun report (needs at least config and topology)")
+        d["_file"] = os.path.basename(path)
+        runs.append(d)
+    return runs
+
+
+def dryrun_tables(runs: list[dict]) -> str:
+    g = 2**30
+    lines = ["| run | topology (devices) | mesh | batch x seq | per-device HBM GiB (of) | fits | compiled FLOPs / "
+             "device | model FLOPs / device | roofline step | bound | MFU | file |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
+
+    def num(d, key, fmt):
+        v = d.get(key)
+        return "-" if v is None else fmt(v)
+
+    for d in runs:
+        fits, devices = d.get("fits"), d.get("devices") or 0
+        fits_s = "?" if fits is None else "yes" if fits else "no" + (f": {d['error'][:80]}" if d.get("error") else "")
+        model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
+        peak, hbm = num(d, "peak_bytes", lambda v: f"{v / g:.1f}"), num(d, "hbm_bytes", lambda v: f"{v / g:.0f}")
+        lines.append(
+            f"| {d['config']} {d.get('mode', '?')} | {d['topology']} ({devices}) | {d.get('mesh', '-')} | "
+            f"{d.get('batch', '-')} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
+            f"{num(d, 'flops_per_device', lambda v: f'{v:.2e}')} | {model_per_device} | "
+            f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')} | "
+            f"{num(d, 'mfu', lambda v: f'{100 * v:.1f}%')} | {d['_file']} |")
+    m = MAXTEXT_V3
+    lines.append(f"| {m['run']} | {m['topology']} | fsdp + expert (see source) | {m['tokens']:,} tokens "
+                 f"| - | yes | - | {m['tflops_per_device'] * 1e12 * m['step_s']:.2e} | {m['step_s']:.1f} s (measured) | - | "
+                 f"{100 * m['tflops_per_device'] * 1e12 / m['peak']:.1f}% | [source](https://github.com/"
+                 f"AI-Hypercomputer/tpu-recipes/blob/main/training/v5p/DeepSeek3-671B-MaxText/README.md) |")
+    # smallest fitting topology per (config, mode, TPU generation)
+    best: dict[tuple, dict] = {}
+    tried: dict[tuple, list[str]] = {}
+    for d in runs:
+        key = (d["config"], d.get("mode", "?"), d["topology"].split(":")[0])
+        tried.setdefault(key, []).append(d["topology"])
+        if d.get("fits") and (key not in best or (d.get("devices") or 0) < (best[key].get("devices") or 0)):
+            best[key] = d
+    out = ["\n".join(lines), "", "Smallest recorded topology that fits, per model, mode and TPU generation:", "",
+           "| model | mode | generation | smallest fitting topology | devices | per-device GiB | roofline MFU | "
+           "topologies tried |", "|---|---|---|---|---:|---:|---:|---|"]
+    for key in sorted(tried):
+        d = best.get(key)
+        peak = "-" if not d or d.get("peak_bytes") is None else f"{d['peak_bytes'] / g:.1f}"
+        mfu = "-" if not d or d.get("mfu") is None else f"{100 * d['mfu']:.1f}%"
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {d['topology'] if d else 'none recorded fits'} | "
+                   f"{d.get('devices', '-') if d else '-'} | {peak} | {mfu} | {', '.join(sorted(set(tried[key])))} |")
+    return "\n".join(out)
+
+
+# The dry runs `--dryrun` performs: per model, mode and generation, topologies from small to large; the
+# first that fits ends the search. (~30 min of compile each on a 2-core host: not run by default.)
+DRYRUN_PLAN = {
+    ("v4-flash", "train"): {"v5p": ["v5p:4x4x8", "v5p:8x8x8"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:4x4x8"]},
+    ("v4-flash", "decode"): {"v5p": ["v5p:2x2x2", "v5p:2x4x4"], "v6e": ["v6e:4x8"], "tpu7x": ["tpu7x:2x2x2"]},
+    ("v4-pro", "train"): {"v5p": ["v5p:8x8x16", "v5p:8x16x16"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:8x8x8"]},
+    ("v4-pro", "decode"): {"v5p": ["v5p:4x4x4", "v5p:4x4x8"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:4x4x4"]},
+}
+
+
+def run_dryruns(log, directory: str = DRYRUN_DIR) -> None:
+    from sharding.dryrun import DoesNotFit, dry_run
+
+    os.makedirs(directory, exist_ok=True)
+    for (config, mode), generations in DRYRUN_PLAN.items():
+        for topologies in generations.values():
+            for topology in topologies:
+                path = os.path.join(directory, f"{config}_{mode}_{topology.replace(':', '_')}.json")
+                log(f"[dryrun] {config} {mode} on {topology} ...")
+                try:
+                    d = dataclasses.asdict(dry_run(config, topology, "fsdp_ep", mode=mode,
+                                                   seq=4096 if mode == "train" else 131072))
+                except DoesNotFit as e:
+                    d = dict(config=config, mode=mode, topology=topology, fits=False, error=str(e))
+                with open(path, "w") as f:
+                    json.dump(d, f, indent=2)
+                if d.get("fits"):
+                    break
+
+
+def section_dryrun(quick: bool, log, directory: str = DRYRUN_DIR, run: bool = False) -> Section:
+    del quick
+    if run:
+        run_dryruns(log, directory)
+    runs = load_dryruns(directory)
+    rel = os.path.relpath(directory, ROOT)
+    body = [
+        f"Rendered from the dry-run reports in `{rel}/` ({len(runs)} file(s)); each is the `--json` output of "
+        "`python -m sharding.dryrun` (compile-only for the TPU topology on a CPU host; method and caveats in "
+        "docs/sharding.md). Memory is the compiled per-device peak (arguments + outputs + temporaries - aliased) "
+        "against the chip's HBM; the step time is a roofline (slowest of compute, HBM traffic, ICI traffic) "
+        "and MFU = model FLOPs / (devices x peak x that step): a model of the compiled program, not a "
+        "measurement. The suite does not compile these by default (about 30 min each on a 2-core host); "
+        "`python -m benchmarks --only dryrun --dryrun` runs the plan in `benchmarks/suite.py` (DRYRUN_PLAN).",
+        "",
+    ]
+    if runs:
+        body.append(dryrun_tables(runs))
+    else:
+        body += ["No dry-run results are recorded yet; only the reference row:", "", dryrun_tables([])]
+    m = MAXTEXT_V3
+    body += ["", f"Reference: MaxText's DeepSeek-V3 671B training recipe on v5p ({m['source']}) logs "
+             f"{m['tflops_per_device']:.1f} TFLOP/s per device, {m['tokens_per_device']:.0f} tokens/s per device, "
+             f"{m['step_s']:.1f} s per step of {m['tokens']:,} tokens on v5p-1024 (512 chips, 8192-token sequences); "
+             f"against v5p's 459 TFLOP/s bf16 peak that is "
+             f"{100 * m['tflops_per_device'] * 1e12 / m['peak']:.1f}% MFU, measured on hardware, which is what a "
+             "roofline MFU above would have to be discounted towards."]
+    numbers = [float(d[k]) for d in runs for k in ("peak_bytes", "flops_per_device", "step_time_s", "mfu")
+               if d.get(k) is not None]
+    return Section("Scale on paper: TPU dry runs vs the MaxText DeepSeek-V3 reference", "\n".join(body), numbers)
+
+
+def section_gpu(quick: bool, log) -> Section:
+    del quick, log
+    import jax
+
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        kinds = sorted({d.platform for d in jax.devices()})
+        body = (f"No GPU was lent to this run (JAX sees only: {', '.join(kinds)}), so there are no GPU kernel "
+                "times or roofline fractions here. This section is filled when the suite runs on a machine with "
+                "an H100 or H200.")
+        return Section("GPU (H100 / H200)", body, [])
+    body = (f"GPU present ({gpus[0].device_kind}), but the GPU kernel timing of this suite has not been written "
+            "yet; no numbers are given.")
+    return Section("GPU (H100 / H200)", body, [])
+
+
+# Component benchmarks: (module, arguments under --quick, arguments otherwise)
+COMPONENTS = [
+    ("forward_throughput", ["--quick", "--markdown"], ["--markdown"]),
+    ("decode", ["--quick"], []),
+    ("train_step", ["--quick", "--markdown"], ["--markdown"]),
+    ("sparse_attention", ["--quick"], ["--lengths", "4096,16384,65536"]),
+    ("lightning_indexer", ["--quick"], ["--quick"]),
+    ("moe_dispatch", ["--quick"], ["--quick"]),
+    ("convert", ["--layers", "1", "--experts", "4", "--markdown"], ["--markdown"]),
+]
+
+
+def _as_markdown(text: str) -> str:
+    """A component's printed output as Markdown: table lines kept, other lines as escaped text lines."""
+    out, in_table = [], False
+    for line in text.strip().splitlines():
+        is_row = line.startswith("|")
+        if is_row and not in_table and out and out[-1] != "":
+            out.append("")
+        if not is_row and in_table:
+            out.append("")
+        in_table = is_row
+        out.append(line if is_row else (re.sub(r"^([#>*+-])", r"\\\1", line) + "  " if line.strip() else ""))
+    return "\n".join(out)
+
+
+def section_components(quick: bool, log, names=None) -> Section:
+    import importlib
+
+    parts, numbers = [], []
+    for module, quick_args, full_args in COMPONENTS:
+        if names and module not in names:
+            continue
+        args = quick_args if quick else full_args
+        mod = importlib.import_module(f"benchmarks.{module}")
+        buf = io.StringIO()
+        log(f"[components] {module} {' '.join(args)}")
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(buf):
+            status = mod.main(args)
+        seconds = time.perf_counter() - t0
+        text = buf.getvalue()
+        parts += [f"### `{module}`", "", f"`JAX_PLATFORMS=cpu python -m benchmarks.{module} {' '.join(args)}`"
+                  f" ({seconds:.0f} s{'' if not status else f', exit status {status}'})", "", _as_markdown(text), ""]
+        numbers += [x for line in text.splitlines() if line.startswith("|") for x in _numbers(line)]
+    body = ("Each component benchmark's own output (its docstring explains the columns; docs/*.md read "
+            "them), run in-process by the suite" + (" with its quick settings" if quick else "") + ".\n\n"
+            + "\n".join(parts))
+    return Section("Component benchmarks", body, numbers)
+
+
+SECTIONS: dict[str, Callable] = {
+    "peer": section_peer,
+    "scaling": section_scaling,
+    "dryrun": section_dryrun,
+    "gpu": section_gpu,
+    "components": section_components,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def render(name: str, section: Section, command: str, header: dict) -> str:
+    return "\n".join([
+        MARK.format(name=name, edge="begin"),
+        f"## {section.title}",
+        "",
+        f"Generated by the suite on {header['date']} (section `{name}`, {section.seconds:.0f} s). Command: "
+        f"`{command}`",
+        "",
+        f"- Machine: {header['machine']}",
+        f"- Versions: {header['versions']}",
+        f"- Code: {header['code']}",
+        "",
+        section.body,
+        MARK.format(name=name, edge="end"),
+    ])
+
+
+def update_file(path: str, blocks: dict[str, str]) -> None:
+    """Replace each section's marked span in the file, or append it when the file has none."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    for name, block in blocks.items():
+        begin, end = MARK.format(name=name, edge="begin"), MARK.format(name=name, edge="end")
+        i, j = text.find(begin), text.find(end)
+        if (i < 0) != (j < 0) or (i >= 0 and j < i):
+            raise ValueError(f"{path}: unbalanced markers for section {name!r} ({begin} / {end})")
+        if i >= 0:
+            text = text[:i] + block + text[j + len(end):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def run_suite(names, quick: bool, log, dryrun: bool = False) -> dict[str, Section]:
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        log(f"== {name} ==")
+        fn = SECTIONS[name]
+        section = fn(quick, log, run=dryrun) if name == "dryrun" else fn(quick, log)
+        section.seconds = time.perf_counter() - t0
+        bad = [x for x in section.numbers if not math.isfinite(x)]
+        if bad:
+            log(f"[{name}] {len(bad)} non-finite number(s) in the results")
+        results[name] = section
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smallest settings of every benchmark (a smoke test)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections of: {', '.join(SECTIONS)}")
+    p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="Markdown file to update")
+    p.add_argument("--no-write", action="store_true", help="print the sections instead of writing them")
+    p.add_argument("--dryrun", action="store_true", help="also compile the dry runs of DRYRUN_PLAN (hours)")
+    args = p.parse_args(argv)
+    names = list(SECTIONS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    from benchmarks.peer_compare import single_threaded
+
+    single_threaded()  # before jax starts: XLA:CPU and torch on one thread each (see peer_compare)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    command = "python -m benchmarks" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None
+                                                                               else sys.argv[1:]))
+    header = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  machine=machine(), versions=versions(), code=code_version())
+    t0 = time.perf_counter()
+    results = run_suite(names, args.quick, log, args.dryrun)
+    blocks = {name: render(name, s, command, header) for name, s in results.items()}
+    if args.no_write:
+        print("\n\n".join(blocks.values()))
+    else:
+        update_file(args.out, blocks)
+        log(f"wrote {len(blocks)} section(s) to {args.out}")
+    log(f"suite wall time {time.perf_counter() - t0:.0f} s")
+    bad = sum(1 for s in results.values() for x in s.numbers if not math.isfinite(x))
+    return 1 if bad else 0
