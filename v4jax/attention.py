@@ -19,7 +19,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.compressor import Compressor
 from v4jax.config import AttentionImpl, AttentionKind, V4Config
-from v4jax.indexer import Indexer, map_query_chunks
+from v4jax.indexer import Indexer, IndexerTraces, entry_scores, map_query_chunks
 from v4jax.layers import Linear, RMSNorm, param, rms_normalize
 from v4jax.rope import apply_rope, inv_frequencies
 
@@ -43,8 +43,9 @@ class Attention(nnx.Module):
         self.indexer = Indexer(cfg, rngs=rngs) if kind is AttentionKind.CSA else None
         self.cfg, self.kind = cfg, kind
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, d] (already attn_norm-ed); positions are 0..T-1."""
+    def __call__(self, x: jax.Array, return_indexer_traces: bool = False):
+        """x: [B, T, d] (already attn_norm-ed); positions are 0..T-1. Returns [B, T, d], or
+        ([B, T, d], IndexerTraces | None) with return_indexer_traces (traces only in CSA layers)."""
         cfg = self.cfg
         B, T, _ = x.shape
         positions = jnp.arange(T)
@@ -55,11 +56,23 @@ class Attention(nnx.Module):
         q = apply_rope(rms_normalize(q, cfg.norm_eps), positions[:, None], inv_freq)  # per-head un-weighted norm
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]
 
-        compressed = topk_idx = None
+        compressed = topk_idx = traces = None
         if self.compressor is not None:
             compressed = self.compressor(x, inv_freq)  # [B, T // m, c]
-        if self.indexer is not None:
-            topk_idx = self.indexer(x, cq, positions, inv_freq)  # [B, T, k]
+        if self.indexer is not None and (return_indexer_traces or not cfg.csa_dense):
+            # spec §8.6: detached inputs, so the indexer learns only from its KL loss
+            x_i, cq_i = jax.lax.stop_gradient((x, cq)) if cfg.indexer_detach else (x, cq)
+            q_i, w_i, keys_i = self.indexer.project(x_i, cq_i, positions, inv_freq)
+            if not cfg.csa_dense:  # dense stage (spec §4.8): every visible entry, as HCA does
+                topk_idx = self.indexer.select(q_i, w_i, keys_i, positions)  # [B, T, k]
+            if return_indexer_traces:
+                ratio = cfg.compress_ratio(self.kind)
+                valid = (jnp.broadcast_to(jnp.arange(keys_i.shape[1]) < ((positions + 1) // ratio)[:, None],
+                                          (B, T, keys_i.shape[1])) if topk_idx is None else topk_idx >= 0)
+                traces = IndexerTraces(
+                    entry_attention_mass(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio,
+                                         cfg.attention_chunk),
+                    entry_scores(q_i, w_i, keys_i, topk_idx, cfg.attention_chunk), valid)
 
         core = sparse_attention if cfg.attention_impl is AttentionImpl.REFERENCE else pallas_sparse_attention
         o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx,
@@ -69,7 +82,8 @@ class Attention(nnx.Module):
         o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]: heads grouped contiguously
         # (group axis leading: XLA:CPU cannot run a bf16 x bf16 -> f32 dot with a trailing batch axis)
         u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
-        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1))  # concat groups -> [B,T,d]
+        out = self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1))  # concat groups -> [B,T,d]
+        return (out, traces) if return_indexer_traces else out
 
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
@@ -82,42 +96,16 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
     compressed given (HCA: every entry s < floor((t+1)/ratio) is attended). Returns [B,T,H,c] in q's dtype.
     Softmax in fp32 with scale 1/sqrt(c); the sink is an extra logit with a zero value.
     """
-    B, T, H, c = q.shape
-    scale = c ** -0.5
-    Q = min(chunk, T)
-    n_chunks = -(-T // Q)
-    kv_padded = jnp.pad(kv, ((0, 0), (window - 1, n_chunks * Q - T), (0, 0)))  # key i at index i + window - 1
+    T = q.shape[1]
+    kv_padded = _padded_window_keys(kv, window, chunk)  # key i at index i + window - 1
     sink_logits = sinks.astype(jnp.float32)[None, :, None, None]  # [1, H, 1, 1]
 
     def one_chunk(args):
-        if topk_idx is None:
-            q_c, t = args
-            idx_c = None
-        else:
-            q_c, idx_c, t = args  # [B,Q,H,c], [B,Q,k], [Q]
-        start = t[0]
-        win = jax.lax.dynamic_slice_in_dim(kv_padded, start, Q + window - 1, axis=1)  # [B, Q+W-1, c]
-        key_pos = start - (window - 1) + jnp.arange(Q + window - 1)
-        win_mask = (key_pos[None, :] >= 0) & (key_pos[None, :] <= t[:, None]) & (key_pos[None, :] > t[:, None] - window)
-        logits = [jnp.where(win_mask[None, None], scale * jnp.einsum("bqhc,bkc->bhqk", q_c, win,
-                                                                     preferred_element_type=jnp.float32), -jnp.inf)]
-        values = [win]
-        if compressed is not None and compressed.shape[1] > 0:
-            if idx_c is None:  # HCA: all visible entries
-                n = compressed.shape[1]
-                vis = jnp.arange(n)[None, :] < ((t + 1) // ratio)[:, None]  # [Q, N]
-                s = jnp.einsum("bqhc,bnc->bhqn", q_c, compressed, preferred_element_type=jnp.float32)
-                logits.append(jnp.where(vis[None, None], scale * s, -jnp.inf))
-                values.append(compressed)
-            else:  # CSA: gather the selected entries by index
-                picked = jax.vmap(lambda comp, i: comp[jnp.maximum(i, 0)])(compressed, idx_c)  # [B, Q, k, c]
-                s = jnp.einsum("bqhc,bqkc->bhqk", q_c, picked, preferred_element_type=jnp.float32)
-                logits.append(jnp.where((idx_c >= 0)[:, None], scale * s, -jnp.inf))
-                values.append(picked)
+        logits, values, idx_c = _chunk_logits(args, kv_padded, window, compressed, topk_idx is not None, ratio)
         m = jnp.maximum(jnp.max(jnp.concatenate(logits, axis=-1), axis=-1, keepdims=True), sink_logits)
         probs = [jnp.exp(l - m) for l in logits]
         denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in probs) + jnp.exp(sink_logits - m)
-        out = jnp.einsum("bhqk,bkc->bqhc", probs[0], win.astype(jnp.float32))
+        out = jnp.einsum("bhqk,bkc->bqhc", probs[0], values[0].astype(jnp.float32))
         if len(values) > 1:
             if idx_c is None:
                 out += jnp.einsum("bhqn,bnc->bqhc", probs[1], values[1].astype(jnp.float32))
@@ -127,6 +115,66 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
 
     args = (q, jnp.arange(T)) if topk_idx is None else (q, topk_idx, jnp.arange(T))
     return map_query_chunks(jax.checkpoint(one_chunk), args, T, chunk)
+
+
+def _padded_window_keys(kv: jax.Array, window: int, chunk: int) -> jax.Array:
+    """kv [B,T,c] with window-1 zero keys in front and the last query chunk's padding behind."""
+    T = kv.shape[1]
+    Q = min(chunk, T)
+    return jnp.pad(kv, ((0, 0), (window - 1, -(-T // Q) * Q - T), (0, 0)))
+
+
+def _chunk_logits(args, kv_padded, window: int, compressed, sparse: bool, ratio: int):
+    """Scaled fp32 logits of one query chunk: [window [B,H,Q,Q+W-1], entries [B,H,Q,k|N]] (masked
+    keys -inf; entries only when compressed entries exist), their values, and the chunk's entry ids."""
+    q_c, idx_c, t = args if sparse else (args[0], None, args[1])  # [B,Q,H,c], [B,Q,k], [Q]
+    Q = q_c.shape[1]
+    scale = q_c.shape[-1] ** -0.5
+    start = t[0]
+    win = jax.lax.dynamic_slice_in_dim(kv_padded, start, Q + window - 1, axis=1)  # [B, Q+W-1, c]
+    key_pos = start - (window - 1) + jnp.arange(Q + window - 1)
+    win_mask = (key_pos[None, :] >= 0) & (key_pos[None, :] <= t[:, None]) & (key_pos[None, :] > t[:, None] - window)
+    logits = [jnp.where(win_mask[None, None], scale * jnp.einsum("bqhc,bkc->bhqk", q_c, win,
+                                                                 preferred_element_type=jnp.float32), -jnp.inf)]
+    values = [win]
+    if compressed is not None and compressed.shape[1] > 0:
+        if idx_c is None:  # HCA (and CSA's dense stage): all visible entries
+            n = compressed.shape[1]
+            vis = jnp.arange(n)[None, :] < ((t + 1) // ratio)[:, None]  # [Q, N]
+            s = jnp.einsum("bqhc,bnc->bhqn", q_c, compressed, preferred_element_type=jnp.float32)
+            logits.append(jnp.where(vis[None, None], scale * s, -jnp.inf))
+            values.append(compressed)
+        else:  # CSA: gather the selected entries by index
+            picked = jax.vmap(lambda comp, i: comp[jnp.maximum(i, 0)])(compressed, idx_c)  # [B, Q, k, c]
+            s = jnp.einsum("bqhc,bqkc->bhqk", q_c, picked, preferred_element_type=jnp.float32)
+            logits.append(jnp.where((idx_c >= 0)[:, None], scale * s, -jnp.inf))
+            values.append(picked)
+    return logits, values, idx_c
+
+
+def entry_attention_mass(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int, compressed: jax.Array,
+                         topk_idx: jax.Array | None, ratio: int, chunk: int) -> jax.Array:
+    """The indexer's training target (spec §8.6): the core attention's probability on each compressed
+    entry (softmax over window keys, entries and the sink, as `sparse_attention`), summed over heads.
+    topk_idx [B,T,k] -> [B,T,k] (sparse stage); None -> every entry [B,T,N] (dense stage, invisible 0).
+    A chunked recomputation of the per-head log-sum-exp (memory linear in T), so it serves every
+    attention_impl; fp32, no gradient."""
+    B, T, H, _ = q.shape
+    n = compressed.shape[1] if topk_idx is None else topk_idx.shape[2]
+    if compressed.shape[1] == 0 or n == 0:
+        return jnp.zeros((B, T, n), jnp.float32)
+    kv_padded = _padded_window_keys(kv, window, chunk)  # key i at index i + window - 1
+    sink_logits = sinks.astype(jnp.float32)[None, :, None, None]  # [1, H, 1, 1]
+
+    def one_chunk(args):
+        logits, _, _ = _chunk_logits(args, kv_padded, window, compressed, topk_idx is not None, ratio)
+        lse = jax.nn.logsumexp(jnp.concatenate(logits + [jnp.broadcast_to(sink_logits, (*logits[0].shape[:3], 1))],
+                                               axis=-1), axis=-1, keepdims=True)  # [B, H, Q, 1]
+        return jnp.sum(jnp.exp(logits[1] - lse), axis=1)  # [B, Q, k | N]
+
+    q, kv, compressed = jax.lax.stop_gradient((q, kv, compressed))
+    args = (q, jnp.arange(T)) if topk_idx is None else (q, topk_idx, jnp.arange(T))
+    return map_query_chunks(one_chunk, args, T, chunk)
 
 
 def on_tpu_or_interpreted(kernel):

@@ -89,6 +89,10 @@ class V4Config:
       attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
       moe_dispatch_chunk tokens per device per expert-parallel all-to-all round (memory knob);
       remat, attention_impl, moe_impl: implementation choices (enums above; never change the math);
+      csa_dense training stage switch (spec §4.8, §8.6): CSA layers attend to every visible compressed
+      entry, as HCA does, and skip the indexer's top-k (the dense stage and the indexer warm-up);
+      indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its KL
+      loss and the KL trains nothing else (spec §8.6); no effect on the forward values;
       bos_token_id, eos_token_id carried through config.json.
     """
 
@@ -135,6 +139,8 @@ class V4Config:
     remat: Remat = Remat.NONE
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE
     moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
+    csa_dense: bool = False
+    indexer_detach: bool = True
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
 
@@ -217,6 +223,8 @@ class V4Config:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v!r}")
         need(self.beta_fast >= self.beta_slow, f"beta_fast ({self.beta_fast}) is below beta_slow ({self.beta_slow})")
         need(self.original_seq_len >= 1, f"original_seq_len must be >= 1, got {self.original_seq_len}")
+        for name in ("csa_dense", "indexer_detach"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
 

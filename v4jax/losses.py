@@ -47,23 +47,27 @@ def imbalance(load: jax.Array) -> jax.Array:
     return jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
 
 
-def indexer_kl_loss(attention_mass: jax.Array, index_scores: jax.Array, visible: jax.Array,
+def indexer_kl_loss(attention_mass: jax.Array, index_scores: jax.Array, valid: jax.Array,
                     selected: jax.Array | None = None) -> jax.Array:
     """Lightning-indexer training loss (spec §8.6, V3.2 recipe adapted to compressed entries).
 
-    attention_mass [B, T, N]: the main attention's probability on each compressed entry, summed over
-      heads (window keys and the sink excluded); the target, not differentiated.
-    index_scores [B, T, N]: the indexer's scores I_{t,s} (logits of its distribution).
-    visible [B or 1, T, N] bool: causally visible compressed entries.
-    selected [B, T, N] bool or None: the top-k set S_t (sparse stage) or None (dense warm-up: all
-      visible entries).
-    Returns the mean over queries with at least one entry of KL(p_t || softmax(I_t)) over the set.
+    Shapes [..., B, T, K] with any leading (layer) axes; K indexes candidate entries: the top-k set of
+    each query (sparse stage) or every compressed entry (dense stage), see `indexer.IndexerTraces`.
+    attention_mass: the main attention's probability on each entry, summed over heads (window keys
+      and the sink excluded); the target, renormalised over the kept entries, never differentiated.
+    index_scores: the indexer's scores I_{t,s} (logits of its distribution over the kept entries).
+    valid [..., B or 1, T, K] bool: real, causally visible entries.
+    selected: an extra bool mask (or None), e.g. a top-k set given as [B, T, N_c] in the dense layout.
+    Returns, summed over the leading axes, the mean over queries with at least one kept entry of
+    positive mass of KL(p_t || softmax(I_t)).
     """
-    keep = visible if selected is None else visible & selected
+    keep = valid if selected is None else valid & selected
     p = jnp.where(keep, jax.lax.stop_gradient(attention_mass).astype(jnp.float32), 0.0)
     total = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(total > 0, total, 1.0)
-    logq = jax.nn.log_softmax(jnp.where(keep, index_scores.astype(jnp.float32), -jnp.inf), axis=-1)
-    kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0), axis=-1)  # [B, T]
-    rows = jnp.any(keep, axis=-1) & (total[..., 0] > 0)
-    return jnp.sum(jnp.where(rows, kl, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+    # a finite floor instead of -inf: rows with nothing kept stay finite (and are dropped below)
+    logq = jax.nn.log_softmax(jnp.where(keep, index_scores.astype(jnp.float32), -1e30), axis=-1)
+    kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0), axis=-1)  # [..., B, T]
+    rows = jnp.broadcast_to(jnp.any(keep, axis=-1) & (total[..., 0] > 0), kl.shape)
+    per_layer = jnp.sum(jnp.where(rows, kl, 0.0), axis=(-2, -1)) / jnp.maximum(jnp.sum(rows, axis=(-2, -1)), 1)
+    return jnp.sum(per_layer)

@@ -16,6 +16,7 @@ from flax import nnx
 from v4jax.attention import Attention
 from sharding.context import constrain
 from v4jax.config import AttentionKind, Remat, RouterKind, V4Config
+from v4jax.indexer import IndexerTraces
 from v4jax.layers import Embed, Linear, RMSNorm
 from v4jax.mhc import HyperConnection, HyperHead
 from v4jax.moe import MoE, RoutingStats, routing_stats
@@ -32,6 +33,7 @@ class ModelOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None  # L+1 x [B, T, n_hc, d]: widened embedding, then each block
     routing: RoutingStats  # [L, B, E] per main layer, in layer order (balance loss, bias update, load)
     mtp_routing: RoutingStats | None  # [B, E] of the MTP block's router
+    indexer: IndexerTraces | None = None  # [n_CSA, B, T, k] per field, CSA layers in layer order (on request)
 
 
 class Block(nnx.Module):
@@ -45,13 +47,16 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.ffn = MoE(cfg, router, rngs=rngs)
 
-    def __call__(self, streams: jax.Array, tokens: jax.Array) -> tuple[jax.Array, RoutingStats]:
+    def __call__(self, streams: jax.Array, tokens: jax.Array, return_indexer_traces: bool = False):
+        """streams [B, T, n_hc, d] -> (streams, RoutingStats, IndexerTraces | None: CSA layers on request)."""
         streams = constrain(streams, STREAMS)  # [B, T, n_hc, d]
         u, post, comb = self.attn_hc.hc_pre(streams)  # u [B, T, d]
-        streams = self.attn_hc.hc_post(self.attn(self.attn_norm(u)), streams, post, comb)
+        a, traces = self.attn(self.attn_norm(u), return_indexer_traces=True) if return_indexer_traces else (
+            self.attn(self.attn_norm(u)), None)
+        streams = self.attn_hc.hc_post(a, streams, post, comb)
         v, post, comb = self.ffn_hc.hc_pre(constrain(streams, STREAMS))
         y, routing = self.ffn(self.ffn_norm(v), tokens)  # the MoE sees raw token ids (hash layers)
-        return self.ffn_hc.hc_post(y, streams, post, comb), routing_stats(routing, *tokens.shape)
+        return self.ffn_hc.hc_post(y, streams, post, comb), routing_stats(routing, *tokens.shape), traces
 
 
 def layer_schedule(kinds: tuple) -> tuple[tuple[tuple, int], ...]:
@@ -97,23 +102,29 @@ class Stage(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.unit, self.repeats, self.remat = unit, repeats, cfg.remat
 
-    def __call__(self, streams: jax.Array, tokens: jax.Array, keep_hidden: bool):
-        """streams [B, T, n_hc, d] -> (streams, hidden [R, P, B, T, n_hc, d] | None, stats [R, P, B, E])."""
+    def __call__(self, streams: jax.Array, tokens: jax.Array, keep_hidden: bool, keep_traces: bool = False):
+        """streams [B, T, n_hc, d] -> (streams, hidden [R, P, B, T, n_hc, d] | None, stats [R, P, B, E],
+        indexer traces [R * P_csa, B, T, k] in layer order | None (keep_traces and CSA in the unit))."""
         splits = [nnx.split(b) for b in self.blocks]
 
         def body(streams, states):
-            hidden, stats = [], []
+            hidden, stats, traces = [], [], []
             for (graphdef, _), state in zip(splits, states):
-                streams, s = nnx.merge(graphdef, state)(streams, tokens)
+                streams, s, t = nnx.merge(graphdef, state)(streams, tokens, keep_traces)
                 hidden.append(streams if keep_hidden else None)
                 stats.append(s)
-            return streams, (hidden, jax.tree.map(lambda *a: jnp.stack(a), *stats))
+                if t is not None:
+                    traces.append(t)
+            stack = lambda *a: jnp.stack(a)  # noqa: E731
+            return streams, (hidden, jax.tree.map(stack, *stats), jax.tree.map(stack, *traces) if traces else None)
 
         if self.remat is not Remat.NONE:
             policy = None if self.remat is Remat.FULL else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        streams, (hidden, stats) = jax.lax.scan(body, streams, [state for _, state in splits])
-        return streams, (jnp.stack(hidden, axis=1) if keep_hidden else None), stats
+        streams, (hidden, stats, traces) = jax.lax.scan(body, streams, [state for _, state in splits])
+        if traces is not None:  # [R, P_csa, ...] -> [R * P_csa, ...]: CSA layers in layer order
+            traces = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), traces)
+        return streams, (jnp.stack(hidden, axis=1) if keep_hidden else None), stats, traces
 
 
 class MTPBlock(nnx.Module):
@@ -134,7 +145,7 @@ class MTPBlock(nnx.Module):
         e = self.e_proj(self.enorm(next_embedding))  # [B, T, d]
         h = self.h_proj(self.hnorm(streams))  # same projection per stream: [B, T, n_hc, d]
         x = e[:, :, None, :] + h
-        x, routing = self.block(x, next_tokens)
+        x, routing, _ = self.block(x, next_tokens)
         return self.norm(self.hc_head(x)), routing
 
 
@@ -155,8 +166,11 @@ class Transformer(nnx.Module):
         return [(s, p, r) for s, stage in enumerate(self.stages)
                 for r in range(stage.repeats) for p in range(len(stage.unit))]
 
-    def __call__(self, tokens: jax.Array, *, return_hidden_states: bool = False, with_mtp: bool = True) -> ModelOutput:
-        """Stateless full-sequence forward. tokens: int [B, T] (ids must lie in [0, vocab_size))."""
+    def __call__(self, tokens: jax.Array, *, return_hidden_states: bool = False, with_mtp: bool = True,
+                 return_indexer_traces: bool = False) -> ModelOutput:
+        """Stateless full-sequence forward. tokens: int [B, T] (ids must lie in [0, vocab_size)).
+        return_indexer_traces: also return what the indexer's KL loss needs (ModelOutput.indexer, spec
+        §8.6); the logits are the same either way."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
         if tokens.shape[1] > self.cfg.max_seq_len:
@@ -165,12 +179,14 @@ class Transformer(nnx.Module):
         tokens = constrain(tokens, TOKENS)
         e = self.embed(tokens, dtype)  # [B, T, d]
         streams = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.cfg.hc_mult, e.shape[-1]))  # widen
-        hidden, stats = [streams], []
+        hidden, stats, traces = [streams], [], []
         for stage in self.stages:
-            streams, h, s = stage(streams, tokens, return_hidden_states)
+            streams, h, s, t = stage(streams, tokens, return_hidden_states, return_indexer_traces)
             if return_hidden_states:
                 hidden += list(h.reshape(-1, *h.shape[2:]))  # [R, P, ...] -> layer order
             stats.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), s))
+            if t is not None:
+                traces.append(t)
         h = self.norm(self.hc_head(streams))  # [B, T, d]
         logits = constrain(self.head(h, jnp.float32), LOGITS)  # LM head in fp32
 
@@ -179,4 +195,6 @@ class Transformer(nnx.Module):
             h_mtp, mtp_stats = self.mtp(streams[:, :-1], e[:, 1:], tokens[:, 1:])
             mtp_logits = constrain(self.head(h_mtp, jnp.float32), LOGITS)  # shared LM head
         routing = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
-        return ModelOutput(logits, mtp_logits, h, tuple(hidden) if return_hidden_states else None, routing, mtp_stats)
+        indexer = jax.tree.map(lambda *a: jnp.concatenate(a), *traces) if traces else None
+        return ModelOutput(logits, mtp_logits, h, tuple(hidden) if return_hidden_states else None, routing, mtp_stats,
+                           indexer)

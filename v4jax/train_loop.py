@@ -5,7 +5,7 @@ State (one pytree, checkpointed whole): params and buffers as flat `{dotted path
 iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON.
 
 One step (`make_step`): for each of grad_accum micro-batches, forward in cfg.dtype (bf16 on TPU)
--> loss = CE + w_mtp(step) * CE_mtp + alpha * balance (+ indexer KL when the model exposes it)
+-> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
 (outside the gradient, spec §5.4). A non-finite loss or gradient norm keeps the old state (the step
 is skipped and reported); `max_bad_steps` in a row stop the run.
@@ -86,7 +86,8 @@ class TrainConfig:
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight (spec §5.4)
     balance_hash_layers: bool = False  # whether hash-routed layers join the balance loss (spec §12.6)
     bias_update_speed: float = 1e-3  # aux-loss-free bias speed gamma (spec §5.4)
-    indexer_loss_weight: float = 1.0  # used when the model exposes indexer traces (see losses.indexer_kl_loss)
+    indexer_loss_weight: float = 1.0  # lightning-indexer KL (spec §8.6); 0 = indexers untrained, no traces
+    # (model.csa_dense=true: dense CSA attention, the KL over all visible entries = the warm-up stage)
     seed: int = 0  # parameter init and RNG
     run_dir: str = "runs/tiny"
     ckpt_every: int = 50
@@ -247,7 +248,7 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
         model = nnx.merge(setup.graphdef, unflat_params(setup.param_template, params),
                           unflat_params(setup.buffer_template, buffers), setup.rest)
         inputs, targets = micro[:, :-1], micro[:, 1:]
-        out = model(inputs)
+        out = model(inputs, return_indexer_traces=tc.indexer_loss_weight > 0)
         T = inputs.shape[1]
         parts = {"ce": losses.cross_entropy(out.logits, targets)}
         total = parts["ce"]
@@ -261,9 +262,8 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
             bal = bal + losses.balance_loss(out.mtp_routing, cfg.n_activated_experts, T - 1)
         parts["balance"] = bal
         total = total + tc.balance_alpha * bal
-        traces = getattr(out, "indexer", None)  # hook: see losses.indexer_kl_loss and docs/training.md
-        if traces is not None:
-            parts["indexer"] = losses.indexer_kl_loss(*traces)
+        if out.indexer is not None:  # CSA layers' KL (spec §8.6); trains only the indexers (indexer_detach)
+            parts["indexer"] = losses.indexer_kl_loss(*out.indexer)
             total = total + tc.indexer_loss_weight * parts["indexer"]
         total = total * jnp.where(hyper["nan"], jnp.nan, 1.0)  # testing hook (nan_steps): loss and grads NaN
         mtp_load = None if out.mtp_routing is None else jnp.sum(out.mtp_routing.load, axis=0)
