@@ -1,7 +1,9 @@
 """Training data: documents -> token ids -> one packed token stream -> fixed-length rows -> batches.
 
 Documents come from the embedded default corpus (this machine's Python standard library `.py`
-sources: no download) or from text / JSONL files (JSONL: one JSON object per line, its "text" field).
+sources: no download), from text / JSONL files (JSONL: one JSON object per line, its "text" field)
+or from ArrayRecord shards (`.array_record`; each record UTF-8 text or a JSON object with a "text"
+field), read through grain (`grain.sources.ArrayRecordDataSource` in a `grain.MapDataset`).
 Tokenisers: `ByteTokenizer` (UTF-8 bytes, ids 2..257 after the model's bos=0/eos=1) or a `tokenizers`
 `tokenizer.json`. Every document is followed by eos and all are concatenated (spec §8.3 packing; the
 model has no sample-level attention mask yet, see docs/training.md) and cut into rows of seq_len + 1
@@ -11,7 +13,8 @@ Order: row order is a permutation drawn from (seed, epoch), so it is determinist
 state is two integers (epoch, batch in the epoch): saved in every checkpoint, resumed exactly
 mid-epoch. Multi-host: every host sees the same permutation and reads only its own rows of each
 global batch (with `cache_dir` the packed stream is a memory-mapped file, so a host touches only
-the rows it reads).
+the rows it reads). `GrainBatches` serves the same batches, in the same order and with the same
+(epoch, batch) state, from a `grain.MapDataset` of this host's batches read ahead by grain threads.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -92,13 +96,14 @@ def stdlib_files() -> list[str]:
 
 
 def resolve_files(data: str) -> list[str]:
-    """'stdlib' or a comma-separated list of files, directories (all .txt/.md/.py/.jsonl in them) and globs."""
+    """'stdlib' or a comma-separated list of files, directories (all .txt/.md/.py/.jsonl/.array_record in
+    them) and globs."""
     if data == "stdlib":
         return stdlib_files()
     files: list[str] = []
     for item in filter(None, (s.strip() for s in data.split(","))):
         if os.path.isdir(item):
-            found = [f for ext in ("txt", "md", "py", "jsonl", "json")
+            found = [f for ext in ("txt", "md", "py", "jsonl", "json", "array_record")
                      for f in glob.glob(os.path.join(item, "**", f"*.{ext}"), recursive=True)]
         elif any(c in item for c in "*?["):
             found = glob.glob(item, recursive=True)
@@ -114,7 +119,9 @@ def resolve_files(data: str) -> list[str]:
 
 def documents(files: list[str]) -> Iterator[str]:
     for path in files:
-        if path.endswith((".jsonl", ".json")):
+        if path.endswith(".array_record"):
+            yield from array_record_documents(path)
+        elif path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
@@ -125,6 +132,46 @@ def documents(files: list[str]) -> Iterator[str]:
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield f.read()
+
+
+def array_record_documents(path: str) -> Iterator[str]:
+    """The records of one ArrayRecord file, in order, read through grain: each is a JSON object with
+    a "text" field (a JSON line) or else UTF-8 text."""
+    import grain
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+    except Exception as e:  # array_record raises its own errors for a file it cannot open
+        raise DataError(f"cannot read ArrayRecord file {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    dataset = grain.MapDataset.source(source).map(record_text)
+    for i in range(len(dataset)):
+        try:
+            yield dataset[i]
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: record {i} is neither UTF-8 text nor a JSON object with a 'text' field") from None
+
+
+def record_text(record: bytes) -> str:
+    """One record's document: the "text" field of a JSON object, or the record as UTF-8 text."""
+    text = record.decode("utf-8")
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+            return doc["text"]
+    return text
+
+
+def write_array_record(path: str, records: Iterable[str | bytes], group_size: int = 1) -> None:
+    """Write records (str as UTF-8) to an ArrayRecord file (tests, corpus conversion)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    writer = ArrayRecordWriter(path, f"group_size:{group_size}")
+    try:
+        for r in records:
+            writer.write(r.encode("utf-8") if isinstance(r, str) else r)
+    finally:
+        writer.close()
 
 
 def pack_tokens(files: list[str], tokenizer, cache_dir: str | None = None) -> np.ndarray:
@@ -194,13 +241,16 @@ class PackedBatches:
             raise DataError(f"the data holds {len(tokens)} tokens = {self.n_rows} rows of {seq_len + 1}, fewer than "
                             f"one global batch of {per_batch} rows")
         self.state = state or IteratorState()
-        self._perm_epoch, self._perm = None, None
+        self._perms: dict[int, np.ndarray] = {}  # the last two epochs' permutations
+        self._lock = threading.Lock()  # grain's reader threads share this object
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-            self._perm_epoch = epoch
-        return self._perm
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) >= 2:
+                    del self._perms[min(self._perms)]
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            return self._perms[epoch]
 
     def rows(self, epoch: int, batch: int) -> np.ndarray:
         """Row ids [A, B_local] of this host for global batch `batch` of `epoch`."""
@@ -212,10 +262,54 @@ class PackedBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> np.ndarray:
-        ids = self.rows(self.state.epoch, self.state.batch)
-        starts = ids.astype(np.int64) * self.seq_len
+    def batch(self, epoch: int, batch: int) -> np.ndarray:
+        """This host's rows of global batch `batch` of `epoch`: [B_local, A, T+1] int32 (batch first, as sharded)."""
+        starts = self.rows(epoch, batch).astype(np.int64) * self.seq_len
         out = np.stack([np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1]) for s in row]) for row in starts])
+        return np.swapaxes(out, 0, 1).astype(np.int32)
+
+    def __next__(self) -> np.ndarray:
+        out = self.batch(self.state.epoch, self.state.batch)
         self.state = (IteratorState(self.state.epoch, self.state.batch + 1)
                       if self.state.batch + 1 < self.batches_per_epoch else IteratorState(self.state.epoch + 1, 0))
-        return np.swapaxes(out, 0, 1).astype(np.int32)  # [B_local, A, T+1]: batch first, as sharded
+        return out
+
+
+class GrainBatches:
+    """`PackedBatches` served through grain: a `grain.MapDataset` whose item g is this host's part of
+    global batch g (epoch g // batches_per_epoch), iterated with `num_threads` grain threads reading
+    up to `prefetch` batches ahead. Same rows, order, host slices and (epoch, batch) state as
+    `PackedBatches`; setting `state` (resume) restarts the read-ahead there."""
+
+    def __init__(self, batches: PackedBatches, num_threads: int = 2, prefetch: int = 4):
+        import grain
+        if num_threads < 1 or prefetch < 1:
+            raise DataError(f"grain needs num_threads >= 1 and prefetch >= 1, got {num_threads}, {prefetch}")
+        self.batches = batches
+        self.n_rows, self.batches_per_epoch = batches.n_rows, batches.batches_per_epoch
+        per_epoch = batches.batches_per_epoch
+        self.dataset = grain.MapDataset.range(2 ** 62).map(lambda g: batches.batch(g // per_epoch, g % per_epoch))
+        self._options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        self._start(batches.state)
+
+    def _start(self, state: IteratorState):
+        self._iter = iter(self.dataset.to_iter_dataset(self._options))
+        self._iter.set_state({"next_index": state.epoch * self.batches_per_epoch + state.batch})
+        self._state = state
+
+    @property
+    def state(self) -> IteratorState:
+        return self._state
+
+    @state.setter
+    def state(self, state: IteratorState):
+        self._start(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        out = next(self._iter)
+        e, b = self._state.epoch, self._state.batch
+        self._state = IteratorState(e, b + 1) if b + 1 < self.batches_per_epoch else IteratorState(e + 1, 0)
+        return out

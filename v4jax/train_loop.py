@@ -37,7 +37,8 @@ from sharding.partition import data_sharding, host_local_to_global, state_shardi
 from sharding.rules import get_rules, parse_overrides
 from v4jax import losses
 from v4jax.config import RouterKind, V4Config
-from v4jax.data import IteratorState, PackedBatches, make_tokenizer, pack_tokens, resolve_files, DataError
+from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
+                        resolve_files)
 from v4jax.layers import Buffer
 from v4jax.model import Transformer
 from v4jax.optim import (OptimConfig, Schedule, flat_params, logical_axes, make_optimizer, split_params,
@@ -61,9 +62,10 @@ class TrainConfig:
     num_devices: int = 0  # use only the first n devices (single process; 0 = all)
     rules: str = "fsdp"  # sharding.rules preset
     rule_overrides: str = ""  # "experts=expert+fsdp,vocab="
-    data: str = "stdlib"  # "stdlib" | comma-separated files / directories / globs (.txt .md .py .jsonl)
+    data: str = "stdlib"  # "stdlib" | comma-separated files / directories / globs (.txt .md .py .jsonl .array_record)
     tokenizer: str = "byte"  # "byte" | path to tokenizer.json
     cache_dir: str = ""  # packed-token cache (memory-mapped on later runs)
+    grain_threads: int = 0  # > 0: batches read ahead by grain with this many threads (data.GrainBatches)
     seq_len: int = 64
     batch_size: int = 8  # global rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -563,6 +565,8 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     # rows of this process: the processes' shares of the batch axis, in process order
     host_count, host_index = jax.process_count(), jax.process_index()
     batches = PackedBatches(tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.data_seed, host_index, host_count)
+    if tc.grain_threads:
+        batches = GrainBatches(batches, tc.grain_threads)
     setup = make_setup(tc, cfg)
 
     effective = config_dict(tc, cfg)
