@@ -598,7 +598,10 @@ def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
     n_chunks = p.Tp // p.chunk
     rows_per_chunk = p.chunk * p.H
     p_window = p
-    p = dataclasses.replace(p, bq=8)  # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512
+    # per-slot gradient block [bq, k, c] fp32: 8 MiB at k = c = 512 with bq = 8, which needs 16 heads
+    # (the statistics block of bq * H rows must be a multiple of 128 lanes, as with heads split over devices)
+    bq = _csa_query_block(p.H)
+    p = dataclasses.replace(p, bq=bq if p.bq % bq == 0 else 8)
 
     def body(carry, ci):
         dcomp, dq = carry
@@ -662,6 +665,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _csa_query_block(H: int) -> int:
+    """The fewest queries (a multiple of 8) whose H heads fill whole 128-lane rows of statistics."""
+    return math.lcm(8, 128 // math.gcd(H, 128))
+
+
 def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
                      compressed: jax.Array | None = None, topk_idx: jax.Array | None = None,
                      ratio: int = 0, chunk: int = 512, *, block_q: int | None = None,
@@ -674,7 +682,8 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
     ratio (HCA visibility), -> [B,T,H,c] in q's dtype.
     chunk: CSA backward only, queries per scatter-add chunk (rounded to block_q); bounds the
       per-(query, slot) gradient buffer to B * chunk * k * c floats.
-    block_q: queries per grid step (multiple of 8; default 128, CSA 16). block_k: window keys and HCA
+    block_q: queries per grid step (multiple of 8; default 128, CSA 16, or 128 / H when fewer than 8
+      heads, e.g. heads split over devices, so the statistics rows fill 128 lanes). block_k: window keys and HCA
       entries per step (multiple of 8; default 128). block_h: heads per step (divides H; default
       min(H, 16), CSA: H, since the gathered rows are shared by all heads).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -710,7 +719,7 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
     if T == 0:
         return jnp.zeros_like(q)
 
-    bq = block_q or (16 if mode == "csa" else 128)
+    bq = block_q or (max(16, _csa_query_block(H)) if mode == "csa" else 128)
     bk = block_k or 128
     bh = H if mode == "csa" else (block_h or min(H, 16))
     if bq % 8 or bk % 8 or bq <= 0 or bk <= 0:

@@ -178,12 +178,11 @@ def entry_attention_mass(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: 
 
 
 def on_tpu_or_interpreted(kernel):
-    """A Pallas TPU kernel as the model calls it: compiled by Mosaic when lowered for TPU (also AOT
-    from a CPU host), run by Pallas' interpreter on any other backend (CPU tests, GPU)."""
-    def run(*args):
-        return jax.lax.platform_dependent(tpu=lambda: kernel(*args, interpret=False),
-                                          default=lambda: kernel(*args, interpret=True))
-    return run
+    """A Pallas TPU kernel as the model calls it (sharding/kernels.py): compiled by Mosaic when lowered
+    for TPU (also AOT from a CPU host), its pure-JAX reference on GPU, Pallas' interpreter on CPU; on
+    the active mesh it runs per device inside shard_map (batch and heads split as the rules say)."""
+    from sharding.kernels import pallas_kernel
+    return pallas_kernel(kernel)
 
 
 def pallas_sparse_attention(*args):
