@@ -346,20 +346,40 @@ def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
 # Public entry points
 
 
-def _run(call, interpret, *args):
+def _run(call, xla, interpret, *args):
     """call(*args, interpret): the Mosaic kernel (interpret=False), Pallas' interpreter (True), or with
-    interpret=None the kernel when lowered for TPU and the interpreter elsewhere. Outside shard_map
-    that is decided at lowering (`platform_dependent`), so AOT compilation for a TPU topology on a CPU
-    host still gets the kernel; inside shard_map the mesh's devices say which."""
+    interpret=None the kernel when lowered for TPU, `xla(*args)` (the same function by XLA's ragged
+    dot) on GPU, where these TPU kernels would only run in the interpreter, and the interpreter
+    elsewhere. Outside shard_map that is decided at lowering (`platform_dependent`), so AOT
+    compilation for a TPU topology on a CPU host still gets the kernel; inside a shard_map that
+    tracks varying axes the mesh's devices say which."""
     varying = _varying(args)
     if interpret is None:
         platform = getattr(getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None), "platform", None)
         if varying and platform is not None:
+            if platform in ("gpu", "cuda", "rocm"):
+                return xla(*args)
             return call(*args, False if platform == "tpu" else pltpu.InterpretParams())
-        return jax.lax.platform_dependent(*args, tpu=lambda *a: call(*a, False), default=lambda *a: call(*a, True))
+        return jax.lax.platform_dependent(*args, tpu=lambda *a: call(*a, False), cuda=xla, rocm=xla,
+                                          default=lambda *a: call(*a, True))
     if interpret is True and varying:
         interpret = pltpu.InterpretParams()
     return call(*args, interpret)
+
+
+def _xla_gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs: bool):
+    """gmm by `jax.lax.ragged_dot` (GPU)."""
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=_precision(lhs.dtype),
+                              preferred_element_type=out_dtype)
+
+
+def _xla_tgmm(lhs, dout, group_sizes, *, out_dtype):
+    """tgmm by `jax.lax.ragged_dot_general` with the rows (the contraction) ragged (GPU)."""
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims, precision=_precision(lhs.dtype),
+                                      preferred_element_type=out_dtype)
 
 
 def _varying(operands) -> bool:
@@ -379,8 +399,8 @@ def _check_sizes(group_sizes, E: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
-    return _run(functools.partial(_gmm_call, out_dtype=out_dtype, tiling=tiling, transpose_rhs=False), interpret,
-                lhs, rhs, group_sizes)
+    return _run(functools.partial(_gmm_call, out_dtype=out_dtype, tiling=tiling, transpose_rhs=False),
+                functools.partial(_xla_gmm, out_dtype=out_dtype, transpose_rhs=False), interpret, lhs, rhs, group_sizes)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
@@ -391,9 +411,10 @@ def _gmm_bwd(out_dtype, tiling, interpret, residuals, dout):
     # Cotangents come in out_dtype (fp32); the matmuls run in the operands' dtype with fp32 accumulation.
     lhs, rhs, group_sizes = residuals
     dout = dout.astype(lhs.dtype)
-    dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True), interpret,
-                dout, rhs, group_sizes)
-    drhs = _run(functools.partial(_tgmm_call, out_dtype=rhs.dtype, tiling=tiling), interpret, lhs, dout, group_sizes)
+    dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True),
+                functools.partial(_xla_gmm, out_dtype=lhs.dtype, transpose_rhs=True), interpret, dout, rhs, group_sizes)
+    drhs = _run(functools.partial(_tgmm_call, out_dtype=rhs.dtype, tiling=tiling),
+                functools.partial(_xla_tgmm, out_dtype=rhs.dtype), interpret, lhs, dout, group_sizes)
     return dlhs, drhs, None
 
 
@@ -409,7 +430,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
     dlhs by gmm with the transposed weights, drhs by `tgmm`). Accumulates in fp32 and returns
     preferred_element_type (default lhs.dtype). tiling (tm, tk, tn): rows, contraction and output
     column block sizes (None: `default_tiling`). interpret: None runs the Mosaic kernel when lowered
-    for TPU and Pallas' interpreter elsewhere (CPU tests); True/False force one.
+    for TPU, `jax.lax.ragged_dot` on GPU and Pallas' interpreter elsewhere (CPU tests); True/False
+    force the interpreter / the kernel.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"gmm needs lhs [M, K] and rhs [E, K, N], got {lhs.shape} and {rhs.shape}")
@@ -435,7 +457,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_e
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
     tiling = None if tiling is None else _check_tiling(tiling)
     return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=tiling),
-                interpret, lhs, dout, group_sizes)
+                functools.partial(_xla_tgmm, out_dtype=out_dtype), interpret, lhs, dout, group_sizes)
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
@@ -447,7 +469,8 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
     (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
     fp32; the SwiGLU clamp runs in fp32 between the kernels. interpret and tiling as for `gmm`
-    (interpret=None: the TPU kernel on TPU, the interpreter elsewhere, so moe_impl=pallas runs anywhere).
+    (interpret=None: the TPU kernel on TPU, XLA's ragged dot on GPU, the interpreter elsewhere, so
+    moe_impl=pallas runs anywhere).
     """
     d = xs.shape[-1] if xs.ndim else -1
     if xs.ndim != 2 or w1.shape != w3.shape or w1.shape[:2] != (w2.shape[0], d) or w2.shape[1:] != (w1.shape[2], d):

@@ -43,10 +43,14 @@ def _flat(axes: tuple[str, ...]):
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                         w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules,
-                        chunk: int = 1024) -> jax.Array:
+                        chunk: int = 1024, check_vma: bool = True) -> jax.Array:
     """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
     [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32. `chunk`: tokens per device per
-    all-to-all round (the worst-case receive buffer is ep x chunk x k rows)."""
+    all-to-all round (the worst-case receive buffer is ep x chunk x k rows).
+    check_vma=False for an `ffn` that cannot run on values typed as varying over the mesh axes (the
+    Pallas interpreter, moe_impl=pallas on CPU): the shard_map then differentiates by its untyped rule
+    (cotangents of inputs psum-ed over the axes they are whole on), which gives the same gradients
+    here because every output is complete per device (tests/test_kernel_sharding.py)."""
     B, T, d = x.shape
     E = w1.shape[0]
     ep_axes = expert_axes(mesh, rules)
@@ -108,7 +112,8 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             out = jax.lax.psum(out, reduce)
         return out.reshape(b, t, d)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+                       check_vma=check_vma)
     return fn(x, experts, weights, w1, w3, w2)
 
 

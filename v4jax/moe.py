@@ -98,8 +98,11 @@ class Experts(nnx.Module):
         ctx = active()
         if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
             k = routing.experts.shape[-1]
+            # Pallas' interpreter (moe_impl=pallas off TPU and GPU) cannot take values typed as varying
+            # over the mesh axes, so that one case runs in an untyped shard_map (same gradients)
+            interpreted = self.impl is MoEImpl.PALLAS and ctx[0].devices.flat[0].platform not in ("tpu", "gpu")
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
-                                       w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk)
+                                       w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk, check_vma=not interpreted)
         E, k = w1.shape[0], routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
