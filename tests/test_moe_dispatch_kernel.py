@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.moe_dispatch import (default_tiling, gmm, grouped_swiglu, make_visits, permute, tgmm,
-                                         unpermute_combine)
+from pallas_kernels.moe_dispatch import (_xla_gmm, _xla_tgmm, default_tiling, gmm, grouped_swiglu, make_visits,
+                                         permute, tgmm, unpermute_combine)
 from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot
 from v4jax.moe import grouped_swiglu_onehot
 
@@ -119,6 +119,25 @@ def test_tgmm_is_the_per_group_sum_of_outer_products(dtype):
     assert got.shape == (E, D, I)
     assert rel_err(got, want) <= TOL[dtype]
     np.testing.assert_array_equal(np.asarray(got)[[0, 2, 4]], 0.0)  # experts without rows
+
+
+def test_gpu_path_by_xla_ragged_dot_equals_the_kernels():
+    # On GPU interpret=None runs these instead of the TPU kernels; checked here on CPU, fp32.
+    xs, w1, *_ = operands(jnp.float32)
+    dout = jnp.asarray(np.random.default_rng(1).normal(size=(M, I)), jnp.float32)
+    sizes = jnp.asarray(SIZES["empty_experts_and_unrouted_tail"], jnp.int32)
+    want = _gmm_f32(xs, w1, sizes)
+    got = _xla_gmm(xs, w1, sizes, out_dtype=jnp.float32, transpose_rhs=False)
+    assert rel_err(got, want) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(got[37:]), 0.0)  # rows past the groups
+    got_t = _xla_gmm(dout, w1, sizes, out_dtype=jnp.float32, transpose_rhs=True)
+    want_t = gmm(dout, jnp.swapaxes(w1, 1, 2), sizes, preferred_element_type=jnp.float32, tiling=TILING,
+                 interpret=True)
+    assert rel_err(got_t, want_t) <= 1e-5
+    got_w = _xla_tgmm(xs, dout, sizes, out_dtype=jnp.float32)
+    want_w = tgmm(xs, dout, sizes, tiling=TILING, interpret=True)
+    assert got_w.shape == (E, D, I) and rel_err(got_w, want_w) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(got_w)[[0, 2, 4]], 0.0)  # experts without rows
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
