@@ -299,9 +299,9 @@ def compare(preset: str = "tiny", batches=(1, 8), seq: int = 64, steps: int = 16
             compile_s = time.perf_counter() - t0
             ours_norm = math.sqrt(sum(float(np.sum(np.square(np.asarray(g, np.float64))))
                                       for g in jax.tree.leaves(grads)))
-            p_loss = peer_loss_and_grads()
+            p_loss = float(peer_loss_and_grads().detach())
             peer_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in pm.parameters() if p.grad is not None))
-            loss_err = abs(float(loss) - float(p_loss)) / abs(float(p_loss))
+            loss_err = abs(float(loss) - p_loss) / abs(p_loss)
             norm_err = abs(ours_norm - peer_norm) / peer_norm
             err = max(loss_err, norm_err)
 

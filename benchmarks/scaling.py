@@ -143,12 +143,17 @@ def layer_cost(variant: str, S: int, device) -> dict:
                 temp=float(mem.temp_size_in_bytes), cache=float(cache_bytes), compile_s=seconds)
 
 
-def layer_table(contexts=CONTEXTS, backend: str = "tpu", topology: str = "v5p:2x2x1", log=print):
-    """Rows for table 1 (and the stack ratios)."""
+VARIANTS = ("SWA", "CSA", "HCA", "dense")
+
+
+def layer_table(contexts=CONTEXTS, backend: str = "tpu", topology: str = "v5p:2x2x1", log=print,
+                variants=VARIANTS):
+    """Rows for table 1 (and the stack ratios): variants x contexts; `variants` may also be a function
+    of the context returning the variants to compile there."""
     device, where = _devices(backend, topology)
     rows = []
     for S in contexts:
-        for variant in ("SWA", "CSA", "HCA", "dense"):
+        for variant in (variants(S) if callable(variants) else variants):
             rows.append(layer_cost(variant, S, device))
             r = rows[-1]
             log(f"[scaling] {variant} S={S}: {r['flops'] / 1e9:.3f} GFLOP, {r['bytes'] / 1e6:.1f} MB accessed, "
@@ -180,6 +185,8 @@ def format_layer_table(rows, where: str) -> str:
             "bytes V4 / dense | V4 cache held | dense cache held |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for S in sorted({r["S"] for r in rows}):
+        if any((v, S) not in by for v in (*KINDS, "dense")):
+            continue
         v4 = {k: sum(counts[v] * by[(v, S)][k] for v in KINDS) for k in ("flops", "bytes", "cache")}
         dn = {k: cfg.n_layers * by[("dense", S)][k] for k in ("flops", "bytes", "cache")}
         out.append(f"| {S:,} | {v4['flops'] / 1e9:,.1f} | {dn['flops'] / 1e9:,.1f} | {100 * v4['flops'] / dn['flops']:.1f}% | "

@@ -1,0 +1,146 @@
+"""The benchmark suite (`python -m benchmarks`): sections render, markers replace only their span,
+dry-run JSONs are read, and the quick benchmarks run with finite numbers. Never asserts a time."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import suite
+
+
+def _report(config="v4-flash", mode="train", topology="v5p:8x8x8", devices=512, fits=True, peak=80.0, mfu=0.2):
+    g = 2**30
+    return dict(config=config, topology=topology, chip="TPU v5p", devices=devices, mesh="expert=64,fsdp=8",
+                rules="fsdp_ep", mode=mode, batch=devices, seq=4096, compile_seconds=1.0, argument_bytes=1,
+                output_bytes=1, temp_bytes=1, alias_bytes=0, peak_bytes=peak * g, hbm_bytes=95 * g, fits=fits,
+                flops_per_device=1e15, flops_per_device_text=1e14, scan_correction=10.0, hbm_traffic_per_device=1e12,
+                collective_bytes_per_device=1e11, model_flops=1e17, step_time_s=2.5, bound="compute", mfu=mfu,
+                tokens=devices * 4096, biggest_buffers=[["params", 10]])
+
+
+def test_markers_replace_only_their_span_and_keep_hand_written_text(tmp_path):
+    path = tmp_path / "BENCH.md"
+    path.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- suite:gpu begin -->\nold gpu text\n"
+                    "<!-- suite:gpu end -->\n\nhand-written tail\n")
+    suite.update_file(str(path), {"gpu": "<!-- suite:gpu begin -->\nnew gpu\n<!-- suite:gpu end -->",
+                                  "peer": "<!-- suite:peer begin -->\npeer table\n<!-- suite:peer end -->"})
+    text = path.read_text()
+    assert "old gpu text" not in text and "new gpu" in text
+    assert text.index("hand-written intro") < text.index("new gpu") < text.index("hand-written tail")
+    assert text.rstrip().endswith("<!-- suite:peer end -->")  # a new section is appended
+    suite.update_file(str(path), {"peer": "<!-- suite:peer begin -->\npeer 2\n<!-- suite:peer end -->"})
+    text2 = path.read_text()
+    assert text2.count("suite:peer begin") == 1 and "peer 2" in text2 and "peer table" not in text2
+    assert "hand-written tail" in text2
+
+
+def test_unbalanced_markers_are_refused(tmp_path):
+    path = tmp_path / "BENCH.md"
+    path.write_text("<!-- suite:gpu begin -->\nno end marker\n")
+    with pytest.raises(ValueError, match="unbalanced markers"):
+        suite.update_file(str(path), {"gpu": "x"})
+
+
+def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(tmp_path):
+    reports = [_report(topology="v5p:8x8x8", devices=512, mfu=0.05),
+               _report(topology="v5p:4x4x8", devices=128, fits=False, peak=140.0),
+               _report(topology="v5p:8x8x4", devices=256, mfu=0.07),
+               _report(config="v4-pro", mode="decode", topology="v6e:16x16", devices=256)]
+    for i, r in enumerate(reports):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(r))
+    section = suite.section_dryrun(True, print, directory=str(tmp_path))
+    assert "v5p:8x8x4 | 256" in section.body  # smallest of the fitting v5p runs
+    assert "33.2%" in section.body  # the MaxText DeepSeek-V3 reference row
+    assert "tpu-recipes" in section.body
+    assert len(section.numbers) == 16 and all(math.isfinite(x) for x in section.numbers)
+
+
+def test_dryrun_section_rejects_a_json_that_is_not_a_report(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not a sharding.dryrun report"):
+        suite.load_dryruns(str(tmp_path))
+
+
+def test_recorded_dryruns_render():
+    """Whatever the repository holds in benchmarks/results/dryrun renders (it may be empty)."""
+    section = suite.section_dryrun(True, print)
+    assert "MaxText" in section.body and all(math.isfinite(x) for x in section.numbers)
+
+
+def test_gpu_section_says_when_no_gpu_is_lent():
+    section = suite.section_gpu(True, print)
+    assert "GPU" in section.title and section.body
+
+
+def test_cli_rejects_unknown_sections(capsys):
+    with pytest.raises(SystemExit):
+        suite.main(["--only", "nosuchsection", "--no-write"])
+    assert "unknown section" in capsys.readouterr().err
+
+
+def test_scaling_tables_are_finite_and_match_the_spec_accounting():
+    from benchmarks import scaling
+
+    md, shares = scaling.cache_table()
+    assert 0.06 < shares["v4-flash"] < 0.08 and 0.09 < shares["v4-pro"] < 0.12  # spec §4.7: 13.7x / 9.6x
+    md, shares = scaling.flops_table(actives={"v4-flash": 13e9, "v4-pro": 49e9})
+    for full, half in shares.values():
+        assert 0 < half < full < 1
+
+
+def test_scaling_layer_costs_compile_and_grow_as_expected():
+    """Compiled per-token costs at two contexts (XLA:CPU, no libtpu needed): dense grows ~linearly with S,
+    SWA stays flat, CSA and HCA stay far below dense at the longer context."""
+    from benchmarks import scaling
+
+    rows, where = scaling.layer_table((4096, 16384), backend="cpu", log=lambda s: None,
+                                      variants=lambda S: scaling.VARIANTS if S > 4096 else ("SWA", "dense"))
+    by = {(r["variant"], r["S"]): r for r in rows}
+    assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("flops", "bytes", "cache"))
+    dense_growth = by[("dense", 16384)]["flops"] - by[("dense", 4096)]["flops"]
+    assert dense_growth == pytest.approx(4 * 64 * 512 * (16384 - 4096), rel=0.1)  # QK + PV over the extra keys
+    assert by[("SWA", 16384)]["flops"] == pytest.approx(by[("SWA", 4096)]["flops"], rel=0.01)
+    for v in ("CSA", "HCA"):
+        assert by[(v, 16384)]["flops"] < 0.5 * by[("dense", 16384)]["flops"]
+    assert "XLA:CPU" in scaling.format_layer_table(rows, where)
+
+
+def _check_peer_rows(rows, expected):
+    assert [(r["task"], r["B"]) for r in rows] == expected
+    for r in rows:
+        assert r["check"].startswith("ok"), r
+        assert all(math.isfinite(t) and t > 0 for t in r["ours"] + r["peer"])
+
+
+def test_quick_peer_comparison_agrees_and_reports_finite_times():
+    from benchmarks import peer_compare
+
+    rows = peer_compare.compare("tiny", batches=(2,), seq=32, steps=4, repeats=1, warmup=0, log=lambda s: None,
+                                tasks={2: ("forward", "prefill", "decode")})
+    _check_peer_rows(rows, [("forward", 2), ("prefill", 2), ("decode", 2)])
+    assert "ratio peer/v4jax" in peer_compare.table(rows)
+
+
+@pytest.mark.slow
+def test_peer_training_step_agrees_on_loss_and_gradient_norm():
+    from benchmarks import peer_compare
+
+    rows = peer_compare.compare("tiny-b", batches=(2,), seq=32, steps=4, repeats=1, warmup=0, log=lambda s: None,
+                                tasks={2: ("train",)})
+    _check_peer_rows(rows, [("train", 2)])
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_section(tmp_path):
+    out = tmp_path / "BENCH.md"
+    out.write_text("# Benchmarks\n\nkept\n")
+    assert suite.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "kept" in text
+    for name in suite.SECTIONS:
+        assert f"<!-- suite:{name} begin -->" in text
+    assert os.path.exists(os.path.join(suite.RESULTS, "scaling.png"))
