@@ -213,6 +213,7 @@ def test_overfits_one_batch_and_skips_an_injected_nan_step(tmp_path, corpus, cac
     assert summary["skipped"] == [5] and not rec[5]["ok"]
     assert any("step 5: non-finite loss" in s for s in logs)
     assert rec[1]["ce"] > 4.0 and rec[80]["ce"] < 0.3, (rec[1]["ce"], rec[80]["ce"])
+    assert rec[80]["indexer"] < 0.5 * rec[1]["indexer"], (rec[1]["indexer"], rec[80]["indexer"])  # spec §8.6 KL
 
 
 def test_consecutive_nan_steps_stop_with_a_clear_message(tmp_path, corpus, cache):
@@ -260,7 +261,9 @@ def test_kill_9_then_resume_gives_identical_per_step_losses(tmp_path, corpus, ca
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus, cache, straight_run):
-    args = small_overrides(tmp_path, corpus, compile_cache=cache, ckpt_every=100)  # only SIGTERM saves mid-run
+    """Also: batches read through grain (grain_threads) give the plain loader's losses, resumed too."""
+    args = small_overrides(tmp_path, corpus, compile_cache=cache, ckpt_every=100,  # only SIGTERM saves mid-run
+                           grain_threads=2)
     p = cli(args)
     _wait_for_steps(tmp_path / "metrics.jsonl", 3, p)
     p.send_signal(signal.SIGTERM)
@@ -272,6 +275,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus, cache,
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0 and f"resumed from step {saved}" in out, out[-3000:]
     assert losses_of(tmp_path / "metrics.jsonl") == losses_of(straight_run / "metrics.jsonl")
+
+
+def test_the_indexer_loss_is_logged_every_step(straight_run):
+    rec = read_metrics(str(straight_run / "metrics.jsonl"))
+    assert sorted(rec) == list(range(1, 13))
+    assert all(np.isfinite(r["indexer"]) and r["indexer"] > 0 for r in rec.values())  # the CSA layer's KL
 
 
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, corpus, straight_run):

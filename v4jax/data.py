@@ -141,7 +141,8 @@ def array_record_documents(path: str) -> Iterator[str]:
     try:
         source = grain.sources.ArrayRecordDataSource([path])
     except Exception as e:  # array_record raises its own errors for a file it cannot open
-        raise DataError(f"cannot read ArrayRecord file {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot read ArrayRecord file {path!r}: {reason}") from None
     dataset = grain.MapDataset.source(source).map(record_text)
     for i in range(len(dataset)):
         try:

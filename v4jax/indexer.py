@@ -68,7 +68,7 @@ class IndexerTraces(NamedTuple):
     last axis holds the candidate entries: the top-k set [k] in the sparse stage, every compressed
     entry [N_c] in the dense stage (`V4Config.csa_dense`). Stacked over CSA layers in ModelOutput."""
 
-    attention_mass: jax.Array  # [B, T, k]: main-attention probability on the entry, summed over heads; fp32, no gradient
+    attention_mass: jax.Array  # [B, T, k]: main-attention probability, summed over heads; fp32, no gradient
     index_scores: jax.Array  # [B, T, k]: the indexer's score I[t, s] of the entry; fp32, gradient into the indexer
     valid: jax.Array  # [B, T, k] bool: a real, causally visible entry (sparse: idx >= 0)
 
