@@ -1,0 +1,377 @@
+"""Load any checkpoint v4jax reads into a model: whole on one host, or straight into sharded arrays.
+
+Three directory forms, told apart by their contents (`detect`):
+
+  SAFETENSORS  config.json + *.safetensors: an HF-format directory (transformers' save or the Hub
+               spelling) or the official release layout with FP8/FP4 block-scaled weights
+               (de-quantised on read, spec §1.4; `v4jax.official.scan_release` indexes both).
+  CONVERTED    `python -m v4jax.convert` output: manifest.json + tensors/ (Orbax, canonical names).
+  TRAIN_RUN    a `train.py` run directory (config.json + checkpoints/<step>/), or one step directory
+               inside it: the newest complete step (or `step=`) is read, parameters and buffers only.
+
+With a mesh, no host ever holds the whole model. Safetensors and converted checkpoints store one
+tensor per layer and per expert, while the model stacks them ([repeats, experts, ...] in scanned
+stages), so each model variable is assembled on its own: every host works out which slices its
+devices hold, reads each source tensor those slices need once, copies the slices into per-device
+buffers and puts them on their devices. Host memory peaks at about one variable's host-local part
+plus one source tensor (plus `read_batch_bytes` of read-ahead for converted checkpoints). A train
+run's checkpoint is already stacked, and Orbax restores each shard directly on its device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import json
+import os
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.checkpoint import CheckpointError, Rule, hf_rules, to_hf, to_ours
+from v4jax.config import ConfigError, V4Config
+
+
+class Kind(enum.Enum):
+    SAFETENSORS = "safetensors"
+    CONVERTED = "converted"
+    TRAIN_RUN = "train_run"
+
+
+def detect(path: str | os.PathLike) -> Kind:
+    """Which checkpoint form `path` holds; a clear error when it is none of them."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    names = set(os.listdir(path))
+    if "manifest.json" in names and "tensors" in names:
+        return Kind.CONVERTED
+    if "checkpoints" in names or "_CHECKPOINT_METADATA" in names or {"state", "meta"} <= names:
+        return Kind.TRAIN_RUN
+    if any(n.endswith(".safetensors") for n in names):
+        return Kind.SAFETENSORS
+    raise CheckpointError(f"{path} is not a checkpoint v4jax reads: expected config.json + *.safetensors "
+                          "(HF or official release), a `python -m v4jax.convert` output (manifest.json), or a "
+                          "train.py run directory (checkpoints/)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources of per-layer, per-expert tensors by canonical name
+
+class TensorSource:
+    """{canonical name: (shape, dtype)} and a reader of batches of them as host numpy arrays."""
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+
+    def read(self, names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, directory: str):
+        from v4jax.official import ReleaseError, output_dtype, scan_release
+
+        try:
+            self.entries = {e.name: e for e in scan_release(directory)}
+        except ReleaseError as e:
+            raise CheckpointError(str(e)) from None
+        self.specs = {n: (tuple(e.shape), output_dtype(e.format, e.stored_dtype, np.float32))
+                      for n, e in self.entries.items()}
+
+    def read(self, names):
+        from v4jax.official import read_tensor
+        return {n: read_tensor(self.entries[n], np.float32) for n in names}
+
+
+class ConvertedSource(TensorSource):
+    def __init__(self, directory: str):
+        from v4jax.convert import ConvertError, _complete_manifest
+
+        try:
+            manifest = _complete_manifest(directory)
+        except ConvertError as e:
+            raise CheckpointError(str(e)) from None
+        self.path = os.path.join(directory, "tensors")
+        self.specs = {t["name"]: (tuple(t["shape"]), np.dtype(t["dtype"])) for t in manifest["tensors"]}
+
+    def read(self, names):
+        from v4jax.convert import _load_numpy
+        return _load_numpy(self.path, [(n, *self.specs[n]) for n in names])
+
+
+def _read_batches(source: TensorSource, names: list[str], batch_bytes: int) -> Iterable[tuple[str, np.ndarray]]:
+    """Yield (name, array) in order, reading up to `batch_bytes` per call of the source."""
+    batch, size = [], 0
+    for n in names:
+        shape, dt = source.specs[n]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        if batch and size + nbytes > batch_bytes:
+            got = source.read(batch)
+            yield from ((b, got.pop(b)) for b in batch)
+            batch, size = [], 0
+        batch.append(n)
+        size += nbytes
+    if batch:
+        got = source.read(batch)
+        yield from ((b, got.pop(b)) for b in batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Assembly: per-layer tensors -> the model's (stacked) variables
+
+def _check_names(rules: list[Rule], source: TensorSource, where: str):
+    expected = {r.name for r in rules}
+    have = set(source.specs)
+    missing, extra = sorted(expected - have), sorted(have - expected)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + "; does config.json match the checkpoint?")
+
+
+def _check_tensor(rule: Rule, var, source: TensorSource, where: str):
+    slot_shape = tuple(var.shape[len(rule.index or ()):])
+    want = to_hf(rule.layout, np.broadcast_to(np.zeros((), np.float32), slot_shape)).shape
+    shape, dt = source.specs[rule.name]
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"{where}: tensor {rule.name!r} has shape {tuple(shape)}, expected {tuple(want)}")
+    if bool(jnp.issubdtype(var.dtype, jnp.integer)) != bool(np.issubdtype(dt, np.integer)):
+        raise CheckpointError(f"{where}: tensor {rule.name!r} has dtype {dt}, expected "
+                              f"{'an integer' if jnp.issubdtype(var.dtype, jnp.integer) else 'a floating-point'} dtype")
+
+
+def _shard_plan(shape, sharding) -> tuple[list[tuple[slice, ...]], dict[Any, int]]:
+    """Distinct host-local slices of a variable and, per addressable device, which one it holds."""
+    slices, which = [], {}
+    for dev, idx in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        idx = tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        for i, other in enumerate(slices):
+            if tuple((s.start, s.stop, s.step) for s in other) == key:
+                which[dev] = i
+                break
+        else:
+            which[dev] = len(slices)
+            slices.append(idx)
+    return slices, which
+
+
+def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, cfg: V4Config, where: str,
+                       batch_bytes: int) -> jax.Array:
+    shape, dtype = tuple(var.shape), np.dtype(var.dtype)
+    lead = len(rules[0].index or ())
+    by_slot = {r.index or (): r for r in rules}
+    if sharding is None:
+        slices, which = [tuple(slice(0, n, 1) for n in shape)], None
+    else:
+        slices, which = _shard_plan(shape, sharding)
+    bufs = [np.empty(tuple(len(range(s.start, s.stop, s.step)) for s in idx), dtype) for idx in slices]
+    filled = [0] * len(slices)
+    # the slots (leading stacked indices) each distinct slice needs
+    needs: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, idx in enumerate(slices):
+        for slot in itertools.product(*(range(s.start, s.stop, s.step) for s in idx[:lead])):
+            needs[slot].append(i)
+    missing = [s for s in needs if s not in by_slot]
+    if missing:
+        raise CheckpointError(f"{where}: no tensor fills slot {missing[0]} of variable {'.'.join(map(str, rules[0].ours))}")
+    order = sorted(needs)
+    for (name, a), slot in zip(_read_batches(source, [by_slot[s].name for s in order], batch_bytes), order):
+        rule = by_slot[slot]
+        a = to_ours(rule.layout, a, shape[lead:])
+        if np.issubdtype(dtype, np.integer) and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
+            raise CheckpointError(f"{where}: tensor {name!r} holds expert ids outside [0, {cfg.n_routed_experts})")
+        for i in needs[slot]:
+            idx = slices[i]
+            pos = tuple((k - s.start) // s.step for k, s in zip(slot, idx[:lead]))
+            bufs[i][pos] = a[idx[lead:]].astype(dtype)
+            filled[i] += 1
+        del a
+    if sharding is None:
+        return jnp.asarray(bufs[0])
+    arrays = [jax.device_put(bufs[i], dev) for dev, i in which.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def assemble(cfg: V4Config, source: TensorSource, *, mesh=None, rules=None, where: str = "checkpoint",
+             read_batch_bytes: int = 1 << 30):
+    """Build a Transformer for `cfg` from per-layer tensors, one variable at a time; with a mesh and
+    an AxisRules table every variable is created in the layout the table gives."""
+    from sharding.partition import state_shardings
+    from v4jax.model import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    table = hf_rules(abstract)
+    _check_names(table, source, where)
+    flat = dict(nnx.to_flat_state(state))
+    by_var: dict[tuple, list[Rule]] = defaultdict(list)
+    for r in table:
+        by_var[r.ours].append(r)
+        _check_tensor(r, flat[r.ours], source, where)
+    unfilled = [p for p in flat if p not in by_var]
+    if unfilled:
+        raise CheckpointError(f"{where}: no checkpoint tensor maps to variable {'.'.join(map(str, unfilled[0]))}")
+    shardings = None
+    if mesh is not None:
+        if rules is None:
+            raise ValueError("assemble: a mesh needs an AxisRules table (sharding.rules.get_rules)")
+        shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
+    for path, var in flat.items():
+        sh = None if shardings is None else shardings[path].get_value()
+        var.set_value(_assemble_variable(var, by_var[path], source, sh, cfg, where, read_batch_bytes))
+    return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# train.py runs: Orbax restore of the stacked variables, each shard on its device
+
+def _train_step_dir(path: str, step: int | None) -> tuple[str, str]:
+    """(step directory, run directory holding config.json)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        ckdir, run = os.path.join(path, "checkpoints"), path
+    elif os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) or os.path.isdir(os.path.join(path, "state")):
+        ckdir, run = os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if step is None:
+            step = int(os.path.basename(os.path.abspath(path)))
+    else:
+        raise CheckpointError(f"{path}: not a train.py run directory (no checkpoints/)")
+    done = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()
+                  and os.path.exists(os.path.join(ckdir, n, "_CHECKPOINT_METADATA")))
+    if not done:
+        raise CheckpointError(f"{ckdir}: no complete checkpoint (an interrupted save leaves only a temporary directory)")
+    if step is None:
+        step = done[-1]
+    elif step not in done:
+        raise CheckpointError(f"{ckdir}: no complete checkpoint for step {step} (have {done})")
+    return os.path.join(ckdir, str(step)), run
+
+
+def train_run_config(run_dir: str) -> V4Config:
+    p = os.path.join(run_dir, "config.json")
+    try:
+        with open(p) as f:
+            model = json.load(f)["model"]
+        return V4Config(**model)
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir}: no config.json (train.py writes it next to checkpoints/)") from None
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{p}: not a train.py run config ({e})") from None
+
+
+def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | None = None, mesh=None, rules=None,
+                      verify: bool = True):
+    """(model, cfg, step) from a train.py checkpoint: parameters and buffers only (no optimiser state
+    is read). The stored per-parameter fingerprint is checked (`verify`)."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sharding.partition import state_shardings
+    from v4jax.layers import Buffer
+    from v4jax.model import Transformer
+    from v4jax.optim import flat_params, unflat_params
+    from v4jax.train_loop import _fingerprint
+
+    step_dir, run = _train_step_dir(os.fspath(path), step)
+    stored_cfg = train_run_config(run)
+    cfg = cfg or stored_cfg
+    # dtype / impl switches may differ from training; every shape-determining field must not
+    shape_fields = [f.name for f in dataclasses.fields(V4Config)
+                    if f.name not in ("dtype", "param_dtype", "remat", "attention_impl", "moe_impl", "attention_chunk",
+                                      "moe_dispatch_chunk", "max_seq_len", "csa_dense", "indexer_detach")]
+    diff = [f for f in shape_fields if getattr(cfg, f) != getattr(stored_cfg, f)]
+    if diff:
+        raise CheckpointError(f"{run}: the checkpoint was trained with {diff[0]}={getattr(stored_cfg, diff[0])!r}, "
+                              f"the requested config has {getattr(cfg, diff[0])!r}")
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        p_sh = jax.tree.map(lambda _: replicated, params)
+        b_sh = jax.tree.map(lambda _: replicated, buffers)
+    else:
+        if rules is None:
+            raise ValueError("restore_train_run: a mesh needs an AxisRules table (sharding.rules.get_rules)")
+        p_sh, b_sh = state_shardings(params, mesh, rules), state_shardings(buffers, mesh, rules)
+
+    # train.py saves {"params": {dotted path: array}, "buffers": {...}, "opt": ..., ...}
+    item = {"params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
+                       zip(flat_params(params).items(), flat_params(p_sh).values())},
+            "buffers": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
+                        zip(flat_params(buffers).items(), flat_params(b_sh).values())}}
+    try:
+        got = ocp.PyTreeCheckpointer().restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                        partial_restore=True))
+    except Exception as e:  # truncated / corrupt files: name the step
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+    if verify:
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            want = json.load(f).get("fingerprint", {})
+        have = {k: float(v) for k, v in jax.device_get(jax.jit(_fingerprint)(got["params"])).items()}
+        rtol = 1e-5 if cfg.param_dtype == stored_cfg.param_dtype else 1e-2  # a cast changes the sums a little
+        bad = [k for k, v in have.items() if k in want and not np.isclose(v, want[k], rtol=rtol, atol=1e-6)]
+        if bad:
+            raise CheckpointError(f"{step_dir}: parameter {bad[0]} does not match its saved fingerprint (corrupt checkpoint)")
+    params, buffers = unflat_params(params, got["params"]), unflat_params(buffers, got["buffers"])
+    model = nnx.merge(graphdef, params, buffers, rest)
+    return model, cfg, int(os.path.basename(step_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Loaded:
+    model: Any
+    cfg: V4Config
+    kind: Kind
+    step: int | None = None  # train runs: the step read
+
+
+def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | None = None,
+               param_dtype: str | None = None, mtp: bool | None = None, step: int | None = None,
+               read_batch_bytes: int = 1 << 30) -> Loaded:
+    """Load any supported checkpoint (see the module docstring) into a model; sharded with mesh+rules.
+
+    dtype / param_dtype override the compute / storage dtypes. mtp: True requires the MTP block,
+    False drops it, None keeps it when the checkpoint has it."""
+    path = os.fspath(path)
+    kind = detect(path)
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    if kind is Kind.TRAIN_RUN:
+        _, run = _train_step_dir(path, step)
+        cfg = train_run_config(run)
+        if mtp and not cfg.n_mtp_layers:
+            raise CheckpointError(f"{path}: MTP requested but the run trained no MTP block")
+        keep_mtp = bool(cfg.n_mtp_layers)  # stored with the run; dropped after loading when mtp=False
+        model, cfg, got_step = restore_train_run(path, cfg.replace(**overrides) if overrides else cfg,
+                                                 step=step, mesh=mesh, rules=rules)
+        if keep_mtp and mtp is False:
+            model.mtp, cfg = None, cfg.replace(n_mtp_layers=0)
+        return Loaded(model, cfg, kind, got_step)
+    try:
+        cfg = V4Config.from_json_file(os.path.join(path, "config.json"), **overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path)
+    has_mtp = any(n.startswith("mtp.") for n in source.specs)
+    if mtp and not (has_mtp and cfg.n_mtp_layers):
+        raise CheckpointError(f"{path}: MTP requested but the checkpoint has no MTP block")
+    use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
+    cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
+    if not use_mtp:
+        source.specs = {n: s for n, s in source.specs.items() if not n.startswith("mtp.")}
+    return Loaded(assemble(cfg, source, mesh=mesh, rules=rules, where=path, read_batch_bytes=read_batch_bytes),
+                  cfg, kind)
