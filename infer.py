@@ -1,13 +1,15 @@
 """Generate text with a DeepSeek-V4 checkpoint (v4jax): cached, batched, optionally MTP-speculative.
 
-  python infer.py --checkpoint HF_DIR --prompt "Hello" [--tokenizer tokenizer.json]
-  python infer.py --checkpoint HF_DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
-  python infer.py --checkpoint HF_DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
+  python infer.py --checkpoint DIR --prompt "Hello" [--tokenizer tokenizer.json]
+  python infer.py --checkpoint DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
+  python infer.py --checkpoint DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
-      [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N]
+      [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N] [--step N]
 
-The checkpoint is an HF-format directory (config.json + *.safetensors, the Hub or transformers
-spelling; `v4jax.checkpoint.load_hf`). Tokens stream to stdout as they are produced; the cache size
+The checkpoint (`v4jax.restore.load_model`) is any of: an HF-format directory (config.json +
+*.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
+de-quantised on load), a `python -m v4jax.convert` output (Orbax), or a `train.py` run directory
+(its newest complete step, or --step N). Tokens stream to stdout as they are produced; the cache size
 per token and in total for the requested length is printed first, and the speed (and the speculative
 acceptance rate) at the end. Without --checkpoint it explains how to get one.
 """
@@ -22,15 +24,15 @@ import sys
 import numpy as np
 
 HOW_TO_GET_A_CHECKPOINT = """\
-infer.py needs --checkpoint DIR: an HF-format directory (config.json + *.safetensors). Ways to get one:
+infer.py needs --checkpoint DIR: an HF-format directory (config.json + *.safetensors), an official
+release directory, a `python -m v4jax.convert` output, or a train.py run directory. Ways to get one:
   * a random tiny model to try the tool (seconds):
       python infer.py --write-random-checkpoint /tmp/v4tiny --preset tiny
       python infer.py --checkpoint /tmp/v4tiny --prompt-ids ids.txt
   * a released model: download deepseek-ai/DeepSeek-V4-Flash (or -Pro) from the Hugging Face Hub and
-    dequantise it with `python -m v4jax.convert --from DOWNLOAD --to OUT --format hf --dtype bf16`
-    (needs the memory of the whole model);
-  * a model trained with train.py: its Orbax run directory is not read by infer.py yet; export it to
-    the HF format first (see docs/inference.md)."""
+    pass the download directory (FP8/FP4 weights are de-quantised as they load), or convert it once
+    with `python -m v4jax.convert --from DOWNLOAD --to OUT` and pass OUT;
+  * a model trained with train.py: pass its run directory (e.g. runs/tiny)."""
 
 
 class InferError(ValueError):
@@ -38,26 +40,23 @@ class InferError(ValueError):
 
 
 def read_config(path: str):
-    """The V4Config of an HF directory (cheap: config.json only); a clear error for anything else."""
+    """The V4Config of a checkpoint (cheap: configuration only); a clear error for anything else."""
+    from v4jax.restore import Kind, detect, train_run_config, _train_step_dir
+
     from v4jax.config import V4Config
 
-    if not os.path.exists(path):
-        raise InferError(f"checkpoint {path} does not exist")
-    if not os.path.isdir(path):
-        raise InferError(f"checkpoint {path} is not a directory (expected config.json + *.safetensors)")
-    names = set(os.listdir(path))
-    if "config.json" not in names:
-        orbax = {"_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoints", "tensors", "manifest.json"}
-        if names & orbax or any(n.isdigit() for n in names):
-            raise InferError(f"{path} looks like an Orbax checkpoint (train.py run or converter output); "
-                             "infer.py reads HF-format directories only: export it to HF first "
-                             "(python -m v4jax.convert --from ORBAX_DIR --to OUT --format hf for converter output)")
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_path):  # the architecture first: a foreign checkpoint is named as such
+        with open(cfg_path) as f:
+            d = json.load(f)
+        model_type = d.get("model_type", "deepseek_v4") if isinstance(d, dict) else None
+        if "model" not in d and model_type != "deepseek_v4":
+            raise InferError(f"{path} holds a {model_type!r} checkpoint; infer.py runs DeepSeek-V4 (model_type "
+                             "'deepseek_v4') only")
+    if detect(path) is Kind.TRAIN_RUN:
+        return train_run_config(_train_step_dir(path, None)[1])
+    if not os.path.isfile(cfg_path):
         raise InferError(f"{path} has no config.json: not an HF-format checkpoint directory")
-    with open(os.path.join(path, "config.json")) as f:
-        model_type = json.load(f).get("model_type", "deepseek_v4")
-    if model_type != "deepseek_v4":
-        raise InferError(f"{path} holds a {model_type!r} checkpoint; infer.py runs DeepSeek-V4 (model_type "
-                         "'deepseek_v4') only")
     return V4Config.from_json_file(os.path.join(path, "config.json"))
 
 
@@ -121,7 +120,8 @@ def print_cache_size(cfg, batch: int, max_len: int, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python infer.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="HF-format directory (config.json + *.safetensors)")
+    p.add_argument("--checkpoint", help="HF / official release / converted Orbax / train.py run directory")
+    p.add_argument("--step", type=int, default=None, help="train.py runs: the step to read (default: newest)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     g.add_argument("--prompt-ids", help=".npy or text file of token ids (one prompt per line)")
@@ -162,8 +162,8 @@ def run(args) -> int:
         return 2
     if args.prompt is None and args.prompt_ids is None:
         raise InferError("give --prompt TEXT or --prompt-ids FILE")
-    from v4jax.checkpoint import load_hf
     from v4jax.generate import Generator, Sampling, check_token_ids
+    from v4jax.restore import load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
@@ -185,9 +185,15 @@ def run(args) -> int:
         raise InferError(f"prompt of {max(map(len, prompts))} tokens + --max-new-tokens {args.max_new_tokens} needs "
                          f"{need} cache positions, more than max_len {max_len} (model max_seq_len {cfg.max_seq_len})")
 
-    model, info = load_hf(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
-    if args.speculative and not info.mtp_loaded:
+    if args.speculative and not cfg.n_mtp_layers:
+        raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp block (its config has no MTP layer)")
+    loaded = load_model(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, step=args.step,
+                        mtp=None if args.speculative else False)
+    model = loaded.model
+    if args.speculative and model.mtp is None:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp.* tensors")
+    where = f" (step {loaded.step})" if loaded.step is not None else ""
+    print(f"loaded {loaded.kind.value} checkpoint {args.checkpoint}{where}", file=sys.stderr)
     print_cache_size(cfg, len(prompts), max_len, args.dtype or cfg.dtype)
 
     gen = Generator(model)

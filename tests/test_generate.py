@@ -366,7 +366,7 @@ def test_infer_explains_and_rejects_bad_inputs(tmp_root, tmp_path, capsys):
     assert "'llama' checkpoint" in capsys.readouterr().err
     (tmp_path / "orbax" / "checkpoints").mkdir(parents=True)
     assert infer.main(["--checkpoint", str(tmp_path / "orbax"), "--prompt-ids", __file__]) == 2
-    assert "Orbax" in capsys.readouterr().err
+    assert "no complete checkpoint" in capsys.readouterr().err  # a train.py run without a finished save
     from flax import nnx
 
     from v4jax.checkpoint import save_hf

@@ -190,3 +190,22 @@ def test_bad_checkpoints_give_one_line_errors(hf_dir, tmp_path):
     os.makedirs(run / "checkpoints" / "5.orbax-checkpoint-tmp-1")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_model(run)
+
+
+@pytest.mark.slow
+def test_infer_reads_a_train_run_and_an_hf_export_of_the_same_model_alike(tmp_path, capsys):
+    import infer
+
+    model = Transformer(V4Config.preset("tiny"), rngs=nnx.Rngs(4))
+    _write_train_checkpoint(str(tmp_path / "run"), model)
+    save_hf(model, tmp_path / "hf")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5 6 7\n")
+    outs = []
+    for ckpt in ("run", "hf"):
+        assert infer.main(["--checkpoint", str(tmp_path / ckpt), "--prompt-ids", str(ids), "--max-new-tokens", "5",
+                           "--stop"]) == 0
+        io = capsys.readouterr()
+        outs.append(io.out)
+        assert ("train_run" if ckpt == "run" else "safetensors") in io.err
+    assert outs[0] == outs[1] and len(outs[0].split()) == 5

@@ -26,7 +26,7 @@ import itertools
 import json
 import os
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
