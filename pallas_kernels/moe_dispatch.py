@@ -390,6 +390,22 @@ def _varying(operands) -> bool:
                or getattr(jax.typeof(x), "vma", None) for x in operands)
 
 
+def _varying_axes(x) -> frozenset:
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _vary_together(*operands):
+    """Inside a shard_map that types varying axes: the operands cast to vary over every axis any of
+    them varies over. The custom VJP's cotangents vary like its output, so its inputs must already
+    (a rule's cotangent cannot change type), and the cast's transpose, a psum, is then where AD sums
+    a weight's gradient over the token axes the weight is replicated on. Outside: unchanged."""
+    axes = frozenset().union(*(_varying_axes(x) for x in operands))
+    return tuple(jax.lax.pcast(x, tuple(sorted(axes - _varying_axes(x))), to="varying")
+                 if axes - _varying_axes(x) else x for x in operands)
+
+
 def _check_sizes(group_sizes, E: int):
     if group_sizes.ndim != 1 or group_sizes.shape[0] != E:
         raise ValueError(f"group_sizes must have shape [{E}] (one size per group), got {group_sizes.shape}")
@@ -439,6 +455,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
         raise ValueError(f"gmm needs lhs and rhs of one dtype, got {lhs.dtype} and {rhs.dtype}")
     _check_sizes(group_sizes, rhs.shape[0])
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
+    lhs, rhs = _vary_together(lhs, rhs, group_sizes)[:2]
     return _gmm(lhs, rhs, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret)
 
 

@@ -140,7 +140,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, ragged
         land = jnp.full((ep,), rank * C, jnp.int32)  # my block lands at rank*C on every receiver
 
         def go(a, fill):
-            out = jnp.full((ep * C,) + a.shape[1:], fill, a.dtype)
+            out = _varying_like(jnp.full((ep * C,) + a.shape[1:], fill, a.dtype), a, axes)
             return jax.lax.ragged_all_to_all(a, out, offsets, send_sizes, land, recv_sizes, axis_name=axes)
 
         xr, wr, lr = go(xs, 0), go(ws, 0), go(le, E_loc)
@@ -158,9 +158,25 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, ragged
     y = jnp.zeros((ep * C, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
 
     if ragged:
-        back = jnp.zeros((nk, d), jnp.float32)
+        back = _varying_like(jnp.zeros((nk, d), jnp.float32), y, axes)
         starts = jnp.arange(ep, dtype=jnp.int32) * C
         return jax.lax.ragged_all_to_all(y, back, starts, recv_sizes, a2a(offsets), send_sizes,
                                          axis_name=axes), order
     y = a2a(y.reshape(ep, C, d))
     return y[dest, pos], order
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes x is typed as varying over (`manual_axis_type` in jax 0.10, `vma` before)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _varying_like(buf, like, axes):
+    """A fresh (invariant) buffer typed as varying over the axes `like` varies over and `axes`.
+    `ragged_all_to_all` types its result as its output buffer, and what a device receives differs
+    per device: left invariant, AD would treat the received rows as replicated (a custom VJP such as
+    the Pallas gmm's refuses the type mismatch; elsewhere gradients would be summed over devices)."""
+    missing = tuple(sorted((_varying_axes(like) | set(axes)) - _varying_axes(buf)))
+    return jax.lax.pcast(buf, missing, to="varying") if missing else buf

@@ -24,7 +24,7 @@ from pallas_kernels.sparse_attention import sparse_attention as attention_kernel
 from sharding.context import use_mesh_rules
 from sharding.kernels import SPARSE_ATTENTION, by_platform, pallas_kernel, run_kernel
 from sharding.mesh import make_mesh
-from sharding.partition import shard_module
+from sharding.partition import shard_module, state_shardings
 from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
 from v4jax.attention import pallas_sparse_attention, sparse_attention
@@ -266,6 +266,30 @@ def test_mosaic_compiles_the_sharded_attention_kernel_forward_and_backward(mode)
     assert "tpu_custom_call" in hlo  # Mosaic kernels, not the interpreter
 
 
+@pytest.mark.parametrize("mesh_spec,batch", [("fsdp=2,expert=2", 4), ("expert=4", 1)],
+                         ids=["tokens_exchanged", "tokens_replicated"])
+def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(mesh_spec, batch):
+    # The typed (check_vma) shard_map of TPU: received rows and weights must be typed varying for the
+    # gmm's custom VJP (this failed to trace before the ragged all-to-all buffers were typed varying)
+    mesh, rules = _tpu_mesh(mesh_spec), get_rules("fsdp_ep")
+    cfg = V4Config.preset("tiny", n_mtp_layers=0, moe_impl="pallas")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                          state_shardings(params, mesh, rules))
+    T, k = 64, cfg.n_activated_experts
+    x = jax.ShapeDtypeStruct((batch, T, cfg.dim), jnp.float32, sharding=NamedSharding(
+        mesh, rules.spec(("batch", None, None), (batch, T, cfg.dim), mesh)))
+    ids, w = jax.ShapeDtypeStruct((batch * T, k), jnp.int32), jax.ShapeDtypeStruct((batch * T, k), jnp.float32)
+
+    def loss(params, x, w, ids):
+        return jnp.sum(nnx.merge(graphdef, params)(x, Routing(w, ids, None)))
+
+    with use_mesh_rules(mesh, rules):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, w, ids).compile().as_text()
+    assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo
+    assert ("ragged-all-to-all" in hlo) == (batch > 1)
+
+
 @pytest.mark.slow  # each compile of the whole model takes ~1-3 min on the shared host
 @pytest.mark.parametrize("moe_impl", ["ragged_dot", "pallas"])
 def test_mosaic_compiles_the_sharded_model_with_pallas_kernels(moe_impl):
@@ -274,7 +298,6 @@ def test_mosaic_compiles_the_sharded_model_with_pallas_kernels(moe_impl):
         get_rules("fsdp_tp_ep" if moe_impl == "ragged_dot" else "fsdp_ep")
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    from sharding.partition import state_shardings
     shard = lambda state: jax.tree.map(  # noqa: E731
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shardings(state, mesh, rules))
     tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, rules.spec(("batch", None), (4, 256), mesh)))
