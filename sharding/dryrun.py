@@ -79,12 +79,14 @@ class Report:
     mfu: float
     tokens: int
     biggest_buffers: list[tuple[str, int]]
+    settings: dict = dataclasses.field(default_factory=dict)  # config overrides (--set), remat, moe_impl
 
     def table(self) -> str:
         g = 2**30
         rows = [
             ("config / mode", f"{self.config} / {self.mode}  (batch {self.batch} x seq {self.seq} = {self.tokens} tokens)"),
             ("topology", f"{self.topology}: {self.devices} devices ({self.chip}), mesh {self.mesh}, rules {self.rules}"),
+            ("settings", ", ".join(f"{k}={v}" for k, v in self.settings.items())),
             ("compile time", f"{self.compile_seconds:.0f} s"),
             ("per-device memory", f"args {self.argument_bytes / g:.2f} GiB + out {self.output_bytes / g:.2f} GiB + temp "
                                   f"{self.temp_bytes / g:.2f} GiB - aliased {self.alias_bytes / g:.2f} GiB = "
@@ -371,7 +373,8 @@ def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
 
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
-            rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True) -> Report:
+            rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
+            overrides: dict | None = None) -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -382,6 +385,11 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                       remat=Remat(remat) if remat else (Remat.NONE if serving else Remat.FULL),
                       max_seq_len=max(cfg.max_seq_len, seq + 1),
                       n_mtp_layers=0 if serving else cfg.n_mtp_layers)
+    if overrides:  # e.g. moe_dispatch_chunk=256, moe_impl=pallas (validated by V4Config)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(V4Config)})
+        if unknown:
+            raise ValueError(f"unknown config field {unknown[0]!r} in --set")
+        cfg = cfg.replace(**overrides)
     devices = tpu_devices(topology, num_slices)
     rules = get_rules(rules_name, **(rule_overrides or {}))
     mesh_spec = mesh_spec or default_mesh(rules_name, cfg, len(devices) // max(num_slices, 1))
@@ -429,12 +437,27 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                      key=lambda kv: -kv[1])[:8]
     report = Report(config_name, topology, chip.name, len(devices), describe(mesh), rules_name, mode, batch, seq,
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
-                    bound, mfu, tokens, biggest)
+                    bound, mfu, tokens, biggest,
+                    {"remat": cfg.remat.value, "moe_impl": cfg.moe_impl.value, "attention_impl": cfg.attention_impl.value,
+                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **{k: str(v) for k, v in (overrides or {}).items()}})
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
                          "buffers per device: " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:5]))
     return report
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string such as pallas
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,12 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-slices", type=int, default=1)
     p.add_argument("--dcn", default=None, help="axis sizes across slices, e.g. data=2")
     p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     a = p.parse_args(argv)
     config: Any = V4Config.from_json_file(a.config) if os.path.isfile(a.config) else a.config
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
-                         num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat)
+                         num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
+                         overrides=_parse_sets(a.set))
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -48,6 +48,10 @@ def test_command_line_errors_are_one_line_and_precede_compilation(capsys, tmp_pa
     assert "asks for 8 devices, but only 4 exist" in capsys.readouterr().err
     assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--rules", "zero3"]) == 1
     assert "unknown rules preset 'zero3'" in capsys.readouterr().err
+    assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--set", "moe_chunk=8"]) == 1
+    assert "unknown config field 'moe_chunk'" in capsys.readouterr().err
+    assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--set", "moe_dispatch_chunk=0"]) == 1
+    assert "moe_dispatch_chunk must be a positive integer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no chip figures for TPU generation 'v9'"):
         chip_for("v9:2x2")
 
