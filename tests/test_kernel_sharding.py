@@ -53,21 +53,20 @@ def attention_inputs(mode, seed=0):
     return q, kv, sinks, compressed, topk_idx, ratio
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (shard_map, scan, cond, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            sub = getattr(p, "jaxpr", p)
+            if hasattr(sub, "eqns"):
+                yield from _eqns(sub)
+
+
 def shard_map_local_avals(fn, *args):
     """The per-device operand types of the shard_maps in fn's jaxpr."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "shard_map":
-                found.append([v.aval for v in eqn.params["jaxpr"].invars])
-            for p in eqn.params.values():  # sub-jaxprs (closed or not) of scans, conds, custom rules
-                sub = getattr(p, "jaxpr", p)
-                if hasattr(sub, "eqns"):
-                    walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    return [[v.aval for v in eqn.params["jaxpr"].invars] for eqn in _eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+            if eqn.primitive.name == "shard_map"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +287,31 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, w, ids).compile().as_text()
     assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo
     assert ("ragged-all-to-all" in hlo) == (batch > 1)
+
+
+def test_tpu_expert_parallel_gradients_reduce_over_the_same_axes_as_the_tested_cpu_path():
+    # TPU moves rows by ragged_all_to_all, which XLA:CPU lacks, so its numerics cannot run here. Its
+    # gradient's collectives must be those of the CPU path (fixed all_to_all blocks), whose gradients
+    # equal the unsharded layer (tests/test_sharding.py): weight gradients summed over fsdp (the token
+    # axis the weights are replicated on), never over expert (which would mix different experts).
+    cfg = V4Config.preset("tiny", n_mtp_layers=0)
+
+    def reductions(devices):
+        mesh, rules = make_mesh("fsdp=2,expert=2", devices=devices), get_rules("fsdp_ep")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        x, ids, w = (jax.ShapeDtypeStruct(s, d) for s, d in (((4, 16, cfg.dim), jnp.float32), ((64, 2), jnp.int32),
+                                                             ((64, 2), jnp.float32)))
+        loss = lambda p, x, w, ids: jnp.sum(nnx.merge(graphdef, p)(x, Routing(w, ids, None)))  # noqa: E731
+        with use_mesh_rules(mesh, rules):
+            jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(params, x, w, ids).jaxpr
+        eqns = list(_eqns(jaxpr))
+        return (sorted(tuple(e.params["axes"]) for e in eqns if e.primitive.name.startswith("psum")),
+                any(e.primitive.name == "ragged_all_to_all" for e in eqns))
+
+    cpu, cpu_ragged = reductions(jax.devices()[:4])
+    tpu, tpu_ragged = reductions(_tpu_mesh("fsdp=2,expert=2").devices.flatten())
+    assert tpu_ragged and not cpu_ragged
+    assert tpu == cpu == [("fsdp",)] * 3
 
 
 @pytest.mark.slow  # each compile of the whole model takes ~1-3 min on the shared host
