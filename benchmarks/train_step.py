@@ -84,10 +84,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--presets", default="tiny,tiny-b", help="comma-separated presets")
     args = ap.parse_args(argv)
     shapes = [(8, 64)] if args.quick else [(8, 64), (8, 128)]
     steps = 5 if args.quick else args.steps
-    rows = [bench(preset, b, s, steps, args.warmup) for preset in ("tiny", "tiny-b") for b, s in shapes]
+    rows = [bench(preset, b, s, steps, args.warmup) for preset in args.presets.split(",") for b, s in shapes]
     head = ["preset", "params (M)", "batch x seq", "compile (s)", "step (ms, median)", "step (ms, min)",
             "tokens/s", "XLA GFLOP/step", "GFLOP/s", "other procs' CPU"]
     lines = [[r["preset"], f"{r['params_m']:.2f}", f"{r['batch']} x {r['seq']}", f"{r['compile_s']:.0f}",
