@@ -12,7 +12,8 @@ traffic) with the MFU it implies for the model FLOPs (6 N_active per token for t
 inference, plus attention). When the step does not fit, it says so and names the biggest buffers
 (exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
 
-train: forward + backward + AdamW update (fp32 master weights and moments, bf16 compute, full remat).
+train: forward + backward + optimizer update (train.py's Muon + AdamW split by default, or --optimizer adamw; fp32
+master weights and optimizer state, bf16 compute, full remat).
 prefill: forward over the prompt, logits of the last position (bf16 weights).
 decode: one token against a cache of --seq positions (needs the inference cache, v4jax.generate).
 """
@@ -276,7 +277,7 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules):
+def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, optimizer: str = "muon"):
     """(jitted step, abstract args with shardings, argument names) for the mode."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -301,20 +302,34 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     if mode == "train":
         import optax
 
-        tx = optax.adamw(1e-4, weight_decay=0.1)
-        opt = jax.eval_shape(tx.init, params)
-        opt_sh = jax.tree.map(lambda o: p_sh if isinstance(o, nnx.State) else
-                              jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), o),
-                              opt, is_leaf=lambda o: isinstance(o, nnx.State))
-        for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(p_sh)):
-            names["adam moments of " + ".".join(map(str, path))] = 2 * _per_device_bytes(
-                var.shape, jnp.float32, sh.get_value(), mesh)
+        from v4jax.optim import OptimConfig, flat_params, logical_axes, make_optimizer, split_params, unflat_params
+
+        flat_p, flat_sh = flat_params(params), flat_params(p_sh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        if optimizer == "muon":  # what train.py runs: spec §8 split, Muon (bf16 Newton-Schulz) + AdamW
+            tx = make_optimizer(split_params(logical_axes(params)), 1e-4, OptimConfig(muon_ns_dtype="bfloat16"))
+        elif optimizer == "adamw":
+            tx = optax.adamw(1e-4, weight_decay=0.1)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
+        opt = jax.eval_shape(tx.init, flat_p)
+
+        def leaf_sharding(path, leaf):  # momenta / moments take their parameter's sharding
+            for k in reversed(path):
+                name = getattr(k, "key", None)
+                if name in flat_p and tuple(flat_p[name].shape) == tuple(leaf.shape):
+                    names[f"optimizer state of {name}"] = names.get(f"optimizer state of {name}", 0) + \
+                        _per_device_bytes(leaf.shape, leaf.dtype, flat_sh[name], mesh)
+                    return flat_sh[name]
+            return replicated
+        opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, opt)
 
         def step(params, rest, opt_state, tokens):
             with use_mesh_rules(mesh, rules):
                 loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
+                p = flat_params(params)
+                updates, opt_state = tx.update(flat_params(grads), opt_state, p)
+                return unflat_params(params, optax.apply_updates(p, updates)), opt_state, loss
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, opt_sh, tok_sh), out_shardings=(p_sh, opt_sh, None),
                      donate_argnums=(0, 2))
@@ -374,7 +389,7 @@ def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
-            overrides: dict | None = None) -> Report:
+            overrides: dict | None = None, optimizer: str = "muon") -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -396,7 +411,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
-    fn, args, names = build(cfg, mode, batch, seq, mesh, rules)
+    fn, args, names = build(cfg, mode, batch, seq, mesh, rules, optimizer)
     t0 = time.time()
     try:
         compiled = fn.lower(*args).compile()
@@ -439,7 +454,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": cfg.remat.value, "moe_impl": cfg.moe_impl.value, "attention_impl": cfg.attention_impl.value,
-                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **{k: str(v) for k, v in (overrides or {}).items()}})
+                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"optimizer": optimizer} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()}})
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
@@ -473,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-slices", type=int, default=1)
     p.add_argument("--dcn", default=None, help="axis sizes across slices, e.g. data=2")
     p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
+    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
+                   help="train mode: muon = train.py's Muon + AdamW split (spec §8), adamw = AdamW everywhere")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -481,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
                          num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
-                         overrides=_parse_sets(a.set))
+                         overrides=_parse_sets(a.set), optimizer=a.optimizer)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ def small():
 
 
 def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
-    r = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32)
+    r = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32, optimizer="adamw")
     assert r.devices == 4 and r.mesh == "expert=4" and r.batch == 4 and r.tokens == 128
     assert r.fits and 0 < r.peak_bytes < r.hbm_bytes == CHIPS["v5p"].hbm_bytes
     assert r.argument_bytes > 0 and r.temp_bytes > 0
@@ -25,6 +25,21 @@ def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
     assert 0.3 < r.model_flops / (r.devices * r.flops_per_device) < 3
     assert r.step_time_s > 0 and 0 < r.mfu <= 1 and r.bound in ("compute", "memory", "collectives")
     assert "does" not in r.table() and "roofline step time" in r.table()
+
+
+def test_default_train_step_uses_train_py_optimizer_split():
+    """Muon keeps one fp32 momentum per matrix, AdamW two moments for the embedding (spec §8.1)."""
+    import jax
+
+    from sharding.mesh import make_mesh
+    from sharding.rules import get_rules
+    cfg = small().replace(dtype="bfloat16", param_dtype="float32")
+    mesh = make_mesh("fsdp=2", devices=jax.devices()[:2])
+    _, _, names = dryrun.build(cfg, "train", 2, 32, mesh, get_rules("fsdp"))
+    emb = names["embed.embedding"]  # fp32, [V, d]
+    assert names["optimizer state of embed.embedding"] == 2 * emb  # AdamW: two moments
+    wq = "stages.0.blocks.0.attn.wq_a.kernel"
+    assert names[f"optimizer state of {wq}"] == names[wq]  # one momentum of the parameter's size
 
 
 def test_decode_dry_run_compiles_one_token_against_the_cache():
