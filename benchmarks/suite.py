@@ -152,6 +152,18 @@ def section_peer(quick: bool, log) -> Section:
     return Section("v4jax vs the transformers peer (CPU, fp32)", "\n".join(body), numbers)
 
 
+def _flops_reading(name: str, shares: tuple[float, float], report: float) -> str:
+    full, half = shares
+    if half <= report <= full:
+        where = "between the two conventions"
+    elif abs(report - full) <= abs(report - half):
+        where = f"{100 * abs(report - full):.1f} points from the all-FLOPs-equal count"
+    else:
+        where = f"{100 * abs(report - half):.1f} points from the FP4-at-half count"
+    return (f"{name} {100 * full:.1f}% of V3.2 ({100 * half:.1f}% with the FP4 indexer at half), report "
+            f"{100 * report:.0f}%: {where}")
+
+
 def section_scaling(quick: bool, log, contexts=None) -> Section:
     from benchmarks import scaling
 
@@ -194,11 +206,10 @@ def section_scaling(quick: bool, log, contexts=None) -> Section:
         out["flops"],
         "",
         f"**Reading.** KV cache: Flash {100 * flash_c:.1f}% and Pro {100 * pro_c:.1f}% of V3.2 at 1M (report 7% / "
-        f"10%). FLOPs: Flash {100 * flash_f[0]:.1f}% ({100 * flash_f[1]:.1f}% with the FP4 indexer at half) and "
-        f"Pro {100 * pro_f[0]:.1f}% ({100 * pro_f[1]:.1f}%) of V3.2 (report 10% / 27%): the report's figures lie "
-        "within the two conventions. Per layer, CSA's per-token cost is dominated at long context by the "
-        "indexer scan over S/4 compressed keys (linear in S, 1/4 the keys of dense and 1/4 the width), HCA's by "
-        "S/128 entries; dense grows with S at full width.",
+        f"10%). FLOPs: {_flops_reading('Flash', flash_f, 0.10)}; {_flops_reading('Pro', pro_f, 0.27)}. Per layer, "
+        "CSA's per-token cost at long context is dominated by the indexer scan over the S/4 compressed index keys "
+        "(128-d scores only: 1/32 of dense attention's FLOPs per context token), HCA's by its S/128 entries; "
+        "dense attention grows with S at full width (QK and PV over 512-d keys).",
     ]
     if plot:
         body += ["", f"![attention cost and KV cache vs context]({plot})"]
@@ -219,20 +230,24 @@ MAXTEXT_V3 = dict(run="DeepSeek-V3 671B train (MaxText, measured on hardware)", 
                          "(MaxText config `deepseek3_671b_v5p_1024`)")
 
 
-def load_dryruns(directory: str = DRYRUN_DIR) -> list[dict]:
-    """Every dry-run report JSON in the directory (sharding.dryrun.Report as a dict), with its file name."""
-    runs = []
+def load_dryruns(directory: str = DRYRUN_DIR) -> tuple[list[dict], list[str]]:
+    """Every dry-run report JSON in the directory (sharding.dryrun.Report as a dict, plus its file name),
+    and 'file: reason' for each file skipped (unreadable, being written, or not a dry-run report)."""
+    runs, skipped = [], []
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        name = os.path.basename(path)
         try:
             with open(path) as f:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read dry-run result {path}: {e}") from None
+            skipped.append(f"{name}: unreadable ({str(e).splitlines()[0]})")
+            continue
         if not isinstance(d, dict) or "topology" not in d or "config" not in d:
-            raise ValueError(f"{path} is not a sharding.dryrun report (needs at least config and topology)")
-        d["_file"] = os.path.basename(path)
+            skipped.append(f"{name}: not a sharding.dryrun report (needs at least config and topology)")
+            continue
+        d["_file"] = name
         runs.append(d)
-    return runs
+    return runs, skipped
 
 
 def dryrun_tables(runs: list[dict]) -> str:
@@ -316,7 +331,7 @@ def section_dryrun(quick: bool, log, directory: str = DRYRUN_DIR, run: bool = Fa
     del quick
     if run:
         run_dryruns(log, directory)
-    runs = load_dryruns(directory)
+    runs, skipped = load_dryruns(directory)
     rel = os.path.relpath(directory, ROOT)
     body = [
         f"Rendered from the dry-run reports in `{rel}/` ({len(runs)} file(s)); each is the `--json` output of "
@@ -328,6 +343,8 @@ def section_dryrun(quick: bool, log, directory: str = DRYRUN_DIR, run: bool = Fa
         "`python -m benchmarks --only dryrun --dryrun` runs the plan in `benchmarks/suite.py` (DRYRUN_PLAN).",
         "",
     ]
+    if skipped:
+        body += ["Skipped: " + "; ".join(skipped) + ".", ""]
     if runs:
         body.append(dryrun_tables(runs))
     else:
@@ -462,13 +479,20 @@ def update_file(path: str, blocks: dict[str, str]) -> None:
         f.write(text if text.endswith("\n") else text + "\n")
 
 
-def run_suite(names, quick: bool, log, dryrun: bool = False) -> dict[str, Section]:
+def run_suite(names, quick: bool, log, dryrun: bool = False, failed: list | None = None) -> dict[str, Section]:
+    """The sections that ran; the names of those that raised are appended to `failed`."""
     results = {}
+    failed = [] if failed is None else failed
     for name in names:
         t0 = time.perf_counter()
         log(f"== {name} ==")
         fn = SECTIONS[name]
-        section = fn(quick, log, run=dryrun) if name == "dryrun" else fn(quick, log)
+        try:
+            section = fn(quick, log, run=dryrun) if name == "dryrun" else fn(quick, log)
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others' results
+            log(f"[{name}] FAILED: {type(e).__name__}: {e}; its section is not written")
+            failed.append(name)
+            continue
         section.seconds = time.perf_counter() - t0
         bad = [x for x in section.numbers if not math.isfinite(x)]
         if bad:
@@ -508,7 +532,8 @@ def main(argv=None) -> int:
     header = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   machine=machine(), versions=versions(), code=code_version())
     t0 = time.perf_counter()
-    results = run_suite(names, args.quick, log, args.dryrun)
+    failed: list[str] = []
+    results = run_suite(names, args.quick, log, args.dryrun, failed)
     blocks = {name: render(name, s, command, header) for name, s in results.items()}
     if args.no_write:
         print("\n\n".join(blocks.values()))
@@ -517,4 +542,6 @@ def main(argv=None) -> int:
         log(f"wrote {len(blocks)} section(s) to {args.out}")
     log(f"suite wall time {time.perf_counter() - t0:.0f} s")
     bad = sum(1 for s in results.values() for x in s.numbers if not math.isfinite(x))
-    return 1 if bad else 0
+    if failed:
+        log(f"failed section(s): {', '.join(failed)}")
+    return 1 if bad or failed else 0

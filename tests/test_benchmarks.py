@@ -59,10 +59,25 @@ def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(
     assert len(section.numbers) == 16 and all(math.isfinite(x) for x in section.numbers)
 
 
-def test_dryrun_section_rejects_a_json_that_is_not_a_report(tmp_path):
+def test_dryrun_section_skips_and_names_files_that_are_not_reports(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
-    with pytest.raises(ValueError, match="not a sharding.dryrun report"):
-        suite.load_dryruns(str(tmp_path))
+    (tmp_path / "partial.json").write_text("")  # another process is still writing it
+    (tmp_path / "good.json").write_text(json.dumps(_report()))
+    runs, skipped = suite.load_dryruns(str(tmp_path))
+    assert [r["_file"] for r in runs] == ["good.json"]
+    assert len(skipped) == 2 and skipped[0].startswith("bad.json: not a sharding.dryrun report")
+    assert "partial.json: unreadable" in suite.section_dryrun(True, print, directory=str(tmp_path)).body
+
+
+def test_a_failing_section_does_not_lose_the_others(tmp_path, monkeypatch):
+    def boom(quick, log):
+        raise RuntimeError("broken benchmark")
+
+    monkeypatch.setitem(suite.SECTIONS, "components", boom)
+    out = tmp_path / "BENCH.md"
+    assert suite.main(["--only", "gpu,components", "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "<!-- suite:gpu begin -->" in text and "suite:components" not in text
 
 
 def test_recorded_dryruns_render():
