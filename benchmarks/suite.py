@@ -281,18 +281,19 @@ def dryrun_tables(runs: list[dict]) -> str:
     best: dict[tuple, dict] = {}
     tried: dict[tuple, list[str]] = {}
     for d in runs:
-        key = (d["config"], d.get("mode", "?"), d["topology"].split(":")[0])
+        key = (d["config"], d.get("mode", "?"), d.get("seq", 0), d["topology"].split(":")[0])
         tried.setdefault(key, []).append(d["topology"])
         if d.get("fits") and (key not in best or (d.get("devices") or 0) < (best[key].get("devices") or 0)):
             best[key] = d
-    out = ["\n".join(lines), "", "Smallest recorded topology that fits, per model, mode and TPU generation:", "",
-           "| model | mode | generation | smallest fitting topology | devices | per-device GiB | roofline MFU | "
-           "topologies tried |", "|---|---|---|---|---:|---:|---:|---|"]
+    out = ["\n".join(lines), "", "Smallest recorded topology that fits, per model, mode, sequence length and TPU "
+           "generation (only the topologies tried are known: a smaller untried one may fit too):", "",
+           "| model | mode | seq | generation | smallest fitting topology | devices | per-device GiB | roofline MFU | "
+           "topologies tried |", "|---|---|---:|---|---|---:|---:|---:|---|"]
     for key in sorted(tried):
         d = best.get(key)
         peak = "-" if not d or d.get("peak_bytes") is None else f"{d['peak_bytes'] / g:.1f}"
         mfu = "-" if not d or d.get("mfu") is None else f"{100 * d['mfu']:.1f}%"
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {d['topology'] if d else 'none recorded fits'} | "
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d['topology'] if d else 'none recorded fits'} | "
                    f"{d.get('devices', '-') if d else '-'} | {peak} | {mfu} | {', '.join(sorted(set(tried[key])))} |")
     return "\n".join(out)
 

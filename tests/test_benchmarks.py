@@ -53,7 +53,7 @@ def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(
     for i, r in enumerate(reports):
         (tmp_path / f"r{i}.json").write_text(json.dumps(r))
     section = suite.section_dryrun(True, print, directory=str(tmp_path))
-    assert "v5p:8x8x4 | 256" in section.body  # smallest of the fitting v5p runs
+    assert "v5p | v5p:8x8x4 | 256" in section.body  # smallest of the fitting v5p runs
     assert "33.2%" in section.body  # the MaxText DeepSeek-V3 reference row
     assert "tpu-recipes" in section.body
     assert len(section.numbers) == 16 and all(math.isfinite(x) for x in section.numbers)
