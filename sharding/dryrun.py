@@ -124,21 +124,31 @@ def tpu_devices(topology: str, num_slices: int = 1):
 
 def default_mesh(rules: str, cfg: V4Config, n: int) -> str:
     """A sensible mesh for a preset on n devices: experts over the largest power of two dividing both
-    n and E (capped at 64), tensor 4 for fsdp_tp_ep, context 4 for long_context, fsdp the rest."""
+    n and E (capped at 64), tensor 4 for fsdp_tp_ep, context 4 for long_context; fsdp takes the largest
+    share of the rest that still divides the model width together with the other parameter-splitting
+    axes (v4-pro's 7168 = 2^10 x 7 stops at 1024-way), and data (pure replication) the remainder."""
     def pow2_gcd(a, b, cap):
         g = math.gcd(a, b)
         return min(1 << (g.bit_length() - 1) if g & (g - 1) else g, cap)
 
+    def with_fsdp(fixed: dict[str, int], splitting_embed: int) -> str:
+        rest = n // math.prod(fixed.values())
+        fsdp = max(f for f in range(1, rest + 1) if rest % f == 0 and cfg.dim % (f * splitting_embed) == 0)
+        axes = {**fixed, "fsdp": fsdp, "data": rest // fsdp}
+        return ",".join(f"{k}={v}" for k, v in axes.items() if v > 1) or "fsdp=1"
+
     if rules == "fsdp":
-        return "fsdp=-1"
+        return with_fsdp({}, 1)
     ep = pow2_gcd(n, cfg.n_routed_experts, 64)
     if rules == "fsdp_ep":
-        return f"expert={ep},fsdp=-1"
+        return with_fsdp({"expert": ep}, ep)
     if rules == "fsdp_tp_ep":
         tp = 4 if n % 4 == 0 else 1
-        return f"tensor={tp},expert={pow2_gcd(n // tp, cfg.n_routed_experts, 64)},fsdp=-1"
+        ep = pow2_gcd(n // tp, cfg.n_routed_experts, 64)
+        return with_fsdp({"tensor": tp, "expert": ep}, ep)
     cp = 4 if n % 4 == 0 else 1
-    return f"context={cp},expert={pow2_gcd(n // cp, cfg.n_routed_experts, 64)},fsdp=-1"
+    ep = pow2_gcd(n // cp, cfg.n_routed_experts, 64)
+    return with_fsdp({"context": cp, "expert": ep}, ep * cp)
 
 
 def active_params(cfg: V4Config, abstract_state) -> tuple[int, int]:
@@ -504,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except DoesNotFit as e:
         print(f"does not fit: {e}", file=sys.stderr)
+        if a.json:  # a refusal is a result too (it bounds the smallest pod)
+            with open(a.json, "w") as f:
+                json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
+                           "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
+                           "settings": {"optimizer": a.optimizer, **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())
     if a.json:

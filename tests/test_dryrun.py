@@ -58,6 +58,19 @@ def test_dry_run_refuses_a_model_that_does_not_fit_and_names_the_biggest_buffers
         dryrun.dry_run(small(), "v5p:2x2x1", "fsdp", mode="prefill", seq=32)
 
 
+def test_a_refusal_is_written_to_the_json_too(monkeypatch, tmp_path):
+    import json
+
+    def refuse(*a, **k):
+        raise dryrun.DoesNotFit("v4-pro train does not fit on v5p:8x8x4: 180 GiB per device needed")
+    monkeypatch.setattr(dryrun, "dry_run", refuse)
+    out = tmp_path / "r.json"
+    assert dryrun.main(["--config", "v4-pro", "--topology", "v5p:8x8x4", "--set", "moe_dispatch_chunk=256",
+                        "--json", str(out)]) == 2
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and "180 GiB" in r["reason"] and r["settings"]["moe_dispatch_chunk"] == 256
+
+
 def test_command_line_errors_are_one_line_and_precede_compilation(capsys, tmp_path):
     assert dryrun.main(["--config", "tiny", "--topology", "v5p:2x2x1", "--rules", "fsdp", "--mesh", "fsdp=8"]) == 1
     assert "asks for 8 devices, but only 4 exist" in capsys.readouterr().err
