@@ -4,6 +4,12 @@ bias update; fp32, one CPU device) with indexer_loss_weight = 0 (no traces) and 
 the sparse stage and, for comparison, the dense warm-up stage (model.csa_dense, traces over every
 compressed entry). Compile-only: nothing runs, so the numbers do not depend on the machine's load.
 
+`--traces-at-scale`: the traces alone at v4-flash sizes (H 64, c 512, window 128, m 4, top-512,
+n_I 64, c_I 128, chunk 512, bf16 activations, B = 1) for growing T, compiled ahead of time for one
+TPU device (libtpu, `--topology`): XLA's temporary memory of the attention mass, of the selected
+scores' forward + backward, and of the reference core attention's forward + backward for scale.
+(XLA:CPU is not used here: it upcasts whole bf16 operands to fp32 outside the chunk loop.)
+
 Usage (repo root):  JAX_PLATFORMS=cpu python -m benchmarks.indexer_loss_cost [--quick]
 """
 
@@ -16,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax.attention import entry_attention_mass
+from v4jax.indexer import entry_scores
 from v4jax.layers import Buffer
 from v4jax.model import Transformer
 from v4jax.optim import flat_params
@@ -45,10 +53,56 @@ def compiled_cost(batch: int, seq: int, topk: int, weight: float, dense: bool) -
     return {"flops": float(cost["flops"]), "temp": int(mem.temp_size_in_bytes), "compile_s": time.time() - t0}
 
 
+def traces_at_scale(T: int, topology: str) -> list[float]:
+    """Temporary MiB, compiled for one device of a TPU topology (AOT from this host), of: the attention
+    mass, the selected entries' scores forward + backward, and, for scale, the reference core attention
+    forward + backward on the same top-k."""
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from v4jax.attention import sparse_attention
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    one = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())
+    H, c, W, m, k, n_i, c_i, chunk = 64, 512, 128, 4, 512, 64, 128, 512
+    N = T // m
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    shapes = dict(q=((1, T, H, c), bf16), kv=((1, T, c), bf16), sinks=((H,), f32), comp=((1, N, c), bf16),
+                  idx=((1, T, k), jnp.int32), q_i=((1, T, n_i, c_i), bf16), w_i=((1, T, n_i), f32),
+                  keys_i=((1, N, c_i), bf16), g=((1, T, k), f32), g_out=((1, T, H, c), bf16))
+    a = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=one) for name, (shape, dtype) in shapes.items()}
+
+    def mass(a):
+        return entry_attention_mass(a["q"], a["kv"], a["sinks"], W, a["comp"], a["idx"], m, chunk)
+
+    def scores(a):
+        out, pull = jax.vjp(lambda q, w, keys: entry_scores(q, w, keys, a["idx"], chunk), a["q_i"], a["w_i"],
+                            a["keys_i"])
+        return out, pull(a["g"])
+
+    def core(a):
+        _, pull = jax.vjp(lambda q, kv, comp: sparse_attention(q, kv, a["sinks"], W, comp, a["idx"], m, chunk),
+                          a["q"], a["kv"], a["comp"])
+        return pull(a["g_out"])
+
+    return [jax.jit(f).lower(a).compile().memory_analysis().temp_size_in_bytes / 2**20 for f in (mass, scores, core)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the 8 x 64 shape")
+    ap.add_argument("--traces-at-scale", action="store_true", help="the traces alone at v4-flash sizes (TPU AOT)")
+    ap.add_argument("--topology", default="v5p:2x2x1", help="TPU topology for --traces-at-scale")
     args = ap.parse_args()
+    if args.traces_at_scale:
+        print(f"| T | N_c | attention mass: temp MiB | selected scores fwd+bwd: temp MiB | "
+              f"core attention fwd+bwd (reference, for scale): temp MiB |")
+        print("|---|---|---|---|---|")
+        for T in (4096, 16384, 65536):
+            r = traces_at_scale(T, args.topology)
+            print(f"| {T} | {T // 4} | {r[0]:.1f} | {r[1]:.1f} | {r[2]:.1f} |", flush=True)
+        return
     shapes = [(8, 64, 4, False)] + ([] if args.quick else [(2, 1024, 16, False), (2, 1024, 16, True)])
     print("| stage | batch x seq | top-k / N_c | GFLOP/step off | GFLOP/step with KL | FLOP ratio | "
           "temp MiB off | temp MiB with KL | temp ratio |")
