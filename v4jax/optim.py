@@ -113,12 +113,16 @@ def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtyp
 
 
 def orthogonalize(g: jax.Array, batch_dims: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """HybridNS of every matrix of `g`: the dims in batch_dims index independent matrices."""
-    keep = [i for i in range(g.ndim) if i not in batch_dims]
-    moved = jnp.moveaxis(g, list(batch_dims), list(range(len(batch_dims))))
-    flat = moved.reshape((-1, *(g.shape[i] for i in keep)))
-    out = jax.vmap(lambda x: hybrid_newton_schulz(x, dtype=dtype))(flat).reshape(moved.shape)
-    return jnp.moveaxis(out, list(range(len(batch_dims))), list(batch_dims))
+    """HybridNS of every matrix of `g`: the dims in batch_dims index independent matrices.
+
+    One vmap per batch dim, never a reshape that merges them: stacked expert weights
+    [repeats, experts, d, I] have experts split over the mesh, and merging that dim with repeats
+    would make XLA gather every expert's matrix onto every device."""
+    f = lambda x: hybrid_newton_schulz(x, dtype=dtype)  # noqa: E731
+    for _ in batch_dims:
+        f = jax.vmap(f)
+    front = list(range(len(batch_dims)))
+    return jnp.moveaxis(f(jnp.moveaxis(g, list(batch_dims), front)), front, list(batch_dims))
 
 
 class MuonState(NamedTuple):
