@@ -4,7 +4,7 @@ operands gathered, the only way to call the kernel without shard_map: XLA refuse
 Mosaic call whose operands are sharded, "Mosaic kernels cannot be automatically partitioned", which is
 what the model did before on a multi-device mesh).
 
-    python -m pallas_kernels.sharded_cost [--topology v5p:2x2x1] [--mesh fsdp=2,tensor=2] [--seq 4096]
+    python -m benchmarks.kernel_sharding [--topology v5p:2x2x1] [--mesh fsdp=2,tensor=2] [--seq 4096]
 
 AOT compile with libtpu on a CPU host (no TPU needed); prints a markdown table. FLOPs and bytes are
 the kernels' declared cost estimates as XLA sums them per device; temp is the compiled temporary
