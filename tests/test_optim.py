@@ -125,3 +125,26 @@ def test_schedule_warms_up_holds_then_decays_and_mtp_weight_drops():
 def test_matrix_with_three_free_axes_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="Muon needs a matrix"):
         split_params({"x": ("embed", "heads", "q_lora")})
+
+
+def test_indexer_gradients_are_clipped_on_their_own():
+    """A huge indexer (KL) gradient leaves the model's clipped gradient as it would be alone."""
+    import optax
+
+    from v4jax.optim import clip_by_group_norm, clip_group
+
+    g = {"stages.0.blocks.1.attn.wq_a.kernel": jnp.full((4, 4), 0.5),
+         "embed.embedding": jnp.full((3, 4), 0.25),
+         "stages.0.blocks.1.attn.indexer.wq_b.kernel": jnp.full((4, 8), 100.0),
+         "stages.0.blocks.1.attn.indexer.compressor.wkv.kernel": jnp.full((4, 2), -3.0)}
+    assert [clip_group(n) for n in g] == ["model", "model", "indexer", "indexer"]
+    out, _ = clip_by_group_norm(1.0, clip_group).update(g, optax.EmptyState())
+    for group in ("model", "indexer"):
+        part = {n: v for n, v in g.items() if clip_group(n) == group}
+        want, _ = optax.clip_by_global_norm(1.0).update(part, optax.EmptyState())
+        for n in part:
+            np.testing.assert_allclose(out[n], want[n], rtol=1e-6)
+    small = {n: v * 1e-3 for n, v in g.items()}  # under the limit: unchanged
+    out, _ = clip_by_group_norm(1.0, clip_group).update(small, optax.EmptyState())
+    for n in g:
+        np.testing.assert_array_equal(out[n], small[n])

@@ -203,7 +203,7 @@ class OptimConfig:
 
 def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, oc: OptimConfig = OptimConfig()
                    ) -> optax.GradientTransformation:
-    """clip -> {Muon | AdamW} per group -> decoupled weight decay -> -lr.
+    """clip (per `clip_group`) -> {Muon | AdamW} per group -> decoupled weight decay -> -lr.
 
     lr: a constant, a schedule of the optimiser's own update count, or None: then the updates are
     -(direction + wd * W) and the caller multiplies them by the learning rate (train_loop does, so
@@ -222,4 +222,28 @@ def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, o
     adam = lambda decay: optax.chain(optax.scale_by_adam(oc.adam_b1, oc.adam_b2, oc.adam_eps, mu_dtype=jnp.float32),
                                      *tail(decay))
     tx = optax.multi_transform({"muon": muon, "adamw": adam(wd), "adamw_nodecay": adam(0.0)}, labels)
-    return optax.chain(optax.clip_by_global_norm(oc.clip_norm), tx) if oc.clip_norm else tx
+    return optax.chain(clip_by_group_norm(oc.clip_norm, clip_group), tx) if oc.clip_norm else tx
+
+
+def clip_group(name: str) -> str:
+    """Which gradients are clipped together. The lightning indexers learn only from their KL loss
+    and everything else only from the LM losses (spec §8.6, with indexer_detach), so each side has
+    its own global norm: a large KL gradient must not shrink the step's LM update, or vice versa."""
+    return "indexer" if ".indexer." in f".{name}." else "model"
+
+
+def clip_by_group_norm(max_norm: float, group_of: Callable[[str], str]) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied separately to each group of a flat {name: gradient} dict."""
+    def update(updates, state, params=None):
+        del params
+        groups: dict[str, list[str]] = {}
+        for name in updates:
+            groups.setdefault(group_of(name), []).append(name)
+        out = {}
+        for names in groups.values():
+            norm = optax.global_norm([updates[n] for n in names])
+            scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+            out.update({n: (updates[n] * scale).astype(updates[n].dtype) for n in names})
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
