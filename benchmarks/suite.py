@@ -425,7 +425,8 @@ def section_components(quick: bool, log, names=None) -> Section:
             status = mod.main(args)
         seconds = time.perf_counter() - t0
         text = buf.getvalue()
-        parts += [f"### `{module}`", "", f"`JAX_PLATFORMS=cpu python -m benchmarks.{module} {' '.join(args)}`"
+        cli = "".join(f" {a}" for a in args)
+        parts += [f"### `{module}`", "", f"`JAX_PLATFORMS=cpu python -m benchmarks.{module}{cli}`"
                   f" ({seconds:.0f} s{'' if not status else f', exit status {status}'})", "", _as_markdown(text), ""]
         numbers += [x for line in text.splitlines() if line.startswith("|") for x in _numbers(line)]
     body = ("Each component benchmark's own output (its docstring explains the columns; docs/*.md read "
