@@ -42,6 +42,7 @@ from typing import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DRYRUN_DIR = os.path.join(RESULTS, "dryrun")
+PLOT = os.path.join(RESULTS, "scaling.png")  # the scaling section's plot, referenced from the section
 MARK = "<!-- suite:{name} {edge} -->"
 
 
@@ -102,14 +103,6 @@ def code_version() -> str:
         return "unknown (not a git checkout)"
     return f"`{head}`" + (" plus uncommitted changes under v4jax/ pallas_kernels/ sharding/ benchmarks/" if dirty
                           else " (clean)")
-
-
-def _span(values, scale: float = 1.0, digits: int = 2) -> str:
-    """median (min-max) of a list."""
-    import statistics
-
-    v = [x * scale for x in values]
-    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
 def _numbers(text: str) -> list[float]:
@@ -173,10 +166,10 @@ def section_scaling(quick: bool, log, contexts=None) -> Section:
         out["cache"], out["cache_shares"] = scaling.cache_table()
         out["flops"], out["flops_shares"] = scaling.flops_table()
     else:
-        out = scaling.run(quick, log=log)
+        out = scaling.run(quick, log=log, plot_path=PLOT)
     flash_c, pro_c = out["cache_shares"]["v4-flash"], out["cache_shares"]["v4-pro"]
     flash_f, pro_f = out["flops_shares"]["v4-flash"], out["flops_shares"]["v4-pro"]
-    plot = os.path.relpath(out["plot"], ROOT) if out["plot"] else None
+    plot = os.path.relpath(out["plot"], ROOT) if out["plot"] else None  # relative to the repository root
     body = [
         "**1. Attention cost per token vs context** (`benchmarks/scaling.py`). One new token at position S-1 "
         "against the cache (one decode step), one attention layer of V4-Flash shape (H=64, c=512, d=4096), bf16, "
