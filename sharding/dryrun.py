@@ -122,20 +122,24 @@ def tpu_devices(topology: str, num_slices: int = 1):
                          f"(install libtpu with: pip install 'jax[tpu]')")
 
 
-def default_mesh(rules: str, cfg: V4Config, n: int) -> str:
-    """A sensible mesh for a preset on n devices: experts over the largest power of two dividing both
-    n and E (capped at 64), tensor 4 for fsdp_tp_ep, context 4 for long_context; fsdp takes the largest
-    share of the rest that still divides the model width together with the other parameter-splitting
-    axes (v4-pro's 7168 = 2^10 x 7 stops at 1024-way), and data (pure replication) the remainder."""
+def mesh_candidates(rules: str, cfg: V4Config, n: int) -> list[str]:
+    """Sensible meshes for a preset on n devices, best first: experts over the largest power of two
+    dividing both n and E (capped at 64), tensor 4 for fsdp_tp_ep, context 4 for long_context; fsdp
+    takes the largest share of the rest that divides the model width together with the other
+    parameter-splitting axes (v4-pro's 7168 = 2^10 x 7 stops at 1024-way), then smaller shares, and
+    data (pure replication) the remainder."""
     def pow2_gcd(a, b, cap):
         g = math.gcd(a, b)
         return min(1 << (g.bit_length() - 1) if g & (g - 1) else g, cap)
 
-    def with_fsdp(fixed: dict[str, int], splitting_embed: int) -> str:
+    def with_fsdp(fixed: dict[str, int], splitting_embed: int) -> list[str]:
         rest = n // math.prod(fixed.values())
-        fsdp = max(f for f in range(1, rest + 1) if rest % f == 0 and cfg.dim % (f * splitting_embed) == 0)
-        axes = {**fixed, "fsdp": fsdp, "data": rest // fsdp}
-        return ",".join(f"{k}={v}" for k, v in axes.items() if v > 1) or "fsdp=1"
+        out = []
+        for fsdp in sorted((f for f in range(1, rest + 1) if rest % f == 0 and cfg.dim % (f * splitting_embed) == 0),
+                           reverse=True):
+            axes = {**fixed, "fsdp": fsdp, "data": rest // fsdp}
+            out.append(",".join(f"{k}={v}" for k, v in axes.items() if v > 1) or "fsdp=1")
+        return out
 
     if rules == "fsdp":
         return with_fsdp({}, 1)
@@ -149,6 +153,23 @@ def default_mesh(rules: str, cfg: V4Config, n: int) -> str:
     cp = 4 if n % 4 == 0 else 1
     ep = pow2_gcd(n // cp, cfg.n_routed_experts, 64)
     return with_fsdp({"context": cp, "expert": ep}, ep * cp)
+
+
+def default_mesh(rules_name: str, cfg: V4Config, devices, rules: AxisRules | None = None) -> str:
+    """The first of `mesh_candidates` on which every parameter resolves through the rules table
+    (e.g. v4-pro's indexer wq_b [1536, 8192] cannot take fsdp=16 x expert=64: it gets fsdp=8, data=2)."""
+    candidates = mesh_candidates(rules_name, cfg, len(devices))
+    if rules is None:
+        return candidates[0]
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    error = None
+    for spec in candidates:
+        try:
+            state_shardings(state, make_mesh(spec, devices=devices), rules)
+            return spec
+        except ShardingError as e:
+            error = error or e
+    raise error
 
 
 def active_params(cfg: V4Config, abstract_state) -> tuple[int, int]:
@@ -417,7 +438,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
         cfg = cfg.replace(**overrides)
     devices = tpu_devices(topology, num_slices)
     rules = get_rules(rules_name, **(rule_overrides or {}))
-    mesh_spec = mesh_spec or default_mesh(rules_name, cfg, len(devices) // max(num_slices, 1))
+    mesh_spec = mesh_spec or default_mesh(rules_name, cfg, devices[:len(devices) // max(num_slices, 1)], rules)
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)

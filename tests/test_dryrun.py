@@ -104,3 +104,14 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 }
 """
     assert dryrun.collective_bytes(hlo) == 5 * 32 + 16 + 32  # loop body x 5, plain gather, async gather result
+
+
+def test_default_mesh_is_the_first_candidate_every_parameter_resolves_on():
+    from sharding.rules import get_rules
+    from v4jax.config import V4Config
+
+    pro = V4Config.preset("v4-pro")
+    devices = dryrun.tpu_devices("v5p:8x8x16")  # 1024 chips
+    assert dryrun.mesh_candidates("fsdp_ep", pro, 1024)[0] == "expert=64,fsdp=16"
+    # fsdp=16 x expert=64 divides the width 7168 but not the indexer's q_lora 1536: one step down
+    assert dryrun.default_mesh("fsdp_ep", pro, devices, get_rules("fsdp_ep")) == "expert=64,fsdp=8,data=2"
