@@ -148,3 +148,15 @@ def test_indexer_gradients_are_clipped_on_their_own():
     out, _ = clip_by_group_norm(1.0, clip_group).update(small, optax.EmptyState())
     for n in g:
         np.testing.assert_array_equal(out[n], small[n])
+
+
+def test_layer_by_layer_orthogonalisation_equals_the_batched_one():
+    from v4jax.optim import orthogonalize, split_params
+
+    g = jax.random.normal(jax.random.key(0), (3, 4, 8, 6))  # [repeats, experts, d, I]
+    want = orthogonalize(g, (0, 1))
+    np.testing.assert_allclose(orthogonalize(g, (0, 1), sequential=(0,)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(orthogonalize(jnp.moveaxis(g, 0, 1), (0, 1), sequential=(1,)),
+                               jnp.moveaxis(want, 0, 1), rtol=1e-5, atol=1e-6)
+    groups = split_params({"w": ("layers", "experts", "embed", "expert_mlp"), "m": ("experts", "embed", "expert_mlp")})
+    assert groups["w"].layer_dims == (0,) and groups["m"].layer_dims == ()
