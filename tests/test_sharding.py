@@ -210,7 +210,7 @@ def test_scanned_stack_equals_applying_each_layer_in_turn_and_compiles_each_unit
     for i, (s, p, r) in enumerate(model.layer_slots()):
         graphdef, state = nnx.split(model.stages[s].blocks[p])
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
-        streams, _ = block(streams, tokens)
+        streams, _, _ = block(streams, tokens)
         assert rel_err(streams, out.hidden_states[i + 1]) <= 1e-6, i
     jaxpr = jax.make_jaxpr(lambda t: model(t).logits)(tokens)
     assert str(jaxpr).count("scan[") >= len(model.stages)
