@@ -255,12 +255,21 @@ def dryrun_tables(runs: list[dict]) -> str:
 
     for d in runs:
         fits, devices = d.get("fits"), d.get("devices") or 0
-        fits_s = "?" if fits is None else "yes" if fits else "no" + (f": {d['error'][:80]}" if d.get("error") else "")
+        why = d.get("error") or d.get("reason") or ""
+        short = re.search(r"temporaries \(([\d.]+G)\)|([\d.]+ GiB per device needed)", why)
+        fits_s = "?" if fits is None else "yes" if fits else "no" + (
+            f" ({short.group(1) or short.group(2)} of temporaries)" if short and short.group(1) else
+            f" ({short.group(2)})" if short else (f": {why[:80]}" if why else ""))
+        if not d.get("mesh") and "with mesh " in why:
+            d = {**d, "mesh": why.split("with mesh ")[1].split(":")[0]}
+        st = d.get("settings") or {}
+        knobs = ", ".join(f"{k} {st[k]}" for k in ("optimizer", "moe_dispatch_chunk", "moe_impl") if k in st)
         model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
         peak, hbm = num(d, "peak_bytes", lambda v: f"{v / g:.1f}"), num(d, "hbm_bytes", lambda v: f"{v / g:.0f}")
         lines.append(
-            f"| {d['config']} {d.get('mode', '?')} | {d['topology']} ({devices}) | {d.get('mesh', '-')} | "
-            f"{d.get('batch', '-')} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
+            f"| {d['config']} {d.get('mode', '?')}{f' ({knobs})' if knobs else ''} | {d['topology']} "
+            f"({devices or '-'}) | {d.get('mesh') or '-'} | "
+            f"{d.get('batch') or '-'} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
             f"{num(d, 'flops_per_device', lambda v: f'{v:.2e}')} | {model_per_device} | "
             f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')} | "
             f"{num(d, 'mfu', lambda v: f'{100 * v:.1f}%')} | {d['_file']} |")
