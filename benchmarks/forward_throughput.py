@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight seed (and base of the input seeds)")
     p.add_argument("--retry-busy", type=int, default=2,
-                   help=f"re-time a row up to N times when other processes used > {BUSY:.0%} of the CPUs meanwhile "
+                   help=f"re-time a row up to N times when other processes used > {100 * BUSY:.0f}%% of the CPUs meanwhile "
                         "(keeps the least disturbed attempt; no retries after --budget seconds)")
     p.add_argument("--budget", type=float, default=150.0, help="seconds after which busy rows are not re-timed")
     p.add_argument("--quick", action="store_true", help="first batch size and first seq only, 3 repeats")
@@ -302,13 +302,9 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
+    from benchmarks import quiet_transformers
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+    quiet_transformers()
 
     t_start = time.perf_counter()
     print("# Forward throughput, v4jax (jax.jit) vs transformers DeepseekV4ForCausalLM, fp32")

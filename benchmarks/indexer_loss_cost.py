@@ -96,8 +96,8 @@ def main():
     ap.add_argument("--topology", default="v5p:2x2x1", help="TPU topology for --traces-at-scale")
     args = ap.parse_args()
     if args.traces_at_scale:
-        print(f"| T | N_c | attention mass: temp MiB | selected scores fwd+bwd: temp MiB | "
-              f"core attention fwd+bwd (reference, for scale): temp MiB |")
+        print("| T | N_c | attention mass: temp MiB | selected scores fwd+bwd: temp MiB | "
+              "core attention fwd+bwd (reference, for scale): temp MiB |")
         print("|---|---|---|---|---|")
         for T in (4096, 16384, 65536):
             r = traces_at_scale(T, args.topology)

@@ -35,6 +35,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from typing import Callable
@@ -520,13 +521,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
+    from benchmarks import quiet_transformers
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    quiet_transformers()
     from benchmarks.peer_compare import single_threaded
 
     single_threaded()  # before jax starts: XLA:CPU and torch on one thread each (see peer_compare)
@@ -537,6 +534,9 @@ def main(argv=None) -> int:
                   machine=machine(), versions=versions(), code=code_version())
     t0 = time.perf_counter()
     failed: list[str] = []
+    if args.no_write:  # nothing tracked is touched: the plot goes to a temporary directory
+        global PLOT
+        PLOT = os.path.join(tempfile.mkdtemp(prefix="v4jax-bench-"), "scaling.png")
     results = run_suite(names, args.quick, log, args.dryrun, failed)
     blocks = {name: render(name, s, command, header) for name, s in results.items()}
     if args.no_write:
