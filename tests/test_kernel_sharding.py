@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.lightning_indexer import select_topk, select_topk_reference
 from pallas_kernels.moe_dispatch import grouped_swiglu
-from pallas_kernels.sparse_attention import sparse_attention as attention_kernel
 from sharding.context import use_mesh_rules
 from sharding.kernels import SPARSE_ATTENTION, by_platform, pallas_kernel, run_kernel
 from sharding.mesh import make_mesh

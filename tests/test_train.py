@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 
 from v4jax import losses
-from v4jax.data import DataError
 from v4jax.layers import Buffer
 from v4jax.model import Transformer
 from v4jax.moe import RoutingStats
@@ -298,7 +297,6 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, c
         f.truncate(os.path.getsize(biggest) // 2)
     tc = load_config(None, small_overrides(run, corpus))
     setup = make_setup(tc, tc.model_config())
-    from v4jax.train_loop import _opt_shardings  # the restore target, as train() builds it
     from jax.sharding import NamedSharding, PartitionSpec
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1), ("x",))
     rep = NamedSharding(mesh, PartitionSpec())
