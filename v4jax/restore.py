@@ -151,18 +151,12 @@ def _check_tensor(rule: Rule, var, source: TensorSource, where: str):
 
 def _shard_plan(shape, sharding) -> tuple[list[tuple[slice, ...]], dict[Any, int]]:
     """Distinct host-local slices of a variable and, per addressable device, which one it holds."""
-    slices, which = [], {}
+    position: dict[tuple, int] = {}  # (start, stop, step) per dim -> index into the distinct slices
+    which = {}
     for dev, idx in sharding.addressable_devices_indices_map(tuple(shape)).items():
-        idx = tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
-        key = tuple((s.start, s.stop, s.step) for s in idx)
-        for i, other in enumerate(slices):
-            if tuple((s.start, s.stop, s.step) for s in other) == key:
-                which[dev] = i
-                break
-        else:
-            which[dev] = len(slices)
-            slices.append(idx)
-    return slices, which
+        key = tuple(s.indices(n) for s, n in zip(idx, shape))
+        which[dev] = position.setdefault(key, len(position))
+    return [tuple(slice(*k) for k in key) for key in position], which
 
 
 def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, cfg: V4Config, where: str,
@@ -175,7 +169,6 @@ def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, c
     else:
         slices, which = _shard_plan(shape, sharding)
     bufs = [np.empty(tuple(len(range(s.start, s.stop, s.step)) for s in idx), dtype) for idx in slices]
-    filled = [0] * len(slices)
     # the slots (leading stacked indices) each distinct slice needs
     needs: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, idx in enumerate(slices):
@@ -194,7 +187,6 @@ def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, c
             idx = slices[i]
             pos = tuple((k - s.start) // s.step for k, s in zip(slot, idx[:lead]))
             bufs[i][pos] = a[idx[lead:]].astype(dtype)
-            filled[i] += 1
         del a
     if sharding is None:
         return jnp.asarray(bufs[0])
