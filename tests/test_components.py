@@ -292,7 +292,7 @@ def test_gradients_are_finite_and_reach_every_trainable_parameter(tiny_model):
         return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
                  + 0.3 * jnp.take_along_axis(mtp, tokens[:, 2:, None], -1).mean())
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)  # jitted: op-by-op the tiny model's backward takes minutes
     flat = nnx.to_flat_state(grads)
     assert all(bool(jnp.all(jnp.isfinite(g[...]))) for _, g in flat)
     # the indexer is trained by its own loss (spec §8.6); everything else gets a gradient from the LM loss
