@@ -7,3 +7,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # libtpu (TPU AOT compile tests) takes a machine-wide lock unless told a compile-only client may share
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def tpu_devices_or_skip(topology: str):
+    """The devices of a TPU topology for ahead-of-time compile tests (libtpu from PyPI, no TPU needed);
+    skips the test where libtpu is missing or cannot start."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed")
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
+        pytest.skip(f"TPU topology {topology} unavailable: {e}")

@@ -7,7 +7,6 @@ compile them for a TPU topology described by libtpu (no TPU needed). fp32, relat
 from __future__ import annotations
 
 import collections
-import importlib.util
 import re
 
 import jax
@@ -27,6 +26,7 @@ from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
 from v4jax.attention import pallas_sparse_attention, sparse_attention
 from v4jax.moe import Experts, Routing
+from conftest import tpu_devices_or_skip
 
 B, T, H, C = 4, 37, 4, 16  # T is no multiple of any block
 
@@ -230,13 +230,7 @@ def test_model_with_pallas_attention_on_a_mesh_equals_the_unsharded_reference(mo
 
 
 def _tpu_mesh(spec):
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed")
-    from jax.experimental import topologies
-    try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
-    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
-        pytest.skip(f"TPU topology v5p:2x2x1 unavailable: {e}")
+    devices = tpu_devices_or_skip("v5p:2x2x1")
     return make_mesh(spec, devices=devices)
 
 

@@ -6,7 +6,6 @@ reference then see bit-identical scores and must return identical indices, ties 
 compile the kernel with the real Mosaic compiler for TPU topologies described by libtpu.
 """
 
-import importlib.util
 import os
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several test processes may load libtpu at once
@@ -18,6 +17,7 @@ import pytest
 
 from pallas_kernels.lightning_indexer import select_topk, select_topk_reference
 from v4jax.indexer import index_scores
+from conftest import tpu_devices_or_skip
 
 
 def dyadic_inputs(seed, B, T, H, C, ratio, q_levels=8, w_levels=16, N=None, dtype=jnp.float32):
@@ -176,20 +176,12 @@ def test_bad_inputs_raise_value_error():
 REAL = dict(H=64, C=128, ratio=4)  # n_I, c_I, m of V4-Flash/Pro
 
 
-def _topology(name):
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed")
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
-        pytest.skip(f"TPU topology {name} unavailable: {e}")
 
 
 def compile_for_tpu(topology, T, k, dtype=jnp.bfloat16, fn=None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    sharding = NamedSharding(Mesh(_topology(topology).devices[:1], ("x",)), PartitionSpec())
+    sharding = NamedSharding(Mesh(tpu_devices_or_skip(topology)[:1], ("x",)), PartitionSpec())
     H, C, ratio = REAL["H"], REAL["C"], REAL["ratio"]
     args = (jax.ShapeDtypeStruct((1, T, H, C), dtype, sharding=sharding),
             jax.ShapeDtypeStruct((1, T, H), jnp.float32, sharding=sharding),

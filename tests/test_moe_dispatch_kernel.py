@@ -8,8 +8,6 @@ Errors are relative to the reference's largest magnitude: fp32 <= 1e-5, bf16 <= 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from pallas_kernels.moe_dispatch import (_xla_gmm, _xla_tgmm, default_tiling, gm
                                          permute, tgmm, unpermute_combine)
 from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot
 from v4jax.moe import grouped_swiglu_onehot
+from conftest import tpu_devices_or_skip
 
 P = jax.sharding.PartitionSpec
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -315,19 +314,10 @@ def test_typed_shard_map_sums_the_weight_gradient_over_the_axes_the_weight_is_re
 # Real Mosaic compilation for TPU topologies (no TPU needed).
 
 
-def _topology(name):
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: other test processes may hold libtpu
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
-        pytest.skip(f"TPU topology {name} unavailable: {e}")
 
 
 def compile_for_tpu(topology, fn, shapes):
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(_topology(topology).devices[:1], ("x",)),
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(tpu_devices_or_skip(topology)[:1], ("x",)),
                                           jax.sharding.PartitionSpec())
     args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
     return jax.jit(fn).lower(*args).compile()
@@ -360,7 +350,7 @@ def test_mosaic_compiles_small_unaligned_dims_and_padded_tiles(topology):
 
 def test_mosaic_compiles_inside_an_expert_parallel_shard_map():
     # How moe_impl=pallas runs under expert parallelism: each device's local experts inside shard_map.
-    mesh = jax.sharding.Mesh(np.array(_topology("v5p:2x2x1").devices), ("expert",))
+    mesh = jax.sharding.Mesh(np.array(tpu_devices_or_skip("v5p:2x2x1")), ("expert",))
     spec = jax.sharding.PartitionSpec("expert")
     fwd = jax.shard_map(lambda *a: grouped_swiglu(*a, 10.0), mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)
     bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))

@@ -6,7 +6,6 @@ blocks, several head counts and head groups, ragged and all-empty CSA index rows
 the kernels with the real Mosaic compiler for TPU topologies described by libtpu (no TPU needed).
 """
 
-import importlib.util
 import os
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several test processes may load libtpu at once
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from conftest import tpu_devices_or_skip
 
 
 def make_inputs(mode, *, B=2, T=37, H=4, c=32, window=8, k=6, ratio=4, seed=0, empty_rows=()):
@@ -144,14 +144,6 @@ def test_bad_input_raises_a_clear_value_error(bad, message):
 # ----------------------------------------------------------------------------------------------
 # Real Mosaic compilation for TPU topologies (no TPU needed).
 
-def _topology(name):
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed")
-    from jax.experimental import topologies
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # noqa: BLE001 - any libtpu start-up failure means: cannot test here
-        pytest.skip(f"TPU topology {name} unavailable: {e}")
 
 
 def compile_for_tpu(topology, mode, T, *, H=16, c=128, k=64, window=128, backward=False, dtype=jnp.bfloat16,
@@ -159,7 +151,7 @@ def compile_for_tpu(topology, mode, T, *, H=16, c=128, k=64, window=128, backwar
     """AOT-compile forward (or forward + backward) for one TPU chip of `topology`."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    sharding = NamedSharding(Mesh(_topology(topology).devices[:1], ("x",)), PartitionSpec())
+    sharding = NamedSharding(Mesh(tpu_devices_or_skip(topology)[:1], ("x",)), PartitionSpec())
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     ratio = {"swa": 0, "csa": 4, "hca": 128}[mode]
     args = (spec((1, T, H, c)), spec((1, T, c)), spec((H,), jnp.float32),

@@ -170,6 +170,32 @@ def _placeholder(shape, dtype) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
+def check_names(expected, have, where: str, error: type[Exception] = CheckpointError, spell=str) -> None:
+    """Refuse a checkpoint whose tensor names are not exactly those the model expects: the first
+    unexpected name (likely a config.json that does not match), then the first missing one."""
+    extra, missing = sorted(set(have) - set(expected)), sorted(set(expected) - set(have))
+    if extra:
+        raise error(f"{where}: unexpected tensor {spell(extra[0])!r}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                    + "; does config.json match the checkpoint?")
+    if missing:
+        raise error(f"{where}: missing tensor {spell(missing[0])!r}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def check_tensor(rule: Rule, var, shape, dtype, where: str, shown: str | None = None) -> None:
+    """Refuse a stored tensor whose shape is not what `rule` maps onto `var`, or that is integer where
+    the variable is floating point (or the reverse)."""
+    shown = shown or rule.name
+    want = to_hf(rule.layout, _placeholder(tuple(var.shape[len(rule.index or ()):]), np.float32)).shape
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"{where}: tensor {shown!r} has shape {tuple(shape)}, expected {tuple(want)}")
+    is_int = bool(jnp.issubdtype(var.dtype, jnp.integer))
+    if is_int != bool(np.issubdtype(dtype, np.integer)):
+        raise CheckpointError(f"{where}: tensor {shown!r} has dtype {dtype}, expected "
+                              f"{'an integer' if is_int else 'a floating-point'} dtype")
+
+
 # --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -216,30 +242,19 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
     rules = hf_rules(abstract)
-    expected = {r.name for r in rules}
     ignored = set() if use_mtp else {k for k in where if k.startswith("mtp.")}
-    extra = sorted(set(where) - expected - ignored)
-    if extra:
-        raise CheckpointError(f"{directory}: unexpected tensor {spelling[extra[0]]!r}"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                              + "; does config.json match the checkpoint?")
+    spell_missing = transformers_name if any(k.startswith("model.") for k in found) else str
+    check_names({r.name for r in rules}, set(where) - ignored, directory,
+                spell=lambda n: spelling[n] if n in spelling else spell_missing(n))
     values: dict[Path, np.ndarray] = {}
     dtypes = {}
     for rule in rules:
-        if rule.name not in where:
-            spelled = transformers_name(rule.name) if any(k.startswith("model.") for k in found) else rule.name
-            raise CheckpointError(f"{directory}: missing tensor {spelled!r}")
         tf, key = where[rule.name], spelling[rule.name]
         var = variables[rule.ours]
         slot_shape = tuple(var.shape[len(rule.index or ()):])
-        want = to_hf(rule.layout, _placeholder(slot_shape, np.float32)).shape
-        if tuple(tf.shape(key)) != tuple(want):
-            raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tf.shape(key))}, expected {tuple(want)}")
-        is_int = bool(jnp.issubdtype(var.dtype, jnp.integer))
         got = tf.dtype(key)
-        if is_int != bool(np.issubdtype(got, np.integer)):
-            raise CheckpointError(f"{directory}: tensor {key!r} has dtype {got}, expected "
-                                  f"{'an integer' if is_int else 'a floating-point'} dtype")
+        check_tensor(rule, var, tf.shape(key), got, directory, shown=key)
+        is_int = bool(jnp.issubdtype(var.dtype, jnp.integer))
         a = to_ours(rule.layout, np.asarray(tf[key]), slot_shape)
         if is_int and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
             raise CheckpointError(f"{directory}: tensor {key!r} holds expert ids outside [0, {cfg.n_routed_experts})")

@@ -418,7 +418,7 @@ def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
 def _check_names(specs, cfg, path):
     from flax import nnx
 
-    from v4jax.checkpoint import hf_rules
+    from v4jax.checkpoint import check_names, hf_rules
     from v4jax.model import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -427,12 +427,7 @@ def _check_names(specs, cfg, path):
     if not cfg.n_mtp_layers:
         specs = [s for s in specs if not s[0].startswith("mtp.")]
         have = {n for n, _, _ in specs}
-    missing, extra = sorted(expected - have), sorted(have - expected)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{path}: missing tensor {missing[0]!r}{more}")
-    if extra:
-        raise ConvertError(f"{path}: unexpected tensor {extra[0]!r}; does the config match the checkpoint?")
+    check_names(expected, have, str(path), error=ConvertError)
     return specs
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.checkpoint import CheckpointError, Rule, hf_rules, to_hf, to_ours
+from v4jax.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
 from v4jax.config import ConfigError, V4Config
 
 
@@ -125,30 +125,6 @@ def _read_batches(source: TensorSource, names: list[str], batch_bytes: int) -> I
 # --------------------------------------------------------------------------------------------------
 # Assembly: per-layer tensors -> the model's (stacked) variables
 
-def _check_names(rules: list[Rule], source: TensorSource, where: str):
-    expected = {r.name for r in rules}
-    have = set(source.specs)
-    missing, extra = sorted(expected - have), sorted(have - expected)
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r}"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                              + "; does config.json match the checkpoint?")
-
-
-def _check_tensor(rule: Rule, var, source: TensorSource, where: str):
-    slot_shape = tuple(var.shape[len(rule.index or ()):])
-    want = to_hf(rule.layout, np.broadcast_to(np.zeros((), np.float32), slot_shape)).shape
-    shape, dt = source.specs[rule.name]
-    if tuple(shape) != tuple(want):
-        raise CheckpointError(f"{where}: tensor {rule.name!r} has shape {tuple(shape)}, expected {tuple(want)}")
-    if bool(jnp.issubdtype(var.dtype, jnp.integer)) != bool(np.issubdtype(dt, np.integer)):
-        raise CheckpointError(f"{where}: tensor {rule.name!r} has dtype {dt}, expected "
-                              f"{'an integer' if jnp.issubdtype(var.dtype, jnp.integer) else 'a floating-point'} dtype")
-
-
 def _shard_plan(shape, sharding) -> tuple[list[tuple[slice, ...]], dict[Any, int]]:
     """Distinct host-local slices of a variable and, per addressable device, which one it holds."""
     position: dict[tuple, int] = {}  # (start, stop, step) per dim -> index into the distinct slices
@@ -204,12 +180,12 @@ def assemble(cfg: V4Config, source: TensorSource, *, mesh=None, rules=None, wher
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     table = hf_rules(abstract)
-    _check_names(table, source, where)
+    check_names({r.name for r in table}, set(source.specs), where)
     flat = dict(nnx.to_flat_state(state))
     by_var: dict[tuple, list[Rule]] = defaultdict(list)
     for r in table:
         by_var[r.ours].append(r)
-        _check_tensor(r, flat[r.ours], source, where)
+        check_tensor(r, flat[r.ours], *source.specs[r.name], where)
     unfilled = [p for p in flat if p not in by_var]
     if unfilled:
         raise CheckpointError(f"{where}: no checkpoint tensor maps to variable {'.'.join(map(str, unfilled[0]))}")

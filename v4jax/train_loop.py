@@ -75,14 +75,15 @@ class TrainConfig:
     final_lr: float = 3e-4
     warmup_steps: int = 20
     decay_steps: int = 60  # cosine decay over the last decay_steps (MTP weight drops then, spec §6)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-20
-    weight_decay: float = 0.1
-    muon_momentum: float = 0.95
-    muon_update_rms: float = 0.18
-    muon_ns_dtype: str = "float32"
-    clip_norm: float = 1.0
+    # optimiser settings (spec §8); the defaults are OptimConfig's, one source for both
+    adam_b1: float = OptimConfig.adam_b1
+    adam_b2: float = OptimConfig.adam_b2
+    adam_eps: float = OptimConfig.adam_eps
+    weight_decay: float = OptimConfig.weight_decay
+    muon_momentum: float = OptimConfig.muon_momentum
+    muon_update_rms: float = OptimConfig.muon_update_rms
+    muon_ns_dtype: str = OptimConfig.muon_ns_dtype
+    clip_norm: float = OptimConfig.clip_norm
     mtp_weight: float = 0.3
     mtp_weight_decay_phase: float = 0.1
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight (spec §5.4)
