@@ -258,7 +258,7 @@ def dryrun_tables(runs: list[dict]) -> str:
         fits, devices = d.get("fits"), d.get("devices") or 0
         why = d.get("error") or d.get("reason") or ""
         short = re.search(r"temporaries \(([\d.]+G)\)|([\d.]+ GiB per device needed)", why)
-        fits_s = "?" if fits is None else "yes" if fits else "no" + (
+        fits_s = ("?" + (f" ({why[:90]})" if why else "")) if fits is None else "yes" if fits else "no" + (
             f" ({short.group(1) or short.group(2)} of temporaries)" if short and short.group(1) else
             f" ({short.group(2)})" if short else (f": {why[:80]}" if why else ""))
         if not d.get("mesh") and "with mesh " in why:
