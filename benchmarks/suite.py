@@ -258,7 +258,7 @@ def dryrun_tables(runs: list[dict]) -> str:
         fits, devices = d.get("fits"), d.get("devices") or 0
         why = d.get("error") or d.get("reason") or ""
         short = re.search(r"temporaries \(([\d.]+G)\)|([\d.]+ GiB per device needed)", why)
-        fits_s = ("?" + (f" ({why[:90]})" if why else "")) if fits is None else "yes" if fits else "no" + (
+        fits_s = ("?" + (f" ({why[:130]})" if why else "")) if fits is None else "yes" if fits else "no" + (
             f" ({short.group(1) or short.group(2)} of temporaries)" if short and short.group(1) else
             f" ({short.group(2)})" if short else (f": {why[:80]}" if why else ""))
         if not d.get("mesh") and "with mesh " in why:
@@ -283,9 +283,12 @@ def dryrun_tables(runs: list[dict]) -> str:
     # smallest fitting topology per (config, mode, TPU generation)
     best: dict[tuple, dict] = {}
     tried: dict[tuple, list[str]] = {}
+    unknown: set[tuple] = set()  # some run of the key ended without a verdict (a compiler abort)
     for d in runs:
         key = (d["config"], d.get("mode", "?"), d.get("seq", 0), d["topology"].split(":")[0])
         tried.setdefault(key, []).append(d["topology"])
+        if d.get("fits") is None:
+            unknown.add(key)
         if d.get("fits") and (key not in best or (d.get("devices") or 0) < (best[key].get("devices") or 0)):
             best[key] = d
     out = ["\n".join(lines), "", "Smallest recorded topology that fits, per model, mode, sequence length and TPU "
@@ -296,39 +299,62 @@ def dryrun_tables(runs: list[dict]) -> str:
         d = best.get(key)
         peak = "-" if not d or d.get("peak_bytes") is None else f"{d['peak_bytes'] / g:.1f}"
         mfu = "-" if not d or d.get("mfu") is None else f"{100 * d['mfu']:.1f}%"
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d['topology'] if d else 'none recorded fits'} | "
+        none = "none recorded fits" + (" (a compile ended without a verdict)" if key in unknown else "")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d['topology'] if d else none} | "
                    f"{d.get('devices', '-') if d else '-'} | {peak} | {mfu} | {', '.join(sorted(set(tried[key])))} |")
     return "\n".join(out)
 
 
-# The dry runs `--dryrun` performs: per model, mode and generation, topologies from small to large; the
-# first that fits ends the search. (~30 min of compile each on a 2-core host: not run by default.)
+# The dry runs behind the scale-on-paper table, as `python -m sharding.dryrun` arguments keyed by the JSON
+# file each writes to benchmarks/results/dryrun/ (a refusal is written too). `--dryrun` compiles those
+# whose file is missing (delete a file to redo it): 3-30 min each on a 2-core host, hours in all.
+_TRAIN = "--mode train --seq 4096 --set moe_dispatch_chunk=256"
 DRYRUN_PLAN = {
-    ("v4-flash", "train"): {"v5p": ["v5p:4x4x8", "v5p:8x8x8"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:4x4x8"]},
-    ("v4-flash", "decode"): {"v5p": ["v5p:2x2x2", "v5p:2x4x4"], "v6e": ["v6e:4x8"], "tpu7x": ["tpu7x:2x2x2"]},
-    ("v4-pro", "train"): {"v5p": ["v5p:8x8x16", "v5p:8x16x16"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:8x8x8"]},
-    ("v4-pro", "decode"): {"v5p": ["v5p:4x4x4", "v5p:4x4x8"], "v6e": ["v6e:16x16"], "tpu7x": ["tpu7x:4x4x4"]},
+    # v4-flash training: v5p smallest first, AdamW for comparison, tpu7x, one v6e slice, 32K tokens
+    "v4-flash_train_v5p-4x4x4_4k_chunk256_muon": f"--config v4-flash --topology v5p:4x4x4 {_TRAIN}",
+    "v4-flash_train_v5p-4x4x4_4k_chunk128_muon": "--config v4-flash --topology v5p:4x4x4 --mode train --seq 4096 "
+                                                 "--set moe_dispatch_chunk=128",
+    "v4-flash_train_v5p-8x8x4_4k_chunk256_muon": f"--config v4-flash --topology v5p:8x8x4 {_TRAIN}",
+    "v4-flash_train_v5p-8x8x4_4k_chunk256_adamw": f"--config v4-flash --topology v5p:8x8x4 {_TRAIN} --optimizer adamw",
+    "v4-flash_train_tpu7x-4x4x8_4k_chunk256_muon": f"--config v4-flash --topology tpu7x:4x4x8 {_TRAIN}",
+    "v4-flash_train_v6e-16x16_4k_long_context": "--config v4-flash --topology v6e:16x16 --rules long_context "
+                                                f"--mesh context=4,expert=64 {_TRAIN}",
+    "v4-flash_train_v6e-16x16_4k_long_context_chunk128": "--config v4-flash --topology v6e:16x16 --rules long_context "
+                                                         "--mesh context=4,expert=64 --mode train --seq 4096 "
+                                                         "--set moe_dispatch_chunk=128",
+    "v4-flash_train_v5p-8x8x4_32k_long_context": "--config v4-flash --topology v5p:8x8x4 --rules long_context "
+                                                 "--mesh context=8,expert=32 --mode train --seq 32768 "
+                                                 "--set moe_dispatch_chunk=256",
+    # v4-pro training: fsdp_ep refused (q_lora 1536 caps fsdp x expert at 512), fsdp_tp_ep fits; 32K tokens
+    "v4-pro_train_v5p-8x8x16_4k_chunk256": f"--config v4-pro --topology v5p:8x8x16 {_TRAIN}",
+    "v4-pro_train_v5p-8x8x8_4k_chunk256_tp": f"--config v4-pro --topology v5p:8x8x8 --rules fsdp_tp_ep {_TRAIN}",
+    "v4-pro_train_v5p-8x8x16_4k_chunk256_tp": f"--config v4-pro --topology v5p:8x8x16 --rules fsdp_tp_ep {_TRAIN}",
+    "v4-pro_train_tpu7x-4x8x8_4k_chunk256_tp": f"--config v4-pro --topology tpu7x:4x8x8 --rules fsdp_tp_ep {_TRAIN}",
+    "v4-pro_train_v5p-8x8x16_32k_long_context": "--config v4-pro --topology v5p:8x8x16 --rules long_context "
+                                                "--mesh context=16,expert=64 --rule q_lora=expert --mode train "
+                                                "--seq 32768 --set moe_dispatch_chunk=256",
+    # decode, 8K context unless named (128K / 1M for v4-flash on v5p)
+    "v4-flash_decode_v5p-4x4x4_8k": "--config v4-flash --topology v5p:4x4x4 --mode decode --seq 8192",
+    "v4-flash_decode_v5p-4x4x4_128k": "--config v4-flash --topology v5p:4x4x4 --mode decode --seq 131072",
+    "v4-flash_decode_v5p-4x4x4_1m": "--config v4-flash --topology v5p:4x4x4 --mode decode --seq 1048576",
+    "v4-flash_decode_v6e-8x8_8k": "--config v4-flash --topology v6e:8x8 --mode decode --seq 8192",
+    "v4-flash_decode_tpu7x-4x4x4_8k": "--config v4-flash --topology tpu7x:4x4x4 --mode decode --seq 8192",
+    "v4-pro_decode_v5p-4x4x4_8k": "--config v4-pro --topology v5p:4x4x4 --mode decode --seq 8192",
+    "v4-pro_decode_v6e-16x16_8k": "--config v4-pro --topology v6e:16x16 --mode decode --seq 8192",
+    "v4-pro_decode_tpu7x-4x4x4_8k": "--config v4-pro --topology tpu7x:4x4x4 --mode decode --seq 8192",
 }
 
 
 def run_dryruns(log, directory: str = DRYRUN_DIR) -> None:
-    from sharding.dryrun import DoesNotFit, dry_run
+    from sharding import dryrun
 
     os.makedirs(directory, exist_ok=True)
-    for (config, mode), generations in DRYRUN_PLAN.items():
-        for topologies in generations.values():
-            for topology in topologies:
-                path = os.path.join(directory, f"{config}_{mode}_{topology.replace(':', '_')}.json")
-                log(f"[dryrun] {config} {mode} on {topology} ...")
-                try:
-                    d = dataclasses.asdict(dry_run(config, topology, "fsdp_ep", mode=mode,
-                                                   seq=4096 if mode == "train" else 131072))
-                except DoesNotFit as e:
-                    d = dict(config=config, mode=mode, topology=topology, fits=False, error=str(e))
-                with open(path, "w") as f:
-                    json.dump(d, f, indent=2)
-                if d.get("fits"):
-                    break
+    for name, args in DRYRUN_PLAN.items():
+        path = os.path.join(directory, f"{name}.json")
+        if os.path.exists(path):
+            continue
+        log(f"[dryrun] {name}: python -m sharding.dryrun {args}")
+        dryrun.main(args.split() + ["--json", path])  # writes the report, or the refusal, to path
 
 
 def section_dryrun(quick: bool, log, directory: str = DRYRUN_DIR, run: bool = False) -> Section:

@@ -506,7 +506,7 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharding.dryrun", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="v4-flash", help="preset name or a config.json path")
     p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
@@ -524,7 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     config: Any = V4Config.from_json_file(a.config) if os.path.isfile(a.config) else a.config
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,

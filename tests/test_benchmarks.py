@@ -59,6 +59,28 @@ def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(
     assert len(section.numbers) == 16 and all(math.isfinite(x) for x in section.numbers)
 
 
+def test_a_compile_without_a_verdict_is_shown_as_unknown_not_as_a_refusal(tmp_path):
+    aborted = {"config": "v4-pro", "topology": "tpu7x:4x8x8", "mode": "train", "seq": 4096, "fits": None,
+               "error": "libtpu aborted the compile: LLVM ERROR"}
+    (tmp_path / "a.json").write_text(json.dumps(aborted))
+    body = suite.section_dryrun(True, print, directory=str(tmp_path)).body
+    assert "| ? (libtpu aborted the compile: LLVM ERROR) |" in body
+    assert "none recorded fits (a compile ended without a verdict)" in body
+
+
+def test_every_dryrun_plan_entry_is_a_valid_dryrun_command_line_named_after_its_run():
+    from sharding.dryrun import parser
+    from sharding.rules import get_rules, parse_overrides
+    from v4jax import V4Config
+
+    for name, args in suite.DRYRUN_PLAN.items():
+        a = parser().parse_args(args.split())  # an unknown flag or bad choice exits here
+        V4Config.preset(a.config)
+        get_rules(a.rules, **parse_overrides(a.rule))
+        assert a.json is None, name  # run_dryruns names the file
+        assert name.startswith(f"{a.config}_{a.mode}_{a.topology.replace(':', '-')}_"), name
+
+
 def test_dryrun_section_skips_and_names_files_that_are_not_reports(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
     (tmp_path / "partial.json").write_text("")  # another process is still writing it
