@@ -265,6 +265,8 @@ def dryrun_tables(runs: list[dict]) -> str:
             d = {**d, "mesh": why.split("with mesh ")[1].split(":")[0]}
         st = d.get("settings") or {}
         knobs = ", ".join(f"{k} {st[k]}" for k in ("optimizer", "moe_dispatch_chunk", "moe_impl") if k in st)
+        if "TPU_LIBRARY_PATH" in st.get("libtpu", ""):  # compiled by another libtpu than the installed one
+            knobs += f", libtpu {st['libtpu'].split()[0]}"
         model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
         peak, hbm = num(d, "peak_bytes", lambda v: f"{v / g:.1f}"), num(d, "hbm_bytes", lambda v: f"{v / g:.0f}")
         lines.append(
@@ -272,7 +274,8 @@ def dryrun_tables(runs: list[dict]) -> str:
             f"({devices or '-'}) | {d.get('mesh') or '-'} | "
             f"{d.get('batch') or '-'} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
             f"{num(d, 'flops_per_device', lambda v: f'{v:.2e}')} | {model_per_device} | "
-            f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')} | "
+            f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')}"
+            f"{' (ICI not counted: HLO unreadable)' if d.get('fits') and 'collective_bytes_per_device' in d and d['collective_bytes_per_device'] is None else ''} | "
             f"{num(d, 'mfu', lambda v: f'{100 * v:.1f}%')} | {d['_file']} |")
     m = MAXTEXT_V3
     model_per_device = m["tflops_per_device"] * 1e12 * m["step_s"]

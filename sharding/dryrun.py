@@ -73,7 +73,8 @@ class Report:
     flops_per_device_text: float  # compiled cost analysis as XLA reports it (each loop body once)
     scan_correction: float
     hbm_traffic_per_device: float  # compiled cost analysis "bytes accessed"
-    collective_bytes_per_device: float  # summed over collective ops in the compiled HLO
+    collective_bytes_per_device: float | None  # summed over collective ops in the compiled HLO (None: the
+    # compiled HLO could not be read back, e.g. a libtpu newer than this jax: the roofline then omits ICI)
     model_flops: float  # analytic, whole step, all devices
     step_time_s: float  # roofline estimate
     bound: str  # compute | memory | collectives
@@ -96,7 +97,8 @@ class Report:
             ("compiled FLOPs / device", f"{self.flops_per_device:.3e} (XLA counts each scanned body once: "
                                         f"{self.flops_per_device_text:.3e} x {self.scan_correction:.2f})"),
             ("HBM traffic / device", f"{self.hbm_traffic_per_device / g:.2f} GiB"),
-            ("collective bytes / device", f"{self.collective_bytes_per_device / g:.2f} GiB"),
+            ("collective bytes / device", "unknown (the compiled HLO could not be read back; the roofline omits ICI)"
+             if self.collective_bytes_per_device is None else f"{self.collective_bytes_per_device / g:.2f} GiB"),
             ("model FLOPs (all devices)", f"{self.model_flops:.3e}"),
             ("roofline step time", f"{self.step_time_s * 1e3:.1f} ms ({self.bound}-bound)"),
             ("MFU at that step time", f"{100 * self.mfu:.1f}%"),
@@ -417,6 +419,25 @@ def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
     return n
 
 
+def libtpu_version() -> str:
+    """The version of the libtpu that compiles: the installed package, or the one TPU_LIBRARY_PATH names
+    when that is another (a wheel unpacked beside its dist-info), marked as such."""
+    import glob
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        installed = "not installed"
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    if path:
+        infos = glob.glob(os.path.join(os.path.dirname(os.path.dirname(path)), "libtpu-*.dist-info"))
+        version = os.path.basename(infos[0])[len("libtpu-"):-len(".dist-info")] if infos else "unknown version"
+        if version != installed:
+            return f"{version} (TPU_LIBRARY_PATH)"
+    return installed
+
+
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
@@ -458,7 +479,10 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hlo = compiled.as_text()
+    try:
+        hlo = compiled.as_text()
+    except jax.errors.JaxRuntimeError:  # a libtpu newer than this jax's XLA (TPU_LIBRARY_PATH) compiles fine but
+        hlo = None  # its HLO protos may not parse here; memory and cost analyses still come through
     arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias = mem.alias_size_in_bytes
     peak = arg + out + tmp - alias
@@ -468,14 +492,15 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     correction = scan_correction(cfg, abstract_state, seq)
     flops_text = float(cost.get("flops", 0.0))
     flops, traffic = flops_text * correction, float(cost.get("bytes accessed", 0.0)) * correction
-    coll = collective_bytes(hlo)
+    coll = None if hlo is None else collective_bytes(hlo)
     _, n_active = active_params(cfg, abstract_state)
     per_token = 2 * n_active + attention_flops_per_token(cfg, seq if mode != "train" else seq // 2)
     model_flops = tokens * per_token * (3 if mode == "train" else 1)
     per_dev_peak, per_dev_bw, per_dev_ici = (chip.bf16_flops / chip.devices_per_chip,
                                              chip.hbm_bandwidth / chip.devices_per_chip,
                                              chip.ici_bandwidth / chip.devices_per_chip)
-    times = {"compute": flops / per_dev_peak, "memory": traffic / per_dev_bw, "collectives": coll / per_dev_ici}
+    times = {"compute": flops / per_dev_peak, "memory": traffic / per_dev_bw,
+             **({} if coll is None else {"collectives": coll / per_dev_ici})}
     bound = max(times, key=times.get)
     step = times[bound]
     mfu = model_flops / (len(devices) * per_dev_peak * step) if step > 0 else 0.0
@@ -485,7 +510,9 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": cfg.remat.value, "moe_impl": cfg.moe_impl.value, "attention_impl": cfg.attention_impl.value,
-                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"optimizer": optimizer} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()}})
+                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"optimizer": optimizer} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
+                     "libtpu": libtpu_version(),
+                     **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
