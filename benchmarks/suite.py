@@ -244,6 +244,20 @@ def load_dryruns(directory: str = DRYRUN_DIR) -> tuple[list[dict], list[str]]:
     return runs, skipped
 
 
+def _verdict(fits: bool | None, why: str) -> str:
+    """The fits column: yes; no with the compiler's temporaries or the needed GiB when the refusal names
+    them; ? with the reason when the compile ended without a verdict (e.g. a compiler abort)."""
+    if fits is None:
+        return "?" + (f" ({why[:130]})" if why else "")
+    if fits:
+        return "yes"
+    if m := re.search(r"temporaries \(([\d.]+G)\)", why):
+        return f"no ({m.group(1)} of temporaries)"
+    if m := re.search(r"([\d.]+ GiB per device needed)", why):
+        return f"no ({m.group(1)})"
+    return "no" + (f": {why[:80]}" if why else "")
+
+
 def dryrun_tables(runs: list[dict]) -> str:
     g = 2**30
     lines = ["| run | topology (devices) | mesh | batch x seq | per-device HBM GiB (of) | fits | compiled FLOPs / "
@@ -255,12 +269,9 @@ def dryrun_tables(runs: list[dict]) -> str:
         return "-" if v is None else fmt(v)
 
     for d in runs:
-        fits, devices = d.get("fits"), d.get("devices") or 0
+        devices = d.get("devices") or 0
         why = d.get("error") or d.get("reason") or ""
-        short = re.search(r"temporaries \(([\d.]+G)\)|([\d.]+ GiB per device needed)", why)
-        fits_s = ("?" + (f" ({why[:130]})" if why else "")) if fits is None else "yes" if fits else "no" + (
-            f" ({short.group(1) or short.group(2)} of temporaries)" if short and short.group(1) else
-            f" ({short.group(2)})" if short else (f": {why[:80]}" if why else ""))
+        fits_s = _verdict(d.get("fits"), why)
         if not d.get("mesh") and "with mesh " in why:
             d = {**d, "mesh": why.split("with mesh ")[1].split(":")[0]}
         st = d.get("settings") or {}
@@ -269,13 +280,14 @@ def dryrun_tables(runs: list[dict]) -> str:
             knobs += f", libtpu {st['libtpu'].split()[0]}"
         model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
         peak, hbm = num(d, "peak_bytes", lambda v: f"{v / g:.1f}"), num(d, "hbm_bytes", lambda v: f"{v / g:.0f}")
+        # a report whose HLO could not be read back (another libtpu) has no collectives term
+        no_ici = " (ICI not counted: HLO unreadable)" if d.get("fits") and d.get("collective_bytes_per_device", 0) is None else ""
         lines.append(
             f"| {d['config']} {d.get('mode', '?')}{f' ({knobs})' if knobs else ''} | {d['topology']} "
             f"({devices or '-'}) | {d.get('mesh') or '-'} | "
             f"{d.get('batch') or '-'} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
             f"{num(d, 'flops_per_device', lambda v: f'{v:.2e}')} | {model_per_device} | "
-            f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')}"
-            f"{' (ICI not counted: HLO unreadable)' if d.get('fits') and 'collective_bytes_per_device' in d and d['collective_bytes_per_device'] is None else ''} | "
+            f"{num(d, 'step_time_s', lambda v: f'{v:.2f} s')} | {d.get('bound', '-')}{no_ici} | "
             f"{num(d, 'mfu', lambda v: f'{100 * v:.1f}%')} | {d['_file']} |")
     m = MAXTEXT_V3
     model_per_device = m["tflops_per_device"] * 1e12 * m["step_s"]

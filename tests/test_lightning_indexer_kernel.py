@@ -176,8 +176,6 @@ def test_bad_inputs_raise_value_error():
 REAL = dict(H=64, C=128, ratio=4)  # n_I, c_I, m of V4-Flash/Pro
 
 
-
-
 def compile_for_tpu(topology, T, k, dtype=jnp.bfloat16, fn=None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

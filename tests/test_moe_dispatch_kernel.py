@@ -313,9 +313,6 @@ def test_typed_shard_map_sums_the_weight_gradient_over_the_axes_the_weight_is_re
 # ------------------------------------------------------------------------------------------------
 # Real Mosaic compilation for TPU topologies (no TPU needed).
 
-
-
-
 def compile_for_tpu(topology, fn, shapes):
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(tpu_devices_or_skip(topology)[:1], ("x",)),
                                           jax.sharding.PartitionSpec())

@@ -144,8 +144,6 @@ def test_bad_input_raises_a_clear_value_error(bad, message):
 # ----------------------------------------------------------------------------------------------
 # Real Mosaic compilation for TPU topologies (no TPU needed).
 
-
-
 def compile_for_tpu(topology, mode, T, *, H=16, c=128, k=64, window=128, backward=False, dtype=jnp.bfloat16,
                     fn=sparse_attention):
     """AOT-compile forward (or forward + backward) for one TPU chip of `topology`."""
