@@ -20,3 +20,23 @@ def tpu_devices_or_skip(topology: str):
         return tpu_devices(topology)
     except SystemExit as e:  # tpu_devices' one-line refusal: no libtpu, or it cannot describe the topology
         pytest.skip(str(e))
+
+
+# Tests that compile for a TPU topology need libtpu (the `tpu` extra): marked `tpu` so CI can run just
+# them after installing it (`pytest -m tpu`); without libtpu they skip with the reason (above).
+_NEEDS_LIBTPU = ("tpu_devices_or_skip", "compile_for_tpu", "_tpu_mesh(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    import pytest
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        if item.module.__name__ == "test_dryrun" or any(s in src for s in _NEEDS_LIBTPU):
+            item.add_marker(pytest.mark.tpu)
