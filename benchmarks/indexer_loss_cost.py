@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.attention import entry_attention_mass
+from pallas_kernels.sparse_attention_reference import entry_attention_mass
 from v4jax.indexer import entry_scores
 from v4jax.layers import Buffer
 from v4jax.model import Transformer
@@ -61,7 +61,7 @@ def traces_at_scale(T: int, topology: str) -> list[float]:
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from v4jax.attention import sparse_attention
+    from pallas_kernels.sparse_attention_reference import sparse_attention
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     one = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), PartitionSpec())

@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.moe_dispatch import default_tiling  # noqa: E402
 from pallas_kernels.moe_dispatch import grouped_swiglu as grouped_swiglu_pallas  # noqa: E402
-from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: E402
-from v4jax.moe import grouped_swiglu_onehot  # noqa: E402
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: E402
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa: E402
 
 LIMIT = 10.0
 IMPLS = {"pallas": grouped_swiglu_pallas, "ragged_dot": grouped_swiglu_ragged_dot, "one-hot": grouped_swiglu_onehot}

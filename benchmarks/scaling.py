@@ -6,7 +6,7 @@ report's headline ratios against a V3.2-shaped baseline (spec §4.7, §9).
    runs) for one TPU chip described by libtpu (`--topology`, default v5p:2x2x1; `--backend cpu` compiles
    for XLA:CPU instead). The per-token unit is one decode step: one new token at position S-1 against a
    cache holding S-1 tokens, i.e. the work a token costs once the context is S (the report's
-   "single-token inference FLOPs"). The V4 layers run `v4jax.generate.attention_extend` (projections,
+   "single-token inference FLOPs"). The V4 layers run `Attention` with its cache (projections,
    compressor and indexer updates, top-k, core attention, output projection) on the `init_cache`
    layout. "dense" is the same layer with its projections and head shape but plain causal attention
    over all S cached keys (written here for comparison; its cache is a [S, c] array). Reported from the
@@ -110,7 +110,6 @@ def layer_cost(variant: str, S: int, device) -> dict:
 
     from v4jax.attention import Attention
     from v4jax.cache import _layer_cache
-    from v4jax.generate import attention_extend
 
     cfg = _flash(S)
     kind = KINDS.get(variant, AttentionKind.SLIDING)
@@ -130,7 +129,8 @@ def layer_cost(variant: str, S: int, device) -> dict:
         cache = jax.tree.map(spec, jax.eval_shape(lambda: _layer_cache(cfg, kind, 1, S, jnp.bfloat16, ())))
 
         def step(state, x, cache, start):
-            return attention_extend(nnx.merge(graphdef, state), x, cache, start, jnp.ones((1,), jnp.int32))
+            out, cache, _ = nnx.merge(graphdef, state)(x, start[:, None], cache, jnp.ones((1,), jnp.int32))
+            return out, cache
 
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=2).lower(state, x, cache, start).compile()

@@ -174,7 +174,7 @@ def section_scaling(quick: bool, log, contexts=None) -> Section:
     body = [
         "**1. Attention cost per token vs context** (`benchmarks/scaling.py`). One new token at position S-1 "
         "against the cache (one decode step), one attention layer of V4-Flash shape (H=64, c=512, d=4096), bf16, "
-        "compiled from ShapeDtypeStructs only (nothing runs). SWA/CSA/HCA run `generate.attention_extend` "
+        "compiled from ShapeDtypeStructs only (nothing runs). SWA/CSA/HCA run the `Attention` layer with its cache "
         "(projections, compressor and indexer updates, top-k, core attention, output projection); dense is the "
         "same layer with plain causal attention over all S cached keys. FLOPs and bytes from `cost_analysis()` "
         "(one token: no loops, nothing under-counted); temp from `memory_analysis()`; cache held = the cache "

@@ -1,6 +1,6 @@
 """Lightning indexer as a Pallas TPU kernel: fused scoring + blockwise top-k (spec §4.4, §4.6).
 
-Same function as `v4jax.indexer.select_topk`: `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32,
+Same function as `lightning_indexer_reference.select_topk`: `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32,
 entry s visible to query t iff `s < floor((t + 1) / ratio)`, top-k per query under the order
 "higher score first, then lower entry index" (what `jax.lax.top_k` does), invisible picks -> -1.
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from v4jax.indexer import select_topk as _reference_select_topk
+from pallas_kernels.lightning_indexer_reference import select_topk as _reference_select_topk
 
 SUBLANES = 8  # fp32/int32 vreg sublanes: the number of independent running lists per query
 _SENTINEL = jnp.iinfo(jnp.int32).max
@@ -45,7 +45,7 @@ _SCORE_ROWS = 512  # entries scored per inner step: the fp32 accumulator [512, 1
 
 
 def select_topk_reference(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512) -> jax.Array:
-    """The pure-JAX reference (`v4jax.indexer.select_topk`)."""
+    """The pure-JAX reference twin (`lightning_indexer_reference.select_topk`)."""
     return _reference_select_topk(q, w, keys, positions, ratio, topk, chunk)
 
 
@@ -238,7 +238,7 @@ def _merge_sublanes(buf_v, buf_i, kp: int):
 
 def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, buf_i, new_v, new_i, q_heads, slab, *,
                     n_heads: int, head_dim: int, block_k: int, kp: int, precision):
-    qb, kb = pl.program_id(1), pl.program_id(2)
+    b, qb, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lanes = buf_v.shape[-1]
 
     @pl.when(kb == 0)
@@ -258,7 +258,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
 
         jax.lax.fori_loop(0, n_heads // group, relayout, 0)
 
-    @pl.when(kb < nblocks_ref[qb])
+    @pl.when(kb < nblocks_ref[b * pl.num_programs(1) + qb])
     def _score_and_merge():
         sub = min(block_k, _SCORE_ROWS)
 
@@ -301,20 +301,22 @@ def _pow2(n: int) -> int:
 
 def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, *, block_q: int = 128,
                 block_k: int | None = None, interpret: bool = False) -> jax.Array:
-    """Fused lightning-indexer scoring + top-k; same result as `v4jax.indexer.select_topk`.
+    """Fused lightning-indexer scoring + top-k; same result as `lightning_indexer_reference.select_topk`.
 
-    q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [T] -> int32 [B, T, min(topk, N)], -1 = empty.
+    q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B, T] (or [T]: the same for every row)
+    -> int32 [B, T, min(topk, N)], -1 = empty.
     `chunk` is accepted for signature compatibility and unused (block_q plays its role).
     block_q: queries per grid step (multiple of 128). block_k: entries scored per step (8 * a power
     of two, at most 8 * next_pow2(k); default: that bound, at most 4096, and no more than N needs).
     """
     del chunk
-    if q.ndim != 4 or w.ndim != 3 or keys.ndim != 3 or positions.ndim != 1:
-        raise ValueError(f"expected q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [T]; got "
+    if q.ndim != 4 or w.ndim != 3 or keys.ndim != 3 or positions.ndim not in (1, 2):
+        raise ValueError(f"expected q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B,T] or [T]; got "
                          f"{q.shape}, {w.shape}, {keys.shape}, {positions.shape}")
     B, T, H, C = q.shape
     N = keys.shape[1]
-    if w.shape != (B, T, H) or keys.shape[0] != B or keys.shape[2] != C or positions.shape[0] != T:
+    if w.shape != (B, T, H) or keys.shape[0] != B or keys.shape[2] != C or positions.shape[-1] != T or (
+            positions.ndim == 2 and positions.shape[0] != B):
         raise ValueError(f"inconsistent shapes: q {q.shape}, w {w.shape}, keys {keys.shape}, "
                          f"positions {positions.shape}")
     if ratio < 1 or topk < 0:
@@ -335,9 +337,10 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     n_k = pl.cdiv(N, block_k)
     t_pad, n_pad = n_q * block_q, n_k * block_k
     # Entries a query can see, clamped to N (the reference's `idx < (pos + 1) // ratio` with idx < N).
-    vis = jnp.minimum((positions.astype(jnp.int32) + 1) // ratio, N)
-    vis = jnp.pad(vis, (0, t_pad - T))  # padded queries see nothing
-    nblocks = (vis.reshape(n_q, block_q).max(axis=1) + block_k - 1) // block_k  # key blocks worth scoring
+    # Per row: a cached call's queries sit at each sequence's own positions.
+    vis = jnp.minimum((jnp.broadcast_to(positions, (B, T)).astype(jnp.int32) + 1) // ratio, N)
+    vis = jnp.pad(vis, ((0, 0), (0, t_pad - T)))  # padded queries see nothing
+    nblocks = (vis.reshape(B, n_q, block_q).max(axis=2) + block_k - 1) // block_k  # key blocks worth scoring
 
     q4 = jnp.pad(q, ((0, 0), (0, t_pad - T), (0, 0), (0, 0)))
     wt = jnp.pad(jnp.swapaxes(w.astype(jnp.float32), 1, 2), ((0, 0), (0, 0), (0, t_pad - T)))  # [B, n_I, T]
@@ -346,7 +349,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     precision = jax.lax.Precision.HIGHEST if fp32 else None
 
     def key_block(b, i, j, nblocks):
-        return b, jnp.minimum(j, jnp.maximum(nblocks[i] - 1, 0)), 0  # skipped blocks: no new DMA
+        return b, jnp.minimum(j, jnp.maximum(nblocks[b * n_q + i] - 1, 0)), 0  # skipped blocks: no new DMA
 
     cost = cost_estimate(B, T, N, H, C, ratio, topk, block_q=block_q, block_k=block_k,
                          itemsize=jnp.dtype(q.dtype).itemsize)
@@ -356,7 +359,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         num_scalar_prefetch=1,
         grid=(B, n_q, n_k),
         in_specs=[
-            pl.BlockSpec((1, block_q), lambda b, i, j, nb: (0, i)),
+            pl.BlockSpec((1, block_q), lambda b, i, j, nb: (b, i)),
             pl.BlockSpec((1, block_q, H, C), lambda b, i, j, nb: (b, i, 0, 0)),
             pl.BlockSpec((1, H, block_q), lambda b, i, j, nb: (b, 0, i)),
             pl.BlockSpec((1, block_k, C), key_block),
@@ -378,7 +381,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         cost_estimate=pl.CostEstimate(flops=cost['flops'], transcendentals=0,
                                       bytes_accessed=cost['bytes']),
         interpret=interpret,
-    )(nblocks.astype(jnp.int32), vis[None, :], q4, wt, kk)
+    )(nblocks.reshape(-1).astype(jnp.int32), vis, q4, wt, kk)
     return out[:, :T, :k]  # [B, T, k], best first
 
 

@@ -1,6 +1,6 @@
 """Routed experts as Pallas TPU grouped matmuls, forward and backward (spec §5.3, `moe_impl = "pallas"`).
 
-Same function as `v4jax.moe.grouped_swiglu` (the `jax.lax.ragged_dot` path) and
+Same function as `moe_dispatch_reference.grouped_swiglu` (the `jax.lax.ragged_dot` path) and
 `v4jax.moe.grouped_swiglu_onehot` (one masked dense FFN per expert): rows of `xs` are sorted by expert,
 `sizes[e]` rows belong to expert e, rows past `sum(sizes)` belong to no expert and give zeros.
 
@@ -46,9 +46,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401 (re-exported reference)
-from v4jax.moe import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
-from v4jax.moe import swiglu
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
+from pallas_kernels.moe_dispatch_reference import swiglu
 
 Tiling = tuple[int, int, int]  # (tm rows, tk contraction, tn output columns)
 
@@ -482,7 +482,7 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
                    tiling: Tiling | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows, on the Pallas grouped matmuls (moe_impl=pallas).
 
-    Same signature and function as `v4jax.moe.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
+    Same signature and function as `moe_dispatch_reference.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
     (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
     fp32; the SwiGLU clamp runs in fp32 between the kernels. interpret and tiling as for `gmm`

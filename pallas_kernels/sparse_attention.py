@@ -1,6 +1,6 @@
 """DeepSeek-V4 core attention (SWA / CSA / HCA, spec §4) as Pallas TPU kernels, forward and backward.
 
-Same function as `v4jax.attention.sparse_attention`: one fp32 softmax per (query, head) over
+Same function as `sparse_attention_reference.sparse_attention`: one fp32 softmax per (query, head) over
 [window keys | compressed entries | sink], scale c**-0.5, key = value, output in q's dtype.
 
 Layout. Every kernel works on a block of `block_q` queries x `block_h` heads, flattened to
@@ -43,7 +43,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from v4jax.attention import sparse_attention as _reference_sparse_attention
+from pallas_kernels.sparse_attention_reference import sparse_attention as _reference_sparse_attention
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -57,7 +57,7 @@ def _dot(a, b, dims):
 
 
 def sparse_attention_reference(q, kv, sinks, window, compressed=None, topk_idx=None, ratio=0, chunk=512):
-    """The pure-JAX reference (`v4jax.attention.sparse_attention`)."""
+    """The pure-JAX reference twin (`sparse_attention_reference.sparse_attention`)."""
     return _reference_sparse_attention(q, kv, sinks, window, compressed, topk_idx, ratio, chunk)
 
 

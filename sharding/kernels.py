@@ -43,10 +43,11 @@ SPARSE_ATTENTION = KernelLayout(
     args=(("batch", None, "act_heads", None), ("batch", None, None), ("act_heads",), None,
           ("batch", None, None), ("batch", None, None), None, None),
     out=("batch", None, "act_heads", None))
-# q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [T], ratio, topk, chunk. The index heads stay
-# whole: the score sums over them before the top-k.
+# q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B,T], ratio, topk, chunk. The index heads
+# stay whole: the score sums over them before the top-k.
 LIGHTNING_INDEXER = KernelLayout(
-    args=(("batch", None, None, None), ("batch", None, None), ("batch", None, None), (None,), None, None, None),
+    args=(("batch", None, None, None), ("batch", None, None), ("batch", None, None), ("batch", None), None, None,
+          None),
     out=("batch", None, None))
 
 

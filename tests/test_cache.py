@@ -48,15 +48,15 @@ def test_init_cache_layout_per_stage_and_kind():
             assert lc.window.shape == (R, 3, cfg.window_size, cfg.head_dim)
             m = cfg.compress_ratio(kind)
             if kind is AttentionKind.SLIDING:
-                assert lc.entries is None and lc.index_keys is None
+                assert lc.compressor is None and lc.indexer is None
             else:
                 kappa = 2 if kind is AttentionKind.CSA else 1
-                assert lc.entries.shape == (R, 3, 64 // m, cfg.head_dim)
-                assert lc.comp_logits.shape == (R, 3, kappa * m, kappa * cfg.head_dim)
-                assert bool(jnp.all(lc.comp_logits == -jnp.inf))  # no token yet: softmax weight 0
+                assert lc.compressor.entries.shape == (R, 3, 64 // m, cfg.head_dim)
+                assert lc.compressor.logits.shape == (R, 3, kappa * m, kappa * cfg.head_dim)
+                assert bool(jnp.all(lc.compressor.logits == -jnp.inf))  # no token yet: softmax weight 0
             if kind is AttentionKind.CSA:
-                assert lc.index_keys.shape == (R, 3, 64 // m, cfg.index_head_dim)
-                assert lc.index_values.shape == (R, 3, 2 * m, 2 * cfg.index_head_dim)
+                assert lc.indexer.entries.shape == (R, 3, 64 // m, cfg.index_head_dim)
+                assert lc.indexer.values.shape == (R, 3, 2 * m, 2 * cfg.index_head_dim)
     assert cache.mtp.window.shape == (3, cfg.window_size, cfg.head_dim)
     assert cache.lengths.shape == cache.mtp_lengths.shape == (3,)
 

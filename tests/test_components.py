@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax.attention import sparse_attention
+from pallas_kernels.sparse_attention_reference import sparse_attention
 from v4jax.compressor import Compressor
 from v4jax.config import AttentionKind, MoEImpl, RouterKind, V4Config
-from v4jax.indexer import select_topk
+from pallas_kernels.lightning_indexer_reference import select_topk
 from v4jax.mhc import HyperConnection, sinkhorn
 from v4jax.model import Transformer
-from v4jax.moe import MoE, Experts, Routing, swiglu
+from pallas_kernels.moe_dispatch_reference import swiglu
+from v4jax.moe import MoE, Experts, Routing
 from v4jax.rope import apply_rope, inv_frequencies, yarn_correction_range
 
 
@@ -105,7 +106,7 @@ def test_hca_compressor_entry_is_softmax_pooled_window_then_norm():
     comp = Compressor(8, 4, 3, False, 1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     comp.ape[...] = jax.random.normal(jax.random.key(1), (3, 4))
     x = jax.random.normal(jax.random.key(2), (1, 7, 8))
-    out = np.asarray(comp(x, np.zeros(1, np.float32)))  # inv_freq 0: RoPE is the identity
+    out = np.asarray(comp(x, jnp.arange(7)[None], np.zeros(1, np.float32))[0])  # inv_freq 0: RoPE is the identity
     assert out.shape == (1, 2, 4)  # 7 // 3 complete windows; the tail is dropped
     A = np.asarray(x[0] @ comp.wkv.kernel[...])
     Z = np.asarray(x[0] @ comp.wgate.kernel[...])
@@ -119,7 +120,7 @@ def test_hca_compressor_entry_is_softmax_pooled_window_then_norm():
 def test_csa_compressor_first_entry_pools_only_its_own_window():
     comp = Compressor(8, 4, 2, True, 1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (1, 6, 8))
-    out = np.asarray(comp(x, np.zeros(1, np.float32)))
+    out = np.asarray(comp(x, jnp.arange(6)[None], np.zeros(1, np.float32))[0])
     A = np.asarray(x[0] @ comp.wkv.kernel[...])
     Z = np.asarray(x[0] @ comp.wgate.kernel[...])
 

@@ -66,9 +66,10 @@ def numpy_traces(attn, x):
     q = apply_rope(rms_normalize(attn.wq_b(cq).reshape(B, T_, cfg.n_heads, cfg.head_dim), cfg.norm_eps),
                    pos[:, None], inv_freq)
     kv = apply_rope(attn.kv_norm(attn.wkv(x)), pos, inv_freq)
-    comp = attn.compressor(x, inv_freq)
-    q_i, w_i, keys_i = attn.indexer.project(x, cq, pos, inv_freq)
-    idx = None if cfg.csa_dense else np.asarray(attn.indexer.select(q_i, w_i, keys_i, pos))
+    positions = jnp.broadcast_to(pos, (B, T_))
+    comp, _ = attn.compressor(x, positions, inv_freq)
+    q_i, w_i, keys_i, _ = attn.indexer.project(x, cq, positions, inv_freq)
+    idx = None if cfg.csa_dense else np.asarray(attn.indexer.select(q_i, w_i, keys_i, positions))
     q, kv, comp, sinks = (np.asarray(a, np.float64) for a in (q, kv, comp, attn.sinks.value))
     N = comp.shape[1]
     t, j, s = np.arange(T_)[:, None], np.arange(T_)[None, :], np.arange(N)[None, :]

@@ -24,7 +24,11 @@ from sharding.mesh import make_mesh
 from sharding.partition import shard_module, state_shardings
 from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
-from v4jax.attention import pallas_sparse_attention, sparse_attention
+from pallas_kernels.sparse_attention_reference import sparse_attention
+from v4jax import kernels
+from v4jax.config import AttentionImpl
+
+pallas_sparse_attention = kernels.sparse_attention(AttentionImpl.PALLAS)  # the model's entry to the kernel
 from v4jax.moe import Experts, Routing
 from conftest import tpu_devices_or_skip
 

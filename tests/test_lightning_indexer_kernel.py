@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lightning_indexer import select_topk, select_topk_reference
-from v4jax.indexer import index_scores
+from pallas_kernels.lightning_indexer_reference import index_scores
 from conftest import tpu_devices_or_skip
 
 
@@ -142,10 +142,11 @@ def test_same_selection_as_the_tiny_models_indexer():
     x = jnp.asarray(rng.standard_normal((B, T, cfg.dim)), jnp.float32)
     cq = jnp.asarray(rng.standard_normal((B, T, cfg.q_lora_rank)), jnp.float32)
     pos, inv_freq = jnp.arange(T), inv_frequencies(cfg, AttentionKind.CSA)
-    keys = indexer.compressor(x, inv_freq)  # the same q, w, keys as Indexer.__call__ builds
+    keys, _ = indexer.compressor(x, jnp.broadcast_to(pos, (B, T)), inv_freq)  # the q, w, keys Indexer.project builds
     q = apply_rope(indexer.wq_b(cq).reshape(B, T, indexer.n_heads, indexer.head_dim), pos[:, None], inv_freq)
     w = indexer.weights_proj(x, jnp.float32) * (indexer.head_dim * indexer.n_heads) ** -0.5
-    ref = np.asarray(indexer(x, cq, pos, inv_freq))
+    ref = np.asarray(indexer.select(*indexer.project(x, cq, jnp.broadcast_to(pos, (B, T)), inv_freq)[:3],
+                                    jnp.broadcast_to(pos, (B, T))))
     ours = np.asarray(select_topk(q, w, keys, pos, indexer.ratio, indexer.topk, indexer.chunk, interpret=True))
     scores = np.asarray(index_scores(q, w, keys))
 

@@ -16,8 +16,8 @@ import pytest
 
 from pallas_kernels.moe_dispatch import (_xla_gmm, _xla_tgmm, default_tiling, gmm, grouped_swiglu, make_visits,
                                          permute, tgmm, unpermute_combine)
-from v4jax.moe import grouped_swiglu as grouped_swiglu_ragged_dot
-from v4jax.moe import grouped_swiglu_onehot
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot
+from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot
 from conftest import tpu_devices_or_skip
 
 P = jax.sharding.PartitionSpec

@@ -16,7 +16,8 @@ from sharding.partition import create_sharded, shard_module, spec_table, state_s
 from sharding.rules import LOGICAL_AXES, PRESETS, ShardingError, get_rules, parse_overrides
 from v4jax.config import AttentionKind, RouterKind, V4Config
 from v4jax.model import Transformer, layer_schedule
-from v4jax.moe import Experts, Routing, swiglu
+from pallas_kernels.moe_dispatch_reference import swiglu
+from v4jax.moe import Experts, Routing
 
 S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
 

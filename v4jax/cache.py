@@ -1,22 +1,22 @@
 """The V4 inference cache (spec §4.7) and the KV-cache size calculator (spec §4.7, §9).
 
-Per attention layer and sequence the cache holds (`LayerCache`):
-  window          [W, c]            ring buffer of raw KV, slot t mod W holds kv_t (every layer)
-  entries         [N, c]            compressed KV, N = max_len // m; entry i is written when token
-                                    m(i+1)-1 arrives (CSA, HCA)
-  comp_values     [kappa m, kappa c] the compressor's per-token values and logits (fp32, logits with
-  comp_logits                       `ape` added; slot t mod kappa m): HCA keeps the current partial
-                                    window (kappa = 1), CSA the previous full window as well (kappa = 2)
-  index_keys      [N, c_I]          the lightning indexer's compressed keys (CSA)
-  index_values    [2m, 2c_I]        the indexer compressor's state (CSA)
-  index_logits
+The cache is the state the attention layers own (`AttentionState`, `CompressorState`), gathered
+for the whole model. Per attention layer and sequence:
+  window               [W, c]             ring buffer of raw KV, slot t mod W holds kv_t (every layer)
+  compressor.entries   [N, c]             compressed KV, N = max_len // m; entry i is written when token
+                                          m(i+1)-1 arrives (CSA, HCA)
+  compressor.values    [kappa m, kappa c] the compressor's per-token values and logits (fp32, logits with
+  compressor.logits                       `ape` added; slot t mod kappa m): HCA keeps the current partial
+                                          window (kappa = 1), CSA the previous full window as well (kappa = 2)
+  indexer.entries      [N, c_I]           the lightning indexer's compressed keys (CSA)
+  indexer.values/logits [2m, 2c_I]        the indexer compressor's state (CSA)
 Missing parts are None. The cache is a plain pytree of arrays (no nnx): `Cache.stages[s][p]` is the
-LayerCache of unit position p of stage s with every array stacked on a leading [repeats] axis, so
-the cached forward scans the stages exactly like the stateless one. `Cache.lengths` [B] is the number
-of tokens each sequence holds: everything is addressed by absolute position, so rolling back rejected
-speculative tokens is resetting `lengths` (the rings are sized so that one rejected token overwrites
-only a slot nobody reads again; see `v4jax.generate`). `cache_logical_axes` gives the parallel pytree
-of logical axis names for the sharding rules table, `cache_shardings` resolves it on a mesh.
+AttentionState of unit position p of stage s with every array stacked on a leading [repeats] axis,
+so the forward scans the stages with their caches. `Cache.lengths` [B] is the number of tokens each
+sequence holds: everything is addressed by absolute position, so rolling back rejected speculative
+tokens is resetting `lengths` (the rings are sized so that one rejected token overwrites only a slot
+nobody reads again; see `v4jax.generate`). `cache_logical_axes` gives the parallel pytree of logical
+axis names for the sharding rules table, `cache_shardings` resolves it on a mesh.
 
 Storage here is the compute dtype (fp32 or bf16), not the release's FP8/FP4 formats;
 `cache_size` reports both this layout and the release format.
@@ -34,29 +34,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from v4jax.config import AttentionKind, V4Config
+from v4jax.attention import AttentionState
+from v4jax.compressor import CompressorState
+from v4jax.config import AttentionKind, V4Config, stage_units
 
 
-class LayerCache(NamedTuple):
-    window: jax.Array  # [(R,) B, W, c] compute dtype
-    entries: jax.Array | None = None  # [(R,) B, max_len // m, c]
-    comp_values: jax.Array | None = None  # [(R,) B, kappa m, kappa c] fp32
-    comp_logits: jax.Array | None = None  # [(R,) B, kappa m, kappa c] fp32, -inf where no token
-    index_keys: jax.Array | None = None  # [(R,) B, max_len // m, c_I]
-    index_values: jax.Array | None = None  # [(R,) B, 2m, 2 c_I] fp32
-    index_logits: jax.Array | None = None  # [(R,) B, 2m, 2 c_I] fp32
+LayerCache = AttentionState  # one attention layer's cache
 
 
-# Logical axis names of each LayerCache field without the leading "layers" axis.
-_LAYER_AXES = LayerCache(
-    window=("batch", None, "head_dim"),
-    entries=("batch", "seq", "head_dim"),
-    comp_values=("batch", None, None),
-    comp_logits=("batch", None, None),
-    index_keys=("batch", "seq", None),
-    index_values=("batch", None, None),
-    index_logits=("batch", None, None),
-)
+def _compressor_axes(width: str | None) -> CompressorState:
+    return CompressorState(values=("batch", None, None), logits=("batch", None, None),
+                           entries=("batch", "seq", width))
+
+
+# Logical axis names of each cache array without the leading "layers" axis.
+_LAYER_AXES = AttentionState(window=("batch", None, "head_dim"), compressor=_compressor_axes("head_dim"),
+                             indexer=_compressor_axes(None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +57,8 @@ class Cache:
     """The whole model's cache. `max_len` is static (pytree metadata); the rest are arrays."""
 
     lengths: jax.Array  # [B] int32: tokens held per sequence (= position of the next token)
-    stages: tuple[tuple[LayerCache, ...], ...]  # per stage, per unit position, stacked [R, ...]
-    mtp: LayerCache | None  # the MTP block's SWA cache (speculative decoding), or None
+    stages: tuple[tuple[AttentionState, ...], ...]  # per stage, per unit position, stacked [R, ...]
+    mtp: AttentionState | None  # the MTP block's SWA cache (speculative decoding), or None
     mtp_lengths: jax.Array | None  # [B] int32: positions the MTP block has processed
     max_len: int = 0
 
@@ -81,33 +74,21 @@ jax.tree_util.register_dataclass(Cache, data_fields=["lengths", "stages", "mtp",
                                  meta_fields=["max_len"])
 
 
-def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, dtype, lead: tuple[int, ...]):
-    c, W = cfg.head_dim, cfg.window_size
+def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, dtype,
+                 lead: tuple[int, ...]) -> AttentionState:
+    """An empty AttentionState; lead: leading stacking dims ([repeats] for a scanned stage)."""
 
-    def zeros(*shape, dt=dtype):
-        return jnp.zeros(lead + (batch,) + shape, dt)
+    def compressor(ratio: int, width: int, kappa: int) -> CompressorState:
+        ring = lead + (batch, kappa * ratio, kappa * width)
+        return CompressorState(jnp.zeros(ring, jnp.float32),  # no token yet: logits -inf, softmax weight 0
+                               jnp.full(ring, -jnp.inf, jnp.float32),
+                               jnp.zeros(lead + (batch, max_len // ratio, width), dtype))
 
-    def neg_inf(*shape):
-        return jnp.full(lead + (batch,) + shape, -jnp.inf, jnp.float32)
-
-    parts = dict(window=zeros(W, c))
     m = cfg.compress_ratio(kind)
-    if m:
-        kappa = 2 if kind is AttentionKind.CSA else 1
-        parts.update(entries=zeros(max_len // m, c), comp_values=zeros(kappa * m, kappa * c, dt=jnp.float32),
-                     comp_logits=neg_inf(kappa * m, kappa * c))
-    if kind is AttentionKind.CSA:
-        cI = cfg.index_head_dim
-        parts.update(index_keys=zeros(max_len // m, cI), index_values=zeros(2 * m, 2 * cI, dt=jnp.float32),
-                     index_logits=neg_inf(2 * m, 2 * cI))
-    return LayerCache(**parts)
-
-
-def stage_units(cfg: V4Config):
-    """The model's stages as ((unit kinds), repeats), the same split `Transformer` uses."""
-    from v4jax.model import layer_schedule
-
-    return layer_schedule(tuple(zip(cfg.layer_types, cfg.router_types)))
+    return AttentionState(
+        jnp.zeros(lead + (batch, cfg.window_size, cfg.head_dim), dtype),
+        compressor(m, cfg.head_dim, 2 if kind is AttentionKind.CSA else 1) if m else None,
+        compressor(m, cfg.index_head_dim, 2) if kind is AttentionKind.CSA else None)
 
 
 def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=None, *, mtp: bool | None = None) -> Cache:
@@ -136,8 +117,12 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=None, *, mtp: bool
 def cache_logical_axes(cache: Cache) -> Cache:
     """A Cache-shaped pytree whose leaves are tuples of logical axis names (one per array dimension)."""
 
-    def layer(lc: LayerCache, lead: tuple):
-        return LayerCache(*(None if a is None else lead + ax for a, ax in zip(lc, _LAYER_AXES)))
+    def layer(lc: AttentionState, lead: tuple):
+        def part(state, axes):
+            return None if state is None else CompressorState(*(lead + ax for ax in axes))
+
+        return AttentionState(lead + _LAYER_AXES.window, part(lc.compressor, _LAYER_AXES.compressor),
+                              part(lc.indexer, _LAYER_AXES.indexer))
 
     stages = tuple(tuple(layer(lc, ("layers",)) for lc in unit) for unit in cache.stages)
     return Cache(("batch",), stages, None if cache.mtp is None else layer(cache.mtp, ()),

@@ -5,9 +5,17 @@ Every `m` tokens become one compressed entry: a per-channel softmax over the win
 i pools its own window (channels [c, 2c)) and the previous window (channels [0, c)), 2m candidates.
 HCA's does not. All compressor arithmetic is fp32; the entry is RMS-normalised, cast to the compute
 dtype and rotated (RoPE at position m*i, the layer's table).
+
+One computation serves every call (spec §4.7): the tokens of the windows still open in the state
+(none without a state) followed by the new tokens form whole windows; each window completed by a
+new token is pooled. Without a state the call covers positions 0..T-1 and returns its T // m entries;
+with one, the completed entries are written into the state's entry buffer (the entry completed by
+token t is visible to t) and the new tokens' values and logits into its rings.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +26,18 @@ from v4jax.layers import Linear, RMSNorm, param
 from v4jax.rope import apply_rope
 
 
-class Compressor(nnx.Module):
-    """Stateless compressor over a full sequence: [B, T, d] -> entries [B, T // m, c].
+class CompressorState(NamedTuple):
+    """A compressor's cache for B sequences (spec §4.7). kappa = 2 (CSA, overlapping) or 1 (HCA)."""
 
-    ratio m; width c (head_dim for attention, index_head_dim for the indexer); overlap=True for CSA.
-    Only complete windows produce entries (a trailing partial window is dropped, spec §4.3).
-    """
+    values: jax.Array  # [B, kappa m, kappa c] fp32 ring: per-token values, slot = position mod kappa m
+    logits: jax.Array  # [B, kappa m, kappa c] fp32 ring: gate logits + ape, -inf where no token
+    entries: jax.Array  # [B, N, c] compressed entries by index (N = max_len // m)
+
+
+class Compressor(nnx.Module):
+    """[B, T, d] -> compressed entries. ratio m; width c (head_dim for attention, index_head_dim for
+    the indexer); overlap=True for CSA. Only complete windows produce entries (a trailing partial
+    window waits in the state, or is dropped without one, spec §4.3)."""
 
     def __init__(self, dim: int, width: int, ratio: int, overlap: bool, norm_eps: float, *, param_dtype,
                  rngs: nnx.Rngs):
@@ -34,27 +48,88 @@ class Compressor(nnx.Module):
         self.norm = RMSNorm(width, norm_eps, "head_dim", rngs=rngs)
         self.width, self.ratio, self.overlap = width, ratio, overlap
 
-    def __call__(self, x: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    def init_state(self, batch: int, max_len: int, dtype) -> CompressorState:
+        """An empty state: no token in the rings (logits -inf: softmax weight 0), no entry."""
+        kappa = 2 if self.overlap else 1
+        ring = (batch, kappa * self.ratio, kappa * self.width)
+        return CompressorState(jnp.zeros(ring, jnp.float32), jnp.full(ring, -jnp.inf, jnp.float32),
+                               jnp.zeros((batch, max_len // self.ratio, self.width), dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, state: CompressorState | None = None,
+                 n_valid: jax.Array | None = None) -> tuple[jax.Array, CompressorState | None]:
+        """x [B, T, d] at positions [B, T] (consecutive per row; 0..T-1 without a state); n_valid [B]:
+        real tokens per row (the rest is right padding that never enters a window or the state).
+        Returns (entries, state): [B, T // m, c] and None without a state, else the updated entry
+        buffer [B, N, c] and state."""
         B, T, _ = x.shape
         m, c = self.ratio, self.width
-        n = T // m
-        if n == 0:
-            return jnp.zeros((B, 0, c), x.dtype)
-        x32 = x[:, : n * m].astype(jnp.float32)
-        values = self.wkv(x32, jnp.float32).reshape(B, n, m, -1)  # [B, n, m, kappa*c]
-        logits = self.wgate(x32, jnp.float32).reshape(B, n, m, -1) + self.ape[...].astype(jnp.float32)
+        kappa = 2 if self.overlap else 1
+        S = kappa * m
+        x32 = x.astype(jnp.float32)
+        new_v = self.wkv(x32, jnp.float32)  # [B, T, kappa c]
+        new_l = self.wgate(x32, jnp.float32) + self.ape[...].astype(jnp.float32)[positions % m]  # ape by place
+
+        if state is None:  # windows 0..T//m - 1 of this call alone
+            n_win = T // m
+            if n_win == 0:
+                return jnp.zeros((B, 0, c), x.dtype), None
+            seq_v, seq_l = new_v[:, :n_win * m], new_l[:, :n_win * m]
+            first = jnp.zeros((B,), jnp.int32)  # entry id of the first window
+        else:  # the state's open windows (from `base`), then the new tokens
+            start = positions[:, 0]
+            base = (start // m - (kappa - 1)) * m  # first token of the oldest window still needed
+            offset = start - base  # where the new tokens go: (kappa-1) m + (start mod m)
+            n_win = -(-(S + T) // m)
+            pad = ((0, 0), (0, n_win * m - S), (0, 0))
+            seq_v = jnp.pad(_ring_read(state.values, base + S), pad)
+            seq_l = jnp.pad(_ring_read(state.logits, base + S), pad, constant_values=-jnp.inf)
+            put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
+            seq_v, seq_l = put(seq_v, new_v, offset), put(seq_l, new_l, offset)
+            first = base // m
+
+        values = seq_v.reshape(B, n_win, m, -1)  # [B, n_win, m, kappa c]
+        logits = seq_l.reshape(B, n_win, m, -1)
         if self.overlap:
-            values, logits = _overlap_candidates(values, logits, c)  # [B, n, 2m, c]
+            values, logits = _overlap_candidates(values, logits, c)  # [B, n_win, 2m, c]
         weights = jax.nn.softmax(logits, axis=2)  # per channel over the window's candidates
-        entries = jnp.sum(weights * values, axis=2)  # [B, n, c] fp32
-        entries = self.norm(entries).astype(x.dtype)
-        return apply_rope(entries, m * jnp.arange(n), inv_freq)  # RoPE at each window's first token
+        pooled = jnp.sum(weights * values, axis=2)  # [B, n_win, c] fp32
+        index = first[:, None] + jnp.arange(n_win)  # entry id of each window
+        dtype = x.dtype if state is None else state.entries.dtype
+        entries = apply_rope(self.norm(pooled).astype(dtype), m * index, inv_freq)  # RoPE at the window's 1st token
+        if state is None:
+            return entries, None
+
+        n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid
+        k = jnp.arange(n_win)[None, :]
+        done = (k >= kappa - 1) & ((k + 1) * m <= (offset + n_valid)[:, None])  # whole, not emitted before
+        index = jnp.where(done, index, state.entries.shape[1])  # out of range: dropped
+        buffer = jax.vmap(lambda e, i, v: e.at[i].set(v, mode="drop"))(state.entries, index, entries)
+        start = positions[:, 0]
+        return buffer, CompressorState(ring_write(state.values, new_v, start, n_valid),
+                                       ring_write(state.logits, new_l, start, n_valid), buffer)
 
 
 def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int):
     """CSA's two series: entry i = own window's channels [c, 2c) and window i-1's channels [0, c).
-    Window 0 has no predecessor: value 0, logit -inf (softmax weight 0)."""
+    The first window has no predecessor here: value 0, logit -inf (softmax weight 0)."""
     own_v, own_l = values[..., c:], logits[..., c:]
     prev_v = jnp.pad(values[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
     prev_l = jnp.pad(logits[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
     return jnp.concatenate([prev_v, own_v], axis=2), jnp.concatenate([prev_l, own_l], axis=2)
+
+
+def _ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:
+    """ring [B, S, ...] (slot = position mod S) -> [B, S, ...] in position order from start - S."""
+    S = ring.shape[1]
+    idx = (start[:, None] + jnp.arange(S)) % S  # slot of position start - S + i
+    return jnp.take_along_axis(ring, idx.reshape(*idx.shape, *([1] * (ring.ndim - 2))), axis=1)
+
+
+def ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """Write the last min(n_valid, S) valid rows of new [B, T, ...] (positions start + j) into their
+    slots (position mod S) of ring [B, S, ...]."""
+    S, T = ring.shape[1], new.shape[1]
+    j = jnp.arange(T)[None, :]
+    keep = (j < n_valid[:, None]) & (j >= n_valid[:, None] - S)  # no two kept rows share a slot
+    slot = jnp.where(keep, (start[:, None] + j) % S, S)  # S = out of range: dropped
+    return jax.vmap(lambda r, s, v: r.at[s].set(v.astype(r.dtype), mode="drop"))(ring, slot, new)

@@ -511,3 +511,30 @@ def _tiny_b() -> V4Config:
 
 _PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "tiny-b": _tiny_b}
 PRESETS = tuple(_PRESETS)
+
+
+def layer_schedule(kinds: tuple) -> tuple[tuple[tuple, int], ...]:
+    """Split a layer schedule into stages `(unit, repeats)`: `unit` is a run of consecutive block
+    kinds repeated `repeats` times. Minimises the total unit length, i.e. the number of distinct
+    blocks XLA compiles, so compile time follows the schedule's period rather than its depth
+    (v4-flash: 2 SWA layers, then (CSA, HCA) x 20, then CSA -> a handful of compiled blocks)."""
+    n = len(kinds)
+    best: list[tuple[int, tuple]] = [(0, ())] * (n + 1)  # best[i]: (cost, stages) for kinds[i:]
+    for i in range(n - 1, -1, -1):
+        options = []
+        for p in range(1, n - i + 1):
+            unit = kinds[i:i + p]
+            r = 1
+            while i + (r + 1) * p <= n and kinds[i + r * p:i + (r + 1) * p] == unit:
+                r += 1
+            for reps in {1, r}:
+                cost, rest = best[i + p * reps]
+                options.append((cost + p, ((unit, reps),) + rest))
+        best[i] = min(options, key=lambda o: (o[0], len(o[1])))
+    return best[0][1]
+
+
+def stage_units(cfg: V4Config) -> tuple[tuple[tuple, int], ...]:
+    """The model's stages as ((unit of (attention kind, router kind)), repeats): how `Transformer`
+    stacks and scans its blocks, and how the cache stacks its layers."""
+    return layer_schedule(tuple(zip(cfg.layer_types, cfg.router_types)))

@@ -1,21 +1,15 @@
-"""Cached inference: prefill, one-token decode, sampling, batched generation and MTP speculation.
+"""Generation on the model's own forward: prefill, one-token decode, sampling, batched generation and
+MTP speculation.
 
-The cached forward (`extend`) feeds T new tokens per sequence at each sequence's own position
-(`cache.lengths`), through the same parameters as the stateless forward, and gives the same logits
-(spec §4.6: prefill of T tokens == prefill of T0 + decode steps). Per layer (spec §4.7):
-  * window keys: the ring buffer read back in position order, followed by the new tokens' KV; query
-    j at position p+j attends to the W keys ending at itself (banded, query chunks as in the reference);
-  * compressor: the stored per-token values/logits of the open windows followed by the new tokens form
-    whole windows again; every window completed by a valid new token becomes an entry, written into
-    the entry buffer *before* attention (the entry completed by token t is visible to t);
-  * CSA: the indexer scores the whole entry buffer of index keys with the visibility rule
-    s < floor((t+1)/m) and takes top-k; HCA attends to every visible entry.
-Sequences of a batch may hold different lengths; `n_valid` [B] says how many of the T new tokens of each
-row are real: the rest (right padding) are computed but never enter a ring, a compressor window or
-`lengths`, and a causal model never lets them change a real token's output.
+The model's forward with a cache (`Transformer(tokens, cache=...)`) feeds T new tokens per sequence at
+each sequence's own position (`cache.lengths`); it gives the same logits as the stateless forward
+(spec §4.6: prefill of T tokens == prefill of T0 + decode steps). Sequences of a batch may hold
+different lengths; `n_valid` [B] says how many of the T new tokens of each row are real: the rest
+(right padding) are computed but never enter a ring, a compressor window or `lengths`, and a causal
+model never lets them change a real token's output.
 
 Speculative decoding (spec §6): the MTP block drafts token t+2 from the last main block's streams at
-t and the embedding of token t+1; the main model verifies [pending, draft] in one extend of T = 2. A
+t and the embedding of token t+1; the main model verifies [pending, draft] in one call of T = 2. A
 rejected draft is rolled back by not advancing `lengths`: its KV went to window slot (p+1) mod W and
 compressor slot (p+1) mod kappa*m, which held positions p+1-W and p+1-kappa*m, that no later query
 reads; an entry it completed is invisible until the window really completes and rewrites it.
@@ -31,233 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sharding.context import constrain
-from v4jax.cache import Cache, LayerCache, init_cache
-from v4jax.compressor import _overlap_candidates
-from v4jax.indexer import map_query_chunks, select_topk_at
-from v4jax.layers import rms_normalize
-from v4jax.model import LOGITS, STREAMS, TOKENS
-from v4jax.rope import apply_rope, inv_frequencies
-
-# ----------------------------------------------------------------------------------------------------
-# Cached layers
-
-
-def _ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:
-    """ring [B, S, ...] (slot = position mod S) -> [B, S, ...] in position order from start - S."""
-    S = ring.shape[1]
-    idx = (start[:, None] + jnp.arange(S)) % S  # slot of position start - S + i
-    return jnp.take_along_axis(ring, idx.reshape(*idx.shape, *([1] * (ring.ndim - 2))), axis=1)
-
-
-def _ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, n_valid: jax.Array) -> jax.Array:
-    """Write the last min(n_valid, S) valid rows of new [B, T, ...] (positions start + j) into their slots."""
-    S, T = ring.shape[1], new.shape[1]
-    j = jnp.arange(T)[None, :]
-    keep = (j < n_valid[:, None]) & (j >= n_valid[:, None] - S)  # no two kept rows share a slot
-    slot = jnp.where(keep, (start[:, None] + j) % S, S)  # S = out of range: dropped
-    return jax.vmap(lambda r, s, v: r.at[s].set(v.astype(r.dtype), mode="drop"))(ring, slot, new)
-
-
-def compressor_extend(comp, x: jax.Array, start: jax.Array, n_valid: jax.Array, values: jax.Array,
-                      logits: jax.Array, entries: jax.Array, inv_freq: np.ndarray):
-    """Feed new tokens x [B, T, d] (positions start + j) to a `Compressor` with state.
-
-    values/logits [B, kappa m, kappa c] fp32 ring (slot = position mod kappa m); entries [B, N, c].
-    Returns (entries, values, logits) with every window completed by a valid new token emitted.
-    """
-    B, T, _ = x.shape
-    m, c = comp.ratio, comp.width
-    kappa = 2 if comp.overlap else 1
-    S = kappa * m
-    x32 = x.astype(jnp.float32)
-    pos = start[:, None] + jnp.arange(T)  # [B, T]
-    new_v = comp.wkv(x32, jnp.float32)  # [B, T, kappa c]
-    new_l = comp.wgate(x32, jnp.float32) + comp.ape[...].astype(jnp.float32)[pos % m]  # ape by place in window
-
-    # Combined sequence per row, from `base` (start of the oldest open window): stored tokens, then new ones.
-    base = (start // m - (kappa - 1)) * m
-    offset = start - base  # where the new tokens go: (kappa-1) m + (start mod m)
-    n_win = -(-(S + T) // m)
-    pad = ((0, 0), (0, n_win * m - S), (0, 0))
-    seq_v = jnp.pad(_ring_read(values, base + S), pad)  # ring read in position order from `base`
-    seq_l = jnp.pad(_ring_read(logits, base + S), pad, constant_values=-jnp.inf)
-    put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
-    seq_v, seq_l = put(seq_v, new_v, offset), put(seq_l, new_l, offset)
-
-    win_v = seq_v.reshape(B, n_win, m, -1)
-    win_l = seq_l.reshape(B, n_win, m, -1)
-    if comp.overlap:
-        win_v, win_l = _overlap_candidates(win_v, win_l, c)  # window k pools windows k-1 and k
-    pooled = jnp.sum(jax.nn.softmax(win_l, axis=2) * win_v, axis=2)  # [B, n_win, c] fp32
-    index = base[:, None] // m + jnp.arange(n_win)  # absolute entry id of each combined window
-    new_entries = apply_rope(comp.norm(pooled).astype(entries.dtype), m * index, inv_freq)
-    k = jnp.arange(n_win)[None, :]
-    done = (k >= kappa - 1) & ((k + 1) * m <= (offset + n_valid)[:, None])  # whole, and not already emitted
-    index = jnp.where(done, index, entries.shape[1])  # out of range: dropped
-    entries = jax.vmap(lambda e, i, v: e.at[i].set(v, mode="drop"))(entries, index, new_entries)
-    return entries, _ring_write(values, new_v, start, n_valid), _ring_write(logits, new_l, start, n_valid)
-
-
-def cached_core_attention(q: jax.Array, keys: jax.Array, sinks: jax.Array, window: int, pos: jax.Array,
-                          entries: jax.Array | None, topk_idx: jax.Array | None, ratio: int, chunk: int) -> jax.Array:
-    """Core attention of new queries against the cache (same function as `sparse_attention`).
-
-    q [B,T,H,c] at positions pos [B,T] = start + j; keys [B, W+T, c]: the window ring in position order
-    (index i <-> position start - W + i) then the new tokens' KV; entries [B,N,c] or None; topk_idx
-    [B,T,k] (CSA) or None (HCA: every entry s < floor((t+1)/m)). Returns [B,T,H,c] in q's dtype."""
-    B, T, H, c = q.shape
-    scale = c ** -0.5
-    Q = min(chunk, T)
-    keys = jnp.pad(keys, ((0, 0), (0, -(-T // Q) * Q - T), (0, 0)))
-    start = pos[:, 0]
-    sink_logits = sinks.astype(jnp.float32)[None, :, None, None]
-    local = jnp.arange(Q + window - 1)
-
-    def one_chunk(args):
-        q_c, pos_c, idx_c, j = args  # [B,Q,H,c], [B,Q], [B,Q,k] | None, [Q]
-        s = j[0]
-        win = jax.lax.dynamic_slice_in_dim(keys, s + 1, Q + window - 1, axis=1)  # query s+u sees u..u+W-1
-        key_pos = start[:, None] - window + s + 1 + local  # [B, Q+W-1]
-        u = jnp.arange(Q)[:, None]
-        band = (local[None, :] >= u) & (local[None, :] < u + window)  # [Q, Q+W-1]
-        mask = band[None] & (key_pos[:, None, :] >= 0)  # [B, Q, Q+W-1]
-        logits = [jnp.where(mask[:, None], scale * jnp.einsum("bqhc,bkc->bhqk", q_c, win,
-                                                              preferred_element_type=jnp.float32), -jnp.inf)]
-        values = [win]
-        if entries is not None and entries.shape[1] > 0:
-            if idx_c is None:  # HCA
-                vis = jnp.arange(entries.shape[1]) < ((pos_c + 1) // ratio)[..., None]  # [B, Q, N]
-                s_ = jnp.einsum("bqhc,bnc->bhqn", q_c, entries, preferred_element_type=jnp.float32)
-                logits.append(jnp.where(vis[:, None], scale * s_, -jnp.inf))
-                values.append(entries)
-            else:  # CSA
-                picked = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_c)  # [B, Q, k, c]
-                s_ = jnp.einsum("bqhc,bqkc->bhqk", q_c, picked, preferred_element_type=jnp.float32)
-                logits.append(jnp.where((idx_c >= 0)[:, None], scale * s_, -jnp.inf))
-                values.append(picked)
-        mx = jnp.maximum(jnp.max(jnp.concatenate(logits, axis=-1), axis=-1, keepdims=True), sink_logits)
-        probs = [jnp.exp(lg - mx) for lg in logits]
-        denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in probs) + jnp.exp(sink_logits - mx)
-        out = jnp.einsum("bhqk,bkc->bqhc", probs[0], win.astype(jnp.float32))
-        if len(values) > 1:
-            eq = "bhqn,bnc->bqhc" if idx_c is None else "bhqk,bqkc->bqhc"
-            out += jnp.einsum(eq, probs[1], values[1].astype(jnp.float32))
-        return (out / jnp.moveaxis(denom, 1, 2)).astype(q.dtype)
-
-    if topk_idx is None:
-        fn = lambda a: one_chunk((a[0], a[1], None, a[2]))  # noqa: E731
-        return map_query_chunks(fn, (q, pos, jnp.arange(T)), T, chunk)
-    return map_query_chunks(one_chunk, (q, pos, topk_idx, jnp.arange(T)), T, chunk)
-
-
-def attention_extend(attn, x: jax.Array, lc: LayerCache, start: jax.Array, n_valid: jax.Array):
-    """`Attention` on new tokens x [B,T,d] (attn_norm-ed) at positions start + j, with its cache."""
-    cfg = attn.cfg
-    B, T, _ = x.shape
-    pos = start[:, None] + jnp.arange(T)  # [B, T]
-    inv_freq = inv_frequencies(cfg, attn.kind)
-    ratio = cfg.compress_ratio(attn.kind)
-
-    cq = attn.q_norm(attn.wq_a(x))
-    q = attn.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim)
-    q = apply_rope(rms_normalize(q, cfg.norm_eps), pos[..., None], inv_freq)
-    kv = apply_rope(attn.kv_norm(attn.wkv(x)), pos, inv_freq)  # [B, T, c]
-    keys = jnp.concatenate([_ring_read(lc.window, start).astype(kv.dtype), kv], axis=1)  # [B, W+T, c]
-
-    entries = topk_idx = None
-    updates = dict(window=_ring_write(lc.window, kv, start, n_valid))
-    if attn.compressor is not None:
-        entries, cv, cl = compressor_extend(attn.compressor, x, start, n_valid, lc.comp_values, lc.comp_logits,
-                                            lc.entries, inv_freq)
-        updates.update(entries=entries, comp_values=cv, comp_logits=cl)
-        entries = entries.astype(kv.dtype)
-    if attn.indexer is not None:
-        ix = attn.indexer
-        index_keys, iv, il = compressor_extend(ix.compressor, x, start, n_valid, lc.index_values, lc.index_logits,
-                                               lc.index_keys, inv_freq)
-        updates.update(index_keys=index_keys, index_values=iv, index_logits=il)
-        qi = apply_rope(ix.wq_b(cq).reshape(B, T, ix.n_heads, ix.head_dim), pos[..., None], inv_freq)
-        w = ix.weights_proj(x, jnp.float32) * (ix.head_dim * ix.n_heads) ** -0.5
-        topk_idx = select_topk_at(qi, w, index_keys.astype(x.dtype), pos, ix.ratio, ix.topk, ix.chunk)
-
-    o = cached_core_attention(q, keys, attn.sinks[...], cfg.window_size, pos, entries, topk_idx, ratio,
-                              cfg.attention_chunk)
-    o = apply_rope(o, pos[..., None], inv_freq, inverse=True)
-    g = cfg.o_groups
-    o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g) c], as in Attention.__call__
-    u = jnp.einsum("gni,gio->gno", o, attn.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
-    out = attn.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1))
-    return out, lc._replace(**updates)
-
-
-def block_extend(block, streams: jax.Array, tokens: jax.Array, lc: LayerCache, start, n_valid):
-    """`Block.__call__` on new tokens with the layer's cache: streams [B,T,n_hc,d] -> (streams, cache)."""
-    streams = constrain(streams, STREAMS)
-    u, post, comb = block.attn_hc.hc_pre(streams)
-    a, lc = attention_extend(block.attn, block.attn_norm(u), lc, start, n_valid)
-    streams = block.attn_hc.hc_post(a, streams, post, comb)
-    v, post, comb = block.ffn_hc.hc_pre(constrain(streams, STREAMS))
-    y, _ = block.ffn(block.ffn_norm(v), tokens)
-    return block.ffn_hc.hc_post(y, streams, post, comb), lc
-
-
-class Extended(NamedTuple):
-    logits: jax.Array  # [B, T, V] fp32
-    streams: jax.Array  # [B, T, n_hc, d] after the last main block (the MTP block's input)
-    cache: Cache
-
-
-def extend(model, cache: Cache, tokens: jax.Array, n_valid: jax.Array | None = None) -> Extended:
-    """Feed tokens [B, T] at positions cache.lengths + j; n_valid [B] (default T) real tokens per row.
-
-    Pure and jit-friendly (trace it with abstract inputs for AOT compilation). Positions past
-    cache.max_len are not checked here (`prefill` / `generate` check concrete lengths)."""
-    cfg = model.cfg
-    B, T = tokens.shape
-    if n_valid is None:
-        n_valid = jnp.full((B,), T, jnp.int32)
-    start = cache.lengths
-    tokens = constrain(tokens, TOKENS)
-    e = model.embed(tokens, jnp.dtype(cfg.dtype))
-    streams = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.dim))
-    new_stages = []
-    for stage, stage_cache in zip(model.stages, cache.stages):
-        splits = [nnx.split(b) for b in stage.blocks]
-
-        def body(streams, xs):
-            states, caches = xs
-            out = []
-            for (graphdef, _), state, lc in zip(splits, states, caches):
-                streams, lc = block_extend(nnx.merge(graphdef, state), streams, tokens, lc, start, n_valid)
-                out.append(lc)
-            return streams, tuple(out)
-
-        streams, caches = jax.lax.scan(body, streams, ([s for _, s in splits], stage_cache))
-        new_stages.append(caches)
-    h = model.norm(model.hc_head(streams))
-    logits = constrain(model.head(h, jnp.float32), LOGITS)
-    return Extended(logits, streams, cache.replace(lengths=start + n_valid, stages=tuple(new_stages)))
-
-
-def mtp_extend(model, cache: Cache, streams: jax.Array, next_tokens: jax.Array, n_valid: jax.Array):
-    """The MTP block at positions cache.mtp_lengths + j: streams [B,T,n_hc,d] of the main model at those
-    positions and the tokens one further, next_tokens [B,T]. Returns (draft logits [B,T,V], cache);
-    position t's logits predict token t+2 (spec §6)."""
-    mtp, cfg = model.mtp, model.cfg
-    if mtp is None or cache.mtp is None:
-        raise ValueError("speculative decoding needs the MTP block and its cache (n_mtp_layers = 1)")
-    start = cache.mtp_lengths
-    e = model.embed(next_tokens, jnp.dtype(cfg.dtype))
-    x = mtp.e_proj(mtp.enorm(e))[:, :, None, :] + mtp.h_proj(mtp.hnorm(streams))
-    x, lc = block_extend(mtp.block, x, next_tokens, cache.mtp, start, n_valid)
-    logits = constrain(model.head(mtp.norm(mtp.hc_head(x)), jnp.float32), LOGITS)
-    return logits, cache.replace(mtp=lc, mtp_lengths=start + n_valid)
-
+from v4jax.cache import Cache, init_cache
 
 def decode_step(model, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
     """One token per sequence: tokens [B, 1] -> (logits [B, 1, V] fp32, cache). Pure, jit-friendly."""
-    out = extend(model, cache, tokens)
+    out = model(tokens, cache=cache)
     return out.logits, out.cache
 
 
@@ -302,7 +74,7 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array | None, cache: Cache) -
         if np.any(n < 0) or np.any(n > T):
             raise ValueError(f"lengths must lie in [0, {T}] (the padded prompt width), got {n}")
         _check_fits(cache, n, "prefill")
-    out = extend(model, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
+    out = model(jnp.asarray(tokens, jnp.int32), cache=cache, n_valid=jnp.asarray(lengths, jnp.int32))
     return out.logits, out.cache
 
 
@@ -402,26 +174,25 @@ class Generator:
         gd = self.graphdef
 
         def _prefill(state, cache, tokens, n_valid):
-            return extend(nnx.merge(gd, state), cache, tokens, n_valid)
+            return nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
 
         def _step(state, cache, pending, step, seed, params):
-            out = extend(nnx.merge(gd, state), cache, pending[:, None])
+            out = nnx.merge(gd, state)(pending[:, None], cache=cache)
             nxt = sample(out.logits[:, 0], _row_keys(seed, pending.shape[0], step), params)
             return nxt, out.logits[:, 0], out.cache
 
         def _mtp_prefill(state, cache, streams, next_tokens, n_valid):
-            model = nnx.merge(gd, state)
-            logits, cache = mtp_extend(model, cache, streams, next_tokens, n_valid)
+            logits, cache = nnx.merge(gd, state).draft(cache, streams, next_tokens, n_valid)
             return jnp.take_along_axis(jnp.argmax(logits, -1), (n_valid - 1)[:, None], 1)[:, 0].astype(jnp.int32), cache
 
         def _spec_step(state, cache, pending, draft):
             model = nnx.merge(gd, state)
-            out = extend(model, cache, jnp.stack([pending, draft], 1))
+            out = model(jnp.stack([pending, draft], 1), cache=cache)
             target = jnp.argmax(out.logits, -1).astype(jnp.int32)  # [B, 2]: tokens p+1, p+2
             accept = target[:, 0] == draft
             n_acc = 1 + accept.astype(jnp.int32)
             cache = out.cache.replace(lengths=cache.lengths + n_acc)  # rollback = not advancing
-            logits, cache = mtp_extend(model, cache, out.streams, target, n_acc)
+            logits, cache = model.draft(cache, out.streams, target, n_acc)
             new_draft = jnp.take_along_axis(jnp.argmax(logits, -1), (n_acc - 1)[:, None], 1)[:, 0]
             return target, accept, new_draft.astype(jnp.int32), out.logits, cache
 

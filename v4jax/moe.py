@@ -17,6 +17,8 @@ from flax import nnx
 
 from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
+from pallas_kernels.moe_dispatch_reference import swiglu
+from v4jax import kernels
 from v4jax.config import MoEImpl, RouterKind, V4Config
 from v4jax.layers import Buffer, Linear, param
 
@@ -28,11 +30,6 @@ def affinity(logits: jax.Array, score_func: str) -> jax.Array:
     if score_func == "sigmoid":
         return jax.nn.sigmoid(logits)
     return jax.nn.softmax(logits, axis=-1)
-
-
-def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """SiLU(min(gate, L)) * clip(up, -L, L) (spec §5.3), fp32."""
-    return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
 
 
 class Routing(NamedTuple):
@@ -93,7 +90,7 @@ class Experts(nnx.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
         B, T, d = x.shape
-        ffn = functools.partial(_GROUPED_FFN[self.impl](), limit=self.limit)
+        ffn = functools.partial(kernels.grouped_swiglu(self.impl), limit=self.limit)
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
         ctx = active()
         if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
@@ -110,44 +107,6 @@ class Experts(nnx.Module):
         sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
         y = ffn(x.reshape(B * T, d)[token], sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d]
         return jnp.zeros((B * T, d), jnp.float32).at[token].add(y).reshape(B, T, d)  # un-permute, combine in fp32
-
-
-def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   row_weights: jax.Array, limit: float) -> jax.Array:
-    """The routed experts on expert-contiguous rows (reference path, `jax.lax.ragged_dot`).
-
-    xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
-    expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
-    row (applied before W2, as the official code does). Returns [M, d] fp32.
-    """
-    dt = xs.dtype
-    gate = jax.lax.ragged_dot(xs, w1.astype(dt), sizes, preferred_element_type=jnp.float32)
-    up = jax.lax.ragged_dot(xs, w3.astype(dt), sizes, preferred_element_type=jnp.float32)
-    h = swiglu(gate, up, limit) * row_weights[:, None]
-    return jax.lax.ragged_dot(h.astype(dt), w2.astype(dt), sizes, preferred_element_type=jnp.float32)
-
-
-def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                          row_weights: jax.Array, limit: float) -> jax.Array:
-    """The same function as `grouped_swiglu` by one masked dense FFN per expert (moe_impl=reference):
-    E times the FLOPs, no ragged op, easy to read and to trust."""
-    dt = xs.dtype
-    ends = jnp.cumsum(sizes)
-    expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups
-    mask = jax.nn.one_hot(expert, w1.shape[0], dtype=jnp.float32)  # [M, E]
-    gate = jnp.einsum("md,edi->emi", xs, w1.astype(dt), preferred_element_type=jnp.float32)
-    up = jnp.einsum("md,edi->emi", xs, w3.astype(dt), preferred_element_type=jnp.float32)
-    h = swiglu(gate, up, limit) * (mask.T * row_weights[None, :])[..., None]
-    return jnp.einsum("emi,eid->md", h.astype(dt), w2.astype(dt), preferred_element_type=jnp.float32)
-
-
-def _pallas_grouped_swiglu():
-    from pallas_kernels.moe_dispatch import grouped_swiglu as kernel  # imported only when chosen
-    return kernel
-
-
-_GROUPED_FFN = {MoEImpl.REFERENCE: lambda: grouped_swiglu_onehot, MoEImpl.RAGGED_DOT: lambda: grouped_swiglu,
-                MoEImpl.PALLAS: _pallas_grouped_swiglu}
 
 
 class SharedExpert(nnx.Module):

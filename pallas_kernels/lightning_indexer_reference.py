@@ -1,0 +1,42 @@
+"""Lightning indexer selection (docs/architecture.md §4.4), pure JAX: the reference twin of the Pallas
+kernel in `lightning_indexer.py`.
+
+Score `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32; entry s is visible to the query at
+position t iff s < floor((t+1)/m); top-k per query, ties towards the lowest entry index
+(`jax.lax.top_k` is stable); invisible picks become -1. The [T, N] score matrix is never held whole:
+queries are scored and selected in chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.query_chunks import map_query_chunks
+
+
+def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
+    """I = sum_h w_h ReLU(q_h . K_s), fp32. q [B,Q,n_I,c_I], w [B,Q,n_I], keys [B,N,c_I] -> [B,Q,N]."""
+    dots = jnp.einsum("bqhc,bnc->bqhn", q, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("bqhn,bqh->bqn", jax.nn.relu(dots), w)
+
+
+def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512) -> jax.Array:
+    """Chunked scoring + top-k. q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B, T] (or [T],
+    the same for every row; a cached call's queries sit at different positions per sequence)
+    -> [B, T, min(k, N)] int32, -1 = empty. Entry s is visible to the query at t iff s < floor((t+1)/m)."""
+    B, T = q.shape[:2]
+    pos = jnp.broadcast_to(positions, (B, T))
+    N = keys.shape[1]
+    k = min(topk, N)
+    if k == 0:
+        return jnp.zeros((B, T, 0), jnp.int32)
+
+    def one_chunk(args):
+        q_c, w_c, pos_c, _ = args  # [B,Q,n_I,c_I], [B,Q,n_I], [B,Q], [Q]
+        limit = ((pos_c + 1) // ratio)[..., None]  # [B, Q, 1]
+        scores = jnp.where(jnp.arange(N) < limit, index_scores(q_c, w_c, keys), -jnp.inf)  # [B, Q, N]
+        idx = jax.lax.top_k(scores, k)[1]  # [B, Q, k], lowest index first on ties
+        return jnp.where(idx < limit, idx, -1).astype(jnp.int32)
+
+    return map_query_chunks(one_chunk, (q, w, pos, jnp.arange(T)), T, chunk)
