@@ -217,7 +217,7 @@ def cache_table(contexts=(131072, 1048576)) -> tuple[str, dict]:
 
 
 def active_params(name: str) -> int:
-    from sharding.dryrun import active_params as count
+    from benchmarks.dryrun import active_params as count
     from v4jax.model import Transformer
 
     cfg = V4Config.preset(name)

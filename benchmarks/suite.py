@@ -8,7 +8,7 @@ Sections (in order; `--only` picks some):
   scaling     per-token attention cost vs context, sparse vs dense, from compiled cost analysis; KV cache
               and FLOPs vs the V3.2 baseline against the report's figures; PNG plot (benchmarks/scaling.py)
   dryrun      scale on paper: the recorded dry-run JSONs in benchmarks/results/dryrun/ (written by
-              `python -m sharding.dryrun --json`, or by `--dryrun` here) and the MaxText DeepSeek-V3 reference
+              `python -m benchmarks.dryrun --json`, or by `--dryrun` here) and the MaxText DeepSeek-V3 reference
   gpu         kernel times and roofline fractions on a GPU, when the machine has one
   components  the per-component benchmarks (forward_throughput, decode, train_step, sparse_attention,
               lightning_indexer, moe_dispatch, convert), each run in-process with its own CLI arguments
@@ -225,7 +225,7 @@ MAXTEXT_V3 = dict(run="DeepSeek-V3 671B train (MaxText, measured on hardware)", 
 
 
 def load_dryruns(directory: str = DRYRUN_DIR) -> tuple[list[dict], list[str]]:
-    """Every dry-run report JSON in the directory (sharding.dryrun.Report as a dict, plus its file name),
+    """Every dry-run report JSON in the directory (benchmarks.dryrun.Report as a dict, plus its file name),
     and 'file: reason' for each file skipped (unreadable, being written, or not a dry-run report)."""
     runs, skipped = [], []
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
@@ -237,7 +237,7 @@ def load_dryruns(directory: str = DRYRUN_DIR) -> tuple[list[dict], list[str]]:
             skipped.append(f"{name}: unreadable ({str(e).splitlines()[0]})")
             continue
         if not isinstance(d, dict) or "topology" not in d or "config" not in d:
-            skipped.append(f"{name}: not a sharding.dryrun report (needs at least config and topology)")
+            skipped.append(f"{name}: not a benchmarks.dryrun report (needs at least config and topology)")
             continue
         d["_file"] = name
         runs.append(d)
@@ -276,6 +276,8 @@ def dryrun_tables(runs: list[dict]) -> str:
             d = {**d, "mesh": why.split("with mesh ")[1].split(":")[0]}
         st = d.get("settings") or {}
         knobs = ", ".join(f"{k} {st[k]}" for k in ("optimizer", "moe_dispatch_chunk", "moe_impl") if k in st)
+        if d.get("mode") == "train" and "step" not in st:  # before issue 16 the dry run compiled its own loss
+            knobs += ", own CE+MTP loss, not make_step"
         if "TPU_LIBRARY_PATH" in st.get("libtpu", ""):  # compiled by another libtpu than the installed one
             knobs += f", libtpu {st['libtpu'].split()[0]}"
         model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
@@ -320,17 +322,16 @@ def dryrun_tables(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-# The dry runs behind the scale-on-paper table, as `python -m sharding.dryrun` arguments keyed by the JSON
+# The dry runs behind the scale-on-paper table, as `python -m benchmarks.dryrun` arguments keyed by the JSON
 # file each writes to benchmarks/results/dryrun/ (a refusal is written too). `--dryrun` compiles those
 # whose file is missing (delete a file to redo it): 3-30 min each on a 2-core host, hours in all.
 _TRAIN = "--mode train --seq 4096 --set moe_dispatch_chunk=256"
 DRYRUN_PLAN = {
-    # v4-flash training: v5p smallest first, AdamW for comparison, tpu7x, one v6e slice, 32K tokens
+    # v4-flash training: v5p smallest first, tpu7x, one v6e slice, 32K tokens
     "v4-flash_train_v5p-4x4x4_4k_chunk256_muon": f"--config v4-flash --topology v5p:4x4x4 {_TRAIN}",
     "v4-flash_train_v5p-4x4x4_4k_chunk128_muon": "--config v4-flash --topology v5p:4x4x4 --mode train --seq 4096 "
                                                  "--set moe_dispatch_chunk=128",
     "v4-flash_train_v5p-8x8x4_4k_chunk256_muon": f"--config v4-flash --topology v5p:8x8x4 {_TRAIN}",
-    "v4-flash_train_v5p-8x8x4_4k_chunk256_adamw": f"--config v4-flash --topology v5p:8x8x4 {_TRAIN} --optimizer adamw",
     "v4-flash_train_tpu7x-4x4x8_4k_chunk256_muon": f"--config v4-flash --topology tpu7x:4x4x8 {_TRAIN}",
     "v4-flash_train_v6e-16x16_4k_long_context": "--config v4-flash --topology v6e:16x16 --rules long_context "
                                                 f"--mesh context=4,expert=64 {_TRAIN}",
@@ -361,14 +362,14 @@ DRYRUN_PLAN = {
 
 
 def run_dryruns(log, directory: str = DRYRUN_DIR) -> None:
-    from sharding import dryrun
+    from benchmarks import dryrun
 
     os.makedirs(directory, exist_ok=True)
     for name, args in DRYRUN_PLAN.items():
         path = os.path.join(directory, f"{name}.json")
         if os.path.exists(path):
             continue
-        log(f"[dryrun] {name}: python -m sharding.dryrun {args}")
+        log(f"[dryrun] {name}: python -m benchmarks.dryrun {args}")
         dryrun.main(args.split() + ["--json", path])  # writes the report, or the refusal, to path
 
 
@@ -380,7 +381,7 @@ def section_dryrun(quick: bool, log, directory: str = DRYRUN_DIR, run: bool = Fa
     rel = os.path.relpath(directory, ROOT)
     body = [
         f"Rendered from the dry-run reports in `{rel}/` ({len(runs)} file(s)); each is the `--json` output of "
-        "`python -m sharding.dryrun` (compile-only for the TPU topology on a CPU host; method and caveats in "
+        "`python -m benchmarks.dryrun` (compile-only for the TPU topology on a CPU host; method and caveats in "
         "docs/sharding.md). Memory is the compiled per-device peak (arguments + outputs + temporaries - aliased) "
         "against the chip's HBM; the step time is a roofline (slowest of compute, HBM traffic, ICI traffic) "
         "and MFU = model FLOPs / (devices x peak x that step): a model of the compiled program, not a "

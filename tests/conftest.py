@@ -14,7 +14,7 @@ def tpu_devices_or_skip(topology: str):
     as the dry run builds them; skips the test where libtpu is missing or cannot start."""
     import pytest
 
-    from sharding.dryrun import tpu_devices
+    from benchmarks.dryrun import tpu_devices
 
     try:
         return tpu_devices(topology)

@@ -69,7 +69,7 @@ def test_a_compile_without_a_verdict_is_shown_as_unknown_not_as_a_refusal(tmp_pa
 
 
 def test_every_dryrun_plan_entry_is_a_valid_dryrun_command_line_named_after_its_run():
-    from sharding.dryrun import parser
+    from benchmarks.dryrun import parser
     from sharding.rules import get_rules, parse_overrides
     from v4jax import V4Config
 
@@ -87,7 +87,7 @@ def test_dryrun_section_skips_and_names_files_that_are_not_reports(tmp_path):
     (tmp_path / "good.json").write_text(json.dumps(_report()))
     runs, skipped = suite.load_dryruns(str(tmp_path))
     assert [r["_file"] for r in runs] == ["good.json"]
-    assert len(skipped) == 2 and skipped[0].startswith("bad.json: not a sharding.dryrun report")
+    assert len(skipped) == 2 and skipped[0].startswith("bad.json: not a benchmarks.dryrun report")
     assert "partial.json: unreadable" in suite.section_dryrun(True, print, directory=str(tmp_path)).body
 
 

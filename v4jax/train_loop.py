@@ -36,7 +36,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global, state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax import losses
-from v4jax.config import RouterKind, V4Config
+from v4jax.config import AttentionKind, RouterKind, V4Config
 from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
                         resolve_files)
 from v4jax.layers import Buffer
@@ -720,3 +720,64 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
         plot_loss(metrics_path, png)
         summary["plot"] = png
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled program (shared by `train` and the TPU dry run, so both compile the same step)
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """`make_step` jitted with the state's shardings, and the abstract arguments to lower it with."""
+
+    tc: TrainConfig
+    setup: Setup
+    shardings: dict  # {"params", "buffers", "opt", "step", "rng"} -> NamedShardings
+    state: dict  # abstract state (ShapeDtypeStructs with shardings)
+    batch: jax.ShapeDtypeStruct  # [B, grad_accum, T+1] int32
+    hyper: dict  # abstract `hyperparams`
+    jitted: Callable  # (state, batch, hyper) -> (state, metrics), state donated
+    init: Callable  # () -> a fresh state (jit it with out_shardings=shardings)
+
+    def lower(self):
+        return self.jitted.lower(self.state, self.batch, self.hyper)
+
+    def loss_terms(self) -> list[str]:
+        """The loss terms the compiled step adds up (CE always)."""
+        cfg, tc = self.setup.cfg, self.tc
+        return (["ce"] + (["mtp"] if cfg.n_mtp_layers else []) + ["balance"]
+                + (["indexer"] if tc.indexer_loss_weight > 0 and AttentionKind.CSA in cfg.layer_types else []))
+
+
+def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules) -> StepProgram:
+    """The training step `train` runs, with its state shardings on `mesh` under `rules`."""
+    setup = make_setup(tc, cfg)
+    param_sh = flat_params(state_shardings(setup.param_template, mesh, rules))
+    buffer_sh = flat_params(state_shardings(setup.buffer_template, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_params = flat_params(setup.param_template)
+    opt_sh = _opt_shardings(jax.eval_shape(setup.tx.init, abstract_params), abstract_params, param_sh, replicated)
+    shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
+
+    def init():
+        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+        _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
+        p, b = flat_params(p), flat_params(b)
+        return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(tc.seed))}
+
+    spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(spec, jax.eval_shape(init), shardings)
+    batch_sharding = data_sharding(mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)
+    batch = jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
+    hyper = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                         hyperparams(tc, setup.schedule, 0))
+    step_fn = make_step(tc, setup)
+
+    def step(state, batch, hyper):
+        with use_mesh_rules(mesh, rules):  # traced under the rules: activations constrained, kernels per device
+            return step_fn(state, batch, hyper)
+
+    # metrics (scalars and [L, E] loads) replicated: every process can read them
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
+                     donate_argnums=(0,))
+    return StepProgram(tc, setup, shardings, state, batch, hyper, jitted, init)

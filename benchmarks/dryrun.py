@@ -1,6 +1,6 @@
 """Ahead-of-time dry run of a v4jax step on a TPU topology, on a machine without TPUs.
 
-    python -m sharding.dryrun --config v4-flash --topology v5p:8x8x8 --rules fsdp_ep \
+    python -m benchmarks.dryrun --config v4-flash --topology v5p:8x8x8 --rules fsdp_ep \
         [--mode train|prefill|decode] [--batch B] [--seq S] [--mesh fsdp=64,expert=8] \
         [--num-slices N --dcn data=N] [--json OUT]
 
@@ -12,8 +12,10 @@ traffic) with the MFU it implies for the model FLOPs (6 N_active per token for t
 inference, plus attention). When the step does not fit, it says so and names the biggest buffers
 (exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
 
-train: forward + backward + optimizer update (train.py's Muon + AdamW split by default, or --optimizer adamw; fp32
-master weights and optimizer state, bf16 compute, full remat).
+train: exactly the step train.py runs (`v4jax.train_loop.step_program`: `make_step` with every loss term,
+the micro-batch accumulation scan, the selection-bias update and the non-finite guard, jitted with the
+same state shardings); fp32 master weights and optimizer state (Muon + AdamW split, bf16 Newton-Schulz),
+bf16 compute, full remat.
 prefill: forward over the prompt, logits of the last position (bf16 weights).
 decode: one token against a cache of --seq positions (needs the inference cache, v4jax.generate).
 """
@@ -42,7 +44,6 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
 from v4jax.config import AttentionKind, Remat, V4Config
-from v4jax.losses import cross_entropy, mtp_cross_entropy
 from v4jax.model import Transformer
 
 
@@ -310,8 +311,8 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, optimizer: str = "muon"):
-    """(jitted step, abstract args with shardings, argument names) for the mode."""
+def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, grad_accum: int = 1):
+    """(jitted step, abstract args with shardings, per-device bytes by name, loss terms | None) for the mode."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
@@ -324,56 +325,26 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     for (path, var), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(p_sh)):
         names[".".join(map(str, path))] = _per_device_bytes(var.shape, var.dtype, sh.get_value(), mesh)
 
-    def loss_fn(params, rest, tokens):
-        out = nnx.merge(graphdef, params, rest)(tokens)
-        loss = cross_entropy(out.logits[:, :-1], tokens[:, 1:])
-        if out.mtp_logits is not None:
-            loss += 0.3 * mtp_cross_entropy(out.mtp_logits[:, :-1], tokens[:, 1:])
-        return loss
-
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)
     if mode == "train":
-        import optax
+        from v4jax.train_loop import TrainConfig, step_program
 
-        from v4jax.optim import OptimConfig, flat_params, logical_axes, make_optimizer, split_params, unflat_params
-
-        flat_p, flat_sh = flat_params(params), flat_params(p_sh)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        if optimizer == "muon":  # what train.py runs: spec §8 split, Muon (bf16 Newton-Schulz) + AdamW
-            tx = make_optimizer(split_params(logical_axes(params)), 1e-4, OptimConfig(muon_ns_dtype="bfloat16"))
-        elif optimizer == "adamw":
-            tx = optax.adamw(1e-4, weight_decay=0.1)
-        else:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
-        opt = jax.eval_shape(tx.init, flat_p)
-
-        def leaf_sharding(path, leaf):  # momenta / moments take their parameter's sharding
-            for k in reversed(path):
-                name = getattr(k, "key", None)
-                if name in flat_p and tuple(flat_p[name].shape) == tuple(leaf.shape):
-                    names[f"optimizer state of {name}"] = names.get(f"optimizer state of {name}", 0) + \
-                        _per_device_bytes(leaf.shape, leaf.dtype, flat_sh[name], mesh)
-                    return flat_sh[name]
-            return replicated
-        opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, opt)
-
-        def step(params, rest, opt_state, tokens):
-            with use_mesh_rules(mesh, rules):
-                loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
-                p = flat_params(params)
-                updates, opt_state = tx.update(flat_params(grads), opt_state, p)
-                return unflat_params(params, optax.apply_updates(p, updates)), opt_state, loss
-
-        fn = jax.jit(step, in_shardings=(p_sh, r_sh, opt_sh, tok_sh), out_shardings=(p_sh, opt_sh, None),
-                     donate_argnums=(0, 2))
-        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), spec_of(opt, opt_sh), tokens), names
+        tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16")
+        program = step_program(tc, cfg, mesh, rules)
+        flat_p, flat_sh = program.state["params"], program.shardings["params"]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(program.state["opt"])[0]:
+            name = next((k.key for k in reversed(path) if getattr(k, "key", None) in flat_p), None)
+            if name is not None and tuple(flat_p[name].shape) == tuple(leaf.shape):
+                key = f"optimizer state of {name}"
+                names[key] = names.get(key, 0) + _per_device_bytes(leaf.shape, leaf.dtype, flat_sh[name], mesh)
+        return program.jitted, (program.state, program.batch, program.hyper), names, program.loss_terms()
     if mode == "prefill":
         def step(params, rest, tokens):
             with use_mesh_rules(mesh, rules):
                 return nnx.merge(graphdef, params, rest)(tokens, with_mtp=False).logits[:, -1]
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
-        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names
+        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names, None
     if mode == "decode":  # one token per sequence against a cache holding `seq` positions
         from v4jax.cache import cache_shardings, init_cache
         from v4jax.generate import decode_step
@@ -390,7 +361,7 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, c_sh, tok_sh), out_shardings=(None, c_sh), donate_argnums=(2,))
         return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), spec_of(cache, c_sh),
-                    jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh)), names
+                    jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh)), names, None
     raise SystemExit(f"unknown mode {mode!r}")
 
 
@@ -441,7 +412,7 @@ def libtpu_version() -> str:
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
-            overrides: dict | None = None, optimizer: str = "muon") -> Report:
+            overrides: dict | None = None, grad_accum: int = 1) -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -463,7 +434,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
-    fn, args, names = build(cfg, mode, batch, seq, mesh, rules, optimizer)
+    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum)
     t0 = time.time()
     try:
         compiled = fn.lower(*args).compile()
@@ -487,7 +458,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     alias = mem.alias_size_in_bytes
     peak = arg + out + tmp - alias
     hbm = chip.hbm_per_device
-    tokens = batch * seq if mode != "decode" else batch
+    tokens = batch * seq * (grad_accum if mode == "train" else 1) if mode != "decode" else batch
     abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     correction = scan_correction(cfg, abstract_state, seq)
     flops_text = float(cost.get("flops", 0.0))
@@ -510,7 +481,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": cfg.remat.value, "moe_impl": cfg.moe_impl.value, "attention_impl": cfg.attention_impl.value,
-                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"optimizer": optimizer} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
+                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"step": "v4jax.train_loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                                           "grad_accum": grad_accum} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
     if require_fit and not report.fits:
@@ -534,7 +506,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharding.dryrun", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dryrun", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="v4-flash", help="preset name or a config.json path")
     p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
     p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, long_context")
@@ -546,8 +518,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-slices", type=int, default=1)
     p.add_argument("--dcn", default=None, help="axis sizes across slices, e.g. data=2")
     p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
-    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
-                   help="train mode: muon = train.py's Muon + AdamW split (spec §8), adamw = AdamW everywhere")
+    p.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per step (train.py's grad_accum)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -560,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
                          num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
-                         overrides=_parse_sets(a.set), optimizer=a.optimizer)
+                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -570,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
                            "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
-                           "settings": {"optimizer": a.optimizer, **_parse_sets(a.set)}}, f, indent=2)
+                           "settings": {"step": "v4jax.train_loop.make_step", "grad_accum": a.grad_accum,
+                                        **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())
     if a.json:
