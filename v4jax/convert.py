@@ -113,7 +113,9 @@ def _read_json(path: str):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: unreadable ({e})") from None
 
 

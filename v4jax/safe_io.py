@@ -45,6 +45,14 @@ def check_target(target: str, *, overwrite: bool, error: type[Exception] = Targe
         raise error(f"output {target} exists and is not a directory; choose another target")
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
         raise error(f"output {target} is not empty; pass {flag} to replace it, or choose another target")
+    # fail now rather than after minutes of work: the nearest existing ancestor must be a writable
+    # directory (the staging directory is created next to the target)
+    parent = os.path.dirname(os.path.abspath(target))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(parent) else "is not writable"
+        raise error(f"cannot write output {target}: {parent} {why}")
 
 
 def open_staging(target: str, *, resume: bool = False, error: type[Exception] = TargetError) -> str:
