@@ -284,3 +284,18 @@ def test_convert_exports_a_train_run_from_a_relative_path(train_run, model, tmp_
     for k, a in hf_tensors(loaded).items():
         assert a.dtype == want[k].dtype  # a float32 run exports float32
         np.testing.assert_array_equal(a, want[k])
+
+
+def test_convert_falls_back_to_the_previous_step_when_the_newest_is_corrupt(model, tmp_path, capsys):
+    run = write_train_run(tmp_path / "run", model, step=7)
+    write_train_run(run, tiny_model(5, n_mtp_layers=0), step=9)
+    meta = tmp_path / "run" / "checkpoints" / "9" / "meta" / "metadata"
+    d = json.loads(meta.read_text())
+    d["fingerprint"]["embed.embedding"] *= 1.5  # what a silently corrupted tensor looks like
+    meta.write_text(json.dumps(d))
+    convert.convert(run, tmp_path / "out", fmt="hf", progress=False)
+    assert "exporting step 7" in capsys.readouterr().err
+    loaded, _ = load_hf(tmp_path / "out")
+    want = hf_tensors(model)
+    for k, a in hf_tensors(loaded).items():
+        np.testing.assert_array_equal(a, want[k])

@@ -176,6 +176,9 @@ class _TrainRunSource(_Source):
                 errors.append(str(e))
         else:
             raise ConvertError(errors[0] if len(errors) == 1 else f"no checkpoint of {directory} loads; newest: {errors[0]}")
+        if errors:  # said, not silent: the export is not the newest step
+            print(f"note: {len(errors)} newer step(s) unusable ({errors[0]}); exporting step {loaded.step}",
+                  file=sys.stderr)
         self.step = loaded.step
         self.arrays = {}
         for key, a in hf_tensors(loaded.model).items():
