@@ -57,7 +57,7 @@ DONE_MARKER = "conversion.json"
 CONFIG = "config.json"
 _FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
-SOURCE_DTYPE = "source"  # the manifest's dtype entry when every tensor keeps its source dtype
+SOURCE_DTYPE = "source"  # the manifest's dtype entry when the BF16/FP8/FP4-class tensors keep several dtypes
 
 
 class ConvertError(ValueError):
