@@ -299,3 +299,21 @@ def test_convert_falls_back_to_the_previous_step_when_the_newest_is_corrupt(mode
     want = hf_tensors(model)
     for k, a in hf_tensors(loaded).items():
         np.testing.assert_array_equal(a, want[k])
+
+
+def test_infer_finds_the_tokenizer_a_train_run_names(train_run, tmp_path, monkeypatch):
+    import infer
+
+    run = tmp_path / "run"
+    shutil.copytree(train_run, run)
+    monkeypatch.chdir(tmp_path)
+    assert infer.find_tokenizer("run", None) == "byte"  # train.tokenizer "byte"
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["tokenizer"] = "tok/tokenizer.json"  # a path relative to where train.py ran...
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "tok").mkdir()
+    (run / "tok" / "tokenizer.json").write_text("{}")
+    assert infer.find_tokenizer("run", None) == os.path.join("run", "tok/tokenizer.json")  # ...or to the run
+    (run / "tokenizer.json").write_text("{}")  # one saved with the run comes first
+    assert infer.find_tokenizer("run", None) == os.path.join("run", "tokenizer.json")
+    assert infer.find_tokenizer("run", "byte") == "byte"  # and --tokenizer before everything
