@@ -274,10 +274,12 @@ def test_train_run_to_infer_with_a_relative_path_prints_text(train_run, tmp_path
 
 
 def test_convert_exports_a_train_run_from_a_relative_path(train_run, model, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(os.path.dirname(train_run))
+    shutil.copytree(train_run, tmp_path / "run")
+    (tmp_path / "run" / "tokenizer.json").write_text('{"tokenizer": "of the run"}')
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "export"
-    assert convert.main(["--from", os.path.basename(train_run), "--to", str(out), "--format", "hf",
-                         "--no-progress"]) == 0
+    assert convert.main(["--from", "run", "--to", "export", "--format", "hf", "--no-progress"]) == 0
+    assert (out / "tokenizer.json").read_text() == '{"tokenizer": "of the run"}'  # travels with the weights
     loaded, info = load_hf(out)
     assert not info.mtp_loaded
     want = hf_tensors(model)

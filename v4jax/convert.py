@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -55,6 +56,7 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors"
 DONE_MARKER = "conversion.json"
 CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 _FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 SOURCE_DTYPE = "source"  # the manifest's dtype entry when the BF16/FP8/FP4-class tensors keep several dtypes
@@ -126,6 +128,7 @@ class _Source:
     kind: str
     specs: list[tuple[str, tuple[int, ...], np.dtype]]
     config: dict | None
+    tokenizer: str | None = None  # the source's tokenizer.json: it travels with the weights
 
     def tensors(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
         raise NotImplementedError
@@ -238,13 +241,23 @@ def _open_source(src: str, dtype, batch_bytes: int) -> _Source:
     if not os.path.isdir(src):
         raise ConvertError(f"source {src} is not a directory")
     if os.path.exists(os.path.join(src, MANIFEST)):
-        return _OrbaxSource(src, batch_bytes)
-    if os.path.isdir(os.path.join(src, "checkpoints")):
-        return _TrainRunSource(src, dtype)
-    try:
-        return _SafetensorsSource(src, dtype)
-    except ReleaseError as e:
-        raise ConvertError(str(e)) from None
+        source = _OrbaxSource(src, batch_bytes)
+    elif os.path.isdir(os.path.join(src, "checkpoints")):
+        source = _TrainRunSource(src, dtype)
+    else:
+        try:
+            source = _SafetensorsSource(src, dtype)
+        except ReleaseError as e:
+            raise ConvertError(str(e)) from None
+    tok = os.path.join(src, TOKENIZER)
+    source.tokenizer = tok if os.path.isfile(tok) else None
+    return source
+
+
+def _copy_tokenizer(source: _Source, work: str) -> None:
+    """infer.py looks for CHECKPOINT/tokenizer.json, so the converted checkpoint keeps the source's."""
+    if source.tokenizer is not None:
+        shutil.copyfile(source.tokenizer, os.path.join(work, TOKENIZER))
 
 
 def _effective_dtype(source: _Source) -> str:
@@ -359,6 +372,7 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
              "tensors": [dict(t, crc32=None) for t in specs]}
         if source.config is not None:
             _atomic_json(os.path.join(work, CONFIG), source.config)
+        _copy_tokenizer(source, work)
         _atomic_json(partial, m)
     m = _orbax_write(source, work, m, batch_bytes=batch_bytes, progress=progress, after_batch=after_batch,
                      compress=compress)
@@ -486,6 +500,7 @@ def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int
         if list(a.shape) != shape or checksum(a) != crc:
             raise ConvertError(f"{dst}: verification failed for tensor {key!r}")
     files.clear()
+    _copy_tokenizer(source, dst)
     done = {"format": fmt, "complete": True, "source": _source_id(source), "tensors": len(writer.written),
             "total_bytes": sum(int(np.prod(s, dtype=np.int64)) * np.dtype(DTYPES[d]).itemsize
                                for d, s, _ in writer.written.values())}
