@@ -1,6 +1,6 @@
 """Generate text with a DeepSeek-V4 checkpoint (v4jax): cached, batched, optionally MTP-speculative.
 
-  python infer.py --checkpoint DIR --prompt "Hello" [--tokenizer tokenizer.json]
+  python infer.py --checkpoint DIR --prompt "Hello" [--tokenizer tokenizer.json|byte]
   python infer.py --checkpoint DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
   python infer.py --checkpoint DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
@@ -9,7 +9,10 @@
 The checkpoint (`v4jax.restore.load_model`) is any of: an HF-format directory (config.json +
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
 de-quantised on load), a `python -m v4jax.convert` output (Orbax), or a `train.py` run directory
-(its newest complete step, or --step N). Tokens stream to stdout as they are produced; the cache size
+(its newest complete step, or --step N). Paths may be relative. The tokenizer is --tokenizer, else
+CHECKPOINT/tokenizer.json, else, for a train.py run, the one its config.json names ("byte": UTF-8
+bytes, v4jax.data.ByteTokenizer; a path: that tokenizer.json, as given or relative to the run
+directory). Tokens stream to stdout as they are produced; the cache size
 per token and in total for the requested length is printed first, and the speed (and the speculative
 acceptance rate) at the end. Without --checkpoint it explains how to get one.
 """
@@ -47,9 +50,10 @@ def read_config(path: str):
 
     cfg_path = os.path.join(path, "config.json")
     if os.path.isfile(cfg_path):  # the architecture first: a foreign checkpoint is named as such
-        with open(cfg_path) as f:
-            d = json.load(f)
-        model_type = d.get("model_type", "deepseek_v4") if isinstance(d, dict) else None
+        d = _read_json(cfg_path)
+        if not isinstance(d, dict):
+            raise InferError(f"{cfg_path} does not hold a JSON object")
+        model_type = d.get("model_type", "deepseek_v4")
         if "model" not in d and model_type != "deepseek_v4":
             raise InferError(f"{path} holds a {model_type!r} checkpoint; infer.py runs DeepSeek-V4 (model_type "
                              "'deepseek_v4') only")
@@ -60,21 +64,80 @@ def read_config(path: str):
     return V4Config.from_json_file(os.path.join(path, "config.json"))
 
 
-def load_tokenizer(path: str, vocab_size: int):
-    """A `tokenizers` tokenizer.json whose vocabulary fits the model's."""
+def _read_json(path: str):
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise InferError("--prompt needs the `tokenizers` package (pip install tokenizers), or use --prompt-ids")
-    try:
-        tok = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001 - the library raises its own exception types
-        raise InferError(f"cannot read tokenizer {path}: {e}") from None
-    n = tok.get_vocab_size(with_added_tokens=True)
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InferError(f"{path} is not readable JSON ({e})") from None
+
+
+class _TextTokenizer:
+    """encode(text) -> ids and decode(ids) -> text over a `tokenizers` Tokenizer or ByteTokenizer."""
+
+    def __init__(self, tok, name: str, vocab_size: int):
+        self._tok, self.name, self.vocab_size = tok, name, vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text)
+        return list(ids.ids) if hasattr(ids, "ids") else [int(i) for i in ids]
+
+    def decode(self, ids) -> str:
+        # a model's vocabulary may be larger than its tokenizer's (train.py pads it): a sampled id
+        # past the tokenizer's end has no text and is dropped rather than failing the whole output
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+
+def load_tokenizer(path: str, vocab_size: int) -> _TextTokenizer:
+    """A `tokenizers` tokenizer.json (or "byte") whose vocabulary fits the model's."""
+    if path == "byte":
+        from v4jax.data import ByteTokenizer
+        tok, n = ByteTokenizer(), ByteTokenizer.vocab_size
+    else:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise InferError("--prompt needs the `tokenizers` package (pip install tokenizers), or use --prompt-ids")
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+            raise InferError(f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise InferError(f"tokenizer {path} has {n} tokens but the model's vocabulary has {vocab_size}: "
                          "they do not belong together")
-    return tok
+    return _TextTokenizer(tok, path, n)
+
+
+def find_tokenizer(checkpoint: str, given: str | None) -> str | None:
+    """--tokenizer, else CHECKPOINT/tokenizer.json, else what a train.py run's config.json names
+    (train.tokenizer: "byte" or a path, as given or relative to the run directory); None if nothing."""
+    if given:
+        if given != "byte" and not os.path.isfile(given):
+            raise InferError(f"--tokenizer {given} does not exist (give a tokenizer.json or 'byte')")
+        return given
+    own = os.path.join(checkpoint, "tokenizer.json")
+    if os.path.isfile(own):
+        return own
+    from v4jax.restore import Kind, _train_step_dir, detect
+
+    if detect(checkpoint) is not Kind.TRAIN_RUN:
+        return None
+    run = _train_step_dir(checkpoint, None)[1]
+    cfg_path = os.path.join(run, "config.json")
+    d = _read_json(cfg_path)
+    spec = d.get("train", {}).get("tokenizer") if isinstance(d, dict) and isinstance(d.get("train"), dict) else None
+    if spec is None:
+        return None
+    if not isinstance(spec, str) or not spec:
+        raise InferError(f"{cfg_path}: field train.tokenizer must be 'byte' or a path, got {spec!r}")
+    if spec == "byte":
+        return "byte"
+    for cand in (os.path.join(run, "tokenizer.json"), spec, os.path.join(run, spec)):
+        if os.path.isfile(cand):
+            return cand
+    raise InferError(f"{cfg_path}: the run's tokenizer {spec!r} does not exist (relative to here or to {run}); "
+                     "pass --tokenizer")
 
 
 def read_prompt_ids(path: str) -> list[list[int]]:
@@ -83,14 +146,14 @@ def read_prompt_ids(path: str) -> list[list[int]]:
         raise InferError(f"--prompt-ids file {path} does not exist")
     if path.endswith(".npy"):
         try:
-            a = np.load(path)
-        except (OSError, ValueError) as e:
-            raise InferError(f"cannot read {path}: {e}") from None
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise InferError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
         if not np.issubdtype(a.dtype, np.integer) or a.ndim not in (1, 2):
             raise InferError(f"{path}: expected integer ids [S] or [B, S], got {a.dtype} {a.shape}")
         return [list(map(int, r)) for r in np.atleast_2d(a)]
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # binary junk is reported as non-integer ids, by line
         for n, line in enumerate(f, 1):
             fields = line.replace(",", " ").split()
             if not fields:
@@ -125,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     g.add_argument("--prompt-ids", help=".npy or text file of token ids (one prompt per line)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: CHECKPOINT/tokenizer.json)")
+    p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: CHECKPOINT/tokenizer.json, or the "
+                                       "tokenizer a train.py run was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -138,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     p.add_argument("--write-random-checkpoint", metavar="DIR", help="write a random model (--preset) and exit")
     p.add_argument("--preset", default="tiny", help="preset for --write-random-checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="--write-random-checkpoint: replace a non-empty DIR")
     args = p.parse_args(argv)
     try:
         return run(args)
-    except ValueError as e:  # InferError, CheckpointError, ConfigError, generation input errors
+    except (ValueError, OSError) as e:  # InferError, CheckpointError, ConfigError, generation input errors
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -154,7 +219,12 @@ def run(args) -> int:
         from v4jax.config import V4Config
         from v4jax.model import Transformer
 
-        save_hf(Transformer(V4Config.preset(args.preset), rngs=nnx.Rngs(args.seed)), args.write_random_checkpoint)
+        from v4jax.safe_io import check_target
+
+        # refused before the model is built; save_hf checks again and writes through DIR.partial
+        check_target(args.write_random_checkpoint, overwrite=args.overwrite)
+        save_hf(Transformer(V4Config.preset(args.preset), rngs=nnx.Rngs(args.seed)), args.write_random_checkpoint,
+                overwrite=args.overwrite)
         print(f"wrote a random {args.preset} model to {args.write_random_checkpoint}")
         return 0
     if not args.checkpoint:
@@ -166,14 +236,16 @@ def run(args) -> int:
     from v4jax.restore import load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
-    if args.prompt is not None and not os.path.isfile(tok_path):
-        raise InferError(f"--prompt needs a tokenizer: {tok_path} does not exist (pass --tokenizer, or --prompt-ids)")
     # every check that needs only config.json runs before the weights load
     cfg = read_config(args.checkpoint)
+    tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
+    if args.prompt is not None and tok_path is None:
+        raise InferError(f"--prompt needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
+                         "exist (pass --tokenizer FILE or --tokenizer byte, or use --prompt-ids)")
     sampling.validate(cfg.vocab_size)
-    tok = load_tokenizer(tok_path, cfg.vocab_size) if (args.tokenizer or args.prompt is not None) else None
-    prompts = [tok.encode(args.prompt).ids] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
+    # a found tokenizer also decodes the output of --prompt-ids
+    tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
+    prompts = [tok.encode(args.prompt)] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
     for p in prompts:
         check_token_ids(p, cfg.vocab_size)
         if not p:

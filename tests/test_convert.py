@@ -201,11 +201,12 @@ def test_interrupted_conversion_resumes_and_matches_an_uninterrupted_one(release
 
     with pytest.raises(_Stop):
         convert.convert(release, dst, progress=False, batch_bytes=256 << 10, after_batch=stop)
-    m = json.load(open(dst / "manifest.json"))
+    assert not dst.exists()  # the partial output lives next to the target, never under its name
+    m = json.load(open(f"{dst}.partial/manifest.json"))
     saved = sum(t["crc32"] is not None for t in m["tensors"])
     assert not m["complete"] and 0 < saved < len(m["tensors"])
     with pytest.raises(ConvertError, match="not complete"):
-        convert.load_converted(dst)
+        convert.load_converted(f"{dst}.partial")
     seen = []
     convert.convert(release, dst, progress=False, batch_bytes=256 << 10, after_batch=seen.append)
     assert json.load(open(dst / "manifest.json"))["complete"]
@@ -317,7 +318,7 @@ def test_nan_codes_in_a_release_tensor_are_reported_by_name(release, tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(ReleaseError):
         convert.convert(tmp_path / "nan", dst, progress=False)
-    assert not json.load(open(dst / "manifest.json"))["complete"]
+    assert not dst.exists() and not json.load(open(f"{dst}.partial/manifest.json"))["complete"]
 
 
 def test_transformers_spelling_reads_like_the_release(release, tmp_path):
@@ -336,8 +337,13 @@ def test_transformers_spelling_reads_like_the_release(release, tmp_path):
 def test_unquantised_hf_checkpoint_converts_to_orbax_and_to_a_quantised_release(model_tensors, tmp_path):
     cfg, tensors = model_tensors
     official.write_hf(tmp_path / "hf", tensors.items(), config=cfg.to_hf_dict())  # float32, `model.` spelling
-    convert.convert(tmp_path / "hf", tmp_path / "o", progress=False)
+    convert.convert(tmp_path / "hf", tmp_path / "o", progress=False)  # default: float32 stays float32
     got = convert.load_converted(tmp_path / "o", cfg)
+    for n, a in tensors.items():
+        assert got[n].dtype == a.dtype
+        np.testing.assert_array_equal(got[n], a)
+    convert.convert(tmp_path / "hf", tmp_path / "o16", dtype="bf16", progress=False)
+    got = convert.load_converted(tmp_path / "o16", cfg)
     for n, a in tensors.items():
         keep = official.release_format(n) in (Format.FP32, Format.INT)
         np.testing.assert_array_equal(got[n], a if keep else a.astype(ml_dtypes.bfloat16))

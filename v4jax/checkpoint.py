@@ -222,7 +222,9 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     try:
         cfg = V4Config.from_json_file(os.path.join(directory, "config.json"), **overrides)
         found = open_directory(directory)
-    except (ConfigError, TensorFileError) as e:
+    except ConfigError as e:  # names config.json already
+        raise CheckpointError(str(e)) from None
+    except TensorFileError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     where, spelling = {}, {}
     for key, tf in found.items():
@@ -293,17 +295,13 @@ def hf_tensors(model, info: LoadInfo | None = None) -> dict[str, np.ndarray]:
 def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None,
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> list[str]:
     """Write config.json and the safetensors shards (+ index when sharded). Refuses a non-empty
-    directory unless overwrite=True, so an existing checkpoint is never clobbered by accident."""
-    directory = os.fspath(directory)
-    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise CheckpointError(f"{directory} is not empty; pass overwrite=True to replace its checkpoint")
-    os.makedirs(directory, exist_ok=True)
-    for f in os.listdir(directory):  # an overwrite must not leave stale shards or an index behind
-        if f.endswith(".safetensors") or f == "model.safetensors.index.json":
-            os.remove(os.path.join(directory, f))
-    files = write_sharded(directory, hf_tensors(model, info), max_shard_bytes)
-    tmp = os.path.join(directory, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(model.cfg.to_hf_dict(), f, indent=2)
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    directory unless overwrite=True, so an existing checkpoint is never clobbered by accident; the
+    files are written into `DIR.partial` and renamed onto DIR only when all are written, so an
+    interrupted save leaves DIR as it was (`v4jax.safe_io`). overwrite=True replaces DIR as a whole."""
+    from v4jax.safe_io import staged
+
+    with staged(directory, overwrite=overwrite, error=CheckpointError, flag="overwrite=True") as tmp:
+        files = write_sharded(tmp, hf_tensors(model, info), max_shard_bytes)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.cfg.to_hf_dict(), f, indent=2)
     return files + ["config.json"]

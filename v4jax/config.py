@@ -429,12 +429,36 @@ class V4Config:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
-        return cls.from_hf_dict(d, **overrides)
+        # from_hf_dict coerces with int()/float(): "64" or 2.5 would pass silently and None or a
+        # string would fail without naming the field, so the JSON types are checked here first
+        for field, kinds, what in _HF_FIELD_TYPES:
+            v = d.get(field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+                raise ConfigError(f"{path}: field {field!r} must be {what}, got {v!r}")
+        try:
+            return cls.from_hf_dict(d, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: unusable value ({e})") from None
 
     def save_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
             f.write("\n")
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank",
+               "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+               "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
+               "hc_sinkhorn_iters", "max_position_embeddings", "attention_chunk", "num_nextn_predict_layers",
+               "num_hash_layers", "qk_rope_head_dim", "compress_rate_csa", "compress_rate_hca",
+               "num_key_value_heads")
+_FLOAT_FIELDS = ("routed_scaling_factor", "swiglu_limit", "hc_eps", "rms_norm_eps", "rope_theta",
+                 "partial_rotary_factor", "compress_rope_theta")
+_LIST_FIELDS = ("layer_types", "mlp_layer_types", "compress_ratios")
+_HF_FIELD_TYPES = ([(f, int, "an integer") for f in _INT_FIELDS] + [(f, (int, float), "a number") for f in _FLOAT_FIELDS]
+                   + [(f, list, "a list") for f in _LIST_FIELDS])
 
 
 def _as_enum(enum_cls, value, field: str):

@@ -1,23 +1,33 @@
 """Stream a DeepSeek-V4 checkpoint between the official release layout, transformers' safetensors and
 an Orbax (TensorStore) checkpoint keyed by canonical tensor name.
 
-    python -m v4jax.convert --from RELEASE_DIR --to OUT [--dtype bf16|fp32] [--format orbax|hf|official]
+    python -m v4jax.convert --from SRC --to OUT [--dtype bf16|fp32] [--format orbax|hf|official] [--overwrite]
 
-Sources: a safetensors directory (official FP8/FP4 release, or an unquantised transformers save) or an
-Orbax checkpoint written by this tool. Targets:
+Sources: a safetensors directory (official FP8/FP4 release, or an unquantised transformers save), an
+Orbax checkpoint written by this tool, or a `train.py` run directory (its newest checkpoint that
+loads and matches its fingerprint; the whole model is held in memory). Without `--dtype` every
+tensor keeps its source dtype (FP8/FP4 weights de-quantise to bfloat16, the release's compute
+dtype); with it, FP8/FP4/BF16-class tensors are cast to it. When the source has a config.json, every
+tensor's name and shape is checked against the model it describes before anything is written.
+
+OUT must be absent or empty, or `--overwrite` given: an existing checkpoint is never replaced by
+accident. Everything is written into the sibling `OUT.partial` and renamed onto OUT only once
+complete and verified (`v4jax.safe_io`). Targets:
 
 * `orbax`: `OUT/tensors` is one Orbax checkpoint whose tree is `{canonical name: array}` (flat, so
   it does not depend on the model's in-memory layout); FP8/FP4/BF16-class tensors are stored
   de-quantised at `--dtype`, FP32-class ones (sinks, `ape`, `hc_*`, gate bias) in float32, `tid2eid`
   as found. Written with Orbax's partial save, a batch of tensors (`--batch-mb`) at a time.
-  `OUT/manifest.json` records every tensor's shape, dtype and CRC-32 and which are saved, so an
-  interrupted conversion resumes where it stopped; it is marked complete only after a final pass
+  `manifest.json` records every tensor's shape, dtype and CRC-32 and which are saved, so an
+  interrupted conversion resumes (from `OUT.partial`) where it stopped; it is marked complete only after a final pass
   re-reads every tensor and checks count, names, shapes, dtypes and checksums.
 * `hf`: unquantised safetensors under transformers' spelling (shards + index).
 * `official`: the release layout, re-quantised (byte-identical to the source release when that
   release's scales are canonical, see `v4jax.quant`).
   Safetensors targets are verified the same way (every written tensor re-read and checksummed) and
   marked complete in `OUT/conversion.json`; an interrupted one restarts from scratch.
+
+Re-running a finished conversion with the same source and dtype is a no-op.
 
 Memory: one tensor (plus one Orbax batch when writing Orbax); the peak RSS is printed at the end.
 `load_converted` restores the Orbax checkpoint, optionally straight into per-tensor shardings.
@@ -29,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -37,15 +48,18 @@ import ml_dtypes
 import numpy as np
 
 from v4jax import official
-from v4jax.official import ReleaseError, checksum
+from v4jax.official import Format, ReleaseError, checksum
+from v4jax.safe_io import check_target, commit, is_staging, open_staging, staging_path
 from v4jax.tensorfile import DTYPES
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors"
 DONE_MARKER = "conversion.json"
 CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 _FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+SOURCE_DTYPE = "source"  # the manifest's dtype entry when the BF16/FP8/FP4-class tensors keep several dtypes
 
 
 class ConvertError(ValueError):
@@ -101,7 +115,9 @@ def _read_json(path: str):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: unreadable ({e})") from None
 
 
@@ -112,6 +128,7 @@ class _Source:
     kind: str
     specs: list[tuple[str, tuple[int, ...], np.dtype]]
     config: dict | None
+    tokenizer: str | None = None  # the source's tokenizer.json: it travels with the weights
 
     def tensors(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
         raise NotImplementedError
@@ -122,16 +139,70 @@ class _SafetensorsSource(_Source):
 
     def __init__(self, directory: str, dtype):
         self.entries = official.scan_release(directory)
-        self.dtype = np.dtype(dtype)
-        self.specs = [(e.name, e.shape, official.output_dtype(e.format, e.stored_dtype, self.dtype))
+        self.dtypes = {e.name: _entry_dtype(e, dtype) for e in self.entries}
+        self.specs = [(e.name, e.shape, official.output_dtype(e.format, e.stored_dtype, self.dtypes[e.name]))
                       for e in self.entries]
-        p = os.path.join(directory, CONFIG)
-        self.config = _read_json(p) if os.path.exists(p) else None
+        self.config_path = os.path.join(directory, CONFIG)
+        self.config = _read_json(self.config_path) if os.path.exists(self.config_path) else None
 
     def tensors(self, skip=frozenset()):
         for e in self.entries:
             if e.name not in skip:
-                yield e.name, official.read_tensor(e, self.dtype)
+                yield e.name, official.read_tensor(e, self.dtypes[e.name])
+
+
+def _entry_dtype(e, dtype) -> np.dtype:
+    """The de-quantisation dtype of one entry: `dtype` when given; else its stored dtype, with FP8/FP4
+    weights (no wider dtype to keep) as bfloat16, the release's compute dtype."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    if e.stored in (Format.FP8, Format.FP4):
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(e.stored_dtype)  # integers: output_dtype keeps them whatever this says
+
+
+class _TrainRunSource(_Source):
+    """A train.py run: its newest step that restores and matches its fingerprint, whole in memory,
+    as canonical-name tensors in the model's dtypes (or `dtype` for the BF16/FP8/FP4 classes)."""
+    kind = "train_run"
+
+    def __init__(self, directory: str, dtype):
+        from v4jax.checkpoint import CheckpointError, canonical_name, hf_tensors
+        from v4jax.restore import load_model, train_run_steps
+
+        errors = []
+        for step in train_run_steps(directory) or [None]:
+            try:
+                loaded = load_model(directory, step=step)
+                break
+            except CheckpointError as e:  # a corrupt newest save: fall back to the previous one
+                errors.append(str(e))
+        else:
+            raise ConvertError(errors[0] if len(errors) == 1 else f"no checkpoint of {directory} loads; newest: {errors[0]}")
+        if errors:  # said, not silent: the export is not the newest step
+            print(f"note: {len(errors)} newer step(s) unusable ({errors[0]}); exporting step {loaded.step}",
+                  file=sys.stderr)
+        self.step = loaded.step
+        self.arrays = {}
+        for key, a in hf_tensors(loaded.model).items():
+            name = canonical_name(key)
+            fmt = official.release_format(name)
+            want = official.output_dtype(fmt, a.dtype, a.dtype if dtype is None else dtype)
+            self.arrays[name] = a.astype(want, copy=False)
+        del loaded
+        self.specs = [(n, a.shape, a.dtype) for n, a in self.arrays.items()]
+        self.config_path = None  # the run's own config: consistent with its tensors by construction
+        self.config = _model_config(directory)
+
+    def tensors(self, skip=frozenset()):
+        for name, a in self.arrays.items():
+            if name not in skip:
+                yield name, a
+
+
+def _model_config(run_dir: str) -> dict:
+    from v4jax.restore import train_run_config
+    return train_run_config(run_dir).to_hf_dict()
 
 
 class _OrbaxSource(_Source):
@@ -142,8 +213,8 @@ class _OrbaxSource(_Source):
         self.path = os.path.join(directory, TENSORS)
         self.batch_bytes = batch_bytes
         self.specs = [(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in self.manifest["tensors"]]
-        p = os.path.join(directory, CONFIG)
-        self.config = _read_json(p) if os.path.exists(p) else None
+        self.config_path = os.path.join(directory, CONFIG)
+        self.config = _read_json(self.config_path) if os.path.exists(self.config_path) else None
 
     def tensors(self, skip=frozenset()):
         specs = [s for s in self.specs if s[0] not in skip]
@@ -170,11 +241,67 @@ def _open_source(src: str, dtype, batch_bytes: int) -> _Source:
     if not os.path.isdir(src):
         raise ConvertError(f"source {src} is not a directory")
     if os.path.exists(os.path.join(src, MANIFEST)):
-        return _OrbaxSource(src, batch_bytes)
+        source = _OrbaxSource(src, batch_bytes)
+    elif os.path.isdir(os.path.join(src, "checkpoints")):
+        source = _TrainRunSource(src, dtype)
+    else:
+        try:
+            source = _SafetensorsSource(src, dtype)
+        except ReleaseError as e:
+            raise ConvertError(str(e)) from None
+    tok = os.path.join(src, TOKENIZER)
+    source.tokenizer = tok if os.path.isfile(tok) else None
+    return source
+
+
+def _copy_tokenizer(source: _Source, work: str) -> None:
+    """infer.py looks for CHECKPOINT/tokenizer.json, so the converted checkpoint keeps the source's."""
+    if source.tokenizer is not None:
+        shutil.copyfile(source.tokenizer, os.path.join(work, TOKENIZER))
+
+
+def _effective_dtype(source: _Source) -> str:
+    """The one dtype of the BF16/FP8/FP4-class tensors (what --dtype sets), or 'source' when they keep
+    several. Recorded in the manifest, so `--dtype bf16` and the default resume each other exactly
+    when they produce the same tensors."""
+    names = set()
+    for n, _, dt in source.specs:
+        try:
+            if official.release_format(n) not in (Format.FP32, Format.INT):
+                names.add(np.dtype(dt).name)
+        except ReleaseError:
+            names.add(SOURCE_DTYPE)
+    return names.pop() if len(names) == 1 else SOURCE_DTYPE
+
+
+def _check_against_config(source: _Source) -> None:
+    """Refuse a source whose tensors do not fit the model its config.json describes (a missing,
+    unexpected or mis-shaped tensor) before anything is written."""
+    if source.config is None or source.config_path is None:
+        return
+    from flax import nnx
+
+    from v4jax.checkpoint import CheckpointError, check_names, check_tensor, hf_rules
+    from v4jax.config import ConfigError, V4Config
+    from v4jax.model import Transformer
+
     try:
-        return _SafetensorsSource(src, dtype)
-    except ReleaseError as e:
+        cfg = V4Config.from_json_file(source.config_path)
+    except ConfigError as e:
         raise ConvertError(str(e)) from None
+    specs = {n: (shape, dt) for n, shape, dt in source.specs}
+    if not any(n.startswith("mtp.") for n in specs):  # transformers saves drop the MTP block
+        cfg = cfg.replace(n_mtp_layers=0)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    variables = dict(nnx.to_flat_state(nnx.state(abstract)))
+    rules = hf_rules(abstract)
+    where = os.path.dirname(source.config_path)
+    try:
+        check_names({r.name for r in rules}, set(specs), where)
+        for r in rules:
+            check_tensor(r, variables[r.ours], *specs[r.name], where)
+    except CheckpointError as e:
+        raise ConvertError(f"{e} (per {source.config_path})") from None
 
 
 def _nbytes(shape, dtype) -> int:
@@ -199,37 +326,65 @@ def _load_numpy(path: str, specs) -> dict[str, np.ndarray]:
     ocp = _ocp()
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
-    with ctx:
-        return dict(ocp.load(path, {n: np.empty(shape, dt) for n, shape, dt in specs}))
+    with ctx:  # Orbax refuses relative paths
+        return dict(ocp.load(os.path.abspath(path), {n: np.empty(shape, dt) for n, shape, dt in specs}))
 
 
 # --------------------------------------------------------------------------------------------------
 # Orbax target (resumable)
 
 def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, progress: bool,
-              after_batch: Callable[[int], None] | None, compress: bool) -> dict:
-    ocp = _ocp()
-    os.makedirs(dst, exist_ok=True)
-    mpath, tpath = os.path.join(dst, MANIFEST), os.path.join(dst, TENSORS)
+              after_batch: Callable[[int], None] | None, compress: bool, overwrite: bool) -> dict:
+    """Pick where the conversion is written, then write it (`_orbax_write`): a finished conversion of
+    the same source is returned as is; an interrupted one is resumed where it lies (OUT.partial, or
+    OUT itself when an older v4jax wrote in place); anything else in OUT is refused unless overwrite."""
     specs = [{"name": n, "shape": list(s), "dtype": _dtype_name(d)} for n, s, d in source.specs]
-    if os.path.exists(mpath):
-        m = _read_json(mpath)
-        if m.get("source") != _source_id(source) or m.get("dtype") != dtype_name or \
-                [{k: t[k] for k in ("name", "shape", "dtype")} for t in m["tensors"]] != specs:
+
+    def same(m):
+        return m.get("source") == _source_id(source) and m.get("dtype") == dtype_name and \
+            [{k: t[k] for k in ("name", "shape", "dtype")} for t in m.get("tensors", [])] == specs
+
+    own = os.path.join(dst, MANIFEST)
+    if os.path.isfile(own) and not overwrite:
+        m = _read_json(own)
+        if not same(m):
             raise ConvertError(f"{dst} holds a{'' if m.get('complete') else 'n interrupted'} conversion of a "
-                               f"different source or dtype; delete it or choose another target")
+                               f"different source or dtype; pass --overwrite to replace it or choose another target")
         if m.get("complete"):
             return m
+        return _orbax_write(source, dst, m, batch_bytes=batch_bytes, progress=progress, after_batch=after_batch,
+                            compress=compress)
+    check_target(dst, overwrite=overwrite, error=ConvertError)
+    work, partial = staging_path(dst), os.path.join(staging_path(dst), MANIFEST)
+    resume = is_staging(work) and os.path.isfile(partial)
+    if resume and not same(_read_json(partial)):
+        if not overwrite:
+            raise ConvertError(f"{work} holds an interrupted conversion of a different source or dtype; rerun with "
+                               f"the same --from and --dtype to finish it, or pass --overwrite to start over")
+        resume = False
+    work = open_staging(dst, resume=resume, error=ConvertError)
+    if resume:
+        m = _read_json(partial)
     else:
-        if os.path.exists(tpath) or os.path.exists(tpath + ".partial_save"):
-            raise ConvertError(f"{dst} already holds an Orbax checkpoint without a {MANIFEST}; refusing to touch it")
         m = {"format": "v4jax-orbax", "version": _FORMAT_VERSION, "source": _source_id(source),
              "dtype": dtype_name, "compressed": compress, "batch_bytes": batch_bytes,
              "complete": False, "finalized": False,
              "tensors": [dict(t, crc32=None) for t in specs]}
         if source.config is not None:
-            _atomic_json(os.path.join(dst, CONFIG), source.config)
-        _atomic_json(mpath, m)
+            _atomic_json(os.path.join(work, CONFIG), source.config)
+        _copy_tokenizer(source, work)
+        _atomic_json(partial, m)
+    m = _orbax_write(source, work, m, batch_bytes=batch_bytes, progress=progress, after_batch=after_batch,
+                     compress=compress)
+    commit(work, dst, error=ConvertError)
+    return m
+
+
+def _orbax_write(source: _Source, dst: str, m: dict, *, batch_bytes: int, progress: bool,
+                 after_batch: Callable[[int], None] | None, compress: bool) -> dict:
+    """Save the tensors the manifest `m` of directory `dst` lacks, finalize, verify, mark complete."""
+    ocp = _ocp()
+    mpath, tpath = os.path.join(dst, MANIFEST), os.path.abspath(os.path.join(dst, TENSORS))
     by_name = {t["name"]: t for t in m["tensors"]}
     done = {t["name"] for t in m["tensors"] if t["crc32"] is not None}
     total = sum(_nbytes(t["shape"], t["dtype"]) for t in m["tensors"])
@@ -306,14 +461,16 @@ def _bar(total: int, enabled: bool, initial: int = 0, desc: str = "convert"):
 # Safetensors targets (official / hf)
 
 def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int, progress: bool,
-                    after_batch: Callable[[int], None] | None) -> dict:
+                    after_batch: Callable[[int], None] | None, overwrite: bool) -> dict:
     from v4jax.tensorfile import TensorFile
 
     marker = os.path.join(dst, DONE_MARKER)
-    if os.path.exists(marker) and _read_json(marker).get("complete"):
-        return _read_json(marker)
-    if os.path.exists(marker):
-        os.remove(marker)
+    if os.path.isfile(marker) and not overwrite:
+        done = _read_json(marker)
+        if done.get("complete") and done.get("format") == fmt and done.get("source") == _source_id(source):
+            return done
+    check_target(dst, overwrite=overwrite, error=ConvertError)
+    final, dst = dst, open_staging(dst, error=ConvertError)  # a safetensors write restarts from scratch
     bar = _bar(len(source.specs), progress)
     count = [0]
 
@@ -343,39 +500,51 @@ def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int
         if list(a.shape) != shape or checksum(a) != crc:
             raise ConvertError(f"{dst}: verification failed for tensor {key!r}")
     files.clear()
-    done = {"format": fmt, "complete": True, "tensors": len(writer.written),
+    _copy_tokenizer(source, dst)
+    done = {"format": fmt, "complete": True, "source": _source_id(source), "tensors": len(writer.written),
             "total_bytes": sum(int(np.prod(s, dtype=np.int64)) * np.dtype(DTYPES[d]).itemsize
                                for d, s, _ in writer.written.values())}
-    _atomic_json(marker, done)
+    _atomic_json(os.path.join(dst, DONE_MARKER), done)
+    commit(dst, final, error=ConvertError)
     return done
 
 
 # --------------------------------------------------------------------------------------------------
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax", dtype: str = "bf16",
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax", dtype: str | None = None,
             max_shard_bytes: int = 5 << 30, batch_bytes: int = 1 << 30, progress: bool = True,
-            after_batch: Callable[[int], None] | None = None, compress: bool = False) -> dict:
+            after_batch: Callable[[int], None] | None = None, compress: bool = False,
+            overwrite: bool = False) -> dict:
     """Convert `src` to `dst` in format `fmt` ('orbax' | 'hf' | 'official'), streaming. Returns the
-    manifest / completion record. `after_batch(n)` runs after each saved Orbax batch (or each written
-    safetensors tensor); raising there simulates an interruption. compress: zstd in the Orbax
-    checkpoint (bf16 weights shrink to ~60%, at several times the CPU cost)."""
+    manifest / completion record. dtype: None keeps each tensor's source dtype (see the module
+    docstring), 'bf16' / 'fp32' cast the BF16/FP8/FP4 classes. `after_batch(n)` runs after each saved
+    Orbax batch (or each written safetensors tensor); raising there simulates an interruption.
+    compress: zstd in the Orbax checkpoint (bf16 weights shrink to ~60%, at several times the CPU
+    cost). overwrite: replace whatever `dst` holds (only once the new output is complete)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if fmt not in ("orbax", "hf", "official"):
         raise ConvertError(f"unknown target format {fmt!r}; choose orbax, hf or official")
-    if dtype not in DTYPE_NAMES:
-        raise ConvertError(f"unknown dtype {dtype!r}; choose bf16 or fp32")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ConvertError(f"unknown dtype {dtype!r}; choose bf16 or fp32 (or none: keep the source's)")
+    for flag, v in (("max_shard_bytes (--max-shard-gb)", max_shard_bytes), ("batch_bytes (--batch-mb)", batch_bytes)):
+        if not v > 0:
+            raise ConvertError(f"{flag} must be positive, got {v}")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ConvertError("source and target are the same directory")
-    dtype_name = DTYPE_NAMES[dtype]
+    if os.path.abspath(dst).startswith(os.path.join(os.path.abspath(src), "")):
+        raise ConvertError(f"target {dst} lies inside the source {src}")
     _bound_heap()
-    source = _open_source(src, np.dtype(getattr(ml_dtypes, dtype_name, None) or dtype_name), batch_bytes)
+    np_dtype = None if dtype is None else np.dtype(getattr(ml_dtypes, DTYPE_NAMES[dtype], None) or DTYPE_NAMES[dtype])
+    source = _open_source(src, np_dtype, batch_bytes)
+    dtype_name = _effective_dtype(source)
+    if fmt == "orbax" and source.kind == "orbax":
+        raise ConvertError(f"{src} is already an Orbax checkpoint")
+    _check_against_config(source)
     if fmt == "orbax":
-        if source.kind == "orbax":
-            raise ConvertError(f"{src} is already an Orbax checkpoint")
         return _to_orbax(source, dst, dtype_name=dtype_name, batch_bytes=batch_bytes, progress=progress,
-                         after_batch=after_batch, compress=compress)
+                         after_batch=after_batch, compress=compress, overwrite=overwrite)
     return _to_safetensors(source, dst, fmt=fmt, max_shard_bytes=max_shard_bytes, progress=progress,
-                           after_batch=after_batch)
+                           after_batch=after_batch, overwrite=overwrite)
 
 
 def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
@@ -436,19 +605,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="src", required=True, help="source directory (safetensors or v4jax Orbax)")
     p.add_argument("--to", dest="dst", required=True, help="target directory")
     p.add_argument("--format", default="orbax", choices=["orbax", "hf", "official"])
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES),
-                   help="dtype of de-quantised FP8/FP4/BF16-class tensors (FP32-class stay float32)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                   help="dtype of de-quantised FP8/FP4/BF16-class tensors (FP32-class stay float32); "
+                        "default: keep each tensor's source dtype (FP8/FP4 -> bfloat16)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
     p.add_argument("--batch-mb", type=float, default=1024.0, help="tensors per Orbax save / load call")
     p.add_argument("--compress", action="store_true", help="zstd-compress the Orbax checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to (once the new output is complete)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    # checked here too so the message names the flag the user typed; the smallest shard is 1 MiB
+    # (a few hundred tensors of a tiny model already at 0.001 GB)
+    for flag, v, least in (("--max-shard-gb", args.max_shard_gb, 2**-10), ("--batch-mb", args.batch_mb, 2**-10)):
+        if not v >= least:  # also NaN
+            print(f"error: {flag} must be at least {least:g}, got {v:g}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     try:
         rec = convert(args.src, args.dst, fmt=args.format, dtype=args.dtype,
                       max_shard_bytes=int(args.max_shard_gb * 2**30), batch_bytes=int(args.batch_mb * 2**20),
-                      progress=not args.no_progress, compress=args.compress)
-    except (ConvertError, ReleaseError) as e:
+                      progress=not args.no_progress, compress=args.compress, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # ConvertError, ReleaseError, CheckpointError, ConfigError; disk errors
         print(f"error: {e}", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0

@@ -11,8 +11,12 @@ final norm) and, when the checkpoint has MTP weights, OUT/mtp_logits.npy ([B, S-
 feed the rest one token at a time (teacher forcing), and writes OUT/decode_logits.npy [B, S-S0+1, V]
 whose entry j is the logits at position S0-1+j (j = 0 from the prefill).
 `compare` prints max |a-b| and ||a-b|| / ||b|| for every array present in both folders and exits 1
-when any exceeds the tolerances (2 on unusable input). Another backend writes the same files to
-check itself against v4jax.
+when any exceeds the tolerances or is present in one folder only (2 on unusable input). Another
+backend writes the same files to check itself against v4jax.
+
+The checkpoint is any form `v4jax.restore.load_model` reads (HF / release safetensors, a convert
+output, a train.py run directory). OUT must be absent or empty unless `--overwrite`; the arrays are
+written to `OUT.partial` and renamed onto OUT when all are written (`v4jax.safe_io`).
 """
 
 from __future__ import annotations
@@ -38,20 +42,35 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
-         decode_from: int | None = None) -> dict[str, np.ndarray]:
+         decode_from: int | None = None, overwrite: bool = False) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from v4jax.checkpoint import load_hf
+    from v4jax.restore import Kind, detect, load_model
+    from v4jax.safe_io import check_target
 
-    model, info = load_hf(checkpoint, dtype=dtype, param_dtype=dtype)
+    check_target(out, overwrite=overwrite)  # before minutes of work, not after
     try:
-        ids = np.load(input_ids)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read token ids from {input_ids}: {e}") from None
-    ids = check_token_ids(ids, info.config.vocab_size)
+        ids = np.load(input_ids, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read token ids from {input_ids}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if detect(checkpoint) is Kind.SAFETENSORS:  # the reader the transformers parity tests pin down
+        model, info = load_hf(checkpoint, dtype=dtype, param_dtype=dtype)
+        cfg = info.config
+    else:  # a convert output or a train.py run directory
+        loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype)
+        model, cfg = loaded.model, loaded.cfg
+    ids = check_token_ids(ids, cfg.vocab_size)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -64,11 +83,12 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
         arrays["mtp_logits"] = o.mtp_logits
     if decode_from is not None:
         arrays["decode_logits"] = decode_logits(model, ids, decode_from)
-    os.makedirs(out, exist_ok=True)
-    result = {}
-    for name, a in arrays.items():
-        result[name] = np.asarray(a, dtype=np.float32)
-        np.save(os.path.join(out, f"{name}.npy"), result[name])
+    from v4jax.safe_io import staged
+
+    result = {name: np.asarray(a, dtype=np.float32) for name, a in arrays.items()}
+    with staged(out, overwrite=overwrite) as tmp:
+        for name, a in result.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), a)
     return result
 
 
@@ -100,15 +120,26 @@ def compare(a_dir: str, b_dir: str, rtol: float = 1e-5, atol: float | None = Non
     for d in (a_dir, b_dir):
         if not os.path.isdir(d):
             raise ValueError(f"{d} is not a directory")
-    names = sorted({f[:-4] for f in os.listdir(a_dir) if f.endswith(".npy")}
-                   & {f[:-4] for f in os.listdir(b_dir) if f.endswith(".npy")})
+    in_a = {f[:-4] for f in os.listdir(a_dir) if f.endswith(".npy")}
+    in_b = {f[:-4] for f in os.listdir(b_dir) if f.endswith(".npy")}
+    names = sorted(in_a & in_b)
     if not names:
         raise ValueError(f"no .npy array is present in both {a_dir} and {b_dir}")
     ok = True
     print(f"{'array':<16} {'shape':<26} {'max_abs_err':>12} {'rel_err':>12}  status")
+    # an array one side did not write is a failure, not something to skip: a backend that drops
+    # mtp_logits or decode_logits would otherwise pass on the arrays it did write
+    for name, (have, lack) in sorted({**{n: (a_dir, b_dir) for n in in_a - in_b},
+                                      **{n: (b_dir, a_dir) for n in in_b - in_a}}.items()):
+        print(f"{name:<16} {'-':<26} {'-':>12} {'-':>12}  ONLY IN {have} (missing from {lack})")
+        ok = False
     for name in names:
-        a = np.load(os.path.join(a_dir, f"{name}.npy")).astype(np.float64)
-        b = np.load(os.path.join(b_dir, f"{name}.npy")).astype(np.float64)
+        a = _load_npy(os.path.join(a_dir, f"{name}.npy"))
+        b = _load_npy(os.path.join(b_dir, f"{name}.npy"))
+        for path, x in ((os.path.join(a_dir, f"{name}.npy"), a), (os.path.join(b_dir, f"{name}.npy"), b)):
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+                raise ValueError(f"{path}: holds {x.dtype}, expected a real numeric array")
+        a, b = a.astype(np.float64), b.astype(np.float64)
         if a.shape != b.shape:
             print(f"{name:<16} {str(a.shape) + ' vs ' + str(b.shape):<26} {'-':>12} {'-':>12}  SHAPE MISMATCH")
             ok = False
@@ -132,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and parameter dtype")
     d.add_argument("--decode-from", type=int, default=None, metavar="S0",
                    help="also write decode_logits.npy: prefill S0 ids, then decode the rest one token at a time")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c = sub.add_parser("compare", help="compare the arrays of two dump folders")
     c.add_argument("a")
     c.add_argument("b", help="the reference: relative error is ||a-b|| / ||b||")
@@ -140,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "dump":
-            arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype, decode_from=args.decode_from)
+            arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype, decode_from=args.decode_from,
+                          overwrite=args.overwrite)
             for name, a in arrays.items():
                 print(f"wrote {os.path.join(args.out, name + '.npy')} {a.shape}")
             return 0
         return 0 if compare(args.a, args.b, args.rtol, args.atol) else 1
-    except ValueError as e:  # CheckpointError and ConfigError are ValueErrors
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError and TargetError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
 

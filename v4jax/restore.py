@@ -213,8 +213,7 @@ def _train_step_dir(path: str, step: int | None) -> tuple[str, str]:
             step = int(os.path.basename(os.path.abspath(path)))
     else:
         raise CheckpointError(f"{path}: not a train.py run directory (no checkpoints/)")
-    done = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()
-                  and os.path.exists(os.path.join(ckdir, n, "_CHECKPOINT_METADATA")))
+    done = complete_steps(ckdir)
     if not done:
         raise CheckpointError(f"{ckdir}: no complete checkpoint (an interrupted save leaves only a temporary directory)")
     if step is None:
@@ -222,6 +221,17 @@ def _train_step_dir(path: str, step: int | None) -> tuple[str, str]:
     elif step not in done:
         raise CheckpointError(f"{ckdir}: no complete checkpoint for step {step} (have {done})")
     return os.path.join(ckdir, str(step)), run
+
+
+def complete_steps(ckdir: str) -> list[int]:
+    """The steps under a run's checkpoints/ whose save finished (Orbax writes _CHECKPOINT_METADATA last)."""
+    return sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()
+                  and os.path.exists(os.path.join(ckdir, n, "_CHECKPOINT_METADATA")))
+
+
+def train_run_steps(path: str) -> list[int]:
+    """Complete steps of a train.py run directory, newest first (for callers that fall back)."""
+    return complete_steps(os.path.join(os.fspath(path), "checkpoints"))[::-1]
 
 
 def train_run_config(run_dir: str) -> V4Config:
@@ -279,15 +289,19 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
                         zip(flat_params(buffers).items(), flat_params(b_sh).values())}}
     try:
         got = ocp.PyTreeCheckpointer().restore(
-            os.path.join(step_dir, "state"),
+            os.path.abspath(os.path.join(step_dir, "state")),  # Orbax refuses relative paths
             args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                         partial_restore=True))
     except Exception as e:  # truncated / corrupt files: name the step
         raise CheckpointError(f"{step_dir}: unreadable checkpoint ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
     if verify:
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
-            want = json.load(f).get("fingerprint", {})
+        meta = os.path.join(step_dir, "meta", "metadata")
+        try:
+            with open(meta) as f:
+                want = json.load(f).get("fingerprint", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{meta}: unreadable step metadata ({e})") from None
         have = {k: float(v) for k, v in jax.device_get(jax.jit(_fingerprint)(got["params"])).items()}
         rtol = 1e-5 if cfg.param_dtype == stored_cfg.param_dtype else 1e-2  # a cast changes the sums a little
         bad = [k for k, v in have.items() if k in want and not np.isclose(v, want[k], rtol=rtol, atol=1e-6)]
@@ -331,8 +345,8 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         return Loaded(model, cfg, kind, got_step)
     try:
         cfg = V4Config.from_json_file(os.path.join(path, "config.json"), **overrides)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except ConfigError as e:  # names config.json already
+        raise CheckpointError(str(e)) from None
     source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path)
     has_mtp = any(n.startswith("mtp.") for n in source.specs)
     if mtp and not (has_mtp and cfg.n_mtp_layers):
