@@ -23,8 +23,15 @@ import sys
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "train_tiny.toml")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error: ...` line (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python train.py --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help=f"TOML config (default: {os.path.relpath(DEFAULT_CONFIG)})")
     p.add_argument("--metrics-file", default=None, help="JSONL metrics path (default: run_dir/metrics.jsonl)")
     p.add_argument("--resume", dest="resume", action="store_true", default=None,
@@ -72,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad settings or data, reported before any compile
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if summary.get("finished"):
-        print(summary["message"])
+    if summary.get("finished"):  # train() has said so ("run already finished at step N ...")
         return 0
     if summary.get("preempted"):
         return signal_exit_code(summary["signum"])

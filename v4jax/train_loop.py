@@ -874,7 +874,10 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
     tokens = pack_tokens(files, tokenizer, tc.cache_dir or None)
     # rows of this process: the processes' shares of the batch axis, in process order
     host_count, host_index = jax.process_count(), jax.process_index()
-    batches = PackedBatches(tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.data_seed, host_index, host_count)
+    try:
+        batches = PackedBatches(tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.data_seed, host_index, host_count)
+    except DataError as e:  # too little data: say which
+        raise DataError(f"data {tc.data!r}: {e}") from None
     if tc.grain_threads:
         batches = GrainBatches(batches, tc.grain_threads)
     setup = make_setup(tc, cfg)
