@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{flag}=true")
     try:
         tc = load_config(args.config or DEFAULT_CONFIG, overrides)
-        summary = train(tc)
+        summary = train(tc, log=lambda s: print(s, flush=True))  # flushed: progress shows when piped too
     except Interrupted as e:
         print(f"\n{e}; exiting", file=sys.stderr, flush=True)
         if e.compiling:  # the compile thread cannot be stopped: leave without waiting for it
