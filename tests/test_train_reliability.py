@@ -193,7 +193,7 @@ def test_a_finished_run_says_so_and_does_nothing(base_run, corpus, cache, capsys
 
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus, cache, base_run):
     """The first SIGINT saves after the current step (exit 130, as shells expect from Ctrl-C)."""
-    p = cli(args_for(tmp_path, corpus, cache, steps=200, ckpt_every=1000))
+    p = cli(args_for(tmp_path, corpus, cache, steps=200, ckpt_every=1000), devices=8)  # as here: cache hits
     _wait_for_steps(tmp_path / "metrics.jsonl", 2, p)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=300)
