@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("preempted"):
         return signal_exit_code(summary["signum"])
     last = summary.get("last") or {}
-    loss = (f"final loss {last['loss']:.4f} (ce {last.get('ce', float('nan')):.4f}), "
-            f"{last.get('tokens_per_s', 0):,.0f} tok/s" if last else "no step kept")
+    tps = last.get("tokens_per_s") or 0  # 0 until a second step gives a rate
+    loss = (f"final loss {last['loss']:.4f} (ce {last.get('ce', float('nan')):.4f})" if last else "no step kept") + (
+        f", {tps:,.0f} tok/s" if tps else "")
     print(f"done: steps {summary['start_step']}..{summary['end_step']}, {loss}, skipped steps {summary['skipped']}; "
           f"metrics {summary['metrics_file']}" + (f", curve {summary['plot']}" if 'plot' in summary else ""))
     return 0
