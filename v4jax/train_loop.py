@@ -2,13 +2,14 @@
 
 State (one pytree, checkpointed whole): params and buffers as flat `{dotted path: array}` dicts
 (fp32 master weights, spec §8.5), the optimiser state (fp32), the step and an RNG key; the data
-iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON.
+iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON, and a sha256
+manifest of every file, written last, lets restore detect any corruption.
 
 One step (`make_step`): for each of grad_accum micro-batches, forward in cfg.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
-(outside the gradient, spec §5.4). A non-finite loss or gradient norm keeps the old state (the step
-is skipped and reported); `max_bad_steps` in a row stop the run.
+(outside the gradient, spec §5.4). A non-finite loss, gradient norm or new state keeps the old state
+(the step is skipped and reported); `max_bad_steps` in a row stop the run.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def _bias_updates(cfg: V4Config, buffers: dict, load: jax.Array, mtp_load: jax.A
 
 def hyperparams(tc: TrainConfig, schedule: Schedule, step: int) -> dict:
     """Runtime inputs of the step taking the state from `step` to step + 1 (0-based): learning rate,
-    MTP weight and the NaN-injection flag (testing hook `nan_steps`, 1-based as logged)."""
+    MTP weight and the NaN-injection flags (testing hooks `nan_steps`, `nan_update_steps`, 1-based as logged)."""
     return {"lr": np.float32(schedule.lr(step)), "mtp_weight": np.float32(schedule.mtp(step)),
             "nan": np.bool_(step + 1 in tc.nan_steps), "nan_update": np.bool_(step + 1 in tc.nan_update_steps)}
 
@@ -405,6 +406,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint although some exist."""
 
 
+def _fingerprint(params: dict) -> dict:
+    """Per-parameter sum of |w|, saved in `meta` (restore.py checks it when loading a run for inference)."""
+    return {k: jnp.sum(jnp.abs(v.astype(jnp.float32))) for k, v in params.items()}
+
+
 def _flatten_opt(state: dict) -> dict:
     leaves = jax.tree.leaves(state["opt"])
     return {**state, "opt": {f"{i:05d}": x for i, x in enumerate(leaves)}}
@@ -474,6 +480,7 @@ class Checkpointer:
         self._pending: list[int] = []  # steps saved whose manifest is not written yet
         self._open()
         self._finite = jax.jit(all_finite)
+        self._fp = jax.jit(_fingerprint)
 
     def _open(self):
         ocp = self.ocp
@@ -487,20 +494,22 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, state: dict, iterator: IteratorState, log: Callable[[str], None] = print) -> bool:
-        """Save (async unless configured otherwise); False, with a message, when the state is not
-        finite: such a state is never written."""
+    def save(self, state: dict, iterator: IteratorState, wait: bool = False,
+             log: Callable[[str], None] = print) -> bool:
+        """Save (async unless configured otherwise or `wait`); False, with a message, when the state is
+        not finite: such a state is never written."""
         step = int(jax.device_get(state["step"]))
         if not bool(jax.device_get(self._finite(state))):
             log(f"not saving a checkpoint at step {step}: the state holds non-finite values")
             return False
+        fp = {k: float(v) for k, v in jax.device_get(self._fp(state["params"])).items()}
         ocp = self.ocp
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flatten_opt(state)),
             data=ocp.args.JsonSave(iterator.to_dict()),
-            meta=ocp.args.JsonSave({"step": step})), force=True)
+            meta=ocp.args.JsonSave({"step": step, "fingerprint": fp})), force=True)
         self._pending.append(step)
-        if not self.use_async:
+        if wait or not self.use_async:
             self.wait()
         return True
 
@@ -1037,11 +1046,11 @@ def _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, 
                 progress.update(step, rec["loss"], tps, eta if math.isfinite(eta) else 0.0)
                 saved = step % tc.ckpt_every == 0 or step == tc.steps
                 if saved:
-                    ckpt.save(state, batches.state, say)
+                    ckpt.save(state, batches.state, log=say)
                 ckpt.poll()
                 if signals.signum is not None:
                     if not saved:
-                        ckpt.save(state, batches.state, say)
+                        ckpt.save(state, batches.state, log=say)
                     ckpt.wait()
                     progress.close()
                     why = "preemption" if signals.signum == signal.SIGTERM else "Ctrl-C"
