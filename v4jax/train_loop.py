@@ -503,6 +503,10 @@ class Checkpointer:
             log(f"not saving a checkpoint at step {step}: the state holds non-finite values")
             return False
         fp = {k: float(v) for k, v in jax.device_get(self._fp(state["params"])).items()}
+        # Orbax finishes the previous async save before starting this one anyway; waiting here first
+        # lets its manifest be written even when saves follow each other too closely for `poll` to
+        # ever see Orbax idle.
+        self.wait()
         ocp = self.ocp
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flatten_opt(state)),
