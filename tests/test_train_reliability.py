@@ -204,7 +204,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus, cache, base_run):
     assert verify_manifest(str(tmp_path / "checkpoints" / str(saved))) is None  # complete, checksummed
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_compiling_exits_at_once_without_a_crash_dump(tmp_path, corpus, sig):
     """compile_cache="" so the step really compiles (tens of seconds); the signal must not wait for it."""
     p = cli(args_for(tmp_path / "run", corpus, ""))
