@@ -122,16 +122,48 @@ def documents(files: list[str]) -> Iterator[str]:
         if path.endswith(".array_record"):
             yield from array_record_documents(path)
         elif path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)["text"]
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise DataError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+            yield from jsonl_documents(path)
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            yield text_document(path)
+
+
+def jsonl_documents(path: str) -> Iterator[str]:
+    """The "text" field of every non-blank line; DataError naming path:line for anything else."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text (binary data in a JSONL file?)") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object with a "
+                                f"'text' field") from None
+            if not isinstance(doc, dict) or "text" not in doc:
+                raise DataError(f"{path}:{n}: not a JSON object with a 'text' field")
+            if not isinstance(doc["text"], str):
+                raise DataError(f"{path}:{n}: 'text' is {type(doc['text']).__name__}, not a string")
+            yield doc["text"]
+
+
+# Binary data given as text (an image, an archive, a model file) is recognised by control bytes that
+# text never holds: NUL, or more than this share of C0 controls other than \t \n \v \f \r and ESC. (Not
+# by invalid UTF-8: a legitimate KOI8-R or Latin-1 text file is full of it, the stdlib corpus has one.)
+MAX_CONTROL_BYTES = 0.01
+_CONTROL = bytes([*range(0, 9), *range(14, 27), *range(28, 32)])
+
+
+def text_document(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    controls = len(raw) - len(raw.translate(None, _CONTROL))
+    if b"\0" in raw or controls > MAX_CONTROL_BYTES * len(raw):
+        raise DataError(f"{path}: binary data, not text ({controls} of {len(raw)} bytes are control characters); "
+                        f"remove it from data")
+    return raw.decode("utf-8", errors="replace")
 
 
 def array_record_documents(path: str) -> Iterator[str]:

@@ -2,24 +2,28 @@
 
 State (one pytree, checkpointed whole): params and buffers as flat `{dotted path: array}` dicts
 (fp32 master weights, spec §8.5), the optimiser state (fp32), the step and an RNG key; the data
-iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON.
+iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON, and a sha256
+manifest of every file, written last, lets restore detect any corruption.
 
 One step (`make_step`): for each of grad_accum micro-batches, forward in cfg.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
-(outside the gradient, spec §5.4). A non-finite loss or gradient norm keeps the old state (the step
-is skipped and reported); `max_bad_steps` in a row stop the run.
+(outside the gradient, spec §5.4). A non-finite loss, gradient norm or new state keeps the old state
+(the step is skipped and reported); `max_bad_steps` in a row stop the run.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import tomllib
 from typing import Any, Callable
@@ -93,6 +97,8 @@ class TrainConfig:
     # (model.csa_dense=true: dense CSA attention, the KL over all visible entries = the warm-up stage)
     seed: int = 0  # parameter init and RNG
     run_dir: str = "runs/tiny"
+    overwrite: bool = False  # train in a non-empty run_dir that is not a train.py run (nothing is deleted)
+    fresh: bool = False  # start from step 0 although run_dir has checkpoints (they are moved aside, not deleted)
     ckpt_every: int = 50
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -105,12 +111,21 @@ class TrainConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0 = from the device kind when known)
     nan_steps: tuple = ()  # testing hook: these steps (1-based, as logged) get a NaN loss and gradient
     # (a runtime input, so it never changes the compiled program)
-    compile_cache: str = ""  # persistent XLA compilation cache directory ("" = off)
+    nan_update_steps: tuple = ()  # testing hook: at these steps one parameter's update is NaN while the
+    # loss and gradient stay finite (the post-update state check must catch it)
+    compile_cache: str = "~/.cache/v4jax/jax"  # persistent XLA compilation cache directory ("" = off)
     progress: bool = True
 
     def model_config(self) -> V4Config:
         overrides = {"param_dtype": "float32", **self.model}
-        cfg = V4Config.preset(self.preset, **overrides)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(V4Config)})
+        if unknown:
+            raise ValueError(f"unknown model setting(s) {['model.' + k for k in unknown]}; known: "
+                             f"{sorted(f.name for f in dataclasses.fields(V4Config))}")
+        try:
+            cfg = V4Config.preset(self.preset, **overrides)
+        except (TypeError, AttributeError) as e:  # a wrong type caught by V4Config's own checks
+            raise ValueError(f"model settings {self.model}: {e}") from None
         if cfg.param_dtype != "float32":
             raise ValueError(f"model.param_dtype must be float32 for training (fp32 master weights, spec §8.5), "
                              f"got {cfg.param_dtype!r}")
@@ -149,6 +164,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
                 raise ValueError(f"config file {path!r} is not valid TOML: {e}") from None
         for k, v in doc.items():
             if k == "model":
+                if not isinstance(v, dict):
+                    raise ValueError(f"config file {path!r}: model must be a table of V4Config settings, got {v!r}")
                 model.update(v)
             elif isinstance(v, dict):
                 values.update(v)  # [data], [optim], [run] tables are for readability only
@@ -170,13 +187,47 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         want = _FIELDS[k].type
         if want == "float" and isinstance(v, int) and not isinstance(v, bool):
             values[k] = float(v)
-        elif want == "tuple" and isinstance(v, list):
+        elif want == "tuple":
+            if not isinstance(v, list):
+                raise ValueError(f"setting {k} must be a list, got {v!r}")
             values[k] = tuple(v)
         elif want in ("int", "float", "bool", "str") and type(v).__name__ != want:
             raise ValueError(f"setting {k} must be {want}, got {v!r}")
     if "model" in values:
+        if not isinstance(values["model"], dict):
+            raise ValueError(f"setting model must be a table of V4Config settings, got {values['model']!r}")
         model.update(values.pop("model"))
     return TrainConfig(**values, model=model)
+
+
+# Range checks of TrainConfig, run by `train` before anything is read or compiled. (load_config checks types.)
+_POSITIVE = ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "max_bad_steps", "log_every")
+_NON_NEGATIVE = ("warmup_steps", "decay_steps", "num_devices", "grain_threads", "data_seed", "seed", "lr", "final_lr",
+                 "weight_decay", "clip_norm", "adam_eps", "mtp_weight", "mtp_weight_decay_phase", "balance_alpha",
+                 "bias_update_speed", "indexer_loss_weight", "peak_flops")
+_UNIT_INTERVAL = ("adam_b1", "adam_b2", "muon_momentum")  # [0, 1)
+
+
+def check_settings(tc: TrainConfig, cfg: V4Config) -> None:
+    """Raise ValueError naming the first out-of-range setting."""
+    for k, f in _FIELDS.items():
+        v = getattr(tc, k)
+        if f.type == "float" and not math.isfinite(v):
+            raise ValueError(f"setting {k} must be a finite number, got {v}")
+    for k in _POSITIVE:
+        if getattr(tc, k) < 1:
+            raise ValueError(f"setting {k} must be >= 1, got {getattr(tc, k)}")
+    for k in _NON_NEGATIVE:
+        if getattr(tc, k) < 0:
+            raise ValueError(f"setting {k} must be >= 0, got {getattr(tc, k)}")
+    for k in _UNIT_INTERVAL:
+        if not 0 <= getattr(tc, k) < 1:
+            raise ValueError(f"setting {k} must be in [0, 1), got {getattr(tc, k)}")
+    if tc.seq_len < 2 or tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {tc.seq_len} must be in [2, max_seq_len={cfg.max_seq_len}] of the model config")
+    for k in ("nan_steps", "nan_update_steps"):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in getattr(tc, k)):
+            raise ValueError(f"setting {k} must be a list of step numbers, got {list(getattr(tc, k))}")
 
 
 def config_dict(tc: TrainConfig, cfg: V4Config) -> dict:
@@ -237,9 +288,22 @@ def _bias_updates(cfg: V4Config, buffers: dict, load: jax.Array, mtp_load: jax.A
 
 def hyperparams(tc: TrainConfig, schedule: Schedule, step: int) -> dict:
     """Runtime inputs of the step taking the state from `step` to step + 1 (0-based): learning rate,
-    MTP weight and the NaN-injection flag (testing hook `nan_steps`, 1-based as logged)."""
+    MTP weight and the NaN-injection flags (testing hooks `nan_steps`, `nan_update_steps`, 1-based as logged)."""
     return {"lr": np.float32(schedule.lr(step)), "mtp_weight": np.float32(schedule.mtp(step)),
-            "nan": np.bool_(step + 1 in tc.nan_steps)}
+            "nan": np.bool_(step + 1 in tc.nan_steps), "nan_update": np.bool_(step + 1 in tc.nan_update_steps)}
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point leaf of `tree` is free of NaN and Inf (one fused reduction
+    under jit; integer leaves such as step counts are left out)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def nan_update_target(params: dict) -> str:
+    """The parameter the `nan_update_steps` hook poisons: the MTP block's expert w1 when there is one
+    (where the corruption of issue 15 surfaced), else the last parameter."""
+    return next((k for k in params if k.startswith("mtp.") and k.endswith("experts.w1")), sorted(params)[-1])
 
 
 def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
@@ -301,14 +365,19 @@ def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Call
             (loss, aux), grads = jax.tree.map(lambda x: x / A, summed)
         parts, load, mtp_load = aux
         grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt = setup.tx.update(grads, state["opt"], params)  # -(direction + weight decay)
         updates = jax.tree.map(lambda u: hyper["lr"] * u, updates)
+        poisoned = nan_update_target(updates)  # testing hook (nan_update_steps)
+        updates = {**updates, poisoned: updates[poisoned] * jnp.where(hyper["nan_update"], jnp.nan, 1.0)}
         new = {"params": optax.apply_updates(params, updates), "opt": opt,
                "buffers": _bias_updates(cfg, buffers, load, mtp_load, tc.bias_update_speed, stages)}
+        # A finite loss and gradient can still produce a non-finite state (an overflowing moment, a
+        # corrupt restored tensor): check the new state itself, so a bad step is never kept or saved.
+        state_ok = all_finite(new)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_ok
         kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                             {"params": params, "opt": state["opt"], "buffers": buffers})
-        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "ok": ok, "lr": hyper["lr"],
+        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "ok": ok, "state_ok": state_ok, "lr": hyper["lr"],
                    "mtp_weight": hyper["mtp_weight"], "load": load,
                    "imbalance": jnp.sum(losses.imbalance(load) * mask) / jnp.maximum(jnp.sum(mask), 1)}
         if return_grads:
@@ -324,14 +393,21 @@ def _stage_units(cfg: V4Config):
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (Orbax): async, keep-last-N, atomic (Orbax writes a temporary directory and renames
-# it when complete); a per-parameter fingerprint detects silent corruption on restore.
+# Checkpoints (Orbax): async, keep-last-N, atomic (Orbax writes a temporary directory and renames it
+# into place when complete). Integrity: once Orbax has finished a step directory, process 0 writes
+# MANIFEST into it, last: the size and sha256 of every file. Restore verifies the manifest, reads the
+# state back and checks it is finite; a checkpoint failing any of these is reported and the previous
+# one tried. Nothing is moved or deleted without a message.
+
+MANIFEST = "v4jax_manifest.json"
+
 
 class CheckpointError(RuntimeError):
-    """No readable checkpoint although some exist."""
+    """No usable checkpoint although some exist."""
 
 
 def _fingerprint(params: dict) -> dict:
+    """Per-parameter sum of |w|, saved in `meta` (restore.py checks it when loading a run for inference)."""
     return {k: jnp.sum(jnp.abs(v.astype(jnp.float32))) for k, v in params.items()}
 
 
@@ -345,13 +421,65 @@ def _unflatten_opt(flat: dict, like: dict) -> dict:
     return {**flat, "opt": jax.tree.unflatten(treedef, [flat["opt"][f"{i:05d}"] for i in range(treedef.num_leaves)])}
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_files(step_dir: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(r, f), step_dir) for r, _, fs in os.walk(step_dir) for f in fs
+                  if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+    """{relative path: {size, sha256}} of every file of a finished step directory, written last
+    (temporary name, then an atomic rename)."""
+    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256(os.path.join(step_dir, rel))}
+             for rel in _step_files(step_dir)}
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "files": files}, f, indent=0)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_manifest(step_dir: str) -> str | None:
+    """None when every file listed in the step's manifest has its recorded size and sha256, else the
+    first discrepancy in words. A step without a manifest was finished by Orbax but not yet checksummed
+    (killed in between, or written before manifests existed): it is reported by the caller and trusted
+    only as far as Orbax's own atomic rename and the finiteness check go."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return "no manifest"
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({type(e).__name__})"
+    for rel, want in sorted(files.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.exists(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != want["size"]:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {want['size']}"
+        if _sha256(full) != want["sha256"]:
+            return f"{rel} does not match its sha256 checksum"
+    return None
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int, use_async: bool):
         import orbax.checkpoint as ocp
         self.ocp = ocp
         self.directory = os.path.abspath(directory)
         self.keep, self.use_async = keep, use_async
+        self._pending: list[int] = []  # steps saved whose manifest is not written yet
         self._open()
+        self._finite = jax.jit(all_finite)
         self._fp = jax.jit(_fingerprint)
 
     def _open(self):
@@ -363,53 +491,104 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
 
-    def save(self, state: dict, iterator: IteratorState, wait: bool = False):
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, state: dict, iterator: IteratorState, wait: bool = False,
+             log: Callable[[str], None] = print) -> bool:
+        """Save (async unless configured otherwise or `wait`); False, with a message, when the state is
+        not finite: such a state is never written."""
         step = int(jax.device_get(state["step"]))
+        if not bool(jax.device_get(self._finite(state))):
+            log(f"not saving a checkpoint at step {step}: the state holds non-finite values")
+            return False
         fp = {k: float(v) for k, v in jax.device_get(self._fp(state["params"])).items()}
+        # Orbax finishes the previous async save before starting this one anyway; waiting here first
+        # lets its manifest be written even when saves follow each other too closely for `poll` to
+        # ever see Orbax idle.
+        self.wait()
         ocp = self.ocp
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flatten_opt(state)),
             data=ocp.args.JsonSave(iterator.to_dict()),
             meta=ocp.args.JsonSave({"step": step, "fingerprint": fp})), force=True)
-        if wait:
-            self.mngr.wait_until_finished()
+        self._pending.append(step)
+        if wait or not self.use_async:
+            self.wait()
+        return True
+
+    def poll(self):
+        """Write the manifests of saves Orbax has finished (cheap when none; called every step)."""
+        if self._pending and not self.mngr.is_saving_in_progress():
+            self._write_manifests()
+
+    def _write_manifests(self):
+        if jax.process_index() == 0:
+            for step in self._pending:
+                if os.path.isdir(self.step_dir(step)):  # not already dropped by keep_checkpoints
+                    write_manifest(self.step_dir(step))
+        self._pending = []  # (no cross-host sync: each host polls on its own schedule; only process 0 writes)
 
     def restore_latest(self, abstract_state: dict, log: Callable[[str], None]) -> tuple[dict, IteratorState] | None:
-        """The newest checkpoint that reads back and matches its fingerprint; corrupt ones are reported,
-        moved aside (`<dir>/corrupt-<step>`) and the previous one is tried."""
+        """The newest checkpoint that passes its manifest, reads back and holds a finite state. Newer
+        ones that fail are reported and then moved aside (`<dir>/corrupt-<step>`, said so) so that new
+        saves can take their step numbers; when none is usable nothing is moved and CheckpointError says so."""
         ocp = self.ocp
         steps = self.steps()
         if not steps:
             return None
         target = _flatten_opt(abstract_state)
+        bad = []
         for step in reversed(steps):
-            try:
-                got = self.mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
-                fp = jax.device_get(self._fp(got["state"]["params"]))
-                want = got["meta"]["fingerprint"]
-                bad = [k for k, v in fp.items() if not math.isclose(float(v), want.get(k, math.nan), rel_tol=1e-5,
-                                                                     abs_tol=1e-6)]
-                if bad:
-                    raise CheckpointError(f"fingerprint mismatch in {len(bad)} parameter(s), e.g. {bad[0]}")
-                return _unflatten_opt(got["state"], abstract_state), IteratorState.from_dict(got["data"])
-            except Exception as e:  # any read error (truncated file, bad JSON, shape mismatch) = corrupt
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                log(f"checkpoint step {step} in {self.directory} is corrupt or unreadable ({type(e).__name__}: "
-                    f"{reason}); falling back to the previous one")
-                if jax.process_index() == 0:
-                    aside = os.path.join(self.directory, f"corrupt-{step}")
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(os.path.join(self.directory, str(step)), aside)
-                _sync("corrupt-checkpoint-moved")
+            problem = verify_manifest(self.step_dir(step))
+            if problem == "no manifest":
+                log(f"checkpoint step {step} has no manifest (interrupted before its checksums were written); "
+                    f"using it unverified")
+                problem = None
+            got = None
+            if problem is None:
+                try:
+                    got = self.mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore()))
+                    iterator = IteratorState.from_dict(got["data"])
+                    if not bool(jax.device_get(self._finite(got["state"]))):
+                        problem = "the restored state holds non-finite values"
+                except Exception as e:  # any read error (truncated file, bad JSON, shape mismatch) = unusable
+                    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                    problem = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+            if problem is not None:
+                log(f"checkpoint step {step} in {self.directory} is corrupt or unreadable ({problem}); "
+                    f"falling back to the previous one")
+                bad.append(step)
+                continue
+            if bad and jax.process_index() == 0:
+                for b in bad:
+                    aside = self._aside(b)
+                    os.replace(self.step_dir(b), aside)
+                    log(f"moved the unusable checkpoint step {b} aside to {aside} (kept for inspection)")
+            if bad:
+                _sync("corrupt-checkpoints-moved")
+                self.mngr.close()
                 self._open()
-        raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
+            return _unflatten_opt(got["state"], abstract_state), iterator
+        raise CheckpointError(f"no usable checkpoint in {self.directory} (steps {steps} all failed, see above); "
+                              f"nothing was moved or deleted. Pass --fresh (fresh=true) to start from step 0; "
+                              f"the old checkpoints are then moved aside, not deleted")
+
+    def _aside(self, step: int) -> str:
+        n, aside = 1, os.path.join(self.directory, f"corrupt-{step}")
+        while os.path.exists(aside):  # never overwrite an earlier one
+            n += 1
+            aside = os.path.join(self.directory, f"corrupt-{step}.{n}")
+        return aside
 
     def wait(self):
         self.mngr.wait_until_finished()
+        self._write_manifests()
 
     def close(self):
+        self.wait()
         self.mngr.close()
 
 
@@ -484,7 +663,7 @@ def plot_loss(metrics_path: str, png: str):
     recs = sorted(read_metrics(metrics_path).items())
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "ce", "mtp"):
-        pts = [(s, r[key]) for s, r in recs if r.get("ok", True) and key in r]  # skipped steps left out
+        pts = [(s, r[key]) for s, r in recs if r.get("ok", True) and r.get(key) is not None]  # skipped steps left out
         if pts:
             ax.plot(*zip(*pts), label=key)
     ax.set_xlabel("step")
@@ -527,6 +706,113 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+class Interrupted(Exception):
+    """SIGTERM / SIGINT before the training loop (data, restore, compile): nothing new to save.
+    `compiling`: the step's compile is still running in a worker thread (the caller should leave with
+    os._exit rather than wait for it)."""
+
+    def __init__(self, signum: int, compiling: bool = False):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} before the first step; nothing new to save")
+        self.signum, self.compiling = signum, compiling
+
+
+def signal_exit_code(signum: int) -> int:
+    """SIGTERM (preemption) handled = 0, the run resumes later; SIGINT = 130, the shells' Ctrl-C status."""
+    return 0 if signum == signal.SIGTERM else 128 + signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT handling for one run. Before the loop the first signal raises Interrupted
+    (nothing to save). In the loop it only sets `signum`: the loop saves a checkpoint after the current
+    step and stops. A second SIGINT aborts at once without saving (exit 130). Installed only from the
+    main thread (signal handlers cannot be set elsewhere); `close` puts the old handlers back."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_loop = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            sys.stderr.write("\nsecond interrupt: aborting without saving\n")
+            sys.stderr.flush()
+            os._exit(130)
+        self.signum = signum
+        if not self.in_loop:
+            raise Interrupted(signum)
+
+    def close(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def compile_interruptibly(lower: Callable[[], Any]):
+    """lower().compile() in a worker thread while the main thread waits in short slices, so that a
+    signal during a minutes-long compile is handled at once (Python runs signal handlers only in
+    the main thread, between bytecodes; a compile in the main thread would defer them to its end)."""
+    box: dict[str, Any] = {}
+    ctx = contextvars.copy_context()  # the mesh/rules context (a ContextVar) for the worker thread
+
+    def work():
+        try:
+            box["compiled"] = ctx.run(lambda: lower().compile())
+        except BaseException as e:  # re-raised in the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=work, name="compile", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.2)
+    except Interrupted as e:
+        e.compiling = True
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["compiled"]
+
+
+def prepare_run_dir(tc: TrainConfig) -> None:
+    """Refuse a run_dir that cannot be written, or a non-empty one that is not a train.py run (no
+    config.json of ours) unless overwrite=true; create it otherwise. Raises ValueError naming it."""
+    d = tc.run_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"run_dir {d!r} is a file, not a directory")
+    if os.path.isdir(d) and os.listdir(d) and not tc.overwrite:
+        ours = False
+        try:
+            with open(os.path.join(d, "config.json")) as f:
+                ours = "train" in json.load(f)
+        except (OSError, ValueError):
+            pass
+        if not ours:
+            raise ValueError(f"run_dir {d!r} is not empty and is not a train.py run (no config.json of ours); "
+                             f"pick another run_dir or pass --overwrite (overwrite=true) to train in it anyway")
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"run_dir {d!r} is not writable: {e.strerror or e}") from None
+
+
+def move_aside(path: str, say: Callable[[str], None]) -> None:
+    """Rename path to path.old-N (the first free N) and say so; for fresh=true."""
+    if not os.path.exists(path):
+        return
+    n = 1
+    while os.path.exists(f"{path}.old-{n}"):
+        n += 1
+    os.replace(path, f"{path}.old-{n}")
+    say(f"fresh=true: moved {path} aside to {path}.old-{n} (nothing deleted)")
+
+
 def build_mesh(tc: TrainConfig):
     devices = None
     if tc.num_devices:
@@ -539,21 +825,48 @@ def build_mesh(tc: TrainConfig):
     return mesh, rules
 
 
+def json_line(rec: dict) -> str:
+    """One strict-JSON metrics line: non-finite floats become null (bare NaN/Infinity are not JSON)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(rec), allow_nan=False)
+
+
+def last_loss(metrics_path: str, upto: int) -> dict | None:
+    """The last step <= upto whose update was kept (ok), from a metrics file; None when there is none."""
+    recs = read_metrics(metrics_path)
+    good = [s for s, r in recs.items() if s <= upto and r.get("ok", True) and r.get("loss") is not None]
+    return recs[max(good)] if good else None
+
+
 def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) training. Returns a summary dict. Every input check happens before any compile."""
+    """Run (or resume) training. Returns a summary dict. Every input check happens before any compile.
+    Raises ValueError (bad settings or data), CheckpointError (none usable), TrainingStopped (too
+    many bad steps) or Interrupted (a signal before the first step)."""
+    signals = StopSignals()
+    try:
+        return _train(tc, log, signals)
+    finally:
+        signals.close()
+
+
+def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) -> dict:
+    t_begin = time.time()
     primary = jax.process_index() == 0
     say = log if primary else (lambda s: None)
 
     # ---- checks and data (no compile yet)
     cfg = tc.model_config()
+    check_settings(tc, cfg)
     if tc.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(tc.compile_cache))
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(tc.compile_cache)))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if tc.seq_len < 2 or tc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"seq_len {tc.seq_len} must be in [2, max_seq_len={cfg.max_seq_len}] of the model config")
-    for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_checkpoints", "max_bad_steps", "log_every"):
-        if getattr(tc, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(tc, name)}")
     mesh, rules = build_mesh(tc)
     batch_sharding = data_sharding(mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)
     tokenizer = make_tokenizer(tc.tokenizer)
@@ -561,23 +874,47 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
         raise DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.vocab_size} (set model.vocab_size)")
     files = resolve_files(tc.data)
+    metrics_path = tc.metrics_file or os.path.join(tc.run_dir, "metrics.jsonl")
+    ckpt_dir = os.path.join(tc.run_dir, "checkpoints")
+    if primary:
+        prepare_run_dir(tc)
+        if tc.metrics_file:
+            try:
+                open(metrics_path, "a").close()
+            except OSError as e:
+                raise ValueError(f"metrics_file {metrics_path!r} cannot be written: {e.strerror or e}") from None
     t0 = time.time()
     tokens = pack_tokens(files, tokenizer, tc.cache_dir or None)
     # rows of this process: the processes' shares of the batch axis, in process order
     host_count, host_index = jax.process_count(), jax.process_index()
-    batches = PackedBatches(tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.data_seed, host_index, host_count)
+    try:
+        batches = PackedBatches(tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.data_seed, host_index, host_count)
+    except DataError as e:  # too little data: say which
+        raise DataError(f"data {tc.data!r}: {e}") from None
     if tc.grain_threads:
         batches = GrainBatches(batches, tc.grain_threads)
     setup = make_setup(tc, cfg)
 
+    has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if has_checkpoints and not tc.resume and not tc.fresh:
+        raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume, or --fresh (fresh=true) to start "
+                         f"over (the old ones are moved aside), or use another run_dir")
     effective = config_dict(tc, cfg)
     say("effective config:\n" + json.dumps(effective, indent=1, default=str))
     say(f"data: {len(files)} files, {len(tokens):,} tokens ({time.time() - t0:.1f}s), {batches.n_rows:,} rows of "
         f"{tc.seq_len + 1}, {batches.batches_per_epoch:,} batches/epoch; mesh {describe(mesh)}, rules {tc.rules}")
     if primary:
-        os.makedirs(tc.run_dir, exist_ok=True)
+        if tc.fresh:
+            move_aside(ckpt_dir, say)
+            if not tc.metrics_file:
+                move_aside(metrics_path, say)
         with open(os.path.join(tc.run_dir, "config.json"), "w") as f:
             json.dump(effective, f, indent=1, default=str)
+        if tc.tokenizer != "byte":  # the run is self-contained: its tokenizer travels with it
+            dest = os.path.join(tc.run_dir, "tokenizer.json")
+            if not (os.path.exists(dest) and os.path.samefile(tc.tokenizer, dest)):
+                shutil.copyfile(tc.tokenizer, dest)
+    _sync("run-dir-prepared")
 
     # ---- state: shardings, init, restore
     param_sh = flat_params(state_shardings(setup.param_template, mesh, rules))
@@ -597,47 +934,58 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     abstract = jax.eval_shape(init)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    ckpt = Checkpointer(os.path.join(tc.run_dir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoints)
-    restored = ckpt.restore_latest(abstract, say) if tc.resume else None
+    ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints, tc.async_checkpoints)
+    try:
+        return _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, batches, batch_sharding,
+                    metrics_path, primary, t_begin)
+    finally:
+        ckpt.close()
+
+
+def _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, batches, batch_sharding,
+         metrics_path, primary, t_begin) -> dict:
+    restored = ckpt.restore_latest(abstract, say)  # CheckpointError when some exist and none is usable
     if restored is not None:
         state, batches.state = restored
-        say(f"resumed from step {int(state['step'])} (data epoch {batches.state.epoch}, batch {batches.state.batch})")
+        step = int(jax.device_get(state["step"]))
+        if step >= tc.steps:
+            rec = last_loss(metrics_path, step)
+            loss = f"final loss {rec['loss']:.4f} from {metrics_path}" if rec else f"no loss recorded in {metrics_path}"
+            message = f"run already finished at step {step} of steps={tc.steps} ({loss}); nothing to do"
+            say(message)
+            return {"finished": True, "message": message, "start_step": step, "end_step": step,
+                    "metrics_file": metrics_path, "last": rec or {}, "skipped": []}
+        say(f"resumed from step {step} (data epoch {batches.state.epoch}, batch {batches.state.batch})")
     else:
-        if ckpt.steps() and not tc.resume:
-            raise ValueError(f"{ckpt.directory} already holds checkpoints {ckpt.steps()}; pass resume=true or use a "
-                             f"fresh run_dir")
         with use_mesh_rules(mesh, rules):
             state = jax.jit(init, out_shardings=shardings)()
 
     # ---- compile
     step_fn = make_step(tc, setup)
+    replicated = NamedSharding(mesh, PartitionSpec())
     metric_sh = replicated  # scalars and [L, E] loads: every process can read them
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, metric_sh),
                      donate_argnums=(0,))
+    batch_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1), jnp.int32,
+                                       sharding=batch_sharding)
+    hyper_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                               hyperparams(tc, setup.schedule, 0))
+    cache_note = f"compile_cache {tc.compile_cache}" if tc.compile_cache else "no compile_cache"
+    say(f"compiling the step ({cache_note}; a cold compile takes minutes on CPU)...")
     t0 = time.time()
     with use_mesh_rules(mesh, rules):
-        compiled = jitted.lower(abstract, jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1),
-                                                               jnp.int32, sharding=batch_sharding),
-                                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                             hyperparams(tc, setup.schedule, 0))).compile()
+        compiled = compile_interruptibly(lambda: jitted.lower(abstract, batch_shape, hyper_shape))
+    t_compile = time.time() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", 0.0))
     peak = tc.peak_flops or peak_flops(jax.devices()[0])
-    say(f"compiled the step in {time.time() - t0:.1f}s; {flops / 1e9:.2f} GFLOP per step per device (XLA cost "
+    say(f"compiled the step in {t_compile:.1f}s; {flops / 1e9:.2f} GFLOP per step per device (XLA cost "
         f"analysis){'' if peak else '; MFU needs peak_flops (unknown device kind)'}")
 
     # ---- metrics sinks
-    metrics_path = tc.metrics_file or os.path.join(tc.run_dir, "metrics.jsonl")
     tb = TensorBoardWriter(os.path.join(tc.run_dir, "tensorboard")) if (primary and tc.tensorboard) else None
     progress = Progress(tc.steps, tc.progress and primary, tc.log_every)
-
-    stop = {"signal": None}
-    old_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
-    except ValueError:
-        old_handler = None  # not the main thread: no preemption handling
 
     tokens_per_step = tc.grad_accum * tc.batch_size * tc.seq_len
     step = int(jax.device_get(state["step"]))
@@ -646,6 +994,7 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     t_window, n_window, tps = time.time(), 0, 0.0
     t_start = None
     summary: dict[str, Any] = {"start_step": step}
+    signals.in_loop = True  # from here a signal stops the loop after the current step, with a checkpoint
     try:
         with open(metrics_path, "a") if primary else open(os.devnull, "w") as mf:
             while step < tc.steps:
@@ -660,6 +1009,7 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
                 now = time.time()
                 if t_start is None:
                     t_start, t_window, n_window = now, now, 0  # the first step's time includes warm-up
+                    say(f"first step done {now - t_begin:.1f}s after start (compile {t_compile:.1f}s)")
                 else:
                     n_window += 1
                     if now - t_window > 0.5 or n_window >= tc.log_every:
@@ -671,21 +1021,25 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
                        "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "mtp_weight": float(m["mtp_weight"]),
                        "imbalance": float(m["imbalance"]), "tokens_per_s": tps, "step_time_s": step_time,
                        "epoch": data_state.epoch}
+                if not bool(m["state_ok"]):
+                    rec["state_ok"] = False  # only recorded when the post-update check failed
                 if peak and tps:
                     rec["mfu"] = flops / step_time / peak
                 if step % tc.log_every == 0 or step == tc.steps:
                     load = np.asarray(m["load"])
                     rec["expert_load"] = (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(4).tolist()
-                mf.write(json.dumps(rec) + "\n")
+                mf.write(json_line(rec) + "\n")
                 mf.flush()
                 if not rec["ok"]:
                     bad_in_row += 1
                     skipped.append(step)
-                    say(f"\nstep {step}: non-finite loss ({rec['loss']}) or gradient norm ({rec['grad_norm']}); "
-                        f"step skipped ({bad_in_row} in a row)")
+                    why = (f"non-finite loss ({rec['loss']}) or gradient norm ({rec['grad_norm']})"
+                           if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])) else
+                           "the update would make parameters or optimizer state non-finite")
+                    say(f"\nstep {step}: {why}; step skipped, previous state kept ({bad_in_row} in a row)")
                     if bad_in_row >= tc.max_bad_steps:
-                        raise TrainingStopped(f"stopping: {bad_in_row} consecutive steps with a non-finite loss or "
-                                              f"gradient (last at step {step}); the last checkpoint is in "
+                        raise TrainingStopped(f"stopping: {bad_in_row} consecutive steps with a non-finite loss, "
+                                              f"gradient or state (last at step {step}); the last checkpoint is in "
                                               f"{ckpt.directory}")
                 else:
                     bad_in_row = 0
@@ -694,25 +1048,25 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
                     tb.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float) and math.isfinite(v)})
                 eta = (tc.steps - step) * step_time if tps else float("nan")
                 progress.update(step, rec["loss"], tps, eta if math.isfinite(eta) else 0.0)
-                if step % tc.ckpt_every == 0 or step == tc.steps:
-                    ckpt.save(state, batches.state)
-                if stop["signal"] is not None:
-                    if step % tc.ckpt_every and step != tc.steps:
-                        ckpt.save(state, batches.state)
+                saved = step % tc.ckpt_every == 0 or step == tc.steps
+                if saved:
+                    ckpt.save(state, batches.state, log=say)
+                ckpt.poll()
+                if signals.signum is not None:
+                    if not saved:
+                        ckpt.save(state, batches.state, log=say)
                     ckpt.wait()
                     progress.close()
-                    say(f"received signal {stop['signal']} (preemption): saved a checkpoint at step {step} in "
-                        f"{ckpt.directory}; exiting")
-                    summary.update(preempted=True)
+                    why = "preemption" if signals.signum == signal.SIGTERM else "Ctrl-C"
+                    say(f"received {signal.Signals(signals.signum).name} ({why}): saved a checkpoint at step {step} "
+                        f"in {ckpt.directory}; exiting (rerun the same command to resume)")
+                    summary.update(preempted=True, signum=signals.signum)
                     break
         progress.close()
         ckpt.wait()
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
         if tb is not None:
             tb.close()
-        ckpt.close()
     summary.update(end_step=step, last=last, skipped=skipped, flops_per_step=flops, metrics_file=metrics_path,
                    wall_s=(time.time() - t_start) if t_start else 0.0, steps_run=step - first_step)
     if primary and tc.plot and not summary.get("preempted"):
