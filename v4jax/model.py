@@ -21,7 +21,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.attention import Attention, AttentionState
 from v4jax.cache import Cache
-from v4jax.config import AttentionKind, Remat, RouterKind, V4Config, layer_schedule, stage_units  # noqa: F401
+from v4jax.config import AttentionKind, Remat, RouterKind, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
 from v4jax.indexer import IndexerTraces
 from v4jax.layers import Embed, Linear, RMSNorm
 from v4jax.mhc import HyperConnection, HyperHead

@@ -40,7 +40,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global, state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax import losses
-from v4jax.config import AttentionKind, RouterKind, V4Config
+from v4jax.config import AttentionKind, RouterKind, V4Config, stage_units
 from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
                         resolve_files)
 from v4jax.layers import Buffer
@@ -345,7 +345,7 @@ def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Call
     return_grads: also put the (accumulated, unclipped) gradients in metrics["grads"] (tests)."""
     cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
-    stages = [(st[0], st[1]) for st in _stage_units(cfg)]
+    stages = stage_units(cfg)
     grad_fn = jax.value_and_grad(make_loss(tc, setup), has_aux=True)
 
     def step_fn(state, batch, hyper):
@@ -385,11 +385,6 @@ def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Call
         return {**kept, "step": step + 1, "rng": state["rng"]}, metrics
 
     return step_fn
-
-
-def _stage_units(cfg: V4Config):
-    from v4jax.model import layer_schedule
-    return layer_schedule(tuple(zip(cfg.layer_types, cfg.router_types)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -868,7 +863,7 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(tc.compile_cache)))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh, rules = build_mesh(tc)
-    batch_sharding = data_sharding(mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)
+    data_sharding(mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)  # the batch must split
     tokenizer = make_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's vocab_size is "
@@ -916,35 +911,19 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
                 shutil.copyfile(tc.tokenizer, dest)
     _sync("run-dir-prepared")
 
-    # ---- state: shardings, init, restore
-    param_sh = flat_params(state_shardings(setup.param_template, mesh, rules))
-    buffer_sh = flat_params(state_shardings(setup.buffer_template, mesh, rules))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_params = flat_params(setup.param_template)
-    opt_shapes = jax.eval_shape(setup.tx.init, abstract_params)
-    opt_sh = _opt_shardings(opt_shapes, abstract_params, param_sh, replicated)
-    shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
-
-    def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
-        _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
-        p, b = flat_params(p), flat_params(b)
-        return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(jax.random.key(tc.seed))}
-
-    abstract = jax.eval_shape(init)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    # ---- state: shardings, init, restore (the same program the TPU dry run compiles)
+    program = step_program(tc, cfg, mesh, rules, setup)
     ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints, tc.async_checkpoints)
     try:
-        return _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, batches, batch_sharding,
-                    metrics_path, primary, t_begin)
+        return _run(tc, say, signals, ckpt, program, mesh, rules, batches, metrics_path, primary, t_begin)
     finally:
         ckpt.close()
 
 
-def _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, batches, batch_sharding,
-         metrics_path, primary, t_begin) -> dict:
-    restored = ckpt.restore_latest(abstract, say)  # CheckpointError when some exist and none is usable
+def _run(tc, say, signals, ckpt, program: "StepProgram", mesh, rules, batches, metrics_path, primary, t_begin) -> dict:
+    setup, shardings = program.setup, program.shardings
+    replicated = shardings["step"]
+    restored = ckpt.restore_latest(program.state, say)  # CheckpointError when some exist and none is usable
     if restored is not None:
         state, batches.state = restored
         step = int(jax.device_get(state["step"]))
@@ -958,23 +937,14 @@ def _run(tc, say, signals, ckpt, setup, mesh, rules, shardings, abstract, init, 
         say(f"resumed from step {step} (data epoch {batches.state.epoch}, batch {batches.state.batch})")
     else:
         with use_mesh_rules(mesh, rules):
-            state = jax.jit(init, out_shardings=shardings)()
+            state = jax.jit(program.init, out_shardings=shardings)()
 
     # ---- compile
-    step_fn = make_step(tc, setup)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    metric_sh = replicated  # scalars and [L, E] loads: every process can read them
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, metric_sh),
-                     donate_argnums=(0,))
-    batch_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1), jnp.int32,
-                                       sharding=batch_sharding)
-    hyper_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                               hyperparams(tc, setup.schedule, 0))
     cache_note = f"compile_cache {tc.compile_cache}" if tc.compile_cache else "no compile_cache"
     say(f"compiling the step ({cache_note}; a cold compile takes minutes on CPU)...")
     t0 = time.time()
     with use_mesh_rules(mesh, rules):
-        compiled = compile_interruptibly(lambda: jitted.lower(abstract, batch_shape, hyper_shape))
+        compiled = compile_interruptibly(program.lower)
     t_compile = time.time() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -1102,9 +1072,9 @@ class StepProgram:
                 + (["indexer"] if tc.indexer_loss_weight > 0 and AttentionKind.CSA in cfg.layer_types else []))
 
 
-def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules) -> StepProgram:
+def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | None = None) -> StepProgram:
     """The training step `train` runs, with its state shardings on `mesh` under `rules`."""
-    setup = make_setup(tc, cfg)
+    setup = setup or make_setup(tc, cfg)
     param_sh = flat_params(state_shardings(setup.param_template, mesh, rules))
     buffer_sh = flat_params(state_shardings(setup.buffer_template, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
