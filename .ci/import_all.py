@@ -12,7 +12,7 @@ for top in ("v4jax", "sharding", "pallas_kernels", "benchmarks"):
     for dirpath, dirs, files in os.walk(os.path.join(root, top)):
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
         for f in sorted(files):
-            if f.endswith(".py"):
+            if f.endswith(".py") and f != "__main__.py":  # importing a __main__ runs the command
                 rel = os.path.relpath(os.path.join(dirpath, f), root)[:-3].replace(os.sep, ".")
                 names.append(rel.removesuffix(".__init__"))
 names += [f[:-3] for f in sorted(os.listdir(root)) if f.endswith(".py")]  # train.py, infer.py

@@ -22,7 +22,7 @@ def test_release_format_reproduces_spec_per_token_figures_and_reductions():
     # report: 13.7x (Flash) and 9.5x (Pro; 9.6x from this accounting) smaller than V3.2 at 1M
     assert round(base.total(1048576) / f.total(1048576), 1) == 13.7
     assert round(base.total(1048576) / p.total(1048576), 1) == 9.6
-    # §2.3.4: V4-Pro ~ 2% of a BF16 GQA-8 (head dim 128) cache
+    # technical report §2.3.4: V4-Pro ~ 2% of a BF16 GQA-8 (head dim 128) cache
     assert round(100 * p.per_token / C.gqa_baseline_size(pro.n_layers).per_token) == 2
 
 
