@@ -4,7 +4,7 @@ State (one pytree, checkpointed whole): params and buffers as flat `{dotted path
 (fp32 master weights, spec §8.5), the optimiser state (fp32), the step and an RNG key; the data
 iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON.
 
-One step (`make_step`): for each of grad_accum micro-batches, forward in cfg.dtype (bf16 on TPU)
+One step (`make_step`): for each of grad_accum micro-batches, forward in options.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
 (outside the gradient, spec §5.4). A non-finite loss or gradient norm keeps the old state (the step
@@ -36,7 +36,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global, state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax import losses
-from v4jax.config import AttentionKind, RouterKind, V4Config
+from v4jax.config import OPTION_FIELDS, AttentionKind, RouterKind, RunOptions, V4Config, split_options
 from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
                         resolve_files)
 from v4jax.layers import Buffer
@@ -56,7 +56,7 @@ class TrainConfig:
     whose keys are V4Config overrides); `key=value` / `model.key=value` arguments override the file."""
 
     preset: str = "tiny"  # V4Config preset
-    model: dict = dataclasses.field(default_factory=dict)  # V4Config overrides (e.g. vocab_size, dtype)
+    model: dict = dataclasses.field(default_factory=dict)  # V4Config and RunOptions overrides (vocab_size, dtype)
     mesh: str = ""  # ici mesh, "fsdp=4,expert=2"; "" = every device on fsdp
     dcn: str = ""  # mesh across slices
     num_devices: int = 0  # use only the first n devices (single process; 0 = all)
@@ -109,12 +109,22 @@ class TrainConfig:
     progress: bool = True
 
     def model_config(self) -> V4Config:
-        overrides = {"param_dtype": "float32", **self.model}
-        cfg = V4Config.preset(self.preset, **overrides)
-        if cfg.param_dtype != "float32":
+        """The architecture: the preset with the `model` table's V4Config keys."""
+        arch, _ = split_options(self.model)  # one table on the command line, two objects in the code
+        known = [f.name for f in dataclasses.fields(V4Config)]
+        unknown = sorted(set(arch) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model setting {unknown[0]!r}; known: {sorted(known + list(OPTION_FIELDS))}")
+        return V4Config.preset(self.preset, **arch)
+
+    def run_options(self) -> RunOptions:
+        """How the model runs: the preset's options with the `model` table's RunOptions keys."""
+        _, options = split_options(self.model)
+        options = RunOptions.preset(self.preset, **{"param_dtype": "float32", **options})
+        if options.param_dtype != "float32":
             raise ValueError(f"model.param_dtype must be float32 for training (fp32 master weights, spec §8.5), "
-                             f"got {cfg.param_dtype!r}")
-        return cfg
+                             f"got {options.param_dtype!r}")
+        return options
 
     def schedule(self) -> Schedule:
         return Schedule(self.lr, self.final_lr, self.warmup_steps, self.steps, self.decay_steps,
@@ -186,7 +196,7 @@ def config_dict(tc: TrainConfig, cfg: V4Config) -> dict:
             return [plain(x) for x in v]
         return v.value if hasattr(v, "value") else v
     return {"train": {k: plain(v) for k, v in dataclasses.asdict(tc).items()},
-            "model": {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}}
+            "model": {k: plain(v) for k, v in {**dataclasses.asdict(cfg), **dataclasses.asdict(tc.run_options())}.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ class Setup:
 
 
 def make_setup(tc: TrainConfig, cfg: V4Config) -> Setup:
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options()))
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     groups = split_params(logical_axes(params))
     schedule = tc.schedule()
@@ -589,7 +599,7 @@ def train(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
 
     def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options())
         _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
         p, b = flat_params(p), flat_params(b)
         return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
@@ -759,7 +769,7 @@ def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules) -> StepProgram:
     shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
 
     def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options())
         _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
         p, b = flat_params(p), flat_params(b)
         return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
