@@ -77,7 +77,13 @@ def test_config_file_and_overrides_compose(tmp_path):
     tc = load_config(str(cfgfile), ["steps=9", "model.n_heads=2", 'rules="fsdp_ep"', "nan_steps=[3]"])
     assert tc.steps == 9 and tc.lr == 1e-3 and tc.rules == "fsdp_ep" and tc.nan_steps == (3,)
     cfg = tc.model_config()
-    assert cfg.dim == 64 and cfg.n_heads == 2 and cfg.param_dtype == "float32"
+    assert cfg.dim == 64 and cfg.n_heads == 2 and tc.run_options().param_dtype == "float32"
+    # one `model` table: architecture keys go to V4Config, run-time option keys to RunOptions
+    tc = load_config(None, ["model.remat=\"full\"", "model.csa_dense=true", "model.dim=64"])
+    assert tc.model_config().dim == 64
+    assert tc.run_options().remat.value == "full" and tc.run_options().csa_dense is True
+    with pytest.raises(ValueError, match=r"^unknown model setting 'bogus'; known: \["):
+        load_config(None, ["model.bogus=1"]).model_config()
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['stepz'\]"):
         load_config(None, ["stepz=3"])
     with pytest.raises(ValueError, match="must be int"):

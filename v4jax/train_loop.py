@@ -111,6 +111,7 @@ class TrainConfig:
     def model_config(self) -> V4Config:
         """The architecture: the preset with the `model` table's V4Config keys."""
         arch, _ = split_options(self.model)  # one table on the command line, two objects in the code
+        self.run_options()  # a bad option value is refused here too, before anything is built
         known = [f.name for f in dataclasses.fields(V4Config)]
         unknown = sorted(set(arch) - set(known))
         if unknown:
