@@ -181,7 +181,7 @@ def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
     tc = load_config(None, small_overrides("/tmp/unused", corpus) + ["balance_alpha=0.1"])
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
-    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options()), nnx.Param, Buffer, ...)
     params, buffers = flat_params(p), flat_params(b)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 33)), jnp.int32)
     hyper = hyperparams(tc, setup.schedule, 0)
@@ -350,7 +350,8 @@ def test_gradient_accumulation_equals_one_big_batch(corpus):
     for accum, rows in ((1, 4), (2, 2)):
         tc = load_config(None, small_overrides("/tmp/unused", corpus, grad_accum=accum, batch_size=rows))
         setup = make_setup(tc, tc.model_config())
-        _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+        _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0), options=tc.run_options()),
+                                 nnx.Param, Buffer, ...)
         params = flat_params(p)
         state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
