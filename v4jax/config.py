@@ -2,8 +2,8 @@
 
 One frozen dataclass, `V4Config`, holds every architectural value: exactly what `config.json` holds.
 How a model runs (dtypes, kernel choices, chunk sizes, remat, the training-stage switches) is a
-second frozen dataclass, `RunOptions`, passed beside the config and never written into `config.json`. Layer kinds are enums, not strings
-scattered through the model: `AttentionKind` per layer (spec §1.2) and `RouterKind` per MoE layer
+second frozen dataclass, `RunOptions`, passed beside the config and never written into
+`config.json`. Layer kinds are enums, not strings scattered through the model: `AttentionKind` per layer (spec §1.2) and `RouterKind` per MoE layer
 (spec §5). Presets: `v4-flash`, `v4-pro` (released values, spec §1.1) and `tiny`, `tiny-b` (CPU test
 configs that keep every mechanism active, spec §11).
 
@@ -177,15 +177,9 @@ class V4Config:
       norm_eps every RMSNorm; rope_theta plain RoPE base (SWA layers); compress_rope_theta base of
       CSA/HCA layers; rope_factor, original_seq_len, beta_fast, beta_slow YaRN (spec §1.3; factor 1
       disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
-      dtype compute dtype; param_dtype storage dtype of parameters;
-      attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
-      moe_dispatch_chunk tokens per device per expert-parallel all-to-all round (memory knob);
-      remat, attention_impl, moe_impl: implementation choices (enums above; never change the math);
-      csa_dense training stage switch (spec §4.8, §8.6): CSA layers attend to every visible compressed
-      entry, as HCA does, and skip the indexer's top-k (the dense stage and the indexer warm-up);
-      indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its KL
-      loss and the KL trains nothing else (spec §8.6); no effect on the forward values;
       bos_token_id, eos_token_id carried through config.json.
+    How the model runs (dtypes, kernels, chunk sizes, remat, csa_dense, indexer_detach) is not
+    architecture: that is `RunOptions`.
     """
 
     vocab_size: int
