@@ -3,9 +3,10 @@
 One frozen dataclass, `V4Config`, holds every architectural value: exactly what `config.json` holds.
 How a model runs (dtypes, kernel choices, chunk sizes, remat, the training-stage switches) is a
 second frozen dataclass, `RunOptions`, passed beside the config and never written into
-`config.json`. Layer kinds are enums, not strings scattered through the model: `AttentionKind` per layer (spec §1.2) and `RouterKind` per MoE layer
-(spec §5). Presets: `v4-flash`, `v4-pro` (released values, spec §1.1) and `tiny`, `tiny-b` (CPU test
-configs that keep every mechanism active, spec §11).
+`config.json`. Layer kinds are enums, not strings scattered through the model: `AttentionKind`
+per layer (spec §1.2) and `RouterKind` per MoE layer (spec §5). Presets: `v4-flash`, `v4-pro`
+(released values, spec §1.1) and `tiny`, `tiny-b` (CPU test configs that keep every mechanism
+active, spec §11); `RunOptions.preset` gives the options each is meant to run with.
 
 HF `config.json` I/O (`from_hf_dict` / `to_hf_dict`) accepts both the current transformers field names
 (`layer_types`, `mlp_layer_types`, `compress_rates`, `rope_parameters`, `partial_rotary_factor`) and the
