@@ -53,7 +53,7 @@ BATCH_AXES = ("batch", None, "seq")  # [batch, grad_accum, seq_len + 1] (data_sh
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every training setting. A TOML file sets them (top-level keys or any table except [model],
-    whose keys are V4Config overrides); `key=value` / `model.key=value` arguments override the file."""
+    whose keys override V4Config or RunOptions); `key=value` / `model.key=value` arguments override the file."""
 
     preset: str = "tiny"  # V4Config preset
     model: dict = dataclasses.field(default_factory=dict)  # V4Config and RunOptions overrides (vocab_size, dtype)
