@@ -216,14 +216,15 @@ def run(args) -> int:
         from flax import nnx
 
         from v4jax.checkpoint import save_hf
-        from v4jax.config import V4Config
+        from v4jax.config import RunOptions, V4Config
         from v4jax.model import Transformer
 
         from v4jax.safe_io import check_target
 
         # refused before the model is built; save_hf checks again and writes through DIR.partial
         check_target(args.write_random_checkpoint, overwrite=args.overwrite)
-        save_hf(Transformer(V4Config.preset(args.preset), rngs=nnx.Rngs(args.seed)), args.write_random_checkpoint,
+        save_hf(Transformer(V4Config.preset(args.preset), rngs=nnx.Rngs(args.seed),
+                            options=RunOptions.preset(args.preset)), args.write_random_checkpoint,
                 overwrite=args.overwrite)
         print(f"wrote a random {args.preset} model to {args.write_random_checkpoint}")
         return 0
@@ -266,7 +267,7 @@ def run(args) -> int:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp.* tensors")
     where = f" (step {loaded.step})" if loaded.step is not None else ""
     print(f"loaded {loaded.kind.value} checkpoint {args.checkpoint}{where}", file=sys.stderr)
-    print_cache_size(cfg, len(prompts), max_len, args.dtype or cfg.dtype)
+    print_cache_size(cfg, len(prompts), max_len, loaded.options.dtype)
 
     gen = Generator(model)
     stats: list = []

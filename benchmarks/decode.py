@@ -40,7 +40,7 @@ def _peer_and_ours(preset: str, directory: str):
     torch_model = peer.build_peer(cfg, 0)
     peer.save_peer(torch_model, directory)
     loaded, info = checkpoint.load_hf(directory)
-    model = Transformer(info.config.replace(n_mtp_layers=1), rngs=nnx.Rngs(1))
+    model = Transformer(info.config.replace(n_mtp_layers=1), rngs=nnx.Rngs(1), options=info.options)
     nnx.update(model, nnx.state(loaded))
     return model.cfg, torch_model, generate.Generator(model)
 

@@ -43,7 +43,7 @@ from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
-from v4jax.config import AttentionKind, Remat, V4Config
+from v4jax.config import OPTION_FIELDS, AttentionKind, Remat, RunOptions, V4Config, split_options
 from v4jax.model import Transformer
 
 
@@ -311,9 +311,10 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, grad_accum: int = 1):
+def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, grad_accum: int = 1,
+          options: RunOptions = RunOptions()):
     """(jitted step, abstract args with shardings, per-device bytes by name, loss terms | None) for the mode."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
     tok_sh = data_sharding(mesh, rules, (batch, seq)) if mode != "decode" else None
@@ -329,7 +330,9 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     if mode == "train":
         from v4jax.train_loop import TrainConfig, step_program
 
-        tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16")
+        # train.py's step reads its RunOptions from the `model` table: hand it these
+        tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16",
+                         model=dataclasses.asdict(options))
         program = step_program(tc, cfg, mesh, rules)
         flat_p, flat_sh = program.state["params"], program.shardings["params"]
         for path, leaf in jax.tree_util.tree_flatten_with_path(program.state["opt"])[0]:
@@ -349,7 +352,7 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
         from v4jax.cache import cache_shardings, init_cache
         from v4jax.generate import decode_step
 
-        cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, jnp.bfloat16, mtp=False))
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, options.dtype, mtp=False))
         c_sh = cache_shardings(cache, mesh, rules)
         names["KV cache (all layers)"] = sum(_per_device_bytes(a.shape, a.dtype, sh, mesh) for a, sh in
                                              zip(jax.tree.leaves(cache), jax.tree.leaves(c_sh)))
@@ -365,7 +368,8 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     raise SystemExit(f"unknown mode {mode!r}")
 
 
-def _activation_buffers(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules) -> list[tuple[str, int]]:
+def _activation_buffers(cfg: V4Config, options: RunOptions, mode: str, batch: int, seq: int, mesh,
+                        rules: AxisRules) -> list[tuple[str, int]]:
     """The large per-device activation buffers of one step, by formula (for the does-not-fit report)."""
     from sharding.expert_parallel import expert_axes
 
@@ -374,7 +378,7 @@ def _activation_buffers(cfg: V4Config, mode: str, batch: int, seq: int, mesh, ru
     out = [("logits (fp32) of one step", n * cfg.vocab_size * 4)]
     ep = math.prod(mesh.shape[a] for a in expert_axes(mesh, rules)) if expert_axes(mesh, rules) else 1
     if ep > 1:
-        rows = ep * min(n, cfg.moe_dispatch_chunk) * cfg.n_activated_experts
+        rows = ep * min(n, options.moe_dispatch_chunk) * cfg.n_activated_experts
         out.append(("expert-parallel receive buffer per layer (dropless worst case)", rows * cfg.dim * 2))
         out.append(("routed-expert hidden [rows, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
     out.append(("residual streams per layer (kept for backward)" if mode == "train" else "residual streams",
@@ -419,29 +423,29 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     else:
         cfg, config_name = V4Config.preset(config), config
     serving = mode != "train"
-    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
-                      remat=Remat(remat) if remat else (Remat.NONE if serving else Remat.FULL),
-                      max_seq_len=max(cfg.max_seq_len, seq + 1),
-                      n_mtp_layers=0 if serving else cfg.n_mtp_layers)
-    if overrides:  # e.g. moe_dispatch_chunk=256, moe_impl=pallas (validated by V4Config)
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(V4Config)})
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq + 1), n_mtp_layers=0 if serving else cfg.n_mtp_layers)
+    options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
+                         remat=Remat(remat) if remat else (Remat.NONE if serving else Remat.FULL))
+    if overrides:  # e.g. moe_dispatch_chunk=256, moe_impl=pallas: options to RunOptions, the rest to V4Config
+        arch, opts = split_options(overrides)
+        unknown = sorted(set(arch) - {f.name for f in dataclasses.fields(V4Config)})
         if unknown:
-            raise ValueError(f"unknown config field {unknown[0]!r} in --set")
-        cfg = cfg.replace(**overrides)
+            raise ValueError(f"unknown config field {unknown[0]!r} in --set (run-time options: {list(OPTION_FIELDS)})")
+        cfg, options = cfg.replace(**arch), options.replace(**opts)
     devices = tpu_devices(topology, num_slices)
     rules = get_rules(rules_name, **(rule_overrides or {}))
     mesh_spec = mesh_spec or default_mesh(rules_name, cfg, devices[:len(devices) // max(num_slices, 1)], rules)
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
-    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum)
+    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum, options)
     t0 = time.time()
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler itself refuses programs that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:5] + _activation_buffers(cfg, mode, batch, seq, mesh, rules)
+        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:5] + _activation_buffers(cfg, options, mode, batch, seq, mesh, rules)
         biggest.sort(key=lambda kv: -kv[1])
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: the TPU compiler "
                          f"reports {str(e).split('RESOURCE_EXHAUSTED: ')[-1].strip()} Biggest buffers per device: "
@@ -459,7 +463,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     peak = arg + out + tmp - alias
     hbm = chip.hbm_per_device
     tokens = batch * seq * (grad_accum if mode == "train" else 1) if mode != "decode" else batch
-    abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options)))
     correction = scan_correction(cfg, abstract_state, seq)
     flops_text = float(cost.get("flops", 0.0))
     flops, traffic = flops_text * correction, float(cost.get("bytes accessed", 0.0)) * correction
@@ -480,8 +484,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     report = Report(config_name, topology, chip.name, len(devices), describe(mesh), rules_name, mode, batch, seq,
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
-                    {"remat": cfg.remat.value, "moe_impl": cfg.moe_impl.value, "attention_impl": cfg.attention_impl.value,
-                     "moe_dispatch_chunk": cfg.moe_dispatch_chunk, **({"step": "v4jax.train_loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                    {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
+                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train_loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
@@ -520,7 +524,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
     p.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per step (train.py's grad_accum)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="config override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
+                   help="config or run-time option override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return p
 

@@ -188,11 +188,11 @@ def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int,
     with tempfile.TemporaryDirectory() as d:
         peer.save_peer(pm, d)
         model, _info = checkpoint.load_hf(d)
-    lcfg = model.cfg
+    lcfg, lopt = model.cfg, model.options
     log(f"[{name}] dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} experts={cfg.n_routed_experts} "
         f"(top-{cfg.n_activated_experts}) vocab={cfg.vocab_size} hc_mult={cfg.hc_mult} "
-        f"max_seq_len={cfg.max_seq_len}; loaded model: dtype={lcfg.dtype} param_dtype={lcfg.param_dtype} "
-        f"attention_chunk={lcfg.attention_chunk} mtp_layers={lcfg.n_mtp_layers}")
+        f"max_seq_len={cfg.max_seq_len}; loaded model: dtype={lopt.dtype} param_dtype={lopt.param_dtype} "
+        f"attention_chunk={lopt.attention_chunk} mtp_layers={lcfg.n_mtp_layers}")
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -38,7 +38,7 @@ def compiled_cost(batch: int, seq: int, topk: int, weight: float, dense: bool) -
     setup = make_setup(tc, cfg)
 
     def init():
-        _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+        _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options()), nnx.Param, Buffer, ...)
         p = flat_params(p)
         return {"params": p, "buffers": flat_params(b), "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(jax.random.key(0))}

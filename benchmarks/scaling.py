@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from v4jax.config import AttentionKind, V4Config  # noqa: E402
+from v4jax.config import AttentionKind, RunOptions, V4Config  # noqa: E402
 
 CONTEXTS = (4096, 16384, 65536, 262144, 1048576)
 QUICK_CONTEXTS = (4096, 32768)
@@ -58,7 +58,10 @@ V32 = dict(layers=61, active=37e9, heads=128, latent=512, rope=64, index_heads=6
 
 def _flash(S: int) -> V4Config:
     cfg = V4Config.preset("v4-flash")
-    return cfg.replace(dtype="bfloat16", param_dtype="bfloat16", max_seq_len=max(cfg.max_seq_len, S))
+    return cfg.replace(max_seq_len=max(cfg.max_seq_len, S))
+
+
+BF16 = RunOptions(dtype="bfloat16", param_dtype="bfloat16")  # how the decode layer runs (the release's weights)
 
 
 def dense_decode(attn, x, keys, pos):
@@ -115,7 +118,7 @@ def layer_cost(variant: str, S: int, device) -> dict:
     kind = KINDS.get(variant, AttentionKind.SLIDING)
     sharding = NamedSharding(jax.sharding.Mesh([device], ("x",)), PartitionSpec())
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
-    attn = nnx.eval_shape(lambda: Attention(cfg, kind, rngs=nnx.Rngs(0)))
+    attn = nnx.eval_shape(lambda: Attention(cfg, kind, rngs=nnx.Rngs(0), options=BF16))
     graphdef, state = nnx.split(attn)
     state = jax.tree.map(spec, state)
     x = spec(jax.ShapeDtypeStruct((1, 1, cfg.dim), jnp.bfloat16))

@@ -44,7 +44,7 @@ def bench(preset: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
                      + ([f"model.vocab_size={vocab}"] if vocab else []))
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
-    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options()), nnx.Param, Buffer, ...)
     params = flat_params(p)
     n_params = sum(int(np.prod(a.shape)) for a in params.values())
     state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),

@@ -27,13 +27,13 @@ from sharding.context import use_mesh_rules  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from sharding.partition import create_sharded, host_local_to_global  # noqa: E402
 from sharding.rules import get_rules  # noqa: E402
-from v4jax.config import V4Config  # noqa: E402
+from v4jax.config import RunOptions, V4Config  # noqa: E402
 from v4jax.model import Transformer  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
-cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=64, attention_chunk=16)
+cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=64)
 mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
-model = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+model = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(attention_chunk=16)), mesh, rules)
 B, T = 8, 32
 tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
 rows = B // jax.process_count()

@@ -10,7 +10,7 @@ from flax import nnx
 
 from pallas_kernels.sparse_attention_reference import sparse_attention
 from v4jax.compressor import Compressor
-from v4jax.config import AttentionKind, MoEImpl, RouterKind, V4Config
+from v4jax.config import AttentionKind, MoEImpl, RouterKind, RunOptions, V4Config
 from pallas_kernels.lightning_indexer_reference import select_topk
 from v4jax.mhc import HyperConnection, sinkhorn
 from v4jax.model import Transformer
@@ -216,8 +216,8 @@ def test_swiglu_clamp_engages_gate_from_above_and_up_on_both_sides():
 def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern, impl):
     if impl is MoEImpl.PALLAS:
         pytest.importorskip("pallas_kernels.moe_dispatch")
-    cfg = V4Config.preset("tiny", moe_impl=impl)
-    experts = Experts(cfg, rngs=nnx.Rngs(0))
+    cfg = V4Config.preset("tiny")
+    experts = Experts(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_impl=impl))
     rng = np.random.default_rng(0)
     N, k, E = 13, cfg.n_activated_experts, cfg.n_routed_experts
     x = jnp.asarray(rng.normal(size=(N, cfg.dim)), jnp.float32)

@@ -1,12 +1,14 @@
 """V4Config: released presets (spec §1.1, §1.2), config.json I/O in current and older field names,
-interop with transformers' DeepseekV4Config, and rejection of inconsistent configurations."""
+interop with transformers' DeepseekV4Config, and rejection of inconsistent configurations.
+RunOptions: the run-time settings kept apart from the architecture (never in config.json)."""
 
 import dataclasses
 import json
 
 import pytest
 
-from v4jax.config import PRESETS, AttentionKind, ConfigError, RouterKind, V4Config
+from v4jax.config import (HF_FIELDS, OPTION_FIELDS, PRESETS, AttentionImpl, AttentionKind, ConfigError, MoEImpl,
+                           Remat, RouterKind, RunOptions, V4Config, hf_weights_dtype, split_options)
 
 S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
 
@@ -29,7 +31,7 @@ SPEC_TABLE = {
     "compress_rope_theta": (160000.0, 160000.0), "rope_factor": (16.0, 16.0),
     "original_seq_len": (65536, 65536), "beta_fast": (32.0, 32.0), "beta_slow": (1.0, 1.0),
     "max_seq_len": (1048576, 1048576), "n_mtp_layers": (1, 1), "n_hash_layers": (3, 3),
-    "bos_token_id": (0, 0), "eos_token_id": (1, 1), "param_dtype": ("bfloat16", "bfloat16"),
+    "bos_token_id": (0, 0), "eos_token_id": (1, 1),
 }
 
 
@@ -215,7 +217,7 @@ def old_style(cfg: V4Config) -> dict:
 def test_official_flash_config_json_with_older_names_loads_as_the_flash_preset():
     loaded = V4Config.from_hf_dict(official_flash_config_json())
     flash = V4Config.preset("v4-flash")
-    assert (loaded.dtype, loaded.param_dtype) == ("bfloat16", "bfloat16")  # torch_dtype
+    assert hf_weights_dtype(official_flash_config_json()) == "bfloat16"  # torch_dtype: the run's default dtypes
     assert loaded == flash
     assert loaded.compress_ratios == FLASH_RATIOS
 
@@ -309,8 +311,7 @@ def test_transformers_config_from_our_dict_has_our_schedule_and_rope(name, trans
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-b"])
 def test_config_saved_by_transformers_loads_back_to_our_config(name, transformers_config_cls, tmp_path):
-    # Compares every V4Config field. dtype/param_dtype: transformers writes `"dtype": "float32"`, the
-    # tiny presets' value, so they are compared too.
+    # Compares every V4Config field; transformers writes the weights' dtype as `"dtype": "float32"`.
     cfg = V4Config.preset(name)
     transformers_config_cls(**cfg.to_hf_dict()).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -443,7 +444,7 @@ def test_unknown_score_func_is_rejected():
 @pytest.mark.parametrize("field", ["dtype", "param_dtype"])
 def test_unknown_dtype_is_rejected(field):
     with pytest.raises(ConfigError, match=rf"{field} must be one of .*got 'float8'"):
-        tiny(**{field: "float8"})
+        RunOptions(**{field: "float8"})
 
 
 @pytest.mark.parametrize("field", ["route_scale", "norm_eps", "compress_rope_theta", "rope_factor"])
@@ -553,3 +554,103 @@ def test_json_config_file_that_is_not_an_object_is_rejected(tmp_path):
 def test_missing_config_file_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"no config.json at"):
         V4Config.from_json_file(tmp_path / "config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture (V4Config, config.json) apart from run-time settings (RunOptions, issue 16)
+
+def test_v4config_has_no_run_time_field():
+    arch = {f.name for f in dataclasses.fields(V4Config)}
+    options = {f.name for f in dataclasses.fields(RunOptions)}
+    assert options == set(OPTION_FIELDS) == {"dtype", "param_dtype", "attention_chunk", "moe_dispatch_chunk", "remat",
+                                             "attention_impl", "moe_impl", "csa_dense", "indexer_detach"}
+    assert arch & options == set()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_config_json_holds_no_run_time_option(name, tmp_path):
+    V4Config.preset(name).save_json(tmp_path / "config.json", torch_dtype="bfloat16")
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert set(d) & (set(OPTION_FIELDS) - {"dtype"}) == set()
+    assert "dtype" not in d and "attention_chunk" not in d
+    assert d["torch_dtype"] == "bfloat16"  # the stored weights' dtype (HF convention), given by the writer
+    assert V4Config.preset(name).to_hf_dict()["torch_dtype"] == "float32"  # default
+
+
+def test_older_attention_chunk_key_is_read_and_ignored():
+    d = V4Config.preset("tiny").to_hf_dict()
+    d["attention_chunk"] = 7  # written by older versions
+    assert V4Config.from_hf_dict(d) == V4Config.preset("tiny")
+
+
+@pytest.mark.parametrize("field,key,convert,default,older", HF_FIELDS, ids=[r[0] for r in HF_FIELDS])
+def test_every_table_row_round_trips(field, key, convert, default, older):
+    base = V4Config.preset("tiny-b")
+    value = getattr(base, field)
+    # a value other than the preset's that the config still accepts, so the row is really exercised
+    changed = {"n_layers": None, "head_dim": None, "n_mtp_layers": 0, "score_func": "sigmoid", "bos_token_id": None,
+               "eos_token_id": 7, "n_shared_experts": None, "index_topk": 6, "max_seq_len": 256,
+               "n_activated_experts": 2, "n_routed_experts": 7, "window_size": 9}.get(field, "bump")
+    if changed == "bump":
+        changed = value * 2 if isinstance(value, int) else value * 1.5
+    cfg = base if changed is None else base.replace(**{field: changed})
+    d = cfg.to_hf_dict()
+    got = d
+    for k in (key,) if isinstance(key, str) else key:
+        got = got[k]
+    assert got == getattr(cfg, field)  # written under the table's key
+    back = V4Config.from_hf_dict(d)
+    assert getattr(back, field) == getattr(cfg, field) and back == cfg
+
+
+@pytest.mark.parametrize("field,key,convert,default,older",
+                         [r for r in HF_FIELDS if r[4]], ids=[r[0] for r in HF_FIELDS if r[4]])
+def test_an_older_spelling_of_a_table_row_is_read(field, key, convert, default, older):
+    cfg = V4Config.preset("tiny-b")
+    d = cfg.to_hf_dict()
+    parent = d
+    for k in ((key,) if isinstance(key, str) else key)[:-1]:
+        parent = parent[k]
+    del parent[((key,) if isinstance(key, str) else key)[-1]]
+    for old in older:
+        d[old] = getattr(cfg, field)
+    assert V4Config.from_hf_dict(d) == cfg
+
+
+def test_older_spellings_of_structured_fields_are_read():
+    cfg = V4Config.preset("tiny")
+    d = old_style(cfg)
+    assert "qk_rope_head_dim" in d and "layer_types" not in d and "rope_scaling" in d
+    assert V4Config.from_hf_dict(d) == cfg
+    assert hf_weights_dtype({"dtype": "bfloat16"}) == "bfloat16"  # transformers' newer spelling of torch_dtype
+
+
+def test_run_options_normalise_enums_validate_and_replace():
+    o = RunOptions(remat="full", attention_impl="pallas", moe_impl="reference", dtype="bf16")
+    assert (o.remat, o.attention_impl, o.moe_impl, o.dtype) == (Remat.FULL, AttentionImpl.PALLAS, MoEImpl.REFERENCE,
+                                                                "bfloat16")
+    assert o.replace(csa_dense=True).csa_dense and not o.csa_dense
+    with pytest.raises(ConfigError, match=r"attention_chunk must be a positive integer, got 0"):
+        RunOptions(attention_chunk=0)
+    with pytest.raises(ConfigError, match=r"csa_dense must be true or false, got 1"):
+        RunOptions(csa_dense=1)
+    with pytest.raises(ConfigError, match=r"unknown remat entry 'some'"):
+        RunOptions(remat="some")
+    with pytest.raises(ConfigError, match=r"vocab_size is not a run-time option"):
+        o.replace(vocab_size=3)
+
+
+@pytest.mark.parametrize("field", ["dtype", "remat", "csa_dense", "attention_impl"])
+def test_v4config_refuses_a_run_time_option_by_name(field):
+    with pytest.raises(ConfigError, match=rf"^{field} is a run-time option: set it on RunOptions, not V4Config$"):
+        V4Config.preset("tiny", **{field: "x"})
+    with pytest.raises(ConfigError, match=rf"^{field} is a run-time option"):
+        V4Config.preset("tiny").replace(**{field: "x"})
+
+
+def test_preset_options_and_split():
+    assert (RunOptions.preset("v4-flash").dtype, RunOptions.preset("v4-pro").param_dtype) == ("bfloat16", "bfloat16")
+    assert RunOptions.preset("tiny").attention_chunk == 32 and RunOptions.preset("tiny").dtype == "float32"
+    assert RunOptions.for_weights("bfloat16").param_dtype == "bfloat16"
+    assert split_options({"vocab_size": 3, "remat": "full", "bogus": 1}) == ({"vocab_size": 3, "bogus": 1},
+                                                                            {"remat": "full"})

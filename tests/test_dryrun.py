@@ -38,9 +38,10 @@ def test_default_train_step_uses_train_py_optimizer_split():
 
     from sharding.mesh import make_mesh
     from sharding.rules import get_rules
-    cfg = small().replace(dtype="bfloat16", param_dtype="float32")
+    from v4jax.config import RunOptions
     mesh = make_mesh("fsdp=2", devices=jax.devices()[:2])
-    _, _, names, terms = dryrun.build(cfg, "train", 2, 32, mesh, get_rules("fsdp"))
+    _, _, names, terms = dryrun.build(small(), "train", 2, 32, mesh, get_rules("fsdp"),
+                                      options=RunOptions(dtype="bfloat16", param_dtype="float32"))
     assert terms == ["ce", "balance", "indexer"]
     emb = names["embed.embedding"]  # fp32, [V, d]
     assert names["optimizer state of embed.embedding"] == 2 * emb  # AdamW: two moments

@@ -8,13 +8,15 @@ import pytest
 from flax import nnx
 
 from v4jax import Transformer, V4Config
+from v4jax.config import RunOptions
 
 CFG = V4Config.preset("tiny", n_mtp_layers=0)
+OPTIONS = RunOptions.preset("tiny")
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 40)), jnp.int32)
 
 
 def logits_and_grads(**kw):
-    model = Transformer(CFG.replace(**kw), rngs=nnx.Rngs(0))
+    model = Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS.replace(**kw))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
@@ -50,6 +52,6 @@ def test_every_implementation_gives_the_reference_logits_and_gradients(reference
 @pytest.mark.slow  # interpreted kernels: minutes on 2 cores; the kernel files test numerics in the default suite
 def test_pallas_attention_and_moe_give_the_reference_logits():
     tokens = TOKENS[:, :24]
-    want = Transformer(CFG, rngs=nnx.Rngs(0))(tokens).logits
-    got = Transformer(CFG.replace(attention_impl="pallas", moe_impl="pallas"), rngs=nnx.Rngs(0))(tokens).logits
+    want = Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS)(tokens).logits
+    got = Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS.replace(attention_impl="pallas", moe_impl="pallas"))(tokens).logits
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5

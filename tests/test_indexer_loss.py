@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from v4jax import V4Config, losses
-from v4jax.config import AttentionKind, RouterKind
+from v4jax.config import AttentionKind, RouterKind, RunOptions
 from v4jax.layers import rms_normalize
 from v4jax.model import Transformer
 from v4jax.rope import apply_rope, inv_frequencies
@@ -29,8 +29,8 @@ def tiny(**changes) -> V4Config:
                            **changes)
 
 
-def make_model(cfg: V4Config) -> Transformer:
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+def make_model(cfg: V4Config, **options) -> Transformer:
+    model = Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions.preset("tiny", **options))
     rng = np.random.default_rng(5)
     for stage in model.stages:
         for block in stage.blocks:  # sinks start at 0; random ones exercise the sink in the normaliser
@@ -69,7 +69,7 @@ def numpy_traces(attn, x):
     positions = jnp.broadcast_to(pos, (B, T_))
     comp, _ = attn.compressor(x, positions, inv_freq)
     q_i, w_i, keys_i, _ = attn.indexer.project(x, cq, positions, inv_freq)
-    idx = None if cfg.csa_dense else np.asarray(attn.indexer.select(q_i, w_i, keys_i, positions))
+    idx = None if attn.options.csa_dense else np.asarray(attn.indexer.select(q_i, w_i, keys_i, positions))
     q, kv, comp, sinks = (np.asarray(a, np.float64) for a in (q, kv, comp, attn.sinks.value))
     N = comp.shape[1]
     t, j, s = np.arange(T_)[:, None], np.arange(T_)[None, :], np.arange(N)[None, :]
@@ -111,7 +111,7 @@ def numpy_kl(mass, scores, keep):
 
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 def test_model_traces_and_kl_loss_equal_a_dense_numpy_recomputation(tokens, dense):
-    model = make_model(tiny(csa_dense=dense))
+    model = make_model(tiny(), csa_dense=dense)
     out = model(tokens, return_indexer_traces=True, return_hidden_states=True)
     traces = out.indexer
     layers = csa_layer_blocks(model)
@@ -192,7 +192,7 @@ def test_indexer_loss_trains_only_the_indexers_and_the_lm_loss_never_reaches_the
 
 @pytest.mark.slow  # one more compile (~1 min); the control showing the detach is what keeps the KL out
 def test_without_detach_the_indexer_loss_reaches_the_shared_query_path(tokens):
-    fn, params = _loss_grads(make_model(tiny(indexer_detach=False)), tokens)
+    fn, params = _loss_grads(make_model(tiny(), indexer_detach=False), tokens)
     kl_grad = flat(fn(params)[0][1])
     assert np.abs(kl_grad["stages.0.blocks.0.attn.wq_a.kernel"]).sum() > 0  # through cQ
     assert np.abs(kl_grad["embed.embedding"]).sum() > 0
@@ -200,6 +200,6 @@ def test_without_detach_the_indexer_loss_reaches_the_shared_query_path(tokens):
 
 def test_config_switches_are_checked():
     with pytest.raises(ValueError, match="csa_dense must be true or false"):
-        tiny(csa_dense="yes")
+        RunOptions(csa_dense="yes")
     with pytest.raises(ValueError, match="indexer_detach must be true or false"):
-        tiny(indexer_detach=1)
+        RunOptions(indexer_detach=1)

@@ -26,7 +26,7 @@ from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
 from pallas_kernels.sparse_attention_reference import sparse_attention
 from v4jax import kernels
-from v4jax.config import AttentionImpl
+from v4jax.config import AttentionImpl, RunOptions
 
 pallas_sparse_attention = kernels.sparse_attention(AttentionImpl.PALLAS)  # the model's entry to the kernel
 from v4jax.moe import Experts, Routing
@@ -165,10 +165,10 @@ EP_DEFAULT = {("random", 0), ("all_to_one_expert", 1), ("empty_experts", 2)}  # 
     for p in ("random", "all_to_one_expert", "empty_experts") for c in range(3)])
 def test_expert_parallel_pallas_equals_the_unsharded_reference_moe(pattern, case):
     mesh_spec, preset, batch = EP_CASES[case]
-    base = V4Config.preset("tiny", n_mtp_layers=0, n_routed_experts=8, n_activated_experts=3,
-                           moe_dispatch_chunk=5)  # 12 tokens per device: 3 rounds, the last padded
-    reference = Experts(base.replace(moe_impl="reference"), rngs=nnx.Rngs(0))  # one masked FFN per expert
-    pallas = Experts(base.replace(moe_impl="pallas"), rngs=nnx.Rngs(0))
+    base = V4Config.preset("tiny", n_mtp_layers=0, n_routed_experts=8, n_activated_experts=3)
+    chunk = RunOptions(moe_dispatch_chunk=5)  # 12 tokens per device: 3 rounds, the last padded
+    reference = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="reference"))  # one masked FFN per expert
+    pallas = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="pallas"))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(batch, 12, base.dim)), jnp.float32)
     ids, w = _routing(pattern, batch * 12, 3, 8, rng)
@@ -193,8 +193,8 @@ def test_expert_parallel_pallas_equals_the_unsharded_reference_moe(pattern, case
 # The whole model with the kernels on a mesh
 
 
-def _model_logits_and_grads(cfg, tokens, mesh=None, rules=None):
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+def _model_logits_and_grads(cfg, tokens, mesh=None, rules=None, options=RunOptions(attention_chunk=16)):
+    model = Transformer(cfg, rngs=nnx.Rngs(0), options=options)
     if mesh is not None:
         model = shard_module(model, mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -216,13 +216,13 @@ def _model_logits_and_grads(cfg, tokens, mesh=None, rules=None):
 @pytest.mark.slow  # the interpreted kernels on 8 devices: ~minutes on 2 cores
 @pytest.mark.parametrize("moe_impl", ["ragged_dot", "pallas"])
 def test_model_with_pallas_attention_on_a_mesh_equals_the_unsharded_reference(moe_impl):
-    cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=64, attention_chunk=16)
+    cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=64)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 24)), jnp.int32)
     want_logits, want = _model_logits_and_grads(cfg, tokens)
     mesh, rules = make_mesh("data=2,fsdp=2,tensor=2" if moe_impl == "ragged_dot" else "fsdp=2,expert=2,tensor=2"), \
         get_rules("fsdp_tp_ep")
-    got_logits, got = _model_logits_and_grads(cfg.replace(attention_impl="pallas", moe_impl=moe_impl), tokens,
-                                              mesh, rules)
+    got_logits, got = _model_logits_and_grads(cfg, tokens, mesh, rules,
+                                              RunOptions(attention_chunk=16, attention_impl="pallas", moe_impl=moe_impl))
     assert rel_err(got_logits, want_logits) <= 1e-5
     total = np.sqrt(sum(np.sum(g * g) for g in want.values()))
     for p, g in want.items():  # tensors under 1% of the total norm are held to 1e-7 of it
@@ -267,8 +267,9 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
     # The typed (check_vma) shard_map of TPU: received rows and weights must be typed varying for the
     # gmm's custom VJP (this failed to trace before the ragged all-to-all buffers were typed varying)
     mesh, rules = _tpu_mesh(mesh_spec), get_rules("fsdp_ep")
-    cfg = V4Config.preset("tiny", n_mtp_layers=0, moe_impl="pallas")
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    cfg = V4Config.preset("tiny", n_mtp_layers=0)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_impl="pallas"))),
+                                 nnx.Param)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
                           state_shardings(params, mesh, rules))
     T, k = 64, cfg.n_activated_experts
@@ -313,10 +314,11 @@ def test_tpu_expert_parallel_gradients_reduce_over_the_same_axes_as_the_tested_c
 @pytest.mark.slow  # each compile of the whole model takes ~1-3 min on the shared host
 @pytest.mark.parametrize("moe_impl", ["ragged_dot", "pallas"])
 def test_mosaic_compiles_the_sharded_model_with_pallas_kernels(moe_impl):
-    cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=256, attention_impl="pallas", moe_impl=moe_impl)
+    cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=256)
+    options = RunOptions.preset("tiny", attention_impl="pallas", moe_impl=moe_impl)
     mesh, rules = _tpu_mesh("fsdp=2,expert=2" if moe_impl == "pallas" else "fsdp=2,tensor=2"), \
         get_rules("fsdp_tp_ep" if moe_impl == "ragged_dot" else "fsdp_ep")
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     shard = lambda state: jax.tree.map(  # noqa: E731
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_shardings(state, mesh, rules))

@@ -123,7 +123,7 @@ class _CountingSource:
 
 def test_sharded_assembly_reads_each_tensor_once_in_bounded_batches(release_and_converted, mesh):
     _, converted = release_and_converted
-    cfg = V4Config.from_json_file(os.path.join(converted, "config.json"), dtype="float32", param_dtype="float32")
+    cfg = V4Config.from_json_file(os.path.join(converted, "config.json"))
     src = _CountingSource(ConvertedSource(str(converted)))
     limit = 64 << 10
     assemble(cfg, src, mesh=mesh, rules=get_rules("fsdp_ep"), read_batch_bytes=limit)
@@ -140,7 +140,7 @@ def _write_train_checkpoint(run, model, step=7):
     _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
     os.makedirs(run, exist_ok=True)
     cfg_dict = {k: (v.value if hasattr(v, "value") else ([x.value for x in v] if isinstance(v, tuple) else v))
-                for k, v in vars(model.cfg).items()}
+                for k, v in {**vars(model.cfg), **vars(model.options)}.items()}  # train.py's one `model` table
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump({"train": {}, "model": cfg_dict}, f)
     params = flat_params(p)

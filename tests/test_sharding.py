@@ -14,7 +14,7 @@ from sharding.context import use_mesh_rules
 from sharding.mesh import make_mesh
 from sharding.partition import create_sharded, shard_module, spec_table, state_shardings
 from sharding.rules import LOGICAL_AXES, PRESETS, ShardingError, get_rules, parse_overrides
-from v4jax.config import AttentionKind, RouterKind, V4Config
+from v4jax.config import AttentionKind, RouterKind, RunOptions, V4Config
 from v4jax.model import Transformer, layer_schedule
 from pallas_kernels.moe_dispatch_reference import swiglu
 from v4jax.moe import Experts, Routing
@@ -23,8 +23,11 @@ S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
 
 
 def small_cfg(**kw):
-    base = dict(n_mtp_layers=0, max_seq_len=64, attention_chunk=16)
+    base = dict(n_mtp_layers=0, max_seq_len=64)
     return V4Config.preset("tiny", **{**base, **kw})
+
+
+OPTIONS = RunOptions(attention_chunk=16)
 
 
 def rel_err(a, b):
@@ -90,7 +93,7 @@ EXPECTED = {
 
 def _check_sharded_equals_unsharded(preset, mesh_spec, batch):
     cfg = small_cfg()
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model = Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS)
     T = 32
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, T)), jnp.int32)
     loss0, grads0, logits0 = loss_and_grads(model, tokens)
@@ -132,7 +135,7 @@ def test_sharded_equals_unsharded_more_meshes(preset, mesh_spec, batch):
 def test_create_sharded_builds_variables_in_place_with_the_table_layout():
     cfg = small_cfg()
     mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
-    model = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    model = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS), mesh, rules)
     w1 = model.stages[0].blocks[1].ffn.experts.w1.get_value()
     assert w1.sharding.spec == P(None, "expert", "fsdp", None)
     assert w1.addressable_shards[0].data.shape == (1, cfg.n_routed_experts // 4, cfg.dim // 2, cfg.moe_inter_dim)
@@ -155,8 +158,8 @@ def _routing(pattern, N, k, E, rng):
                                                     ("expert=8", "fsdp_ep", 1),  # batch 1: tokens replicated, psum
                                                     ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4)])
 def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch):
-    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3, moe_dispatch_chunk=5)  # 12 tokens/device: 3 rounds
-    experts = Experts(cfg, rngs=nnx.Rngs(0))
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5))  # 12 tokens/device: 3 rounds
     rng = np.random.default_rng(3)
     T = 12
     x = jnp.asarray(rng.normal(size=(batch, T, cfg.dim)), jnp.float32)
@@ -202,7 +205,7 @@ def test_layer_schedule_scans_the_repeating_period():
 def test_scanned_stack_equals_applying_each_layer_in_turn_and_compiles_each_unit_once():
     L = RouterKind.LEARNED
     cfg = small_cfg(n_layers=7, layer_types=(S, C, H, C, H, C, H), router_types=(RouterKind.HASH,) + (L,) * 6)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model = Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS)
     assert [len(s.unit) * s.repeats for s in model.stages] == [1, 6] and model.stages[1].repeats == 3
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
     out = model(tokens, return_hidden_states=True)
@@ -230,7 +233,7 @@ def test_bad_meshes_and_rules_fail_before_compiling():
     with pytest.raises(ShardingError, match="unknown logical axis 'embedding'"):
         get_rules("fsdp", embedding=("fsdp",))
     cfg = small_cfg(dim=100)  # 100 does not split over 8
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS))
     with pytest.raises(ShardingError, match=r"embed.embedding: mesh axes \('fsdp',\) of sizes \(8,\) divide none of its "
                                             r"dimensions \(vocab=512, embed=100\)"):
         state_shardings(nnx.state(abstract), make_mesh("fsdp=8"), get_rules("fsdp", vocab=()))

@@ -77,7 +77,13 @@ def test_config_file_and_overrides_compose(tmp_path):
     tc = load_config(str(cfgfile), ["steps=9", "model.n_heads=2", 'rules="fsdp_ep"', "nan_steps=[3]"])
     assert tc.steps == 9 and tc.lr == 1e-3 and tc.rules == "fsdp_ep" and tc.nan_steps == (3,)
     cfg = tc.model_config()
-    assert cfg.dim == 64 and cfg.n_heads == 2 and cfg.param_dtype == "float32"
+    assert cfg.dim == 64 and cfg.n_heads == 2 and tc.run_options().param_dtype == "float32"
+    # one `model` table: architecture keys go to V4Config, run-time option keys to RunOptions
+    tc = load_config(None, ["model.remat=\"full\"", "model.csa_dense=true", "model.dim=64"])
+    assert tc.model_config().dim == 64
+    assert tc.run_options().remat.value == "full" and tc.run_options().csa_dense is True
+    with pytest.raises(ValueError, match=r"^unknown model setting 'bogus'; known: \["):
+        load_config(None, ["model.bogus=1"]).model_config()
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['stepz'\]"):
         load_config(None, ["stepz=3"])
     with pytest.raises(ValueError, match="must be int"):
@@ -175,7 +181,7 @@ def test_gradient_of_the_full_loss_matches_finite_differences(corpus):
     tc = load_config(None, small_overrides("/tmp/unused", corpus) + ["balance_alpha=0.1"])
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
-    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+    _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options()), nnx.Param, Buffer, ...)
     params, buffers = flat_params(p), flat_params(b)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 33)), jnp.int32)
     hyper = hyperparams(tc, setup.schedule, 0)
@@ -344,7 +350,8 @@ def test_gradient_accumulation_equals_one_big_batch(corpus):
     for accum, rows in ((1, 4), (2, 2)):
         tc = load_config(None, small_overrides("/tmp/unused", corpus, grad_accum=accum, batch_size=rows))
         setup = make_setup(tc, tc.model_config())
-        _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0)), nnx.Param, Buffer, ...)
+        _, p, b, _ = nnx.split(Transformer(tc.model_config(), rngs=nnx.Rngs(0), options=tc.run_options()),
+                                 nnx.Param, Buffer, ...)
         params = flat_params(p)
         state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}

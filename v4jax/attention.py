@@ -26,7 +26,7 @@ from pallas_kernels.sparse_attention_reference import entry_attention_mass
 from sharding.context import constrain
 from v4jax import kernels
 from v4jax.compressor import Compressor, CompressorState, ring_write
-from v4jax.config import AttentionKind, V4Config
+from v4jax.config import AttentionKind, RunOptions, V4Config
 from v4jax.indexer import Indexer, IndexerTraces, entry_scores
 from v4jax.layers import Linear, RMSNorm, param, rms_normalize
 from v4jax.rope import apply_rope, inv_frequencies
@@ -41,8 +41,8 @@ class AttentionState(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: V4Config, kind: AttentionKind, *, rngs: nnx.Rngs):
-        pd = cfg.param_dtype
+    def __init__(self, cfg: V4Config, kind: AttentionKind, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        pd = options.param_dtype
         H, c, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), param_dtype=pd, rngs=rngs)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", rngs=rngs)
@@ -56,8 +56,8 @@ class Attention(nnx.Module):
         ratio = cfg.compress_ratio(kind)
         self.compressor = (Compressor(cfg.dim, c, ratio, kind is AttentionKind.CSA, cfg.norm_eps, param_dtype=pd,
                                       rngs=rngs) if ratio else None)
-        self.indexer = Indexer(cfg, rngs=rngs) if kind is AttentionKind.CSA else None
-        self.cfg, self.kind = cfg, kind
+        self.indexer = Indexer(cfg, rngs=rngs, options=options) if kind is AttentionKind.CSA else None
+        self.cfg, self.kind, self.options = cfg, kind, options
 
     def init_state(self, batch: int, max_len: int, dtype) -> AttentionState:
         """An empty cache for `batch` sequences of up to `max_len` tokens, KV stored in `dtype`."""
@@ -71,7 +71,7 @@ class Attention(nnx.Module):
         """x [B, T, d] (already attn_norm-ed) at positions [B, T] (consecutive per row; 0..T-1 without
         a state). n_valid [B]: real tokens per row (right padding never enters the state).
         Returns (out [B, T, d], state | None, IndexerTraces | None: CSA layers, stateless, on request)."""
-        cfg = self.cfg
+        cfg, opt = self.cfg, self.options
         B, T, _ = x.shape
         inv_freq = inv_frequencies(cfg, self.kind)  # YaRN/compress table on CSA/HCA, plain on SWA (§1.3)
         ratio = cfg.compress_ratio(self.kind)
@@ -87,10 +87,10 @@ class Attention(nnx.Module):
             compressed, comp_state = self.compressor(x, positions, inv_freq, None if state is None else state.compressor,
                                                      n_valid)
             compressed = compressed.astype(kv.dtype)
-        sparse = self.indexer is not None and not cfg.csa_dense  # dense stage (spec §4.8): every visible entry
+        sparse = self.indexer is not None and not opt.csa_dense  # dense stage (spec §4.8): every visible entry
         if self.indexer is not None and (sparse or return_indexer_traces or state is not None):
             # spec §8.6: detached inputs, so the indexer learns only from its KL loss
-            x_i, cq_i = jax.lax.stop_gradient((x, cq)) if cfg.indexer_detach else (x, cq)
+            x_i, cq_i = jax.lax.stop_gradient((x, cq)) if opt.indexer_detach else (x, cq)
             q_i, w_i, keys_i, index_state = self.indexer.project(
                 x_i, cq_i, positions, inv_freq, None if state is None else state.indexer, n_valid)
             if sparse:
@@ -102,15 +102,15 @@ class Attention(nnx.Module):
                                           (B, T, keys_i.shape[1])) if topk_idx is None else topk_idx >= 0)
                 traces = IndexerTraces(
                     entry_attention_mass(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio,
-                                         cfg.attention_chunk),
-                    entry_scores(q_i, w_i, keys_i, topk_idx, cfg.attention_chunk), valid)
+                                         opt.attention_chunk),
+                    entry_scores(q_i, w_i, keys_i, topk_idx, opt.attention_chunk), valid)
 
-        core = kernels.sparse_attention(cfg.attention_impl)
+        core = kernels.sparse_attention(opt.attention_impl)
         if state is None:  # the window and the entries are this call's own
-            o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio, cfg.attention_chunk)
+            o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio, opt.attention_chunk)
         else:  # the new tokens' own window through the core's band, the past as index lists
             past, idx = past_indices(state.window.astype(kv.dtype), compressed, topk_idx, positions, ratio)
-            o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, ratio, cfg.attention_chunk)
+            o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, ratio, opt.attention_chunk)
             n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid
             state = AttentionState(ring_write(state.window, kv, positions[:, 0], n_valid), comp_state, index_state)
         o = apply_rope(o, positions[..., None], inv_freq, inverse=True)  # [B, T, H, c]: de-rotate at the query

@@ -91,10 +91,11 @@ def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, d
         compressor(m, cfg.index_head_dim, 2) if kind is AttentionKind.CSA else None)
 
 
-def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=None, *, mtp: bool | None = None) -> Cache:
+def init_cache(cfg: V4Config, batch: int, max_len: int, dtype="float32", *, mtp: bool | None = None) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated).
 
-    dtype: storage dtype of KV (default cfg.dtype); compressor states are fp32 (spec §4.3).
+    dtype: storage dtype of KV (callers pass the model's RunOptions.dtype); compressor states are fp32
+    (spec §4.3).
     mtp: also allocate the MTP block's cache (default: when the config has an MTP block).
     Works under `jax.eval_shape` (for AOT compilation and sharding)."""
     if not isinstance(batch, int) or batch < 1:
@@ -103,7 +104,7 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=None, *, mtp: bool
         raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    dtype = jnp.dtype(dtype)
     stages = tuple(tuple(_layer_cache(cfg, kind, batch, max_len, dtype, (repeats,)) for kind, _ in unit)
                    for unit, repeats in stage_units(cfg))
     mtp = bool(cfg.n_mtp_layers) if mtp is None else mtp
@@ -163,16 +164,16 @@ class CacheSize(NamedTuple):
         return self.per_token * context + self.fixed
 
 
-def cache_size(cfg: V4Config, fmt: str = "release", dtype: str | None = None) -> CacheSize:
+def cache_size(cfg: V4Config, fmt: str = "release", dtype: str = "float32") -> CacheSize:
     """Bytes per token and fixed bytes per sequence of a config's KV cache.
 
     fmt="release": the release storage (FP8 entries with BF16 RoPE dims, FP4 indexer keys; spec §4.7);
-    fmt="layout": this implementation's `init_cache` arrays in `dtype` (default cfg.dtype), fp32
+    fmt="layout": this implementation's `init_cache` arrays in `dtype` (the run's RunOptions.dtype), fp32
     compressor states. MTP not counted (the spec's figures leave it out)."""
     if fmt == "release":
         entry, key, state_bytes = RELEASE_ENTRY_BYTES, RELEASE_INDEX_KEY_BYTES, 0
     elif fmt == "layout":
-        size = jnp.dtype(dtype or cfg.dtype).itemsize
+        size = jnp.dtype(dtype).itemsize
         entry, key, state_bytes = cfg.head_dim * size, cfg.index_head_dim * size, 4
     else:
         raise ValueError(f"fmt must be 'release' or 'layout', got {fmt!r}")

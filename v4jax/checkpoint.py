@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.config import ConfigError, V4Config
+from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype
 from v4jax.tensorfile import TensorFileError, open_directory, write_sharded
 
 
@@ -204,13 +204,15 @@ class LoadInfo:
     spelling: dict[str, str]  # canonical name -> key as found on disk
     dtypes: dict[str, np.dtype]  # canonical name -> dtype found on disk
     mtp_loaded: bool
+    options: RunOptions = RunOptions()  # the loaded model's run-time options (model.options)
 
 
 def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-            mtp: bool | None = None) -> tuple[Any, LoadInfo]:
+            mtp: bool | None = None, options: RunOptions | None = None) -> tuple[Any, LoadInfo]:
     """Load an HF-format directory (config.json + safetensors, Hub or transformers spelling).
 
-    dtype / param_dtype override the compute / storage dtypes (default: config's torch_dtype).
+    options: how the model runs (default: RunOptions with the dtypes of config.json's torch_dtype);
+    dtype / param_dtype override its compute / storage dtypes.
     mtp: True requires MTP tensors, False ignores them, None loads them when present.
     """
     from v4jax.model import Transformer  # local import: the model module imports nothing from here
@@ -220,7 +222,10 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     try:
-        cfg = V4Config.from_json_file(os.path.join(directory, "config.json"), **overrides)
+        cfg = V4Config.from_json_file(os.path.join(directory, "config.json"))
+        # the stored weights' dtype is the default run dtype: a bf16 checkpoint runs in bf16
+        options = (options or RunOptions.for_weights(json_weights_dtype(os.path.join(directory, "config.json"))))
+        options = options.replace(**overrides)
         found = open_directory(directory)
     except ConfigError as e:  # names config.json already
         raise CheckpointError(str(e)) from None
@@ -240,7 +245,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
     cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
     rules = hf_rules(abstract)
@@ -268,7 +273,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     for path, a in values.items():
         var = variables[path]
         var.set_value(jnp.asarray(a).astype(var.dtype))
-    return nnx.merge(graphdef, state), LoadInfo(cfg, spelling, dtypes, use_mtp)
+    return nnx.merge(graphdef, state), LoadInfo(cfg, spelling, dtypes, use_mtp, options)
 
 
 def hf_tensors(model, info: LoadInfo | None = None) -> dict[str, np.ndarray]:
@@ -292,6 +297,16 @@ def hf_tensors(model, info: LoadInfo | None = None) -> dict[str, np.ndarray]:
     return out
 
 
+def weights_dtype(tensors: dict[str, np.ndarray]) -> str:
+    """config.json's torch_dtype for these tensors: the floating dtype holding the most bytes (a bf16
+    checkpoint keeps its RMSNorm and mHC weights in fp32; those do not name it)."""
+    size: dict[str, int] = {}
+    for a in tensors.values():
+        if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
+            size[a.dtype.name] = size.get(a.dtype.name, 0) + a.nbytes
+    return max(size, key=size.get) if size else "float32"
+
+
 def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None,
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> list[str]:
     """Write config.json and the safetensors shards (+ index when sharded). Refuses a non-empty
@@ -301,7 +316,8 @@ def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None
     from v4jax.safe_io import staged
 
     with staged(directory, overwrite=overwrite, error=CheckpointError, flag="overwrite=True") as tmp:
-        files = write_sharded(tmp, hf_tensors(model, info), max_shard_bytes)
+        tensors = hf_tensors(model, info)
+        files = write_sharded(tmp, tensors, max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model.cfg.to_hf_dict(), f, indent=2)
+            json.dump(model.cfg.to_hf_dict(weights_dtype(tensors)), f, indent=2)
     return files + ["config.json"]

@@ -1,14 +1,18 @@
 """DeepSeek-V4 configuration (spec §1).
 
-One frozen dataclass, `V4Config`, holds every architectural value. Layer kinds are enums, not strings
-scattered through the model: `AttentionKind` per layer (spec §1.2) and `RouterKind` per MoE layer
-(spec §5). Presets: `v4-flash`, `v4-pro` (released values, spec §1.1) and `tiny`, `tiny-b` (CPU test
-configs that keep every mechanism active, spec §11).
+One frozen dataclass, `V4Config`, holds every architectural value: exactly what `config.json` holds.
+How a model runs (dtypes, kernel choices, chunk sizes, remat, the training-stage switches) is a
+second frozen dataclass, `RunOptions`, passed beside the config and never written into
+`config.json`. Layer kinds are enums, not strings scattered through the model: `AttentionKind`
+per layer (spec §1.2) and `RouterKind` per MoE layer (spec §5). Presets: `v4-flash`, `v4-pro`
+(released values, spec §1.1) and `tiny`, `tiny-b` (CPU test configs that keep every mechanism
+active, spec §11); `RunOptions.preset` gives the options each is meant to run with.
 
 HF `config.json` I/O (`from_hf_dict` / `to_hf_dict`) accepts both the current transformers field names
 (`layer_types`, `mlp_layer_types`, `compress_rates`, `rope_parameters`, `partial_rotary_factor`) and the
 older ones shipped with the release (`compress_ratios`, `compress_rate_csa/hca`, `num_hash_layers`,
-`qk_rope_head_dim`, `rope_scaling`), and writes the current ones.
+`qk_rope_head_dim`, `rope_scaling`), and writes the current ones. The 1:1 fields are one table,
+`HF_FIELDS`, read by both directions; the few structured fields have their own code beside it.
 """
 
 from __future__ import annotations
@@ -68,6 +72,95 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a model runs: settings that never change what the model computes (beyond rounding) and
+    are therefore not architecture. Passed beside the config (`Transformer(cfg, rngs=..., options=...)`)
+    and never written into config.json. Set by train.py's `model` table / `--model.FIELD=...`, by
+    `--set` in the dry run, or, for a loaded checkpoint, from its `torch_dtype` (the dtypes).
+
+    Fields:
+      dtype: compute dtype of activations ("float32", "bfloat16", "float16").
+      param_dtype: storage dtype of the parameters (RMSNorm weights, mHC and sinks stay fp32).
+      attention_chunk: queries per chunk in the reference attention and indexer (memory knob).
+      moe_dispatch_chunk: tokens per device per expert-parallel all-to-all round (memory knob).
+      remat: what the backward pass recomputes in each scanned block (`Remat`).
+      attention_impl: code behind the sparse attention core and the indexer top-k (`AttentionImpl`).
+      moe_impl: code behind the routed experts' grouped SwiGLU (`MoEImpl`).
+      csa_dense: training stage switch (spec §4.8, §8.6): CSA layers attend to every visible
+        compressed entry, as HCA does, and skip the indexer's top-k (dense stage, indexer warm-up).
+      indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its
+        KL loss and the KL trains nothing else (spec §8.6); no effect on the forward values.
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_chunk: int = 512
+    moe_dispatch_chunk: int = 1024
+    remat: Remat = Remat.NONE
+    attention_impl: AttentionImpl = AttentionImpl.REFERENCE
+    moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
+    csa_dense: bool = False
+    indexer_detach: bool = True
+
+    def __post_init__(self):
+        # accept the enum values as strings (command line, TOML) and normalise them to enums
+        for name, kind in (("remat", Remat), ("attention_impl", AttentionImpl), ("moe_impl", MoEImpl)):
+            object.__setattr__(self, name, _as_enum(kind, getattr(self, name), name))
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, _dtype_name(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        for name in ("attention_chunk", "moe_dispatch_chunk"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("csa_dense", "indexer_detach"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    def replace(self, **changes: Any) -> "RunOptions":
+        unknown = sorted(set(changes) - set(OPTION_FIELDS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]} is not a run-time option; options are {list(OPTION_FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "RunOptions":
+        """The options a preset is meant to run with (release dtypes; small chunks for the tiny ones)."""
+        if name not in _PRESET_OPTIONS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(_PRESET_OPTIONS)}")
+        return cls().replace(**{**_PRESET_OPTIONS[name], **overrides})
+
+    @classmethod
+    def for_weights(cls, dtype: str, **overrides: Any) -> "RunOptions":
+        """Options of a model loaded from weights stored in `dtype` (a checkpoint's torch_dtype):
+        computed and stored in that dtype unless overridden."""
+        return cls().replace(**{"dtype": dtype, "param_dtype": dtype, **overrides})
+
+
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def split_options(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split one table of settings (train.py's `model` table, the dry run's --set) into
+    (V4Config fields, RunOptions fields). Unknown keys stay in the first, where the caller refuses them."""
+    return ({k: v for k, v in values.items() if k not in OPTION_FIELDS},
+            {k: v for k, v in values.items() if k in OPTION_FIELDS})
+
+
+def _refuse_options(changes: dict[str, Any]) -> None:
+    """One line naming a run-time option given to V4Config (it moved to RunOptions)."""
+    for name in changes:
+        if name in OPTION_FIELDS:
+            raise ConfigError(f"{name} is a run-time option: set it on RunOptions, not V4Config")
+
+
+@dataclasses.dataclass(frozen=True)
 class V4Config:
     """Every architectural value of a DeepSeek-V4 model.
 
@@ -85,15 +178,9 @@ class V4Config:
       norm_eps every RMSNorm; rope_theta plain RoPE base (SWA layers); compress_rope_theta base of
       CSA/HCA layers; rope_factor, original_seq_len, beta_fast, beta_slow YaRN (spec §1.3; factor 1
       disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
-      dtype compute dtype; param_dtype storage dtype of parameters;
-      attention_chunk queries per chunk in the reference attention/indexer (memory knob, not math);
-      moe_dispatch_chunk tokens per device per expert-parallel all-to-all round (memory knob);
-      remat, attention_impl, moe_impl: implementation choices (enums above; never change the math);
-      csa_dense training stage switch (spec §4.8, §8.6): CSA layers attend to every visible compressed
-      entry, as HCA does, and skip the indexer's top-k (the dense stage and the indexer warm-up);
-      indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its KL
-      loss and the KL trains nothing else (spec §8.6); no effect on the forward values;
       bos_token_id, eos_token_id carried through config.json.
+    How the model runs (dtypes, kernels, chunk sizes, remat, csa_dense, indexer_detach) is not
+    architecture: that is `RunOptions`.
     """
 
     vocab_size: int
@@ -132,15 +219,6 @@ class V4Config:
     beta_slow: float = 1.0
     max_seq_len: int = 1048576
     n_mtp_layers: int = 1
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_chunk: int = 512
-    moe_dispatch_chunk: int = 1024
-    remat: Remat = Remat.NONE
-    attention_impl: AttentionImpl = AttentionImpl.REFERENCE
-    moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
-    csa_dense: bool = False
-    indexer_detach: bool = True
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
 
@@ -148,8 +226,6 @@ class V4Config:
         # Accept lists/strings for the schedules and normalise them to enum tuples.
         object.__setattr__(self, "layer_types", tuple(_as_enum(AttentionKind, t, "layer_types") for t in self.layer_types))
         object.__setattr__(self, "router_types", tuple(_as_enum(RouterKind, t, "router_types") for t in self.router_types))
-        for name, kind in (("remat", Remat), ("attention_impl", AttentionImpl), ("moe_impl", MoEImpl)):
-            object.__setattr__(self, name, _as_enum(kind, getattr(self, name), name))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------
@@ -172,6 +248,7 @@ class V4Config:
         return tuple(self.compress_ratio(k) for k in self.layer_types) + (0,) * self.n_mtp_layers
 
     def replace(self, **changes: Any) -> "V4Config":
+        _refuse_options(changes)
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------------
@@ -185,7 +262,7 @@ class V4Config:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
                      "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "index_topk",
                      "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult",
-                     "hc_sinkhorn_iters", "max_seq_len", "attention_chunk", "moe_dispatch_chunk"):
+                     "hc_sinkhorn_iters", "max_seq_len"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         need(len(self.layer_types) == self.n_layers,
@@ -223,10 +300,6 @@ class V4Config:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v!r}")
         need(self.beta_fast >= self.beta_slow, f"beta_fast ({self.beta_fast}) is below beta_slow ({self.beta_slow})")
         need(self.original_seq_len >= 1, f"original_seq_len must be >= 1, got {self.original_seq_len}")
-        for name in ("csa_dense", "indexer_detach"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
 
     # ----------------------------------------------------------------------------------------------
     # Presets
@@ -242,28 +315,37 @@ class V4Config:
     # HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> "V4Config":
-        """Build from an HF `config.json` dict (current or older field names)."""
+        """Build from an HF `config.json` dict (current or older field names). Run-time keys are not
+        architecture: `torch_dtype`/`dtype` is read by `hf_weights_dtype`, an older file's
+        `attention_chunk` is ignored."""
+        _refuse_options(overrides)
         if d.get("model_type", "deepseek_v4") != "deepseek_v4":
             raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
         if d.get("num_key_value_heads", 1) != 1:
             raise ConfigError(f"num_key_value_heads must be 1 (shared single-head KV), got {d['num_key_value_heads']}")
-        for flag, want in (("norm_topk_prob", True), ("tie_word_embeddings", False), ("attention_bias", False),
-                           ("mlp_bias", False)):
+        for flag, want in _HF_CONSTANTS.items():
             if flag in d and d[flag] is not want:
                 raise ConfigError(f"{flag}={d[flag]!r} is not supported (DeepSeek-V4 uses {want})")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (DeepSeek-V4 uses 'silu')")
-        try:
-            n_layers = int(d["num_hidden_layers"])
-            head_dim = int(d["head_dim"])
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        for key in _HF_REQUIRED:
+            if key not in d:
+                raise ConfigError(f"config.json lacks required field {key!r}")
 
-        rates = dict(d.get("compress_rates") or {})
-        csa = int(d.get("compress_rate_csa", rates.get(AttentionKind.CSA.value, 4)))
-        hca = int(d.get("compress_rate_hca", rates.get(AttentionKind.HCA.value, 128)))
-        n_mtp = int(d.get("num_nextn_predict_layers", 1))
+        # the 1:1 fields: one table, current key first, then the older spellings
+        kwargs: dict[str, Any] = {}
+        for field, key, convert, default, older in HF_FIELDS:
+            for k in (key,) + older:
+                value = _hf_get(d, k)
+                if value is not _MISSING:
+                    break
+            else:
+                value = default
+            kwargs[field] = value if convert is None or value is None else convert(value)
+        n_layers, head_dim, n_mtp = kwargs["n_layers"], kwargs["head_dim"], kwargs["n_mtp_layers"]
+        csa = kwargs["csa_ratio"]
 
+        # layer schedule: current `layer_types`, or the release's per-layer `compress_ratios`
         if d.get("layer_types") is not None:
             layer_types = [_as_enum(AttentionKind, t, "layer_types") for t in d["layer_types"]]
         elif d.get("compress_ratios") is not None:
@@ -275,7 +357,7 @@ class V4Config:
             if len(hca_seen) > 1:
                 raise ConfigError(f"compress_ratios mixes several HCA ratios {hca_seen}; one is supported")
             if hca_seen:
-                hca = hca_seen[0]
+                kwargs["hca_ratio"] = hca_seen[0]
             if any(r < 0 for r in ratios):
                 raise ConfigError(f"compress_ratios has a negative ratio: {ratios}")
             layer_types = [AttentionKind.SLIDING if r == 0 else AttentionKind.CSA if r == csa else AttentionKind.HCA
@@ -286,12 +368,14 @@ class V4Config:
         if len(layer_types) != n_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
 
+        # routers: current `mlp_layer_types`, or the release's count of leading hash layers
         if d.get("mlp_layer_types") is not None:
             router_types = [_as_enum(RouterKind, t, "mlp_layer_types") for t in d["mlp_layer_types"]]
         else:
             n_hash = int(d.get("num_hash_layers", 3))
             router_types = [RouterKind.HASH] * min(n_layers, n_hash) + [RouterKind.LEARNED] * max(0, n_layers - n_hash)
 
+        # RoPE width: the release's `qk_rope_head_dim`, or transformers' fraction of head_dim
         if "qk_rope_head_dim" in d:
             rope_head_dim = int(d["qk_rope_head_dim"])
         elif d.get("partial_rotary_factor") is not None:
@@ -299,6 +383,7 @@ class V4Config:
         else:
             rope_head_dim = 64
 
+        # RoPE bases and YaRN: nested `rope_parameters` {main, compress}, or a flat one, or `rope_scaling`
         rp = d.get("rope_parameters") or {}
         compress_rope = rp.get("compress") if isinstance(rp.get("compress"), dict) else (d.get("rope_scaling") or rp)
         compress_rope = dict(compress_rope or {})
@@ -316,107 +401,44 @@ class V4Config:
         nested = rp.get("compress") if isinstance(rp.get("compress"), dict) else {}
         compress_theta = nested.get("rope_theta", d.get("compress_rope_theta", 160000.0))
 
-        kwargs = dict(
-            vocab_size=int(d.get("vocab_size", 129280)),
-            dim=int(d.get("hidden_size", 4096)),
-            n_layers=n_layers,
-            n_heads=int(d.get("num_attention_heads", 64)),
-            head_dim=head_dim,
+        kwargs.update(
             rope_head_dim=rope_head_dim,
-            q_lora_rank=int(d.get("q_lora_rank", 1024)),
-            o_groups=int(d.get("o_groups", 8)),
-            o_lora_rank=int(d.get("o_lora_rank", 1024)),
-            window_size=int(d.get("sliding_window", 128)),
             layer_types=tuple(layer_types),
             router_types=tuple(router_types),
-            csa_ratio=csa,
-            hca_ratio=hca,
-            index_n_heads=int(d.get("index_n_heads", 64)),
-            index_head_dim=int(d.get("index_head_dim", 128)),
-            index_topk=int(d.get("index_topk", 512)),
-            n_routed_experts=int(d.get("n_routed_experts", 256)),
-            n_shared_experts=int(d.get("n_shared_experts", 1)),
-            n_activated_experts=int(d.get("num_experts_per_tok", 6)),
-            moe_inter_dim=int(d.get("moe_intermediate_size", 2048)),
-            score_func=str(d.get("scoring_func", "sqrtsoftplus")),
-            route_scale=float(d.get("routed_scaling_factor", 1.5)),
-            swiglu_limit=float(d.get("swiglu_limit", 10.0)),
-            hc_mult=int(d.get("hc_mult", 4)),
-            hc_sinkhorn_iters=int(d.get("hc_sinkhorn_iters", 20)),
-            hc_eps=float(d.get("hc_eps", 1e-6)),
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(main_rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             compress_rope_theta=float(compress_theta),
-            max_seq_len=int(d.get("max_position_embeddings", 1048576)),
-            n_mtp_layers=n_mtp,
-            dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
-            param_dtype=_dtype_name(d.get("torch_dtype", d.get("dtype", "float32"))),
-            attention_chunk=int(d.get("attention_chunk", 512)),
-            bos_token_id=d.get("bos_token_id", 0),
-            eos_token_id=d.get("eos_token_id", 1),
             **yarn,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """HF `config.json` dict in the current transformers field names."""
-        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta,
-                    "partial_rotary_factor": self.rope_head_dim / self.head_dim}
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """HF `config.json` dict in the current transformers field names. torch_dtype: the dtype of the
+        weights stored beside it (HF convention; not a property of the architecture)."""
+        out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+                               "num_key_value_heads": 1}
+        for field, key, _, _, _ in HF_FIELDS:
+            _hf_set(out, key, getattr(self, field))
+        fraction = self.rope_head_dim / self.head_dim
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta, "partial_rotary_factor": fraction}
         if self.rope_factor != 1.0:
             compress.update(rope_type="yarn", factor=self.rope_factor,
                             original_max_position_embeddings=self.original_seq_len,
                             beta_fast=self.beta_fast, beta_slow=self.beta_slow, attention_factor=1.0)
-        return {
-            "architectures": ["DeepseekV4ForCausalLM"],
-            "model_type": "deepseek_v4",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": 1,
-            "head_dim": self.head_dim,
-            "partial_rotary_factor": self.rope_head_dim / self.head_dim,
-            "q_lora_rank": self.q_lora_rank,
-            "o_groups": self.o_groups,
-            "o_lora_rank": self.o_lora_rank,
-            "sliding_window": self.window_size,
-            "layer_types": [t.value for t in self.layer_types],
-            "compress_rates": {AttentionKind.CSA.value: self.csa_ratio, AttentionKind.HCA.value: self.hca_ratio},
-            "mlp_layer_types": [t.value for t in self.router_types],
-            "index_n_heads": self.index_n_heads,
-            "index_head_dim": self.index_head_dim,
-            "index_topk": self.index_topk,
-            "n_routed_experts": self.n_routed_experts,
-            "n_shared_experts": self.n_shared_experts,
-            "num_experts_per_tok": self.n_activated_experts,
-            "moe_intermediate_size": self.moe_inter_dim,
-            "scoring_func": self.score_func,
-            "norm_topk_prob": True,
-            "routed_scaling_factor": self.route_scale,
-            "swiglu_limit": self.swiglu_limit,
-            "hc_mult": self.hc_mult,
-            "hc_sinkhorn_iters": self.hc_sinkhorn_iters,
-            "hc_eps": self.hc_eps,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "compress_rope_theta": self.compress_rope_theta,
-            "rope_parameters": {
-                "main": {"rope_type": "default", "rope_theta": self.rope_theta,
-                         "partial_rotary_factor": self.rope_head_dim / self.head_dim},
-                "compress": compress,
-            },
-            "max_position_embeddings": self.max_seq_len,
-            "num_nextn_predict_layers": self.n_mtp_layers,
-            "tie_word_embeddings": False,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "attention_chunk": self.attention_chunk,  # v4jax-only memory knob; transformers keeps it
-            "torch_dtype": self.param_dtype,
-        }
+        out.update(
+            partial_rotary_factor=fraction,
+            layer_types=[t.value for t in self.layer_types],
+            mlp_layer_types=[t.value for t in self.router_types],
+            rope_theta=self.rope_theta,
+            compress_rope_theta=self.compress_rope_theta,
+            rope_parameters={"main": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                      "partial_rotary_factor": fraction},
+                             "compress": compress},
+            hidden_act="silu",
+            **_HF_CONSTANTS,
+            torch_dtype=_dtype_name(torch_dtype),
+        )
+        return out
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "V4Config":
@@ -442,20 +464,99 @@ class V4Config:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: unusable value ({e})") from None
 
-    def save_json(self, path: str | os.PathLike) -> None:
+    def save_json(self, path: str | os.PathLike, torch_dtype: str = "float32") -> None:
+        """Write config.json; torch_dtype names the dtype of the weights saved beside it."""
         with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
+            json.dump(self.to_hf_dict(torch_dtype), f, indent=2)
             f.write("\n")
 
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank",
-               "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
-               "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
-               "hc_sinkhorn_iters", "max_position_embeddings", "attention_chunk", "num_nextn_predict_layers",
-               "num_hash_layers", "qk_rope_head_dim", "compress_rate_csa", "compress_rate_hca",
-               "num_key_value_heads")
-_FLOAT_FIELDS = ("routed_scaling_factor", "swiglu_limit", "hc_eps", "rms_norm_eps", "rope_theta",
-                 "partial_rotary_factor", "compress_rope_theta")
+# --------------------------------------------------------------------------------------------------
+# The HF config.json field table
+
+# One row per 1:1 field, read by from_hf_dict and written by to_hf_dict:
+# (V4Config field, current HF key, converter applied on read, default when absent, older keys also read).
+# A key given as a tuple is a path into nested dicts. Defaults are the V4-Flash values transformers
+# assumes. The structured fields (layer schedule, routers, RoPE width, RoPE bases/YaRN) are the
+# explicit code in from_hf_dict / to_hf_dict.
+_CSA_RATE, _HCA_RATE = ("compress_rates", AttentionKind.CSA.value), ("compress_rates", AttentionKind.HCA.value)
+HF_FIELDS: tuple[tuple[str, str | tuple[str, ...], Any, Any, tuple[str, ...]], ...] = (
+    ("vocab_size", "vocab_size", int, 129280, ()),
+    ("dim", "hidden_size", int, 4096, ()),
+    ("n_layers", "num_hidden_layers", int, None, ()),
+    ("n_heads", "num_attention_heads", int, 64, ()),
+    ("head_dim", "head_dim", int, None, ()),
+    ("q_lora_rank", "q_lora_rank", int, 1024, ()),
+    ("o_groups", "o_groups", int, 8, ()),
+    ("o_lora_rank", "o_lora_rank", int, 1024, ()),
+    ("window_size", "sliding_window", int, 128, ()),
+    ("csa_ratio", _CSA_RATE, int, 4, ("compress_rate_csa",)),
+    ("hca_ratio", _HCA_RATE, int, 128, ("compress_rate_hca",)),
+    ("index_n_heads", "index_n_heads", int, 64, ()),
+    ("index_head_dim", "index_head_dim", int, 128, ()),
+    ("index_topk", "index_topk", int, 512, ()),
+    ("n_routed_experts", "n_routed_experts", int, 256, ()),
+    ("n_shared_experts", "n_shared_experts", int, 1, ()),
+    ("n_activated_experts", "num_experts_per_tok", int, 6, ()),
+    ("moe_inter_dim", "moe_intermediate_size", int, 2048, ()),
+    ("score_func", "scoring_func", str, "sqrtsoftplus", ()),
+    ("route_scale", "routed_scaling_factor", float, 1.5, ()),
+    ("swiglu_limit", "swiglu_limit", float, 10.0, ()),
+    ("hc_mult", "hc_mult", int, 4, ()),
+    ("hc_sinkhorn_iters", "hc_sinkhorn_iters", int, 20, ()),
+    ("hc_eps", "hc_eps", float, 1e-6, ()),
+    ("norm_eps", "rms_norm_eps", float, 1e-6, ()),
+    ("max_seq_len", "max_position_embeddings", int, 1048576, ()),
+    ("n_mtp_layers", "num_nextn_predict_layers", int, 1, ()),
+    ("bos_token_id", "bos_token_id", None, 0, ()),  # None (no token) is a valid value: no converter
+    ("eos_token_id", "eos_token_id", None, 1, ()),
+)
+_HF_REQUIRED = ("num_hidden_layers", "head_dim")  # no sensible default: they size everything else
+# fixed properties of every DeepSeek-V4: written as they are, refused when a file says otherwise
+_HF_CONSTANTS = {"norm_topk_prob": True, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+_MISSING = object()
+
+
+def _hf_get(d: dict[str, Any], key: str | tuple[str, ...]) -> Any:
+    """d[key], following a tuple key into nested dicts; _MISSING when absent."""
+    for k in (key,) if isinstance(key, str) else key:
+        if not isinstance(d, dict) or k not in d:
+            return _MISSING
+        d = d[k]
+    return d
+
+
+def _hf_set(d: dict[str, Any], key: str | tuple[str, ...], value: Any) -> None:
+    *parents, last = (key,) if isinstance(key, str) else key
+    for k in parents:
+        d = d.setdefault(k, {})
+    d[last] = value
+
+
+def hf_weights_dtype(d: dict[str, Any], default: str = "float32") -> str:
+    """The stored weights' dtype a config.json names (`torch_dtype`, or transformers' newer `dtype`):
+    the default RunOptions dtype and param_dtype of a model loaded from it."""
+    name = _dtype_name(d.get("torch_dtype", d.get("dtype", default)))
+    if name not in DTYPES:
+        raise ConfigError(f"torch_dtype must be one of {DTYPES}, got {name!r}")
+    return name
+
+
+def json_weights_dtype(path: str | os.PathLike, default: str = "float32") -> str:
+    """`hf_weights_dtype` of a config.json file (read after `V4Config.from_json_file` accepted it)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return hf_weights_dtype(d if isinstance(d, dict) else {}, default)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# from_json_file checks the JSON types of the flat keys first (from_hf_dict coerces with int()/float())
+_INT_FIELDS = tuple(k for _, key, conv, _, older in HF_FIELDS if conv is int for k in (key,) + older
+                    if isinstance(k, str)) + ("num_hash_layers", "qk_rope_head_dim", "num_key_value_heads")
+_FLOAT_FIELDS = tuple(key for _, key, conv, _, _ in HF_FIELDS if conv is float) + (
+    "rope_theta", "partial_rotary_factor", "compress_rope_theta")
 _LIST_FIELDS = ("layer_types", "mlp_layer_types", "compress_ratios")
 _HF_FIELD_TYPES = ([(f, int, "an integer") for f in _INT_FIELDS] + [(f, (int, float), "a number") for f in _FLOAT_FIELDS]
                    + [(f, list, "a list") for f in _LIST_FIELDS])
@@ -488,7 +589,6 @@ def _flash() -> V4Config:
         router_types=(RouterKind.HASH,) * 3 + (RouterKind.LEARNED,) * 40,
         index_n_heads=64, index_head_dim=128, index_topk=512,
         n_routed_experts=256, n_activated_experts=6, moe_inter_dim=2048, route_scale=1.5,
-        dtype="bfloat16", param_dtype="bfloat16",
     )
 
 
@@ -501,7 +601,6 @@ def _pro() -> V4Config:
         router_types=(RouterKind.HASH,) * 3 + (RouterKind.LEARNED,) * 58,
         index_n_heads=64, index_head_dim=128, index_topk=1024,
         n_routed_experts=384, n_activated_experts=6, moe_inter_dim=3072, route_scale=2.5,
-        dtype="bfloat16", param_dtype="bfloat16",
     )
 
 
@@ -515,7 +614,7 @@ def _tiny() -> V4Config:
         csa_ratio=4, hca_ratio=16,
         index_n_heads=4, index_head_dim=32, index_topk=4,
         n_routed_experts=8, n_activated_experts=2, moe_inter_dim=64, route_scale=1.5,
-        rope_factor=4.0, original_seq_len=32, max_seq_len=128, attention_chunk=32,
+        rope_factor=4.0, original_seq_len=32, max_seq_len=128,
     )
 
 
@@ -529,11 +628,16 @@ def _tiny_b() -> V4Config:
         csa_ratio=2, hca_ratio=8,
         index_n_heads=3, index_head_dim=16, index_topk=5,
         n_routed_experts=6, n_activated_experts=3, moe_inter_dim=40, route_scale=2.5,
-        hc_mult=3, rope_factor=8.0, original_seq_len=16, max_seq_len=128, attention_chunk=16,
+        hc_mult=3, rope_factor=8.0, original_seq_len=16, max_seq_len=128,
     )
 
 
 _PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "tiny-b": _tiny_b}
+# the run-time options each preset is meant for (RunOptions.preset): the releases' bf16 weights;
+# query chunks that still split the tiny configs' short test sequences
+_PRESET_OPTIONS = {"v4-flash": dict(dtype="bfloat16", param_dtype="bfloat16"),
+                   "v4-pro": dict(dtype="bfloat16", param_dtype="bfloat16"),
+                   "tiny": dict(attention_chunk=32), "tiny-b": dict(attention_chunk=16)}
 PRESETS = tuple(_PRESETS)
 
 

@@ -201,8 +201,8 @@ class _TrainRunSource(_Source):
 
 
 def _model_config(run_dir: str) -> dict:
-    from v4jax.restore import train_run_config
-    return train_run_config(run_dir).to_hf_dict()
+    from v4jax.restore import train_run_config, train_run_options
+    return train_run_config(run_dir).to_hf_dict(train_run_options(run_dir).param_dtype)  # the saved weights' dtype
 
 
 class _OrbaxSource(_Source):

@@ -26,21 +26,21 @@ from pallas_kernels.lightning_indexer_reference import index_scores
 from pallas_kernels.query_chunks import map_query_chunks
 from v4jax import kernels
 from v4jax.compressor import Compressor, CompressorState
-from v4jax.config import AttentionImpl, V4Config
+from v4jax.config import AttentionImpl, RunOptions, V4Config
 from v4jax.layers import Linear
 from v4jax.rope import apply_rope
 
 
 class Indexer(nnx.Module):
-    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
-        pd = cfg.param_dtype
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        pd = options.param_dtype
         self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("q_lora", "index_heads"),
                            param_dtype=pd, rngs=rngs)
         self.weights_proj = Linear(cfg.dim, cfg.index_n_heads, ("embed", "index_heads"), param_dtype=pd, rngs=rngs)
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, True, cfg.norm_eps,
                                      param_dtype=pd, rngs=rngs)
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.ratio, self.chunk, self.impl = cfg.csa_ratio, cfg.attention_chunk, cfg.attention_impl
+        self.ratio, self.chunk, self.impl = cfg.csa_ratio, options.attention_chunk, options.attention_impl
 
     def project(self, x: jax.Array, cq: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
                 state: CompressorState | None = None, n_valid: jax.Array | None = None):
@@ -63,7 +63,7 @@ class Indexer(nnx.Module):
 class IndexerTraces(NamedTuple):
     """What the indexer KL loss (spec §8.6, `losses.indexer_kl_loss`) needs from one CSA layer. The
     last axis holds the candidate entries: the top-k set [k] in the sparse stage, every compressed
-    entry [N_c] in the dense stage (`V4Config.csa_dense`). Stacked over CSA layers in ModelOutput."""
+    entry [N_c] in the dense stage (`RunOptions.csa_dense`). Stacked over CSA layers in ModelOutput."""
 
     attention_mass: jax.Array  # [B, T, k]: main-attention probability, summed over heads; fp32, no gradient
     index_scores: jax.Array  # [B, T, k]: the indexer's score I[t, s] of the entry; fp32, gradient into the indexer

@@ -21,7 +21,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.attention import Attention, AttentionState
 from v4jax.cache import Cache
-from v4jax.config import AttentionKind, Remat, RouterKind, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
+from v4jax.config import AttentionKind, Remat, RouterKind, RunOptions, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
 from v4jax.indexer import IndexerTraces
 from v4jax.layers import Embed, Linear, RMSNorm
 from v4jax.mhc import HyperConnection, HyperHead
@@ -47,13 +47,14 @@ class ModelOutput(NamedTuple):
 class Block(nnx.Module):
     """One V4 block (spec §2.2); the attention variant and router kind are the only differences."""
 
-    def __init__(self, cfg: V4Config, attention: AttentionKind, router: RouterKind, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: V4Config, attention: AttentionKind, router: RouterKind, *, rngs: nnx.Rngs,
+                 options: RunOptions = RunOptions()):
         self.attn_hc = HyperConnection(cfg, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
-        self.attn = Attention(cfg, attention, rngs=rngs)
+        self.attn = Attention(cfg, attention, rngs=rngs, options=options)
         self.ffn_hc = HyperConnection(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
-        self.ffn = MoE(cfg, router, rngs=rngs)
+        self.ffn = MoE(cfg, router, rngs=rngs, options=options)
 
     def __call__(self, streams: jax.Array, tokens: jax.Array, positions: jax.Array, state: AttentionState | None = None,
                  n_valid: jax.Array | None = None, return_indexer_traces: bool = False):
@@ -76,19 +77,20 @@ class Stage(nnx.Module):
     """
 
     def __init__(self, cfg: V4Config, unit: tuple[tuple[AttentionKind, RouterKind], ...], repeats: int, *,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         blocks = []
         for attention, router in unit:
             def make(key, attention=attention, router=router):
-                return nnx.split(Block(cfg, attention, router, rngs=nnx.Rngs(params=key)))[1]
+                return nnx.split(Block(cfg, attention, router, rngs=nnx.Rngs(params=key), options=options))[1]
 
-            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, attention, router, rngs=nnx.Rngs(0))))
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, attention, router, rngs=nnx.Rngs(0),
+                                                                options=options)))
             block = nnx.merge(graphdef, jax.vmap(make)(jax.random.split(rngs.params(), repeats)))
             for _, var in nnx.to_flat_state(nnx.state(block)):
                 var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
             blocks.append(block)
         self.blocks = nnx.List(blocks)
-        self.unit, self.repeats, self.remat = unit, repeats, cfg.remat
+        self.unit, self.repeats, self.remat = unit, repeats, options.remat
 
     def __call__(self, streams: jax.Array, tokens: jax.Array, positions: jax.Array, keep_hidden: bool,
                  keep_traces: bool = False, states: tuple[AttentionState, ...] | None = None,
@@ -127,13 +129,13 @@ class Stage(nnx.Module):
 class MTPBlock(nnx.Module):
     """Multi-token prediction, depth 1 (spec §6): an SWA block with a learned router."""
 
-    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
-        pd = cfg.param_dtype
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        pd = options.param_dtype
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.e_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
         self.h_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
-        self.block = Block(cfg, AttentionKind.SLIDING, RouterKind.LEARNED, rngs=rngs)
+        self.block = Block(cfg, AttentionKind.SLIDING, RouterKind.LEARNED, rngs=rngs, options=options)
         self.hc_head = HyperHead(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
 
@@ -149,15 +151,19 @@ class MTPBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
-        pd = cfg.param_dtype
+    """cfg: the architecture (config.json); options: how it runs (dtypes, kernels, chunks, remat,
+    training-stage switches). Only options.param_dtype shapes the parameters (their dtype)."""
+
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        pd = options.param_dtype
         self.embed = Embed(cfg.vocab_size, cfg.dim, param_dtype=pd, rngs=rngs)
-        self.stages = nnx.List([Stage(cfg, unit, repeats, rngs=rngs) for unit, repeats in stage_units(cfg)])
+        self.stages = nnx.List([Stage(cfg, unit, repeats, rngs=rngs, options=options)
+                                for unit, repeats in stage_units(cfg)])
         self.hc_head = HyperHead(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
-        self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers else None
-        self.cfg = cfg
+        self.mtp = MTPBlock(cfg, rngs=rngs, options=options) if cfg.n_mtp_layers else None
+        self.cfg, self.options = cfg, options
 
     def layer_slots(self) -> list[tuple[int, int, int]]:
         """Main layer i -> (stage, position in the unit, repeat): where its stacked parameters live."""
@@ -186,7 +192,7 @@ class Transformer(nnx.Module):
         if cache is not None and n_valid is None:
             n_valid = jnp.full((B,), T, jnp.int32)
         tokens = constrain(tokens, TOKENS)
-        e = self.embed(tokens, jnp.dtype(self.cfg.dtype))  # [B, T, d]
+        e = self.embed(tokens, jnp.dtype(self.options.dtype))  # [B, T, d]
         streams = jnp.broadcast_to(e[:, :, None, :], (B, T, self.cfg.hc_mult, e.shape[-1]))  # widen
         hidden, stats, traces, states = [streams], [], [], []
         for i, stage in enumerate(self.stages):
@@ -219,7 +225,7 @@ class Transformer(nnx.Module):
             raise ValueError("speculative decoding needs the MTP block and its cache (n_mtp_layers = 1)")
         start = cache.mtp_lengths
         positions = start[:, None] + jnp.arange(next_tokens.shape[1], dtype=jnp.int32)
-        e = self.embed(next_tokens, jnp.dtype(self.cfg.dtype))
+        e = self.embed(next_tokens, jnp.dtype(self.options.dtype))
         h, _, state = self.mtp(streams, e, next_tokens, positions, cache.mtp, n_valid)
         logits = constrain(self.head(h, jnp.float32), LOGITS)
         return logits, cache.replace(mtp=state, mtp_lengths=start + n_valid)

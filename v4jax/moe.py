@@ -19,7 +19,7 @@ from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
 from pallas_kernels.moe_dispatch_reference import swiglu
 from v4jax import kernels
-from v4jax.config import MoEImpl, RouterKind, V4Config
+from v4jax.config import MoEImpl, RouterKind, RunOptions, V4Config
 from v4jax.layers import Buffer, Linear, param
 
 
@@ -53,9 +53,9 @@ def routing_stats(routing: Routing, B: int, T: int) -> RoutingStats:
 
 
 class Gate(nnx.Module):
-    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         E, k = cfg.n_routed_experts, cfg.n_activated_experts
-        self.weight = Linear(cfg.dim, E, ("embed", "experts"), param_dtype=cfg.param_dtype, rngs=rngs)
+        self.weight = Linear(cfg.dim, E, ("embed", "experts"), param_dtype=options.param_dtype, rngs=rngs)
         if kind is RouterKind.HASH:
             # Frozen token -> k distinct experts table (spec §5.2). Released checkpoints ship theirs; a
             # fresh model draws k distinct experts per token uniformly (generation undisclosed, §12.6).
@@ -80,12 +80,12 @@ class Gate(nnx.Module):
 class Experts(nnx.Module):
     """E routed SwiGLU experts stored stacked: w1, w3 [E, d, I] (gate, up), w2 [E, I, d]."""
 
-    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
-        E, d, I, pd = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.param_dtype
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        E, d, I, pd = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, options.param_dtype
         self.w1 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
-        self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, cfg.moe_impl, cfg.moe_dispatch_chunk
+        self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, options.moe_impl, options.moe_dispatch_chunk
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
@@ -110,8 +110,8 @@ class Experts(nnx.Module):
 
 
 class SharedExpert(nnx.Module):
-    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
-        d, I, pd = cfg.dim, cfg.moe_inter_dim, cfg.param_dtype
+    def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        d, I, pd = cfg.dim, cfg.moe_inter_dim, options.param_dtype
         self.w1 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
         self.w3 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
         self.w2 = Linear(I, d, ("mlp", "embed"), param_dtype=pd, rngs=rngs)
@@ -123,10 +123,10 @@ class SharedExpert(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs):
-        self.gate = Gate(cfg, kind, rngs=rngs)
-        self.experts = Experts(cfg, rngs=rngs)
-        self.shared_experts = SharedExpert(cfg, rngs=rngs)
+    def __init__(self, cfg: V4Config, kind: RouterKind, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        self.gate = Gate(cfg, kind, rngs=rngs, options=options)
+        self.experts = Experts(cfg, rngs=rngs, options=options)
+        self.shared_experts = SharedExpert(cfg, rngs=rngs, options=options)
 
     def __call__(self, x: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Routing]:
         """x [B, T, d], tokens [B, T] -> ([B, T, d], Routing over the B*T tokens)."""

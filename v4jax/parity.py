@@ -107,7 +107,7 @@ def decode_logits(model, ids: np.ndarray, decode_from: int) -> np.ndarray:
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda st, cache, t: decode_step(nnx.merge(graphdef, st), cache, t), donate_argnums=1)
     first = jax.jit(lambda st, cache, t: prefill(nnx.merge(graphdef, st), t, None, cache), donate_argnums=1)
-    logits, cache = first(state, init_cache(model.cfg, B, S, mtp=False), jnp.asarray(ids[:, :decode_from]))
+    logits, cache = first(state, init_cache(model.cfg, B, S, model.options.dtype, mtp=False), jnp.asarray(ids[:, :decode_from]))
     out = [np.asarray(logits[:, -1], np.float32)]
     for t in range(decode_from, S):
         logits, cache = step(state, cache, jnp.asarray(ids[:, t:t + 1]))

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
-from v4jax.config import ConfigError, V4Config
+from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
 
 
 class Kind(enum.Enum):
@@ -171,13 +171,13 @@ def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, c
 
 
 def assemble(cfg: V4Config, source: TensorSource, *, mesh=None, rules=None, where: str = "checkpoint",
-             read_batch_bytes: int = 1 << 30):
-    """Build a Transformer for `cfg` from per-layer tensors, one variable at a time; with a mesh and
-    an AxisRules table every variable is created in the layout the table gives."""
+             read_batch_bytes: int = 1 << 30, options: RunOptions = RunOptions()):
+    """Build a Transformer for `cfg` (run with `options`) from per-layer tensors, one variable at a
+    time; with a mesh and an AxisRules table every variable is created in the layout the table gives."""
     from sharding.partition import state_shardings
     from v4jax.model import Transformer
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, state = nnx.split(abstract)
     table = hf_rules(abstract)
     check_names({r.name for r in table}, set(source.specs), where)
@@ -235,11 +235,23 @@ def train_run_steps(path: str) -> list[int]:
 
 
 def train_run_config(run_dir: str) -> V4Config:
+    """The architecture a train.py run trained (its config.json's `model` table, options left out)."""
+    return V4Config(**_train_run_model(run_dir)[0])
+
+
+def train_run_options(run_dir: str) -> RunOptions:
+    """The run-time options a train.py run trained with (dtypes, kernels, remat, ...)."""
+    return RunOptions(**_train_run_model(run_dir)[1])
+
+
+def _train_run_model(run_dir: str) -> tuple[dict, dict]:
     p = os.path.join(run_dir, "config.json")
     try:
         with open(p) as f:
             model = json.load(f)["model"]
-        return V4Config(**model)
+        arch, options = split_options(model)  # train.py writes both into one `model` table
+        V4Config(**arch), RunOptions(**options)  # refuse a bad table here, where the file is named
+        return arch, options
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir}: no config.json (train.py writes it next to checkpoints/)") from None
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as e:
@@ -247,9 +259,10 @@ def train_run_config(run_dir: str) -> V4Config:
 
 
 def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | None = None, mesh=None, rules=None,
-                      verify: bool = True):
+                      verify: bool = True, options: RunOptions | None = None):
     """(model, cfg, step) from a train.py checkpoint: parameters and buffers only (no optimiser state
-    is read). The stored per-parameter fingerprint is checked (`verify`)."""
+    is read). options: how the model runs (default: the run's own); model.options holds them.
+    The stored per-parameter fingerprint is checked (`verify`)."""
     import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -260,17 +273,15 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
     from v4jax.train_loop import _fingerprint
 
     step_dir, run = _train_step_dir(os.fspath(path), step)
-    stored_cfg = train_run_config(run)
-    cfg = cfg or stored_cfg
-    # dtype / impl switches may differ from training; every shape-determining field must not
-    shape_fields = [f.name for f in dataclasses.fields(V4Config)
-                    if f.name not in ("dtype", "param_dtype", "remat", "attention_impl", "moe_impl", "attention_chunk",
-                                      "moe_dispatch_chunk", "max_seq_len", "csa_dense", "indexer_detach")]
+    stored_cfg, stored_options = train_run_config(run), train_run_options(run)
+    cfg, options = cfg or stored_cfg, options or stored_options
+    # run-time options (RunOptions) may differ from training; every shape-determining field must not
+    shape_fields = [f.name for f in dataclasses.fields(V4Config) if f.name != "max_seq_len"]
     diff = [f for f in shape_fields if getattr(cfg, f) != getattr(stored_cfg, f)]
     if diff:
         raise CheckpointError(f"{run}: the checkpoint was trained with {diff[0]}={getattr(stored_cfg, diff[0])!r}, "
                               f"the requested config has {getattr(cfg, diff[0])!r}")
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     if mesh is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -303,7 +314,7 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
         except (OSError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{meta}: unreadable step metadata ({e})") from None
         have = {k: float(v) for k, v in jax.device_get(jax.jit(_fingerprint)(got["params"])).items()}
-        rtol = 1e-5 if cfg.param_dtype == stored_cfg.param_dtype else 1e-2  # a cast changes the sums a little
+        rtol = 1e-5 if options.param_dtype == stored_options.param_dtype else 1e-2  # a cast changes the sums a little
         bad = [k for k, v in have.items() if k in want and not np.isclose(v, want[k], rtol=rtol, atol=1e-6)]
         if bad:
             raise CheckpointError(f"{step_dir}: parameter {bad[0]} does not match its saved fingerprint (corrupt checkpoint)")
@@ -321,13 +332,19 @@ class Loaded:
     kind: Kind
     step: int | None = None  # train runs: the step read
 
+    @property
+    def options(self) -> RunOptions:
+        """How the loaded model runs (the checkpoint's dtype unless overridden)."""
+        return self.model.options
+
 
 def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | None = None,
                param_dtype: str | None = None, mtp: bool | None = None, step: int | None = None,
-               read_batch_bytes: int = 1 << 30) -> Loaded:
+               read_batch_bytes: int = 1 << 30, options: RunOptions | None = None) -> Loaded:
     """Load any supported checkpoint (see the module docstring) into a model; sharded with mesh+rules.
 
-    dtype / param_dtype override the compute / storage dtypes. mtp: True requires the MTP block,
+    options: how the model runs (default: a train run's own, or the dtypes of config.json's
+    torch_dtype); dtype / param_dtype override its compute / storage dtypes. mtp: True requires the MTP block,
     False drops it, None keeps it when the checkpoint has it."""
     path = os.fspath(path)
     kind = detect(path)
@@ -338,13 +355,16 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         if mtp and not cfg.n_mtp_layers:
             raise CheckpointError(f"{path}: MTP requested but the run trained no MTP block")
         keep_mtp = bool(cfg.n_mtp_layers)  # stored with the run; dropped after loading when mtp=False
-        model, cfg, got_step = restore_train_run(path, cfg.replace(**overrides) if overrides else cfg,
-                                                 step=step, mesh=mesh, rules=rules)
+        options = (options or train_run_options(run)).replace(**overrides)
+        model, cfg, got_step = restore_train_run(path, cfg, step=step, mesh=mesh, rules=rules, options=options)
         if keep_mtp and mtp is False:
             model.mtp, cfg = None, cfg.replace(n_mtp_layers=0)
         return Loaded(model, cfg, kind, got_step)
     try:
-        cfg = V4Config.from_json_file(os.path.join(path, "config.json"), **overrides)
+        cfg = V4Config.from_json_file(os.path.join(path, "config.json"))
+        # the stored weights' dtype is the default run dtype: a bf16 checkpoint runs in bf16
+        options = options or RunOptions.for_weights(json_weights_dtype(os.path.join(path, "config.json")))
+        options = options.replace(**overrides)
     except ConfigError as e:  # names config.json already
         raise CheckpointError(str(e)) from None
     source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path)
@@ -355,5 +375,5 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
     cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
     if not use_mtp:
         source.specs = {n: s for n, s in source.specs.items() if not n.startswith("mtp.")}
-    return Loaded(assemble(cfg, source, mesh=mesh, rules=rules, where=path, read_batch_bytes=read_batch_bytes),
-                  cfg, kind)
+    return Loaded(assemble(cfg, source, mesh=mesh, rules=rules, where=path, read_batch_bytes=read_batch_bytes,
+                           options=options), cfg, kind)

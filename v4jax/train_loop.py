@@ -5,7 +5,7 @@ State (one pytree, checkpointed whole): params and buffers as flat `{dotted path
 iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON, and a sha256
 manifest of every file, written last, lets restore detect any corruption.
 
-One step (`make_step`): for each of grad_accum micro-batches, forward in cfg.dtype (bf16 on TPU)
+One step (`make_step`): for each of grad_accum micro-batches, forward in options.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
 (outside the gradient, spec §5.4). A non-finite loss, gradient norm or new state keeps the old state
@@ -40,7 +40,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global, state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax import losses
-from v4jax.config import AttentionKind, RouterKind, V4Config, stage_units
+from v4jax.config import OPTION_FIELDS, AttentionKind, RouterKind, RunOptions, V4Config, split_options, stage_units
 from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
                         resolve_files)
 from v4jax.layers import Buffer
@@ -57,10 +57,10 @@ BATCH_AXES = ("batch", None, "seq")  # [batch, grad_accum, seq_len + 1] (data_sh
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every training setting. A TOML file sets them (top-level keys or any table except [model],
-    whose keys are V4Config overrides); `key=value` / `model.key=value` arguments override the file."""
+    whose keys override V4Config or RunOptions); `key=value` / `model.key=value` arguments override the file."""
 
     preset: str = "tiny"  # V4Config preset
-    model: dict = dataclasses.field(default_factory=dict)  # V4Config overrides (e.g. vocab_size, dtype)
+    model: dict = dataclasses.field(default_factory=dict)  # V4Config and RunOptions overrides (vocab_size, dtype)
     mesh: str = ""  # ici mesh, "fsdp=4,expert=2"; "" = every device on fsdp
     dcn: str = ""  # mesh across slices
     num_devices: int = 0  # use only the first n devices (single process; 0 = all)
@@ -117,19 +117,30 @@ class TrainConfig:
     progress: bool = True
 
     def model_config(self) -> V4Config:
-        overrides = {"param_dtype": "float32", **self.model}
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(V4Config)})
+        """The architecture: the preset with the `model` table's V4Config keys."""
+        arch, _ = split_options(self.model)  # one table on the command line, two objects in the code
+        self.run_options()  # a bad option value is refused here too, before anything is built
+        known = [f.name for f in dataclasses.fields(V4Config)]
+        unknown = sorted(set(arch) - set(known))
         if unknown:
             raise ValueError(f"unknown model setting(s) {['model.' + k for k in unknown]}; known: "
-                             f"{sorted(f.name for f in dataclasses.fields(V4Config))}")
+                             f"{sorted(known + list(OPTION_FIELDS))}")
         try:
-            cfg = V4Config.preset(self.preset, **overrides)
+            return V4Config.preset(self.preset, **arch)
         except (TypeError, AttributeError) as e:  # a wrong type caught by V4Config's own checks
             raise ValueError(f"model settings {self.model}: {e}") from None
-        if cfg.param_dtype != "float32":
+
+    def run_options(self) -> RunOptions:
+        """How the model runs: the preset's options with the `model` table's RunOptions keys."""
+        _, options = split_options(self.model)
+        try:
+            options = RunOptions.preset(self.preset, **{"param_dtype": "float32", **options})
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"model settings {self.model}: {e}") from None
+        if options.param_dtype != "float32":
             raise ValueError(f"model.param_dtype must be float32 for training (fp32 master weights, spec §8.5), "
-                             f"got {cfg.param_dtype!r}")
-        return cfg
+                             f"got {options.param_dtype!r}")
+        return options
 
     def schedule(self) -> Schedule:
         return Schedule(self.lr, self.final_lr, self.warmup_steps, self.steps, self.decay_steps,
@@ -237,7 +248,7 @@ def config_dict(tc: TrainConfig, cfg: V4Config) -> dict:
             return [plain(x) for x in v]
         return v.value if hasattr(v, "value") else v
     return {"train": {k: plain(v) for k, v in dataclasses.asdict(tc).items()},
-            "model": {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}}
+            "model": {k: plain(v) for k, v in {**dataclasses.asdict(cfg), **dataclasses.asdict(tc.run_options())}.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +266,7 @@ class Setup:
 
 
 def make_setup(tc: TrainConfig, cfg: V4Config) -> Setup:
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options()))
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     groups = split_params(logical_axes(params))
     schedule = tc.schedule()
@@ -1083,7 +1094,7 @@ def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | Non
     shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
 
     def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options())
         _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
         p, b = flat_params(p), flat_params(b)
         return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
