@@ -214,7 +214,8 @@ def test_scanned_stack_equals_applying_each_layer_in_turn_and_compiles_each_unit
     for i, (s, p, r) in enumerate(model.layer_slots()):
         graphdef, state = nnx.split(model.stages[s].blocks[p])
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
-        streams, _, _ = block(streams, tokens)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        streams, _, _, _ = block(streams, tokens, positions)
         assert rel_err(streams, out.hidden_states[i + 1]) <= 1e-6, i
     jaxpr = jax.make_jaxpr(lambda t: model(t).logits)(tokens)
     assert str(jaxpr).count("scan[") >= len(model.stages)
