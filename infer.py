@@ -6,12 +6,12 @@
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
       [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N] [--step N]
 
-The checkpoint (`v4jax.restore.load_model`) is any of: an HF-format directory (config.json +
+The checkpoint (`v4jax.io.restore.load_model`) is any of: an HF-format directory (config.json +
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
-de-quantised on load), a `python -m v4jax.convert` output (Orbax), or a `train.py` run directory
+de-quantised on load), a `python -m v4jax.io.convert` output (Orbax), or a `train.py` run directory
 (its newest complete step, or --step N). Paths may be relative. The tokenizer is --tokenizer, else
 CHECKPOINT/tokenizer.json, else, for a train.py run, the one its config.json names ("byte": UTF-8
-bytes, v4jax.data.ByteTokenizer; a path: that tokenizer.json, as given or relative to the run
+bytes, v4jax.train.data.ByteTokenizer; a path: that tokenizer.json, as given or relative to the run
 directory). Tokens stream to stdout as they are produced; the cache size
 per token and in total for the requested length is printed first, and the speed (and the speculative
 acceptance rate) at the end. Without --checkpoint it explains how to get one.
@@ -28,13 +28,13 @@ import numpy as np
 
 HOW_TO_GET_A_CHECKPOINT = """\
 infer.py needs --checkpoint DIR: an HF-format directory (config.json + *.safetensors), an official
-release directory, a `python -m v4jax.convert` output, or a train.py run directory. Ways to get one:
+release directory, a `python -m v4jax.io.convert` output, or a train.py run directory. Ways to get one:
   * a random tiny model to try the tool (seconds):
       python infer.py --write-random-checkpoint /tmp/v4tiny --preset tiny
       python infer.py --checkpoint /tmp/v4tiny --prompt-ids ids.txt
   * a released model: download deepseek-ai/DeepSeek-V4-Flash (or -Pro) from the Hugging Face Hub and
     pass the download directory (FP8/FP4 weights are de-quantised as they load), or convert it once
-    with `python -m v4jax.convert --from DOWNLOAD --to OUT` and pass OUT;
+    with `python -m v4jax.io.convert --from DOWNLOAD --to OUT` and pass OUT;
   * a model trained with train.py: pass its run directory (e.g. runs/tiny)."""
 
 
@@ -44,7 +44,7 @@ class InferError(ValueError):
 
 def read_config(path: str):
     """The V4Config of a checkpoint (cheap: configuration only); a clear error for anything else."""
-    from v4jax.restore import Kind, detect, train_run_config, _train_step_dir
+    from v4jax.io.restore import Kind, detect, train_run_config, _train_step_dir
 
     from v4jax.config import V4Config
 
@@ -91,7 +91,7 @@ class _TextTokenizer:
 def load_tokenizer(path: str, vocab_size: int) -> _TextTokenizer:
     """A `tokenizers` tokenizer.json (or "byte") whose vocabulary fits the model's."""
     if path == "byte":
-        from v4jax.data import ByteTokenizer
+        from v4jax.train.data import ByteTokenizer
         tok, n = ByteTokenizer(), ByteTokenizer.vocab_size
     else:
         try:
@@ -119,7 +119,7 @@ def find_tokenizer(checkpoint: str, given: str | None) -> str | None:
     own = os.path.join(checkpoint, "tokenizer.json")
     if os.path.isfile(own):
         return own
-    from v4jax.restore import Kind, _train_step_dir, detect
+    from v4jax.io.restore import Kind, _train_step_dir, detect
 
     if detect(checkpoint) is not Kind.TRAIN_RUN:
         return None
@@ -170,7 +170,8 @@ def read_prompt_ids(path: str) -> list[list[int]]:
 def print_cache_size(cfg, batch: int, max_len: int, dtype: str) -> None:
     import jax
 
-    from v4jax.cache import cache_nbytes, cache_size, init_cache
+    from v4jax.inference.cache_size import cache_size
+    from v4jax.model.cache import cache_nbytes, init_cache
 
     layout = cache_size(cfg, "layout", dtype)
     release = cache_size(cfg, "release")
@@ -215,11 +216,11 @@ def run(args) -> int:
     if args.write_random_checkpoint:
         from flax import nnx
 
-        from v4jax.checkpoint import save_hf
+        from v4jax.io.checkpoint import save_hf
         from v4jax.config import RunOptions, V4Config
-        from v4jax.model import Transformer
+        from v4jax.model.transformer import Transformer
 
-        from v4jax.safe_io import check_target
+        from v4jax.io.safe_io import check_target
 
         # refused before the model is built; save_hf checks again and writes through DIR.partial
         check_target(args.write_random_checkpoint, overwrite=args.overwrite)
@@ -233,8 +234,8 @@ def run(args) -> int:
         return 2
     if args.prompt is None and args.prompt_ids is None:
         raise InferError("give --prompt TEXT or --prompt-ids FILE")
-    from v4jax.generate import Generator, Sampling, check_token_ids
-    from v4jax.restore import load_model
+    from v4jax.inference.generate import Generator, Sampling, check_token_ids
+    from v4jax.io.restore import load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # every check that needs only config.json runs before the weights load

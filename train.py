@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from v4jax.train_loop import (CheckpointError, Interrupted, TrainingStopped, load_config, signal_exit_code,
+    from v4jax.train.loop import (CheckpointError, Interrupted, TrainingStopped, load_config, signal_exit_code,
                                   train)
     overrides = list(args.overrides)
     if args.metrics_file:

@@ -1,6 +1,6 @@
 """Checkpoint conversion throughput and peak RSS on a synthetic official-layout release.
 
-The release is written by `v4jax.official.write_release` from random weights with V4-Flash shapes
+The release is written by `v4jax.io.official.write_release` from random weights with V4-Flash shapes
 (per layer: attention `wq_a [1024, 4096]`, `wq_b [32768, 1024]`, `wkv [512, 4096]`, `wo_a [8192, 4096]`,
 `wo_b [4096, 8192]` in FP8; `--experts` routed experts `w1/w3 [2048, 4096]`, `w2 [4096, 2048]` in
 MXFP4; norms in BF16), `--layers` layers. Each conversion runs in its own process and reports:
@@ -40,7 +40,7 @@ FLASH_EXPERT = {"w1": (2048, 4096), "w2": (4096, 2048), "w3": (2048, 4096)}
 
 _CHILD = textwrap.dedent("""
     import json, os, sys, time
-    from v4jax import convert
+    from v4jax.io import convert
     base = convert.peak_rss_bytes()
     t, c = time.perf_counter(), os.times()
     convert.convert(sys.argv[1], sys.argv[2], fmt=sys.argv[3], batch_bytes=int(sys.argv[4]), progress=False)
@@ -79,7 +79,7 @@ def run_child(src, dst, fmt, batch_bytes) -> dict:
 
 
 def kernel_rows():
-    from v4jax import quant
+    from v4jax.io import quant
     rng = np.random.default_rng(1)
     rows = []
     w8 = (rng.standard_normal((8192, 4096), np.float32) * 0.02).astype(ml_dtypes.bfloat16)
@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
-    from v4jax import official
+    from v4jax.io import official
 
     work = args.workdir or tempfile.mkdtemp(prefix="v4jax-convert-bench-")
     os.makedirs(work, exist_ok=True)

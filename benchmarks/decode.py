@@ -32,9 +32,13 @@ import numpy as np
 def _peer_and_ours(preset: str, directory: str):
     from flax import nnx
 
-    from v4jax import checkpoint, generate, peer
+    from v4jax import peer
+
+    from v4jax.io import checkpoint
+
+    from v4jax.inference import generate
     from v4jax.config import V4Config
-    from v4jax.model import Transformer
+    from v4jax.model.transformer import Transformer
 
     cfg = V4Config.preset(preset)
     torch_model = peer.build_peer(cfg, 0)

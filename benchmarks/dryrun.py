@@ -12,12 +12,12 @@ traffic) with the MFU it implies for the model FLOPs (6 N_active per token for t
 inference, plus attention). When the step does not fit, it says so and names the biggest buffers
 (exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
 
-train: exactly the step train.py runs (`v4jax.train_loop.step_program`: `make_step` with every loss term,
+train: exactly the step train.py runs (`v4jax.train.loop.step_program`: `make_step` with every loss term,
 the micro-batch accumulation scan, the selection-bias update and the non-finite guard, jitted with the
 same state shardings); fp32 master weights and optimizer state (Muon + AdamW split, bf16 Newton-Schulz),
 bf16 compute, full remat.
 prefill: forward over the prompt, logits of the last position (bf16 weights).
-decode: one token against a cache of --seq positions (needs the inference cache, v4jax.generate).
+decode: one token against a cache of --seq positions (needs the inference cache, v4jax.inference.generate).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
 from v4jax.config import OPTION_FIELDS, AttentionKind, Remat, RunOptions, V4Config, split_options
-from v4jax.model import Transformer
+from v4jax.model.transformer import Transformer
 
 
 class DoesNotFit(RuntimeError):
@@ -287,7 +287,7 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
     """XLA's cost analysis counts a while-loop body once; v4jax scans each stage's unit `repeats`
     times. Ratio of the analytic FLOPs of the whole model to those of its program text (each unit
     once, plus everything outside the stages), used to scale the compiled FLOPs and bytes."""
-    from v4jax.model import layer_schedule
+    from v4jax.model.transformer import layer_schedule
 
     stages = layer_schedule(tuple(zip(cfg.layer_types, cfg.router_types)))
     outside, per_unit = 0.0, {}
@@ -328,7 +328,7 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)
     if mode == "train":
-        from v4jax.train_loop import TrainConfig, step_program
+        from v4jax.train.loop import TrainConfig, step_program
 
         # train.py's step reads its RunOptions from the `model` table: hand it these
         tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16",
@@ -349,8 +349,8 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
         return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names, None
     if mode == "decode":  # one token per sequence against a cache holding `seq` positions
-        from v4jax.cache import cache_shardings, init_cache
-        from v4jax.generate import decode_step
+        from v4jax.model.cache import cache_shardings, init_cache
+        from v4jax.inference.generate import decode_step
 
         cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, options.dtype, mtp=False))
         c_sh = cache_shardings(cache, mesh, rules)
@@ -485,7 +485,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
-                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train_loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
                            "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
-                           "settings": {"step": "v4jax.train_loop.make_step", "grad_accum": a.grad_accum,
+                           "settings": {"step": "v4jax.train.loop.make_step", "grad_accum": a.grad_accum,
                                         **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())

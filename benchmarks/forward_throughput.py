@@ -180,7 +180,9 @@ def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int,
     import torch
     from flax import nnx
 
-    from v4jax import checkpoint, peer
+    from v4jax import peer
+
+    from v4jax.io import checkpoint
     from v4jax.config import V4Config
 
     cfg = V4Config.preset(name)

@@ -1,4 +1,4 @@
-"""What the indexer KL loss (spec §8.6) costs in a training step: XLA's compiled FLOPs and temporary
+"""What the indexer KL loss (architecture.md §8.2) costs in a training step: XLA's compiled FLOPs and temporary
 memory of the whole step train.py runs (`train_loop.make_step`: forward, backward, Muon + AdamW,
 bias update; fp32, one CPU device) with indexer_loss_weight = 0 (no traces) and 1 (traces + KL), in
 the sparse stage and, for comparison, the dense warm-up stage (model.csa_dense, traces over every
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.sparse_attention_reference import entry_attention_mass
-from v4jax.indexer import entry_scores
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
-from v4jax.optim import flat_params
-from v4jax.train_loop import hyperparams, load_config, make_setup, make_step
+from v4jax.model.indexer import entry_scores
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
+from v4jax.train.optim import flat_params
+from v4jax.train.loop import hyperparams, load_config, make_setup, make_step
 
 
 def compiled_cost(batch: int, seq: int, topk: int, weight: float, dense: bool) -> dict:

@@ -1,7 +1,7 @@
 """Compiled cost of the Pallas lightning indexer vs the pure-JAX reference, for a TPU target, on CPU.
 
 Both functions are compiled ahead of time for a TPU topology described by libtpu (no TPU needed):
-the kernel through the real Mosaic compiler, the reference (`v4jax.indexer.select_topk`, query
+the kernel through the real Mosaic compiler, the reference (`v4jax.model.indexer.select_topk`, query
 chunks of 512 under lax.map) through XLA:TPU. Reported per sequence length T (N = T / 4 entries,
 n_I = 64 heads, c_I = 128, bf16 q and keys, fp32 weights, positions 0..T-1):
 

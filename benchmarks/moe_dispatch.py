@@ -1,4 +1,4 @@
-"""Routed-expert implementations compared: pallas grouped matmuls vs ragged_dot vs one-hot (spec §5.3).
+"""Routed-expert implementations compared: pallas grouped matmuls vs ragged_dot vs one-hot (architecture.md §5.3).
 
 Part 1 (TPU, compiled on this host for a libtpu topology, no TPU needed): for the V4-Flash and V4-Pro
 expert shapes, the FLOPs, bytes accessed and per-device memory that the compiled programs report
@@ -42,7 +42,7 @@ from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa:
 
 LIMIT = 10.0
 IMPLS = {"pallas": grouped_swiglu_pallas, "ragged_dot": grouped_swiglu_ragged_dot, "one-hot": grouped_swiglu_onehot}
-# name: (d, I, E, k, ep)   (spec §1.1)
+# name: (d, I, E, k, ep)   (architecture.md §1.1)
 MODELS = {"v4-flash": (4096, 2048, 256, 6, 1), "v4-pro": (7168, 3072, 384, 6, 4)}
 GiB = 2**30
 # Public peak figures (bf16 dense TFLOP/s, HBM TB/s) for the roofline column: a model, not a timing.

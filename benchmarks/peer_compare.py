@@ -60,7 +60,8 @@ def single_threaded() -> None:
 
 def _pair(preset: str, seed: int):
     """(config, peer model, our model) on identical weights."""
-    from v4jax import checkpoint, peer
+    from v4jax import peer
+    from v4jax.io import checkpoint
     from v4jax.config import V4Config
 
     cfg = V4Config.preset(preset)
@@ -115,9 +116,9 @@ def compare(preset: str = "tiny", batches=(1, 8), seq: int = 64, steps: int = 16
 
     from benchmarks.forward_throughput import check_agreement, rel_err
     from v4jax import peer
-    from v4jax.cache import init_cache
-    from v4jax.generate import decode_step, prefill
-    from v4jax.losses import cross_entropy
+    from v4jax.model.cache import init_cache
+    from v4jax.inference.generate import decode_step, prefill
+    from v4jax.train.losses import cross_entropy
 
     if seq + steps + 1 > 128:
         raise ValueError(f"seq + steps + 1 = {seq + steps + 1} exceeds the small presets' max_seq_len 128")

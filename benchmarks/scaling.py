@@ -1,5 +1,5 @@
 """How attention cost and KV cache grow with context: V4's sparse layers vs dense attention, and the
-report's headline ratios against a V3.2-shaped baseline (spec §4.7, §9).
+report's headline ratios against a V3.2-shaped baseline (architecture.md §4.7).
 
 1. Per-token cost of one attention layer of V4-Flash shape (H=64, c=512, d=4096, window 128, CSA k=512 /
    ratio 4, HCA ratio 128, indexer 64 x 128), compiled ahead of time from ShapeDtypeStructs only (nothing
@@ -15,7 +15,7 @@ report's headline ratios against a V3.2-shaped baseline (spec §4.7, §9).
    Ratios: V4-Flash's whole attention stack (2 SWA + 21 CSA + 20 HCA layers, compiled per-layer numbers
    times the layer counts) over a dense stack of 43 layers.
 2. KV cache bytes per token and in total at 128K and 1M for V4-Flash, V4-Pro and the V3.2-shaped
-   baseline (`v4jax.cache.cache_size`, release storage: FP8 entries with BF16 RoPE dims, FP4 indexer keys),
+   baseline (`v4jax.inference.cache_size.cache_size`, release storage: FP8 entries with BF16 RoPE dims, FP4 indexer keys),
    against the report's 7% (Flash) and 10% (Pro) of V3.2 at 1M.
 3. Per-token FLOPs of the whole model at 1M context vs V3.2, against the report's 10% (Flash) / 27% (Pro).
    Computed analytically, not compiled: 2 x active parameters (from the abstract model, as the dry run
@@ -48,7 +48,7 @@ CONTEXTS = (4096, 16384, 65536, 262144, 1048576)
 QUICK_CONTEXTS = (4096, 32768)
 KINDS = {"SWA": AttentionKind.SLIDING, "CSA": AttentionKind.CSA, "HCA": AttentionKind.HCA}
 PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scaling.png")
-# Report figures (spec §9): share of V3.2 at 1M context.
+# Report figures (architecture.md §4.7): share of V3.2 at 1M context.
 REPORT_FLOPS = {"v4-flash": 0.10, "v4-pro": 0.27}
 REPORT_CACHE = {"v4-flash": 0.07, "v4-pro": 0.10}
 # V3.2 shape (DeepSeek-V3.2-Exp: V3 backbone + DSA): 61 layers, 37B active, MLA 128 heads with a 512-d
@@ -68,8 +68,8 @@ def dense_decode(attn, x, keys, pos):
     """A dense attention layer with V4's projections and head shape, one token: x [B,1,d] at position
     pos [B] against keys [B,S,c] (this token's KV is written at pos). Plain causal softmax over all S keys
     plus the sinks, output de-rotation and the grouped output projection as in the V4 layer."""
-    from v4jax.layers import rms_normalize
-    from v4jax.rope import apply_rope, inv_frequencies
+    from v4jax.model.layers import rms_normalize
+    from v4jax.model.rope import apply_rope, inv_frequencies
 
     cfg = attn.cfg
     B = x.shape[0]
@@ -111,8 +111,8 @@ def layer_cost(variant: str, S: int, device) -> dict:
     """Compiled cost of one decode token at context S for variant SWA | CSA | HCA | dense."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from v4jax.attention import Attention
-    from v4jax.cache import _layer_cache
+    from v4jax.model.attention import Attention
+    from v4jax.model.cache import _layer_cache
 
     cfg = _flash(S)
     kind = KINDS.get(variant, AttentionKind.SLIDING)
@@ -200,7 +200,7 @@ def format_layer_table(rows, where: str) -> str:
 
 def cache_table(contexts=(131072, 1048576)) -> tuple[str, dict]:
     """Table 2: release-format KV cache vs the V3.2 baseline, with the report's ratios."""
-    from v4jax.cache import cache_size, v32_baseline_size
+    from v4jax.inference.cache_size import cache_size, v32_baseline_size
 
     base = v32_baseline_size()
     head = (["model", "bytes / token"] + [f"total at {c:,}" for c in contexts]
@@ -221,7 +221,7 @@ def cache_table(contexts=(131072, 1048576)) -> tuple[str, dict]:
 
 def active_params(name: str) -> int:
     from benchmarks.dryrun import active_params as count
-    from v4jax.model import Transformer
+    from v4jax.model.transformer import Transformer
 
     cfg = V4Config.preset(name)
     abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -279,7 +279,7 @@ def plot(rows, path: str = PLOT) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from v4jax.cache import cache_size, v32_baseline_size
+    from v4jax.inference.cache_size import cache_size, v32_baseline_size
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for variant, style in (("SWA", "o-"), ("CSA", "s-"), ("HCA", "^-"), ("dense", "k--")):

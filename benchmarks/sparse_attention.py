@@ -6,7 +6,7 @@ call `attn(q [1,S,H,c], kv [1,S,c], sinks, window, compressed, topk_idx, ratio)`
 chip of the topology (bf16, V4-Flash sizes: H=64, c=512, window 128, CSA k=512 with ratio 4, HCA
 ratio 128):
   pallas     pallas_kernels.sparse_attention.sparse_attention
-  reference  v4jax.attention.sparse_attention (chunked gather, chunk 512)
+  reference  v4jax.model.attention.sparse_attention (chunked gather, chunk 512)
   dense      plain causal attention over all S keys with the sinks: an [H, S, S] score matrix
              (written here for comparison only; it is what the sparse kinds avoid)
 Reported from the compiled executable: FLOPs and bytes accessed per token (`cost_analysis()`; the

@@ -183,9 +183,9 @@ def section_scaling(quick: bool, log, contexts=None) -> Section:
         "",
         out["layers"],
         "",
-        "**2. KV cache per sequence** (`v4jax.cache.cache_size`, release storage: FP8 entries with BF16 RoPE dims, "
-        "FP4 indexer keys; spec §4.7) vs the V3.2-shaped baseline (61 MLA layers, 656 B latent + 132 B indexer key "
-        "per layer per token). Report (spec §9): at 1M, Flash 7% and Pro 10% of V3.2.",
+        "**2. KV cache per sequence** (`v4jax.inference.cache_size.cache_size`, release storage: FP8 entries with BF16 RoPE dims, "
+        "FP4 indexer keys; architecture.md §4.7) vs the V3.2-shaped baseline (61 MLA layers, 656 B latent + 132 B indexer key "
+        "per layer per token). Report (architecture.md §4.7): at 1M, Flash 7% and Pro 10% of V3.2.",
         "",
         out["cache"],
         "",
@@ -193,7 +193,7 @@ def section_scaling(quick: bool, log, contexts=None) -> Section:
         "(counted from the abstract model as the dry run counts them; embedding excluded) + core attention "
         "(QK and PV: 4 H c FLOPs per key seen: window + CSA top-k or HCA entries) + indexer scores "
         "(2 n_I c_I per visible compressed entry). V3.2: 2 x 37e9 + 61 x (indexer 2 x 64 x 128 x S + MLA over "
-        "the top 2048 tokens with absorbed projections, 2 x 128 x (576 + 512) per key). Report (spec §9): Flash "
+        "the top 2048 tokens with absorbed projections, 2 x 128 x (576 + 512) per key). Report (architecture.md §4.7): Flash "
         "10%, Pro 27% in \"equivalent FP8 FLOPs\", a conversion it does not define; the last-but-one column "
         "counts V4's FP4 indexer FLOPs at half as one reading of it.",
         "",

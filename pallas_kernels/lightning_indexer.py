@@ -1,4 +1,4 @@
-"""Lightning indexer as a Pallas TPU kernel: fused scoring + blockwise top-k (spec §4.4, §4.6).
+"""Lightning indexer as a Pallas TPU kernel: fused scoring + blockwise top-k (architecture.md §4.4, §4.6).
 
 Same function as `lightning_indexer_reference.select_topk`: `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32,
 entry s visible to query t iff `s < floor((t + 1) / ratio)`, top-k per query under the order
@@ -273,7 +273,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
 
             scores = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((sub, lanes), jnp.float32))
             entry = kb * block_k + r * sub + jax.lax.broadcasted_iota(jnp.int32, (sub, lanes), 0)
-            new_v[rows] = jnp.where(entry < vis_ref[...], scores, -jnp.inf)  # spec §4.6 visibility
+            new_v[rows] = jnp.where(entry < vis_ref[...], scores, -jnp.inf)  # architecture.md §4.6 visibility
             new_i[rows] = entry
             return carry
 

@@ -1,7 +1,7 @@
-"""Routed experts as Pallas TPU grouped matmuls, forward and backward (spec §5.3, `moe_impl = "pallas"`).
+"""Routed experts as Pallas TPU grouped matmuls, forward and backward (architecture.md §5.3, `moe_impl = "pallas"`).
 
 Same function as `moe_dispatch_reference.grouped_swiglu` (the `jax.lax.ragged_dot` path) and
-`v4jax.moe.grouped_swiglu_onehot` (one masked dense FFN per expert): rows of `xs` are sorted by expert,
+`moe_dispatch_reference.grouped_swiglu_onehot` (one masked dense FFN per expert): rows of `xs` are sorted by expert,
 `sizes[e]` rows belong to expert e, rows past `sum(sizes)` belong to no expert and give zeros.
 
 Three kernels:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 
 def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """SiLU(min(gate, L)) * clip(up, -L, L) (spec §5.3), fp32."""
+    """SiLU(min(gate, L)) * clip(up, -L, L) (architecture.md §5.3), fp32."""
     return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
 
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 core attention (SWA / CSA / HCA, spec §4) as Pallas TPU kernels, forward and backward.
+"""DeepSeek-V4 core attention (SWA / CSA / HCA, architecture.md §4) as Pallas TPU kernels, forward and backward.
 
 Same function as `sparse_attention_reference.sparse_attention`: one fp32 softmax per (query, head) over
 [window keys | compressed entries | sink], scale c**-0.5, key = value, output in q's dtype.
@@ -677,7 +677,7 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
                      interpret: bool = False) -> jax.Array:
     """Core attention over window keys U compressed entries with per-head sinks; differentiable.
 
-    Same arguments and result as `v4jax.attention.sparse_attention`: q [B,T,H,c], kv [B,T,c],
+    Same arguments and result as `sparse_attention_reference.sparse_attention`: q [B,T,H,c], kv [B,T,c],
     sinks [H], compressed [B,N,c] or None, topk_idx [B,T,k] int32 (CSA, -1 = empty) or None,
     ratio (HCA visibility), -> [B,T,H,c] in q's dtype.
     chunk: CSA backward only, queries per scatter-add chunk (rounded to block_q); bounds the

@@ -85,7 +85,7 @@ def _chunk_logits(args, kv_padded, window: int, compressed, sparse: bool, ratio:
 
 def entry_attention_mass(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int, compressed: jax.Array,
                          topk_idx: jax.Array | None, ratio: int, chunk: int) -> jax.Array:
-    """The indexer's training target (spec §8.6): the core attention's probability on each compressed
+    """The indexer's training target (architecture.md §8.2): the core attention's probability on each compressed
     entry (softmax over window keys, entries and the sink, as `sparse_attention`), summed over heads.
     topk_idx [B,T,k] -> [B,T,k] (sparse stage); None -> every entry [B,T,N] (dense stage, invisible 0).
     A chunked recomputation of the per-head log-sum-exp (memory linear in T), so it serves every

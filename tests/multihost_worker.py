@@ -28,7 +28,7 @@ from sharding.mesh import make_mesh  # noqa: E402
 from sharding.partition import create_sharded, host_local_to_global  # noqa: E402
 from sharding.rules import get_rules  # noqa: E402
 from v4jax.config import RunOptions, V4Config  # noqa: E402
-from v4jax.model import Transformer  # noqa: E402
+from v4jax.model.transformer import Transformer  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 cfg = V4Config.preset("tiny", n_mtp_layers=0, max_seq_len=64)

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 import infer
-from v4jax import convert, parity
-from v4jax.checkpoint import CheckpointError
-from v4jax.restore import load_model
-from v4jax.tensorfile import TensorFile, write_tensors
+from v4jax import parity
+from v4jax.io import convert
+from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.restore import load_model
+from v4jax.io.tensorfile import TensorFile, write_tensors
 
 from test_safe_writes import snapshot, tiny_model, write_train_run
-from v4jax.checkpoint import save_hf
+from v4jax.io.checkpoint import save_hf
 
 
 @pytest.fixture(scope="module")

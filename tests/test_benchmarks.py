@@ -123,7 +123,7 @@ def test_scaling_tables_are_finite_and_match_the_spec_accounting():
     from benchmarks import scaling
 
     md, shares = scaling.cache_table()
-    assert 0.06 < shares["v4-flash"] < 0.08 and 0.09 < shares["v4-pro"] < 0.12  # spec §4.7: 13.7x / 9.6x
+    assert 0.06 < shares["v4-flash"] < 0.08 and 0.09 < shares["v4-pro"] < 0.12  # architecture.md §4.7: 13.7x / 9.6x
     md, shares = scaling.flops_table(actives={"v4-flash": 13e9, "v4-pro": 49e9})
     for full, half in shares.values():
         assert 0 < half < full < 1

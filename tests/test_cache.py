@@ -1,19 +1,20 @@
-"""The inference cache layout (v4jax.cache): sizes, logical axes / shardings, the size calculator
-against spec §4.7 / §9, and the `python -m v4jax.parity dump --decode-from` path."""
+"""The inference cache layout (v4jax.model.cache, v4jax.inference.cache_size): sizes, logical axes / shardings, the size calculator
+against architecture.md §4.7 / architecture.md §4.7, and the `python -m v4jax.parity dump --decode-from` path."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from v4jax import cache as C
+from v4jax.inference import cache_size as S
+from v4jax.model import cache as C
 from v4jax.config import AttentionKind, V4Config
 
 
 def test_release_format_reproduces_spec_per_token_figures_and_reductions():
     flash, pro = V4Config.preset("v4-flash"), V4Config.preset("v4-pro")
-    f, p, base = C.cache_size(flash), C.cache_size(pro), C.v32_baseline_size()
-    # spec §4.7: 21*(583+68)/4 + 20*583/128 ~ 3.51 KB; 30*(583+68)/4 + 31*583/128 ~ 5.02 KB; 61*(656+132) ~ 48.1 KB
+    f, p, base = S.cache_size(flash), S.cache_size(pro), S.v32_baseline_size()
+    # architecture.md §4.7: 21*(583+68)/4 + 20*583/128 ~ 3.51 KB; 30*(583+68)/4 + 31*583/128 ~ 5.02 KB; 61*(656+132) ~ 48.1 KB
     assert f.per_token == pytest.approx(21 * (583 + 68) / 4 + 20 * 583 / 128)
     assert round(f.per_token / 1e3, 2) == 3.51 and round(p.per_token / 1e3, 2) == 5.02
     assert round(base.per_token / 1e3, 1) == 48.1
@@ -23,7 +24,7 @@ def test_release_format_reproduces_spec_per_token_figures_and_reductions():
     assert round(base.total(1048576) / f.total(1048576), 1) == 13.7
     assert round(base.total(1048576) / p.total(1048576), 1) == 9.6
     # technical report §2.3.4: V4-Pro ~ 2% of a BF16 GQA-8 (head dim 128) cache
-    assert round(100 * p.per_token / C.gqa_baseline_size(pro.n_layers).per_token) == 2
+    assert round(100 * p.per_token / S.gqa_baseline_size(pro.n_layers).per_token) == 2
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-b"])
@@ -31,7 +32,7 @@ def test_allocated_cache_bytes_equal_the_layout_calculator(preset):
     cfg = V4Config.preset(preset)
     max_len = 128  # a multiple of every ratio: no rounding
     cache = jax.eval_shape(lambda: C.init_cache(cfg, 1, max_len, mtp=False))
-    s = C.cache_size(cfg, "layout")
+    s = S.cache_size(cfg, "layout")
     lengths_bytes = 4
     assert C.cache_nbytes(cache) == pytest.approx(s.total(max_len) + lengths_bytes)
 
@@ -93,14 +94,14 @@ def test_bad_cache_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="MTP"):
         C.init_cache(cfg.replace(n_mtp_layers=0), 1, 16, mtp=True)
     with pytest.raises(ValueError, match="fmt"):
-        C.cache_size(cfg, "fp8")
+        S.cache_size(cfg, "fp8")
 
 
 def test_calculator_command_prints_the_table(capsys):
-    assert C.main(["--config", "v4-flash", "--context", "1048576"]) == 0
+    assert S.main(["--config", "v4-flash", "--context", "1048576"]) == 0
     out = capsys.readouterr().out
     assert "v4-flash" in out and "3.68 GB" in out and "13.7x smaller" in out and "V3.2 baseline" in out
-    assert C.main(["--context", "0"]) == 2
+    assert S.main(["--context", "0"]) == 2
 
 
 @pytest.mark.slow
@@ -108,8 +109,8 @@ def test_parity_dump_decode_from_equals_the_stateless_logits(tmp_path):
     from flax import nnx
 
     from v4jax import parity
-    from v4jax.checkpoint import save_hf
-    from v4jax.model import Transformer
+    from v4jax.io.checkpoint import save_hf
+    from v4jax.model.transformer import Transformer
 
     cfg = V4Config.preset("tiny-b")
     save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "ckpt"))

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import checkpoint
-from v4jax.checkpoint import CheckpointError
+from v4jax.io import checkpoint
+from v4jax.io.checkpoint import CheckpointError
 from v4jax.config import V4Config
-from v4jax.model import Transformer
-from v4jax.tensorfile import TensorFile, write_tensors
+from v4jax.model.transformer import Transformer
+from v4jax.io.tensorfile import TensorFile, write_tensors
 
 SEQ = 40  # > 4 * index_topk: the tiny CSA layers' indexer really selects; > hca_ratio 16
 

@@ -9,17 +9,17 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.sparse_attention_reference import sparse_attention
-from v4jax.compressor import Compressor
+from v4jax.model.compressor import Compressor
 from v4jax.config import AttentionKind, MoEImpl, RouterKind, RunOptions, V4Config
 from pallas_kernels.lightning_indexer_reference import select_topk
-from v4jax.mhc import HyperConnection, sinkhorn
-from v4jax.model import Transformer
+from v4jax.model.mhc import HyperConnection, sinkhorn
+from v4jax.model.transformer import Transformer
 from pallas_kernels.moe_dispatch_reference import swiglu
-from v4jax.moe import MoE, Experts, Routing
-from v4jax.rope import apply_rope, inv_frequencies, yarn_correction_range
+from v4jax.model.moe import MoE, Experts, Routing
+from v4jax.model.rope import apply_rope, inv_frequencies, yarn_correction_range
 
 
-# ---------------------------------------------------------------- mHC (spec §3)
+# ---------------------------------------------------------------- mHC (architecture.md §3)
 def test_sinkhorn_output_is_doubly_stochastic_and_positive():
     logits = jax.random.normal(jax.random.key(0), (64, 4, 4))
     m = np.asarray(sinkhorn(logits, 20, 1e-6))
@@ -69,7 +69,7 @@ def test_hc_post_with_identity_comb_is_a_plain_residual_block():
     np.testing.assert_allclose(np.asarray(out), np.asarray(X + 1.0))
 
 
-# ---------------------------------------------------------------- RoPE / YaRN (spec §1.3)
+# ---------------------------------------------------------------- RoPE / YaRN (architecture.md §7)
 def test_yarn_range_of_released_configs_is_15_to_25_and_ramp_divides_high_pairs_by_16():
     cfg = V4Config.preset("v4-flash")
     assert yarn_correction_range(32, 1, 64, 160000.0, 65536) == (15, 25)
@@ -101,7 +101,7 @@ def test_rope_rotates_interleaved_pairs_of_the_last_channels_and_inverse_undoes_
     np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(y), pos, inv, inverse=True)), np.asarray(x), atol=1e-5)
 
 
-# ---------------------------------------------------------------- compressor (spec §4.3)
+# ---------------------------------------------------------------- compressor (architecture.md §4.3)
 def test_hca_compressor_entry_is_softmax_pooled_window_then_norm():
     comp = Compressor(8, 4, 3, False, 1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     comp.ape[...] = jax.random.normal(jax.random.key(1), (3, 4))
@@ -134,7 +134,7 @@ def test_csa_compressor_first_entry_pools_only_its_own_window():
     np.testing.assert_allclose(out[0, 1], both, rtol=1e-4, atol=1e-5)
 
 
-# ---------------------------------------------------------------- indexer top-k and attention (§4.4-4.6)
+# ---------------------------------------------------------------- indexer top-k and attention (architecture.md §4.4-4.6)
 def test_topk_breaks_exact_ties_towards_the_lowest_index_and_hides_invisible_entries():
     B, T, N = 1, 32, 8
     q = jnp.zeros((B, T, 2, 4))  # all scores exactly 0: every visible entry ties
@@ -204,7 +204,7 @@ def test_csa_with_topk_covering_all_entries_equals_attending_every_visible_entry
                                sparse_attention(q, kv, sinks, 4, comp, None, 4), rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- MoE (spec §5)
+# ---------------------------------------------------------------- MoE (architecture.md §5)
 def test_swiglu_clamp_engages_gate_from_above_and_up_on_both_sides():
     g, u = jnp.array([20.0, 20.0, -3.0]), jnp.array([20.0, -20.0, 0.5])
     want = [10 / (1 + math.exp(-10)) * 10, 10 / (1 + math.exp(-10)) * -10, -3 / (1 + math.exp(3)) * 0.5]
@@ -296,7 +296,7 @@ def test_gradients_are_finite_and_reach_every_trainable_parameter(tiny_model):
     grads = nnx.jit(nnx.grad(loss))(model)  # jitted: op-by-op the tiny model's backward takes minutes
     flat = nnx.to_flat_state(grads)
     assert all(bool(jnp.all(jnp.isfinite(g[...]))) for _, g in flat)
-    # the indexer is trained by its own loss (spec §8.6); everything else gets a gradient from the LM loss
+    # the indexer is trained by its own loss (architecture.md §8.2); everything else gets a gradient from the LM loss
     zero = [p for p, g in flat if "indexer" not in p and not bool(jnp.any(g[...] != 0))]
     assert zero == [], zero
 

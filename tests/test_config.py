@@ -1,4 +1,4 @@
-"""V4Config: released presets (spec §1.1, §1.2), config.json I/O in current and older field names,
+"""V4Config: released presets (architecture.md §1.1, §1.2), config.json I/O in current and older field names,
 interop with transformers' DeepseekV4Config, and rejection of inconsistent configurations.
 RunOptions: the run-time settings kept apart from the architecture (never in config.json)."""
 
@@ -15,10 +15,10 @@ S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
 # --------------------------------------------------------------------------------------------------
 # Presets against the spec tables
 
-FLASH_RATIOS = (0, 0) + (4, 128) * 20 + (4, 0)  # spec §1.2, MTP entry last
+FLASH_RATIOS = (0, 0) + (4, 128) * 20 + (4, 0)  # architecture.md §1.2, MTP entry last
 PRO_RATIOS = (128, 128) + (4, 128) * 29 + (4, 0)
 
-# spec §1.1: field -> (Flash, Pro)
+# architecture.md §1.1: field -> (Flash, Pro)
 SPEC_TABLE = {
     "vocab_size": (129280, 129280), "dim": (4096, 7168), "n_layers": (43, 61), "n_heads": (64, 128),
     "head_dim": (512, 512), "rope_head_dim": (64, 64), "nope_head_dim": (448, 448),
@@ -144,7 +144,7 @@ def test_hf_dict_uses_current_transformers_field_names_for_tiny():
 # config.json in the older field names (as shipped with the release)
 
 def official_flash_config_json() -> dict:
-    """The released DeepSeek-V4-Flash config.json (older field names), written out from spec §1.1/§1.2."""
+    """The released DeepSeek-V4-Flash config.json (older field names), written out from architecture.md §1.1/§1.2."""
     return {
         "architectures": ["DeepseekV4ForCausalLM"],
         "attention_bias": False,
@@ -302,7 +302,7 @@ def test_transformers_config_from_our_dict_has_our_schedule_and_rope(name, trans
     assert compress["rope_type"] == "yarn"
     assert compress["factor"] == want["factor"] == cfg.rope_factor
     assert compress["original_max_position_embeddings"] == want["original_max_position_embeddings"]
-    assert compress["attention_factor"] == 1.0  # spec §1.3: no YaRN mscale
+    assert compress["attention_factor"] == 1.0  # architecture.md §7: no YaRN mscale
     assert (compress["beta_fast"], compress["beta_slow"]) == (32.0, 1.0)
     assert compress["rope_theta"] == 160000.0
     assert hf.rope_parameters["main"]["rope_type"] == "default"

@@ -15,11 +15,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import V4Config, Transformer, convert, official, quant
-from v4jax.checkpoint import canonical_name, hf_tensors, load_hf, transformers_name
-from v4jax.convert import ConvertError
-from v4jax.official import Format, ReleaseError
-from v4jax.tensorfile import TensorFile, write_tensors
+from v4jax import V4Config, Transformer
+
+from v4jax.io import convert
+
+from v4jax.io import official
+
+from v4jax.io import quant
+from v4jax.io.checkpoint import canonical_name, hf_tensors, load_hf, transformers_name
+from v4jax.io.convert import ConvertError
+from v4jax.io.official import Format, ReleaseError
+from v4jax.io.tensorfile import TensorFile, write_tensors
 
 SHARD = 1 << 20  # small shards so the tiny release spans several files
 
@@ -353,13 +359,13 @@ def test_unquantised_hf_checkpoint_converts_to_orbax_and_to_a_quantised_release(
 
 
 def test_cli_reports_throughput_and_peak_rss(release, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "v4jax.convert", "--from", str(release), "--to", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "v4jax.io.convert", "--from", str(release), "--to", str(tmp_path / "o"),
                         "--dtype", "fp32", "--no-progress"], capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "peak RSS" in r.stdout and "GB/s" in r.stdout
     assert convert.load_converted(tmp_path / "o")["layers.1.attn.wq_a.weight"].dtype == np.float32
-    bad = subprocess.run([sys.executable, "-m", "v4jax.convert", "--from", str(tmp_path / "nope"), "--to",
+    bad = subprocess.run([sys.executable, "-m", "v4jax.io.convert", "--from", str(tmp_path / "nope"), "--to",
                           str(tmp_path / "o2")], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: source")
 
@@ -368,7 +374,7 @@ def test_cli_reports_throughput_and_peak_rss(release, tmp_path):
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import sys
-    from v4jax import convert
+    from v4jax.io import convert
     base = convert.peak_rss_bytes()  # after imports; VmHWM, which (unlike ru_maxrss) starts afresh at exec
     convert.convert(sys.argv[1], sys.argv[2], progress=False, batch_bytes=int(sys.argv[3]))
     print(convert.peak_rss_bytes() - base)

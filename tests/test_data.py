@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from v4jax.data import (ByteTokenizer, DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer,
+from v4jax.train.data import (ByteTokenizer, DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer,
                         pack_tokens, resolve_files, stdlib_files, write_array_record)
 
 

@@ -1,4 +1,4 @@
-"""Cached inference (v4jax.generate): decode = stateless forward = transformers' cached generation,
+"""Cached inference (v4jax.inference.generate): decode = stateless forward = transformers' cached generation,
 chunked prefill, mixed-length batches, sampling, stop tokens, streaming, MTP speculative decoding with
 exact rollback, and clear errors on bad input.
 
@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import checkpoint, generate as G, peer
-from v4jax.cache import init_cache
+from v4jax import peer
+
+from v4jax.io import checkpoint
+
+from v4jax.inference import generate as G
+from v4jax.model.cache import init_cache
 from v4jax.config import V4Config
-from v4jax.model import Transformer
+from v4jax.model.transformer import Transformer
 
 TOL = 1e-5
 CHUNK = 21  # prefill chunk of the shared compiled steps
@@ -369,7 +373,7 @@ def test_infer_explains_and_rejects_bad_inputs(tmp_root, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err  # a train.py run without a finished save
     from flax import nnx
 
-    from v4jax.checkpoint import save_hf
+    from v4jax.io.checkpoint import save_hf
 
     ckpt = str(tmp_path / "ckpt")  # a random tiny model without MTP weights
     save_hf(Transformer(V4Config.preset("tiny", n_mtp_layers=0), rngs=nnx.Rngs(0)), ckpt)

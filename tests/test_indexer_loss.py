@@ -1,4 +1,4 @@
-"""Indexer training (spec §8.6): the model's indexer traces against a dense float64 numpy recomputation
+"""Indexer training (architecture.md §8.2): the model's indexer traces against a dense float64 numpy recomputation
 of the main attention's probabilities, the KL loss on them, where its gradient goes (only into the
 indexers when their inputs are detached), the LM loss's gradient into the indexers (none), and the
 training step lowering the indexer loss.
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import V4Config, losses
+from v4jax import V4Config
+
+from v4jax.train import losses
 from v4jax.config import AttentionKind, RouterKind, RunOptions
-from v4jax.layers import rms_normalize
-from v4jax.model import Transformer
-from v4jax.rope import apply_rope, inv_frequencies
+from v4jax.model.layers import rms_normalize
+from v4jax.model.transformer import Transformer
+from v4jax.model.rope import apply_rope, inv_frequencies
 
 C, S = AttentionKind.CSA, AttentionKind.SLIDING
 T = 40

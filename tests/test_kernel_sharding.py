@@ -25,11 +25,11 @@ from sharding.partition import shard_module, state_shardings
 from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
 from pallas_kernels.sparse_attention_reference import sparse_attention
-from v4jax import kernels
+from v4jax.model import kernels
 from v4jax.config import AttentionImpl, RunOptions
 
 pallas_sparse_attention = kernels.sparse_attention(AttentionImpl.PALLAS)  # the model's entry to the kernel
-from v4jax.moe import Experts, Routing
+from v4jax.model.moe import Experts, Routing
 from conftest import tpu_devices_or_skip
 
 B, T, H, C = 4, 37, 4, 16  # T is no multiple of any block

@@ -1,4 +1,4 @@
-"""Pallas lightning indexer (pallas_kernels/lightning_indexer.py) against v4jax.indexer.select_topk.
+"""Pallas lightning indexer (pallas_kernels/lightning_indexer.py) against v4jax.model.indexer.select_topk.
 
 Numerical tests run the kernel with interpret=True on CPU. Most inputs are dyadic (small multiples of
 powers of two) so every score is exact in fp32 whatever the summation order: the kernel and the
@@ -132,8 +132,8 @@ def test_same_selection_as_the_tiny_models_indexer():
 
     from v4jax import V4Config
     from v4jax.config import AttentionKind
-    from v4jax.indexer import Indexer
-    from v4jax.rope import apply_rope, inv_frequencies
+    from v4jax.model.indexer import Indexer
+    from v4jax.model.rope import apply_rope, inv_frequencies
 
     cfg = V4Config.preset("tiny")
     indexer = Indexer(cfg, rngs=nnx.Rngs(0))

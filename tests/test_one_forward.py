@@ -10,8 +10,8 @@ from flax import nnx
 
 from v4jax import Transformer, V4Config
 from v4jax.config import RunOptions
-from v4jax.cache import init_cache
-from v4jax.generate import decode_step, prefill
+from v4jax.model.cache import init_cache
+from v4jax.inference.generate import decode_step, prefill
 
 CFG = V4Config.preset("tiny", n_mtp_layers=0)  # SWA, CSA, HCA, CSA; window 8, ratios 4 and 16
 OPTIONS = RunOptions.preset("tiny")

@@ -1,4 +1,4 @@
-"""Muon and the optimiser split (spec §8.1, §8.2) against a float64 numpy statement of the algorithm."""
+"""Muon and the optimiser split (architecture.md §8.3, §8.4) against a float64 numpy statement of the algorithm."""
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 from v4jax.config import V4Config
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
-from v4jax.optim import (NS_COEFFS, OptimConfig, Schedule, flat_params, hybrid_newton_schulz, logical_axes,
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
+from v4jax.train.optim import (NS_COEFFS, OptimConfig, Schedule, flat_params, hybrid_newton_schulz, logical_axes,
                          make_optimizer, scale_by_muon, split_params)
 
 
 def numpy_hybrid_ns(m: np.ndarray) -> np.ndarray:
-    """Spec §8.2 in float64: X0 = M/|M|_F, 8 steps (3.4445, -4.775, 2.0315), 2 steps (2, -1.5, 0.5)."""
+    """architecture.md §8.4 in float64: X0 = M/|M|_F, 8 steps (3.4445, -4.775, 2.0315), 2 steps (2, -1.5, 0.5)."""
     x = m.astype(np.float64)
     transpose = x.shape[0] > x.shape[1]
     if transpose:
@@ -131,7 +131,7 @@ def test_indexer_gradients_are_clipped_on_their_own():
     """A huge indexer (KL) gradient leaves the model's clipped gradient as it would be alone."""
     import optax
 
-    from v4jax.optim import clip_by_group_norm, clip_group
+    from v4jax.train.optim import clip_by_group_norm, clip_group
 
     g = {"stages.0.blocks.1.attn.wq_a.kernel": jnp.full((4, 4), 0.5),
          "embed.embedding": jnp.full((3, 4), 0.25),
@@ -151,7 +151,7 @@ def test_indexer_gradients_are_clipped_on_their_own():
 
 
 def test_layer_by_layer_orthogonalisation_equals_the_batched_one():
-    from v4jax.optim import orthogonalize, split_params
+    from v4jax.train.optim import orthogonalize, split_params
 
     g = jax.random.normal(jax.random.key(0), (3, 4, 8, 6))  # [repeats, experts, d, I]
     want = orthogonalize(g, (0, 1))

@@ -1,4 +1,4 @@
-"""Parameter counts of the released sizes, built abstractly, against the spec's tensor inventory (§1.5)."""
+"""Parameter counts of the released sizes, built abstractly, against the spec's tensor inventory (architecture.md §9.4)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 from v4jax.config import AttentionKind, RouterKind, V4Config
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
 
 
 def inventory_count(cfg: V4Config, with_mtp: bool) -> tuple[int, int]:
-    """(total, routed-expert) floating parameters, written from the spec's inventory table (§1.5)."""
+    """(total, routed-expert) floating parameters, written from the spec's inventory table (architecture.md §9.4)."""
     d, n, V = cfg.dim, cfg.hc_mult, cfg.vocab_size
     H, c, dc, g, dg = cfg.n_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
     E, I = cfg.n_routed_experts, cfg.moe_inter_dim

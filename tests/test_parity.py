@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from v4jax import checkpoint, parity, peer
+from v4jax import parity, peer
+
+from v4jax.io import checkpoint
 from v4jax.config import V4Config
 
 TOL = 1e-5

@@ -1,12 +1,12 @@
-"""FP8 E4M3 / MXFP4 E2M1 / UE8M0 decoding tables and (de)quantisers (spec §1.4)."""
+"""FP8 E4M3 / MXFP4 E2M1 / UE8M0 decoding tables and (de)quantisers (architecture.md §9)."""
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-from v4jax import quant
-from v4jax.quant import (QuantError, count_nonfinite_codes, dequant_fp4, dequant_fp8_block, fp4_to_fp8,
+from v4jax.io import quant
+from v4jax.io.quant import (QuantError, count_nonfinite_codes, dequant_fp4, dequant_fp8_block, fp4_to_fp8,
                          quant_fp4, quant_fp8_block, ue8m0_to_float)
 
 

@@ -1,4 +1,4 @@
-"""Loading every checkpoint form into a model, whole or straight into sharded arrays (v4jax.restore)."""
+"""Loading every checkpoint form into a model, whole or straight into sharded arrays (v4jax.io.restore)."""
 
 import json
 import os
@@ -13,14 +13,15 @@ from flax import nnx
 from sharding.mesh import make_mesh
 from sharding.partition import spec_table
 from sharding.rules import get_rules
-from v4jax import convert, official
-from v4jax.checkpoint import CheckpointError, canonical_name, hf_tensors, load_hf, save_hf
+from v4jax.io import convert
+from v4jax.io import official
+from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors, load_hf, save_hf
 from v4jax.config import V4Config
-from v4jax.data import IteratorState
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
-from v4jax.optim import flat_params
-from v4jax.restore import ConvertedSource, Kind, assemble, detect, load_model
+from v4jax.train.data import IteratorState
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
+from v4jax.train.optim import flat_params
+from v4jax.io.restore import ConvertedSource, Kind, assemble, detect, load_model
 
 TOKENS = (jnp.arange(16)[None] * 7 + 3) % 256
 
@@ -136,7 +137,7 @@ def test_sharded_assembly_reads_each_tensor_once_in_bounded_batches(release_and_
 
 def _write_train_checkpoint(run, model, step=7):
     """A train.py run directory (config.json + checkpoints/<step>) with this model's parameters."""
-    from v4jax.train_loop import Checkpointer
+    from v4jax.train.loop import Checkpointer
     _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
     os.makedirs(run, exist_ok=True)
     cfg_dict = {k: (v.value if hasattr(v, "value") else ([x.value for x in v] if isinstance(v, tuple) else v))

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import V4Config, Transformer, convert, parity
-from v4jax.checkpoint import CheckpointError, hf_tensors, load_hf, save_hf
+from v4jax import V4Config, Transformer, parity
+
+from v4jax.io import convert
+from v4jax.io.checkpoint import CheckpointError, hf_tensors, load_hf, save_hf
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers
@@ -53,10 +55,10 @@ def tiny_model(seed=0, **kw):
 def write_train_run(run, model, step=7, tokenizer="byte"):
     """A train.py run directory as train_loop writes it: config.json {"train": {...}, "model": {...}}
     (train.tokenizer as given) and checkpoints/<step>/ saved by train_loop's Checkpointer."""
-    from v4jax.layers import Buffer
-    from v4jax.optim import flat_params
-    from v4jax.data import IteratorState
-    from v4jax.train_loop import Checkpointer
+    from v4jax.model.layers import Buffer
+    from v4jax.train.optim import flat_params
+    from v4jax.train.data import IteratorState
+    from v4jax.train.loop import Checkpointer
 
     _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
     os.makedirs(run, exist_ok=True)
@@ -213,7 +215,7 @@ def test_interrupted_convert_leaves_no_half_written_target_and_an_old_one_intact
 
 
 def test_interrupted_save_hf_and_parity_dump_leave_the_target_as_it_was(model, hf_ckpt, tmp_path, monkeypatch):
-    from v4jax import checkpoint
+    from v4jax.io import checkpoint
 
     target = tmp_path / "t"
     shutil.copytree(hf_ckpt, target)
@@ -257,8 +259,8 @@ def test_interrupted_save_hf_and_parity_dump_leave_the_target_as_it_was(model, h
 
 def test_train_run_to_infer_with_a_relative_path_prints_text(train_run, tmp_path, monkeypatch, capsys):
     import infer
-    from v4jax.data import ByteTokenizer
-    from v4jax.restore import load_model
+    from v4jax.train.data import ByteTokenizer
+    from v4jax.io.restore import load_model
 
     monkeypatch.chdir(os.path.dirname(train_run))
     rel = os.path.basename(train_run)

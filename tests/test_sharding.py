@@ -15,9 +15,9 @@ from sharding.mesh import make_mesh
 from sharding.partition import create_sharded, shard_module, spec_table, state_shardings
 from sharding.rules import LOGICAL_AXES, PRESETS, ShardingError, get_rules, parse_overrides
 from v4jax.config import AttentionKind, RouterKind, RunOptions, V4Config
-from v4jax.model import Transformer, layer_schedule
+from v4jax.model.transformer import Transformer, layer_schedule
 from pallas_kernels.moe_dispatch_reference import swiglu
-from v4jax.moe import Experts, Routing
+from v4jax.model.moe import Experts, Routing
 
 S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
 

@@ -1,4 +1,4 @@
-"""Pallas sparse attention (pallas_kernels/sparse_attention.py) against v4jax.attention.sparse_attention.
+"""Pallas sparse attention (pallas_kernels/sparse_attention.py) against v4jax.model.attention.sparse_attention.
 
 Numerical tests run the kernels with interpret=True on CPU: forward and every gradient (q, kv,
 compressed, sinks) for SWA, HCA and CSA, with sequence lengths that are not multiples of the

@@ -1,4 +1,4 @@
-"""train.py / v4jax.train_loop: losses, gradient check, resume exactness (kill -9), SIGTERM, NaN skip,
+"""train.py / v4jax.train.loop: losses, gradient check, resume exactness (kill -9), SIGTERM, NaN skip,
 corrupt-checkpoint fallback, overfitting, bad inputs, two processes = one.
 
 Runs use a two-layer variant of the tiny preset (SWA+hash, CSA; MTP on) on a small text file; the
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v4jax import losses
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
-from v4jax.moe import RoutingStats
-from v4jax.optim import flat_params
-from v4jax.train_loop import (Checkpointer, TrainingStopped, hyperparams, load_config, make_loss, make_setup,
+from v4jax.train import losses
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
+from v4jax.model.moe import RoutingStats
+from v4jax.train.optim import flat_params
+from v4jax.train.loop import (Checkpointer, TrainingStopped, hyperparams, load_config, make_loss, make_setup,
                               read_metrics, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +218,7 @@ def test_overfits_one_batch_and_skips_an_injected_nan_step(tmp_path, corpus, cac
     assert summary["skipped"] == [5] and not rec[5]["ok"]
     assert any("step 5: non-finite loss" in s for s in logs)
     assert rec[1]["ce"] > 4.0 and rec[80]["ce"] < 0.3, (rec[1]["ce"], rec[80]["ce"])
-    # the indexer KL (spec §8.6) falls too, though its target moves while the model overfits (measured:
+    # the indexer KL (architecture.md §8.2) falls too, though its target moves while the model overfits (measured:
     # 0.059 at step 1, peaks near 0.1 at step 10, 0.035-0.048 over steps 71-80)
     late = np.mean([rec[s]["indexer"] for s in range(71, 81)])
     assert late < 0.8 * rec[1]["indexer"], (rec[1]["indexer"], late)
@@ -344,7 +344,7 @@ def test_gradient_accumulation_equals_one_big_batch(corpus):
     """grad_accum=2 x batch 2 takes the same rows as 1 x batch 4: same loss, gradients and bias update.
     (Gradients, not updated params: Muon's Newton-Schulz and AdamW's first step with eps 1e-20 amplify
     fp-rounding differences in near-zero or near-rank-deficient gradients, e.g. at the symmetric init.)"""
-    from v4jax.train_loop import make_step
+    from v4jax.train.loop import make_step
     results = []
     tokens = np.random.default_rng(0).integers(2, 258, (4, 33)).astype(np.int32)
     for accum, rows in ((1, 4), (2, 2)):

@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import train
 from test_train import _wait_for_steps, cache, cli, corpus, small_overrides  # noqa: F401  (fixtures)
-from v4jax.optim import flat_params
-from v4jax.train_loop import (MANIFEST, Checkpointer, all_finite, load_config, make_setup, nan_update_target,
+from v4jax.train.optim import flat_params
+from v4jax.train.loop import (MANIFEST, Checkpointer, all_finite, load_config, make_setup, nan_update_target,
                               read_metrics, verify_manifest)
-from v4jax.train_loop import train as run_training
+from v4jax.train.loop import train as run_training
 
 STEPS = dict(steps=8, ckpt_every=4)
 

@@ -1,12 +1,12 @@
-"""DeepSeek-V4 configuration (spec §1).
+"""DeepSeek-V4 configuration (architecture.md §1).
 
 One frozen dataclass, `V4Config`, holds every architectural value: exactly what `config.json` holds.
 How a model runs (dtypes, kernel choices, chunk sizes, remat, the training-stage switches) is a
 second frozen dataclass, `RunOptions`, passed beside the config and never written into
 `config.json`. Layer kinds are enums, not strings scattered through the model: `AttentionKind`
-per layer (spec §1.2) and `RouterKind` per MoE layer (spec §5). Presets: `v4-flash`, `v4-pro`
-(released values, spec §1.1) and `tiny`, `tiny-b` (CPU test configs that keep every mechanism
-active, spec §11); `RunOptions.preset` gives the options each is meant to run with.
+per layer (architecture.md §1.2) and `RouterKind` per MoE layer (architecture.md §5). Presets: `v4-flash`, `v4-pro`
+(released values, architecture.md §1.1) and `tiny`, `tiny-b` (CPU test configs that keep every mechanism
+active, architecture.md §1.3); `RunOptions.preset` gives the options each is meant to run with.
 
 HF `config.json` I/O (`from_hf_dict` / `to_hf_dict`) accepts both the current transformers field names
 (`layer_types`, `mlp_layer_types`, `compress_rates`, `rope_parameters`, `partial_rotary_factor`) and the
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 class AttentionKind(enum.Enum):
-    """Attention variant of one layer (spec §4). Values are the HF `layer_types` labels."""
+    """Attention variant of one layer (architecture.md §4). Values are the HF `layer_types` labels."""
 
     SLIDING = "sliding_attention"  # SWA only (compress ratio 0)
     CSA = "compressed_sparse_attention"  # overlapping compressor + lightning indexer top-k
@@ -38,10 +38,10 @@ class AttentionKind(enum.Enum):
 
 
 class RouterKind(enum.Enum):
-    """Expert selection of one MoE layer (spec §5). Values are the HF `mlp_layer_types` labels."""
+    """Expert selection of one MoE layer (architecture.md §5). Values are the HF `mlp_layer_types` labels."""
 
-    HASH = "hash_moe"  # frozen token-id -> experts table (spec §5.2)
-    LEARNED = "moe"  # top-k of sqrt(softplus) affinities + selection bias (spec §5.1)
+    HASH = "hash_moe"  # frozen token-id -> experts table (architecture.md §5.2)
+    LEARNED = "moe"  # top-k of sqrt(softplus) affinities + selection bias (architecture.md §5.1)
 
 
 class Remat(enum.Enum):
@@ -55,7 +55,7 @@ class Remat(enum.Enum):
 class AttentionImpl(enum.Enum):
     """Which implementation of the core sparse attention and indexer top-k runs (same function)."""
 
-    REFERENCE = "reference"  # pure JAX (v4jax.attention.sparse_attention, v4jax.indexer.select_topk)
+    REFERENCE = "reference"  # pure JAX (v4jax.model.attention.sparse_attention, v4jax.model.indexer.select_topk)
     PALLAS = "pallas"  # pallas_kernels.sparse_attention / lightning_indexer
 
 
@@ -86,10 +86,10 @@ class RunOptions:
       remat: what the backward pass recomputes in each scanned block (`Remat`).
       attention_impl: code behind the sparse attention core and the indexer top-k (`AttentionImpl`).
       moe_impl: code behind the routed experts' grouped SwiGLU (`MoEImpl`).
-      csa_dense: training stage switch (spec §4.8, §8.6): CSA layers attend to every visible
+      csa_dense: training stage switch (architecture.md §4.8, §8.2): CSA layers attend to every visible
         compressed entry, as HCA does, and skip the indexer's top-k (dense stage, indexer warm-up).
       indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its
-        KL loss and the KL trains nothing else (spec §8.6); no effect on the forward values.
+        KL loss and the KL trains nothing else (architecture.md §8.2); no effect on the forward values.
     """
 
     dtype: str = "float32"
@@ -164,7 +164,7 @@ def _refuse_options(changes: dict[str, Any]) -> None:
 class V4Config:
     """Every architectural value of a DeepSeek-V4 model.
 
-    Fields (spec §1.1 notation in brackets):
+    Fields (architecture.md §1.1 notation in brackets):
       vocab_size [V]; dim [d] hidden size; n_layers [L] main blocks (MTP not counted);
       n_heads [H]; head_dim [c] shared q/kv head width; rope_head_dim [r] RoPE dims at the end of a head;
       q_lora_rank [d_c] query latent; o_groups [g], o_lora_rank [d_g] grouped output projection;
@@ -174,10 +174,10 @@ class V4Config:
       index_n_heads [n_I], index_head_dim [c_I], index_topk [k_I] lightning indexer;
       n_routed_experts [E], n_shared_experts (must be 1), n_activated_experts [k], moe_inter_dim [I];
       score_func router affinity; route_scale routed-weight scale; swiglu_limit [L] clamp;
-      hc_mult [n_hc] residual streams; hc_sinkhorn_iters, hc_eps mHC (spec §3.2);
+      hc_mult [n_hc] residual streams; hc_sinkhorn_iters, hc_eps mHC (architecture.md §3.2);
       norm_eps every RMSNorm; rope_theta plain RoPE base (SWA layers); compress_rope_theta base of
-      CSA/HCA layers; rope_factor, original_seq_len, beta_fast, beta_slow YaRN (spec §1.3; factor 1
-      disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, spec §6);
+      CSA/HCA layers; rope_factor, original_seq_len, beta_fast, beta_slow YaRN (architecture.md §7; factor 1
+      disables it); max_seq_len positions supported; n_mtp_layers MTP depth (0 or 1, architecture.md §6);
       bos_token_id, eos_token_id carried through config.json.
     How the model runs (dtypes, kernels, chunk sizes, remat, csa_dense, indexer_detach) is not
     architecture: that is `RunOptions`.
@@ -244,7 +244,7 @@ class V4Config:
 
     @property
     def compress_ratios(self) -> tuple[int, ...]:
-        """Official-style per-layer ratios, MTP entries (always SWA, spec §6) appended."""
+        """Official-style per-layer ratios, MTP entries (always SWA, architecture.md §6) appended."""
         return tuple(self.compress_ratio(k) for k in self.layer_types) + (0,) * self.n_mtp_layers
 
     def replace(self, **changes: Any) -> "V4Config":
@@ -281,7 +281,7 @@ class V4Config:
              f"n_activated_experts ({self.n_activated_experts}) exceeds n_routed_experts ({self.n_routed_experts})")
         need(self.n_shared_experts == 1, f"n_shared_experts must be 1 (official code asserts it), got {self.n_shared_experts}")
         need(self.score_func in SCORE_FUNCS, f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
-        need(self.n_mtp_layers in (0, 1), f"n_mtp_layers must be 0 or 1 (spec §6: depth 1), got {self.n_mtp_layers}")
+        need(self.n_mtp_layers in (0, 1), f"n_mtp_layers must be 0 or 1 (architecture.md §6: depth 1), got {self.n_mtp_layers}")
         need(self.window_size <= self.max_seq_len, f"window_size ({self.window_size}) exceeds max_seq_len ({self.max_seq_len})")
         uses = set(self.layer_types)
         if AttentionKind.CSA in uses:
@@ -578,7 +578,7 @@ def _dtype_name(name: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets (spec §1.1, §1.2, §11)
+# Presets (architecture.md §1.1, §1.2, architecture.md §1.3)
 
 def _flash() -> V4Config:
     S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
@@ -605,7 +605,7 @@ def _pro() -> V4Config:
 
 
 def _tiny() -> V4Config:
-    """Spec §11: SWA+hash, CSA, HCA (ratio 16), CSA; MTP; YaRN ramp exercised (lo=0, hi=2)."""
+    """architecture.md §1.3: SWA+hash, CSA, HCA (ratio 16), CSA; MTP; YaRN ramp exercised (lo=0, hi=2)."""
     S, C, H = AttentionKind.SLIDING, AttentionKind.CSA, AttentionKind.HCA
     return V4Config(
         vocab_size=512, dim=128, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=16,

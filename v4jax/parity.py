@@ -7,16 +7,16 @@
 [B, S, V]), OUT/hidden_states.npy (float32 [L+1, B, S, hc_mult, d]: entry 0 the widened embedding,
 entry i the streams after layer i-1), OUT/final_hidden.npy ([B, S, d], after the hc head and the
 final norm) and, when the checkpoint has MTP weights, OUT/mtp_logits.npy ([B, S-1, V]).
-`dump --decode-from S0` also runs the inference cache (v4jax.generate): prefill the first S0 ids, then
+`dump --decode-from S0` also runs the inference cache (v4jax.inference.generate): prefill the first S0 ids, then
 feed the rest one token at a time (teacher forcing), and writes OUT/decode_logits.npy [B, S-S0+1, V]
 whose entry j is the logits at position S0-1+j (j = 0 from the prefill).
 `compare` prints max |a-b| and ||a-b|| / ||b|| for every array present in both folders and exits 1
 when any exceeds the tolerances or is present in one folder only (2 on unusable input). Another
 backend writes the same files to check itself against v4jax.
 
-The checkpoint is any form `v4jax.restore.load_model` reads (HF / release safetensors, a convert
+The checkpoint is any form `v4jax.io.restore.load_model` reads (HF / release safetensors, a convert
 output, a train.py run directory). OUT must be absent or empty unless `--overwrite`; the arrays are
-written to `OUT.partial` and renamed onto OUT when all are written (`v4jax.safe_io`).
+written to `OUT.partial` and renamed onto OUT when all are written (`v4jax.io.safe_io`).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
     import jax.numpy as jnp
     from flax import nnx
 
-    from v4jax.checkpoint import load_hf
-    from v4jax.restore import Kind, detect, load_model
-    from v4jax.safe_io import check_target
+    from v4jax.io.checkpoint import load_hf
+    from v4jax.io.restore import Kind, detect, load_model
+    from v4jax.io.safe_io import check_target
 
     check_target(out, overwrite=overwrite)  # before minutes of work, not after
     try:
@@ -83,7 +83,7 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
         arrays["mtp_logits"] = o.mtp_logits
     if decode_from is not None:
         arrays["decode_logits"] = decode_logits(model, ids, decode_from)
-    from v4jax.safe_io import staged
+    from v4jax.io.safe_io import staged
 
     result = {name: np.asarray(a, dtype=np.float32) for name, a in arrays.items()}
     with staged(out, overwrite=overwrite) as tmp:
@@ -98,8 +98,8 @@ def decode_logits(model, ids: np.ndarray, decode_from: int) -> np.ndarray:
     import jax.numpy as jnp
     from flax import nnx
 
-    from v4jax.cache import init_cache
-    from v4jax.generate import decode_step, prefill
+    from v4jax.model.cache import init_cache
+    from v4jax.inference.generate import decode_step, prefill
 
     B, S = ids.shape
     if not 1 <= decode_from <= S:

@@ -1,4 +1,4 @@
-"""DeepSeekMoE with sqrt(softplus) routing, hash routing and one shared expert (spec §5).
+"""DeepSeekMoE with sqrt(softplus) routing, hash routing and one shared expert (architecture.md §5).
 
 Routing is fp32. The selection bias (aux-loss-free balancing) only chooses experts; the combine
 weights are the unbiased affinities of the chosen experts, renormalised and scaled by route_scale.
@@ -18,13 +18,13 @@ from flax import nnx
 from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
 from pallas_kernels.moe_dispatch_reference import swiglu
-from v4jax import kernels
+from v4jax.model import kernels
 from v4jax.config import MoEImpl, RouterKind, RunOptions, V4Config
-from v4jax.layers import Buffer, Linear, param
+from v4jax.model.layers import Buffer, Linear, param
 
 
 def affinity(logits: jax.Array, score_func: str) -> jax.Array:
-    """s_e from router logits (fp32). sqrtsoftplus for V4 (spec §5.1 step 2)."""
+    """s_e from router logits (fp32). sqrtsoftplus for V4 (architecture.md §5.1 step 2)."""
     if score_func == "sqrtsoftplus":
         return jnp.sqrt(jax.nn.softplus(logits))
     if score_func == "sigmoid":
@@ -39,7 +39,7 @@ class Routing(NamedTuple):
 
 
 class RoutingStats(NamedTuple):
-    """Per-sequence routing statistics of one MoE layer: all the training loop needs (spec §5.4)."""
+    """Per-sequence routing statistics of one MoE layer: all the training loop needs (architecture.md §5.4)."""
 
     load: jax.Array  # [B, E] fp32: how many of the sequence's tokens chose each expert
     mean_affinity: jax.Array  # [B, E] fp32: P_e, the mean over tokens of s_e / sum_e' s_e'
@@ -57,8 +57,8 @@ class Gate(nnx.Module):
         E, k = cfg.n_routed_experts, cfg.n_activated_experts
         self.weight = Linear(cfg.dim, E, ("embed", "experts"), param_dtype=options.param_dtype, rngs=rngs)
         if kind is RouterKind.HASH:
-            # Frozen token -> k distinct experts table (spec §5.2). Released checkpoints ship theirs; a
-            # fresh model draws k distinct experts per token uniformly (generation undisclosed, §12.6).
+            # Frozen token -> k distinct experts table (architecture.md §5.2). Released checkpoints ship theirs; a
+            # fresh model draws k distinct experts per token uniformly (generation undisclosed, architecture.md §11.4).
             keys = jax.random.uniform(rngs.params(), (cfg.vocab_size, E))
             self.tid2eid = Buffer(jnp.argsort(keys, axis=-1)[:, :k].astype(jnp.int32), logical_axes=("vocab", None))
         else:

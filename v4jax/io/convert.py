@@ -1,7 +1,7 @@
 """Stream a DeepSeek-V4 checkpoint between the official release layout, transformers' safetensors and
 an Orbax (TensorStore) checkpoint keyed by canonical tensor name.
 
-    python -m v4jax.convert --from SRC --to OUT [--dtype bf16|fp32] [--format orbax|hf|official] [--overwrite]
+    python -m v4jax.io.convert --from SRC --to OUT [--dtype bf16|fp32] [--format orbax|hf|official] [--overwrite]
 
 Sources: a safetensors directory (official FP8/FP4 release, or an unquantised transformers save), an
 Orbax checkpoint written by this tool, or a `train.py` run directory (its newest checkpoint that
@@ -12,7 +12,7 @@ tensor's name and shape is checked against the model it describes before anythin
 
 OUT must be absent or empty, or `--overwrite` given: an existing checkpoint is never replaced by
 accident. Everything is written into the sibling `OUT.partial` and renamed onto OUT only once
-complete and verified (`v4jax.safe_io`). Targets:
+complete and verified (`v4jax.io.safe_io`). Targets:
 
 * `orbax`: `OUT/tensors` is one Orbax checkpoint whose tree is `{canonical name: array}` (flat, so
   it does not depend on the model's in-memory layout); FP8/FP4/BF16-class tensors are stored
@@ -23,7 +23,7 @@ complete and verified (`v4jax.safe_io`). Targets:
   re-reads every tensor and checks count, names, shapes, dtypes and checksums.
 * `hf`: unquantised safetensors under transformers' spelling (shards + index).
 * `official`: the release layout, re-quantised (byte-identical to the source release when that
-  release's scales are canonical, see `v4jax.quant`).
+  release's scales are canonical, see `v4jax.io.quant`).
   Safetensors targets are verified the same way (every written tensor re-read and checksummed) and
   marked complete in `OUT/conversion.json`; an interrupted one restarts from scratch.
 
@@ -47,12 +47,13 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from v4jax import official
-from v4jax.official import Format, ReleaseError, checksum
-from v4jax.safe_io import check_target, commit, is_staging, open_staging, staging_path
-from v4jax.tensorfile import DTYPES
+from v4jax.io.orbax_store import (MANIFEST, ConvertError, complete_manifest, load_numpy, orbax_v1,  # noqa: F401
+                                    read_json)
+from v4jax.io import official
+from v4jax.io.official import Format, ReleaseError, checksum
+from v4jax.io.safe_io import check_target, commit, is_staging, open_staging, staging_path
+from v4jax.io.tensorfile import DTYPES
 
-MANIFEST = "manifest.json"
 TENSORS = "tensors"
 DONE_MARKER = "conversion.json"
 CONFIG = "config.json"
@@ -60,19 +61,6 @@ TOKENIZER = "tokenizer.json"
 _FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 SOURCE_DTYPE = "source"  # the manifest's dtype entry when the BF16/FP8/FP4-class tensors keep several dtypes
-
-
-class ConvertError(ValueError):
-    """A conversion that cannot proceed: unusable source or target, or a failed verification."""
-
-
-def _ocp():
-    try:
-        from orbax.checkpoint import v1 as ocp
-        ocp.partial  # noqa: B018  (the partial-save API; older Orbax lacks it)
-    except (ImportError, AttributeError):
-        from orbax.checkpoint.experimental import v1 as ocp
-    return ocp
 
 
 def _bound_heap():
@@ -111,19 +99,6 @@ def _atomic_json(path: str, obj):
     os.replace(tmp, path)
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path} is not valid JSON: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: unreadable ({e})") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources: a list of (name, shape, dtype) known before any data is read, and a tensor iterator
-
 class _Source:
     kind: str
     specs: list[tuple[str, tuple[int, ...], np.dtype]]
@@ -143,7 +118,7 @@ class _SafetensorsSource(_Source):
         self.specs = [(e.name, e.shape, official.output_dtype(e.format, e.stored_dtype, self.dtypes[e.name]))
                       for e in self.entries]
         self.config_path = os.path.join(directory, CONFIG)
-        self.config = _read_json(self.config_path) if os.path.exists(self.config_path) else None
+        self.config = read_json(self.config_path) if os.path.exists(self.config_path) else None
 
     def tensors(self, skip=frozenset()):
         for e in self.entries:
@@ -167,8 +142,8 @@ class _TrainRunSource(_Source):
     kind = "train_run"
 
     def __init__(self, directory: str, dtype):
-        from v4jax.checkpoint import CheckpointError, canonical_name, hf_tensors
-        from v4jax.restore import load_model, train_run_steps
+        from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors
+        from v4jax.io.restore import load_model, train_run_steps
 
         errors = []
         for step in train_run_steps(directory) or [None]:
@@ -201,7 +176,7 @@ class _TrainRunSource(_Source):
 
 
 def _model_config(run_dir: str) -> dict:
-    from v4jax.restore import train_run_config, train_run_options
+    from v4jax.io.restore import train_run_config, train_run_options
     return train_run_config(run_dir).to_hf_dict(train_run_options(run_dir).param_dtype)  # the saved weights' dtype
 
 
@@ -209,32 +184,19 @@ class _OrbaxSource(_Source):
     kind = "orbax"
 
     def __init__(self, directory: str, batch_bytes: int):
-        self.manifest = _complete_manifest(directory)
+        self.manifest = complete_manifest(directory)
         self.path = os.path.join(directory, TENSORS)
         self.batch_bytes = batch_bytes
         self.specs = [(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in self.manifest["tensors"]]
         self.config_path = os.path.join(directory, CONFIG)
-        self.config = _read_json(self.config_path) if os.path.exists(self.config_path) else None
+        self.config = read_json(self.config_path) if os.path.exists(self.config_path) else None
 
     def tensors(self, skip=frozenset()):
         specs = [s for s in self.specs if s[0] not in skip]
         for batch in _batches(specs, self.batch_bytes):
-            arrays = _load_numpy(self.path, batch)
+            arrays = load_numpy(self.path, batch)
             for name, _, _ in batch:
                 yield name, arrays.pop(name)
-
-
-def _complete_manifest(directory: str) -> dict:
-    p = os.path.join(directory, MANIFEST)
-    if not os.path.exists(p):
-        raise ConvertError(f"{directory}: no {MANIFEST}; not a checkpoint written by v4jax.convert")
-    m = _read_json(p)
-    if m.get("format") != "v4jax-orbax":
-        raise ConvertError(f"{p}: not a v4jax Orbax manifest")
-    if not m.get("complete"):
-        raise ConvertError(f"{directory}: conversion is not complete (interrupted or failed verification); "
-                           f"run `python -m v4jax.convert` again to resume it")
-    return m
 
 
 def _open_source(src: str, dtype, batch_bytes: int) -> _Source:
@@ -281,9 +243,9 @@ def _check_against_config(source: _Source) -> None:
         return
     from flax import nnx
 
-    from v4jax.checkpoint import CheckpointError, check_names, check_tensor, hf_rules
+    from v4jax.io.checkpoint import CheckpointError, check_names, check_tensor, hf_rules
     from v4jax.config import ConfigError, V4Config
-    from v4jax.model import Transformer
+    from v4jax.model.transformer import Transformer
 
     try:
         cfg = V4Config.from_json_file(source.config_path)
@@ -321,15 +283,6 @@ def _batches(specs, batch_bytes: int):
         yield batch
 
 
-def _load_numpy(path: str, specs) -> dict[str, np.ndarray]:
-    """Restore a subset of the Orbax tree as host numpy arrays."""
-    ocp = _ocp()
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = True
-    with ctx:  # Orbax refuses relative paths
-        return dict(ocp.load(os.path.abspath(path), {n: np.empty(shape, dt) for n, shape, dt in specs}))
-
-
 # --------------------------------------------------------------------------------------------------
 # Orbax target (resumable)
 
@@ -346,7 +299,7 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
 
     own = os.path.join(dst, MANIFEST)
     if os.path.isfile(own) and not overwrite:
-        m = _read_json(own)
+        m = read_json(own)
         if not same(m):
             raise ConvertError(f"{dst} holds a{'' if m.get('complete') else 'n interrupted'} conversion of a "
                                f"different source or dtype; pass --overwrite to replace it or choose another target")
@@ -357,14 +310,14 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
     check_target(dst, overwrite=overwrite, error=ConvertError)
     work, partial = staging_path(dst), os.path.join(staging_path(dst), MANIFEST)
     resume = is_staging(work) and os.path.isfile(partial)
-    if resume and not same(_read_json(partial)):
+    if resume and not same(read_json(partial)):
         if not overwrite:
             raise ConvertError(f"{work} holds an interrupted conversion of a different source or dtype; rerun with "
                                f"the same --from and --dtype to finish it, or pass --overwrite to start over")
         resume = False
     work = open_staging(dst, resume=resume, error=ConvertError)
     if resume:
-        m = _read_json(partial)
+        m = read_json(partial)
     else:
         m = {"format": "v4jax-orbax", "version": _FORMAT_VERSION, "source": _source_id(source),
              "dtype": dtype_name, "compressed": compress, "batch_bytes": batch_bytes,
@@ -383,7 +336,7 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
 def _orbax_write(source: _Source, dst: str, m: dict, *, batch_bytes: int, progress: bool,
                  after_batch: Callable[[int], None] | None, compress: bool) -> dict:
     """Save the tensors the manifest `m` of directory `dst` lacks, finalize, verify, mark complete."""
-    ocp = _ocp()
+    ocp = orbax_v1()
     mpath, tpath = os.path.join(dst, MANIFEST), os.path.abspath(os.path.join(dst, TENSORS))
     by_name = {t["name"]: t for t in m["tensors"]}
     done = {t["name"] for t in m["tensors"] if t["crc32"] is not None}
@@ -434,7 +387,7 @@ def _orbax_write(source: _Source, dst: str, m: dict, *, batch_bytes: int, progre
                            + (f"; unexpected {extra[0]!r}" if extra else ""))
     vbar = _bar(len(by_name), progress, desc="verify")
     for batch in _batches([(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in m["tensors"]], batch_bytes):
-        arrays = _load_numpy(tpath, batch)
+        arrays = load_numpy(tpath, batch)
         for name, shape, dt in batch:
             a, t = arrays.pop(name), by_name[name]
             if tuple(a.shape) != shape or a.dtype != dt or checksum(a) != t["crc32"]:
@@ -462,11 +415,11 @@ def _bar(total: int, enabled: bool, initial: int = 0, desc: str = "convert"):
 
 def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int, progress: bool,
                     after_batch: Callable[[int], None] | None, overwrite: bool) -> dict:
-    from v4jax.tensorfile import TensorFile
+    from v4jax.io.tensorfile import TensorFile
 
     marker = os.path.join(dst, DONE_MARKER)
     if os.path.isfile(marker) and not overwrite:
-        done = _read_json(marker)
+        done = read_json(marker)
         if done.get("complete") and done.get("format") == fmt and done.get("source") == _source_id(source):
             return done
     check_target(dst, overwrite=overwrite, error=ConvertError)
@@ -490,7 +443,7 @@ def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int
     finally:
         bar.close()
     # verification pass: every written tensor re-read from disk and checksummed
-    index = _read_json(os.path.join(dst, "model.safetensors.index.json"))["weight_map"]
+    index = read_json(os.path.join(dst, "model.safetensors.index.json"))["weight_map"]
     if set(index) != set(writer.written):
         raise ConvertError(f"{dst}: verification failed: index lists {len(index)} tensors, wrote {len(writer.written)}")
     files = {}
@@ -558,7 +511,7 @@ def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
     sharding (each host reads only its shards). mesh without shardings: replicated on the mesh.
     Neither: host numpy arrays."""
     path = os.fspath(path)
-    m = _complete_manifest(path)
+    m = complete_manifest(path)
     specs = [(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in m["tensors"]]
     if cfg is not None:
         specs = _check_names(specs, cfg, path)
@@ -567,7 +520,7 @@ def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
         replicated = NamedSharding(mesh, PartitionSpec())
         shardings = lambda *_: replicated  # noqa: E731
     if shardings is None:
-        return _load_numpy(os.path.join(path, TENSORS), specs)
+        return load_numpy(os.path.join(path, TENSORS), specs)
     import jax
 
     def sharding_of(name, shape, dt):
@@ -577,7 +530,7 @@ def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
         return s
 
     abstract = {n: jax.ShapeDtypeStruct(s, d, sharding=sharding_of(n, s, d)) for n, s, d in specs}
-    ocp = _ocp()
+    ocp = orbax_v1()
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
@@ -587,8 +540,8 @@ def load_converted(path: str | os.PathLike, cfg=None, mesh=None,
 def _check_names(specs, cfg, path):
     from flax import nnx
 
-    from v4jax.checkpoint import check_names, hf_rules
-    from v4jax.model import Transformer
+    from v4jax.io.checkpoint import check_names, hf_rules
+    from v4jax.model.transformer import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     expected = {r.name for r in hf_rules(abstract)}
@@ -601,7 +554,7 @@ def _check_names(specs, cfg, path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m v4jax.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m v4jax.io.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="src", required=True, help="source directory (safetensors or v4jax Orbax)")
     p.add_argument("--to", dest="dst", required=True, help="target directory")
     p.add_argument("--format", default="orbax", choices=["orbax", "hf", "official"])

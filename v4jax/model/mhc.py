@@ -1,8 +1,8 @@
-"""Manifold-Constrained Hyper-Connections (spec §3).
+"""Manifold-Constrained Hyper-Connections (architecture.md §3).
 
 The residual state of a token is `n_hc` streams `X: [n_hc, d]`. Around each sublayer one mHC unit
 computes, from the streams themselves, a collapse `pre`, an expand `post` and a doubly stochastic
-mixing `comb` (Sinkhorn–Knopp); all coefficient arithmetic is fp32 (spec §3.2).
+mixing `comb` (Sinkhorn–Knopp); all coefficient arithmetic is fp32 (architecture.md §3.2).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.config import V4Config
-from v4jax.layers import param, rms_normalize
+from v4jax.model.layers import param, rms_normalize
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
-    """Spec §3.2 step 8, exactly as the official code: row softmax + eps, then column normalise,
+    """architecture.md §3.2 step 8, exactly as the official code: row softmax + eps, then column normalise,
     then (iters - 1) x (row normalise, column normalise). logits: [..., n_hc, n_hc] fp32."""
     m = jax.nn.softmax(logits, axis=-1) + eps
     m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
@@ -29,7 +29,7 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def _mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """mu = Phi . RMSNorm_noweight(vec(X)) in fp32 (spec §3.2 steps 1-3). streams [B,T,n_hc,d]."""
+    """mu = Phi . RMSNorm_noweight(vec(X)) in fp32 (architecture.md §3.2 steps 1-3). streams [B,T,n_hc,d]."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)  # [B, T, n_hc*d], stream-major
     return jnp.einsum("btk,mk->btm", rms_normalize(flat, eps), fn.astype(jnp.float32))
 
@@ -41,12 +41,12 @@ class HyperConnection(nnx.Module):
         n, mix = cfg.hc_mult, (2 + cfg.hc_mult) * cfg.hc_mult
         self.fn = param(rngs, (mix, n * cfg.dim), ("hc_mix", "hc_embed"), jnp.float32)  # Phi, always fp32
         self.base = param(rngs, (mix,), ("hc_mix",), jnp.float32, init="zeros")  # beta
-        # alpha: the report says the gating factors start small (spec §3.6); HF uses 1.
+        # alpha: the report says the gating factors start small (architecture.md §11.3); HF uses 1.
         self.scale = nnx.Param(jnp.full((3,), 0.01, jnp.float32), logical_axes=(None,))
         self.n_hc, self.iters, self.hc_eps, self.norm_eps = n, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
 
     def coefficients(self, streams: jax.Array):
-        """pre, post: [B, T, n_hc]; comb: [B, T, n_hc(src), n_hc(dst)]; all fp32 (spec §3.2 steps 4-8)."""
+        """pre, post: [B, T, n_hc]; comb: [B, T, n_hc(src), n_hc(dst)]; all fp32 (architecture.md §3.2 steps 4-8)."""
         n = self.n_hc
         mu = _mixes(streams, self.fn[...], self.norm_eps)  # [B, T, (2+n)n]
         beta, alpha = self.base[...], self.scale[...]
@@ -56,7 +56,7 @@ class HyperConnection(nnx.Module):
         return pre, post, sinkhorn(comb_logits, self.iters, self.hc_eps)
 
     def hc_pre(self, streams: jax.Array):
-        """Collapse u = sum_j pre_j X_j in fp32 from the un-normalised streams (spec §3.3).
+        """Collapse u = sum_j pre_j X_j in fp32 from the un-normalised streams (architecture.md §3.3).
         Returns (u [B,T,d] in the stream dtype, post, comb)."""
         pre, post, comb = self.coefficients(streams)
         u = jnp.einsum("btj,btjd->btd", pre, streams.astype(jnp.float32))
@@ -64,13 +64,13 @@ class HyperConnection(nnx.Module):
 
     @staticmethod
     def hc_post(y: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
-        """X'_k = post_k y + sum_j comb[j, k] X_j (spec §3.3: comb applied transposed). [B,T,n_hc,d]."""
+        """X'_k = post_k y + sum_j comb[j, k] X_j (architecture.md §3.3: comb applied transposed). [B,T,n_hc,d]."""
         mixed = jnp.einsum("btjk,btjd->btkd", comb, streams.astype(jnp.float32))
         return (post[..., None] * y.astype(jnp.float32)[..., None, :] + mixed).astype(streams.dtype)
 
 
 class HyperHead(nnx.Module):
-    """Final stream merge before the last RMSNorm (spec §3.5): h = sum_j (sigmoid(a mu_j + b_j) + eps) X_j."""
+    """Final stream merge before the last RMSNorm (architecture.md §3.4): h = sum_j (sigmoid(a mu_j + b_j) + eps) X_j."""
 
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs):
         n = cfg.hc_mult

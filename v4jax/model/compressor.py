@@ -1,4 +1,4 @@
-"""Token-level KV compressor (spec §4.3).
+"""Token-level KV compressor (architecture.md §4.3).
 
 Every `m` tokens become one compressed entry: a per-channel softmax over the window's gate logits
 (plus a learned position bias `ape`) weighting the window's values. CSA's compressor overlaps: entry
@@ -6,7 +6,7 @@ i pools its own window (channels [c, 2c)) and the previous window (channels [0, 
 HCA's does not. All compressor arithmetic is fp32; the entry is RMS-normalised, cast to the compute
 dtype and rotated (RoPE at position m*i, the layer's table).
 
-One computation serves every call (spec §4.7): the tokens of the windows still open in the state
+One computation serves every call (architecture.md §4.7): the tokens of the windows still open in the state
 (none without a state) followed by the new tokens form whole windows; each window completed by a
 new token is pooled. Without a state the call covers positions 0..T-1 and returns its T // m entries;
 with one, the completed entries are written into the state's entry buffer (the entry completed by
@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.layers import Linear, RMSNorm, param
-from v4jax.rope import apply_rope
+from v4jax.model.layers import Linear, RMSNorm, param
+from v4jax.model.rope import apply_rope
 
 
 class CompressorState(NamedTuple):
-    """A compressor's cache for B sequences (spec §4.7). kappa = 2 (CSA, overlapping) or 1 (HCA)."""
+    """A compressor's cache for B sequences (architecture.md §4.7). kappa = 2 (CSA, overlapping) or 1 (HCA)."""
 
     values: jax.Array  # [B, kappa m, kappa c] fp32 ring: per-token values, slot = position mod kappa m
     logits: jax.Array  # [B, kappa m, kappa c] fp32 ring: gate logits + ape, -inf where no token
@@ -37,7 +37,7 @@ class CompressorState(NamedTuple):
 class Compressor(nnx.Module):
     """[B, T, d] -> compressed entries. ratio m; width c (head_dim for attention, index_head_dim for
     the indexer); overlap=True for CSA. Only complete windows produce entries (a trailing partial
-    window waits in the state, or is dropped without one, spec §4.3)."""
+    window waits in the state, or is dropped without one, architecture.md §4.3)."""
 
     def __init__(self, dim: int, width: int, ratio: int, overlap: bool, norm_eps: float, *, param_dtype,
                  rngs: nnx.Rngs):

@@ -1,4 +1,4 @@
-"""Training losses (spec §5.4, §6, §8.6) and the aux-loss-free selection-bias update.
+"""Training losses (architecture.md §5.4, §6, architecture.md §8.2) and the aux-loss-free selection-bias update.
 
 All in fp32. Shapes: logits [B, T, V]; targets [B, T]; RoutingStats load / mean_affinity [L, B, E]
 (main layers) or [B, E] (MTP block).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.moe import RoutingStats
+from v4jax.model.moe import RoutingStats
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -21,12 +21,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def mtp_cross_entropy(mtp_logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """MTP loss (spec §6): mtp_logits[:, t] (t < T-1) predicts token t+2 = targets[:, t+1]."""
+    """MTP loss (architecture.md §6): mtp_logits[:, t] (t < T-1) predicts token t+2 = targets[:, t+1]."""
     return cross_entropy(mtp_logits, targets[:, 1:])
 
 
 def balance_loss(stats: RoutingStats, n_activated: int, seq_len: int) -> jax.Array:
-    """Sequence-wise balance loss (spec §5.4) without alpha: sum over layers of the mean over
+    """Sequence-wise balance loss (architecture.md §5.4) without alpha: sum over layers of the mean over
     sequences of sum_e f_e P_e, f_e = E/(k T) * load_e. Only P_e carries a gradient (the load is a
     count of top-k choices). Works for [L, B, E] and [B, E] stats."""
     E = stats.load.shape[-1]
@@ -36,7 +36,7 @@ def balance_loss(stats: RoutingStats, n_activated: int, seq_len: int) -> jax.Arr
 
 
 def bias_update(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
-    """Aux-loss-free balancing (spec §5.4): b_e += speed if expert e got fewer tokens than the
+    """Aux-loss-free balancing (architecture.md §5.4): b_e += speed if expert e got fewer tokens than the
     mean, -= speed if more. bias [..., E]; load [..., E] (tokens per expert over the whole batch)."""
     mean = jnp.mean(load, axis=-1, keepdims=True)
     return bias + speed * jnp.sign(mean - load).astype(bias.dtype)
@@ -49,7 +49,7 @@ def imbalance(load: jax.Array) -> jax.Array:
 
 def indexer_kl_loss(attention_mass: jax.Array, index_scores: jax.Array, valid: jax.Array,
                     selected: jax.Array | None = None) -> jax.Array:
-    """Lightning-indexer training loss (spec §8.6, V3.2 recipe adapted to compressed entries).
+    """Lightning-indexer training loss (architecture.md §8.2, V3.2 recipe adapted to compressed entries).
 
     Shapes [..., B, T, K] with any leading (layer) axes; K indexes candidate entries: the top-k set of
     each query (sparse stage) or every compressed entry (dense stage), see `indexer.IndexerTraces`.

@@ -1,4 +1,4 @@
-"""Interleaved partial RoPE with the YaRN table (spec §1.3).
+"""Interleaved partial RoPE with the YaRN table (architecture.md §7).
 
 Pairs (2i, 2i+1) of the last `rope_head_dim` channels form one complex number. SWA-only layers use
 plain RoPE at `rope_theta`; CSA/HCA layers use `compress_rope_theta` with YaRN (no mscale anywhere).
@@ -26,7 +26,7 @@ def inv_frequencies(cfg: V4Config, kind: AttentionKind) -> np.ndarray:
         return base
     lo, hi = yarn_correction_range(cfg.beta_fast, cfg.beta_slow, r, theta, cfg.original_seq_len)
     if lo == hi:
-        hi += 0.001  # spec §1.3: avoid a zero-width ramp
+        hi += 0.001  # architecture.md §7: avoid a zero-width ramp
     ramp = np.clip((np.arange(r // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
     return (base / cfg.rope_factor * ramp + base * (1 - ramp)).astype(np.float32)
 
@@ -44,7 +44,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, inverse
     """Rotate the last 2*len(inv_freq) channels of x (interleaved pairs) by position * inv_freq.
 
     x: [..., c]; positions: int array broadcastable against x.shape[:-1] (e.g. [T] for [B, T, c],
-    [T, 1] for [B, T, H, c]). inverse=True applies the conjugate rotation (output de-rotation, §4.5).
+    [T, 1] for [B, T, H, c]). inverse=True applies the conjugate rotation (output de-rotation, architecture.md §4.5).
     """
     r = 2 * inv_freq.shape[0]
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., r/2]

@@ -1,14 +1,14 @@
 """The training loop behind `train.py`: configuration, the jitted step, checkpoints, metrics.
 
 State (one pytree, checkpointed whole): params and buffers as flat `{dotted path: array}` dicts
-(fp32 master weights, spec §8.5), the optimiser state (fp32), the step and an RNG key; the data
+(fp32 master weights, architecture.md §8.6), the optimiser state (fp32), the step and an RNG key; the data
 iterator's (epoch, batch) and a per-parameter fingerprint travel beside it as JSON, and a sha256
 manifest of every file, written last, lets restore detect any corruption.
 
 One step (`make_step`): for each of grad_accum micro-batches, forward in options.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
-(outside the gradient, spec §5.4). A non-finite loss, gradient norm or new state keeps the old state
+(outside the gradient, architecture.md §5.4). A non-finite loss, gradient norm or new state keeps the old state
 (the step is skipped and reported); `max_bad_steps` in a row stop the run.
 """
 
@@ -39,13 +39,13 @@ from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global, state_shardings
 from sharding.rules import get_rules, parse_overrides
-from v4jax import losses
+from v4jax.train import losses
 from v4jax.config import OPTION_FIELDS, AttentionKind, RouterKind, RunOptions, V4Config, split_options, stage_units
-from v4jax.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
+from v4jax.train.data import (DataError, GrainBatches, IteratorState, PackedBatches, make_tokenizer, pack_tokens,
                         resolve_files)
-from v4jax.layers import Buffer
-from v4jax.model import Transformer
-from v4jax.optim import (OptimConfig, Schedule, flat_params, logical_axes, make_optimizer, split_params,
+from v4jax.model.layers import Buffer
+from v4jax.model.transformer import Transformer
+from v4jax.train.optim import (OptimConfig, Schedule, flat_params, logical_axes, make_optimizer, split_params,
                          unflat_params)
 
 BATCH_AXES = ("batch", None, "seq")  # [batch, grad_accum, seq_len + 1] (data_sharding wants batch first)
@@ -78,8 +78,8 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate (spec: 2.7e-4 at scale)
     final_lr: float = 3e-4
     warmup_steps: int = 20
-    decay_steps: int = 60  # cosine decay over the last decay_steps (MTP weight drops then, spec §6)
-    # optimiser settings (spec §8); the defaults are OptimConfig's, one source for both
+    decay_steps: int = 60  # cosine decay over the last decay_steps (MTP weight drops then, architecture.md §6)
+    # optimiser settings (architecture.md §8); the defaults are OptimConfig's, one source for both
     adam_b1: float = OptimConfig.adam_b1
     adam_b2: float = OptimConfig.adam_b2
     adam_eps: float = OptimConfig.adam_eps
@@ -90,10 +90,10 @@ class TrainConfig:
     clip_norm: float = OptimConfig.clip_norm
     mtp_weight: float = 0.3
     mtp_weight_decay_phase: float = 0.1
-    balance_alpha: float = 1e-4  # sequence-wise balance loss weight (spec §5.4)
-    balance_hash_layers: bool = False  # whether hash-routed layers join the balance loss (spec §12.6)
-    bias_update_speed: float = 1e-3  # aux-loss-free bias speed gamma (spec §5.4)
-    indexer_loss_weight: float = 1.0  # lightning-indexer KL (spec §8.6); 0 = indexers untrained, no traces
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight (architecture.md §5.4)
+    balance_hash_layers: bool = False  # whether hash-routed layers join the balance loss (architecture.md §11.5)
+    bias_update_speed: float = 1e-3  # aux-loss-free bias speed gamma (architecture.md §5.4)
+    indexer_loss_weight: float = 1.0  # lightning-indexer KL (architecture.md §8.2); 0 = indexers untrained, no traces
     # (model.csa_dense=true: dense CSA attention, the KL over all visible entries = the warm-up stage)
     seed: int = 0  # parameter init and RNG
     run_dir: str = "runs/tiny"
@@ -138,7 +138,7 @@ class TrainConfig:
         except (TypeError, AttributeError) as e:
             raise ValueError(f"model settings {self.model}: {e}") from None
         if options.param_dtype != "float32":
-            raise ValueError(f"model.param_dtype must be float32 for training (fp32 master weights, spec §8.5), "
+            raise ValueError(f"model.param_dtype must be float32 for training (fp32 master weights, architecture.md §8.6), "
                              f"got {options.param_dtype!r}")
         return options
 
@@ -340,7 +340,7 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
             bal = bal + losses.balance_loss(out.mtp_routing, cfg.n_activated_experts, T - 1)
         parts["balance"] = bal
         total = total + tc.balance_alpha * bal
-        if out.indexer is not None:  # CSA layers' KL (spec §8.6); trains only the indexers (indexer_detach)
+        if out.indexer is not None:  # CSA layers' KL (architecture.md §8.2); trains only the indexers (indexer_detach)
             parts["indexer"] = losses.indexer_kl_loss(*out.indexer)
             total = total + tc.indexer_loss_weight * parts["indexer"]
         total = total * jnp.where(hyper["nan"], jnp.nan, 1.0)  # testing hook (nan_steps): loss and grads NaN

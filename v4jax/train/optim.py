@@ -1,20 +1,20 @@
-"""The optimiser of spec §8: Muon for matrices, AdamW for the rest, one learning-rate schedule.
+"""The optimiser of architecture.md §8: Muon for matrices, AdamW for the rest, one learning-rate schedule.
 
 Parameters travel through training as a flat dict `{dotted path: array}` (see `flat_params`), so the
 split, the optimiser state and the checkpoints are all keyed by the same names.
 
-Split (spec §8.1):
+Split (architecture.md §8.3):
   AdamW (beta 0.9/0.95, eps 1e-20, weight decay 0.1): the embedding, the LM head, every RMSNorm weight,
-    the mHC static biases and gates (`*.base`, `*.scale`), and (spec leaves these open, §12.7) the
+    the mHC static biases and gates (`*.base`, `*.scale`), and (spec leaves these open, architecture.md §11.6) the
     attention sinks and the compressor position tables `ape` (a positional bias, not a projection).
     Weight decay applies to the 2-D tables (embedding, head, ape) only: decaying norm gains and mHC
     gates towards zero is not what the report's "weight decay 0.1" is about (a choice; see docs).
   Muon: every other parameter. The matrix is a parameter's last two axes; the axes before them must
     be "layers" (scanned stacks), "experts" (each expert's w1/w2/w3 on its own) or "o_groups" (the
     grouped output projection as g separate blocks): one Newton–Schulz orthogonalisation per matrix.
-    The router [d, E] is one matrix; `hc_*_fn` is one [24, n_hc*d] matrix (spec §12.7 leaves both open).
+    The router [d, E] is one matrix; `hc_*_fn` is one [24, n_hc*d] matrix (architecture.md §11.6 leaves both open).
 
-Muon (spec §8.2, report Algorithm 1), per matrix W [n, m] with gradient G:
+Muon (architecture.md §8.4, report Algorithm 1), per matrix W [n, m] with gradient G:
   M <- mu M + G;  O' = HybridNS(mu M + G);  O = O' sqrt(max(n, m)) gamma;  W <- W (1 - lr wd) - lr O.
 HybridNS: X0 = M / (|M|_F + eps), ten steps X <- a X + b (X X^T) X + c (X X^T)^2 X, (a, b, c) =
 (3.4445, -4.7750, 2.0315) for steps 1-8 and (2, -1.5, 0.5) for steps 9-10; wide side kept as columns
@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2  # spec §8.2, ten steps
+NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2  # architecture.md §8.4, ten steps
 BATCH_AXES = ("layers", "experts", "o_groups")  # logical axes Muon treats as independent matrices
-ADAMW_NAMES = ("embed.embedding", "head.kernel")  # top-level tables always on AdamW (spec §8.1)
+ADAMW_NAMES = ("embed.embedding", "head.kernel")  # top-level tables always on AdamW (architecture.md §8.3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class ParamGroup:
 
 
 def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
-    """{name: ParamGroup} from each parameter's logical axes and name (spec §8.1, see module doc)."""
+    """{name: ParamGroup} from each parameter's logical axes and name (architecture.md §8.3, see module doc)."""
     groups = {}
     for name, ax in axes.items():
         leaf = name.rsplit(".", 1)[-1]
@@ -100,7 +100,7 @@ def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
 # Muon
 
 def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtype=jnp.float32) -> jax.Array:
-    """Approximately orthogonalise one matrix [n, m] (spec §8.2); matmuls in `dtype` (fp32 or bf16)."""
+    """Approximately orthogonalise one matrix [n, m] (architecture.md §8.4); matmuls in `dtype` (fp32 or bf16)."""
     wide = m.shape[0] <= m.shape[1]
     x = (m if wide else m.T).astype(jnp.float32)
     x = (x / (jnp.linalg.norm(x) + eps)).astype(dtype)
@@ -174,7 +174,7 @@ def scale_by_muon(batch_dims: dict[str, tuple[int, ...]], momentum: float = 0.95
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Linear warm-up to `peak`, constant, then cosine decay to `final` over the last `decay_steps`
-    (spec §8.3 shape). The MTP loss weight drops from 0.3 to 0.1 when the decay starts (spec §6)."""
+    (architecture.md §8.5 shape). The MTP loss weight drops from 0.3 to 0.1 when the decay starts (architecture.md §6)."""
 
     peak: float
     final: float
@@ -242,7 +242,7 @@ def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, o
 
 def clip_group(name: str) -> str:
     """Which gradients are clipped together. The lightning indexers learn only from their KL loss
-    and everything else only from the LM losses (spec §8.6, with indexer_detach), so each side has
+    and everything else only from the LM losses (architecture.md §8.2, with indexer_detach), so each side has
     its own global norm: a large KL gradient must not shrink the step's LM update, or vice versa."""
     return "indexer" if ".indexer." in f".{name}." else "model"
 

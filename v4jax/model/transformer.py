@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 transformer (spec §2), its block, and the MTP block (spec §6).
+"""The DeepSeek-V4 transformer (architecture.md §2), its block, and the MTP block (architecture.md §6).
 
 Data flow: token embedding -> copied into n_hc streams -> L blocks (each: mHC around attention,
 mHC around MoE; consecutive repeats of the layer schedule's period are scanned, see `Stage`) -> hc
@@ -7,7 +7,7 @@ streams and the next token's embedding and predicts the token after it.
 
 One forward for training, prefill and decode: `Transformer(tokens)` is the stateless call over
 positions 0..T-1; `Transformer(tokens, cache=cache)` feeds the tokens at each sequence's own position
-(`cache.lengths`) through the same layers, which read and update their part of the cache (spec §4.7).
+(`cache.lengths`) through the same layers, which read and update their part of the cache (architecture.md §4.7).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sharding.context import constrain
-from v4jax.attention import Attention, AttentionState
-from v4jax.cache import Cache
+from v4jax.model.attention import Attention, AttentionState
+from v4jax.model.cache import Cache
 from v4jax.config import AttentionKind, Remat, RouterKind, RunOptions, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
-from v4jax.indexer import IndexerTraces
-from v4jax.layers import Embed, Linear, RMSNorm
-from v4jax.mhc import HyperConnection, HyperHead
-from v4jax.moe import MoE, RoutingStats, routing_stats
+from v4jax.model.indexer import IndexerTraces
+from v4jax.model.layers import Embed, Linear, RMSNorm
+from v4jax.model.mhc import HyperConnection, HyperHead
+from v4jax.model.moe import MoE, RoutingStats, routing_stats
 
 TOKENS = ("batch", "seq")
 STREAMS = ("batch", "seq", "act_hc", "act_embed")
@@ -45,7 +45,7 @@ class ModelOutput(NamedTuple):
 
 
 class Block(nnx.Module):
-    """One V4 block (spec §2.2); the attention variant and router kind are the only differences."""
+    """One V4 block (architecture.md §2.3); the attention variant and router kind are the only differences."""
 
     def __init__(self, cfg: V4Config, attention: AttentionKind, router: RouterKind, *, rngs: nnx.Rngs,
                  options: RunOptions = RunOptions()):
@@ -127,7 +127,7 @@ class Stage(nnx.Module):
 
 
 class MTPBlock(nnx.Module):
-    """Multi-token prediction, depth 1 (spec §6): an SWA block with a learned router."""
+    """Multi-token prediction, depth 1 (architecture.md §6): an SWA block with a learned router."""
 
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         pd = options.param_dtype
@@ -180,8 +180,7 @@ class Transformer(nnx.Module):
         cache; decode: T = 1; speculative verification: T = 2); n_valid [B] (default T) real tokens per
         row, the rest right padding that never enters the cache; returns the updated cache and the last
         block's streams, no MTP logits (`draft` runs the MTP block with its own cache).
-        return_indexer_traces: also return what the indexer's KL loss needs (ModelOutput.indexer, spec
-        §8.6); the logits are the same either way."""
+        return_indexer_traces: also return what the indexer's KL loss needs (ModelOutput.indexer, architecture.md §8.2); the logits are the same either way."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
         B, T = tokens.shape

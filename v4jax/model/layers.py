@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INIT_STD = 0.02  # N(0, 0.02) for matrices (HF transformers' initializer_range; spec §3.6, §12.5)
+INIT_STD = 0.02  # N(0, 0.02) for matrices (HF transformers' initializer_range; architecture.md §11.3)
 
 
 class Buffer(nnx.Variable):
-    """Non-trainable state read by the forward pass: the hash routing table (spec §5.2) and the
-    aux-loss-free selection bias (spec §5.4, updated outside the gradient)."""
+    """Non-trainable state read by the forward pass: the hash routing table (architecture.md §5.2) and the
+    aux-loss-free selection bias (architecture.md §5.4, updated outside the gradient)."""
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
@@ -51,7 +51,7 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """Weighted RMSNorm; statistics and the weight product in fp32, cast back to the input dtype.
     The weight is stored in fp32 whatever the parameter dtype (as HF keeps it; bf16 weights load
-    exactly), so the arithmetic the spec puts in fp32 (§1.4) sees the checkpoint's values."""
+    exactly), so the arithmetic kept in fp32 (architecture.md §10.2) sees the checkpoint's values."""
 
     def __init__(self, dim: int, eps: float, axis_name: str, *, rngs: nnx.Rngs):
         self.weight = param(rngs, (dim,), (axis_name,), jnp.float32, init="ones")

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype
-from v4jax.tensorfile import TensorFileError, open_directory, write_sharded
+from v4jax.io.tensorfile import TensorFileError, open_directory, write_sharded
 
 
 class CheckpointError(ValueError):
@@ -215,7 +215,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     dtype / param_dtype override its compute / storage dtypes.
     mtp: True requires MTP tensors, False ignores them, None loads them when present.
     """
-    from v4jax.model import Transformer  # local import: the model module imports nothing from here
+    from v4jax.model.transformer import Transformer  # local import: the model module imports nothing from here
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -312,8 +312,8 @@ def save_hf(model, directory: str | os.PathLike, *, info: LoadInfo | None = None
     """Write config.json and the safetensors shards (+ index when sharded). Refuses a non-empty
     directory unless overwrite=True, so an existing checkpoint is never clobbered by accident; the
     files are written into `DIR.partial` and renamed onto DIR only when all are written, so an
-    interrupted save leaves DIR as it was (`v4jax.safe_io`). overwrite=True replaces DIR as a whole."""
-    from v4jax.safe_io import staged
+    interrupted save leaves DIR as it was (`v4jax.io.safe_io`). overwrite=True replaces DIR as a whole."""
+    from v4jax.io.safe_io import staged
 
     with staged(directory, overwrite=overwrite, error=CheckpointError, flag="overwrite=True") as tmp:
         tensors = hf_tensors(model, info)

@@ -3,12 +3,12 @@ MTP speculation.
 
 The model's forward with a cache (`Transformer(tokens, cache=...)`) feeds T new tokens per sequence at
 each sequence's own position (`cache.lengths`); it gives the same logits as the stateless forward
-(spec §4.6: prefill of T tokens == prefill of T0 + decode steps). Sequences of a batch may hold
+(architecture.md §4.6: prefill of T tokens == prefill of T0 + decode steps). Sequences of a batch may hold
 different lengths; `n_valid` [B] says how many of the T new tokens of each row are real: the rest
 (right padding) are computed but never enter a ring, a compressor window or `lengths`, and a causal
 model never lets them change a real token's output.
 
-Speculative decoding (spec §6): the MTP block drafts token t+2 from the last main block's streams at
+Speculative decoding (architecture.md §6): the MTP block drafts token t+2 from the last main block's streams at
 t and the embedding of token t+1; the main model verifies [pending, draft] in one call of T = 2. A
 rejected draft is rolled back by not advancing `lengths`: its KV went to window slot (p+1) mod W and
 compressor slot (p+1) mod kappa*m, which held positions p+1-W and p+1-kappa*m, that no later query
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.cache import Cache, init_cache
+from v4jax.model.cache import Cache, init_cache
 
 def decode_step(model, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
     """One token per sequence: tokens [B, 1] -> (logits [B, 1, V] fp32, cache). Pure, jit-friendly."""

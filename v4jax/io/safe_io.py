@@ -1,6 +1,6 @@
 """Output directories that never destroy what a user owns.
 
-Every v4jax writer (`python -m v4jax.convert` in each format, `checkpoint.save_hf`, infer.py
+Every v4jax writer (`python -m v4jax.io.convert` in each format, `checkpoint.save_hf`, infer.py
 `--write-random-checkpoint`, `python -m v4jax.parity dump --out`) goes through this module:
 
 * `check_target`: the target must be absent or an empty directory, unless the caller was told to

@@ -4,8 +4,8 @@ Three directory forms, told apart by their contents (`detect`):
 
   SAFETENSORS  config.json + *.safetensors: an HF-format directory (transformers' save or the Hub
                spelling) or the official release layout with FP8/FP4 block-scaled weights
-               (de-quantised on read, spec §1.4; `v4jax.official.scan_release` indexes both).
-  CONVERTED    `python -m v4jax.convert` output: manifest.json + tensors/ (Orbax, canonical names).
+               (de-quantised on read, architecture.md §9; `v4jax.io.official.scan_release` indexes both).
+  CONVERTED    `python -m v4jax.io.convert` output: manifest.json + tensors/ (Orbax, canonical names).
   TRAIN_RUN    a `train.py` run directory (config.json + checkpoints/<step>/), or one step directory
                inside it: the newest complete step (or `step=`) is read, parameters and buffers only.
 
@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
+from v4jax.io.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
+from v4jax.io.orbax_store import ConvertError, complete_manifest, load_numpy
 
 
 class Kind(enum.Enum):
@@ -58,7 +59,7 @@ def detect(path: str | os.PathLike) -> Kind:
     if any(n.endswith(".safetensors") for n in names):
         return Kind.SAFETENSORS
     raise CheckpointError(f"{path} is not a checkpoint v4jax reads: expected config.json + *.safetensors "
-                          "(HF or official release), a `python -m v4jax.convert` output (manifest.json), or a "
+                          "(HF or official release), a `python -m v4jax.io.convert` output (manifest.json), or a "
                           "train.py run directory (checkpoints/)")
 
 
@@ -75,7 +76,7 @@ class TensorSource:
 
 class SafetensorsSource(TensorSource):
     def __init__(self, directory: str):
-        from v4jax.official import ReleaseError, output_dtype, scan_release
+        from v4jax.io.official import ReleaseError, output_dtype, scan_release
 
         try:
             self.entries = {e.name: e for e in scan_release(directory)}
@@ -85,24 +86,21 @@ class SafetensorsSource(TensorSource):
                       for n, e in self.entries.items()}
 
     def read(self, names):
-        from v4jax.official import read_tensor
+        from v4jax.io.official import read_tensor
         return {n: read_tensor(self.entries[n], np.float32) for n in names}
 
 
 class ConvertedSource(TensorSource):
     def __init__(self, directory: str):
-        from v4jax.convert import ConvertError, _complete_manifest
-
         try:
-            manifest = _complete_manifest(directory)
+            manifest = complete_manifest(directory)
         except ConvertError as e:
             raise CheckpointError(str(e)) from None
         self.path = os.path.join(directory, "tensors")
         self.specs = {t["name"]: (tuple(t["shape"]), np.dtype(t["dtype"])) for t in manifest["tensors"]}
 
     def read(self, names):
-        from v4jax.convert import _load_numpy
-        return _load_numpy(self.path, [(n, *self.specs[n]) for n in names])
+        return load_numpy(self.path, [(n, *self.specs[n]) for n in names])
 
 
 def _read_batches(source: TensorSource, names: list[str], batch_bytes: int) -> Iterable[tuple[str, np.ndarray]]:
@@ -175,7 +173,7 @@ def assemble(cfg: V4Config, source: TensorSource, *, mesh=None, rules=None, wher
     """Build a Transformer for `cfg` (run with `options`) from per-layer tensors, one variable at a
     time; with a mesh and an AxisRules table every variable is created in the layout the table gives."""
     from sharding.partition import state_shardings
-    from v4jax.model import Transformer
+    from v4jax.model.transformer import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, state = nnx.split(abstract)
@@ -267,10 +265,10 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sharding.partition import state_shardings
-    from v4jax.layers import Buffer
-    from v4jax.model import Transformer
-    from v4jax.optim import flat_params, unflat_params
-    from v4jax.train_loop import _fingerprint
+    from v4jax.model.layers import Buffer
+    from v4jax.model.transformer import Transformer
+    from v4jax.train.optim import flat_params, unflat_params
+    from v4jax.train.loop import _fingerprint
 
     step_dir, run = _train_step_dir(os.fspath(path), step)
     stored_cfg, stored_options = train_run_config(run), train_run_options(run)

@@ -1,14 +1,14 @@
-"""The official DeepSeek-V4 release layout: which tensor is FP8 / FP4 / BF16 / FP32 (spec §1.4),
+"""The official DeepSeek-V4 release layout: which tensor is FP8 / FP4 / BF16 / FP32 (architecture.md §9),
 a streaming reader that yields de-quantised tensors, and a streaming writer of that layout.
 
 Names. The release stores every tensor under its official name, which is our canonical name
 (`layers.3.attn.wq_a.weight`, `layers.3.ffn.experts.7.w1.weight`, `mtp.0.e_proj.weight`); an FP8 or
 FP4 weight `X.weight` comes with its UE8M0 scales `X.scale`. transformers' `save_pretrained` writes the
-same tensors with a `model.` prefix and a few module names; `v4jax.checkpoint.canonical_name` /
+same tensors with a `model.` prefix and a few module names; `v4jax.io.checkpoint.canonical_name` /
 `transformers_name` map between the two spellings and are the only name table (re-exported here as
 `official_name` / `hf_name`). The reader accepts either spelling.
 
-Storage formats (release, spec §1.4):
+Storage formats (release, architecture.md §9):
 
 | format | tensors | on disk |
 |---|---|---|
@@ -39,10 +39,10 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from v4jax import quant
-from v4jax.checkpoint import canonical_name as official_name
-from v4jax.checkpoint import transformers_name as hf_name
-from v4jax.tensorfile import DTYPES, TensorFile, TensorFileError, open_directory
+from v4jax.io import quant
+from v4jax.io.checkpoint import canonical_name as official_name
+from v4jax.io.checkpoint import transformers_name as hf_name
+from v4jax.io.tensorfile import DTYPES, TensorFile, TensorFileError, open_directory
 
 __all__ = ["Format", "ReleaseError", "ReleaseTensor", "release_format", "scale_name", "official_name",
            "hf_name", "scan_release", "read_tensor", "read_release", "requant_mismatches",
@@ -82,7 +82,7 @@ _FORMAT_TABLE: list[tuple[re.Pattern, Format]] = [(re.compile(p), f) for p, f in
     (_L + r"ffn\.gate\.tid2eid", Format.INT),
 ]]
 
-# config.json entries of the release describing this layout (spec §1.1)
+# config.json entries of the release describing this layout (architecture.md §1.1)
 RELEASE_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                "scale_fmt": "ue8m0", "weight_block_size": [quant.FP8_BLOCK, quant.FP8_BLOCK]}
 
@@ -275,7 +275,7 @@ def read_release(directory: str | os.PathLike, dtype=ml_dtypes.bfloat16,
 
 def requant_mismatches(entry: ReleaseTensor) -> int:
     """Bytes that differ when this FP8/FP4 tensor is de-quantised and quantised again by
-    `v4jax.quant` (0: the official -> bf16 -> official round trip reproduces it exactly)."""
+    `v4jax.io.quant` (0: the official -> bf16 -> official round trip reproduces it exactly)."""
     if entry.stored not in (Format.FP8, Format.FP4):
         return 0
     w, s = entry.file[entry.key], entry.scale_file[entry.scale_key]

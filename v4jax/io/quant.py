@@ -1,4 +1,4 @@
-"""FP8 / FP4 weight formats of the official DeepSeek-V4 release (spec §1.4).
+"""FP8 / FP4 weight formats of the official DeepSeek-V4 release (architecture.md §9).
 
 Three number formats, all decoded here by table:
 
@@ -261,7 +261,7 @@ def quant_fp4(w, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fp4_to_fp8(packed, scale, fp4_block: int = FP4_BLOCK, fp8_block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Re-express an MXFP4 weight as 128x128-block FP8 without loss (spec §1.4: the report states the
+    """Re-express an MXFP4 weight as 128x128-block FP8 without loss (architecture.md §9: the report states the
     released FP4 weights convert to FP8 exactly). Lossless iff, inside each FP8 block, the scales of
     the 1x32 FP4 blocks holding non-zero values span at most 2**14; raises QuantError otherwise."""
     w = dequant_fp4(packed, scale, fp4_block, np.float32)

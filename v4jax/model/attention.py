@@ -1,11 +1,11 @@
-"""Hybrid attention: SWA, CSA and HCA (spec §4).
+"""Hybrid attention: SWA, CSA and HCA (architecture.md §4).
 
-All three share the query path (§4.1), the sliding-window KV (§4.2), the per-head sink, the output
-de-rotation and the grouped low-rank output projection (§4.5). CSA adds compressed entries chosen per
+All three share the query path (architecture.md §4.1), the sliding-window KV (architecture.md §4.2), the per-head sink, the output
+de-rotation and the grouped low-rank output projection (architecture.md §4.5). CSA adds compressed entries chosen per
 query by the lightning indexer; HCA adds every visible compressed entry. There is one softmax over
 [window keys | compressed keys | sink]. K = V: one 512-d vector per key serves both.
 
-One forward for training, prefill and decode (spec §4.6-4.7): `Attention(x, positions, state)`.
+One forward for training, prefill and decode (architecture.md §4.6-4.7): `Attention(x, positions, state)`.
 Without a state the call is the whole sequence (training, parity). With a state (the layer's cache)
 the new tokens attend to each other through the same core, and to the past (the window ring and
 the compressed entries) through index lists into one buffer [ring | entries], the way DeepSeek's
@@ -24,16 +24,16 @@ from flax import nnx
 
 from pallas_kernels.sparse_attention_reference import entry_attention_mass
 from sharding.context import constrain
-from v4jax import kernels
-from v4jax.compressor import Compressor, CompressorState, ring_write
+from v4jax.model import kernels
+from v4jax.model.compressor import Compressor, CompressorState, ring_write
 from v4jax.config import AttentionKind, RunOptions, V4Config
-from v4jax.indexer import Indexer, IndexerTraces, entry_scores
-from v4jax.layers import Linear, RMSNorm, param, rms_normalize
-from v4jax.rope import apply_rope, inv_frequencies
+from v4jax.model.indexer import Indexer, IndexerTraces, entry_scores
+from v4jax.model.layers import Linear, RMSNorm, param, rms_normalize
+from v4jax.model.rope import apply_rope, inv_frequencies
 
 
 class AttentionState(NamedTuple):
-    """One attention layer's cache for B sequences (spec §4.7); absent parts are None."""
+    """One attention layer's cache for B sequences (architecture.md §4.7); absent parts are None."""
 
     window: jax.Array  # [B, W, c] ring of raw KV: slot = position mod W
     compressor: CompressorState | None = None  # CSA, HCA
@@ -73,7 +73,7 @@ class Attention(nnx.Module):
         Returns (out [B, T, d], state | None, IndexerTraces | None: CSA layers, stateless, on request)."""
         cfg, opt = self.cfg, self.options
         B, T, _ = x.shape
-        inv_freq = inv_frequencies(cfg, self.kind)  # YaRN/compress table on CSA/HCA, plain on SWA (§1.3)
+        inv_freq = inv_frequencies(cfg, self.kind)  # YaRN/compress table on CSA/HCA, plain on SWA (architecture.md §7)
         ratio = cfg.compress_ratio(self.kind)
 
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c], shared with the indexer
@@ -87,9 +87,9 @@ class Attention(nnx.Module):
             compressed, comp_state = self.compressor(x, positions, inv_freq, None if state is None else state.compressor,
                                                      n_valid)
             compressed = compressed.astype(kv.dtype)
-        sparse = self.indexer is not None and not opt.csa_dense  # dense stage (spec §4.8): every visible entry
+        sparse = self.indexer is not None and not opt.csa_dense  # dense stage (architecture.md §4.8): every visible entry
         if self.indexer is not None and (sparse or return_indexer_traces or state is not None):
-            # spec §8.6: detached inputs, so the indexer learns only from its KL loss
+            # architecture.md §8.2: detached inputs, so the indexer learns only from its KL loss
             x_i, cq_i = jax.lax.stop_gradient((x, cq)) if opt.indexer_detach else (x, cq)
             q_i, w_i, keys_i, index_state = self.indexer.project(
                 x_i, cq_i, positions, inv_freq, None if state is None else state.indexer, n_valid)

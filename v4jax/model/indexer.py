@@ -1,4 +1,4 @@
-"""Lightning indexer (spec §4.4): picks, for each query, the top-k visible compressed entries.
+"""Lightning indexer (architecture.md §4.4): picks, for each query, the top-k visible compressed entries.
 
 Index keys come from a second, small overlapping compressor (width c_I) over the layer input; index
 queries from the shared query latent cQ (no per-head norm). Score
@@ -8,7 +8,7 @@ Ties break towards the lowest entry index (`jax.lax.top_k` is stable); ReLU scor
 exactly tied at zero, so any two implementations can differ there. Invisible picks become -1.
 The [T, N_c] score matrix is never held whole: queries are scored and selected in chunks.
 
-Training (spec §8.6): `IndexerTraces` carries what the KL loss needs for one CSA layer; the scores
+Training (architecture.md §8.2): `IndexerTraces` carries what the KL loss needs for one CSA layer; the scores
 of the selected entries are recomputed from the gathered index keys (`entry_scores`), so they carry
 a gradient into the indexer without any [T, N_c] tensor in the sparse stage.
 """
@@ -24,11 +24,11 @@ from flax import nnx
 
 from pallas_kernels.lightning_indexer_reference import index_scores
 from pallas_kernels.query_chunks import map_query_chunks
-from v4jax import kernels
-from v4jax.compressor import Compressor, CompressorState
+from v4jax.model import kernels
+from v4jax.model.compressor import Compressor, CompressorState
 from v4jax.config import AttentionImpl, RunOptions, V4Config
-from v4jax.layers import Linear
-from v4jax.rope import apply_rope
+from v4jax.model.layers import Linear
+from v4jax.model.rope import apply_rope
 
 
 class Indexer(nnx.Module):
@@ -56,12 +56,12 @@ class Indexer(nnx.Module):
     def select(self, q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array) -> jax.Array:
         """Top-k visible entries per query at positions [B, T]: [B, T, min(k_I, N_c)] int32, -1 = empty."""
         if self.impl is AttentionImpl.PALLAS:
-            q, w, keys = jax.lax.stop_gradient((q, w, keys))  # indices carry no gradient (spec §8.6)
+            q, w, keys = jax.lax.stop_gradient((q, w, keys))  # indices carry no gradient (architecture.md §8.2)
         return kernels.select_topk(self.impl)(q, w, keys, positions, self.ratio, self.topk, self.chunk)
 
 
 class IndexerTraces(NamedTuple):
-    """What the indexer KL loss (spec §8.6, `losses.indexer_kl_loss`) needs from one CSA layer. The
+    """What the indexer KL loss (architecture.md §8.2, `losses.indexer_kl_loss`) needs from one CSA layer. The
     last axis holds the candidate entries: the top-k set [k] in the sparse stage, every compressed
     entry [N_c] in the dense stage (`RunOptions.csa_dense`). Stacked over CSA layers in ModelOutput."""
 
