@@ -115,14 +115,14 @@ def test_sharded_indexer_kernel_equals_the_reference():
     q = jnp.asarray(rng.normal(size=(B, T, n_heads, dim)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(B, T, n_heads)), jnp.float32)
     keys = jnp.asarray(rng.normal(size=(B, T // ratio, dim)), jnp.float32)
-    positions = jnp.arange(T)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))  # per row, as the model passes them
     want = select_topk_reference(q, w, keys, positions, ratio, topk, 16)
     with use_mesh_rules(mesh, rules):
         fn = pallas_kernel(select_topk)
         got = jax.jit(lambda *a: fn(*a, ratio, topk, 16))(q, w, keys, positions)
         local = shard_map_local_avals(lambda *a: fn(*a, ratio, topk, 16), q, w, keys, positions)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert [a.shape for a in local[0]] == [(1, T, n_heads, dim), (1, T, n_heads), (1, T // ratio, dim), (T,)]
+    assert [a.shape for a in local[0]] == [(1, T, n_heads, dim), (1, T, n_heads), (1, T // ratio, dim), (1, T)]
 
 
 def test_kernels_choose_mosaic_on_tpu_the_reference_on_gpu_and_the_interpreter_elsewhere():

@@ -82,7 +82,7 @@ def test_config_file_and_overrides_compose(tmp_path):
     tc = load_config(None, ["model.remat=\"full\"", "model.csa_dense=true", "model.dim=64"])
     assert tc.model_config().dim == 64
     assert tc.run_options().remat.value == "full" and tc.run_options().csa_dense is True
-    with pytest.raises(ValueError, match=r"^unknown model setting 'bogus'; known: \["):
+    with pytest.raises(ValueError, match=r"^unknown model setting\(s\) \['model.bogus'\]; known: \["):
         load_config(None, ["model.bogus=1"]).model_config()
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['stepz'\]"):
         load_config(None, ["stepz=3"])
