@@ -394,6 +394,16 @@ def _per_device_bytes(shape, dtype, sharding: NamedSharding, mesh) -> int:
     return n
 
 
+def libtpu_available() -> bool:
+    """Whether a libtpu can compile here: the `tpu` extra installed, or TPU_LIBRARY_PATH naming one."""
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None or bool(os.environ.get("TPU_LIBRARY_PATH"))
+
+
+NO_LIBTPU = "needs libtpu to compile for a TPU topology, and it is not installed (pip install -e '.[tpu]')"
+
+
 def libtpu_version() -> str:
     """The version of the libtpu that compiles: the installed package, or the one TPU_LIBRARY_PATH names
     when that is another (a wheel unpacked beside its dist-info), marked as such."""

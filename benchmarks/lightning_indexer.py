@@ -97,6 +97,10 @@ def main(argv=None) -> None:
     parser.add_argument("--topology", default="v5p:2x2x1")
     parser.add_argument("--k", type=int, default=512, help="index_topk (512 flash, 1024 pro)")
     args = parser.parse_args(argv)
+    from benchmarks.dryrun import NO_LIBTPU, libtpu_available
+
+    if not libtpu_available():
+        raise SystemExit(f"benchmarks.lightning_indexer {NO_LIBTPU}")
     lengths = [4096, 16384] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072]
     rows = []
     for T in lengths:

@@ -151,7 +151,10 @@ def main(argv=None):
     parser.add_argument("--topology", default="v5p:2x2x1", help="libtpu topology name to compile for")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    out = tpu_table(args.topology, args.quick) + [""] + cpu_table(args.quick, args.repeats)
+    from benchmarks.dryrun import NO_LIBTPU, libtpu_available
+
+    tpu = tpu_table(args.topology, args.quick) if libtpu_available() else [f"TPU cost/memory table skipped: {NO_LIBTPU}."]
+    out = tpu + [""] + cpu_table(args.quick, args.repeats)
     print("\n" + "\n".join(out))
 
 

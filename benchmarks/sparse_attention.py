@@ -106,6 +106,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from jax.experimental import topologies
 
+    from benchmarks.dryrun import NO_LIBTPU, libtpu_available
+
+    if not libtpu_available():
+        raise SystemExit(f"benchmarks.sparse_attention {NO_LIBTPU}")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
     lengths = ([int(s) for s in args.lengths.split(",")] if args.lengths else
                [4096, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072])

@@ -182,3 +182,16 @@ def test_quick_suite_runs_every_section(tmp_path, monkeypatch):
     for name in suite.SECTIONS:
         assert f"<!-- suite:{name} begin -->" in text
     assert os.path.getsize(tmp_path / "scaling.png") > 0
+
+
+def test_components_that_compile_for_tpu_are_skipped_with_the_reason_without_libtpu(monkeypatch):
+    # The README's install (`.[test]`) has no libtpu: the smoke run must still pass, saying what it skipped.
+    from benchmarks import dryrun
+
+    monkeypatch.setattr(dryrun, "libtpu_available", lambda: False)
+    logged = []
+    section = suite.section_components(True, logged.append, names=["sparse_attention", "lightning_indexer"])
+    assert section.body.count("Skipped: needs libtpu") == 2 and "pip install -e '.[tpu]'" in section.body
+    assert any("lightning_indexer skipped" in line for line in logged)
+    tpu_only = {name for name, _, _, only in suite.COMPONENTS if only}
+    assert tpu_only == {"sparse_attention", "lightning_indexer"}
