@@ -21,7 +21,8 @@ from v4jax.train.data import IteratorState
 from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
 from v4jax.train.optim import flat_params
-from v4jax.io.restore import ConvertedSource, Kind, assemble, detect, load_model
+from v4jax.io.restore import assemble, load_model, open_source
+from v4jax.io.sources import ConvertedSource, Kind, TensorSource, detect
 
 TOKENS = (jnp.arange(16)[None] * 7 + 3) % 256
 
@@ -111,11 +112,12 @@ def test_sharded_converted_model_gives_the_logits_of_the_unsharded_release(relea
     np.testing.assert_allclose(_logits(b.model), _logits(whole.model), rtol=1e-5, atol=1e-6)
 
 
-class _CountingSource:
+class _CountingSource(TensorSource):
     """Wraps a source: records every read batch, to check each tensor is read once, in bounded batches."""
 
     def __init__(self, inner):
         self.inner, self.specs, self.reads = inner, inner.specs, []
+        self.kind = inner.kind
 
     def read(self, names):
         self.reads.append(list(names))
@@ -150,6 +152,32 @@ def _write_train_checkpoint(run, model, step=7):
     ck = Checkpointer(os.path.join(run, "checkpoints"), keep=2, use_async=False)
     ck.save(state, IteratorState(), wait=True)
     ck.close()
+
+
+def test_one_detection_and_one_source_family_serve_every_form(release_and_converted, tmp_path):
+    # load_model and the converter open checkpoints the same way: the same kinds, the same tensors
+    release, converted = release_and_converted
+    model = Transformer(V4Config.preset("tiny"), rngs=nnx.Rngs(5))  # the weights the release was written from
+    _write_train_checkpoint(str(tmp_path / "run"), model)
+    step_dir = tmp_path / "run" / "checkpoints" / "7"
+    sources = {}
+    for path, kind in ((release, Kind.SAFETENSORS), (converted, Kind.CONVERTED), (tmp_path / "run", Kind.TRAIN_RUN),
+                       (step_dir, Kind.TRAIN_RUN)):
+        src = open_source(path, np.float32)
+        assert detect(path) is kind and src.kind is kind and isinstance(src, TensorSource), path
+        sources[str(path)] = src
+    names = list(sources[str(release)].specs)
+    assert all(set(s.specs) == set(names) for s in sources.values())
+    # the release (FP8/FP4, de-quantised) and its fp32 conversion hold the same values; the train run
+    # holds the model's own weights
+    rel, conv = (dict(sources[str(p)].tensors(names[:12])) for p in (release, converted))
+    own = {canonical_name(k): v for k, v in hf_tensors(model).items()}
+    for p in (tmp_path / "run", step_dir):
+        run = dict(sources[str(p)].tensors(names[:12]))
+        for n in names[:12]:
+            np.testing.assert_array_equal(rel[n], conv[n], err_msg=n)
+            np.testing.assert_array_equal(run[n], own[n].astype(run[n].dtype), err_msg=n)
+    assert sources[str(step_dir)].step == 7 and sources[str(step_dir)].config["num_hidden_layers"] == 4
 
 
 def test_train_run_loads_whole_sharded_and_refuses_corruption(tmp_path, mesh):

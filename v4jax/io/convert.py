@@ -42,22 +42,21 @@ import resource
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from v4jax.io import official
+from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.official import Format, ReleaseError, checksum
 from v4jax.io.orbax_store import (MANIFEST, ConvertError, complete_manifest, load_numpy, orbax_v1,  # noqa: F401
                                     read_json)
-from v4jax.io import official
-from v4jax.io.official import Format, ReleaseError, checksum
+from v4jax.io.sources import CONFIG, TENSORS, TOKENIZER, Kind, TensorSource
 from v4jax.io.safe_io import check_target, commit, is_staging, open_staging, staging_path
 from v4jax.io.tensorfile import DTYPES
 
-TENSORS = "tensors"
 DONE_MARKER = "conversion.json"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
 _FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 SOURCE_DTYPE = "source"  # the manifest's dtype entry when the BF16/FP8/FP4-class tensors keep several dtypes
@@ -99,135 +98,30 @@ def _atomic_json(path: str, obj):
     os.replace(tmp, path)
 
 
-class _Source:
-    kind: str
-    specs: list[tuple[str, tuple[int, ...], np.dtype]]
-    config: dict | None
-    tokenizer: str | None = None  # the source's tokenizer.json: it travels with the weights
+def _open_source(src: str, dtype, batch_bytes: int) -> TensorSource:
+    """The one detection and source family `load_model` uses (v4jax.io.sources), errors as ConvertError."""
+    from v4jax.io.restore import open_source
 
-    def tensors(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
-        raise NotImplementedError
-
-
-class _SafetensorsSource(_Source):
-    kind = "safetensors"
-
-    def __init__(self, directory: str, dtype):
-        self.entries = official.scan_release(directory)
-        self.dtypes = {e.name: _entry_dtype(e, dtype) for e in self.entries}
-        self.specs = [(e.name, e.shape, official.output_dtype(e.format, e.stored_dtype, self.dtypes[e.name]))
-                      for e in self.entries]
-        self.config_path = os.path.join(directory, CONFIG)
-        self.config = read_json(self.config_path) if os.path.exists(self.config_path) else None
-
-    def tensors(self, skip=frozenset()):
-        for e in self.entries:
-            if e.name not in skip:
-                yield e.name, official.read_tensor(e, self.dtypes[e.name])
-
-
-def _entry_dtype(e, dtype) -> np.dtype:
-    """The de-quantisation dtype of one entry: `dtype` when given; else its stored dtype, with FP8/FP4
-    weights (no wider dtype to keep) as bfloat16, the release's compute dtype."""
-    if dtype is not None:
-        return np.dtype(dtype)
-    if e.stored in (Format.FP8, Format.FP4):
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(e.stored_dtype)  # integers: output_dtype keeps them whatever this says
-
-
-class _TrainRunSource(_Source):
-    """A train.py run: its newest step that restores and matches its fingerprint, whole in memory,
-    as canonical-name tensors in the model's dtypes (or `dtype` for the BF16/FP8/FP4 classes)."""
-    kind = "train_run"
-
-    def __init__(self, directory: str, dtype):
-        from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors
-        from v4jax.io.restore import load_model, train_run_steps
-
-        errors = []
-        for step in train_run_steps(directory) or [None]:
-            try:
-                loaded = load_model(directory, step=step)
-                break
-            except CheckpointError as e:  # a corrupt newest save: fall back to the previous one
-                errors.append(str(e))
-        else:
-            raise ConvertError(errors[0] if len(errors) == 1 else f"no checkpoint of {directory} loads; newest: {errors[0]}")
-        if errors:  # said, not silent: the export is not the newest step
-            print(f"note: {len(errors)} newer step(s) unusable ({errors[0]}); exporting step {loaded.step}",
-                  file=sys.stderr)
-        self.step = loaded.step
-        self.arrays = {}
-        for key, a in hf_tensors(loaded.model).items():
-            name = canonical_name(key)
-            fmt = official.release_format(name)
-            want = official.output_dtype(fmt, a.dtype, a.dtype if dtype is None else dtype)
-            self.arrays[name] = a.astype(want, copy=False)
-        del loaded
-        self.specs = [(n, a.shape, a.dtype) for n, a in self.arrays.items()]
-        self.config_path = None  # the run's own config: consistent with its tensors by construction
-        self.config = _model_config(directory)
-
-    def tensors(self, skip=frozenset()):
-        for name, a in self.arrays.items():
-            if name not in skip:
-                yield name, a
-
-
-def _model_config(run_dir: str) -> dict:
-    from v4jax.io.restore import train_run_config, train_run_options
-    return train_run_config(run_dir).to_hf_dict(train_run_options(run_dir).param_dtype)  # the saved weights' dtype
-
-
-class _OrbaxSource(_Source):
-    kind = "orbax"
-
-    def __init__(self, directory: str, batch_bytes: int):
-        self.manifest = complete_manifest(directory)
-        self.path = os.path.join(directory, TENSORS)
-        self.batch_bytes = batch_bytes
-        self.specs = [(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in self.manifest["tensors"]]
-        self.config_path = os.path.join(directory, CONFIG)
-        self.config = read_json(self.config_path) if os.path.exists(self.config_path) else None
-
-    def tensors(self, skip=frozenset()):
-        specs = [s for s in self.specs if s[0] not in skip]
-        for batch in _batches(specs, self.batch_bytes):
-            arrays = load_numpy(self.path, batch)
-            for name, _, _ in batch:
-                yield name, arrays.pop(name)
-
-
-def _open_source(src: str, dtype, batch_bytes: int) -> _Source:
     if not os.path.isdir(src):
         raise ConvertError(f"source {src} is not a directory")
-    if os.path.exists(os.path.join(src, MANIFEST)):
-        source = _OrbaxSource(src, batch_bytes)
-    elif os.path.isdir(os.path.join(src, "checkpoints")):
-        source = _TrainRunSource(src, dtype)
-    else:
-        try:
-            source = _SafetensorsSource(src, dtype)
-        except ReleaseError as e:
-            raise ConvertError(str(e)) from None
-    tok = os.path.join(src, TOKENIZER)
-    source.tokenizer = tok if os.path.isfile(tok) else None
-    return source
+    try:
+        return open_source(src, dtype, batch_bytes)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
-def _copy_tokenizer(source: _Source, work: str) -> None:
+def _copy_tokenizer(source: TensorSource, work: str) -> None:
     """infer.py looks for CHECKPOINT/tokenizer.json, so the converted checkpoint keeps the source's."""
     if source.tokenizer is not None:
         shutil.copyfile(source.tokenizer, os.path.join(work, TOKENIZER))
 
 
-def _effective_dtype(source: _Source) -> str:
+def _effective_dtype(source: TensorSource) -> str:
     """The one dtype of the BF16/FP8/FP4-class tensors (what --dtype sets), or 'source' when they keep
     several. Recorded in the manifest, so `--dtype bf16` and the default resume each other exactly
     when they produce the same tensors."""
     names = set()
-    for n, _, dt in source.specs:
+    for n, (_, dt) in source.specs.items():
         try:
             if official.release_format(n) not in (Format.FP32, Format.INT):
                 names.add(np.dtype(dt).name)
@@ -236,7 +130,7 @@ def _effective_dtype(source: _Source) -> str:
     return names.pop() if len(names) == 1 else SOURCE_DTYPE
 
 
-def _check_against_config(source: _Source) -> None:
+def _check_against_config(source: TensorSource) -> None:
     """Refuse a source whose tensors do not fit the model its config.json describes (a missing,
     unexpected or mis-shaped tensor) before anything is written."""
     if source.config is None or source.config_path is None:
@@ -251,7 +145,7 @@ def _check_against_config(source: _Source) -> None:
         cfg = V4Config.from_json_file(source.config_path)
     except ConfigError as e:
         raise ConvertError(str(e)) from None
-    specs = {n: (shape, dt) for n, shape, dt in source.specs}
+    specs = source.specs
     if not any(n.startswith("mtp.") for n in specs):  # transformers saves drop the MTP block
         cfg = cfg.replace(n_mtp_layers=0)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -286,12 +180,12 @@ def _batches(specs, batch_bytes: int):
 # --------------------------------------------------------------------------------------------------
 # Orbax target (resumable)
 
-def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, progress: bool,
+def _to_orbax(source: TensorSource, dst: str, *, dtype_name: str, batch_bytes: int, progress: bool,
               after_batch: Callable[[int], None] | None, compress: bool, overwrite: bool) -> dict:
     """Pick where the conversion is written, then write it (`_orbax_write`): a finished conversion of
     the same source is returned as is; an interrupted one is resumed where it lies (OUT.partial, or
     OUT itself when an older v4jax wrote in place); anything else in OUT is refused unless overwrite."""
-    specs = [{"name": n, "shape": list(s), "dtype": _dtype_name(d)} for n, s, d in source.specs]
+    specs = [{"name": n, "shape": list(s), "dtype": _dtype_name(d)} for n, (s, d) in source.specs.items()]
 
     def same(m):
         return m.get("source") == _source_id(source) and m.get("dtype") == dtype_name and \
@@ -333,7 +227,7 @@ def _to_orbax(source: _Source, dst: str, *, dtype_name: str, batch_bytes: int, p
     return m
 
 
-def _orbax_write(source: _Source, dst: str, m: dict, *, batch_bytes: int, progress: bool,
+def _orbax_write(source: TensorSource, dst: str, m: dict, *, batch_bytes: int, progress: bool,
                  after_batch: Callable[[int], None] | None, compress: bool) -> dict:
     """Save the tensors the manifest `m` of directory `dst` lacks, finalize, verify, mark complete."""
     ocp = orbax_v1()
@@ -401,8 +295,9 @@ def _orbax_write(source: _Source, dst: str, m: dict, *, batch_bytes: int, progre
     return m
 
 
-def _source_id(source: _Source) -> str:
-    return f"{source.kind}:{len(source.specs)}"
+def _source_id(source: TensorSource) -> str:
+    kind = "orbax" if source.kind is Kind.CONVERTED else source.kind.value  # as written before v4jax.io.sources
+    return f"{kind}:{len(source.specs)}"
 
 
 def _bar(total: int, enabled: bool, initial: int = 0, desc: str = "convert"):
@@ -413,7 +308,7 @@ def _bar(total: int, enabled: bool, initial: int = 0, desc: str = "convert"):
 # --------------------------------------------------------------------------------------------------
 # Safetensors targets (official / hf)
 
-def _to_safetensors(source: _Source, dst: str, *, fmt: str, max_shard_bytes: int, progress: bool,
+def _to_safetensors(source: TensorSource, dst: str, *, fmt: str, max_shard_bytes: int, progress: bool,
                     after_batch: Callable[[int], None] | None, overwrite: bool) -> dict:
     from v4jax.io.tensorfile import TensorFile
 
@@ -490,7 +385,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax
     np_dtype = None if dtype is None else np.dtype(getattr(ml_dtypes, DTYPE_NAMES[dtype], None) or DTYPE_NAMES[dtype])
     source = _open_source(src, np_dtype, batch_bytes)
     dtype_name = _effective_dtype(source)
-    if fmt == "orbax" and source.kind == "orbax":
+    if fmt == "orbax" and source.kind is Kind.CONVERTED:
         raise ConvertError(f"{src} is already an Orbax checkpoint")
     _check_against_config(source)
     if fmt == "orbax":

@@ -1,13 +1,10 @@
 """Load any checkpoint v4jax reads into a model: whole on one host, or straight into sharded arrays.
 
-Three directory forms, told apart by their contents (`detect`):
-
-  SAFETENSORS  config.json + *.safetensors: an HF-format directory (transformers' save or the Hub
-               spelling) or the official release layout with FP8/FP4 block-scaled weights
-               (de-quantised on read, architecture.md §9; `v4jax.io.official.scan_release` indexes both).
-  CONVERTED    `python -m v4jax.io.convert` output: manifest.json + tensors/ (Orbax, canonical names).
-  TRAIN_RUN    a `train.py` run directory (config.json + checkpoints/<step>/), or one step directory
-               inside it: the newest complete step (or `step=`) is read, parameters and buffers only.
+The three checkpoint forms (HF / official release safetensors, a converted Orbax checkpoint, a
+train.py run) are told apart by `v4jax.io.sources.detect`, and their tensors come from the one
+family of sources there; `open_source` (here, because a train run's source is built on `load_model`)
+opens any of them for the converter. A train run is read at its newest complete step (or `step=`),
+parameters and buffers only.
 
 With a mesh, no host ever holds the whole model. Safetensors and converted checkpoints store one
 tensor per layer and per expert, while the model stacks them ([repeats, experts, ...] in scanned
@@ -21,12 +18,12 @@ run's checkpoint is already stacked, and Orbax restores each shard directly on i
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
+import sys
 import json
 import os
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,89 +32,7 @@ from flax import nnx
 
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
 from v4jax.io.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
-from v4jax.io.orbax_store import ConvertError, complete_manifest, load_numpy
-
-
-class Kind(enum.Enum):
-    SAFETENSORS = "safetensors"
-    CONVERTED = "converted"
-    TRAIN_RUN = "train_run"
-
-
-def detect(path: str | os.PathLike) -> Kind:
-    """Which checkpoint form `path` holds; a clear error when it is none of them."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is not a directory")
-    names = set(os.listdir(path))
-    if "manifest.json" in names and "tensors" in names:
-        return Kind.CONVERTED
-    if "checkpoints" in names or "_CHECKPOINT_METADATA" in names or {"state", "meta"} <= names:
-        return Kind.TRAIN_RUN
-    if any(n.endswith(".safetensors") for n in names):
-        return Kind.SAFETENSORS
-    raise CheckpointError(f"{path} is not a checkpoint v4jax reads: expected config.json + *.safetensors "
-                          "(HF or official release), a `python -m v4jax.io.convert` output (manifest.json), or a "
-                          "train.py run directory (checkpoints/)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources of per-layer, per-expert tensors by canonical name
-
-class TensorSource:
-    """{canonical name: (shape, dtype)} and a reader of batches of them as host numpy arrays."""
-    specs: dict[str, tuple[tuple[int, ...], np.dtype]]
-
-    def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-
-class SafetensorsSource(TensorSource):
-    def __init__(self, directory: str):
-        from v4jax.io.official import ReleaseError, output_dtype, scan_release
-
-        try:
-            self.entries = {e.name: e for e in scan_release(directory)}
-        except ReleaseError as e:
-            raise CheckpointError(str(e)) from None
-        self.specs = {n: (tuple(e.shape), output_dtype(e.format, e.stored_dtype, np.float32))
-                      for n, e in self.entries.items()}
-
-    def read(self, names):
-        from v4jax.io.official import read_tensor
-        return {n: read_tensor(self.entries[n], np.float32) for n in names}
-
-
-class ConvertedSource(TensorSource):
-    def __init__(self, directory: str):
-        try:
-            manifest = complete_manifest(directory)
-        except ConvertError as e:
-            raise CheckpointError(str(e)) from None
-        self.path = os.path.join(directory, "tensors")
-        self.specs = {t["name"]: (tuple(t["shape"]), np.dtype(t["dtype"])) for t in manifest["tensors"]}
-
-    def read(self, names):
-        return load_numpy(self.path, [(n, *self.specs[n]) for n in names])
-
-
-def _read_batches(source: TensorSource, names: list[str], batch_bytes: int) -> Iterable[tuple[str, np.ndarray]]:
-    """Yield (name, array) in order, reading up to `batch_bytes` per call of the source."""
-    batch, size = [], 0
-    for n in names:
-        shape, dt = source.specs[n]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        if batch and size + nbytes > batch_bytes:
-            got = source.read(batch)
-            yield from ((b, got.pop(b)) for b in batch)
-            batch, size = [], 0
-        batch.append(n)
-        size += nbytes
-    if batch:
-        got = source.read(batch)
-        yield from ((b, got.pop(b)) for b in batch)
+from v4jax.io.sources import ConvertedSource, Kind, SafetensorsSource, TensorSource, detect
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +67,7 @@ def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, c
     if missing:
         raise CheckpointError(f"{where}: no tensor fills slot {missing[0]} of variable {'.'.join(map(str, rules[0].ours))}")
     order = sorted(needs)
-    for (name, a), slot in zip(_read_batches(source, [by_slot[s].name for s in order], batch_bytes), order):
+    for (name, a), slot in zip(source.tensors([by_slot[s].name for s in order], batch_bytes=batch_bytes), order):
         rule = by_slot[slot]
         a = to_ours(rule.layout, a, shape[lead:])
         if np.issubdtype(dtype, np.integer) and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
@@ -365,7 +280,7 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         options = options.replace(**overrides)
     except ConfigError as e:  # names config.json already
         raise CheckpointError(str(e)) from None
-    source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path)
+    source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path, np.float32)
     has_mtp = any(n.startswith("mtp.") for n in source.specs)
     if mtp and not (has_mtp and cfg.n_mtp_layers):
         raise CheckpointError(f"{path}: MTP requested but the checkpoint has no MTP block")
@@ -375,3 +290,60 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         source.specs = {n: s for n, s in source.specs.items() if not n.startswith("mtp.")}
     return Loaded(assemble(cfg, source, mesh=mesh, rules=rules, where=path, read_batch_bytes=read_batch_bytes,
                            options=options), cfg, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# The converter's view: any checkpoint as a stream of canonical-name tensors
+
+class TrainRunSource(TensorSource):
+    """A train.py run (or one step of it) as canonical-name tensors: its newest step that loads and
+    matches its fingerprint (a corrupt newer one is skipped, and said), whole in memory, in the model's
+    dtypes or `dtype` for the BF16/FP8/FP4 classes."""
+    kind = Kind.TRAIN_RUN
+
+    def __init__(self, directory: str, dtype=None):
+        from v4jax.io import official
+        from v4jax.io.checkpoint import canonical_name, hf_tensors
+
+        _, run = _train_step_dir(directory, None)
+        is_run = os.path.isdir(os.path.join(directory, "checkpoints"))
+        errors = []
+        for step in (train_run_steps(directory) if is_run else []) or [None]:
+            try:
+                loaded = load_model(directory, step=step)
+                break
+            except CheckpointError as e:  # a corrupt newest save: fall back to the previous one
+                errors.append(str(e))
+        else:
+            raise CheckpointError(errors[0] if len(errors) == 1 else
+                                  f"no checkpoint of {directory} loads; newest: {errors[0]}")
+        if errors:  # said, not silent: the export is not the newest step
+            print(f"note: {len(errors)} newer step(s) unusable ({errors[0]}); exporting step {loaded.step}",
+                  file=sys.stderr)
+        self.step = loaded.step
+        self.arrays = {}
+        for key, a in hf_tensors(loaded.model).items():
+            name = canonical_name(key)
+            want = official.output_dtype(official.release_format(name), a.dtype, a.dtype if dtype is None else dtype)
+            self.arrays[name] = a.astype(want, copy=False)
+        del loaded
+        self.specs = {n: (a.shape, a.dtype) for n, a in self.arrays.items()}
+        self._attach(run)
+        self.config_path = None  # the run's own config: consistent with its tensors by construction
+        # as an HF config.json, in the saved weights' dtype
+        self.config = train_run_config(run).to_hf_dict(train_run_options(run).param_dtype)
+
+    def read(self, names):
+        return {n: self.arrays[n] for n in names}
+
+
+def open_source(path: str | os.PathLike, dtype=None, batch_bytes: int = 256 << 20) -> TensorSource:
+    """Any checkpoint `load_model` reads, as a TensorSource (`detect` decides which). dtype: what the
+    BF16/FP8/FP4-class tensors are read as (default: as stored; FP8/FP4 as bfloat16)."""
+    path = os.fspath(path)
+    kind = detect(path)
+    if kind is Kind.CONVERTED:
+        return ConvertedSource(path, batch_bytes)
+    if kind is Kind.TRAIN_RUN:
+        return TrainRunSource(path, dtype)
+    return SafetensorsSource(path, dtype)

@@ -1,0 +1,149 @@
+"""The checkpoint forms v4jax reads, told apart in one place (`detect`), and the tensor sources that
+stream their tensors by canonical name (architecture.md §9). `load_model` (v4jax.io.restore) and
+`python -m v4jax.io.convert` both open checkpoints through here.
+
+  SAFETENSORS  config.json + *.safetensors: an HF-format directory (transformers' save or the Hub
+               spelling) or the official release layout with FP8/FP4 block-scaled weights, de-quantised
+               on read (`v4jax.io.official.scan_release` indexes both spellings).
+  CONVERTED    `python -m v4jax.io.convert` output: manifest.json + tensors/ (Orbax, canonical names).
+  TRAIN_RUN    a `train.py` run directory (config.json + checkpoints/<step>/), or one step directory
+               inside it. Its source (`v4jax.io.restore.TrainRunSource`) is built on `load_model`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from v4jax.io import official
+from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.official import Format, ReleaseError
+from v4jax.io.orbax_store import MANIFEST, ConvertError, complete_manifest, load_numpy, read_json
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TENSORS = "tensors"  # a converted checkpoint's Orbax tree
+
+
+class Kind(enum.Enum):
+    SAFETENSORS = "safetensors"
+    CONVERTED = "converted"
+    TRAIN_RUN = "train_run"
+
+
+def detect(path: str | os.PathLike) -> Kind:
+    """Which checkpoint form `path` holds; a one-line error naming it when it is none of them."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    names = set(os.listdir(path))
+    if MANIFEST in names and TENSORS in names:
+        return Kind.CONVERTED
+    if "checkpoints" in names or "_CHECKPOINT_METADATA" in names or {"state", "meta"} <= names:
+        return Kind.TRAIN_RUN
+    if any(n.endswith(".safetensors") for n in names):
+        return Kind.SAFETENSORS
+    raise CheckpointError(f"{path} is not a checkpoint v4jax reads: expected config.json + *.safetensors "
+                          "(HF or official release), a `python -m v4jax.io.convert` output (manifest.json), or a "
+                          "train.py run directory (checkpoints/)")
+
+
+def nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+class TensorSource:
+    """A checkpoint's tensors by canonical name: `specs` ({name: (shape, dtype)}, in storage order),
+    `read(names)` for a batch of them as host numpy arrays, `tensors()` to stream them all, and what
+    travels with the weights (config.json, tokenizer.json) when the directory has them."""
+    kind: Kind
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+    batch_bytes: int = 256 << 20  # how much `tensors()` asks `read` for at a time
+    config_path: str | None = None  # a config.json the tensors must match (None: consistent by construction)
+    config: dict | None = None
+    tokenizer: str | None = None
+
+    def _attach(self, directory: str) -> None:
+        self.directory = directory
+        cfg = os.path.join(directory, CONFIG)
+        self.config_path = cfg if os.path.isfile(cfg) else None
+        self.config = read_json(cfg) if self.config_path else None
+        tok = os.path.join(directory, TOKENIZER)
+        self.tokenizer = tok if os.path.isfile(tok) else None
+
+    def read(self, names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def tensors(self, names: list[str] | None = None, skip=frozenset(),
+                batch_bytes: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for `names` (default: all, in storage order) minus `skip`, in that order, reading
+        up to `batch_bytes` (default: the source's) per call of `read`."""
+        limit = self.batch_bytes if batch_bytes is None else batch_bytes
+        batch, size = [], 0
+        for n in (self.specs if names is None else names):
+            if n in skip:
+                continue
+            b = nbytes(*self.specs[n])
+            if batch and size + b > limit:
+                got = self.read(batch)
+                yield from ((m, got.pop(m)) for m in batch)
+                batch, size = [], 0
+            batch.append(n)
+            size += b
+        if batch:
+            got = self.read(batch)
+            yield from ((m, got.pop(m)) for m in batch)
+
+
+def _entry_dtype(e: official.ReleaseTensor, dtype) -> np.dtype:
+    """The de-quantisation dtype of one entry: `dtype` when given; else its stored dtype, with FP8/FP4
+    weights (no wider dtype to keep) as bfloat16, the release's compute dtype."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    if e.stored in (Format.FP8, Format.FP4):
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(e.stored_dtype)  # integers: output_dtype keeps them whatever this says
+
+
+class SafetensorsSource(TensorSource):
+    """An HF or official-release directory, one tensor read (and de-quantised) at a time. dtype: what the
+    BF16/FP8/FP4-class tensors are read as (default: as stored, FP8/FP4 as bfloat16)."""
+    kind = Kind.SAFETENSORS
+    batch_bytes = 0  # `tensors()` reads one tensor at a time: the converter holds no read-ahead
+
+    def __init__(self, directory: str, dtype=None):
+        try:
+            self.entries = {e.name: e for e in official.scan_release(directory)}
+        except ReleaseError as e:
+            raise CheckpointError(str(e)) from None
+        self.dtypes = {n: _entry_dtype(e, dtype) for n, e in self.entries.items()}
+        self.specs = {n: (tuple(e.shape), official.output_dtype(e.format, e.stored_dtype, self.dtypes[n]))
+                      for n, e in self.entries.items()}
+        self._attach(directory)
+
+    def read(self, names):
+        return {n: official.read_tensor(self.entries[n], self.dtypes[n]) for n in names}
+
+
+class ConvertedSource(TensorSource):
+    """A `python -m v4jax.io.convert` Orbax checkpoint (complete manifest required), read in batches."""
+    kind = Kind.CONVERTED
+
+    def __init__(self, directory: str, batch_bytes: int = 256 << 20):
+        try:
+            self.manifest = complete_manifest(directory)
+        except ConvertError as e:
+            raise CheckpointError(str(e)) from None
+        self.path = os.path.join(directory, TENSORS)
+        self.batch_bytes = batch_bytes
+        self.specs = {t["name"]: (tuple(t["shape"]), np.dtype(t["dtype"])) for t in self.manifest["tensors"]}
+        self._attach(directory)
+
+    def read(self, names):
+        return load_numpy(self.path, [(n, *self.specs[n]) for n in names])
