@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from v4jax.train.loop import (CheckpointError, Interrupted, TrainingStopped, load_config, signal_exit_code,
-                                  train)
+    from v4jax.train.checkpointer import CheckpointError
+    from v4jax.train.config import load_config
+    from v4jax.train.loop import Interrupted, TrainingStopped, signal_exit_code, train
     overrides = list(args.overrides)
     if args.metrics_file:
         overrides.append(f"metrics_file={json.dumps(args.metrics_file)}")

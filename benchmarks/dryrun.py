@@ -12,7 +12,7 @@ traffic) with the MFU it implies for the model FLOPs (6 N_active per token for t
 inference, plus attention). When the step does not fit, it says so and names the biggest buffers
 (exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
 
-train: exactly the step train.py runs (`v4jax.train.loop.step_program`: `make_step` with every loss term,
+train: exactly the step train.py runs (`v4jax.train.step.step_program`: `make_step` with every loss term,
 the micro-batch accumulation scan, the selection-bias update and the non-finite guard, jitted with the
 same state shardings); fp32 master weights and optimizer state (Muon + AdamW split, bf16 Newton-Schulz),
 bf16 compute, full remat.
@@ -328,7 +328,8 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)
     if mode == "train":
-        from v4jax.train.loop import TrainConfig, step_program
+        from v4jax.train.config import TrainConfig
+        from v4jax.train.step import step_program
 
         # train.py's step reads its RunOptions from the `model` table: hand it these
         tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16",
@@ -495,7 +496,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
-                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.loop.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
                            "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
-                           "settings": {"step": "v4jax.train.loop.make_step", "grad_accum": a.grad_accum,
+                           "settings": {"step": "v4jax.train.step.make_step", "grad_accum": a.grad_accum,
                                         **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())

@@ -1,5 +1,5 @@
 """What the indexer KL loss (architecture.md §8.2) costs in a training step: XLA's compiled FLOPs and temporary
-memory of the whole step train.py runs (`train_loop.make_step`: forward, backward, Muon + AdamW,
+memory of the whole step train.py runs (`v4jax.train.step.make_step`: forward, backward, Muon + AdamW,
 bias update; fp32, one CPU device) with indexer_loss_weight = 0 (no traces) and 1 (traces + KL), in
 the sparse stage and, for comparison, the dense warm-up stage (model.csa_dense, traces over every
 compressed entry). Compile-only: nothing runs, so the numbers do not depend on the machine's load.
@@ -27,7 +27,8 @@ from v4jax.model.indexer import entry_scores
 from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
 from v4jax.train.optim import flat_params
-from v4jax.train.loop import hyperparams, load_config, make_setup, make_step
+from v4jax.train.config import load_config
+from v4jax.train.step import hyperparams, make_setup, make_step
 
 
 def compiled_cost(batch: int, seq: int, topk: int, weight: float, dense: bool) -> dict:

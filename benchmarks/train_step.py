@@ -1,7 +1,7 @@
 """Training-step time and tokens/s on CPU for the small presets (the whole step: forward, backward,
 Muon + AdamW, selection-bias update), one device, fp32.
 
-For each (preset, batch, seq): compile the step that train.py runs (`v4jax.train.loop.make_step`),
+For each (preset, batch, seq): compile the step that train.py runs (`v4jax.train.step.make_step`),
 run it `--warmup` times, then time `--steps` steps (blocking on the result each step). Reported: compile
 time, median and min step time, tokens/s from the median, XLA's FLOPs per step (compiled cost analysis)
 and the achieved GFLOP/s. The machine may be shared: each row reports the share of all CPUs that other
@@ -25,7 +25,8 @@ from flax import nnx
 from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
 from v4jax.train.optim import flat_params
-from v4jax.train.loop import hyperparams, load_config, make_setup, make_step
+from v4jax.train.config import load_config
+from v4jax.train.step import hyperparams, make_setup, make_step
 
 
 def _cpu_jiffies() -> tuple[int, int]:

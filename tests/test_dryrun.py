@@ -18,7 +18,7 @@ def small():
 def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
     r = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32)
     # the step train.py runs (issue 16): make_step with every loss term of this model
-    assert r.settings["step"] == "v4jax.train.loop.make_step"
+    assert r.settings["step"] == "v4jax.train.step.make_step"
     assert r.settings["loss_terms"] == ["ce", "balance", "indexer"]  # no MTP block in small()
     assert r.devices == 4 and r.mesh == "expert=4" and r.batch == 4 and r.tokens == 128
     assert r.fits and 0 < r.peak_bytes < r.hbm_bytes == CHIPS["v5p"].hbm_bytes

@@ -13,14 +13,12 @@ from flax import nnx
 from sharding.mesh import make_mesh
 from sharding.partition import spec_table
 from sharding.rules import get_rules
+from test_safe_writes import write_train_run
 from v4jax.io import convert
 from v4jax.io import official
 from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors, load_hf, save_hf
 from v4jax.config import V4Config
-from v4jax.train.data import IteratorState
-from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
-from v4jax.train.optim import flat_params
 from v4jax.io.restore import assemble, load_model, open_source
 from v4jax.io.sources import ConvertedSource, Kind, TensorSource, detect
 
@@ -139,19 +137,7 @@ def test_sharded_assembly_reads_each_tensor_once_in_bounded_batches(release_and_
 
 def _write_train_checkpoint(run, model, step=7):
     """A train.py run directory (config.json + checkpoints/<step>) with this model's parameters."""
-    from v4jax.train.loop import Checkpointer
-    _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
-    os.makedirs(run, exist_ok=True)
-    cfg_dict = {k: (v.value if hasattr(v, "value") else ([x.value for x in v] if isinstance(v, tuple) else v))
-                for k, v in {**vars(model.cfg), **vars(model.options)}.items()}  # train.py's one `model` table
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump({"train": {}, "model": cfg_dict}, f)
-    params = flat_params(p)
-    state = {"params": params, "buffers": flat_params(b), "opt": {"mu": jax.tree.map(jnp.zeros_like, params)},
-             "step": jnp.asarray(step, jnp.int32), "rng": jnp.zeros((2,), jnp.uint32)}
-    ck = Checkpointer(os.path.join(run, "checkpoints"), keep=2, use_async=False)
-    ck.save(state, IteratorState(), wait=True)
-    ck.close()
+    return write_train_run(run, model, step, tokenizer=None)
 
 
 def test_one_detection_and_one_source_family_serve_every_form(release_and_converted, tmp_path):

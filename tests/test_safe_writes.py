@@ -58,7 +58,7 @@ def write_train_run(run, model, step=7, tokenizer="byte"):
     from v4jax.model.layers import Buffer
     from v4jax.train.optim import flat_params
     from v4jax.train.data import IteratorState
-    from v4jax.train.loop import Checkpointer
+    from v4jax.train.checkpointer import Checkpointer
 
     _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
     os.makedirs(run, exist_ok=True)

@@ -25,13 +25,29 @@ from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
 from v4jax.model.moe import RoutingStats
 from v4jax.train.optim import flat_params
-from v4jax.train.loop import (Checkpointer, TrainingStopped, hyperparams, load_config, make_loss, make_setup,
-                              read_metrics, train)
+from v4jax.train.checkpointer import Checkpointer
+from v4jax.train.config import load_config
+from v4jax.train.loop import TrainingStopped, build_mesh, train
+from v4jax.train.metrics import read_metrics
+from v4jax.train.step import hyperparams, make_loss, make_setup, step_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ['model.n_layers=2', 'model.layer_types=["sliding_attention", "compressed_sparse_attention"]',
                'model.router_types=["hash_moe", "moe"]', 'model.vocab_size=264', 'model.max_seq_len=64']
 
+
+
+def restore_newest(tc):
+    """(state, iterator state, log lines) of the newest usable checkpoint of tc's run, restored into the
+    state train.py itself builds (`step_program(...).state`, laid out on its mesh)."""
+    program = step_program(tc, tc.model_config(), *build_mesh(tc))
+    logs = []
+    ck = Checkpointer(os.path.join(tc.run_dir, "checkpoints"), 3, False)
+    try:
+        got, it = ck.restore_latest(program.state, logs.append)
+    finally:
+        ck.close()
+    return got, it, logs
 
 def small_overrides(tmp, data, **kw):
     base = {"seq_len": 32, "batch_size": 4, "steps": 12, "ckpt_every": 4, "log_every": 1, "warmup_steps": 2,
@@ -301,20 +317,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_is_used(tmp_path, c
     biggest = max(files, key=os.path.getsize)
     with open(biggest, "r+b") as f:  # truncate the largest array file
         f.truncate(os.path.getsize(biggest) // 2)
-    tc = load_config(None, small_overrides(run, corpus))
-    setup = make_setup(tc, tc.model_config())
-    from jax.sharding import NamedSharding, PartitionSpec
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1), ("x",))
-    rep = NamedSharding(mesh, PartitionSpec())
-    params = flat_params(setup.param_template)
-    state = {"params": params, "buffers": flat_params(setup.buffer_template),
-             "opt": jax.eval_shape(setup.tx.init, params), "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-    logs = []
-    ck = Checkpointer(str(ckdir), 3, False)
-    got, it = ck.restore_latest(abstract, logs.append)
-    ck.close()
+    got, it, logs = restore_newest(load_config(None, small_overrides(run, corpus)))
     assert int(got["step"]) == latest - 4 and it.batch == latest - 4
     assert any(f"checkpoint step {latest} in" in s and "falling back" in s for s in logs), logs
     assert os.path.isdir(ckdir / f"corrupt-{latest}")
@@ -344,7 +347,7 @@ def test_gradient_accumulation_equals_one_big_batch(corpus):
     """grad_accum=2 x batch 2 takes the same rows as 1 x batch 4: same loss, gradients and bias update.
     (Gradients, not updated params: Muon's Newton-Schulz and AdamW's first step with eps 1e-20 amplify
     fp-rounding differences in near-zero or near-rank-deficient gradients, e.g. at the symmetric init.)"""
-    from v4jax.train.loop import make_step
+    from v4jax.train.step import make_step
     results = []
     tokens = np.random.default_rng(0).integers(2, 258, (4, 33)).astype(np.int32)
     for accum, rows in ((1, 4), (2, 2)):

@@ -15,16 +15,15 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 import train
-from test_train import _wait_for_steps, cache, cli, corpus, small_overrides  # noqa: F401  (fixtures)
-from v4jax.train.optim import flat_params
-from v4jax.train.loop import (MANIFEST, Checkpointer, all_finite, load_config, make_setup, nan_update_target,
-                              read_metrics, verify_manifest)
+from test_train import _wait_for_steps, cache, cli, corpus, restore_newest, small_overrides  # noqa: F401  (fixtures)
+from v4jax.train.checkpointer import MANIFEST, verify_manifest
+from v4jax.train.config import load_config
+from v4jax.train.metrics import read_metrics
+from v4jax.train.step import all_finite, nan_update_target
 from v4jax.train.loop import train as run_training
 
 STEPS = dict(steps=8, ckpt_every=4)
@@ -45,22 +44,7 @@ def base_run(tmp_path_factory, corpus, cache):
 
 def restore(run_dir, corpus):
     """(state, iterator state, log lines) of the newest usable checkpoint of run_dir (or CheckpointError)."""
-    tc = load_config(None, args_for(run_dir, corpus, ""))
-    setup = make_setup(tc, tc.model_config())
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1), ("x",))
-    rep = NamedSharding(mesh, PartitionSpec())
-    params = flat_params(setup.param_template)
-    state = {"params": params, "buffers": flat_params(setup.buffer_template),
-             "opt": jax.eval_shape(setup.tx.init, params), "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-    logs = []
-    ck = Checkpointer(os.path.join(run_dir, "checkpoints"), 3, False)
-    try:
-        got, it = ck.restore_latest(abstract, logs.append)
-    finally:
-        ck.close()
-    return got, it, logs
+    return restore_newest(load_config(None, args_for(run_dir, corpus, "")))
 
 
 def flip_byte(path, where=0.5):

@@ -183,7 +183,7 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
     from v4jax.model.layers import Buffer
     from v4jax.model.transformer import Transformer
     from v4jax.train.optim import flat_params, unflat_params
-    from v4jax.train.loop import _fingerprint
+    from v4jax.train.checkpointer import _fingerprint
 
     step_dir, run = _train_step_dir(os.fspath(path), step)
     stored_cfg, stored_options = train_run_config(run), train_run_options(run)

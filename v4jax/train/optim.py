@@ -219,7 +219,7 @@ def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, o
     """clip (per `clip_group`) -> {Muon | AdamW} per group -> decoupled weight decay -> -lr.
 
     lr: a constant, a schedule of the optimiser's own update count, or None: then the updates are
-    -(direction + wd * W) and the caller multiplies them by the learning rate (train_loop does, so
+    -(direction + wd * W) and the caller multiplies them by the learning rate (v4jax.train.step does, so
     the schedule is a runtime input of the compiled step)."""
     labels = {n: (g.optimizer if g.optimizer == "muon" else ("adamw" if g.decay else "adamw_nodecay"))
               for n, g in groups.items()}
