@@ -505,3 +505,63 @@ def test_malformed_safetensors_header_is_rejected(ckpt, header):
         f.write(len(header).to_bytes(8, "little") + header)
     with pytest.raises(CheckpointError, match=r"model.safetensors"):
         checkpoint.load_hf(ckpt)
+
+
+def test_save_pretrained_names_the_kv_norm_attn_norm_and_the_release_attn_kv_norm(peer_dir):
+    # transformers' writer spells the attention KV norm `attn.norm`, the release `attn.kv_norm`: both load
+    _, directory = peer_dir
+    keys = set(read_dir(directory)["model.safetensors"])
+    assert "model.layers.0.attn.norm.weight" in keys and "model.layers.1.attn.compressor.norm.weight" in keys
+    loaded, info = checkpoint.load_hf(directory)
+    assert info.spelling["layers.0.attn.kv_norm.weight"] == "model.layers.0.attn.norm.weight"
+    assert checkpoint.transformers_name("layers.0.attn.kv_norm.weight") == "model.layers.0.attn.norm.weight"
+    assert checkpoint.canonical_name("layers.0.attn.kv_norm.weight") == "layers.0.attn.kv_norm.weight"
+
+
+def test_module_name_state_dict_with_fused_experts_loads_to_the_transformers_logits(peer_dir, peer_mod, ids, tmp_path):
+    # `safetensors.torch.save_file(model.state_dict())`: transformers module names, fused gate_up_proj / down_proj
+    import torch
+    from safetensors.torch import save_file
+
+    from v4jax.io.restore import load_model
+
+    peer_model, directory = peer_dir
+    sd = {k: v.contiguous() for k, v in peer_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd and "model.layers.0.self_attn.kv_norm.weight" in sd
+    out = tmp_path / "state_dict"
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"))
+    shutil.copy(directory / "config.json", out / "config.json")
+    with torch.no_grad(), peer_mod.stable_topk():
+        want = peer_model(torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.float().numpy()
+    via_hf, info = checkpoint.load_hf(out)
+    via_load_model = load_model(out).model
+    reference, _ = checkpoint.load_hf(directory)  # the save_pretrained files of the same model
+    for m in (via_hf, via_load_model):
+        a, b = nnx.to_flat_state(nnx.state(m)), nnx.to_flat_state(nnx.state(reference))
+        for (path, va), (_, vb) in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=str(path))
+        assert rel_err(forward(m, ids)[0], want) <= 1e-5
+    # written back: save_pretrained spelling throughout (transformers reads it; nothing fused is half-renamed)
+    checkpoint.save_hf(via_hf, tmp_path / "back", info=info)
+    assert_same_tensors(read_dir(directory)["model.safetensors"], read_dir(tmp_path / "back")["model.safetensors"])
+
+
+def test_fused_expert_parts_are_the_rows_transformers_concatenates(tmp_path):
+    # gate_up_proj[e] = [w1_e; w3_e] (rows), down_proj[e] = w2_e; each part read alone from its byte range
+    E, I, d = 3, 4, 5
+    gate_up = np.arange(E * 2 * I * d, dtype=np.float32).reshape(E, 2 * I, d)
+    down = -np.arange(E * d * I, dtype=np.float32).reshape(E, d, I)
+    write_tensors(tmp_path / "model.safetensors", {"model.layers.2.mlp.experts.gate_up_proj": gate_up,
+                                                   "model.layers.2.mlp.experts.down_proj": down,
+                                                   "model.norm.weight": np.ones(d, np.float32)})
+    found = checkpoint.open_checkpoint_files(tmp_path)
+    assert "model.layers.2.mlp.experts.gate_up_proj" not in found and "model.norm.weight" in found
+    for e in range(E):
+        for name, want in ((f"layers.2.ffn.experts.{e}.w1.weight", gate_up[e, :I]),
+                           (f"layers.2.ffn.experts.{e}.w3.weight", gate_up[e, I:]),
+                           (f"layers.2.ffn.experts.{e}.w2.weight", down[e])):
+            view = found[name]
+            assert view.shape(name) == want.shape
+            np.testing.assert_array_equal(view[name], want)
+            np.testing.assert_array_equal(view.read_copy(name), want)

@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def _block_rules(prefix: str, ours: Path, block, n_experts: int, lead: tuple[int
         ("attn.q_norm.weight", ("attn", "q_norm", "weight"), S),
         ("attn.wq_b.weight", ("attn", "wq_b", "kernel"), T),
         ("attn.wkv.weight", ("attn", "wkv", "kernel"), T),
-        ("attn.norm.weight", ("attn", "kv_norm", "weight"), S),
+        ("attn.kv_norm.weight", ("attn", "kv_norm", "weight"), S),
         ("attn.wo_a.weight", ("attn", "wo_a"), Layout.GROUPED_OUT),
         ("attn.wo_b.weight", ("attn", "wo_b", "kernel"), T),
         ("attn.attn_sink", ("attn", "sinks"), S),
@@ -122,27 +123,134 @@ def hf_rules(model) -> list[Rule]:
     return rules
 
 
-# Spellings on disk. The Hub release uses the canonical names; transformers' save_pretrained writes
-# the same names under a `model.` prefix except for these, which it writes with module names.
-_TRANSFORMERS_SPELLING = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight",
-                          "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
-                          "hc_head_scale": "model.hc_head.hc_scale"}
-_CANONICAL = {v: k for k, v in _TRANSFORMERS_SPELLING.items()} | {"lm_head.weight": "head.weight",
-                                                                   "model.embed.weight": "embed.weight"}
+# Spellings (architecture.md §9). Canonical names are the release's: DeepSeek's published files and
+# its inference/convert.py output (`layers.N.attn.kv_norm.weight`, `ffn.experts.E.w1.weight`, ...).
+# Three more spellings are read, all through the table below:
+#   save_pretrained  transformers' files: the canonical names under `model.` (MTP: none), a few module
+#                    names at the top, and the attention KV norm as `attn.norm.weight` (transformers'
+#                    loader renames `.norm.` to `.kv_norm.`; its writer inverts that).
+#   module names     `model.state_dict()` saved as is (what `from_pretrained` also loads): transformers'
+#                    module names, and the routed experts fused per layer ([E, 2I, d] gate_up_proj =
+#                    [w1_e; w3_e], [E, d, I] down_proj = w2_e), seen per expert under canonical names.
+#   convert.py input the Hub layout with `model.`, `self_attn`/`mlp` and `weight_scale_inv` scales.
+# `--format official` writes the canonical spelling, `--format hf` / save_hf the save_pretrained one.
+
+_BLOCK_MODULE_NAMES = [  # (canonical, transformers module name) within one block `layers.N.`
+    ("hc_attn_fn", "attn_hc.fn"), ("hc_attn_base", "attn_hc.base"), ("hc_attn_scale", "attn_hc.scale"),
+    ("hc_ffn_fn", "ffn_hc.fn"), ("hc_ffn_base", "ffn_hc.base"), ("hc_ffn_scale", "ffn_hc.scale"),
+    ("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
+    ("attn.wq_b.weight", "self_attn.q_b_proj.weight"), ("attn.wkv.weight", "self_attn.kv_proj.weight"),
+    ("attn.kv_norm.weight", "self_attn.kv_norm.weight"), ("attn.wo_a.weight", "self_attn.o_a_proj.weight"),
+    ("attn.wo_b.weight", "self_attn.o_b_proj.weight"), ("attn.attn_sink", "self_attn.sinks"),
+    ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn.gate.tid2eid", "mlp.gate.tid2eid"),
+    ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"),
+    ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
+    ("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
+    ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
+] + [(c + a, m + b) for c, m in (("attn.compressor.", "self_attn.compressor."),
+                                  ("attn.indexer.compressor.", "self_attn.compressor.indexer."))
+     for a, b in (("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"), ("ape", "position_bias"),
+                  ("norm.weight", "kv_norm.weight"))]
+_TOP_MODULE_NAMES = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+                     ("head.weight", "lm_head.weight"), ("hc_head_fn", "model.hc_head.hc_fn"),
+                     ("hc_head_base", "model.hc_head.hc_base"), ("hc_head_scale", "model.hc_head.hc_scale")]
+# save_pretrained: `model.` + canonical, except these
+_SAVE_PRETRAINED_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight",
+                        "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+                        "hc_head_scale": "model.hc_head.hc_scale"}
+_SAVE_PRETRAINED_BLOCK = {"attn.kv_norm.weight": "attn.norm.weight"}
+# fused routed experts (module names): key suffix -> [(canonical per-expert weight, row block of 2 / of 1)]
+FUSED_EXPERTS = {"mlp.experts.gate_up_proj": (("w1", 0, 2), ("w3", 1, 2)), "mlp.experts.down_proj": (("w2", 0, 1),)}
+
+_CANONICAL = ({v: k for k, v in _SAVE_PRETRAINED_TOP.items()} | {m: c for c, m in _TOP_MODULE_NAMES}
+              | {"model.embed.weight": "embed.weight"})
+_BLOCK_CANONICAL = ({m: c for c, m in _BLOCK_MODULE_NAMES} | {v: k for k, v in _SAVE_PRETRAINED_BLOCK.items()}
+                    | {"self_attn.kv_norm.weight": "attn.kv_norm.weight"})
+_BLOCK = re.compile(r"^((?:layers|mtp)\.\d+)\.(.+)$")
 
 
 def canonical_name(key: str) -> str:
-    """Map a tensor name as found on disk (Hub release or transformers save) to its canonical name."""
+    """The canonical (release) name of a tensor as found on disk, in any spelling above."""
     if key in _CANONICAL:
         return _CANONICAL[key]
-    return key[len("model."):] if key.startswith("model.") else key
+    name = key[len("model."):] if key.startswith("model.") else key
+    m = _BLOCK.match(name)
+    if m and m.group(2) in _BLOCK_CANONICAL:
+        return f"{m.group(1)}.{_BLOCK_CANONICAL[m.group(2)]}"
+    return name
 
 
 def transformers_name(name: str) -> str:
     """The spelling transformers' save_pretrained uses for a canonical name."""
-    if name in _TRANSFORMERS_SPELLING:
-        return _TRANSFORMERS_SPELLING[name]
+    if name in _SAVE_PRETRAINED_TOP:
+        return _SAVE_PRETRAINED_TOP[name]
+    m = _BLOCK.match(name)
+    if m and m.group(2) in _SAVE_PRETRAINED_BLOCK:
+        name = f"{m.group(1)}.{_SAVE_PRETRAINED_BLOCK[m.group(2)]}"
     return name if name.startswith("mtp.") else f"model.{name}"
+
+
+class FusedExperts:
+    """One fused expert tensor of a module-name checkpoint (`layers.N.mlp.experts.gate_up_proj`
+    [E, 2I, d] or `.down_proj` [E, d, I]) seen as its per-expert tensors under canonical names, with
+    the TensorFile interface the readers use. Each part is a contiguous byte range of the file."""
+
+    def __init__(self, tf, key: str, layer: str, parts):
+        self.path, self.tf, self.key = tf.path, tf, key
+        E, R = tf.shape(key)[:2]
+        rows = {w: (R // n * i, R // n * (i + 1)) for w, i, n in parts}
+        self.parts = {f"{layer}.ffn.experts.{e}.{w}.weight": (e, *rows[w]) for e in range(E) for w, _, _ in parts}
+
+    def keys(self) -> list[str]:
+        return list(self.parts)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        _, r0, r1 = self.parts[name]
+        return (r1 - r0, *self.tf.shape(self.key)[2:])
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.tf.dtype(self.key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        e, r0, r1 = self.parts[name]
+        return self.tf[self.key][e, r0:r1]
+
+    def read_copy(self, name: str) -> np.ndarray:
+        """The part read into fresh memory with a plain file read (see official.read_stored)."""
+        e, r0, r1 = self.parts[name]
+        shape, dt = self.tf.shape(self.key), self.tf.dtype(self.key)
+        row = int(np.prod(shape[2:], dtype=np.int64))
+        first = (e * shape[1] + r0) * row
+        a = np.fromfile(self.path, dtype=dt, count=(r1 - r0) * row, offset=self.tf.offset(self.key) + first * dt.itemsize)
+        if a.size != (r1 - r0) * row:
+            raise TensorFileError(f"{self.path}: tensor {self.key!r} is truncated")
+        return a.reshape(self.shape(name))
+
+
+def open_checkpoint_files(directory: str | os.PathLike) -> dict[str, Any]:
+    """Every tensor of a safetensors directory by on-disk key (`open_directory`), with fused expert
+    tensors replaced by their per-expert parts (`FusedExperts`, keyed by canonical name)."""
+    found = open_directory(directory)
+    for key in list(found):
+        m = _BLOCK.match(key.removeprefix("model."))
+        if not m or m.group(2) not in FUSED_EXPERTS:
+            continue
+        tf = found.pop(key)
+        if len(tf.shape(key)) != 3:
+            raise TensorFileError(f"{tf.path}: fused expert tensor {key!r} has shape {tf.shape(key)}, expected "
+                                  "[experts, rows, columns]")
+        view = FusedExperts(tf, key, m.group(1), FUSED_EXPERTS[m.group(2)])
+        for name in view.keys():
+            if name in found:
+                raise TensorFileError(f"{directory}: tensor {name!r} is stored twice (also in the fused {key!r})")
+            found[name] = view
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +309,7 @@ def check_tensor(rule: Rule, var, shape, dtype, where: str, shown: str | None = 
 @dataclasses.dataclass
 class LoadInfo:
     config: V4Config
-    spelling: dict[str, str]  # canonical name -> key as found on disk
+    spelling: dict[str, str]  # canonical name -> key as found on disk (module names: save_pretrained's)
     dtypes: dict[str, np.dtype]  # canonical name -> dtype found on disk
     mtp_loaded: bool
     options: RunOptions = RunOptions()  # the loaded model's run-time options (model.options)
@@ -226,7 +334,7 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
         # the stored weights' dtype is the default run dtype: a bf16 checkpoint runs in bf16
         options = (options or RunOptions.for_weights(json_weights_dtype(os.path.join(directory, "config.json"))))
         options = options.replace(**overrides)
-        found = open_directory(directory)
+        found = open_checkpoint_files(directory)
     except ConfigError as e:  # names config.json already
         raise CheckpointError(str(e)) from None
     except TensorFileError as e:
@@ -273,6 +381,9 @@ def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dty
     for path, a in values.items():
         var = variables[path]
         var.set_value(jnp.asarray(a).astype(var.dtype))
+    if any(isinstance(tf, FusedExperts) for tf in where.values()):
+        # module names with fused experts cannot be written back as found: save_pretrained's spelling
+        spelling = {name: transformers_name(name) for name in spelling}
     return nnx.merge(graphdef, state), LoadInfo(cfg, spelling, dtypes, use_mtp, options)
 
 

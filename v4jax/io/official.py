@@ -2,11 +2,12 @@
 a streaming reader that yields de-quantised tensors, and a streaming writer of that layout.
 
 Names. The release stores every tensor under its official name, which is our canonical name
-(`layers.3.attn.wq_a.weight`, `layers.3.ffn.experts.7.w1.weight`, `mtp.0.e_proj.weight`); an FP8 or
-FP4 weight `X.weight` comes with its UE8M0 scales `X.scale`. transformers' `save_pretrained` writes the
-same tensors with a `model.` prefix and a few module names; `v4jax.io.checkpoint.canonical_name` /
-`transformers_name` map between the two spellings and are the only name table (re-exported here as
-`official_name` / `hf_name`). The reader accepts either spelling.
+(`layers.3.attn.wq_a.weight`, `layers.3.attn.kv_norm.weight`, `layers.3.ffn.experts.7.w1.weight`,
+`mtp.0.e_proj.weight`); an FP8 or FP4 weight `X.weight` comes with its UE8M0 scales `X.scale`
+(`X.weight_scale_inv` in the layout DeepSeek's convert.py reads is taken too). The other spellings
+(save_pretrained, transformers module names with fused experts) are read through the one name table
+of `v4jax.io.checkpoint` (`canonical_name` / `transformers_name`, re-exported here as `official_name` /
+`hf_name`; `open_checkpoint_files` splits fused experts).
 
 Storage formats (release, architecture.md §9):
 
@@ -41,8 +42,9 @@ import numpy as np
 
 from v4jax.io import quant
 from v4jax.io.checkpoint import canonical_name as official_name
+from v4jax.io.checkpoint import open_checkpoint_files
 from v4jax.io.checkpoint import transformers_name as hf_name
-from v4jax.io.tensorfile import DTYPES, TensorFile, TensorFileError, open_directory
+from v4jax.io.tensorfile import DTYPES, TensorFile, TensorFileError
 
 __all__ = ["Format", "ReleaseError", "ReleaseTensor", "release_format", "scale_name", "official_name",
            "hf_name", "scan_release", "read_tensor", "read_release", "requant_mismatches",
@@ -152,17 +154,18 @@ def scan_release(directory: str | os.PathLike) -> list[ReleaseTensor]:
     dtype and shape, no orphan scale, integer tensors integer. Returns tensors in file order."""
     directory = os.fspath(directory)
     try:
-        found = open_directory(directory)
+        found = open_checkpoint_files(directory)
     except (TensorFileError, OSError) as e:
         raise ReleaseError(f"{directory}: {e}") from None
     by_name: dict[str, tuple[str, TensorFile]] = {}
     scales: dict[str, tuple[str, TensorFile]] = {}
     for key, tf in found.items():
-        if key.endswith(".scale"):
-            name = official_name(key[: -len(".scale")] + ".weight")
+        name = official_name(key)  # canonical first: module names have `.scale`s that are not scales
+        if name.endswith((".scale", ".weight_scale_inv")):  # the latter: the Hub layout convert.py reads
+            name = official_name(key[: key.rindex(".weight_scale_inv" if key.endswith("_inv") else ".scale")] + ".weight")
             table = scales
         else:
-            name, table = official_name(key), by_name
+            table = by_name
         if name in table:
             raise ReleaseError(f"{directory}: tensor {key!r} is stored twice (also as {table[name][0]!r})")
         table[name] = (key, tf)
@@ -237,6 +240,8 @@ def read_stored(tf: TensorFile, key: str) -> np.ndarray:
     memory map would leave every touched page of the file resident (and counted in RSS) for as long
     as the file stays open; a copy is freed with the tensor, which keeps the reader's memory at one
     tensor however large the checkpoint."""
+    if hasattr(tf, "read_copy"):  # a part of a fused expert tensor (checkpoint.FusedExperts)
+        return tf.read_copy(key)
     if tf not in _DATA_START:  # the header was validated by TensorFile; only offsets needed here
         with open(tf.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.io import official
-from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.checkpoint import CheckpointError, canonical_name
 from v4jax.io.official import Format, ReleaseError
 from v4jax.io.orbax_store import MANIFEST, ConvertError, complete_manifest, load_numpy, read_json
 
@@ -142,8 +142,12 @@ class ConvertedSource(TensorSource):
             raise CheckpointError(str(e)) from None
         self.path = os.path.join(directory, TENSORS)
         self.batch_bytes = batch_bytes
-        self.specs = {t["name"]: (tuple(t["shape"]), np.dtype(t["dtype"])) for t in self.manifest["tensors"]}
+        # stored name per canonical name: conversions before v4jax named the KV norm `attn.norm.weight`
+        self.stored = {canonical_name(t["name"]): t["name"] for t in self.manifest["tensors"]}
+        self.specs = {canonical_name(t["name"]): (tuple(t["shape"]), np.dtype(t["dtype"]))
+                      for t in self.manifest["tensors"]}
         self._attach(directory)
 
     def read(self, names):
-        return load_numpy(self.path, [(n, *self.specs[n]) for n in names])
+        got = load_numpy(self.path, [(self.stored[n], *self.specs[n]) for n in names])
+        return {n: got.pop(self.stored[n]) for n in names}

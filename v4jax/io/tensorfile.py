@@ -82,6 +82,10 @@ class TensorFile:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def offset(self, name: str) -> int:
+        """Where the tensor's bytes begin in the file."""
+        return self._start + self._entries[name]["data_offsets"][0]
+
     def __getitem__(self, name: str) -> np.ndarray:
         e = self._entries[name]
         begin, end = e["data_offsets"]
