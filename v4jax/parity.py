@@ -55,8 +55,7 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
     import jax.numpy as jnp
     from flax import nnx
 
-    from v4jax.io.checkpoint import load_hf
-    from v4jax.io.restore import Kind, detect, load_model
+    from v4jax.io.restore import load_model
     from v4jax.io.safe_io import check_target
 
     check_target(out, overwrite=overwrite)  # before minutes of work, not after
@@ -64,12 +63,9 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
         ids = np.load(input_ids, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"cannot read token ids from {input_ids}: {str(e).splitlines()[0] if str(e) else e!r}") from None
-    if detect(checkpoint) is Kind.SAFETENSORS:  # the reader the transformers parity tests pin down
-        model, info = load_hf(checkpoint, dtype=dtype, param_dtype=dtype)
-        cfg = info.config
-    else:  # a convert output or a train.py run directory
-        loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype)
-        model, cfg = loaded.model, loaded.cfg
+    # every form infer.py reads: HF / release / module-name safetensors, a convert output, a train run
+    loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype)
+    model, cfg = loaded.model, loaded.cfg
     ids = check_token_ids(ids, cfg.vocab_size)
     graphdef, state = nnx.split(model)
 
@@ -157,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m v4jax.parity", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dump", help="run the forward and write logits / hidden states as .npy")
-    d.add_argument("--checkpoint", required=True, help="HF-format directory (config.json + safetensors)")
+    d.add_argument("--checkpoint", required=True, help="any checkpoint infer.py reads: HF, release or module-name safetensors, a convert output, a train.py run")
     d.add_argument("--input-ids", required=True, help=".npy file of int token ids [B, S]")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and parameter dtype")
