@@ -15,6 +15,7 @@ from flax import nnx
 
 from v4jax.io import checkpoint
 from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.restore import load_hf
 from v4jax.config import V4Config
 from v4jax.model.transformer import Transformer
 from v4jax.io.tensorfile import TensorFile, write_tensors
@@ -133,7 +134,7 @@ def test_saved_tensors_have_torch_layouts_and_int64_hash_table(saved, cfg):
 
 
 def test_save_then_load_reproduces_every_tensor_name_dtype_and_value(model, saved):
-    loaded, info = checkpoint.load_hf(saved)
+    loaded, info = load_hf(saved)
     assert info.mtp_loaded
     assert_same_tensors(checkpoint.hf_tensors(model), checkpoint.hf_tensors(loaded))
 
@@ -154,7 +155,7 @@ def test_sharded_save_writes_several_shards_and_an_index_and_loads_exactly(model
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in reference.values())
     for ts in contents.values():
         assert sum(a.nbytes for a in ts.values()) <= max_bytes
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = load_hf(directory)
     assert info.mtp_loaded
     assert_same_tensors(reference, checkpoint.hf_tensors(loaded))
 
@@ -162,7 +163,7 @@ def test_sharded_save_writes_several_shards_and_an_index_and_loads_exactly(model
 def test_load_then_save_with_info_rewrites_every_file_with_identical_tensors(model, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     checkpoint.save_hf(model, first, max_shard_bytes=1_000_000)
-    loaded, info = checkpoint.load_hf(first)
+    loaded, info = load_hf(first)
     checkpoint.save_hf(loaded, second, info=info, max_shard_bytes=1_000_000)
     a, b = read_dir(first), read_dir(second)
     assert sorted(a) == sorted(b)
@@ -188,7 +189,7 @@ def test_hub_spelling_with_mixed_dtypes_loads_and_writes_back_with_the_same_name
     rewrite(ckpt / "model.safetensors", to_hub)
     hub = read_dir(ckpt)["model.safetensors"]
     assert "embed.weight" in hub and "layers.0.attn_norm.weight" in hub and "hc_head_fn" in hub
-    loaded, info = checkpoint.load_hf(ckpt)
+    loaded, info = load_hf(ckpt)
     assert info.spelling["embed.weight"] == "embed.weight"
     assert info.dtypes["layers.0.ffn.gate.tid2eid"] == np.int32
     # float32 variables hold the exact BF16 values
@@ -206,7 +207,7 @@ def test_hub_spelling_with_mixed_dtypes_loads_and_writes_back_with_the_same_name
 
 def test_lm_head_weight_spelling_loads_as_head(ckpt, model):
     rewrite(ckpt / "model.safetensors", lambda t: t.__setitem__("lm_head.weight", t.pop("head.weight")))
-    loaded, info = checkpoint.load_hf(ckpt)
+    loaded, info = load_hf(ckpt)
     assert info.spelling["head.weight"] == "lm_head.weight"
     np.testing.assert_array_equal(np.asarray(loaded.head.kernel.get_value()),
                                   np.asarray(model.head.kernel.get_value()))
@@ -215,10 +216,10 @@ def test_lm_head_weight_spelling_loads_as_head(ckpt, model):
 def test_save_with_overwrite_replaces_an_older_sharded_checkpoint(model, saved, tmp_path):
     directory = tmp_path / "ckpt"
     checkpoint.save_hf(model, directory, max_shard_bytes=1_000_000)
-    other, _ = checkpoint.load_hf(saved, mtp=False)  # a different model: no MTP, other embedding
+    other, _ = load_hf(saved, mtp=False)  # a different model: no MTP, other embedding
     other.embed.embedding.set_value(other.embed.embedding.get_value() * 2)
     checkpoint.save_hf(other, directory, overwrite=True)  # fits one file: no shards, no index
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = load_hf(directory)
     assert not info.mtp_loaded
     assert_same_tensors(checkpoint.hf_tensors(other), checkpoint.hf_tensors(loaded))
 
@@ -227,7 +228,7 @@ def test_save_with_overwrite_replaces_an_older_sharded_checkpoint(model, saved, 
 # MTP tensors
 
 def test_mtp_tensors_reload_and_give_identical_mtp_logits(saved, ids, outputs):
-    loaded, info = checkpoint.load_hf(saved)
+    loaded, info = load_hf(saved)
     assert info.mtp_loaded and info.config.n_mtp_layers == 1 and loaded.mtp is not None
     logits, mtp_logits = forward(loaded, ids)
     assert mtp_logits is not None and mtp_logits.shape == (2, SEQ - 1, 512)
@@ -236,7 +237,7 @@ def test_mtp_tensors_reload_and_give_identical_mtp_logits(saved, ids, outputs):
 
 
 def test_load_with_mtp_false_drops_the_mtp_block_and_keeps_the_main_logits(saved, ids, outputs):
-    loaded, info = checkpoint.load_hf(saved, mtp=False)
+    loaded, info = load_hf(saved, mtp=False)
     assert not info.mtp_loaded and info.config.n_mtp_layers == 0 and loaded.mtp is None
     assert not any(k.startswith("mtp.") for k in checkpoint.hf_tensors(loaded))
     logits, mtp_logits = forward(loaded, ids)
@@ -247,7 +248,7 @@ def test_load_with_mtp_false_drops_the_mtp_block_and_keeps_the_main_logits(saved
 def test_partial_mtp_tensors_are_rejected_naming_the_missing_one(ckpt):
     rewrite(ckpt / "model.safetensors", lambda t: t.pop("mtp.0.h_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'mtp.0.h_proj.weight'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def test_transformers_checkpoint_loads_without_mtp_and_gives_transformers_logits
     import torch
 
     peer_model, directory = peer_dir
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = load_hf(directory)
     assert not info.mtp_loaded and loaded.mtp is None
     assert info.config == cfg.replace(n_mtp_layers=0)
     assert info.options.dtype == loaded.options.dtype == "float32"  # config.json's torch_dtype
@@ -292,7 +293,7 @@ def test_transformers_checkpoint_loads_without_mtp_and_gives_transformers_logits
 
 def test_transformers_checkpoint_written_back_with_info_is_tensor_identical(peer_dir, tmp_path):
     _, directory = peer_dir
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = load_hf(directory)
     checkpoint.save_hf(loaded, tmp_path / "out", info=info)
     assert_same_tensors(read_dir(directory)["model.safetensors"], read_dir(tmp_path / "out")["model.safetensors"])
 
@@ -300,7 +301,7 @@ def test_transformers_checkpoint_written_back_with_info_is_tensor_identical(peer
 def test_transformers_checkpoint_with_mtp_requested_is_rejected(peer_dir):
     _, directory = peer_dir
     with pytest.raises(CheckpointError, match=r"MTP requested but the checkpoint has no mtp\.\* tensors"):
-        checkpoint.load_hf(directory, mtp=True)
+        load_hf(directory, mtp=True)
 
 
 def test_our_checkpoint_loads_in_transformers_and_gives_our_logits(saved, peer_mod, ids, outputs):
@@ -324,20 +325,20 @@ def test_our_checkpoint_loads_in_transformers_and_gives_our_logits(saved, peer_m
 def test_missing_tensor_is_rejected_naming_it(ckpt):
     rewrite(ckpt / "model.safetensors", lambda t: t.pop("model.layers.1.attn.wq_a.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.attn.wq_a.weight'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_missing_expert_tensor_is_rejected_naming_it(ckpt):
     rewrite(ckpt / "model.safetensors", lambda t: t.pop("model.layers.2.ffn.experts.5.w3.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.2.ffn.experts.5.w3.weight'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_extra_tensor_is_rejected_naming_it(ckpt):
     rewrite(ckpt / "model.safetensors",
             lambda t: t.__setitem__("model.layers.0.attn.bogus.weight", np.zeros((2, 2), np.float32)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.0.attn.bogus.weight'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_indexer_tensor_in_a_sliding_layer_is_rejected_as_unexpected(ckpt):
@@ -346,7 +347,7 @@ def test_indexer_tensor_in_a_sliding_layer_is_rejected_as_unexpected(ckpt):
 
     rewrite(ckpt / "model.safetensors", add)
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.0.attn.indexer.wq_b.weight'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_mis_shaped_tensor_is_rejected_naming_it_and_both_shapes(ckpt):
@@ -356,7 +357,7 @@ def test_mis_shaped_tensor_is_rejected_naming_it_and_both_shapes(ckpt):
     rewrite(ckpt / "model.safetensors", transpose)
     with pytest.raises(CheckpointError,
                        match=r"tensor 'model.layers.1.attn.wkv.weight' has shape \(128, 64\), expected \(64, 128\)"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_float_hash_table_is_rejected_as_non_integer(ckpt):
@@ -366,7 +367,7 @@ def test_float_hash_table_is_rejected_as_non_integer(ckpt):
     rewrite(ckpt / "model.safetensors", to_float)
     with pytest.raises(CheckpointError,
                        match=r"tensor 'model.layers.0.ffn.gate.tid2eid' has dtype float32, expected an integer dtype"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_integer_norm_weight_is_rejected_as_non_float(ckpt):
@@ -375,7 +376,7 @@ def test_integer_norm_weight_is_rejected_as_non_float(ckpt):
 
     rewrite(ckpt / "model.safetensors", to_int)
     with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' has dtype int32, expected a floating-point"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 @pytest.mark.parametrize("bad_id", [8, -1])
@@ -386,7 +387,7 @@ def test_hash_table_with_expert_id_out_of_range_is_rejected(ckpt, bad_id):
     rewrite(ckpt / "model.safetensors", corrupt)
     with pytest.raises(CheckpointError,
                        match=r"tensor 'model.layers.0.ffn.gate.tid2eid' holds expert ids outside \[0, 8\)"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 4 / 7_000_000])
@@ -395,7 +396,7 @@ def test_truncated_safetensors_file_is_rejected(ckpt, keep):
     data = path.read_bytes()
     path.write_bytes(data[:max(4, int(len(data) * keep))])
     with pytest.raises(CheckpointError, match=r"model.safetensors: truncated"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_index_naming_a_missing_shard_is_rejected(model, tmp_path):
@@ -405,7 +406,7 @@ def test_index_naming_a_missing_shard_is_rejected(model, tmp_path):
     victim = sorted(set(index["weight_map"].values()))[1]
     os.remove(directory / victim)
     with pytest.raises(CheckpointError, match=rf"is in {victim}, which does not exist"):
-        checkpoint.load_hf(directory)
+        load_hf(directory)
 
 
 def test_index_naming_a_tensor_absent_from_its_shard_is_rejected(model, tmp_path):
@@ -416,24 +417,24 @@ def test_index_naming_a_tensor_absent_from_its_shard_is_rejected(model, tmp_path
     index["weight_map"]["model.layers.9.attn_norm.weight"] = sorted(index["weight_map"].values())[0]
     path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"'model.layers.9.attn_norm.weight' is listed in .* but not stored there"):
-        checkpoint.load_hf(directory)
+        load_hf(directory)
 
 
 def test_missing_directory_is_rejected(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint directory .*nowhere does not exist"):
-        checkpoint.load_hf(tmp_path / "nowhere")
+        load_hf(tmp_path / "nowhere")
 
 
 def test_missing_config_json_is_rejected(ckpt):
     os.remove(ckpt / "config.json")
     with pytest.raises(CheckpointError, match=r"no config.json at"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_invalid_config_json_is_rejected(ckpt):
     (ckpt / "config.json").write_text('{"model_type": "deepseek_v4", ')
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_config_json_of_another_model_type_is_rejected(ckpt):
@@ -441,20 +442,20 @@ def test_config_json_of_another_model_type_is_rejected(ckpt):
     d["model_type"] = "llama"
     (ckpt / "config.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match=r"model_type is 'llama'"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_directory_without_safetensors_is_rejected(ckpt):
     os.remove(ckpt / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors files"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_config_of_another_size_is_rejected_naming_a_mismatched_tensor(ckpt):
     V4Config.preset("tiny").replace(q_lora_rank=32).save_json(ckpt / "config.json")
     with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.attn.wq_a.weight' has shape \(64, 128\), "
                                               r"expected \(32, 128\)"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_save_into_non_empty_directory_is_refused_and_leaves_its_files_untouched(model, ckpt):
@@ -472,15 +473,15 @@ def test_same_tensor_under_both_spellings_is_rejected(ckpt):
         t["layers.0.attn_norm.weight"] = t["model.layers.0.attn_norm.weight"].copy()
 
     rewrite(ckpt / "model.safetensors", duplicate)
-    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.attn_norm.weight' is stored twice"):
-        checkpoint.load_hf(ckpt)
+    with pytest.raises(CheckpointError, match=r"tensor '(model\.)?layers.0.attn_norm.weight' is stored twice \(also as '(model\.)?layers.0.attn_norm"):
+        load_hf(ckpt)
 
 
 def test_same_tensor_in_two_files_is_rejected(ckpt):
     t = TensorFile(ckpt / "model.safetensors")
     write_tensors(ckpt / "extra.safetensors", {"model.norm.weight": np.array(t["model.norm.weight"])})
     with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' is stored twice"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_per_expert_tensors_of_mixed_float_dtypes_load_exactly(ckpt, model):
@@ -490,7 +491,7 @@ def test_per_expert_tensors_of_mixed_float_dtypes_load_exactly(ckpt, model):
         t[k] = t[k].astype(ml_dtypes.bfloat16)
 
     rewrite(ckpt / "model.safetensors", one_bf16)
-    loaded, _ = checkpoint.load_hf(ckpt)
+    loaded, _ = load_hf(ckpt)
     got, want = checkpoint.hf_tensors(loaded), checkpoint.hf_tensors(model)
     for e in range(1, 8):
         k = f"model.layers.1.ffn.experts.{e}.w1.weight"
@@ -504,7 +505,7 @@ def test_malformed_safetensors_header_is_rejected(ckpt, header):
     with open(ckpt / "model.safetensors", "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header)
     with pytest.raises(CheckpointError, match=r"model.safetensors"):
-        checkpoint.load_hf(ckpt)
+        load_hf(ckpt)
 
 
 def test_save_pretrained_names_the_kv_norm_attn_norm_and_the_release_attn_kv_norm(peer_dir):
@@ -512,7 +513,7 @@ def test_save_pretrained_names_the_kv_norm_attn_norm_and_the_release_attn_kv_nor
     _, directory = peer_dir
     keys = set(read_dir(directory)["model.safetensors"])
     assert "model.layers.0.attn.norm.weight" in keys and "model.layers.1.attn.compressor.norm.weight" in keys
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = load_hf(directory)
     assert info.spelling["layers.0.attn.kv_norm.weight"] == "model.layers.0.attn.norm.weight"
     assert checkpoint.transformers_name("layers.0.attn.kv_norm.weight") == "model.layers.0.attn.norm.weight"
     assert checkpoint.canonical_name("layers.0.attn.kv_norm.weight") == "layers.0.attn.kv_norm.weight"
@@ -534,9 +535,9 @@ def test_module_name_state_dict_with_fused_experts_loads_to_the_transformers_log
     shutil.copy(directory / "config.json", out / "config.json")
     with torch.no_grad(), peer_mod.stable_topk():
         want = peer_model(torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.float().numpy()
-    via_hf, info = checkpoint.load_hf(out)
+    via_hf, info = load_hf(out)
     via_load_model = load_model(out).model
-    reference, _ = checkpoint.load_hf(directory)  # the save_pretrained files of the same model
+    reference, _ = load_hf(directory)  # the save_pretrained files of the same model
     for m in (via_hf, via_load_model):
         a, b = nnx.to_flat_state(nnx.state(m)), nnx.to_flat_state(nnx.state(reference))
         for (path, va), (_, vb) in zip(a, b):

@@ -22,7 +22,8 @@ from v4jax.io import convert
 from v4jax.io import official
 
 from v4jax.io import quant
-from v4jax.io.checkpoint import canonical_name, hf_tensors, load_hf, transformers_name
+from v4jax.io.checkpoint import canonical_name, hf_tensors, transformers_name
+from v4jax.io.restore import load_hf
 from v4jax.io.convert import ConvertError
 from v4jax.io.official import Format, ReleaseError
 from v4jax.io.tensorfile import TensorFile, write_tensors

@@ -16,10 +16,10 @@ from sharding.rules import get_rules
 from test_safe_writes import write_train_run
 from v4jax.io import convert
 from v4jax.io import official
-from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors, load_hf, save_hf
+from v4jax.io.checkpoint import CheckpointError, canonical_name, hf_tensors, save_hf
 from v4jax.config import V4Config
 from v4jax.model.transformer import Transformer
-from v4jax.io.restore import assemble, load_model, open_source
+from v4jax.io.restore import assemble, load_hf, load_model, open_source
 from v4jax.io.sources import ConvertedSource, Kind, TensorSource, detect
 
 TOKENS = (jnp.arange(16)[None] * 7 + 3) % 256

@@ -20,7 +20,8 @@ from flax import nnx
 from v4jax import V4Config, Transformer, parity
 
 from v4jax.io import convert
-from v4jax.io.checkpoint import CheckpointError, hf_tensors, load_hf, save_hf
+from v4jax.io.checkpoint import CheckpointError, hf_tensors, save_hf
+from v4jax.io.restore import load_hf
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers

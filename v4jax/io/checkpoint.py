@@ -4,10 +4,12 @@ On disk, DeepSeek-V4 checkpoints use the official tensor names (`layers.3.attn.w
 `layers.3.hc_attn_fn`, per-expert `ffn.experts.7.w1.weight`, ...): the Hub release as is, and
 transformers' `save_pretrained` with a `model.` prefix (and `model.embed_tokens.weight`,
 `model.hc_head.hc_fn`, `head.weight`); transformers renames them to its module names when loading.
-Both spellings load here. One table (`hf_rules`) maps each canonical name to the model variable it
-fills and the layout change (torch [out, in] vs our [in, out] kernels; the grouped `wo_a`; expert e of
-a stacked [E, ...] weight). Loading checks every tensor's presence, shape and dtype kind and names the
-first bad one; writing is the exact inverse (a round trip reproduces every tensor, name and dtype).
+Every spelling loads (the name table below). One table (`hf_rules`) maps each canonical name to the
+model variable it fills and the layout change (torch [out, in] vs our [in, out] kernels; the grouped
+`wo_a`; expert e of a stacked [E, ...] weight). Reading goes through `v4jax.io.restore.load_model`
+(`load_hf` there adds the on-disk names and dtypes), which checks every tensor's presence, shape and
+dtype kind and names the first bad one; writing (`save_hf`) is the exact inverse (a round trip
+reproduces every tensor, name and dtype).
 
 MTP: transformers does not instantiate the MTP block, so checkpoints it saves have no `mtp.*`
 tensors and load with `n_mtp_layers = 0`; the Hub release's `mtp.0.*` tensors load when present.
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype
+from v4jax.config import RunOptions, V4Config
 from v4jax.io.tensorfile import TensorFileError, open_directory, write_sharded
 
 
@@ -313,78 +315,6 @@ class LoadInfo:
     dtypes: dict[str, np.dtype]  # canonical name -> dtype found on disk
     mtp_loaded: bool
     options: RunOptions = RunOptions()  # the loaded model's run-time options (model.options)
-
-
-def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-            mtp: bool | None = None, options: RunOptions | None = None) -> tuple[Any, LoadInfo]:
-    """Load an HF-format directory (config.json + safetensors, Hub or transformers spelling).
-
-    options: how the model runs (default: RunOptions with the dtypes of config.json's torch_dtype);
-    dtype / param_dtype override its compute / storage dtypes.
-    mtp: True requires MTP tensors, False ignores them, None loads them when present.
-    """
-    from v4jax.model.transformer import Transformer  # local import: the model module imports nothing from here
-
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-    try:
-        cfg = V4Config.from_json_file(os.path.join(directory, "config.json"))
-        # the stored weights' dtype is the default run dtype: a bf16 checkpoint runs in bf16
-        options = (options or RunOptions.for_weights(json_weights_dtype(os.path.join(directory, "config.json"))))
-        options = options.replace(**overrides)
-        found = open_checkpoint_files(directory)
-    except ConfigError as e:  # names config.json already
-        raise CheckpointError(str(e)) from None
-    except TensorFileError as e:
-        raise CheckpointError(f"{directory}: {e}") from None
-    where, spelling = {}, {}
-    for key, tf in found.items():
-        name = canonical_name(key)
-        if name in where:
-            raise CheckpointError(f"{directory}: tensor {name!r} is stored twice (as {spelling[name]!r} and {key!r})")
-        where[name], spelling[name] = tf, key
-    has_mtp = any(k.startswith("mtp.") for k in where)
-    if mtp and not has_mtp:
-        raise CheckpointError(f"{directory}: MTP requested but the checkpoint has no mtp.* tensors")
-    if mtp and not cfg.n_mtp_layers:
-        raise CheckpointError(f"{directory}: MTP requested but config.json sets num_nextn_predict_layers to 0")
-    use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
-    cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
-
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
-    graphdef, state = nnx.split(abstract)
-    variables = dict(nnx.to_flat_state(state))
-    rules = hf_rules(abstract)
-    ignored = set() if use_mtp else {k for k in where if k.startswith("mtp.")}
-    spell_missing = transformers_name if any(k.startswith("model.") for k in found) else str
-    check_names({r.name for r in rules}, set(where) - ignored, directory,
-                spell=lambda n: spelling[n] if n in spelling else spell_missing(n))
-    values: dict[Path, np.ndarray] = {}
-    dtypes = {}
-    for rule in rules:
-        tf, key = where[rule.name], spelling[rule.name]
-        var = variables[rule.ours]
-        slot_shape = tuple(var.shape[len(rule.index or ()):])
-        got = tf.dtype(key)
-        check_tensor(rule, var, tf.shape(key), got, directory, shown=key)
-        is_int = bool(jnp.issubdtype(var.dtype, jnp.integer))
-        a = to_ours(rule.layout, np.asarray(tf[key]), slot_shape)
-        if is_int and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
-            raise CheckpointError(f"{directory}: tensor {key!r} holds expert ids outside [0, {cfg.n_routed_experts})")
-        dtypes[rule.name] = got
-        if rule.index is None:
-            values[rule.ours] = a
-        else:
-            values.setdefault(rule.ours, np.zeros(var.shape, np.dtype(var.dtype)))[rule.index] = a
-    for path, a in values.items():
-        var = variables[path]
-        var.set_value(jnp.asarray(a).astype(var.dtype))
-    if any(isinstance(tf, FusedExperts) for tf in where.values()):
-        # module names with fused experts cannot be written back as found: save_pretrained's spelling
-        spelling = {name: transformers_name(name) for name in spelling}
-    return nnx.merge(graphdef, state), LoadInfo(cfg, spelling, dtypes, use_mtp, options)
 
 
 def hf_tensors(model, info: LoadInfo | None = None) -> dict[str, np.ndarray]:

@@ -177,8 +177,9 @@ def scan_release(directory: str | os.PathLike) -> list[ReleaseTensor]:
     for name, (key, tf) in by_name.items():
         try:
             fmt = release_format(name)
-        except ReleaseError as e:
-            raise ReleaseError(f"{directory}: {e}") from None
+        except ReleaseError:
+            raise ReleaseError(f"{directory}: unexpected tensor {key!r}: not part of the DeepSeek-V4 release "
+                               "layout (does config.json match the checkpoint?)") from None
         dt, shape = tf.dtype(key), tuple(tf.shape(key))
         cls = _dtype_class(dt)
         sk, sf = scales.get(name, (None, None))

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
-from v4jax.io.checkpoint import CheckpointError, Rule, check_names, check_tensor, hf_rules, to_ours
+from v4jax.io.checkpoint import (CheckpointError, FusedExperts, LoadInfo, Rule, check_names, check_tensor, hf_rules,
+                                 to_ours, transformers_name)
 from v4jax.io.sources import ConvertedSource, Kind, SafetensorsSource, TensorSource, detect
 
 
@@ -71,7 +72,8 @@ def _assemble_variable(var, rules: list[Rule], source: TensorSource, sharding, c
         rule = by_slot[slot]
         a = to_ours(rule.layout, a, shape[lead:])
         if np.issubdtype(dtype, np.integer) and a.size and (a.min() < 0 or a.max() >= cfg.n_routed_experts):
-            raise CheckpointError(f"{where}: tensor {name!r} holds expert ids outside [0, {cfg.n_routed_experts})")
+            raise CheckpointError(f"{where}: tensor {source.shown(name)!r} holds expert ids outside "
+                                  f"[0, {cfg.n_routed_experts})")
         for i in needs[slot]:
             idx = slices[i]
             pos = tuple((k - s.start) // s.step for k, s in zip(slot, idx[:lead]))
@@ -93,12 +95,12 @@ def assemble(cfg: V4Config, source: TensorSource, *, mesh=None, rules=None, wher
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, state = nnx.split(abstract)
     table = hf_rules(abstract)
-    check_names({r.name for r in table}, set(source.specs), where)
+    check_names({r.name for r in table}, set(source.specs), where, spell=source.shown)
     flat = dict(nnx.to_flat_state(state))
     by_var: dict[tuple, list[Rule]] = defaultdict(list)
     for r in table:
         by_var[r.ours].append(r)
-        check_tensor(r, flat[r.ours], *source.specs[r.name], where)
+        check_tensor(r, flat[r.ours], *source.specs[r.name], where, shown=source.shown(r.name))
     unfilled = [p for p in flat if p not in by_var]
     if unfilled:
         raise CheckpointError(f"{where}: no checkpoint tensor maps to variable {'.'.join(map(str, unfilled[0]))}")
@@ -244,6 +246,7 @@ class Loaded:
     cfg: V4Config
     kind: Kind
     step: int | None = None  # train runs: the step read
+    source: TensorSource | None = None  # safetensors and converted checkpoints: what was read
 
     @property
     def options(self) -> RunOptions:
@@ -282,14 +285,37 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         raise CheckpointError(str(e)) from None
     source = ConvertedSource(path) if kind is Kind.CONVERTED else SafetensorsSource(path, np.float32)
     has_mtp = any(n.startswith("mtp.") for n in source.specs)
-    if mtp and not (has_mtp and cfg.n_mtp_layers):
-        raise CheckpointError(f"{path}: MTP requested but the checkpoint has no MTP block")
+    if mtp and not has_mtp:
+        raise CheckpointError(f"{path}: MTP requested but the checkpoint has no mtp.* tensors")
+    if mtp and not cfg.n_mtp_layers:
+        raise CheckpointError(f"{path}: MTP requested but config.json sets num_nextn_predict_layers to 0")
     use_mtp = bool(cfg.n_mtp_layers) and has_mtp and mtp is not False
     cfg = cfg.replace(n_mtp_layers=1 if use_mtp else 0)
     if not use_mtp:
         source.specs = {n: s for n, s in source.specs.items() if not n.startswith("mtp.")}
     return Loaded(assemble(cfg, source, mesh=mesh, rules=rules, where=path, read_batch_bytes=read_batch_bytes,
-                           options=options), cfg, kind)
+                           options=options), cfg, kind, source=source)
+
+
+def load_hf(directory: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+            mtp: bool | None = None, options: RunOptions | None = None) -> tuple[Any, LoadInfo]:
+    """A safetensors directory (HF, release or module-name spelling) through `load_model`, with what an
+    exact write-back needs (`LoadInfo`: each tensor's on-disk name and dtype; `save_hf(model, info=)`).
+    options / dtype / param_dtype / mtp as for `load_model`."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not any(n.endswith(".safetensors") for n in os.listdir(directory)):
+        raise CheckpointError(f"{directory}: no *.safetensors files and no model.safetensors.index.json")
+    loaded = load_model(directory, dtype=dtype, param_dtype=param_dtype, mtp=mtp, options=options)
+    source = loaded.source
+    names = {r.name for r in hf_rules(loaded.model)}
+    spelling = {n: e.key for n, e in source.entries.items() if n in names}
+    if any(isinstance(e.file, FusedExperts) for e in source.entries.values()):
+        # module names with fused experts cannot be written back as found: save_pretrained's spelling
+        spelling = {n: transformers_name(n) for n in spelling}
+    dtypes = {n: dt for n, dt in source.stored_dtypes().items() if n in names}
+    return loaded.model, LoadInfo(loaded.cfg, spelling, dtypes, loaded.model.mtp is not None, loaded.options)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.io import official
-from v4jax.io.checkpoint import CheckpointError, canonical_name
+from v4jax.io.checkpoint import CheckpointError, canonical_name, transformers_name
 from v4jax.io.official import Format, ReleaseError
 from v4jax.io.orbax_store import MANIFEST, ConvertError, complete_manifest, load_numpy, read_json
 
@@ -80,6 +80,10 @@ class TensorSource:
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def shown(self, name: str) -> str:
+        """How an error names a tensor: as the checkpoint spells it."""
+        return name
+
     def tensors(self, names: list[str] | None = None, skip=frozenset(),
                 batch_bytes: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """(name, array) for `names` (default: all, in storage order) minus `skip`, in that order, reading
@@ -129,6 +133,17 @@ class SafetensorsSource(TensorSource):
 
     def read(self, names):
         return {n: official.read_tensor(self.entries[n], self.dtypes[n]) for n in names}
+
+    def shown(self, name):
+        if name in self.entries:
+            return self.entries[name].key
+        # a missing tensor, in the spelling the rest of the directory uses
+        return transformers_name(name) if any(e.key.startswith("model.") for e in self.entries.values()) else name
+
+    def stored_dtypes(self) -> dict[str, np.dtype]:
+        """Each tensor's dtype on disk; FP8/FP4 weights (quantised, with scales) as bfloat16."""
+        return {n: np.dtype(ml_dtypes.bfloat16) if e.stored in (Format.FP8, Format.FP4) else np.dtype(e.stored_dtype)
+                for n, e in self.entries.items()}
 
 
 class ConvertedSource(TensorSource):
