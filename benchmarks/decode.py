@@ -1,7 +1,7 @@
 """Cached inference throughput of v4jax vs the transformers peer with its own cache, same weights, CPU fp32.
 
 For each preset (tiny, tiny-b): build a random-weight transformers `DeepseekV4ForCausalLM`
-(`peer.build_peer`), save it HF-style and load it with `checkpoint.load_hf`, so both sides hold the
+(`peer.build_peer`), save it HF-style and load it with `restore.load_hf`, so both sides hold the
 same fp32 weights (plus a random MTP block on our side: transformers has none). For batch 1 and 8:
   * prefill: one forward over the prompt that fills the cache (ours: `Generator._prefill`, jitted; peer:
     `model(ids, use_cache=True)`), tokens/s = batch * prompt / time;
@@ -34,7 +34,7 @@ def _peer_and_ours(preset: str, directory: str):
 
     from v4jax import peer
 
-    from v4jax.io import checkpoint
+    from v4jax.io import restore
 
     from v4jax.inference import generate
     from v4jax.config import V4Config
@@ -43,7 +43,7 @@ def _peer_and_ours(preset: str, directory: str):
     cfg = V4Config.preset(preset)
     torch_model = peer.build_peer(cfg, 0)
     peer.save_peer(torch_model, directory)
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = restore.load_hf(directory)
     model = Transformer(info.config.replace(n_mtp_layers=1), rngs=nnx.Rngs(1), options=info.options)
     nnx.update(model, nnx.state(loaded))
     return model.cfg, torch_model, generate.Generator(model)

@@ -1,7 +1,7 @@
 """Forward throughput of v4jax (jitted) vs the PyTorch peer, same weights, same inputs, CPU fp32.
 
 For each preset: build a random-weight transformers `DeepseekV4ForCausalLM` (`peer.build_peer`), save it
-HF-style, load that directory with `checkpoint.load_hf`, so both sides hold bit-identical fp32 weights.
+HF-style, load that directory with `restore.load_hf`, so both sides hold bit-identical fp32 weights.
 For each (batch, seq): check the two agree on the logits (relative error ||a - b|| / ||b|| <= 1e-4),
 then time full-sequence forwards (no KV cache), alternating v4jax and torch within each repeat so that
 background load hits both alike. Reported: median and min-max wall time per forward, tokens/s
@@ -182,14 +182,14 @@ def bench_preset(name: str, batches, seqs, repeats: int, warmup: int, seed: int,
 
     from v4jax import peer
 
-    from v4jax.io import checkpoint
+    from v4jax.io import restore
     from v4jax.config import V4Config
 
     cfg = V4Config.preset(name)
     pm = peer.build_peer(cfg, seed)
     with tempfile.TemporaryDirectory() as d:
         peer.save_peer(pm, d)
-        model, _info = checkpoint.load_hf(d)
+        model, _info = restore.load_hf(d)
     lcfg, lopt = model.cfg, model.options
     log(f"[{name}] dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} experts={cfg.n_routed_experts} "
         f"(top-{cfg.n_activated_experts}) vocab={cfg.vocab_size} hc_mult={cfg.hc_mult} "

@@ -1,7 +1,7 @@
 """v4jax vs the transformers peer side by side in one run: same weights, same inputs, CPU fp32.
 
 For one small preset, build a random-weight transformers `DeepseekV4ForCausalLM` (`peer.build_peer`),
-save it HF-style and load that directory with `checkpoint.load_hf`, so both sides hold identical
+save it HF-style and load that directory with `restore.load_hf`, so both sides hold identical
 tensors. Then, for each batch size (default 1 and 8), four tasks:
 
   forward   full-sequence forward, logits, no cache (ours: `jax.jit` of `Transformer.__call__`;
@@ -61,14 +61,14 @@ def single_threaded() -> None:
 def _pair(preset: str, seed: int):
     """(config, peer model, our model) on identical weights."""
     from v4jax import peer
-    from v4jax.io import checkpoint
+    from v4jax.io import restore
     from v4jax.config import V4Config
 
     cfg = V4Config.preset(preset)
     pm = peer.build_peer(cfg, seed)
     with tempfile.TemporaryDirectory() as d:
         peer.save_peer(pm, d)
-        model, _ = checkpoint.load_hf(d)
+        model, _ = restore.load_hf(d)
     return cfg, pm, model
 
 

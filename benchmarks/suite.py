@@ -127,7 +127,7 @@ def section_peer(quick: bool, log) -> Section:
         f"Presets {', '.join(s['presets'])}; prompt T = {s['seq']}, {s['steps']} greedy decode steps, "
         f"{s['repeats']} repeats after {s['warmup']} warm-up; both sides single-threaded (torch 1 thread, "
         "XLA:CPU without Eigen threads) on a shared machine. Same weights (the peer saved HF-style and loaded "
-        "with `checkpoint.load_hf`) and the same token ids on both sides; each row is checked before it is "
+        "with `restore.load_hf`) and the same token ids on both sides; each row is checked before it is "
         "timed (forward / prefill: logits within 1e-4 relative; decode: identical greedy tokens and first-step "
         "logits; train: loss and global gradient norm within 1e-4 relative).",
         "",

@@ -16,7 +16,7 @@ from flax import nnx
 
 from v4jax import peer
 
-from v4jax.io import checkpoint
+from v4jax.io import restore
 
 from v4jax.inference import generate as G
 from v4jax.model.cache import init_cache
@@ -65,7 +65,7 @@ def peer_setup(case: str, directory: str):
     cfg = make()
     torch_model = peer.build_peer(cfg, seed)
     peer.save_peer(torch_model, directory)
-    loaded, info = checkpoint.load_hf(directory)
+    loaded, info = restore.load_hf(directory)
     model = Transformer(info.config.replace(n_mtp_layers=1), rngs=nnx.Rngs(1))
     nnx.update(model, nnx.state(loaded))  # every main-model parameter from the checkpoint
     return model.cfg, torch_model, model, G.Generator(model)

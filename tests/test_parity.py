@@ -14,7 +14,7 @@ import pytest
 
 from v4jax import parity, peer
 
-from v4jax.io import checkpoint
+from v4jax.io import restore
 from v4jax.config import V4Config
 
 TOL = 1e-5
@@ -37,7 +37,7 @@ def setup(case: str, tmp_root: str):
     torch_model = peer.build_peer(cfg, seed)
     directory = f"{tmp_root}/{case}"
     peer.save_peer(torch_model, directory)
-    model, info = checkpoint.load_hf(directory)
+    model, info = restore.load_hf(directory)
     return cfg, torch_model, model, directory
 
 
@@ -106,8 +106,8 @@ def test_bf16_forward_runs_and_stays_near_fp32(tmp_root):
     """bf16 is not held to parity: routing and indexer choices flip near their boundaries. Layer 0
     (SWA + hash routing: no data-dependent choice) must stay within bf16 rounding of fp32."""
     cfg, _, _, directory = setup("tiny", tmp_root)
-    model32, _ = checkpoint.load_hf(directory)
-    model16, _ = checkpoint.load_hf(directory, dtype="bfloat16", param_dtype="bfloat16")
+    model32, _ = restore.load_hf(directory)
+    model16, _ = restore.load_hf(directory, dtype="bfloat16", param_dtype="bfloat16")
     ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 48)))
     a, b = model32(ids, return_hidden_states=True), model16(ids, return_hidden_states=True)
     assert b.logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(b.logits)))
