@@ -54,8 +54,8 @@ def tiny_model(seed=0, **kw):
 
 
 def write_train_run(run, model, step=7, tokenizer="byte"):
-    """A train.py run directory as train_loop writes it: config.json {"train": {...}, "model": {...}}
-    (train.tokenizer as given) and checkpoints/<step>/ saved by train_loop's Checkpointer."""
+    """A train.py run directory as train.py writes it: config.json {"train": {...}, "model": {...}}
+    (train.tokenizer as given) and checkpoints/<step>/ saved by v4jax.train.checkpointer.Checkpointer."""
     from v4jax.model.layers import Buffer
     from v4jax.train.optim import flat_params
     from v4jax.train.data import IteratorState
