@@ -52,7 +52,7 @@ from v4jax.io.checkpoint import CheckpointError
 from v4jax.io.official import Format, ReleaseError, checksum
 from v4jax.io.orbax_store import (MANIFEST, ConvertError, complete_manifest, load_numpy, orbax_v1,  # noqa: F401
                                     read_json)
-from v4jax.io.sources import CONFIG, TENSORS, TOKENIZER, Kind, TensorSource
+from v4jax.io.sources import CONFIG, TENSORS, TOKENIZER, Kind, TensorSource, batches, nbytes
 from v4jax.io.safe_io import check_target, commit, is_staging, open_staging, staging_path
 from v4jax.io.tensorfile import DTYPES
 
@@ -160,23 +160,6 @@ def _check_against_config(source: TensorSource) -> None:
         raise ConvertError(f"{e} (per {source.config_path})") from None
 
 
-def _nbytes(shape, dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def _batches(specs, batch_bytes: int):
-    batch, size = [], 0
-    for s in specs:
-        n = _nbytes(s[1], s[2])
-        if batch and size + n > batch_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(s)
-        size += n
-    if batch:
-        yield batch
-
-
 # --------------------------------------------------------------------------------------------------
 # Orbax target (resumable)
 
@@ -234,7 +217,7 @@ def _orbax_write(source: TensorSource, dst: str, m: dict, *, batch_bytes: int, p
     mpath, tpath = os.path.join(dst, MANIFEST), os.path.abspath(os.path.join(dst, TENSORS))
     by_name = {t["name"]: t for t in m["tensors"]}
     done = {t["name"] for t in m["tensors"] if t["crc32"] is not None}
-    total = sum(_nbytes(t["shape"], t["dtype"]) for t in m["tensors"])
+    total = sum(nbytes(t["shape"], t["dtype"]) for t in m["tensors"])
     bar = _bar(len(by_name), progress, initial=len(done))
     if not m["finalized"]:
         # batches are cut from the known sizes before reading, so a batch is never held next to the
@@ -245,7 +228,7 @@ def _orbax_write(source: TensorSource, dst: str, m: dict, *, batch_bytes: int, p
         stream = source.tensors(skip=done)
         ctx = ocp.Context()
         ctx.array.saving.use_compression = compress
-        for n_batch, specs_b in enumerate(_batches(todo, batch_bytes), 1):
+        for n_batch, specs_b in enumerate(batches(todo, batch_bytes), 1):
             batch = {}
             for name, shape, dt in specs_b:
                 got, a = next(stream)
@@ -280,7 +263,7 @@ def _orbax_write(source: TensorSource, dst: str, m: dict, *, batch_bytes: int, p
                            f"{len(by_name)}" + (f"; missing {missing[0]!r}" if missing else "")
                            + (f"; unexpected {extra[0]!r}" if extra else ""))
     vbar = _bar(len(by_name), progress, desc="verify")
-    for batch in _batches([(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in m["tensors"]], batch_bytes):
+    for batch in batches([(t["name"], tuple(t["shape"]), np.dtype(t["dtype"])) for t in m["tensors"]], batch_bytes):
         arrays = load_numpy(tpath, batch)
         for name, shape, dt in batch:
             a, t = arrays.pop(name), by_name[name]

@@ -162,7 +162,7 @@ def scan_release(directory: str | os.PathLike) -> list[ReleaseTensor]:
     for key, tf in found.items():
         name = official_name(key)  # canonical first: module names have `.scale`s that are not scales
         if name.endswith((".scale", ".weight_scale_inv")):  # the latter: the Hub layout convert.py reads
-            name = official_name(key[: key.rindex(".weight_scale_inv" if key.endswith("_inv") else ".scale")] + ".weight")
+            name = official_name(key.removesuffix(".weight_scale_inv").removesuffix(".scale") + ".weight")
             table = scales
         else:
             table = by_name

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -58,6 +58,21 @@ def nbytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
+def batches(specs: Iterable[tuple[str, tuple[int, ...], np.dtype]], batch_bytes: int) -> Iterator[list]:
+    """Consecutive runs of (name, shape, dtype) of at most `batch_bytes` (a larger tensor alone; 0: one
+    tensor a batch), cut from the sizes alone, before anything is read."""
+    batch, size = [], 0
+    for spec in specs:
+        b = nbytes(spec[1], spec[2])
+        if batch and size + b > batch_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(spec)
+        size += b
+    if batch:
+        yield batch
+
+
 class TensorSource:
     """A checkpoint's tensors by canonical name: `specs` ({name: (shape, dtype)}, in storage order),
     `read(names)` for a batch of them as host numpy arrays, `tensors()` to stream them all, and what
@@ -89,20 +104,10 @@ class TensorSource:
         """(name, array) for `names` (default: all, in storage order) minus `skip`, in that order, reading
         up to `batch_bytes` (default: the source's) per call of `read`."""
         limit = self.batch_bytes if batch_bytes is None else batch_bytes
-        batch, size = [], 0
-        for n in (self.specs if names is None else names):
-            if n in skip:
-                continue
-            b = nbytes(*self.specs[n])
-            if batch and size + b > limit:
-                got = self.read(batch)
-                yield from ((m, got.pop(m)) for m in batch)
-                batch, size = [], 0
-            batch.append(n)
-            size += b
-        if batch:
-            got = self.read(batch)
-            yield from ((m, got.pop(m)) for m in batch)
+        wanted = [(n, *self.specs[n]) for n in (self.specs if names is None else names) if n not in skip]
+        for batch in batches(wanted, limit):
+            got = self.read([n for n, _, _ in batch])
+            yield from ((n, got.pop(n)) for n, _, _ in batch)
 
 
 def _entry_dtype(e: official.ReleaseTensor, dtype) -> np.dtype:
