@@ -273,7 +273,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
 
             scores = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((sub, lanes), jnp.float32))
             entry = kb * block_k + r * sub + jax.lax.broadcasted_iota(jnp.int32, (sub, lanes), 0)
-            new_v[rows] = jnp.where(entry < vis_ref[...], scores, -jnp.inf)  # architecture.md §4.6 visibility
+            new_v[rows] = jnp.where(entry < vis_ref[0], scores, -jnp.inf)  # architecture.md §4.6 visibility
             new_i[rows] = entry
             return carry
 
@@ -287,7 +287,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
             cols = slice(c * 128, (c + 1) * 128)
             slab[...] = buf_i[:, cols]
             top = slab[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, 128]
-            top = jnp.where(top < vis_ref[:, cols], top, -1)
+            top = jnp.where(top < vis_ref[0, :, cols], top, -1)
             out_ref[0, cols, :] = jnp.transpose(top)  # [128 queries, kp]
 
 
@@ -359,7 +359,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         num_scalar_prefetch=1,
         grid=(B, n_q, n_k),
         in_specs=[
-            pl.BlockSpec((1, block_q), lambda b, i, j, nb: (b, i)),
+            pl.BlockSpec((1, 1, block_q), lambda b, i, j, nb: (b, 0, i)),  # [B, 1, T]: Mosaic tiles the last two dims
             pl.BlockSpec((1, block_q, H, C), lambda b, i, j, nb: (b, i, 0, 0)),
             pl.BlockSpec((1, H, block_q), lambda b, i, j, nb: (b, 0, i)),
             pl.BlockSpec((1, block_k, C), key_block),
@@ -381,7 +381,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         cost_estimate=pl.CostEstimate(flops=cost['flops'], transcendentals=0,
                                       bytes_accessed=cost['bytes']),
         interpret=interpret,
-    )(nblocks.reshape(-1).astype(jnp.int32), vis, q4, wt, kk)
+    )(nblocks.reshape(-1).astype(jnp.int32), vis[:, None, :], q4, wt, kk)
     return out[:, :T, :k]  # [B, T, k], best first
 
 

@@ -525,8 +525,9 @@ def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype, first_block=0):
     if p.mode == "hca":
         in_specs.append(pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j, f: (b, _hca_block(p, i + f[0], j)[0], 0)))
         args.append(comp)
-    item = q.dtype.itemsize
-    vmem = 2 * (3 * p.rows * p.c * item + p.bk * p.c * item) + p.rows * p.c * 4 + 4 * p.rows * p.bk * 4
+    item, out_item = q.dtype.itemsize, jnp.dtype(out_dtype).itemsize  # CSA's window dq comes out fp32
+    vmem = (2 * (2 * p.rows * p.c * item + p.rows * p.c * out_item + p.bk * p.c * item)
+            + p.rows * p.c * 4 + 4 * p.rows * p.bk * 4)
     return pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
         cost_estimate=_share(cost_estimates(p, q.dtype.itemsize)["dq"], q.shape[1] / p.Tp),
