@@ -5,6 +5,7 @@
   python infer.py --checkpoint DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
       [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N] [--step N]
+      [--numerics exact|release]   # release: DeepSeek's own FP8/FP4 inference roundings (docs/numerics.md)
 
 The checkpoint (`v4jax.io.restore.load_model`) is any of: an HF-format directory (config.json +
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
@@ -167,17 +168,18 @@ def read_prompt_ids(path: str) -> list[list[int]]:
     return rows
 
 
-def print_cache_size(cfg, batch: int, max_len: int, dtype: str) -> None:
+def print_cache_size(cfg, batch: int, max_len: int, dtype: str, numerics) -> None:
     import jax
 
     from v4jax.inference.cache_size import cache_size
     from v4jax.model.cache import cache_nbytes, init_cache
 
-    layout = cache_size(cfg, "layout", dtype)
+    layout = cache_size(cfg, "layout", dtype, numerics)
     release = cache_size(cfg, "release")
-    held = cache_nbytes(jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype)))
+    held = cache_nbytes(jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, numerics=numerics)))
     print(f"KV cache: {layout.per_token:,.0f} B/token + {layout.fixed / 1e6:.2f} MB fixed per sequence "
-          f"({dtype} layout); {held / 1e6:.2f} MB allocated for {batch} x {max_len} tokens. "
+          f"({dtype} layout, {numerics.value} numerics); {held / 1e6:.2f} MB allocated for {batch} x {max_len} "
+          f"tokens. "
           f"Release format (FP8/FP4): {release.per_token:,.0f} B/token, {release.total(max_len) / 1e6:.2f} MB "
           f"per sequence at {max_len}.", file=sys.stderr)
 
@@ -200,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + max new tokens)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: the checkpoint's (bfloat16 with --numerics release)")
+    p.add_argument("--numerics", choices=["exact", "release"], default="exact",
+                   help="release: DeepSeek's inference roundings, FP8/FP4 cache (docs/numerics.md)")
     p.add_argument("--write-random-checkpoint", metavar="DIR", help="write a random model (--preset) and exit")
     p.add_argument("--preset", default="tiny", help="preset for --write-random-checkpoint")
     p.add_argument("--overwrite", action="store_true", help="--write-random-checkpoint: replace a non-empty DIR")
@@ -261,14 +266,15 @@ def run(args) -> int:
 
     if args.speculative and not cfg.n_mtp_layers:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp block (its config has no MTP layer)")
-    loaded = load_model(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, step=args.step,
-                        mtp=None if args.speculative else False)
+    dtype = args.dtype or ("bfloat16" if args.numerics == "release" else None)
+    loaded = load_model(args.checkpoint, dtype=dtype, param_dtype=dtype, step=args.step,
+                        mtp=None if args.speculative else False, numerics=args.numerics)
     model = loaded.model
     if args.speculative and model.mtp is None:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp.* tensors")
     where = f" (step {loaded.step})" if loaded.step is not None else ""
     print(f"loaded {loaded.kind.value} checkpoint {args.checkpoint}{where}", file=sys.stderr)
-    print_cache_size(cfg, len(prompts), max_len, loaded.options.dtype)
+    print_cache_size(cfg, len(prompts), max_len, loaded.options.dtype, loaded.options.numerics)
 
     gen = Generator(model)
     stats: list = []

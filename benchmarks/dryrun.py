@@ -353,7 +353,7 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
         from v4jax.model.cache import cache_shardings, init_cache
         from v4jax.inference.generate import decode_step
 
-        cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, options.dtype, mtp=False))
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, options.dtype, mtp=False, numerics=options.numerics))
         c_sh = cache_shardings(cache, mesh, rules)
         names["KV cache (all layers)"] = sum(_per_device_bytes(a.shape, a.dtype, sh, mesh) for a, sh in
                                              zip(jax.tree.leaves(cache), jax.tree.leaves(c_sh)))

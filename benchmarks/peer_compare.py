@@ -190,7 +190,7 @@ def compare(preset: str = "tiny", batches=(1, 8), seq: int = 64, steps: int = 16
         holder = {}
 
         def fresh():
-            holder["cache"] = init_cache(model.cfg, B, max_len, model.options.dtype)
+            holder["cache"] = init_cache(model.cfg, B, max_len, model.options.dtype, numerics=model.options.numerics)
             jax.block_until_ready(holder["cache"])
 
         if "prefill" in wanted:

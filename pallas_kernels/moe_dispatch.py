@@ -38,7 +38,7 @@ of M * K * N * 2; the default row tile shrinks when experts get few rows (`defau
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
-from pallas_kernels.moe_dispatch_reference import swiglu
+from pallas_kernels.moe_dispatch_reference import released_gemm, swiglu
 
 Tiling = tuple[int, int, int]  # (tm rows, tk contraction, tn output columns)
 
@@ -478,14 +478,14 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_e
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   row_weights: jax.Array, limit: float, *, interpret: bool | None = None,
-                   tiling: Tiling | None = None) -> jax.Array:
+                   row_weights: jax.Array, limit: float, act_quant: Callable | None = None, *,
+                   interpret: bool | None = None, tiling: Tiling | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows, on the Pallas grouped matmuls (moe_impl=pallas).
 
     Same signature and function as `moe_dispatch_reference.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
     (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
-    fp32; the SwiGLU clamp runs in fp32 between the kernels. interpret and tiling as for `gmm`
+    fp32; the SwiGLU clamp runs in fp32 between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
     (interpret=None: the TPU kernel on TPU, XLA's ragged dot on GPU, the interpreter elsewhere, so
     moe_impl=pallas runs anywhere).
     """
@@ -496,11 +496,11 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     if row_weights.shape != xs.shape[:1]:
         raise ValueError(f"row_weights must have shape [{xs.shape[0]}], got {row_weights.shape}")
     dt = xs.dtype
-    mm = functools.partial(gmm, group_sizes=sizes, preferred_element_type=jnp.float32, tiling=tiling,
-                           interpret=interpret)
-    gate, up = mm(xs, w1.astype(dt)), mm(xs, w3.astype(dt))  # [M, I] fp32
-    h = swiglu(gate, up, limit) * row_weights[:, None]
-    return mm(h.astype(dt), w2.astype(dt))  # [M, d] fp32
+    gemm = functools.partial(gmm, group_sizes=sizes, preferred_element_type=jnp.float32, tiling=tiling,
+                             interpret=interpret)
+    mm = released_gemm(lambda a, w: gemm(a, w.astype(dt)), act_quant)
+    h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
+    return mm(h.astype(dt), w2)  # [M, d] fp32
 
 
 # ----------------------------------------------------------------------------------------------

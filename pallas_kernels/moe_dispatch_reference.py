@@ -8,6 +8,8 @@ W2, as DeepSeek's inference code does. `grouped_swiglu` uses `jax.lax.ragged_dot
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -19,29 +21,41 @@ def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   row_weights: jax.Array, limit: float) -> jax.Array:
+                   row_weights: jax.Array, limit: float, act_quant: Callable | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows (reference path, `jax.lax.ragged_dot`).
 
     xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
     expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
     row (applied before W2, as the official code does). Returns [M, d] fp32.
+    act_quant (release numerics): applied to each GEMM's input, whose result is rounded to xs.dtype
+    (`released_gemm`).
     """
     dt = xs.dtype
-    gate = jax.lax.ragged_dot(xs, w1.astype(dt), sizes, preferred_element_type=jnp.float32)
-    up = jax.lax.ragged_dot(xs, w3.astype(dt), sizes, preferred_element_type=jnp.float32)
-    h = swiglu(gate, up, limit) * row_weights[:, None]
-    return jax.lax.ragged_dot(h.astype(dt), w2.astype(dt), sizes, preferred_element_type=jnp.float32)
+    mm = released_gemm(lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32),
+                       act_quant)
+    h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]
+    return mm(h.astype(dt), w2)
+
+
+def released_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
+    """gemm(a, w) -> fp32 as is, or (act_quant given: release numerics, docs/numerics.md) on act_quant(a)
+    with the result rounded to a's dtype, as DeepSeek's FP8/FP4 GEMMs return BF16."""
+    if act_quant is None:
+        return gemm
+    return lambda a, w: gemm(act_quant(a), w).astype(a.dtype).astype(jnp.float32)
 
 
 def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                          row_weights: jax.Array, limit: float) -> jax.Array:
+                          row_weights: jax.Array, limit: float, act_quant: Callable | None = None) -> jax.Array:
     """The same function as `grouped_swiglu` by one masked dense FFN per expert (moe_impl=reference):
     E times the FLOPs, no ragged op, easy to read and to trust."""
     dt = xs.dtype
     ends = jnp.cumsum(sizes)
     expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups
     mask = jax.nn.one_hot(expert, w1.shape[0], dtype=jnp.float32)  # [M, E]
-    gate = jnp.einsum("md,edi->emi", xs, w1.astype(dt), preferred_element_type=jnp.float32)
-    up = jnp.einsum("md,edi->emi", xs, w3.astype(dt), preferred_element_type=jnp.float32)
-    h = swiglu(gate, up, limit) * (mask.T * row_weights[None, :])[..., None]
-    return jnp.einsum("emi,eid->md", h.astype(dt), w2.astype(dt), preferred_element_type=jnp.float32)
+    up_proj = released_gemm(lambda a, w: jnp.einsum("md,edi->emi", a, w.astype(dt), preferred_element_type=jnp.float32),
+                            act_quant)
+    h = swiglu(up_proj(xs, w1), up_proj(xs, w3), limit) * (mask.T * row_weights[None, :])[..., None]
+    down = released_gemm(lambda a, w: jnp.einsum("emi,eid->emd", a, w.astype(dt), preferred_element_type=jnp.float32),
+                         act_quant)
+    return jnp.sum(down(h.astype(dt), w2), axis=0)  # each expert's result rounded before the sum, as the kernels do

@@ -27,14 +27,26 @@ def test_release_format_reproduces_spec_per_token_figures_and_reductions():
     assert round(100 * p.per_token / S.gqa_baseline_size(pro.n_layers).per_token) == 2
 
 
+@pytest.mark.parametrize("numerics", ["exact", "release"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-b"])
-def test_allocated_cache_bytes_equal_the_layout_calculator(preset):
+def test_allocated_cache_bytes_equal_the_layout_calculator(preset, numerics):
     cfg = V4Config.preset(preset)
     max_len = 128  # a multiple of every ratio: no rounding
-    cache = jax.eval_shape(lambda: C.init_cache(cfg, 1, max_len, mtp=False))
-    s = S.cache_size(cfg, "layout")
+    dtype = "bfloat16" if numerics == "release" else "float32"
+    cache = jax.eval_shape(lambda: C.init_cache(cfg, 1, max_len, dtype, mtp=False, numerics=numerics))
+    s = S.cache_size(cfg, "layout", dtype, numerics)
     lengths_bytes = 4
     assert C.cache_nbytes(cache) == pytest.approx(s.total(max_len) + lengths_bytes)
+
+
+def test_with_release_numerics_the_layout_is_the_release_format():
+    """Issue 17: the cache of a release-numerics model holds the release's FP8 / FP4 formats, so the
+    calculator's layout and release figures agree (583 B per KV entry, 68 B per indexer key)."""
+    for name in ("v4-flash", "v4-pro"):
+        cfg = V4Config.preset(name)
+        layout, release = S.cache_size(cfg, "layout", "bfloat16", "release"), S.cache_size(cfg, "release")
+        assert layout.per_token == release.per_token
+        assert layout.per_token < S.cache_size(cfg, "layout", "bfloat16").per_token / 1.7
 
 
 def test_init_cache_layout_per_stage_and_kind():

@@ -158,3 +158,30 @@ def test_parity_dump_and_infer_read_the_release_as_its_hf_form(release, tmp_path
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(r.stdout.strip().splitlines()[-1])
     assert outs[0] == outs[1]
+
+
+def test_release_numerics_through_parity_dump_and_infer(release, tmp_path):
+    """Issue 17: `--numerics release` runs the release's own roundings on the released weights (bf16);
+    its cached decode (FP8 / FP4 cache) reproduces its stateless logits, and they differ from exact mode."""
+    ckpt, _, _ = release
+    ids = tmp_path / "ids.npy"
+    np.save(ids, IDS.astype(np.int32))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for numerics in ("release", "exact"):
+        r = subprocess.run([sys.executable, "-m", "v4jax.parity", "dump", "--checkpoint", str(ckpt), "--input-ids",
+                            str(ids), "--out", str(tmp_path / numerics), "--numerics", numerics, "--dtype", "bfloat16",
+                            "--decode-from", "18"], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rel, exact = (np.load(tmp_path / n / "logits.npy") for n in ("release", "exact"))
+    decoded = np.load(tmp_path / "release" / "decode_logits.npy")  # [B, 24 - 18 + 1, V]
+    np.testing.assert_allclose(decoded, rel[:, 17:], rtol=0, atol=1e-6 * np.abs(rel).max())
+    assert 1e-3 < float(np.linalg.norm(rel - exact) / np.linalg.norm(exact)) < 0.2
+    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--prompt-ids", str(ids),
+                        "--max-new-tokens", "3", "--numerics", "release"], capture_output=True, text=True, env=env,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bfloat16 layout, release numerics" in r.stderr
+    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--prompt-ids", str(ids),
+                        "--numerics", "release", "--dtype", "float32"], capture_output=True, text=True, env=env,
+                       cwd=ROOT)
+    assert r.returncode == 2 and "numerics=release computes in bfloat16" in r.stderr.strip().splitlines()[-1]

@@ -59,6 +59,14 @@ class AttentionImpl(enum.Enum):
     PALLAS = "pallas"  # pallas_kernels.sparse_attention / lightning_indexer
 
 
+class Numerics(enum.Enum):
+    """Which run-time roundings the forward applies (docs/numerics.md)."""
+
+    EXACT = "exact"  # the weights' values in the compute dtype, fp32 where the peer keeps fp32
+    RELEASE = "release"  # what DeepSeek's inference code computes: FP8 activations before FP8/FP4 GEMMs, BF16
+    #                      GEMM results, FP8 KV (non-RoPE dims), Hadamard + FP4 indexer q/k, BF16 index scores
+
+
 class MoEImpl(enum.Enum):
     """Which implementation of the routed experts' grouped SwiGLU runs (same function)."""
 
@@ -90,6 +98,8 @@ class RunOptions:
         compressed entry, as HCA does, and skip the indexer's top-k (dense stage, indexer warm-up).
       indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its
         KL loss and the KL trains nothing else (architecture.md §8.2); no effect on the forward values.
+      numerics: `Numerics.EXACT` or `Numerics.RELEASE` (DeepSeek's inference roundings, docs/numerics.md;
+        needs dtype bfloat16, as that code computes in BF16).
     """
 
     dtype: str = "float32"
@@ -101,10 +111,12 @@ class RunOptions:
     moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
     csa_dense: bool = False
     indexer_detach: bool = True
+    numerics: Numerics = Numerics.EXACT
 
     def __post_init__(self):
         # accept the enum values as strings (command line, TOML) and normalise them to enums
-        for name, kind in (("remat", Remat), ("attention_impl", AttentionImpl), ("moe_impl", MoEImpl)):
+        for name, kind in (("remat", Remat), ("attention_impl", AttentionImpl), ("moe_impl", MoEImpl),
+                           ("numerics", Numerics)):
             object.__setattr__(self, name, _as_enum(kind, getattr(self, name), name))
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, _dtype_name(getattr(self, name)))
@@ -122,6 +134,9 @@ class RunOptions:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.numerics is Numerics.RELEASE and self.dtype != "bfloat16":
+            raise ConfigError(f"numerics=release computes in bfloat16 as DeepSeek's inference code does; "
+                              f"dtype is {self.dtype!r} (set dtype=bfloat16)")
 
     def replace(self, **changes: Any) -> "RunOptions":
         unknown = sorted(set(changes) - set(OPTION_FIELDS))

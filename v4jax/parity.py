@@ -49,8 +49,10 @@ def _load_npy(path: str) -> np.ndarray:
         raise ValueError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
-         decode_from: int | None = None, overwrite: bool = False) -> dict[str, np.ndarray]:
+def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
+         decode_from: int | None = None, overwrite: bool = False, numerics: str = "exact") -> dict[str, np.ndarray]:
+    """Run the forward (and, with decode_from, the cached decode) and write the arrays to `out`.
+    dtype: compute and parameter dtype (default float32; bfloat16 with numerics=release, which needs it)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -64,7 +66,8 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str = "float32", *,
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"cannot read token ids from {input_ids}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     # every form infer.py reads: HF / release / module-name safetensors, a convert output, a train run
-    loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype)
+    dtype = dtype or ("bfloat16" if numerics == "release" else "float32")
+    loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype, numerics=numerics)
     model, cfg = loaded.model, loaded.cfg
     ids = check_token_ids(ids, cfg.vocab_size)
     graphdef, state = nnx.split(model)
@@ -103,7 +106,8 @@ def decode_logits(model, ids: np.ndarray, decode_from: int) -> np.ndarray:
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda st, cache, t: decode_step(nnx.merge(graphdef, st), cache, t), donate_argnums=1)
     first = jax.jit(lambda st, cache, t: prefill(nnx.merge(graphdef, st), t, None, cache), donate_argnums=1)
-    logits, cache = first(state, init_cache(model.cfg, B, S, model.options.dtype, mtp=False), jnp.asarray(ids[:, :decode_from]))
+    logits, cache = first(state, init_cache(model.cfg, B, S, model.options.dtype, mtp=False,
+                                          numerics=model.options.numerics), jnp.asarray(ids[:, :decode_from]))
     out = [np.asarray(logits[:, -1], np.float32)]
     for t in range(decode_from, S):
         logits, cache = step(state, cache, jnp.asarray(ids[:, t:t + 1]))
@@ -156,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--checkpoint", required=True, help="any checkpoint infer.py reads: HF, release or module-name safetensors, a convert output, a train.py run")
     d.add_argument("--input-ids", required=True, help=".npy file of int token ids [B, S]")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and parameter dtype")
+    d.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute and parameter dtype (default float32; bfloat16 with --numerics release)")
+    d.add_argument("--numerics", default="exact", choices=["exact", "release"],
+                   help="release: DeepSeek's inference roundings (FP8 activations and KV, FP4 indexer; docs/numerics.md)")
     d.add_argument("--decode-from", type=int, default=None, metavar="S0",
                    help="also write decode_logits.npy: prefill S0 ids, then decode the rest one token at a time")
     d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dump":
             arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype, decode_from=args.decode_from,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, numerics=args.numerics)
             for name, a in arrays.items():
                 print(f"wrote {os.path.join(args.out, name + '.npy')} {a.shape}")
             return 0

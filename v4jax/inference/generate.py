@@ -237,7 +237,8 @@ class Generator:
         padded = np.zeros((B, T), np.int32)
         for b, r in enumerate(rows):
             padded[b, :len(r)] = r
-        cache = init_cache(cfg, B, max_len, self.model.options.dtype)  # with the MTP block's (small) cache whenever there is one: one shape
+        # with the MTP block's (small) cache whenever there is one: one shape
+        cache = init_cache(cfg, B, max_len, self.model.options.dtype, numerics=self.model.options.numerics)
 
         t0 = time.perf_counter()
         last_logits = np.zeros((B, cfg.vocab_size), np.float32)

@@ -256,15 +256,18 @@ class Loaded:
 
 def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | None = None,
                param_dtype: str | None = None, mtp: bool | None = None, step: int | None = None,
-               read_batch_bytes: int = 1 << 30, options: RunOptions | None = None) -> Loaded:
+               read_batch_bytes: int = 1 << 30, options: RunOptions | None = None,
+               numerics: str | None = None) -> Loaded:
     """Load any supported checkpoint (see the module docstring) into a model; sharded with mesh+rules.
 
     options: how the model runs (default: a train run's own, or the dtypes of config.json's
-    torch_dtype); dtype / param_dtype override its compute / storage dtypes. mtp: True requires the MTP block,
+    torch_dtype); dtype / param_dtype / numerics override its compute / storage dtypes and its numerics
+    (`exact` or `release`, docs/numerics.md). mtp: True requires the MTP block,
     False drops it, None keeps it when the checkpoint has it."""
     path = os.fspath(path)
     kind = detect(path)
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype), ("numerics", numerics))
+                 if v is not None}
     if kind is Kind.TRAIN_RUN:
         _, run = _train_step_dir(path, step)
         cfg = train_run_config(run)

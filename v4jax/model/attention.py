@@ -26,16 +26,17 @@ from pallas_kernels.sparse_attention_reference import entry_attention_mass
 from sharding.context import constrain
 from v4jax.model import kernels
 from v4jax.model.compressor import Compressor, CompressorState, ring_write
-from v4jax.config import AttentionKind, RunOptions, V4Config
+from v4jax.config import AttentionKind, Numerics, RunOptions, V4Config
 from v4jax.model.indexer import Indexer, IndexerTraces, entry_scores
 from v4jax.model.layers import Linear, RMSNorm, param, rms_normalize
+from v4jax.model.numerics import Stored, bf16_head_rms, decode, fp8_nope
 from v4jax.model.rope import apply_rope, inv_frequencies
 
 
 class AttentionState(NamedTuple):
     """One attention layer's cache for B sequences (architecture.md §4.7); absent parts are None."""
 
-    window: jax.Array  # [B, W, c] ring of raw KV: slot = position mod W
+    window: Stored  # [B, W, c] ring of raw KV: slot = position mod W (stored as `init_cache` chose)
     compressor: CompressorState | None = None  # CSA, HCA
     indexer: CompressorState | None = None  # CSA: the lightning indexer's key compressor
 
@@ -44,27 +45,21 @@ class Attention(nnx.Module):
     def __init__(self, cfg: V4Config, kind: AttentionKind, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         pd = options.param_dtype
         H, c, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
-        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), param_dtype=pd, rngs=rngs)
+        fp8 = self.release = options.numerics is Numerics.RELEASE  # FP8 weights in the release: FP8 activations
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), param_dtype=pd, rngs=rngs, act_quant=fp8)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", rngs=rngs)
-        self.wq_b = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), param_dtype=pd, rngs=rngs)
-        self.wkv = Linear(cfg.dim, c, ("embed", "head_dim"), param_dtype=pd, rngs=rngs)
+        self.wq_b = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), param_dtype=pd, rngs=rngs, act_quant=fp8)
+        self.wkv = Linear(cfg.dim, c, ("embed", "head_dim"), param_dtype=pd, rngs=rngs, act_quant=fp8)
         self.kv_norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
         # Grouped output projection: group g' maps its (H/g)*c head outputs to d_g (row block g' of wo_a).
         self.wo_a = param(rngs, (g, H // g * c, cfg.o_lora_rank), ("o_groups", "heads", "o_lora"), pd)
-        self.wo_b = Linear(g * cfg.o_lora_rank, cfg.dim, ("o_lora", "embed"), param_dtype=pd, rngs=rngs)
+        self.wo_b = Linear(g * cfg.o_lora_rank, cfg.dim, ("o_lora", "embed"), param_dtype=pd, rngs=rngs, act_quant=fp8)
         self.sinks = param(rngs, (H,), ("heads",), jnp.float32, init="zeros")  # sigma_h, fp32
         ratio = cfg.compress_ratio(kind)
         self.compressor = (Compressor(cfg.dim, c, ratio, kind is AttentionKind.CSA, cfg.norm_eps, param_dtype=pd,
-                                      rngs=rngs) if ratio else None)
+                                      rngs=rngs, release=fp8) if ratio else None)
         self.indexer = Indexer(cfg, rngs=rngs, options=options) if kind is AttentionKind.CSA else None
         self.cfg, self.kind, self.options = cfg, kind, options
-
-    def init_state(self, batch: int, max_len: int, dtype) -> AttentionState:
-        """An empty cache for `batch` sequences of up to `max_len` tokens, KV stored in `dtype`."""
-        return AttentionState(
-            jnp.zeros((batch, self.cfg.window_size, self.cfg.head_dim), dtype),
-            None if self.compressor is None else self.compressor.init_state(batch, max_len, dtype),
-            None if self.indexer is None else self.indexer.compressor.init_state(batch, max_len, dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, state: AttentionState | None = None,
                  n_valid: jax.Array | None = None, return_indexer_traces: bool = False):
@@ -78,8 +73,11 @@ class Attention(nnx.Module):
 
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c], shared with the indexer
         q = constrain(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), ("batch", "seq", "act_heads", None))
-        q = apply_rope(rms_normalize(q, cfg.norm_eps), positions[..., None], inv_freq)  # per-head un-weighted norm
+        q = (bf16_head_rms if self.release else rms_normalize)(q, cfg.norm_eps)  # per-head un-weighted norm
+        q = apply_rope(q, positions[..., None], inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]
+        if self.release:  # the release's KV: FP8 on the non-RoPE dims (docs/numerics.md)
+            kv = fp8_nope(kv, cfg.rope_head_dim)
 
         compressed = topk_idx = traces = None
         comp_state = index_state = None
@@ -109,7 +107,7 @@ class Attention(nnx.Module):
         if state is None:  # the window and the entries are this call's own
             o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio, opt.attention_chunk)
         else:  # the new tokens' own window through the core's band, the past as index lists
-            past, idx = past_indices(state.window.astype(kv.dtype), compressed, topk_idx, positions, ratio)
+            past, idx = past_indices(decode(state.window, kv.dtype), compressed, topk_idx, positions, ratio)
             o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, ratio, opt.attention_chunk)
             n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid
             state = AttentionState(ring_write(state.window, kv, positions[:, 0], n_valid), comp_state, index_state)

@@ -18,8 +18,10 @@ tokens is resetting `lengths` (the rings are sized so that one rejected token ov
 nobody reads again; see `v4jax.inference.generate`). `cache_logical_axes` gives the parallel pytree of logical
 axis names for the sharding rules table, `cache_shardings` resolves it on a mesh.
 
-Storage here is the compute dtype (fp32 or bf16), not the release's FP8/FP4 formats;
-`v4jax.inference.cache_size` reports both this layout and the release format.
+Storage is the compute dtype (fp32 or bf16), or with `numerics=release` the release's formats
+(docs/numerics.md): window and compressed KV as `Fp8KV` (FP8 non-RoPE dims, UE8M0 scales, BF16 RoPE
+dims), the indexer's keys as `Fp4Keys` (MXFP4); compressor states stay fp32. The layers read and
+write whichever format the cache holds. `v4jax.inference.cache_size` reports the bytes of each layout.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import jax.numpy as jnp
 
 from v4jax.model.attention import AttentionState
 from v4jax.model.compressor import CompressorState
-from v4jax.config import AttentionKind, V4Config, stage_units
+from v4jax.config import AttentionKind, Numerics, V4Config, stage_units
+from v4jax.model.numerics import Fp4Keys, Fp8KV
 
 
 LayerCache = AttentionState  # one attention layer's cache
@@ -71,27 +74,34 @@ jax.tree_util.register_dataclass(Cache, data_fields=["lengths", "stages", "mtp",
 
 
 def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, dtype,
-                 lead: tuple[int, ...]) -> AttentionState:
+                 lead: tuple[int, ...], release: bool) -> AttentionState:
     """An empty AttentionState; lead: leading stacking dims ([repeats] for a scanned stage)."""
 
-    def compressor(ratio: int, width: int, kappa: int) -> CompressorState:
+    def kv(rows: int):  # [*lead, B, rows, c]
+        shape = lead + (batch, rows)
+        return Fp8KV.zeros(shape, cfg.head_dim, cfg.rope_head_dim) if release else jnp.zeros(shape + (cfg.head_dim,), dtype)
+
+    def compressor(ratio: int, width: int, kappa: int, entries) -> CompressorState:
         ring = lead + (batch, kappa * ratio, kappa * width)
         return CompressorState(jnp.zeros(ring, jnp.float32),  # no token yet: logits -inf, softmax weight 0
-                               jnp.full(ring, -jnp.inf, jnp.float32),
-                               jnp.zeros(lead + (batch, max_len // ratio, width), dtype))
+                               jnp.full(ring, -jnp.inf, jnp.float32), entries)
 
     m = cfg.compress_ratio(kind)
+    n, c_i = max_len // m if m else 0, cfg.index_head_dim
+    keys = Fp4Keys.zeros(lead + (batch, n), c_i) if release else jnp.zeros(lead + (batch, n, c_i), dtype)
     return AttentionState(
-        jnp.zeros(lead + (batch, cfg.window_size, cfg.head_dim), dtype),
-        compressor(m, cfg.head_dim, 2 if kind is AttentionKind.CSA else 1) if m else None,
-        compressor(m, cfg.index_head_dim, 2) if kind is AttentionKind.CSA else None)
+        kv(cfg.window_size),
+        compressor(m, cfg.head_dim, 2 if kind is AttentionKind.CSA else 1, kv(n)) if m else None,
+        compressor(m, c_i, 2, keys) if kind is AttentionKind.CSA else None)
 
 
-def init_cache(cfg: V4Config, batch: int, max_len: int, dtype="float32", *, mtp: bool | None = None) -> Cache:
+def init_cache(cfg: V4Config, batch: int, max_len: int, dtype="float32", *, mtp: bool | None = None,
+               numerics: Numerics | str = Numerics.EXACT) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated).
 
     dtype: storage dtype of KV (callers pass the model's RunOptions.dtype); compressor states are fp32
-    (architecture.md §4.3).
+    (architecture.md §4.3). numerics: the model's RunOptions.numerics; `release` stores KV and the
+    indexer's keys in the release's FP8 / FP4 formats instead (docs/numerics.md).
     mtp: also allocate the MTP block's cache (default: when the config has an MTP block).
     Works under `jax.eval_shape` (for AOT compilation and sharding)."""
     if not isinstance(batch, int) or batch < 1:
@@ -100,14 +110,14 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype="float32", *, mtp:
         raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    dtype = jnp.dtype(dtype)
-    stages = tuple(tuple(_layer_cache(cfg, kind, batch, max_len, dtype, (repeats,)) for kind, _ in unit)
+    dtype, release = jnp.dtype(dtype), Numerics(numerics) is Numerics.RELEASE
+    stages = tuple(tuple(_layer_cache(cfg, kind, batch, max_len, dtype, (repeats,), release) for kind, _ in unit)
                    for unit, repeats in stage_units(cfg))
     mtp = bool(cfg.n_mtp_layers) if mtp is None else mtp
     if mtp and not cfg.n_mtp_layers:
         raise ValueError("an MTP cache was requested but the config has no MTP block (n_mtp_layers = 0)")
     return Cache(jnp.zeros((batch,), jnp.int32), stages,
-                 _layer_cache(cfg, AttentionKind.SLIDING, batch, max_len, dtype, ()) if mtp else None,
+                 _layer_cache(cfg, AttentionKind.SLIDING, batch, max_len, dtype, (), release) if mtp else None,
                  jnp.zeros((batch,), jnp.int32) if mtp else None, max_len)
 
 
@@ -115,10 +125,13 @@ def cache_logical_axes(cache: Cache) -> Cache:
     """A Cache-shaped pytree whose leaves are tuples of logical axis names (one per array dimension)."""
 
     def layer(lc: AttentionState, lead: tuple):
-        def part(state, axes):
-            return None if state is None else CompressorState(*(lead + ax for ax in axes))
+        # every stored part of an array (a release format's codes, scales and RoPE dims) takes its axes
+        named = lambda stored, axes: jax.tree.map(lambda _: lead + axes, stored)  # noqa: E731
 
-        return AttentionState(lead + _LAYER_AXES.window, part(lc.compressor, _LAYER_AXES.compressor),
+        def part(state, axes):
+            return None if state is None else CompressorState(*map(named, state, axes))
+
+        return AttentionState(named(lc.window, _LAYER_AXES.window), part(lc.compressor, _LAYER_AXES.compressor),
                               part(lc.indexer, _LAYER_AXES.indexer))
 
     stages = tuple(tuple(layer(lc, ("layers",)) for lc in unit) for unit in cache.stages)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.model.layers import Linear, RMSNorm, param
+from v4jax.model.numerics import Stored, decode, encode_as, fp8_nope, rotate_fp4
 from v4jax.model.rope import apply_rope
 
 
@@ -31,7 +32,7 @@ class CompressorState(NamedTuple):
 
     values: jax.Array  # [B, kappa m, kappa c] fp32 ring: per-token values, slot = position mod kappa m
     logits: jax.Array  # [B, kappa m, kappa c] fp32 ring: gate logits + ape, -inf where no token
-    entries: jax.Array  # [B, N, c] compressed entries by index (N = max_len // m)
+    entries: Stored  # [B, N, c] compressed entries by index (N = max_len // m), stored as `init_cache` chose
 
 
 class Compressor(nnx.Module):
@@ -40,20 +41,16 @@ class Compressor(nnx.Module):
     window waits in the state, or is dropped without one, architecture.md §4.3)."""
 
     def __init__(self, dim: int, width: int, ratio: int, overlap: bool, norm_eps: float, *, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, release: bool = False, rotate: bool = False):
         kappa = 2 if overlap else 1
         self.wkv = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
         self.wgate = Linear(dim, kappa * width, ("embed", "compress_width"), param_dtype=param_dtype, rngs=rngs)
         self.ape = param(rngs, (ratio, kappa * width), (None, None), jnp.float32, init="zeros")  # small: replicated
         self.norm = RMSNorm(width, norm_eps, "head_dim", rngs=rngs)
         self.width, self.ratio, self.overlap = width, ratio, overlap
-
-    def init_state(self, batch: int, max_len: int, dtype) -> CompressorState:
-        """An empty state: no token in the rings (logits -inf: softmax weight 0), no entry."""
-        kappa = 2 if self.overlap else 1
-        ring = (batch, kappa * self.ratio, kappa * self.width)
-        return CompressorState(jnp.zeros(ring, jnp.float32), jnp.full(ring, -jnp.inf, jnp.float32),
-                               jnp.zeros((batch, max_len // self.ratio, self.width), dtype))
+        # release numerics (docs/numerics.md): the entry is rounded as DeepSeek's code stores it, FP8 on
+        # the non-RoPE dims (attention) or rotated + FP4 (rotate: the indexer's keys)
+        self.release, self.rotate = release, rotate
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, state: CompressorState | None = None,
                  n_valid: jax.Array | None = None) -> tuple[jax.Array, CompressorState | None]:
@@ -94,19 +91,24 @@ class Compressor(nnx.Module):
         weights = jax.nn.softmax(logits, axis=2)  # per channel over the window's candidates
         pooled = jnp.sum(weights * values, axis=2)  # [B, n_win, c] fp32
         index = first[:, None] + jnp.arange(n_win)  # entry id of each window
-        dtype = x.dtype if state is None else state.entries.dtype
+        dtype = x.dtype
+        if self.release:  # model.py casts the pooled entry to BF16 before its norm
+            pooled = pooled.astype(jnp.bfloat16)
         entries = apply_rope(self.norm(pooled).astype(dtype), m * index, inv_freq)  # RoPE at the window's 1st token
+        if self.release:
+            entries = rotate_fp4(entries) if self.rotate else fp8_nope(entries, 2 * len(inv_freq))
         if state is None:
             return entries, None
 
         n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid
         k = jnp.arange(n_win)[None, :]
         done = (k >= kappa - 1) & ((k + 1) * m <= (offset + n_valid)[:, None])  # whole, not emitted before
-        index = jnp.where(done, index, state.entries.shape[1])  # out of range: dropped
-        buffer = jax.vmap(lambda e, i, v: e.at[i].set(v, mode="drop"))(state.entries, index, entries)
+        index = jnp.where(done, index, jax.tree.leaves(state.entries)[0].shape[1])  # N: out of range, dropped
+        buffer = jax.tree.map(lambda e, v: jax.vmap(lambda e, i, v: e.at[i].set(v, mode="drop"))(e, index, v),
+                              state.entries, encode_as(state.entries, entries))
         start = positions[:, 0]
-        return buffer, CompressorState(ring_write(state.values, new_v, start, n_valid),
-                                       ring_write(state.logits, new_l, start, n_valid), buffer)
+        return decode(buffer, dtype), CompressorState(ring_write(state.values, new_v, start, n_valid),
+                                                      ring_write(state.logits, new_l, start, n_valid), buffer)
 
 
 def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int):
@@ -125,11 +127,12 @@ def _ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:
     return jnp.take_along_axis(ring, idx.reshape(*idx.shape, *([1] * (ring.ndim - 2))), axis=1)
 
 
-def ring_write(ring: jax.Array, new: jax.Array, start: jax.Array, n_valid: jax.Array) -> jax.Array:
+def ring_write(ring: Stored, new: jax.Array, start: jax.Array, n_valid: jax.Array) -> Stored:
     """Write the last min(n_valid, S) valid rows of new [B, T, ...] (positions start + j) into their
-    slots (position mod S) of ring [B, S, ...]."""
-    S, T = ring.shape[1], new.shape[1]
+    slots (position mod S) of ring [B, S, ...] (a plain array or a release storage format)."""
+    S, T = jax.tree.leaves(ring)[0].shape[1], new.shape[1]
     j = jnp.arange(T)[None, :]
     keep = (j < n_valid[:, None]) & (j >= n_valid[:, None] - S)  # no two kept rows share a slot
     slot = jnp.where(keep, (start[:, None] + j) % S, S)  # S = out of range: dropped
-    return jax.vmap(lambda r, s, v: r.at[s].set(v.astype(r.dtype), mode="drop"))(ring, slot, new)
+    write = jax.vmap(lambda r, s, v: r.at[s].set(v, mode="drop"))
+    return jax.tree.map(lambda r, v: write(r, slot, v), ring, encode_as(ring, new))  # per stored part

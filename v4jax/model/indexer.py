@@ -26,19 +26,21 @@ from pallas_kernels.lightning_indexer_reference import index_scores
 from pallas_kernels.query_chunks import map_query_chunks
 from v4jax.model import kernels
 from v4jax.model.compressor import Compressor, CompressorState
-from v4jax.config import AttentionImpl, RunOptions, V4Config
+from v4jax.config import AttentionImpl, Numerics, RunOptions, V4Config
 from v4jax.model.layers import Linear
+from v4jax.model.numerics import rotate_fp4
 from v4jax.model.rope import apply_rope
 
 
 class Indexer(nnx.Module):
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         pd = options.param_dtype
+        release = self.release = options.numerics is Numerics.RELEASE  # docs/numerics.md
         self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("q_lora", "index_heads"),
-                           param_dtype=pd, rngs=rngs)
+                           param_dtype=pd, rngs=rngs, act_quant=release)
         self.weights_proj = Linear(cfg.dim, cfg.index_n_heads, ("embed", "index_heads"), param_dtype=pd, rngs=rngs)
         self.compressor = Compressor(cfg.dim, cfg.index_head_dim, cfg.csa_ratio, True, cfg.norm_eps,
-                                     param_dtype=pd, rngs=rngs)
+                                     param_dtype=pd, rngs=rngs, release=release, rotate=True)
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.ratio, self.chunk, self.impl = cfg.csa_ratio, options.attention_chunk, options.attention_impl
 
@@ -50,7 +52,10 @@ class Indexer(nnx.Module):
         keys, state = self.compressor(x, positions, inv_freq, state, n_valid)  # [B, N_c, c_I]
         q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
         q = apply_rope(q, positions[..., None], inv_freq)  # [B, T, n_I, c_I]
-        w = self.weights_proj(x, jnp.float32) * (self.head_dim * self.n_heads) ** -0.5  # [B, T, n_I]
+        scale = (self.head_dim * self.n_heads) ** -0.5
+        if self.release:  # Hadamard + FP4 queries; BF16 head weights, so BF16 index scores (docs/numerics.md)
+            return rotate_fp4(q), self.weights_proj(x) * scale, keys.astype(x.dtype), state
+        w = self.weights_proj(x, jnp.float32) * scale  # [B, T, n_I] fp32
         return q, w, keys.astype(x.dtype), state
 
     def select(self, q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array) -> jax.Array:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax.model.numerics import fp8_act_quant
+
 INIT_STD = 0.02  # N(0, 0.02) for matrices (HF transformers' initializer_range; architecture.md §11.3)
 
 
@@ -36,14 +38,24 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
 
 class Linear(nnx.Module):
     """y = x W with W stored [in, out] (the transpose of torch's [out, in]). Products accumulate
-    in fp32; the result is cast to `dtype` (the compute dtype unless a caller asks for fp32)."""
+    in fp32; the result is cast to `dtype` (the compute dtype unless a caller asks for fp32).
+
+    act_quant (release numerics, docs/numerics.md; the layers whose released weight is FP8 or FP4):
+    x is quantised to FP8 E4M3 in 1x128 blocks with UE8M0 scales first, and the product comes out in
+    BF16, as DeepSeek's `fp8_gemm` returns it (x and W are then exact in BF16: the GEMM is exact
+    products accumulated in fp32)."""
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-                 param_dtype, rngs: nnx.Rngs):
+                 param_dtype, rngs: nnx.Rngs, act_quant: bool = False):
         self.kernel = param(rngs, (in_features, out_features), axes, param_dtype)
+        self.act_quant = act_quant
 
     def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
         dtype = dtype or x.dtype
+        if self.act_quant:
+            x = fp8_act_quant(x.astype(jnp.bfloat16))  # [..., in] on the E4M3 grid
+            y = jnp.matmul(x, self.kernel[...].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+            return y.astype(jnp.bfloat16).astype(dtype)
         w = self.kernel[...].astype(dtype)
         return jnp.matmul(x.astype(dtype), w, preferred_element_type=jnp.float32).astype(dtype)
 

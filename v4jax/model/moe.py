@@ -19,8 +19,9 @@ from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
 from pallas_kernels.moe_dispatch_reference import swiglu
 from v4jax.model import kernels
-from v4jax.config import MoEImpl, RouterKind, RunOptions, V4Config
+from v4jax.config import MoEImpl, Numerics, RouterKind, RunOptions, V4Config
 from v4jax.model.layers import Buffer, Linear, param
+from v4jax.model.numerics import fp8_act_quant
 
 
 def affinity(logits: jax.Array, score_func: str) -> jax.Array:
@@ -86,11 +87,13 @@ class Experts(nnx.Module):
         self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
         self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, options.moe_impl, options.moe_dispatch_chunk
+        self.release = options.numerics is Numerics.RELEASE  # FP4 weights used as stored, FP8 activations
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
         B, T, d = x.shape
-        ffn = functools.partial(kernels.grouped_swiglu(self.impl), limit=self.limit)
+        ffn = functools.partial(kernels.grouped_swiglu(self.impl), limit=self.limit,
+                                act_quant=fp8_act_quant if self.release else None)
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
         ctx = active()
         if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
@@ -112,9 +115,10 @@ class Experts(nnx.Module):
 class SharedExpert(nnx.Module):
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         d, I, pd = cfg.dim, cfg.moe_inter_dim, options.param_dtype
-        self.w1 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
-        self.w3 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs)
-        self.w2 = Linear(I, d, ("mlp", "embed"), param_dtype=pd, rngs=rngs)
+        fp8 = options.numerics is Numerics.RELEASE  # FP8 weights in the release: FP8 activations
+        self.w1 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs, act_quant=fp8)
+        self.w3 = Linear(d, I, ("embed", "mlp"), param_dtype=pd, rngs=rngs, act_quant=fp8)
+        self.w2 = Linear(I, d, ("mlp", "embed"), param_dtype=pd, rngs=rngs, act_quant=fp8)
         self.limit = cfg.swiglu_limit
 
     def __call__(self, x: jax.Array) -> jax.Array:

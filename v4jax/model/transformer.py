@@ -21,7 +21,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.model.attention import Attention, AttentionState
 from v4jax.model.cache import Cache
-from v4jax.config import AttentionKind, Remat, RouterKind, RunOptions, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
+from v4jax.config import AttentionKind, Numerics, Remat, RouterKind, RunOptions, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
 from v4jax.model.indexer import IndexerTraces
 from v4jax.model.layers import Embed, Linear, RMSNorm
 from v4jax.model.mhc import HyperConnection, HyperHead
@@ -130,11 +130,11 @@ class MTPBlock(nnx.Module):
     """Multi-token prediction, depth 1 (architecture.md §6): an SWA block with a learned router."""
 
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
-        pd = options.param_dtype
+        pd, fp8 = options.param_dtype, options.numerics is Numerics.RELEASE  # FP8 weights: FP8 activations
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
-        self.e_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
-        self.h_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs)
+        self.e_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs, act_quant=fp8)
+        self.h_proj = Linear(cfg.dim, cfg.dim, ("embed", "embed_out"), param_dtype=pd, rngs=rngs, act_quant=fp8)
         self.block = Block(cfg, AttentionKind.SLIDING, RouterKind.LEARNED, rngs=rngs, options=options)
         self.hc_head = HyperHead(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
