@@ -438,6 +438,7 @@ COMPONENTS = [
     ("sparse_attention", ["--quick", "--kinds", "swa", "--lengths", "4096"], ["--quick"], True),
     ("lightning_indexer", ["--quick"], ["--quick"], True),
     ("moe_dispatch", ["--quick"], ["--quick"], False),
+    ("numerics", ["--quick"], [], False),
     ("convert", ["--layers", "1", "--experts", "4", "--markdown"], ["--layers", "1", "--experts", "4", "--markdown"],
      False),
 ]

@@ -1,8 +1,8 @@
 """Lightning indexer selection (docs/architecture.md §4.4), pure JAX: the reference twin of the Pallas
 kernel in `lightning_indexer.py`.
 
-Score `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32 (bf16 steps for bf16 weights); entry s is visible to the query at
-position t iff s < floor((t+1)/m); top-k per query, ties towards the lowest entry index
+Score `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s])` in fp32 (bf16 steps for bf16 weights); entry s
+is visible to the query at position t iff s < floor((t+1)/m); top-k per query, ties towards the lowest entry index
 (`jax.lax.top_k` is stable); invisible picks become -1. The [T, N] score matrix is never held whole:
 queries are scored and selected in chunks.
 """
@@ -17,7 +17,7 @@ from pallas_kernels.query_chunks import map_query_chunks
 
 def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     """I = sum_h w_h ReLU(q_h . K_s) in w's dtype. q [B,Q,n_I,c_I], w [B,Q,n_I], keys [B,N,c_I] -> [B,Q,N].
-    fp32 w: fp32 throughout. bf16 w (release numerics, docs/numerics.md): every step rounded to bf16 as
+    fp32 w: fp32 throughout. bf16 w (release numerics, architecture.md §10.3): every step rounded to bf16 as
     DeepSeek's bf16 einsum, product and head sum are (the sum itself accumulated in fp32)."""
     dots = jnp.einsum("bqhc,bnc->bqhn", q, keys, preferred_element_type=jnp.float32)
     if w.dtype == jnp.float32:

@@ -38,7 +38,7 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
 
 
 def released_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
-    """gemm(a, w) -> fp32 as is, or (act_quant given: release numerics, docs/numerics.md) on act_quant(a)
+    """gemm(a, w) -> fp32 as is, or (act_quant given: release numerics, architecture.md §10.3) on act_quant(a)
     with the result rounded to a's dtype, as DeepSeek's FP8/FP4 GEMMs return BF16."""
     if act_quant is None:
         return gemm

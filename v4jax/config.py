@@ -60,7 +60,7 @@ class AttentionImpl(enum.Enum):
 
 
 class Numerics(enum.Enum):
-    """Which run-time roundings the forward applies (docs/numerics.md)."""
+    """Which run-time roundings the forward applies (architecture.md §10.3)."""
 
     EXACT = "exact"  # the weights' values in the compute dtype, fp32 where the peer keeps fp32
     RELEASE = "release"  # what DeepSeek's inference code computes: FP8 activations before FP8/FP4 GEMMs, BF16
@@ -98,7 +98,7 @@ class RunOptions:
         compressed entry, as HCA does, and skip the indexer's top-k (dense stage, indexer warm-up).
       indexer_detach: the indexer reads x and cQ through stop_gradient, so it learns only from its
         KL loss and the KL trains nothing else (architecture.md §8.2); no effect on the forward values.
-      numerics: `Numerics.EXACT` or `Numerics.RELEASE` (DeepSeek's inference roundings, docs/numerics.md;
+      numerics: `Numerics.EXACT` or `Numerics.RELEASE` (DeepSeek's inference roundings, architecture.md §10.3;
         needs dtype bfloat16, as that code computes in BF16).
     """
 

@@ -36,7 +36,7 @@ def cache_size(cfg: V4Config, fmt: str = "release", dtype: str = "float32",
     """Bytes per token and fixed bytes per sequence of a config's KV cache.
 
     fmt="release": the release storage (FP8 entries with BF16 RoPE dims and UE8M0 scales per 64, MXFP4
-    indexer keys; architecture.md §4.7, docs/numerics.md: 583 B and 68 B for V4), no decoder state;
+    indexer keys; architecture.md §4.7, §10.3: 583 B and 68 B for V4), no decoder state;
     fmt="layout": this implementation's `init_cache` arrays for a run's RunOptions.dtype and .numerics
     (release numerics store the release formats), fp32 compressor states. MTP not counted (the
     spec's figures leave it out)."""

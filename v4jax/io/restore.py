@@ -262,7 +262,7 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
 
     options: how the model runs (default: a train run's own, or the dtypes of config.json's
     torch_dtype); dtype / param_dtype / numerics override its compute / storage dtypes and its numerics
-    (`exact` or `release`, docs/numerics.md). mtp: True requires the MTP block,
+    (`exact` or `release`, architecture.md §10.3). mtp: True requires the MTP block,
     False drops it, None keeps it when the checkpoint has it."""
     path = os.fspath(path)
     kind = detect(path)

@@ -76,7 +76,7 @@ class Attention(nnx.Module):
         q = (bf16_head_rms if self.release else rms_normalize)(q, cfg.norm_eps)  # per-head un-weighted norm
         q = apply_rope(q, positions[..., None], inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]
-        if self.release:  # the release's KV: FP8 on the non-RoPE dims (docs/numerics.md)
+        if self.release:  # the release's KV: FP8 on the non-RoPE dims (architecture.md §10.3)
             kv = fp8_nope(kv, cfg.rope_head_dim)
 
         compressed = topk_idx = traces = None

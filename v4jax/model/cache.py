@@ -19,7 +19,7 @@ nobody reads again; see `v4jax.inference.generate`). `cache_logical_axes` gives 
 axis names for the sharding rules table, `cache_shardings` resolves it on a mesh.
 
 Storage is the compute dtype (fp32 or bf16), or with `numerics=release` the release's formats
-(docs/numerics.md): window and compressed KV as `Fp8KV` (FP8 non-RoPE dims, UE8M0 scales, BF16 RoPE
+(architecture.md §10.3): window and compressed KV as `Fp8KV` (FP8 non-RoPE dims, UE8M0 scales, BF16 RoPE
 dims), the indexer's keys as `Fp4Keys` (MXFP4); compressor states stay fp32. The layers read and
 write whichever format the cache holds. `v4jax.inference.cache_size` reports the bytes of each layout.
 """
@@ -79,7 +79,9 @@ def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, d
 
     def kv(rows: int):  # [*lead, B, rows, c]
         shape = lead + (batch, rows)
-        return Fp8KV.zeros(shape, cfg.head_dim, cfg.rope_head_dim) if release else jnp.zeros(shape + (cfg.head_dim,), dtype)
+        if release:
+            return Fp8KV.zeros(shape, cfg.head_dim, cfg.rope_head_dim)
+        return jnp.zeros(shape + (cfg.head_dim,), dtype)
 
     def compressor(ratio: int, width: int, kappa: int, entries) -> CompressorState:
         ring = lead + (batch, kappa * ratio, kappa * width)
@@ -101,7 +103,7 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype="float32", *, mtp:
 
     dtype: storage dtype of KV (callers pass the model's RunOptions.dtype); compressor states are fp32
     (architecture.md §4.3). numerics: the model's RunOptions.numerics; `release` stores KV and the
-    indexer's keys in the release's FP8 / FP4 formats instead (docs/numerics.md).
+    indexer's keys in the release's FP8 / FP4 formats instead (architecture.md §10.3).
     mtp: also allocate the MTP block's cache (default: when the config has an MTP block).
     Works under `jax.eval_shape` (for AOT compilation and sharding)."""
     if not isinstance(batch, int) or batch < 1:

@@ -48,7 +48,7 @@ class Compressor(nnx.Module):
         self.ape = param(rngs, (ratio, kappa * width), (None, None), jnp.float32, init="zeros")  # small: replicated
         self.norm = RMSNorm(width, norm_eps, "head_dim", rngs=rngs)
         self.width, self.ratio, self.overlap = width, ratio, overlap
-        # release numerics (docs/numerics.md): the entry is rounded as DeepSeek's code stores it, FP8 on
+        # release numerics (architecture.md §10.3): the entry is rounded as DeepSeek's code stores it, FP8 on
         # the non-RoPE dims (attention) or rotated + FP4 (rotate: the indexer's keys)
         self.release, self.rotate = release, rotate
 

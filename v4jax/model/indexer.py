@@ -35,7 +35,7 @@ from v4jax.model.rope import apply_rope
 class Indexer(nnx.Module):
     def __init__(self, cfg: V4Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         pd = options.param_dtype
-        release = self.release = options.numerics is Numerics.RELEASE  # docs/numerics.md
+        release = self.release = options.numerics is Numerics.RELEASE  # architecture.md §10.3
         self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("q_lora", "index_heads"),
                            param_dtype=pd, rngs=rngs, act_quant=release)
         self.weights_proj = Linear(cfg.dim, cfg.index_n_heads, ("embed", "index_heads"), param_dtype=pd, rngs=rngs)
@@ -53,7 +53,7 @@ class Indexer(nnx.Module):
         q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
         q = apply_rope(q, positions[..., None], inv_freq)  # [B, T, n_I, c_I]
         scale = (self.head_dim * self.n_heads) ** -0.5
-        if self.release:  # Hadamard + FP4 queries; BF16 head weights, so BF16 index scores (docs/numerics.md)
+        if self.release:  # Hadamard + FP4 queries; BF16 head weights, so BF16 index scores (architecture.md §10.3)
             return rotate_fp4(q), self.weights_proj(x) * scale, keys.astype(x.dtype), state
         w = self.weights_proj(x, jnp.float32) * scale  # [B, T, n_I] fp32
         return q, w, keys.astype(x.dtype), state

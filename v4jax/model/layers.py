@@ -40,7 +40,7 @@ class Linear(nnx.Module):
     """y = x W with W stored [in, out] (the transpose of torch's [out, in]). Products accumulate
     in fp32; the result is cast to `dtype` (the compute dtype unless a caller asks for fp32).
 
-    act_quant (release numerics, docs/numerics.md; the layers whose released weight is FP8 or FP4):
+    act_quant (release numerics, architecture.md §10.3; the layers whose released weight is FP8 or FP4):
     x is quantised to FP8 E4M3 in 1x128 blocks with UE8M0 scales first, and the product comes out in
     BF16, as DeepSeek's `fp8_gemm` returns it (x and W are then exact in BF16: the GEMM is exact
     products accumulated in fp32)."""

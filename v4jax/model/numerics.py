@@ -1,4 +1,4 @@
-"""Release numerics (docs/numerics.md): the run-time roundings of DeepSeek's own inference code.
+"""Release numerics (architecture.md §10.3): the run-time roundings of DeepSeek's own inference code.
 
 With `RunOptions.numerics = release` the model computes what the official `inference/model.py` and
 `inference/kernel.py` compute, so that a backend running the released FP8/FP4 path can be compared
@@ -112,7 +112,7 @@ def bf16_head_rms(q: jax.Array, eps: float) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache storage in the release's formats (docs/numerics.md). Storing a value the release rules already
+# Cache storage in the release's formats (architecture.md §10.3). Storing a value the release rules already
 # rounded is exact: encode(x) decodes to x for every x on the FP8 / FP4 grid of its block.
 
 FP4_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)  # code -> value
