@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.model.cache import Cache, init_cache
+from sharding.context import use_mesh_rules
+from sharding.partition import shard_module
+from v4jax.model.cache import Cache, cache_shardings, init_cache
 
 def decode_step(model, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
     """One token per sequence: tokens [B, 1] -> (logits [B, 1, V] fp32, cache). Pure, jit-friendly."""
@@ -163,18 +165,31 @@ class Generation(NamedTuple):
 class Generator:
     """Batched generation with jitted, cache-donating steps; build once per model and reuse.
 
-    >>> gen = Generator(model)
+    >>> gen = Generator(model)                       # one device
+    >>> gen = Generator(model, mesh=mesh, rules=rules)  # over a mesh (sharding.mesh / sharding.rules)
     >>> out = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)
     >>> for step in gen.stream(prompts, max_new_tokens=16): print(step)   # {row: [new ids]}
+
+    Over a mesh the parameters and the cache are laid out by the rules table (the batch over the data
+    axes, heads over `tensor`, experts over `expert` with the expert-parallel exchange, compressed
+    entries over `context` under `long_context`), the steps are traced under the rules so the model's
+    constraints apply, and tokens and logits come back replicated: every process of a multi-host job
+    runs the same command and sees the same tokens.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, mesh: jax.sharding.Mesh | None = None, rules=None):
+        if (mesh is None) != (rules is None):
+            raise ValueError("Generator needs both a mesh and a rules table, or neither")
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            model = shard_module(model, mesh, rules)  # ShardingError naming a parameter the mesh cannot split
         self.model, self.cfg = model, model.cfg
         self.graphdef, self.state = nnx.split(model)
         gd = self.graphdef
 
         def _prefill(state, cache, tokens, n_valid):
-            return nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
+            out = nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
+            return out.logits, out.streams, out.cache
 
         def _step(state, cache, pending, step, seed, params):
             out = nnx.merge(gd, state)(pending[:, None], cache=cache)
@@ -196,10 +211,44 @@ class Generator:
             new_draft = jnp.take_along_axis(jnp.argmax(logits, -1), (n_acc - 1)[:, None], 1)[:, 0]
             return target, accept, new_draft.astype(jnp.int32), out.logits, cache
 
-        self._prefill = jax.jit(_prefill, donate_argnums=1)
-        self._step = jax.jit(_step, donate_argnums=1)
-        self._mtp_prefill = jax.jit(_mtp_prefill, donate_argnums=1)
-        self._spec_step = jax.jit(_spec_step, donate_argnums=1)
+        self._prefill = self._jit(_prefill)
+        self._step = self._jit(_step)
+        self._mtp_prefill = self._jit(_mtp_prefill)
+        self._spec_step = self._jit(_spec_step)
+
+    def _jit(self, fn):
+        """jit with the cache (argument 1) donated; over a mesh, traced under the rules with the
+        returned cache kept in its layout and every other output replicated."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=1)
+        mesh, rules = self.mesh, self.rules
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def placed(*args):
+            with use_mesh_rules(mesh, rules):
+                out = fn(*args)
+            return tuple(jax.lax.with_sharding_constraint(o, cache_shardings(o, mesh, rules)) if isinstance(o, Cache)
+                         else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
+                         for o in out)
+
+        return jax.jit(placed, donate_argnums=1)
+
+    def _put(self, x):
+        """A host value as a device array: replicated over the mesh (every process passes the same)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    def new_cache(self, batch: int, max_len: int) -> Cache:
+        """An empty cache for this model (its dtype and numerics), laid out on the mesh by the rules."""
+        opts = self.model.options
+
+        def make():
+            return init_cache(self.cfg, batch, max_len, opts.dtype, numerics=opts.numerics)
+
+        if self.mesh is None:
+            return make()
+        return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), self.mesh, self.rules))()
 
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_tokens: Sequence[int] = (), seed: int = 0, speculative: bool = False,
@@ -237,28 +286,25 @@ class Generator:
         padded = np.zeros((B, T), np.int32)
         for b, r in enumerate(rows):
             padded[b, :len(r)] = r
-        # with the MTP block's (small) cache whenever there is one: one shape
-        cache = init_cache(cfg, B, max_len, self.model.options.dtype, numerics=self.model.options.numerics)
+        cache = self.new_cache(B, max_len)  # with the MTP block's (small) cache whenever there is one: one shape
 
         t0 = time.perf_counter()
         last_logits = np.zeros((B, cfg.vocab_size), np.float32)
         for s in range(0, T, chunk):
             n_valid = np.clip(lengths - s, 0, chunk).astype(np.int32)
-            out = self._prefill(self.state, cache, jnp.asarray(padded[:, s:s + chunk]), jnp.asarray(n_valid))
-            cache = out.cache
-            logits = np.asarray(out.logits)
+            logits, streams, cache = self._prefill(self.state, cache, self._put(padded[:, s:s + chunk]),
+                                                   self._put(n_valid))
+            logits = np.asarray(logits)
             for b in range(B):
                 if s < lengths[b] <= s + chunk:
                     last_logits[b] = logits[b, lengths[b] - s - 1]
         traced = sampling.as_arrays()
-        first = sample(jnp.asarray(last_logits), _row_keys(seed, B, jnp.asarray(lengths)), traced)
-        first = np.asarray(first)
+        first = np.asarray(sample(jnp.asarray(last_logits), _row_keys(seed, B, jnp.asarray(lengths)), traced))
         draft = None
         if speculative:
             nxt = np.concatenate([padded[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
             nxt[np.arange(B), lengths - 1] = first
-            draft, cache = self._mtp_prefill(self.state, cache, out.streams, jnp.asarray(nxt), jnp.asarray(lengths))
-        jax.block_until_ready(first)
+            draft, cache = self._mtp_prefill(self.state, cache, streams, self._put(nxt), self._put(lengths))
         prefill_s = time.perf_counter() - t0
 
         stop = set(int(t) for t in stop_tokens)
@@ -279,7 +325,7 @@ class Generator:
         yield {b: emit(b, [first[b]]) for b in range(B)}
         t1 = time.perf_counter()
         steps = drafted = accepted = 0
-        pending = jnp.asarray(first)
+        pending = self._put(first)
         while not done.all():
             steps += 1
             if speculative:
@@ -289,9 +335,10 @@ class Generator:
                 drafted += int(live.sum())
                 accepted += int((acc & live).sum())
                 update = {b: emit(b, target[b, :1 + int(acc[b])]) for b in range(B) if live[b]}
-                pending = jnp.asarray(np.where(acc, target[:, 1], target[:, 0]))
+                pending = self._put(np.where(acc, target[:, 1], target[:, 0]))
             else:
-                pending, _, cache = self._step(self.state, cache, pending, jnp.asarray(lengths + steps), seed, traced)
+                pending, _, cache = self._step(self.state, cache, pending, self._put(lengths + steps),
+                                               self._put(seed), jax.tree.map(self._put, traced))
                 nxt = np.asarray(pending)
                 update = {b: emit(b, [nxt[b]]) for b in range(B) if not done[b]}
             yield update

@@ -74,7 +74,7 @@ jax.tree_util.register_dataclass(Cache, data_fields=["lengths", "stages", "mtp",
 
 
 def _layer_cache(cfg: V4Config, kind: AttentionKind, batch: int, max_len: int, dtype,
-                 lead: tuple[int, ...], release: bool) -> AttentionState:
+                 lead: tuple[int, ...], release: bool = False) -> AttentionState:
     """An empty AttentionState; lead: leading stacking dims ([repeats] for a scanned stage)."""
 
     def kv(rows: int):  # [*lead, B, rows, c]
