@@ -6,6 +6,8 @@
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
       [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N] [--step N]
       [--numerics exact|release]   # release: DeepSeek's own FP8/FP4 inference roundings (docs/numerics.md)
+      [--mesh expert=8,... --rules fsdp_ep]   # over a device mesh: parameters and cache sharded by the rules
+      [--coordinator HOST:PORT --num-processes N --process-id I]   # multi-host: the same command on every host
 
 The checkpoint (`v4jax.io.restore.load_model`) is any of: an HF-format directory (config.json +
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
@@ -168,6 +170,12 @@ def read_prompt_ids(path: str) -> list[list[int]]:
     return rows
 
 
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def print_cache_size(cfg, batch: int, max_len: int, dtype: str, numerics) -> None:
     import jax
 
@@ -206,11 +214,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: the checkpoint's (bfloat16 with --numerics release)")
     p.add_argument("--numerics", choices=["exact", "release"], default="exact",
                    help="release: DeepSeek's inference roundings, FP8/FP4 cache (docs/numerics.md)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'fsdp=4,expert=2' (sharding.mesh; -1 = the rest); "
+                                                "needs --rules")
+    p.add_argument("--rules", default=None, help="sharding rules preset (fsdp, fsdp_ep, fsdp_tp_ep, long_context)")
+    p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--write-random-checkpoint", metavar="DIR", help="write a random model (--preset) and exit")
     p.add_argument("--preset", default="tiny", help="preset for --write-random-checkpoint")
     p.add_argument("--overwrite", action="store_true", help="--write-random-checkpoint: replace a non-empty DIR")
     args = p.parse_args(argv)
     try:
+        if (args.mesh is None) != (args.rules is None):
+            raise InferError("--mesh and --rules go together (a mesh and the rules table that lays the model on it)")
+        from sharding.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX call
         return run(args)
     except (ValueError, OSError) as e:  # InferError, CheckpointError, ConfigError, generation input errors
         print(f"error: {e}", file=sys.stderr)
@@ -267,16 +286,26 @@ def run(args) -> int:
     if args.speculative and not cfg.n_mtp_layers:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp block (its config has no MTP layer)")
     dtype = args.dtype or ("bfloat16" if args.numerics == "release" else None)
+    mesh = rules = None
+    if args.mesh is not None:
+        from sharding.mesh import make_mesh
+        from sharding.rules import get_rules
+
+        mesh, rules = make_mesh(args.mesh), get_rules(args.rules)  # ShardingError (a ValueError): one line
     loaded = load_model(args.checkpoint, dtype=dtype, param_dtype=dtype, step=args.step,
-                        mtp=None if args.speculative else False, numerics=args.numerics)
+                        mtp=None if args.speculative else False, numerics=args.numerics, mesh=mesh, rules=rules)
     model = loaded.model
     if args.speculative and model.mtp is None:
         raise InferError(f"--speculative needs the MTP block; {args.checkpoint} has no mtp.* tensors")
     where = f" (step {loaded.step})" if loaded.step is not None else ""
+    if mesh is not None:
+        from sharding.mesh import describe
+
+        where += f" on mesh {describe(mesh)} ({rules.name} rules, {jax_process_count()} process(es))"
     print(f"loaded {loaded.kind.value} checkpoint {args.checkpoint}{where}", file=sys.stderr)
     print_cache_size(cfg, len(prompts), max_len, loaded.options.dtype, loaded.options.numerics)
 
-    gen = Generator(model)
+    gen = Generator(model, mesh=mesh, rules=rules)
     stats: list = []
     texts = [[] for _ in prompts]
 

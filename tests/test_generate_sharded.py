@@ -78,3 +78,42 @@ def test_a_mesh_that_cannot_split_the_model_is_refused_with_one_clear_error():
         make_mesh("fsdp=16")
     with pytest.raises(ValueError, match="both a mesh and a rules table"):
         Generator(model(), mesh=make_mesh("fsdp=8"))
+
+
+@pytest.mark.slow  # three processes, ~2.5 min on the 2-core host
+def test_two_processes_generate_the_tokens_of_one(tmp_path):
+    """infer.py on two processes (gloo on loopback, 4 CPU devices each) with one 8-device mesh prints
+    the tokens one process with 8 devices prints."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt, ids = tmp_path / "ckpt", tmp_path / "ids.txt"
+    ids.write_text("\n".join(" ".join(map(str, p)) for p in PROMPTS))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "infer.py", "--write-random-checkpoint", str(ckpt)], env=env, cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["infer.py", "--checkpoint", str(ckpt), "--prompt-ids", str(ids), "--max-new-tokens", "5",
+              "--mesh", "fsdp=4,expert=2", "--rules", "fsdp_ep"]
+
+    def start(devices: int, extra: list[str]):
+        e = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        return subprocess.Popen([sys.executable, *common, *extra], env=e, cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = [start(4, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
+             for i in range(2)] + [start(8, [])]
+    outs, errs = [], []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append([line for line in out.splitlines() if line[:1] == "[" and line[1:2].isdigit()])  # not gloo's
+        errs.append(err)
+    assert "fsdp_ep rules, 2 process(es)" in errs[0] and "fsdp_ep rules, 1 process(es)" in errs[2]
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == len(PROMPTS)
