@@ -3,6 +3,7 @@
   python infer.py --checkpoint DIR --prompt "Hello" [--tokenizer tokenizer.json|byte]
   python infer.py --checkpoint DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
   python infer.py --checkpoint DIR --prompt-ids ids.npy        # int array [S] or [B, S] (no padding)
+  python infer.py --checkpoint DIR --prompts-file prompts.txt [--slots 4]   # continuous batching, one per line
       [--max-new-tokens 64] [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--speculative]
       [--stop ID ...] [--max-len N] [--dtype float32|bfloat16] [--prefill-chunk N] [--step N]
       [--numerics exact|release]   # release: DeepSeek's own FP8/FP4 inference roundings (docs/numerics.md)
@@ -170,6 +171,36 @@ def read_prompt_ids(path: str) -> list[list[int]]:
     return rows
 
 
+def read_prompts_file(path: str, tok) -> list[list[int]]:
+    """One prompt per non-empty line, tokenised."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InferError(f"cannot read prompts from {path}: {e}") from None
+    prompts = [tok.encode(line) for line in lines if line.strip()]
+    if not prompts:
+        raise InferError(f"{path} holds no prompt")
+    return prompts
+
+
+def serve(gen, prompts, args, sampling, stop, max_len: int, tok) -> int:
+    """Continuous batching over --slots sequences: each result printed as its prompt finishes."""
+    import time
+
+    slots = args.slots or min(4, len(prompts))
+    stats: list = []
+    t0 = time.perf_counter()
+    for index, ids in gen.serve(prompts, slots=slots, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                stop_tokens=stop, seed=args.seed, max_len=max_len, stats=stats):
+        print(f"[{index}] " + (tok.decode(ids) if tok else " ".join(map(str, ids))), flush=True)
+    s, seconds = stats[0], time.perf_counter() - t0
+    print(f"served {len(prompts)} prompts over {slots} slots: {s.prompt_tokens} prompt + {s.generated_tokens} new "
+          f"tokens in {seconds:.2f} s ({s.generated_tokens / seconds:.1f} new tokens/s, {s.steps} decode steps, "
+          "includes compilation)", file=sys.stderr)
+    return 0
+
+
 def jax_process_count() -> int:
     import jax
 
@@ -199,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     g.add_argument("--prompt-ids", help=".npy or text file of token ids (one prompt per line)")
+    g.add_argument("--prompts-file", help="text file, one prompt per line (needs a tokenizer), served with "
+                                          "continuous batching over --slots sequences")
+    p.add_argument("--slots", type=int, default=None, help="continuous batching: sequences decoded together "
+                                                           "(default 4 with --prompts-file; with --prompt-ids it "
+                                                           "turns continuous batching on)")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' (default: CHECKPOINT/tokenizer.json, or the "
                                        "tokenizer a train.py run was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -256,8 +292,11 @@ def run(args) -> int:
     if not args.checkpoint:
         print(HOW_TO_GET_A_CHECKPOINT, file=sys.stderr)
         return 2
-    if args.prompt is None and args.prompt_ids is None:
-        raise InferError("give --prompt TEXT or --prompt-ids FILE")
+    if args.prompt is None and args.prompt_ids is None and args.prompts_file is None:
+        raise InferError("give --prompt TEXT, --prompt-ids FILE or --prompts-file FILE")
+    if args.slots is not None and (args.slots < 1 or args.speculative or args.prompt is not None):
+        raise InferError("--slots must be a positive integer, with --prompts-file or --prompt-ids, without "
+                         "--speculative")
     from v4jax.inference.generate import Generator, Sampling, check_token_ids
     from v4jax.io.restore import load_model
 
@@ -265,13 +304,19 @@ def run(args) -> int:
     # every check that needs only config.json runs before the weights load
     cfg = read_config(args.checkpoint)
     tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
-    if args.prompt is not None and tok_path is None:
-        raise InferError(f"--prompt needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
+    text = "--prompt" if args.prompt is not None else "--prompts-file" if args.prompts_file is not None else None
+    if text and tok_path is None:
+        raise InferError(f"{text} needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
                          "exist (pass --tokenizer FILE or --tokenizer byte, or use --prompt-ids)")
     sampling.validate(cfg.vocab_size)
     # a found tokenizer also decodes the output of --prompt-ids
     tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
-    prompts = [tok.encode(args.prompt)] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
+    if args.prompt is not None:
+        prompts = [tok.encode(args.prompt)]
+    elif args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file, tok)
+    else:
+        prompts = read_prompt_ids(args.prompt_ids)
     for p in prompts:
         check_token_ids(p, cfg.vocab_size)
         if not p:
@@ -306,6 +351,8 @@ def run(args) -> int:
     print_cache_size(cfg, len(prompts), max_len, loaded.options.dtype, loaded.options.numerics)
 
     gen = Generator(model, mesh=mesh, rules=rules)
+    if args.prompts_file is not None or args.slots is not None:
+        return serve(gen, prompts, args, sampling, stop, max_len, tok)
     stats: list = []
     texts = [[] for _ in prompts]
 

@@ -18,7 +18,7 @@ reads; an entry it completed is invisible until the window really completes and 
 from __future__ import annotations
 
 import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from flax import nnx
 
 from sharding.context import use_mesh_rules
 from sharding.partition import shard_module
-from v4jax.model.cache import Cache, cache_shardings, init_cache
+from v4jax.model.cache import Cache, cache_rows, cache_shardings, init_cache, put_cache_rows, reset_rows
 
 def decode_step(model, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
     """One token per sequence: tokens [B, 1] -> (logits [B, 1, V] fp32, cache). Pure, jit-friendly."""
@@ -211,6 +211,24 @@ class Generator:
             new_draft = jnp.take_along_axis(jnp.argmax(logits, -1), (n_acc - 1)[:, None], 1)[:, 0]
             return target, accept, new_draft.astype(jnp.int32), out.logits, cache
 
+        def _prefill_slot(state, cache, slot, tokens, n, seed, params):
+            # a new sequence in row `slot`: emptied, its prompt fed through the model at batch 1, its
+            # first token drawn as row 0 of a batch of one would draw it
+            row = reset_rows(cache_rows(cache, slot), jnp.ones((1,), bool))
+            out = nnx.merge(gd, state)(tokens, cache=row, n_valid=n)
+            logits = jnp.take_along_axis(out.logits, (n - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
+            return sample(logits, _row_keys(seed, 1, n), params), put_cache_rows(cache, out.cache, slot)
+
+        def _serve_step(state, cache, pending, active, seed, params):
+            # every slot decodes one token; idle slots (active False) neither advance nor write. Row b's
+            # draw is keyed by its own position, as row 0 of a batch of one (a prompt's tokens do not
+            # depend on its slot or its batch mates)
+            out = nnx.merge(gd, state)(pending[:, None], cache=cache, n_valid=active.astype(jnp.int32))
+            keys = jax.vmap(lambda t: _row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
+            return sample(out.logits[:, 0], keys, params), out.cache
+
+        self._prefill_slot = self._jit(_prefill_slot)
+        self._serve_step = self._jit(_serve_step)
         self._prefill = self._jit(_prefill)
         self._step = self._jit(_step)
         self._mtp_prefill = self._jit(_mtp_prefill)
@@ -346,6 +364,75 @@ class Generator:
         if stats is not None:
             stats.append(GenerationStats(int(lengths.sum()), sum(map(len, produced)), prefill_s, decode_s, steps,
                                          drafted, accepted))
+
+    def serve(self, prompts: Iterable[Sequence[int]], *, slots: int, max_new_tokens: int,
+              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
+              max_len: int | None = None, stats: list | None = None) -> Iterator[tuple[int, list[int]]]:
+        """Continuous batching: `slots` sequences decode together; when one finishes (a stop token or
+        max_new_tokens) its slot takes the next waiting prompt, without recompiling (one compiled
+        prefill-into-slot, one compiled decode step). Yields (prompt index, generated ids) as each
+        prompt finishes. A prompt gets the tokens `generate([prompt], seed=seed, ...)` gives it alone.
+        `max_len` (default the model's max_seq_len) bounds prompt + new tokens; prompts are padded to
+        max_len - max_new_tokens (one prefill shape). `stats` (a list) receives one GenerationStats."""
+        cfg = self.cfg
+        sampling = Sampling(*sampling).validate(cfg.vocab_size)
+        if not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_token_ids(list(stop_tokens), cfg.vocab_size)
+        max_len = max_len or cfg.max_seq_len
+        width = max_len - max_new_tokens
+        if width < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in max_len {max_len}")
+        cache = self.new_cache(slots, max_len)
+        params, seed_ = jax.tree.map(self._put, sampling.as_arrays()), self._put(np.int32(seed))
+        stop = set(int(t) for t in stop_tokens)
+        queue = enumerate(prompts)
+        owner = [-1] * slots  # the prompt index each slot holds, -1 = idle
+        produced: list[list[int]] = [[] for _ in range(slots)]
+        pending = np.zeros(slots, np.int32)
+        n_prompt = n_new = steps = 0
+        t0 = time.perf_counter()
+
+        def take(slot: int, tok: int) -> bool:  # True when the slot's prompt is finished
+            nonlocal n_new
+            produced[slot].append(tok)
+            n_new += 1
+            return tok in stop or len(produced[slot]) >= max_new_tokens
+
+        def fill(slot: int):  # prefill waiting prompts into `slot` until one needs decoding
+            nonlocal cache, n_prompt
+            owner[slot] = -1
+            for index, prompt in queue:
+                ids = check_token_ids(prompt, cfg.vocab_size)
+                if not 1 <= len(ids) <= width:
+                    raise ValueError(f"prompt {index} has {len(ids)} tokens; allowed 1..{width} (max_len "
+                                     f"{max_len} - max_new_tokens {max_new_tokens})")
+                padded = np.zeros((1, width), np.int32)
+                padded[0, :len(ids)] = ids
+                first, cache = self._prefill_slot(self.state, cache, self._put(np.int32(slot)), self._put(padded),
+                                                  self._put(np.array([len(ids)], np.int32)), seed_, params)
+                n_prompt += len(ids)
+                owner[slot], produced[slot], pending[slot] = index, [], int(np.asarray(first)[0])
+                if not take(slot, int(pending[slot])):
+                    return
+                yield index, produced[slot]
+                owner[slot] = -1
+
+        for slot in range(slots):
+            yield from fill(slot)
+        while any(o >= 0 for o in owner):
+            active = np.array([o >= 0 for o in owner])
+            nxt, cache = self._serve_step(self.state, cache, self._put(pending), self._put(active), seed_, params)
+            nxt, steps = np.asarray(nxt), steps + 1
+            for slot in np.flatnonzero(active):
+                pending[slot] = nxt[slot]
+                if take(slot, int(nxt[slot])):
+                    yield owner[slot], produced[slot]
+                    yield from fill(slot)
+        if stats is not None:
+            stats.append(GenerationStats(n_prompt, n_new, 0.0, time.perf_counter() - t0, steps, 0, 0))
 
     def generate(self, prompts: Sequence[Sequence[int]], **kw) -> Generation:
         """All of `stream`, collected: generated ids per prompt and GenerationStats."""

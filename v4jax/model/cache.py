@@ -153,3 +153,44 @@ def cache_shardings(cache: Cache, mesh: jax.sharding.Mesh, rules) -> Cache:
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by the cache's arrays (works on abstract caches too)."""
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(cache))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows (sequence slots): continuous batching gives a finished row's slot to the next prompt.
+
+def _by_batch_axis(fn, cache: Cache, *others: Cache) -> Cache:
+    """Map fn(array, batch_axis, *matching arrays of `others`) over every cache array."""
+    axes = cache_logical_axes(cache)
+    return jax.tree.map(lambda axes_, a, *o: fn(a, axes_.index("batch"), *o), axes, cache, *others,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+
+
+def cache_rows(cache: Cache, start: jax.Array, size: int = 1) -> Cache:
+    """Rows [start, start + size) of every cache array (start may be traced): a cache of `size` sequences."""
+    return _by_batch_axis(lambda a, ax: jax.lax.dynamic_slice_in_dim(a, start, size, ax), cache)
+
+
+def put_cache_rows(cache: Cache, rows: Cache, start: jax.Array) -> Cache:
+    """`cache` with rows [start, start + rows.batch) replaced by `rows` (start may be traced)."""
+    return _by_batch_axis(lambda a, ax, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), start, ax),
+                          cache, rows)
+
+
+def reset_rows(cache: Cache, rows: jax.Array) -> Cache:
+    """Empty the sequences where rows [B] is True: length 0 and no token in the compressor rings (their
+    logits -inf). Nothing else needs clearing: every other read is masked by absolute position, and a
+    new sequence rewrites the window slots and entries it reaches before it reads them."""
+
+    def clear(state: CompressorState | None, lead: int):
+        if state is None:
+            return None
+        mask = rows.reshape((1,) * lead + (-1,) + (1,) * (state.logits.ndim - lead - 1))
+        return state._replace(values=jnp.where(mask, 0.0, state.values), logits=jnp.where(mask, -jnp.inf, state.logits))
+
+    def layer(lc: AttentionState, lead: int) -> AttentionState:
+        return lc._replace(compressor=clear(lc.compressor, lead), indexer=clear(lc.indexer, lead))
+
+    zero = lambda n: None if n is None else jnp.where(rows, 0, n)  # noqa: E731
+    return cache.replace(lengths=zero(cache.lengths), mtp_lengths=zero(cache.mtp_lengths),
+                         stages=tuple(tuple(layer(lc, 1) for lc in unit) for unit in cache.stages),
+                         mtp=None if cache.mtp is None else layer(cache.mtp, 0))
