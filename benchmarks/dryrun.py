@@ -312,12 +312,12 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
 
 # ------------------------------------------------------------------------------------------------
 def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, grad_accum: int = 1,
-          options: RunOptions = RunOptions()):
+          options: RunOptions = RunOptions(), chunk: int = 8192):
     """(jitted step, abstract args with shardings, per-device bytes by name, loss terms | None) for the mode."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
-    tok_sh = data_sharding(mesh, rules, (batch, seq)) if mode != "decode" else None
+    tok_sh = data_sharding(mesh, rules, (batch, seq)) if mode in ("train", "prefill") else None
 
     def spec_of(tree, shardings):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
@@ -349,23 +349,26 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
         return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names, None
-    if mode == "decode":  # one token per sequence against a cache holding `seq` positions
+    if mode in ("decode", "prefill_chunk"):  # the Generator's own steps against a cache of `seq` positions
+        from v4jax.inference.generate import Sampling, generation_steps
         from v4jax.model.cache import cache_shardings, init_cache
-        from v4jax.inference.generate import decode_step
 
         cache = jax.eval_shape(lambda: init_cache(cfg, batch, seq, options.dtype, mtp=False, numerics=options.numerics))
         c_sh = cache_shardings(cache, mesh, rules)
         names["KV cache (all layers)"] = sum(_per_device_bytes(a.shape, a.dtype, sh, mesh) for a, sh in
                                              zip(jax.tree.leaves(cache), jax.tree.leaves(c_sh)))
-        tok_sh = NamedSharding(mesh, rules.spec(("batch", None), (batch, 1), mesh))
-
-        def step(params, rest, cache, tokens):
-            with use_mesh_rules(mesh, rules):
-                return decode_step(nnx.merge(graphdef, params, rest), cache, tokens)
-
-        fn = jax.jit(step, in_shardings=(p_sh, r_sh, c_sh, tok_sh), out_shardings=(None, c_sh), donate_argnums=(2,))
-        return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), spec_of(cache, c_sh),
-                    jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh)), names, None
+        full_gd, full = nnx.split(abstract)
+        steps = generation_steps(full_gd, mesh, rules)
+        state = spec_of(full, state_shardings(full, mesh, rules))
+        replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rows = lambda dtype, shape=(batch,): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
+        if mode == "decode":  # Generator._step: one token per sequence, sampled on device
+            params = Sampling(rows(jnp.float32, ()), rows(jnp.int32, ()), rows(jnp.float32, ()))
+            args = (state, spec_of(cache, c_sh), rows(jnp.int32), rows(jnp.int32), rows(jnp.int32, ()), params)
+            return steps.step, args, names, None
+        # Generator._prefill: one chunk of `chunk` prompt tokens per sequence, continuing the cache
+        args = (state, spec_of(cache, c_sh), rows(jnp.int32, (batch, chunk)), rows(jnp.int32))
+        return steps.prefill, args, names, None
     raise SystemExit(f"unknown mode {mode!r}")
 
 
@@ -427,7 +430,7 @@ def libtpu_version() -> str:
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
-            overrides: dict | None = None, grad_accum: int = 1) -> Report:
+            overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192) -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -449,7 +452,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
-    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum, options)
+    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum, options, chunk)
     t0 = time.time()
     try:
         compiled = fn.lower(*args).compile()
@@ -473,7 +476,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     alias = mem.alias_size_in_bytes
     peak = arg + out + tmp - alias
     hbm = chip.hbm_per_device
-    tokens = batch * seq * (grad_accum if mode == "train" else 1) if mode != "decode" else batch
+    tokens = {"decode": batch, "prefill_chunk": batch * chunk}.get(mode, batch * seq * (grad_accum if mode == "train" else 1))
     abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options)))
     correction = scan_correction(cfg, abstract_state, seq)
     flops_text = float(cost.get("flops", 0.0))
@@ -497,7 +500,10 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     bound, mfu, tokens, biggest,
                     {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
                      "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
-                                           "grad_accum": grad_accum} if mode == "train" else {}), **{k: str(v) for k, v in (overrides or {}).items()},
+                                           "grad_accum": grad_accum} if mode == "train" else {}),
+                     **({"step": "v4jax.inference.generate.generation_steps "
+                                 + ("step" if mode == "decode" else f"prefill, chunk {chunk}")}
+                        if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
     if require_fit and not report.fits:
@@ -526,7 +532,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
     p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, long_context")
     p.add_argument("--rule", default="", help="overrides, e.g. experts=expert+fsdp,vocab=")
-    p.add_argument("--mode", default="train", choices=["train", "prefill", "decode"])
+    p.add_argument("--mode", default="train", choices=["train", "prefill", "decode", "prefill_chunk"],
+                   help="prefill: the stateless forward over --seq tokens; decode / prefill_chunk: the Generator's "
+                        "own decode step / prefill of --chunk tokens against a cache of --seq positions")
+    p.add_argument("--chunk", type=int, default=8192, help="prefill_chunk: prompt tokens per sequence per call")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: one sequence per device)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--mesh", default=None, help="axis sizes, e.g. expert=8,fsdp=-1 (default per rules preset)")
@@ -546,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
                          num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
-                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum)
+                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum, chunk=a.chunk)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

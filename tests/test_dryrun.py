@@ -132,3 +132,14 @@ def test_default_mesh_is_the_first_candidate_every_parameter_resolves_on():
     assert dryrun.mesh_candidates("fsdp_ep", pro, 1024)[0] == "expert=64,fsdp=16"
     # fsdp=16 x expert=64 divides the width 7168 but not the indexer's q_lora 1536: one step down
     assert dryrun.default_mesh("fsdp_ep", pro, devices, get_rules("fsdp_ep")) == "expert=64,fsdp=8,data=2"
+
+
+def test_the_dry_run_compiles_the_generators_own_steps():
+    """Issue 18: decode and prefill_chunk compile `generation_steps` (what Generator runs), the cache
+    donated and kept in its layout."""
+    r = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="decode", seq=48)
+    assert r.settings["step"] == "v4jax.inference.generate.generation_steps step" and r.tokens == r.batch == 4
+    r = dryrun.dry_run(small(), "v5p:2x2x1", "long_context", mode="prefill_chunk", seq=48, chunk=8,
+                       mesh_spec="context=2,expert=2")
+    assert r.settings["step"] == "v4jax.inference.generate.generation_steps prefill, chunk 8"
+    assert r.tokens == r.batch * 8 and r.fits and r.flops_per_device > 0

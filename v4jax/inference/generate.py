@@ -18,7 +18,7 @@ reads; an entry it completed is invisible until the window really completes and 
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +162,80 @@ class Generation(NamedTuple):
     stats: GenerationStats
 
 
+class GenerationSteps(NamedTuple):
+    """The jitted steps a Generator runs (cache = argument 1, donated), built from a model's graphdef:
+    the same functions the dry run compiles for TPU topologies (`benchmarks/dryrun.py`)."""
+
+    prefill: Callable  # (state, cache, tokens [B, T], n_valid [B]) -> (logits, streams, cache)
+    step: Callable  # (state, cache, pending [B], positions [B], seed, Sampling) -> (next [B], logits [B, V], cache)
+    prefill_slot: Callable  # (state, cache, slot, tokens [1, T], n [1], seed, Sampling) -> (first [1], cache)
+    serve_step: Callable  # (state, cache, pending [B], active [B], seed, Sampling) -> (next [B], cache)
+    mtp_prefill: Callable  # (state, cache, streams, next_tokens, n_valid) -> (draft [B], cache)
+    spec_step: Callable  # (state, cache, pending, draft) -> (target, accept, draft, logits, cache)
+
+
+def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> GenerationSteps:
+    """Every generation step, jitted for one device or (mesh and rules) traced under the rules with the
+    returned cache kept in its layout and every other output replicated."""
+
+    def _prefill(state, cache, tokens, n_valid):
+        out = nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
+        return out.logits, out.streams, out.cache
+
+    def _step(state, cache, pending, step, seed, params):
+        out = nnx.merge(gd, state)(pending[:, None], cache=cache)
+        nxt = sample(out.logits[:, 0], _row_keys(seed, pending.shape[0], step), params)
+        return nxt, out.logits[:, 0], out.cache
+
+    def _mtp_prefill(state, cache, streams, next_tokens, n_valid):
+        logits, cache = nnx.merge(gd, state).draft(cache, streams, next_tokens, n_valid)
+        return jnp.take_along_axis(jnp.argmax(logits, -1), (n_valid - 1)[:, None], 1)[:, 0].astype(jnp.int32), cache
+
+    def _spec_step(state, cache, pending, draft):
+        model = nnx.merge(gd, state)
+        out = model(jnp.stack([pending, draft], 1), cache=cache)
+        target = jnp.argmax(out.logits, -1).astype(jnp.int32)  # [B, 2]: tokens p+1, p+2
+        accept = target[:, 0] == draft
+        n_acc = 1 + accept.astype(jnp.int32)
+        cache = out.cache.replace(lengths=cache.lengths + n_acc)  # rollback = not advancing
+        logits, cache = model.draft(cache, out.streams, target, n_acc)
+        new_draft = jnp.take_along_axis(jnp.argmax(logits, -1), (n_acc - 1)[:, None], 1)[:, 0]
+        return target, accept, new_draft.astype(jnp.int32), out.logits, cache
+
+    def _prefill_slot(state, cache, slot, tokens, n, seed, params):
+        # a new sequence in row `slot`: emptied, its prompt fed through the model at batch 1, its
+        # first token drawn as row 0 of a batch of one would draw it
+        row = reset_rows(cache_rows(cache, slot), jnp.ones((1,), bool))
+        out = nnx.merge(gd, state)(tokens, cache=row, n_valid=n)
+        logits = jnp.take_along_axis(out.logits, (n - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
+        return sample(logits, _row_keys(seed, 1, n), params), put_cache_rows(cache, out.cache, slot)
+
+    def _serve_step(state, cache, pending, active, seed, params):
+        # every slot decodes one token; idle slots (active False) neither advance nor write. Row b's
+        # draw is keyed by its own position, as row 0 of a batch of one (a prompt's tokens do not
+        # depend on its slot or its batch mates)
+        out = nnx.merge(gd, state)(pending[:, None], cache=cache, n_valid=active.astype(jnp.int32))
+        keys = jax.vmap(lambda t: _row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
+        return sample(out.logits[:, 0], keys, params), out.cache
+
+    def jit(fn):
+        if mesh is None:
+            return jax.jit(fn, donate_argnums=1)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def placed(*args):
+            with use_mesh_rules(mesh, rules):
+                out = fn(*args)
+            return tuple(jax.lax.with_sharding_constraint(o, cache_shardings(o, mesh, rules)) if isinstance(o, Cache)
+                         else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
+                         for o in out)
+
+        return jax.jit(placed, donate_argnums=1)
+
+    return GenerationSteps(jit(_prefill), jit(_step), jit(_prefill_slot), jit(_serve_step), jit(_mtp_prefill),
+                           jit(_spec_step))
+
+
 class Generator:
     """Batched generation with jitted, cache-donating steps; build once per model and reuse.
 
@@ -185,71 +259,8 @@ class Generator:
             model = shard_module(model, mesh, rules)  # ShardingError naming a parameter the mesh cannot split
         self.model, self.cfg = model, model.cfg
         self.graphdef, self.state = nnx.split(model)
-        gd = self.graphdef
-
-        def _prefill(state, cache, tokens, n_valid):
-            out = nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
-            return out.logits, out.streams, out.cache
-
-        def _step(state, cache, pending, step, seed, params):
-            out = nnx.merge(gd, state)(pending[:, None], cache=cache)
-            nxt = sample(out.logits[:, 0], _row_keys(seed, pending.shape[0], step), params)
-            return nxt, out.logits[:, 0], out.cache
-
-        def _mtp_prefill(state, cache, streams, next_tokens, n_valid):
-            logits, cache = nnx.merge(gd, state).draft(cache, streams, next_tokens, n_valid)
-            return jnp.take_along_axis(jnp.argmax(logits, -1), (n_valid - 1)[:, None], 1)[:, 0].astype(jnp.int32), cache
-
-        def _spec_step(state, cache, pending, draft):
-            model = nnx.merge(gd, state)
-            out = model(jnp.stack([pending, draft], 1), cache=cache)
-            target = jnp.argmax(out.logits, -1).astype(jnp.int32)  # [B, 2]: tokens p+1, p+2
-            accept = target[:, 0] == draft
-            n_acc = 1 + accept.astype(jnp.int32)
-            cache = out.cache.replace(lengths=cache.lengths + n_acc)  # rollback = not advancing
-            logits, cache = model.draft(cache, out.streams, target, n_acc)
-            new_draft = jnp.take_along_axis(jnp.argmax(logits, -1), (n_acc - 1)[:, None], 1)[:, 0]
-            return target, accept, new_draft.astype(jnp.int32), out.logits, cache
-
-        def _prefill_slot(state, cache, slot, tokens, n, seed, params):
-            # a new sequence in row `slot`: emptied, its prompt fed through the model at batch 1, its
-            # first token drawn as row 0 of a batch of one would draw it
-            row = reset_rows(cache_rows(cache, slot), jnp.ones((1,), bool))
-            out = nnx.merge(gd, state)(tokens, cache=row, n_valid=n)
-            logits = jnp.take_along_axis(out.logits, (n - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
-            return sample(logits, _row_keys(seed, 1, n), params), put_cache_rows(cache, out.cache, slot)
-
-        def _serve_step(state, cache, pending, active, seed, params):
-            # every slot decodes one token; idle slots (active False) neither advance nor write. Row b's
-            # draw is keyed by its own position, as row 0 of a batch of one (a prompt's tokens do not
-            # depend on its slot or its batch mates)
-            out = nnx.merge(gd, state)(pending[:, None], cache=cache, n_valid=active.astype(jnp.int32))
-            keys = jax.vmap(lambda t: _row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
-            return sample(out.logits[:, 0], keys, params), out.cache
-
-        self._prefill_slot = self._jit(_prefill_slot)
-        self._serve_step = self._jit(_serve_step)
-        self._prefill = self._jit(_prefill)
-        self._step = self._jit(_step)
-        self._mtp_prefill = self._jit(_mtp_prefill)
-        self._spec_step = self._jit(_spec_step)
-
-    def _jit(self, fn):
-        """jit with the cache (argument 1) donated; over a mesh, traced under the rules with the
-        returned cache kept in its layout and every other output replicated."""
-        if self.mesh is None:
-            return jax.jit(fn, donate_argnums=1)
-        mesh, rules = self.mesh, self.rules
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-        def placed(*args):
-            with use_mesh_rules(mesh, rules):
-                out = fn(*args)
-            return tuple(jax.lax.with_sharding_constraint(o, cache_shardings(o, mesh, rules)) if isinstance(o, Cache)
-                         else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
-                         for o in out)
-
-        return jax.jit(placed, donate_argnums=1)
+        for name, fn in generation_steps(self.graphdef, mesh, rules)._asdict().items():
+            setattr(self, f"_{name}", fn)
 
     def _put(self, x):
         """A host value as a device array: replicated over the mesh (every process passes the same)."""
