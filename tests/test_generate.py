@@ -81,16 +81,23 @@ def tiny_mtp(tmp_root):
     return cfg, model, gen
 
 
+def _cached_forward(gen, cache, tokens):
+    """(logits [B, T, V] of every position, cache): the Generator's prefill keeps only the last ones."""
+    if not hasattr(gen, "_full_prefill"):
+        gen._full_prefill = jax.jit(lambda state, c, t: (lambda o: (o.logits, o.cache))(
+            nnx.merge(gen.graphdef, state)(t, cache=c)))
+    return gen._full_prefill(gen.state, cache, tokens)
+
+
 def teacher_forced(gen, ids, S):
     """Our cache: prefill S tokens in chunks of CHUNK, then one token per step. Returns the prefill
     logits [B, S, V] and the decode logits [B, T - S + 1, V] (entry j at position S - 1 + j)."""
     B, total = ids.shape
     cache = init_cache(gen.cfg, B, ML)
     full = []
-    for s in range(0, S, CHUNK):
-        out = gen._prefill(gen.state, cache, jnp.asarray(ids[:, s:s + CHUNK]), jnp.full((B,), CHUNK, jnp.int32))
-        cache = out.cache
-        full.append(np.asarray(out.logits))
+    for s in range(0, S, CHUNK):  # the model's cached call itself: every position's logits
+        logits, cache = _cached_forward(gen, cache, jnp.asarray(ids[:, s:s + CHUNK]))
+        full.append(np.asarray(logits))
     ours = [full[-1][:, -1]]
     for t in range(S, total):
         _, logits, cache = gen._step(gen.state, cache, jnp.asarray(ids[:, t]), jnp.zeros(B, jnp.int32), 0, GREEDY)
@@ -143,11 +150,10 @@ def prefill_rows(gen, rows, pad_values, max_len=None):
     last = np.zeros((B, gen.cfg.vocab_size), np.float32)
     for s in range(0, T, CHUNK):
         n = np.clip(lengths - s, 0, CHUNK).astype(np.int32)
-        out = gen._prefill(gen.state, cache, jnp.asarray(padded[:, s:s + CHUNK]), jnp.asarray(n))
-        cache = out.cache
+        logits, _, cache = gen._prefill(gen.state, cache, jnp.asarray(padded[:, s:s + CHUNK]), jnp.asarray(n))
         for b in range(B):
             if s < lengths[b] <= s + CHUNK:
-                last[b] = np.asarray(out.logits)[b, lengths[b] - s - 1]
+                last[b] = np.asarray(logits)[b]  # the row's last token of this chunk
     return last, cache
 
 
@@ -247,9 +253,9 @@ def test_mtp_drafts_equal_the_stateless_mtp_head(tmp_root):
     cfg, model, gen = tiny_mtp(tmp_root)
     ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, CHUNK)).astype(np.int32)
     cache = init_cache(cfg, 2, ML)
-    out = gen._prefill(gen.state, cache, jnp.asarray(ids), jnp.asarray([CHUNK, CHUNK - 4], np.int32))
+    _, streams, cache = gen._prefill(gen.state, cache, jnp.asarray(ids), jnp.asarray([CHUNK, CHUNK - 4], np.int32))
     nxt = np.concatenate([ids[:, 1:], ids[:, :1]], 1)
-    draft, cache = gen._mtp_prefill(gen.state, out.cache, out.streams, jnp.asarray(nxt),
+    draft, cache = gen._mtp_prefill(gen.state, cache, streams, jnp.asarray(nxt),
                                     jnp.asarray([CHUNK - 1, CHUNK - 5], np.int32))
     ref = model(jnp.asarray(ids)).mtp_logits  # [B, T-1, V]: position t predicts token t+2
     assert np.asarray(draft).tolist() == [int(ref[0, CHUNK - 2].argmax()), int(ref[1, CHUNK - 6].argmax())]

@@ -36,7 +36,7 @@ def teacher_forced_logits(gen: Generator, prompts, follow: np.ndarray) -> np.nda
     lengths = np.array([len(p) for p in prompts], np.int32)
     cache = gen.new_cache(B, T + follow.shape[1] + 1)
     logits, _, cache = gen._prefill(gen.state, cache, gen._put(padded), gen._put(lengths))
-    out = [np.asarray(logits)[np.arange(B), lengths - 1]]
+    out = [np.asarray(logits)]  # [B, V]: each row's last prompt token
     params = jax.tree.map(gen._put, Sampling().as_arrays())
     for s in range(follow.shape[1]):
         _, step_logits, cache = gen._step(gen.state, cache, gen._put(follow[:, s]), gen._put(lengths + s),

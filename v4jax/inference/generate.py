@@ -166,7 +166,7 @@ class GenerationSteps(NamedTuple):
     """The jitted steps a Generator runs (cache = argument 1, donated), built from a model's graphdef:
     the same functions the dry run compiles for TPU topologies (`benchmarks/dryrun.py`)."""
 
-    prefill: Callable  # (state, cache, tokens [B, T], n_valid [B]) -> (logits, streams, cache)
+    prefill: Callable  # (state, cache, tokens [B, T], n_valid [B]) -> (logits [B, V] at n_valid - 1, streams, cache)
     step: Callable  # (state, cache, pending [B], positions [B], seed, Sampling) -> (next [B], logits [B, V], cache)
     prefill_slot: Callable  # (state, cache, slot, tokens [1, T], n [1], seed, Sampling) -> (first [1], cache)
     serve_step: Callable  # (state, cache, pending [B], active [B], seed, Sampling) -> (next [B], cache)
@@ -179,8 +179,11 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
     returned cache kept in its layout and every other output replicated."""
 
     def _prefill(state, cache, tokens, n_valid):
+        # returns each row's logits at its last token of this chunk (the next-token logits when the
+        # prompt ends here), not [B, T, V]: at 8K-token chunks those would be GBs per device
         out = nnx.merge(gd, state)(tokens, cache=cache, n_valid=n_valid)
-        return out.logits, out.streams, out.cache
+        last = jnp.take_along_axis(out.logits, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        return last, out.streams, out.cache
 
     def _step(state, cache, pending, step, seed, params):
         out = nnx.merge(gd, state)(pending[:, None], cache=cache)
@@ -323,10 +326,10 @@ class Generator:
             n_valid = np.clip(lengths - s, 0, chunk).astype(np.int32)
             logits, streams, cache = self._prefill(self.state, cache, self._put(padded[:, s:s + chunk]),
                                                    self._put(n_valid))
-            logits = np.asarray(logits)
+            logits = np.asarray(logits)  # [B, V] at each row's last token of this chunk
             for b in range(B):
                 if s < lengths[b] <= s + chunk:
-                    last_logits[b] = logits[b, lengths[b] - s - 1]
+                    last_logits[b] = logits[b]
         traced = sampling.as_arrays()
         first = np.asarray(sample(jnp.asarray(last_logits), _row_keys(seed, B, jnp.asarray(lengths)), traced))
         draft = None
