@@ -35,7 +35,8 @@ def gen():
 @pytest.mark.parametrize("kw", [dict(), dict(sampling=Sampling(temperature=0.9, top_k=40), seed=5)],
                          ids=["greedy", "sampling"])
 def test_every_prompt_gets_the_tokens_it_gets_alone(gen, kw):
-    alone = [gen.generate([p], max_new_tokens=6, max_len=40, **kw).tokens[0] for p in PROMPTS]
+    # alone, each prompt is prefilled in chunks of 8: one compiled prefill shape for every length
+    alone = [gen.generate([p], max_new_tokens=6, max_len=40, prefill_chunk=8, **kw).tokens[0] for p in PROMPTS]
     stats: list = []
     order = []
     for index, ids in gen.serve(PROMPTS, slots=3, max_new_tokens=6, max_len=40, stats=stats, **kw):
@@ -48,7 +49,7 @@ def test_every_prompt_gets_the_tokens_it_gets_alone(gen, kw):
 
 
 def test_stop_tokens_free_slots_early(gen):
-    alone = [gen.generate([p], max_new_tokens=8, max_len=40).tokens[0] for p in PROMPTS]
+    alone = [gen.generate([p], max_new_tokens=8, max_len=40, prefill_chunk=8).tokens[0] for p in PROMPTS]
     stop = alone[1][2]  # prompt 1 stops at its third token; others may stop too
     want = {i: a[:a.index(stop) + 1] if stop in a else a for i, a in enumerate(alone)}
     got = dict(gen.serve(PROMPTS, slots=2, max_new_tokens=8, max_len=40, stop_tokens=[stop]))
@@ -56,7 +57,7 @@ def test_stop_tokens_free_slots_early(gen):
 
 
 def test_continuous_batching_over_a_mesh(gen):
-    alone = [gen.generate([p], max_new_tokens=5, max_len=40).tokens[0] for p in PROMPTS]
+    alone = [gen.generate([p], max_new_tokens=5, max_len=40, prefill_chunk=8).tokens[0] for p in PROMPTS]
     sharded = Generator(model(), mesh=make_mesh("data=2,tensor=2,expert=2"), rules=get_rules("fsdp_tp_ep"))
     got = dict(sharded.serve(PROMPTS, slots=4, max_new_tokens=5, max_len=40))
     assert got == dict(enumerate(alone))

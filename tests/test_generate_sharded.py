@@ -16,11 +16,11 @@ from v4jax.inference.generate import Generator, Sampling
 CFG = V4Config.preset("tiny")  # SWA, CSA, HCA, CSA + MTP; 4 heads, 8 experts
 OPTIONS = RunOptions.preset("tiny")
 PROMPTS = [list(range(5, 22)), list(range(40, 49)), [7, 3, 300, 11, 9, 2, 100, 64, 1, 5, 6, 8, 13]]
-SLOW = pytest.mark.slow  # the default run keeps one mesh with every split (data, tensor, expert) and one with context
+SLOW = pytest.mark.slow  # the default run keeps the mesh with every split (data, tensor, expert)
 MESHES = [pytest.param("fsdp=8", "fsdp", marks=SLOW, id="fsdp"),
           pytest.param("fsdp=4,expert=2", "fsdp_ep", marks=SLOW, id="fsdp_ep"),
           pytest.param("data=2,tensor=2,expert=2", "fsdp_tp_ep", id="fsdp_tp_ep"),
-          pytest.param("context=2,expert=2,fsdp=2", "long_context", id="long_context")]
+          pytest.param("context=2,expert=2,fsdp=2", "long_context", marks=SLOW, id="long_context")]
 
 
 def model():

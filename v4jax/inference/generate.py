@@ -358,6 +358,7 @@ class Generator:
         t1 = time.perf_counter()
         steps = drafted = accepted = 0
         pending = self._put(first)
+        params, seed_ = jax.tree.map(self._put, traced), self._put(np.int32(seed))
         while not done.all():
             steps += 1
             if speculative:
@@ -369,8 +370,8 @@ class Generator:
                 update = {b: emit(b, target[b, :1 + int(acc[b])]) for b in range(B) if live[b]}
                 pending = self._put(np.where(acc, target[:, 1], target[:, 0]))
             else:
-                pending, _, cache = self._step(self.state, cache, pending, self._put(lengths + steps),
-                                               self._put(seed), jax.tree.map(self._put, traced))
+                pending, _, cache = self._step(self.state, cache, pending, self._put(lengths + steps), seed_,
+                                               params)
                 nxt = np.asarray(pending)
                 update = {b: emit(b, [nxt[b]]) for b in range(B) if not done[b]}
             yield update
