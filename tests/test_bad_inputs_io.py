@@ -180,6 +180,19 @@ def _rows() -> dict[str, tuple[str, Callable, tuple[str, ...]]]:
     def _(t, inp):
         return ["--checkpoint", str(inp / "hf"), "--prompt", "x"]
 
+    @row("infer-mesh-without-rules", "infer", "--mesh and --rules go together")
+    def _(t, inp):
+        return ["--checkpoint", str(inp / "hf"), "--prompt-ids", "1 2 3", "--mesh", "fsdp=2"]
+
+    @row("infer-mesh-larger-than-the-devices", "infer", "mesh 'fsdp=64' asks for 64 devices")
+    def _(t, inp):
+        (t / "ids.txt").write_text("1 2 3\n")
+        return ["--checkpoint", str(inp / "hf"), "--prompt-ids", "ids.txt", "--mesh", "fsdp=64", "--rules", "fsdp"]
+
+    @row("infer-missing-prompts-file", "infer", "cannot read prompts from gone.txt")
+    def _(t, inp):
+        return ["--checkpoint", str(inp / "hf"), "--prompts-file", "gone.txt", "--tokenizer", "byte"]
+
     @row("infer-run-names-a-missing-tokenizer", "infer", "run/config.json", "gone/tok.json")
     def _(t, inp):
         edit_json(copy(inp, "run", t) / "config.json", lambda d: d["train"].update(tokenizer="gone/tok.json"))
