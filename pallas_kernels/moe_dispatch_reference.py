@@ -56,6 +56,7 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     up_proj = released_gemm(lambda a, w: jnp.einsum("md,edi->emi", a, w.astype(dt), preferred_element_type=jnp.float32),
                             act_quant)
     h = swiglu(up_proj(xs, w1), up_proj(xs, w3), limit) * (mask.T * row_weights[None, :])[..., None]
-    down = released_gemm(lambda a, w: jnp.einsum("emi,eid->emd", a, w.astype(dt), preferred_element_type=jnp.float32),
+    # one expert per row (the others' h is zero), so rounding the summed result rounds that expert's
+    down = released_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
                          act_quant)
-    return jnp.sum(down(h.astype(dt), w2), axis=0)  # each expert's result rounded before the sum, as the kernels do
+    return down(h.astype(dt), w2)
