@@ -1,22 +1,30 @@
 """Expert parallelism: routed experts split over the mesh axes the rules give `experts`; dropless.
 
 Inside one `shard_map` over the whole mesh each device holds its tokens' rows (split over the batch /
-sequence axes) and E/ep experts. Two regimes, chosen by where the tokens live:
+sequence axes) and E/ep experts. Two dispatches, chosen by how many tokens the expert group holds
+(the ep devices that split the experts; `gather_tokens` is the most for the second):
 
-* tokens split over the expert axes (the usual training layout): each device sorts its (token,
-  choice) rows by expert, sends every row to the device holding its expert with one all-to-all, runs
-  its local experts on what it received (grouped SwiGLU on expert-sorted rows), and sends the results
-  back with a second all-to-all; the combine happens where the token lives.
-* tokens replicated over the expert axes (a batch too small to split, e.g. decode): each device runs
-  its local experts on the rows routed to them and the partial outputs are summed over the axes.
+* all-to-all (many tokens, training and long prefill chunks; tokens split over the expert axes):
+  each device sorts its (token, choice) rows by expert, sends every row to the device holding its
+  expert with one all-to-all, runs its local experts on what it received (grouped SwiGLU on
+  expert-sorted rows), and sends the results back with a second all-to-all; the combine happens
+  where the token lives.
+* gather (few tokens: decode, short prefill chunks; or tokens replicated over the expert axes): every
+  device of the group takes all N of the group's tokens (one all-gather when they were split), runs
+  its local experts on the rows routed to them, and the partial outputs are summed over the expert
+  axes (a reduce-scatter back to the tokens' devices, or a psum when they were replicated).
 
-Dropless: no row is ever dropped. With static shapes this means the receive buffer has room for the
-worst case, every row of every sender on one device: ep x n x k rows for n tokens per device; the
-tokens go in rounds of `chunk` (a scan), so the buffer is ep x chunk x k rows. On TPU/GPU the rows
-travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all, so there
-fixed-size per-destination blocks go through `all_to_all`. The local grouped matmul only computes the
-real rows' groups (rows past the last group give zeros). Tensor parallelism inside an expert (the
-`expert_mlp` columns over axes that do not split the tokens) adds one psum of the combined output.
+Dropless both ways: no row is ever dropped. With static shapes the all-to-all's receive buffer has
+room for the worst case, every row of every sender on one device: ep x n x k rows for n tokens per
+device; the tokens go in rounds of `chunk` (a scan), so the buffer is ep x chunk x k rows. On TPU/GPU
+the rows travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all,
+so there fixed-size per-destination blocks go through `all_to_all`. The gather dispatch has no
+worst-case buffer: its local rows, sorted by expert, go through the grouped SwiGLU in windows of
+`window` rows (about 1.25 x the mean load N x k / ep), a window running only when rows remain; a
+device that receives more rows runs more windows (`_local_experts`). The local grouped matmul only
+computes the real rows' groups (rows past the last group give zeros). Tensor parallelism inside an
+expert (the `expert_mlp` columns over axes that do not split the tokens) adds one psum of the
+combined output.
 """
 
 from __future__ import annotations
@@ -43,10 +51,13 @@ def _flat(axes: tuple[str, ...]):
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                         w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules,
-                        chunk: int = 1024, check_vma: bool = True) -> jax.Array:
+                        chunk: int = 1024, gather_tokens: int = 1024, window: int | None = None,
+                        check_vma: bool = True) -> jax.Array:
     """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
     [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32. `chunk`: tokens per device per
-    all-to-all round (the worst-case receive buffer is ep x chunk x k rows).
+    all-to-all round (the worst-case receive buffer is ep x chunk x k rows). `gather_tokens`: the
+    gather dispatch runs when the expert group holds at most this many tokens (always when the tokens
+    are replicated over the expert axes); `window`: its rows per window (default `gather_window`).
     check_vma=False for an `ffn` that cannot run on values typed as varying over the mesh axes (the
     Pallas interpreter, moe_impl=pallas on CPU): the shard_map then differentiates by its untyped rule
     (cotangents of inputs psum-ed over the axes they are whole on), which gives the same gradients
@@ -76,17 +87,28 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
     def local(x, experts, weights, w1, w3, w2):
         b, t, _ = x.shape
         n, k = b * t, experts.shape[-1]
-        x = x.reshape(n, d)
-        flat = experts.reshape(n * k)
+        x, experts, weights = x.reshape(n, d), experts.reshape(n, k), weights.reshape(n, k)
+        group = n * ep if split_tokens else n  # tokens of the expert group
         rank = jax.lax.axis_index(ep_axes)
-        if split_tokens:  # rounds of at most `chunk` tokens bound the worst-case buffers
+        if group <= gather_tokens or not split_tokens:  # gather dispatch
+            if split_tokens:  # few tokens: every device of the group takes all of them
+                x, experts, weights = (jax.lax.all_gather(a, ep_axes, tiled=True) for a in (x, experts, weights))
+            else:  # mark the replicated inputs as per-device values explicitly, so their gradients are
+                # summed over the expert axes (the transpose of this cast is a psum)
+                x, weights = (jax.lax.pcast(a, ep_axes, to="varying") for a in (x, weights))
+            rows = window or gather_window(group, k, ep)
+            out = _local_experts(x, experts, weights, w1, w3, w2, ffn, rank * E_loc, E_loc, rows)  # [group, d]
+            if split_tokens:  # the partial sums of my tokens, summed over the group
+                out = jax.lax.psum_scatter(out, ep_axes, tiled=True)
+            reduce = tp_axes + (() if split_tokens else ep_axes)
+        else:  # all-to-all dispatch in rounds of at most `chunk` tokens (bounds the worst-case buffers)
             nc = min(chunk, n)
             rounds = -(-n // nc)
             pad = rounds * nc - n
             xc = jnp.pad(x, ((0, pad), (0, 0))).reshape(rounds, nc, d)
-            ec = jnp.concatenate([experts.reshape(n, k), jnp.broadcast_to(jnp.arange(k, dtype=experts.dtype), (pad, k))]
+            ec = jnp.concatenate([experts, jnp.broadcast_to(jnp.arange(k, dtype=experts.dtype), (pad, k))]
                                  ).reshape(rounds, nc, k)
-            wc = jnp.pad(weights.reshape(n, k), ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
+            wc = jnp.pad(weights, ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
 
             def one_round(_, args):
                 xr, er, wr = args
@@ -96,18 +118,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
 
             _, out = jax.lax.scan(jax.checkpoint(one_round), None, (xc, ec, wc))
             out = out.reshape(rounds * nc, d)[:n]
-        else:  # tokens replicated over the expert axes: local experts only, partial sums
-            # mark the replicated inputs as per-device values explicitly, so their gradients are
-            # summed over the expert axes (the transpose of this cast is a psum)
-            x, weights = (jax.lax.pcast(a, ep_axes, to="varying") for a in (x, weights))
-            local_e = flat - rank * E_loc
-            mine = (local_e >= 0) & (local_e < E_loc)
-            key = jnp.where(mine, local_e, E_loc)
-            order = jnp.argsort(key, stable=True)
-            sizes = jnp.sum(jax.nn.one_hot(key, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
-            y_sorted = ffn(x[order // k], sizes, w1, w3, w2, weights.reshape(n * k)[order])
-            out = jnp.zeros((n, d), jnp.float32).at[order // k].add(y_sorted)
-        reduce = tp_axes + (() if split_tokens else ep_axes)
+            reduce = tp_axes
         if reduce:
             out = jax.lax.psum(out, reduce)
         return out.reshape(b, t, d)
@@ -115,6 +126,53 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
                        check_vma=check_vma)
     return fn(x, experts, weights, w1, w3, w2)
+
+
+WINDOW_SLACK = 1.25  # gather windows hold this times the mean rows per device
+
+
+def gather_window(tokens: int, k: int, ep: int) -> int:
+    """Rows per window of the gather dispatch: 1.25 x the mean rows per device (tokens x k / ep),
+    a multiple of 8 (sublanes; XLA:TPU costs a ragged dot of fewer rows as one dense dot per group)."""
+    return max(8, -(-math.ceil(tokens * k / ep * WINDOW_SLACK) // 8) * 8)
+
+
+def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, window: int):
+    """This device's experts (ids first .. first + E_loc - 1) on the (token, choice) rows routed to
+    them. x [N, d]; experts, weights [N, k]. Returns [N, d] fp32, zero for tokens with no local expert.
+
+    The rows, sorted by local expert (other devices' rows last), go through `ffn` in windows of
+    `window` rows; a scan over the ceil(N k / window) windows the worst case needs runs a window only
+    while local rows remain (a `cond`), so the work follows the real routing and nothing is dropped.
+    XLA's cost analysis counts the window once: the work of a device holding at most `window` rows."""
+    N, d = x.shape
+    k = experts.shape[-1]
+    # The windows' `cond` runs on some devices and not others: nothing collective may move into it
+    # (XLA sinks e.g. the weights' FSDP all-gather into the branch that uses them, a deadlock)
+    x, weights, w1, w3, w2 = jax.lax.optimization_barrier((x, weights, w1, w3, w2))
+    local = experts.reshape(-1) - first
+    key = jnp.where((local >= 0) & (local < E_loc), local, E_loc)  # [N*k]
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=E_loc + 1)[:E_loc].astype(jnp.int32)  # rows per local expert
+    ends = jnp.cumsum(sizes)
+    starts, total = ends - sizes, ends[-1]
+    n_win = -(-N * k // window)
+    order = jnp.pad(order, (0, n_win * window - N * k))  # padded slots lie past `total`: they give zeros
+    row_w = weights.reshape(-1)
+
+    def one_window(out, i):
+        def run(out):
+            s = i * window
+            rows = jax.lax.dynamic_slice(order, (s,), (window,))
+            w_sizes = jnp.clip(ends - s, 0, window) - jnp.clip(starts - s, 0, window)  # each expert's rows here
+            y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows])  # [window, d] fp32
+            return out.at[rows // k].add(y)
+        return jax.lax.cond(i * window < total, run, lambda out: out, out), None
+
+    inputs = frozenset().union(*(_varying_axes(a) for a in (experts, weights, w1, w3, w2)))
+    out = _varying_like(jnp.zeros((N, d), jnp.float32), x, tuple(sorted(inputs)))
+    out, _ = jax.lax.scan(one_window, out, jnp.arange(n_win))
+    return out
 
 
 def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, ragged: bool):

@@ -154,19 +154,21 @@ def _routing(pattern, N, k, E, rng):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(rng.uniform(0.1, 1.0, size=(N, k)), jnp.float32)
 
 
-EP_CASES = [("fsdp=2,expert=4", "fsdp_ep", 8),  # tokens meet their experts by all-to-all
-            ("expert=8", "fsdp_ep", 1),  # batch 1: tokens replicated, partial sums
-            ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4)]  # plus tensor parallelism inside the experts
-EP_DEFAULT = {("random", 0), ("all_to_one_expert", 1), ("empty_experts", 2)}  # each pattern and regime once
+EP_CASES = [("fsdp=2,expert=4", "fsdp_ep", 8, 0),  # tokens meet their experts by all-to-all
+            ("expert=8", "fsdp_ep", 1, 1024),  # batch 1: tokens replicated, partial sums
+            ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, 0),  # plus tensor parallelism inside the experts
+            ("fsdp=2,expert=4", "fsdp_ep", 8, 1024)]  # few tokens: gathered onto every device of the group
+EP_DEFAULT = {("random", 0), ("all_to_one_expert", 1), ("empty_experts", 2), ("all_to_one_expert", 3)}  # each once
 
 
 @pytest.mark.parametrize("pattern,case", [
     pytest.param(p, c, marks=() if (p, c) in EP_DEFAULT else pytest.mark.slow, id=f"{p}-{EP_CASES[c][0]}")
-    for p in ("random", "all_to_one_expert", "empty_experts") for c in range(3)])
+    for p in ("random", "all_to_one_expert", "empty_experts") for c in range(len(EP_CASES))])
 def test_expert_parallel_pallas_equals_the_unsharded_reference_moe(pattern, case):
-    mesh_spec, preset, batch = EP_CASES[case]
+    mesh_spec, preset, batch, gather_tokens = EP_CASES[case]
     base = V4Config.preset("tiny", n_mtp_layers=0, n_routed_experts=8, n_activated_experts=3)
-    chunk = RunOptions(moe_dispatch_chunk=5)  # 12 tokens per device: 3 rounds, the last padded
+    # 12 tokens per device: 3 all-to-all rounds, the last padded
+    chunk = RunOptions(moe_dispatch_chunk=5, moe_gather_tokens=gather_tokens)
     reference = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="reference"))  # one masked FFN per expert
     pallas = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="pallas"))
     rng = np.random.default_rng(3)
@@ -261,15 +263,16 @@ def test_mosaic_compiles_the_sharded_attention_kernel_forward_and_backward(mode)
     assert "tpu_custom_call" in hlo  # Mosaic kernels, not the interpreter
 
 
-@pytest.mark.parametrize("mesh_spec,batch", [("fsdp=2,expert=2", 4), ("expert=4", 1)],
-                         ids=["tokens_exchanged", "tokens_replicated"])
-def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(mesh_spec, batch):
+@pytest.mark.parametrize("mesh_spec,batch,gather_tokens", [("fsdp=2,expert=2", 4, 0), ("expert=4", 1, 1024),
+                                                           ("fsdp=2,expert=2", 4, 1024)],
+                         ids=["tokens_exchanged", "tokens_replicated", "tokens_gathered"])
+def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(mesh_spec, batch, gather_tokens):
     # The typed (check_vma) shard_map of TPU: received rows and weights must be typed varying for the
     # gmm's custom VJP (this failed to trace before the ragged all-to-all buffers were typed varying)
     mesh, rules = _tpu_mesh(mesh_spec), get_rules("fsdp_ep")
     cfg = V4Config.preset("tiny", n_mtp_layers=0)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_impl="pallas"))),
-                                 nnx.Param)
+    options = RunOptions(moe_impl="pallas", moe_gather_tokens=gather_tokens)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
                           state_shardings(params, mesh, rules))
     T, k = 64, cfg.n_activated_experts
@@ -283,7 +286,7 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
     with use_mesh_rules(mesh, rules):
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, w, ids).compile().as_text()
     assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo
-    assert ("ragged-all-to-all" in hlo) == (batch > 1)
+    assert ("ragged-all-to-all" in hlo) == (gather_tokens == 0)
 
 
 def test_tpu_expert_parallel_gradients_reduce_over_the_same_axes_as_the_tested_cpu_path():
@@ -295,7 +298,8 @@ def test_tpu_expert_parallel_gradients_reduce_over_the_same_axes_as_the_tested_c
 
     def reductions(devices):
         mesh, rules = make_mesh("fsdp=2,expert=2", devices=devices), get_rules("fsdp_ep")
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        graphdef, params = nnx.split(nnx.eval_shape(  # the all-to-all dispatch (the gather one has no ragged op)
+            lambda: Experts(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_gather_tokens=0))), nnx.Param)
         x, ids, w = (jax.ShapeDtypeStruct(s, d) for s, d in (((4, 16, cfg.dim), jnp.float32), ((64, 2), jnp.int32),
                                                              ((64, 2), jnp.float32)))
         loss = lambda p, x, w, ids: jnp.sum(nnx.merge(graphdef, p)(x, Routing(w, ids, None)))  # noqa: E731

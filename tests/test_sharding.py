@@ -2,6 +2,8 @@
 
 Runs on 8 host CPU devices (tests/conftest.py forces the count)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,8 @@ from sharding.context import use_mesh_rules
 from sharding.mesh import make_mesh
 from sharding.partition import create_sharded, shard_module, spec_table, state_shardings
 from sharding.rules import LOGICAL_AXES, PRESETS, ShardingError, get_rules, parse_overrides
-from v4jax.config import AttentionKind, RouterKind, RunOptions, V4Config
+from v4jax.config import AttentionKind, MoEImpl, RouterKind, RunOptions, V4Config
+from v4jax.model import kernels
 from v4jax.model.transformer import Transformer, layer_schedule
 from pallas_kernels.moe_dispatch_reference import swiglu
 from v4jax.model.moe import Experts, Routing
@@ -154,12 +157,16 @@ def _routing(pattern, N, k, E, rng):
 
 
 @pytest.mark.parametrize("pattern", ["random", "all_to_one_expert", "empty_experts"])
-@pytest.mark.parametrize("mesh_spec,preset,batch", [("fsdp=2,expert=4", "fsdp_ep", 8),  # tokens meet experts by all-to-all
-                                                    ("expert=8", "fsdp_ep", 1),  # batch 1: tokens replicated, psum
-                                                    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4)])
-def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch):
+@pytest.mark.parametrize("mesh_spec,preset,batch,dispatch", [
+    ("fsdp=2,expert=4", "fsdp_ep", 8, "all_to_all"),  # tokens meet experts by all-to-all
+    ("fsdp=2,expert=4", "fsdp_ep", 8, "gather"),  # the same tokens few enough to gather
+    ("expert=8", "fsdp_ep", 1, "gather"),  # batch 1: tokens replicated, psum
+    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "all_to_all"),
+    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "gather")])
+def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch, dispatch):
     cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
-    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5))  # 12 tokens/device: 3 rounds
+    gather = {"all_to_all": 0, "gather": 1024}[dispatch]  # 12 tokens/device: 3 all-to-all rounds of 5
+    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5, moe_gather_tokens=gather))
     rng = np.random.default_rng(3)
     T = 12
     x = jnp.asarray(rng.normal(size=(batch, T, cfg.dim)), jnp.float32)
@@ -174,6 +181,8 @@ def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh
     sharded = shard_module(experts, mesh, rules)
     with use_mesh_rules(mesh, rules):
         got, vjp1 = jax.vjp(jax.jit(f), x, w, sharded)
+        prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(f)(x, w, sharded).jaxpr)}
+    assert ("all_to_all" in prims) == (dispatch == "all_to_all") and ("all_gather" in prims) == (batch > 1 and dispatch == "gather")
     assert rel_err(got, want) <= 1e-5
     # dropless: every (token, choice) contributes; the per-token loop agrees with the dispatch
     W1, W3, W2 = (np.asarray(v[...]) for v in (experts.w1, experts.w3, experts.w2))
@@ -190,6 +199,51 @@ def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh
     assert rel_err(g1[0], g0[0]) <= 1e-5 and rel_err(g1[1], g0[1]) <= 1e-5
     for name in ("w1", "w2", "w3"):
         assert rel_err(getattr(g1[2], name).get_value(), getattr(g0[2], name).get_value()) <= 1e-5, name
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (shard_map, scan, cond branches)."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("pattern", ["random", "all_to_one_expert"])
+@pytest.mark.parametrize("window", [8, 40])
+def test_gather_dispatch_equals_the_all_to_all_and_the_one_hot_reference_in_windows(pattern, window):
+    # Windows smaller than one device's rows (8: every device runs several; all_to_one_expert puts
+    # 3 x 64 rows on one device) give what the all-to-all and the unsharded one-hot layer give.
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    reference = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_impl="reference"))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(4, 16, cfg.dim)), jnp.float32)
+    ids, w = _routing(pattern, 64, 3, 8, rng)
+    want = reference(x, Routing(w, ids, None))
+    mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
+    sharded = shard_module(reference, mesh, rules)
+    ffn = functools.partial(kernels.grouped_swiglu(MoEImpl.RAGGED_DOT), limit=cfg.swiglu_limit)
+
+    def dispatch(gather_tokens, window=None):
+        f = lambda x, w, w1, w3, w2: expert_parallel.expert_parallel_ffn(  # noqa: E731
+            x, ids.reshape(4, 16, 3), w.reshape(4, 16, 3), w1, w3, w2, ffn, mesh, rules, gather_tokens=gather_tokens,
+            window=window)
+        with use_mesh_rules(mesh, rules):
+            return jax.jit(f)(x, w, *(getattr(sharded, n)[...] for n in ("w1", "w3", "w2")))
+
+    gathered, exchanged = dispatch(1024, window), dispatch(0)
+    assert rel_err(gathered, want) <= 1e-6 and rel_err(exchanged, want) <= 1e-6
+    assert rel_err(gathered, exchanged) <= 1e-6
+
+
+def test_gather_window_is_a_quarter_over_the_mean_load_in_multiples_of_8():
+    assert expert_parallel.gather_window(64, 6, 64) == 8  # 6 rows per device on average
+    assert expert_parallel.gather_window(1024, 6, 8) == 960  # 768 x 1.25
+    assert expert_parallel.gather_window(1, 6, 64) == 8  # padded rows give zeros
+    assert expert_parallel.gather_window(16, 6, 64) == 8
 
 
 # ---------------------------------------------------------------- scanned layers

@@ -91,6 +91,10 @@ class RunOptions:
       param_dtype: storage dtype of the parameters (RMSNorm weights, mHC and sinks stay fp32).
       attention_chunk: queries per chunk in the reference attention and indexer (memory knob).
       moe_dispatch_chunk: tokens per device per expert-parallel all-to-all round (memory knob).
+      moe_gather_tokens: under expert parallelism, the most tokens per expert group (the devices that
+        split the experts) that go the decode-shaped way: gathered onto every device of the group, each
+        device running its own experts on the rows routed to them (architecture.md §5.5). 0: always
+        the all-to-all. Chosen from the token count at trace time; both ways compute the same function.
       remat: what the backward pass recomputes in each scanned block (`Remat`).
       attention_impl: code behind the sparse attention core and the indexer top-k (`AttentionImpl`).
       moe_impl: code behind the routed experts' grouped SwiGLU (`MoEImpl`).
@@ -106,6 +110,7 @@ class RunOptions:
     param_dtype: str = "float32"
     attention_chunk: int = 512
     moe_dispatch_chunk: int = 1024
+    moe_gather_tokens: int = 1024
     remat: Remat = Remat.NONE
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE
     moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
@@ -128,6 +133,9 @@ class RunOptions:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        v = self.moe_gather_tokens
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ConfigError(f"moe_gather_tokens must be a non-negative integer, got {v!r}")
         for name in ("csa_dense", "indexer_detach"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -87,6 +87,7 @@ class Experts(nnx.Module):
         self.w3 = param(rngs, (E, d, I), ("experts", "embed", "expert_mlp"), pd)
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
         self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, options.moe_impl, options.moe_dispatch_chunk
+        self.gather_tokens = options.moe_gather_tokens  # up to this many tokens per expert group: gather dispatch
         self.release = options.numerics is Numerics.RELEASE  # FP4 weights used as stored, FP8 activations
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
@@ -96,13 +97,14 @@ class Experts(nnx.Module):
                                 act_quant=fp8_act_quant if self.release else None)
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
         ctx = active()
-        if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table)
+        if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table), architecture.md §5.5
             k = routing.experts.shape[-1]
             # Pallas' interpreter (moe_impl=pallas off TPU and GPU) cannot take values typed as varying
             # over the mesh axes, so that one case runs in an untyped shard_map (same gradients)
             interpreted = self.impl is MoEImpl.PALLAS and ctx[0].devices.flat[0].platform not in ("tpu", "gpu")
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
-                                       w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk, check_vma=not interpreted)
+                                       w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk,
+                                       gather_tokens=self.gather_tokens, check_vma=not interpreted)
         E, k = w1.shape[0], routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
