@@ -372,16 +372,26 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
     raise SystemExit(f"unknown mode {mode!r}")
 
 
+STEP_NAMES = {"train": "v4jax.train.step.make_step", "decode": "v4jax.inference.generate.generation_steps step",
+              "prefill_chunk": "v4jax.inference.generate.generation_steps prefill",
+              "prefill": "v4jax.model.transformer.Transformer"}
+
+
 def _activation_buffers(cfg: V4Config, options: RunOptions, mode: str, batch: int, seq: int, mesh,
-                        rules: AxisRules) -> list[tuple[str, int]]:
+                        rules: AxisRules, chunk: int = 8192) -> list[tuple[str, int]]:
     """The large per-device activation buffers of one step, by formula (for the does-not-fit report)."""
-    from sharding.expert_parallel import expert_axes
+    from sharding.expert_parallel import expert_axes, gather_window
 
     split = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") + rules.mesh_axes("seq") if a in mesh.shape)
-    n = max(1, batch * seq // split)  # tokens per device
+    new_tokens = {"decode": 1, "prefill_chunk": min(chunk, seq)}.get(mode, seq)  # per sequence, this step
+    n = max(1, batch * new_tokens // split)  # tokens per device
     out = [("logits (fp32) of one step", n * cfg.vocab_size * 4)]
     ep = math.prod(mesh.shape[a] for a in expert_axes(mesh, rules)) if expert_axes(mesh, rules) else 1
-    if ep > 1:
+    if ep > 1 and n * ep <= options.moe_gather_tokens:  # gather dispatch (architecture.md §5.5)
+        rows = gather_window(n * ep, cfg.n_activated_experts, ep)
+        out.append(("gathered tokens of the expert group per layer", n * ep * cfg.dim * 2))
+        out.append(("routed-expert hidden [window, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
+    elif ep > 1:
         rows = ep * min(n, options.moe_dispatch_chunk) * cfg.n_activated_experts
         out.append(("expert-parallel receive buffer per layer (dropless worst case)", rows * cfg.dim * 2))
         out.append(("routed-expert hidden [rows, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
@@ -459,7 +469,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler itself refuses programs that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:5] + _activation_buffers(cfg, options, mode, batch, seq, mesh, rules)
+        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:5] + _activation_buffers(cfg, options, mode, batch, seq, mesh, rules, chunk)
         biggest.sort(key=lambda kv: -kv[1])
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: the TPU compiler "
                          f"reports {str(e).split('RESOURCE_EXHAUSTED: ')[-1].strip()} Biggest buffers per device: "
@@ -501,8 +511,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
                      "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}),
-                     **({"step": "v4jax.inference.generate.generation_steps "
-                                 + ("step" if mode == "decode" else f"prefill, chunk {chunk}")}
+                     **({"step": STEP_NAMES[mode] + ("" if mode == "decode" else f", chunk {chunk}")}
                         if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
@@ -565,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
                            "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
-                           "settings": {"step": "v4jax.train.step.make_step", "grad_accum": a.grad_accum,
+                           "settings": {"step": STEP_NAMES.get(a.mode, "v4jax.train.step.make_step"),
+                                        **({"grad_accum": a.grad_accum} if a.mode == "train" else {}),
+                                        **({"chunk": a.chunk} if a.mode == "prefill_chunk" else {}),
                                         **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())

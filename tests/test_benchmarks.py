@@ -195,3 +195,19 @@ def test_components_that_compile_for_tpu_are_skipped_with_the_reason_without_lib
     assert any("lightning_indexer skipped" in line for line in logged)
     tpu_only = {name for name, _, _, only in suite.COMPONENTS if only}
     assert tpu_only == {"sparse_attention", "lightning_indexer"}
+
+
+def test_serving_table_covers_every_generation_model_context_and_batch_and_renders_the_recorded_cells():
+    from benchmarks import serving_table as st
+    cells = st.plan()
+    assert len(cells) == len(set(cells)) == 3 * 2 * 3 * 3 and sorted(st.run_order()) == sorted(cells)
+    assert {c[1].split(":")[0] for c in st.run_order()[:6]} == {"v5p", "v6e", "tpu7x"}  # every pod first
+    assert st.rules_for("v5p:4x4x4", 16) == ("long_context", "fsdp_ep")  # 16 sequences cannot split 64 ways
+    assert st.rules_for("v5p:4x4x4", 128)[0] == st.rules_for("v5p:4x4x4", 1)[0] == "fsdp_ep"
+    recorded = st.load()
+    assert recorded, "no recorded decode cells"
+    table = st.table(recorded)
+    assert table.count("\n") == len(cells) + 1
+    for key, r in recorded.items():
+        assert r["mode"] == "decode" and r["batch"] == key[3] and r["seq"] == st.CONTEXTS[key[2]]
+        assert st.row(key, r) in table
