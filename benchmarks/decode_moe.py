@@ -4,7 +4,8 @@
 For batch 1 / 16 / 64 / 128 (one new token per sequence) the layer is AOT-compiled with the
 all-to-all dispatch (`moe_gather_tokens=0`) and with the gather dispatch (the default at these
 sizes); XLA's cost analysis of each is expressed as the rows of one expert FFN it pays for per device
-(FLOPs / (2 x 3 x d x I)), next to the real mean load (batch x k / 64). Needs libtpu (the `tpu` extra).
+(FLOPs / (2 x 3 x d x I)), next to the real mean load (batch x k / 64). Then how XLA's cost analysis
+counts a bf16 matmul of few rows (decode's per-device shape). Needs libtpu (the `tpu` extra).
 
 Usage:  python -m benchmarks.decode_moe [--impl ragged_dot|pallas]
 """
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         (r0, b0), (r1, b1) = counted[0], counted[1024]
         print(f"| {batch} | {batch * k / ep:.2f} | {r0:.1f} | {r1:.1f} | {b0 / 2**20:.0f} MiB | {b1 / 2**20:.0f} MiB |",
               flush=True)
+    # How XLA:TPU counts the matmuls of a decode step: M rows x [4096, 129280] (the logits) in bf16
+    print("\n| rows M of a bf16 [M, 4096] x [4096, 129280] matmul | counted FLOPs / (2 M K N) |\n|---|---|")
+    dev = jax.sharding.SingleDeviceSharding(devices[0])
+    for m in (1, 2, 16, 64):
+        lhs = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16, sharding=dev)
+        rhs = jax.ShapeDtypeStruct((4096, 129280), jnp.bfloat16, sharding=dev)
+        cost = jax.jit(jnp.dot).lower(lhs, rhs).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        print(f"| {m} | {cost['flops'] / (2 * m * 4096 * 129280):.2f} |", flush=True)
     return 0
 
 
