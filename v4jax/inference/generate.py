@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sharding.context import use_mesh_rules
+from sharding.context import constrain, use_mesh_rules
 from sharding.partition import shard_module
 from v4jax.model.cache import Cache, cache_rows, cache_shardings, init_cache, put_cache_rows, reset_rows
 
@@ -187,8 +187,9 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
 
     def _step(state, cache, pending, step, seed, params):
         out = nnx.merge(gd, state)(pending[:, None], cache=cache)
-        nxt = sample(out.logits[:, 0], _row_keys(seed, pending.shape[0], step), params)
-        return nxt, out.logits[:, 0], out.cache
+        logits = constrain(out.logits[:, 0], ("batch", None))  # [B, V]: each device draws its own rows
+        nxt = sample(logits, _row_keys(seed, pending.shape[0], step), params)
+        return nxt, logits, out.cache
 
     def _mtp_prefill(state, cache, streams, next_tokens, n_valid):
         logits, cache = nnx.merge(gd, state).draft(cache, streams, next_tokens, n_valid)
@@ -219,9 +220,11 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
         # depend on its slot or its batch mates)
         out = nnx.merge(gd, state)(pending[:, None], cache=cache, n_valid=active.astype(jnp.int32))
         keys = jax.vmap(lambda t: _row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
-        return sample(out.logits[:, 0], keys, params), out.cache
+        return sample(constrain(out.logits[:, 0], ("batch", None)), keys, params), out.cache
 
-    def jit(fn):
+    def jit(fn, per_row: tuple[int, ...] = ()):
+        """per_row: outputs that stay split over the batch axes (streams, per-position logits: read
+        only by the next step or by tests); every other output is replicated, for the host to read."""
         if mesh is None:
             return jax.jit(fn, donate_argnums=1)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -229,14 +232,15 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
         def placed(*args):
             with use_mesh_rules(mesh, rules):
                 out = fn(*args)
-            return tuple(jax.lax.with_sharding_constraint(o, cache_shardings(o, mesh, rules)) if isinstance(o, Cache)
-                         else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
-                         for o in out)
+                return tuple(jax.lax.with_sharding_constraint(o, cache_shardings(o, mesh, rules)) if isinstance(o, Cache)
+                             else constrain(o, ("batch",) + (None,) * (o.ndim - 1)) if i in per_row and o is not None
+                             else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
+                             for i, o in enumerate(out))
 
         return jax.jit(placed, donate_argnums=1)
 
-    return GenerationSteps(jit(_prefill), jit(_step), jit(_prefill_slot), jit(_serve_step), jit(_mtp_prefill),
-                           jit(_spec_step))
+    return GenerationSteps(jit(_prefill, per_row=(1,)), jit(_step, per_row=(1,)), jit(_prefill_slot), jit(_serve_step),
+                           jit(_mtp_prefill), jit(_spec_step, per_row=(3,)))
 
 
 class Generator:
