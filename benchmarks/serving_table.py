@@ -4,8 +4,9 @@ v4-flash and v4-pro, at 8K / 128K / 1M context and batch 1 / 16 / 128 (issue 18)
 Each cell is one `python -m benchmarks.dryrun --mode decode` (the step `Generator` runs: cache donated,
 sampling on device) ahead-of-time compiled for the topology on this host. A cell is compiled with the
 `fsdp_ep` rules (batch and experts over the expert axis) when the batch is 1 or splits over every
-device, else with `long_context` (batch over a quarter of the devices, the cache's compressed entries
-over a `context` axis); if the first does not fit, with the other. A refusal is kept beside the cell
+device, else with `long_context` on the mesh `expert=batch, context=devices/batch` (one sequence per
+expert-axis position, the cache's compressed entries over `context`); if the first does not fit,
+with the other. A refusal is kept beside the cell
 (`..._b16_refused-fsdp_ep.json`); `..._fsdp_ep.json` is a cell also compiled the other way.
 
 Usage:
@@ -29,6 +30,7 @@ TOPOLOGIES = {  # the decode topology per (model, generation): the smallest slic
 }
 CONTEXTS = {"8k": 8192, "128k": 131072, "1m": 1048576}
 BATCHES = (1, 16, 128)
+RULES = ("fsdp_ep", "long_context")
 CHIPS_PER_TOPOLOGY = {"v5p:4x4x4": 64, "v6e:8x8": 64, "v6e:16x16": 256, "tpu7x:4x4x4": 64}
 
 
@@ -44,6 +46,8 @@ def plan() -> list[tuple[str, str, str, int]]:
 def _compile(model: str, topology: str, ctx: str, batch: int, rules: str, out: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.dryrun", "--config", model, "--topology", topology, "--mode", "decode",
            "--seq", str(CONTEXTS[ctx]), "--batch", str(batch), "--rules", rules, "--json", out]
+    if rules == "long_context" and 1 < batch < _devices(topology):
+        cmd += ["--mesh", f"expert={batch},context={_devices(topology) // batch}"]
     subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     with open(out) as f:
         return json.load(f)
@@ -52,9 +56,13 @@ def _compile(model: str, topology: str, ctx: str, batch: int, rules: str, out: s
 def rules_for(topology: str, batch: int) -> tuple[str, str]:
     """(rules to try first, rules if they do not fit). fsdp_ep splits the batch over all devices (the
     expert axis): a smaller batch (> 1) leaves the non-expert work and the cache replicated, so it goes
-    to long_context (batch over a quarter of the devices, the cache's entries over `context`)."""
-    devices = CHIPS_PER_TOPOLOGY[topology] * (2 if topology.startswith("tpu7x") else 1)
-    return ("long_context", "fsdp_ep") if 1 < batch < devices else ("fsdp_ep", "long_context")
+    to long_context on a mesh `expert=batch, context=devices/batch`: one sequence per expert-axis
+    position, its cache's compressed entries split over `context`."""
+    return ("long_context", "fsdp_ep") if 1 < batch < _devices(topology) else ("fsdp_ep", "long_context")
+
+
+def _devices(topology: str) -> int:
+    return CHIPS_PER_TOPOLOGY[topology] * (2 if topology.startswith("tpu7x") else 1)  # tpu7x: 2 per chip
 
 
 def run_order() -> list[tuple[str, str, str, int]]:
@@ -94,7 +102,8 @@ def row(key, r: dict) -> str:
     model, topology, ctx, batch = key
     if not r.get("fits", True) or "peak_bytes" not in r:
         why = r.get("reason", "").split("reports ")[-1].split(" Biggest")[0]
-        return f"| {model} | {topology} | {ctx} | {batch} | {r.get('rules')} | does not fit: {why} | | | | |"
+        tried = [f for f in RULES if os.path.exists(cell_path(*key, f"_refused-{f}"))] + [r.get("rules")]
+        return f"| {model} | {topology} | {ctx} | {batch} | {' then '.join(tried)} | does not fit: {why} | | | | |"
     chips = CHIPS_PER_TOPOLOGY[topology]
     per_dev_model = r["model_flops"] / r["devices"]
     per_token_bytes = r["hbm_traffic_per_device"] * r["devices"] / r["tokens"]
