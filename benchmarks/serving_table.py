@@ -6,8 +6,7 @@ sampling on device) ahead-of-time compiled for the topology on this host. A cell
 `fsdp_ep` rules (batch and experts over the expert axis) when the batch is 1 or splits over every
 device, else with `long_context` on the mesh `expert=batch, context=devices/batch` (one sequence per
 expert-axis position, the cache's compressed entries over `context`); if the first does not fit,
-with the other. A refusal is kept beside the cell
-(`..._b16_refused-fsdp_ep.json`); `..._fsdp_ep.json` is a cell also compiled the other way.
+with the other. A refusal is kept beside the cell (`..._b16_refused-fsdp_ep.json`).
 
 Usage:
   python -m benchmarks.serving_table            # the table from benchmarks/results/generator/
@@ -18,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+
+from sharding.chips import chip_for
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generator")
 TOPOLOGIES = {  # the decode topology per (model, generation): the smallest slice that holds the bf16 weights
@@ -31,7 +33,6 @@ TOPOLOGIES = {  # the decode topology per (model, generation): the smallest slic
 CONTEXTS = {"8k": 8192, "128k": 131072, "1m": 1048576}
 BATCHES = (1, 16, 128)
 RULES = ("fsdp_ep", "long_context")
-CHIPS_PER_TOPOLOGY = {"v5p:4x4x4": 64, "v6e:8x8": 64, "v6e:16x16": 256, "tpu7x:4x4x4": 64}
 
 
 def cell_path(model: str, topology: str, ctx: str, batch: int, suffix: str = "") -> str:
@@ -61,8 +62,12 @@ def rules_for(topology: str, batch: int) -> tuple[str, str]:
     return ("long_context", "fsdp_ep") if 1 < batch < _devices(topology) else ("fsdp_ep", "long_context")
 
 
+def _chips(topology: str) -> int:
+    return math.prod(int(n) for n in topology.split(":")[1].split("x"))
+
+
 def _devices(topology: str) -> int:
-    return CHIPS_PER_TOPOLOGY[topology] * (2 if topology.startswith("tpu7x") else 1)  # tpu7x: 2 per chip
+    return _chips(topology) * chip_for(topology).devices_per_chip
 
 
 def run_order() -> list[tuple[str, str, str, int]]:
@@ -104,7 +109,7 @@ def row(key, r: dict) -> str:
         why = r.get("reason", "").split("reports ")[-1].split(" Biggest")[0]
         tried = [f for f in RULES if os.path.exists(cell_path(*key, f"_refused-{f}"))] + [r.get("rules")]
         return f"| {model} | {topology} | {ctx} | {batch} | {' then '.join(tried)} | does not fit: {why} | | | | |"
-    chips = CHIPS_PER_TOPOLOGY[topology]
+    chips = _chips(topology)
     per_dev_model = r["model_flops"] / r["devices"]
     per_token_bytes = r["hbm_traffic_per_device"] * r["devices"] / r["tokens"]
     tok_s_chip = r["tokens"] / r["step_time_s"] / chips
