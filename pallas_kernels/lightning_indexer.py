@@ -44,9 +44,10 @@ _MAX_BLOCK_K = 4096  # entries merged per grid step (k = 512: the cheapest sort 
 _SCORE_ROWS = 512  # entries scored per inner step: the fp32 accumulator [512, 128] is 64 vregs
 
 
-def select_topk_reference(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512) -> jax.Array:
+def select_topk_reference(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512,
+                          entry_start=None) -> jax.Array:
     """The pure-JAX reference twin (`lightning_indexer_reference.select_topk`)."""
-    return _reference_select_topk(q, w, keys, positions, ratio, topk, chunk)
+    return _reference_select_topk(q, w, keys, positions, ratio, topk, chunk, entry_start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +274,8 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
 
             scores = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((sub, lanes), jnp.float32))
             entry = kb * block_k + r * sub + jax.lax.broadcasted_iota(jnp.int32, (sub, lanes), 0)
-            new_v[rows] = jnp.where(entry < vis_ref[0], scores, -jnp.inf)  # architecture.md §4.6 visibility
+            visible = (entry >= vis_ref[0, pl.ds(0, 1), :]) & (entry < vis_ref[0, pl.ds(1, 1), :])  # §4.6, §8.5
+            new_v[rows] = jnp.where(visible, scores, -jnp.inf)
             new_i[rows] = entry
             return carry
 
@@ -287,7 +289,7 @@ def _indexer_kernel(nblocks_ref, vis_ref, q_ref, w_ref, k_ref, out_ref, buf_v, b
             cols = slice(c * 128, (c + 1) * 128)
             slab[...] = buf_i[:, cols]
             top = slab[pl.ds(0, kp, stride=SUBLANES), :]  # sublane 0 of every entry: [kp, 128]
-            top = jnp.where(top < vis_ref[0, :, cols], top, -1)
+            top = jnp.where((top >= vis_ref[0, pl.ds(0, 1), cols]) & (top < vis_ref[0, pl.ds(1, 1), cols]), top, -1)
             out_ref[0, cols, :] = jnp.transpose(top)  # [128 queries, kp]
 
 
@@ -299,12 +301,12 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, *, block_q: int = 128,
-                block_k: int | None = None, interpret: bool = False) -> jax.Array:
+def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, entry_start=None, *,
+                block_q: int = 128, block_k: int | None = None, interpret: bool = False) -> jax.Array:
     """Fused lightning-indexer scoring + top-k; same result as `lightning_indexer_reference.select_topk`.
 
     q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B, T] (or [T]: the same for every row)
-    -> int32 [B, T, min(topk, N)], -1 = empty.
+    -> int32 [B, T, min(topk, N)], -1 = empty. entry_start [B, T] or None: packed rows, as the reference.
     `chunk` is accepted for signature compatibility and unused (block_q plays its role).
     block_q: queries per grid step (multiple of 128). block_k: entries scored per step (8 * a power
     of two, at most 8 * next_pow2(k); default: that bound, at most 4096, and no more than N needs).
@@ -338,8 +340,11 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
     t_pad, n_pad = n_q * block_q, n_k * block_k
     # Entries a query can see, clamped to N (the reference's `idx < (pos + 1) // ratio` with idx < N).
     # Per row: a cached call's queries sit at each sequence's own positions.
-    vis = jnp.minimum((jnp.broadcast_to(positions, (B, T)).astype(jnp.int32) + 1) // ratio, N)
+    # Packed rows (entry_start): the entries [entry_start, entry_start + that) of the query's document.
+    lo = jnp.zeros((B, T), jnp.int32) if entry_start is None else jnp.asarray(entry_start, jnp.int32)
+    vis = jnp.minimum(lo + (jnp.broadcast_to(positions, (B, T)).astype(jnp.int32) + 1) // ratio, N)
     vis = jnp.pad(vis, ((0, 0), (0, t_pad - T)))  # padded queries see nothing
+    lo = jnp.pad(lo, ((0, 0), (0, t_pad - T)))
     nblocks = (vis.reshape(B, n_q, block_q).max(axis=2) + block_k - 1) // block_k  # key blocks worth scoring
 
     q4 = jnp.pad(q, ((0, 0), (0, t_pad - T), (0, 0), (0, 0)))
@@ -359,7 +364,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         num_scalar_prefetch=1,
         grid=(B, n_q, n_k),
         in_specs=[
-            pl.BlockSpec((1, 1, block_q), lambda b, i, j, nb: (b, 0, i)),  # [B, 1, T]: Mosaic tiles the last two dims
+            pl.BlockSpec((1, 2, block_q), lambda b, i, j, nb: (b, 0, i)),  # [B, 2, T]: Mosaic tiles the last two dims
             pl.BlockSpec((1, block_q, H, C), lambda b, i, j, nb: (b, i, 0, 0)),
             pl.BlockSpec((1, H, block_q), lambda b, i, j, nb: (b, 0, i)),
             pl.BlockSpec((1, block_k, C), key_block),
@@ -381,7 +386,7 @@ def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512, 
         cost_estimate=pl.CostEstimate(flops=cost['flops'], transcendentals=0,
                                       bytes_accessed=cost['bytes']),
         interpret=interpret,
-    )(nblocks.reshape(-1).astype(jnp.int32), vis[:, None, :], q4, wt, kk)
+    )(nblocks.reshape(-1).astype(jnp.int32), jnp.stack([lo, vis], axis=1), q4, wt, kk)
     return out[:, :T, :k]  # [B, T, k], best first
 
 

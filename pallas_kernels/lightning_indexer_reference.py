@@ -26,22 +26,28 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.sum(terms.astype(jnp.float32), axis=2).astype(w.dtype)
 
 
-def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512) -> jax.Array:
+def select_topk(q, w, keys, positions, ratio: int, topk: int, chunk: int = 512,
+                entry_start: jax.Array | None = None) -> jax.Array:
     """Chunked scoring + top-k. q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B, T] (or [T],
     the same for every row; a cached call's queries sit at different positions per sequence)
-    -> [B, T, min(k, N)] int32, -1 = empty. Entry s is visible to the query at t iff s < floor((t+1)/m)."""
+    -> [B, T, min(k, N)] int32, -1 = empty. Entry s is visible to the query at t iff s < floor((t+1)/m).
+    entry_start [B, T] (packed rows, docs/architecture.md §8.5; positions then count from each document's
+    first token): the query sees entries [entry_start, entry_start + floor((t+1)/m)) instead."""
     B, T = q.shape[:2]
     pos = jnp.broadcast_to(positions, (B, T))
+    lo = jnp.zeros((B, T), jnp.int32) if entry_start is None else jnp.asarray(entry_start, jnp.int32)
     N = keys.shape[1]
     k = min(topk, N)
     if k == 0:
         return jnp.zeros((B, T, 0), jnp.int32)
 
     def one_chunk(args):
-        q_c, w_c, pos_c, _ = args  # [B,Q,n_I,c_I], [B,Q,n_I], [B,Q], [Q]
-        limit = ((pos_c + 1) // ratio)[..., None]  # [B, Q, 1]
-        scores = jnp.where(jnp.arange(N) < limit, index_scores(q_c, w_c, keys), -jnp.inf)  # [B, Q, N]
+        q_c, w_c, pos_c, lo_c, _ = args  # [B,Q,n_I,c_I], [B,Q,n_I], [B,Q], [B,Q], [Q]
+        lo_c = lo_c[..., None]
+        hi_c = lo_c + ((pos_c + 1) // ratio)[..., None]  # [B, Q, 1]
+        n = jnp.arange(N)
+        scores = jnp.where((n >= lo_c) & (n < hi_c), index_scores(q_c, w_c, keys), -jnp.inf)  # [B, Q, N]
         idx = jax.lax.top_k(scores, k)[1]  # [B, Q, k], lowest index first on ties
-        return jnp.where(idx < limit, idx, -1).astype(jnp.int32)
+        return jnp.where((idx >= lo_c) & (idx < hi_c), idx, -1).astype(jnp.int32)
 
-    return map_query_chunks(one_chunk, (q, w, pos, jnp.arange(T)), T, chunk)
+    return map_query_chunks(one_chunk, (q, w, pos, lo, jnp.arange(T)), T, chunk)

@@ -56,9 +56,11 @@ def _dot(a, b, dims):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def sparse_attention_reference(q, kv, sinks, window, compressed=None, topk_idx=None, ratio=0, chunk=512):
+def sparse_attention_reference(q, kv, sinks, window, compressed=None, topk_idx=None, ratio=0, chunk=512,
+                               key_start=None, entry_start=None):
     """The pure-JAX reference twin (`sparse_attention_reference.sparse_attention`)."""
-    return _reference_sparse_attention(q, kv, sinks, window, compressed, topk_idx, ratio, chunk)
+    return _reference_sparse_attention(q, kv, sinks, window, compressed, topk_idx, ratio, chunk, key_start,
+                                       entry_start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,19 +154,29 @@ def _hca_query_block(p: _Plan, cb, j):
 
 # ----------------------------------------------------------------------------------------------
 # Masks on [rows, keys] logits. row_t: [rows, 1] query positions; key positions are a [1, n] row.
+# bounds: ([rows, 1] key_start, [rows, 1] entry_start) of each row's document (packed rows,
+# architecture.md §8.5; zeros for one document per row).
 
-def _window_mask(p: _Plan, row_t, kb):
+def _window_mask(p: _Plan, row_t, kb, bounds):
     key_pos = kb * p.bk + jax.lax.broadcasted_iota(jnp.int32, (1, p.bk), 1)
-    return (key_pos <= row_t) & (key_pos > row_t - p.window)
+    return (key_pos <= row_t) & (key_pos > row_t - p.window) & (key_pos >= bounds[0])
 
 
-def _hca_mask(p: _Plan, row_t, cb):
+def _hca_mask(p: _Plan, row_t, cb, bounds):
+    key_start, entry_start = bounds
     entry = cb * p.bk + jax.lax.broadcasted_iota(jnp.int32, (1, p.bk), 1)
-    return (entry * p.ratio + p.ratio - 1 <= row_t) & (entry < p.N)  # entry < floor((t + 1) / ratio)
+    # entry_start <= entry < entry_start + floor((t - key_start + 1) / ratio), without a division
+    return ((entry >= entry_start) & ((entry - entry_start) * p.ratio + p.ratio - 1 <= row_t - key_start)
+            & (entry < p.N))
 
 
 def _row_positions(p: _Plan, row_offset_ref, i):
     return i * p.bq + row_offset_ref[...].T  # [rows, 1]
+
+
+def _row_bounds(bounds_ref):
+    """[1, 2, rows] block -> (key_start, entry_start), each [rows, 1]."""
+    return bounds_ref[0, pl.ds(0, 1), :].T, bounds_ref[0, pl.ds(1, 1), :].T
 
 
 def _logits(p: _Plan, q2, keys, mask):
@@ -251,8 +263,8 @@ def _online_update(m_ref, l_ref, acc_ref, s, values, rows=slice(None)):
 
 
 def _forward_kernel(*refs, p: _Plan):
-    row_offset_ref, sink_ref, q_ref, kv_ref = refs[:4]
-    rest = refs[4:]
+    row_offset_ref, bounds_ref, sink_ref, q_ref, kv_ref = refs[:5]
+    rest = refs[5:]
     if p.mode == "hca":
         comp_ref, rest = rest[0], rest[1:]
     if p.mode == "csa":
@@ -271,13 +283,14 @@ def _forward_kernel(*refs, p: _Plan):
             _start_gather(p, comp_hbm, idx_smem, b, 0, buf, sem, 0)
 
     row_t = _row_positions(p, row_offset_ref, i)
+    bounds = _row_bounds(bounds_ref)
     q2 = q_ref[0].reshape(p.rows, p.c)
     kb, in_window = _window_block(p, i, j)
 
     @pl.when(in_window)
     def _window():
         keys = kv_ref[0]
-        _online_update(m_ref, l_ref, acc_ref, _logits(p, q2, keys, _window_mask(p, row_t, kb)), keys)
+        _online_update(m_ref, l_ref, acc_ref, _logits(p, q2, keys, _window_mask(p, row_t, kb, bounds)), keys)
 
     if p.mode == "hca":
         cb, in_hca = _hca_block(p, i, j)
@@ -285,7 +298,8 @@ def _forward_kernel(*refs, p: _Plan):
         @pl.when(in_hca)
         def _compressed():
             entries = comp_ref[0]
-            _online_update(m_ref, l_ref, acc_ref, _logits(p, q2, entries, _hca_mask(p, row_t, cb)), entries)
+            _online_update(m_ref, l_ref, acc_ref, _logits(p, q2, entries, _hca_mask(p, row_t, cb, bounds)),
+                           entries)
 
     @pl.when(j == p.n_steps - 1)
     def _finish():
@@ -313,8 +327,8 @@ def _dq_update(p: _Plan, dq_ref, q2, do2, lse, delta, keys, mask):
 
 
 def _dq_kernel(*refs, p: _Plan):
-    first_block_ref, row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, kv_ref = refs[:7]
-    rest = refs[7:]
+    first_block_ref, row_offset_ref, bounds_ref, q_ref, do_ref, lse_ref, delta_ref, kv_ref = refs[:8]
+    rest = refs[8:]
     if p.mode == "hca":
         comp_ref, rest = rest[0], rest[1:]
     dq_out, dq_ref = rest
@@ -325,6 +339,7 @@ def _dq_kernel(*refs, p: _Plan):
         dq_ref[...] = jnp.zeros_like(dq_ref)
 
     row_t = _row_positions(p, row_offset_ref, i)
+    bounds = _row_bounds(bounds_ref)
     q2 = q_ref[0].reshape(p.rows, p.c)
     do2 = do_ref[0].reshape(p.rows, p.c)
     lse, delta = lse_ref[0, 0].T, delta_ref[0, 0].T
@@ -332,14 +347,14 @@ def _dq_kernel(*refs, p: _Plan):
 
     @pl.when(in_window)
     def _window():
-        _dq_update(p, dq_ref, q2, do2, lse, delta, kv_ref[0], _window_mask(p, row_t, kb))
+        _dq_update(p, dq_ref, q2, do2, lse, delta, kv_ref[0], _window_mask(p, row_t, kb, bounds))
 
     if p.mode == "hca":
         cb, in_hca = _hca_block(p, i, j)
 
         @pl.when(in_hca)
         def _compressed():
-            _dq_update(p, dq_ref, q2, do2, lse, delta, comp_ref[0], _hca_mask(p, row_t, cb))
+            _dq_update(p, dq_ref, q2, do2, lse, delta, comp_ref[0], _hca_mask(p, row_t, cb, bounds))
 
     @pl.when(j == p.n_steps - 1)
     def _finish():
@@ -349,7 +364,7 @@ def _dq_kernel(*refs, p: _Plan):
 # ----------------------------------------------------------------------------------------------
 # dkv (window) / dcompressed (HCA) kernel (key-major).
 
-def _dkey_kernel(row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dkey_out, dkey_ref, *,
+def _dkey_kernel(row_offset_ref, bounds_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dkey_out, dkey_ref, *,
                  p: _Plan, hca: bool):
     kb, g, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     n_steps = pl.num_programs(3)
@@ -366,7 +381,7 @@ def _dkey_kernel(row_offset_ref, q_ref, do_ref, lse_ref, delta_ref, key_ref, dke
         q2 = q_ref[0].reshape(p.rows, p.c)
         do2 = do_ref[0].reshape(p.rows, p.c)
         keys = key_ref[0]
-        mask = _hca_mask(p, row_t, kb) if hca else _window_mask(p, row_t, kb)
+        mask = (_hca_mask if hca else _window_mask)(p, row_t, kb, _row_bounds(bounds_ref))
         probs = jnp.exp(_logits(p, q2, keys, mask) - lse_ref[0, 0].T)  # [rows, bk]
         dp = _dot(do2, keys, _NT)
         ds = probs * (dp - delta_ref[0, 0].T)
@@ -472,17 +487,18 @@ def _from_rows(p: _Plan, x):
     return x.reshape(p.B, p.G, p.Tp, p.bh).transpose(0, 2, 1, 3).reshape(p.B, p.Tp, p.H)
 
 
-def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
+def _forward_call(p: _Plan, q, kv, sinks, comp, idx, bounds):
     row_offset, row_offset_spec = _common_inputs(p)
     sink_rows = jnp.tile(sinks.astype(jnp.float32).reshape(p.G, 1, 1, p.bh), (1, 1, p.bq, 1)).reshape(
         p.G, 1, p.rows)
     in_specs = [
         row_offset_spec,
+        pl.BlockSpec((1, 2, p.rows), lambda b, g, i, j: (b, 0, i)),
         pl.BlockSpec((1, 1, p.rows), lambda b, g, i, j: (g, 0, 0)),
         pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, g, i, j: (b, i, g, 0)),
         pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j: (b, _window_block(p, i, j)[0], 0)),
     ]
-    args = [row_offset, sink_rows, q, kv]
+    args = [row_offset, bounds, sink_rows, q, kv]
     scratch = [pltpu.VMEM((p.rows, 1), jnp.float32), pltpu.VMEM((p.rows, 1), jnp.float32),
                pltpu.VMEM((p.rows, p.c), jnp.float32)]
     item = q.dtype.itemsize
@@ -513,15 +529,16 @@ def _forward_call(p: _Plan, q, kv, sinks, comp, idx):
     )(*args)
 
 
-def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype, first_block=0):
-    """dq of the window (+ HCA) part for the queries in q / do / lse / delta, which start at query
-    block `first_block` (may be traced) of the sequence; kv and comp are whole."""
+def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, bounds, out_dtype, first_block=0):
+    """dq of the window (+ HCA) part for the queries in q / do / lse / delta / bounds, which start at
+    query block `first_block` (may be traced) of the sequence; kv and comp are whole."""
     row_offset = _common_inputs(p)[0]
     q_spec = pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, g, i, j, f: (b, i, g, 0))
     rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, g, i, j, f: (b, g, 0, i))
-    in_specs = [pl.BlockSpec((1, p.rows), lambda *_: (0, 0)), q_spec, q_spec, rows_spec, rows_spec,
+    in_specs = [pl.BlockSpec((1, p.rows), lambda *_: (0, 0)),
+                pl.BlockSpec((1, 2, p.rows), lambda b, g, i, j, f: (b, 0, i)), q_spec, q_spec, rows_spec, rows_spec,
                 pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j, f: (b, _window_block(p, i + f[0], j)[0], 0))]
-    args = [row_offset, q, do, lse, delta, kv]
+    args = [row_offset, bounds, q, do, lse, delta, kv]
     if p.mode == "hca":
         in_specs.append(pl.BlockSpec((1, p.bk, p.c), lambda b, g, i, j, f: (b, _hca_block(p, i + f[0], j)[0], 0)))
         args.append(comp)
@@ -543,13 +560,14 @@ def _dq_call(p: _Plan, q, kv, comp, do, lse, delta, out_dtype, first_block=0):
     )(jnp.asarray(first_block, jnp.int32).reshape(1), *args)
 
 
-def _dkey_call(p: _Plan, q, do, lse, delta, keys, hca: bool):
+def _dkey_call(p: _Plan, q, do, lse, delta, bounds, keys, hca: bool):
     """d(window kv) when not hca, else d(compressed) for HCA: [B, keys.shape[1], c] fp32."""
     row_offset, row_offset_spec = _common_inputs(p)
     query_block = _hca_query_block if hca else _window_query_block
     n_steps = p.nQ if hca else min((p.bk + p.window - 2) // p.bq + 2, p.nQ)
     q_spec = pl.BlockSpec((1, p.bq, p.bh, p.c), lambda b, kb, g, j: (b, query_block(p, kb, j)[0], g, 0))
     rows_spec = pl.BlockSpec((1, 1, 1, p.rows), lambda b, kb, g, j: (b, g, 0, query_block(p, kb, j)[0]))
+    bounds_spec = pl.BlockSpec((1, 2, p.rows), lambda b, kb, g, j: (b, 0, query_block(p, kb, j)[0]))
     key_spec = pl.BlockSpec((1, p.bk, p.c), lambda b, kb, g, j: (b, kb, 0))
     item = q.dtype.itemsize
     vmem = 2 * (2 * p.rows * p.c * item + p.bk * p.c * item) + 2 * p.bk * p.c * 4 + 4 * p.rows * p.bk * 4
@@ -557,13 +575,13 @@ def _dkey_call(p: _Plan, q, do, lse, delta, keys, hca: bool):
         functools.partial(_dkey_kernel, p=p, hca=hca),
         cost_estimate=cost_estimates(p, q.dtype.itemsize)["dcompressed" if hca else "dkv"],
         grid=(p.B, keys.shape[1] // p.bk, p.G, n_steps),
-        in_specs=[row_offset_spec, q_spec, q_spec, rows_spec, rows_spec, key_spec],
+        in_specs=[row_offset_spec, bounds_spec, q_spec, q_spec, rows_spec, rows_spec, key_spec],
         out_specs=key_spec,
         out_shape=jax.ShapeDtypeStruct(keys.shape, jnp.float32),
         scratch_shapes=[pltpu.VMEM((p.bk, p.c), jnp.float32)],
         compiler_params=_compiler_params(p, ("parallel", "parallel", "arbitrary", "arbitrary"), vmem),
         interpret=p.interpret,
-    )(row_offset, q, do, lse, delta, keys)
+    )(row_offset, bounds, q, do, lse, delta, keys)
 
 
 def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
@@ -593,7 +611,7 @@ def _csa_backward_call(p: _Plan, q, do, lse, delta, dq_window, idx, comp):
     )(q, do, lse, delta, dq_window, idx, idx, _rows_for_dma(comp))
 
 
-def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
+def _csa_backward(p: _Plan, q, kv, do, lse, delta, bounds, idx, comp):
     """dq [B, Tp, H, c] in q's dtype and dcompressed [B, Np, c] fp32, chunk by chunk: per chunk the
     window dq kernel (fp32), then the gather kernel adds the entries' part and emits per-slot rows."""
     n_chunks = p.Tp // p.chunk
@@ -611,7 +629,8 @@ def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
         rows = lambda x: jax.lax.dynamic_slice_in_dim(x, ci * rows_per_chunk, rows_per_chunk, axis=3)
         idx_c = sl(idx)
         q_c, do_c, lse_c, delta_c = sl(q), sl(do), rows(lse), rows(delta)
-        dq_window = _dq_call(p_window, q_c, kv, None, do_c, lse_c, delta_c, jnp.float32,
+        bounds_c = jax.lax.dynamic_slice_in_dim(bounds, ci * rows_per_chunk, rows_per_chunk, axis=2)
+        dq_window = _dq_call(p_window, q_c, kv, None, do_c, lse_c, delta_c, bounds_c, jnp.float32,
                              first_block=t0 // p_window.bq)
         dq_c, drows = _csa_backward_call(p, q_c, do_c, lse_c, delta_c, dq_window, idx_c, comp)
         dcomp = jax.vmap(lambda acc, i, r: acc.at[i].add(r))(  # empty slots add zeros to row 0
@@ -627,17 +646,17 @@ def _csa_backward(p: _Plan, q, kv, do, lse, delta, idx, comp):
 # custom_vjp on padded inputs.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(p: _Plan, q, kv, sinks, comp, idx):
-    return _forward_call(p, q, kv, sinks, comp, idx)[0]
+def _attention(p: _Plan, q, kv, sinks, comp, idx, bounds):
+    return _forward_call(p, q, kv, sinks, comp, idx, bounds)[0]
 
 
-def _attention_fwd(p: _Plan, q, kv, sinks, comp, idx):
-    out, lse = _forward_call(p, q, kv, sinks, comp, idx)
-    return out, (q, kv, sinks, comp, idx, out, lse)
+def _attention_fwd(p: _Plan, q, kv, sinks, comp, idx, bounds):
+    out, lse = _forward_call(p, q, kv, sinks, comp, idx, bounds)
+    return out, (q, kv, sinks, comp, idx, bounds, out, lse)
 
 
 def _attention_bwd(p: _Plan, res, do):
-    q, kv, sinks, comp, idx, out, lse = res
+    q, kv, sinks, comp, idx, bounds, out, lse = res
     delta_th = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, H]
     lse_th = _from_rows(p, lse)
     valid = (jnp.arange(p.Tp) < p.T)[None, :, None]
@@ -645,15 +664,15 @@ def _attention_bwd(p: _Plan, res, do):
     delta = _to_rows(p, delta_th)
     do = do.astype(q.dtype)
     if p.mode == "csa":
-        dq, dcomp = _csa_backward(p, q, kv, do, lse, delta, idx, comp)
+        dq, dcomp = _csa_backward(p, q, kv, do, lse, delta, bounds, idx, comp)
     else:
-        dq = _dq_call(p, q, kv, comp, do, lse, delta, q.dtype)
-    dkv = _dkey_call(p, q, do, lse, delta, kv, hca=False).astype(kv.dtype)
+        dq = _dq_call(p, q, kv, comp, do, lse, delta, bounds, q.dtype)
+    dkv = _dkey_call(p, q, do, lse, delta, bounds, kv, hca=False).astype(kv.dtype)
     if p.mode == "hca":
-        dcomp = _dkey_call(p, q, do, lse, delta, comp, hca=True)
+        dcomp = _dkey_call(p, q, do, lse, delta, bounds, comp, hca=True)
     dcomp = None if comp is None else dcomp.astype(comp.dtype)
     didx = None if idx is None else np.zeros(idx.shape, jax.dtypes.float0)
-    return dq, dkv, dsinks.astype(sinks.dtype), dcomp, didx
+    return dq, dkv, dsinks.astype(sinks.dtype), dcomp, didx, np.zeros(bounds.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -673,14 +692,15 @@ def _csa_query_block(H: int) -> int:
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
                      compressed: jax.Array | None = None, topk_idx: jax.Array | None = None,
-                     ratio: int = 0, chunk: int = 512, *, block_q: int | None = None,
+                     ratio: int = 0, chunk: int = 512, key_start: jax.Array | None = None,
+                     entry_start: jax.Array | None = None, *, block_q: int | None = None,
                      block_k: int | None = None, block_h: int | None = None,
                      interpret: bool = False) -> jax.Array:
     """Core attention over window keys U compressed entries with per-head sinks; differentiable.
 
     Same arguments and result as `sparse_attention_reference.sparse_attention`: q [B,T,H,c], kv [B,T,c],
     sinks [H], compressed [B,N,c] or None, topk_idx [B,T,k] int32 (CSA, -1 = empty) or None,
-    ratio (HCA visibility), -> [B,T,H,c] in q's dtype.
+    ratio (HCA visibility), key_start / entry_start [B,T] or None (packed rows), -> [B,T,H,c] in q's dtype.
     chunk: CSA backward only, queries per scatter-add chunk (rounded to block_q); bounds the
       per-(query, slot) gradient buffer to B * chunk * k * c floats.
     block_q: queries per grid step (multiple of 8; default 128, CSA 16, or 128 / H when fewer than 8
@@ -746,4 +766,8 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sinks: jax.Array, window: int,
         idx = topk_idx.astype(jnp.int32)
         idx = jnp.where(idx >= 0, jnp.minimum(idx, N - 1), -1)  # ids past N clamp as the reference's gather does
         idx = jnp.pad(idx, ((0, 0), (0, Tp - T), (0, 0)), constant_values=-1)  # (and no DMA leaves the array)
-    return _attention(p, qp, kvp, sinks, comp, idx)[:, :T]
+    # Per-row document bounds in the kernels' row layout [B, 2, Tp * bh] (row = query * bh + head)
+    bounds = jnp.stack([jnp.zeros((B, T), jnp.int32) if b is None else jnp.asarray(b, jnp.int32).reshape(B, T)
+                        for b in (key_start, entry_start)], axis=1)
+    bounds = jnp.repeat(jnp.pad(bounds, ((0, 0), (0, 0), (0, Tp - T))), bh, axis=2)
+    return _attention(p, qp, kvp, sinks, comp, idx, bounds)[:, :T]

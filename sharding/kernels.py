@@ -38,16 +38,17 @@ class KernelLayout:
     out: Names
 
 
-# q [B,T,H,c], kv [B,T,c], sinks [H], window, compressed [B,N,c], topk_idx [B,T,k], ratio, chunk
+# q [B,T,H,c], kv [B,T,c], sinks [H], window, compressed [B,N,c], topk_idx [B,T,k], ratio, chunk,
+# key_start [B,T], entry_start [B,T]
 SPARSE_ATTENTION = KernelLayout(
     args=(("batch", None, "act_heads", None), ("batch", None, None), ("act_heads",), None,
-          ("batch", None, None), ("batch", None, None), None, None),
+          ("batch", None, None), ("batch", None, None), None, None, ("batch", None), ("batch", None)),
     out=("batch", None, "act_heads", None))
-# q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B,T], ratio, topk, chunk. The index heads
-# stay whole: the score sums over them before the top-k.
+# q [B,T,n_I,c_I], w [B,T,n_I], keys [B,N,c_I], positions [B,T], ratio, topk, chunk, entry_start [B,T].
+# The index heads stay whole: the score sums over them before the top-k.
 LIGHTNING_INDEXER = KernelLayout(
     args=(("batch", None, None, None), ("batch", None, None), ("batch", None, None), ("batch", None), None, None,
-          None),
+          None, ("batch", None)),
     out=("batch", None, None))
 
 
@@ -93,8 +94,9 @@ def run_kernel(layout: KernelLayout, fn: Callable, *args):
     fn takes the positional arguments and a keyword `platform` (the mesh's device platform, None
     outside a mesh). Each logical name of `layout` resolves once over the whole call (so q's heads
     and the sinks split alike), by the rules table in the order the names first appear."""
-    if len(args) != len(layout.args):
+    if len(args) > len(layout.args):
         raise ValueError(f"kernel layout names {len(layout.args)} arguments, got {len(args)}")
+    args = args + (None,) * (len(layout.args) - len(args))  # trailing optional arrays left out
     ctx = active()
     if ctx is None:
         return fn(*args, platform=None)

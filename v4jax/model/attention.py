@@ -27,6 +27,7 @@ from sharding.context import constrain
 from v4jax.model import kernels
 from v4jax.model.compressor import Compressor, CompressorState, ring_write
 from v4jax.config import AttentionKind, Numerics, RunOptions, V4Config
+from v4jax.model.documents import Documents, entry_layout
 from v4jax.model.indexer import Indexer, IndexerTraces, entry_scores
 from v4jax.model.layers import Linear, RMSNorm, param, rms_normalize
 from v4jax.model.numerics import Stored, bf16_head_rms, decode, fp8_nope
@@ -62,14 +63,19 @@ class Attention(nnx.Module):
         self.cfg, self.kind, self.options = cfg, kind, options
 
     def __call__(self, x: jax.Array, positions: jax.Array, state: AttentionState | None = None,
-                 n_valid: jax.Array | None = None, return_indexer_traces: bool = False):
+                 n_valid: jax.Array | None = None, return_indexer_traces: bool = False, docs: Documents | None = None):
         """x [B, T, d] (already attn_norm-ed) at positions [B, T] (consecutive per row; 0..T-1 without
         a state). n_valid [B]: real tokens per row (right padding never enters the state).
+        docs (stateless packed rows, architecture.md §8.5): positions are then `docs.positions` and no
+        window, compressor window, entry or index pick crosses a document boundary.
         Returns (out [B, T, d], state | None, IndexerTraces | None: CSA layers, stateless, on request)."""
         cfg, opt = self.cfg, self.options
         B, T, _ = x.shape
         inv_freq = inv_frequencies(cfg, self.kind)  # YaRN/compress table on CSA/HCA, plain on SWA (architecture.md §7)
         ratio = cfg.compress_ratio(self.kind)
+        layout = entry_layout(docs, ratio) if docs is not None and ratio else None
+        key_start = None if docs is None else docs.key_start  # [B, T]: the window stops at the document
+        entry_start = None if layout is None else layout.entry_start  # [B, T]: its first compressed entry
 
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c], shared with the indexer
         q = constrain(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), ("batch", "seq", "act_heads", None))
@@ -83,29 +89,32 @@ class Attention(nnx.Module):
         comp_state = index_state = None
         if self.compressor is not None:  # [B, T // m, c], or the state's whole entry buffer [B, N, c]
             compressed, comp_state = self.compressor(x, positions, inv_freq, None if state is None else state.compressor,
-                                                     n_valid)
+                                                     n_valid, layout)
             compressed = compressed.astype(kv.dtype)
         sparse = self.indexer is not None and not opt.csa_dense  # dense stage (architecture.md §4.8): every visible entry
         if self.indexer is not None and (sparse or return_indexer_traces or state is not None):
             # architecture.md §8.2: detached inputs, so the indexer learns only from its KL loss
             x_i, cq_i = jax.lax.stop_gradient((x, cq)) if opt.indexer_detach else (x, cq)
             q_i, w_i, keys_i, index_state = self.indexer.project(
-                x_i, cq_i, positions, inv_freq, None if state is None else state.indexer, n_valid)
+                x_i, cq_i, positions, inv_freq, None if state is None else state.indexer, n_valid, layout)
             if sparse:
-                topk_idx = self.indexer.select(q_i, w_i, keys_i, positions)  # [B, T, k]
+                topk_idx = self.indexer.select(q_i, w_i, keys_i, positions, entry_start)  # [B, T, k]
             if return_indexer_traces:
                 if state is not None:
                     raise ValueError("indexer traces are a training output: call without a cache")
-                valid = (jnp.broadcast_to(jnp.arange(keys_i.shape[1]) < ((positions + 1) // ratio)[..., None],
-                                          (B, T, keys_i.shape[1])) if topk_idx is None else topk_idx >= 0)
+                lo = jnp.zeros((B, T), jnp.int32) if entry_start is None else entry_start
+                n = jnp.arange(keys_i.shape[1])
+                valid = ((n >= lo[..., None]) & (n < (lo + (positions + 1) // ratio)[..., None])
+                         if topk_idx is None else topk_idx >= 0)  # [B, T, N | k]
                 traces = IndexerTraces(
                     entry_attention_mass(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio,
-                                         opt.attention_chunk),
+                                         opt.attention_chunk, key_start, entry_start),
                     entry_scores(q_i, w_i, keys_i, topk_idx, opt.attention_chunk), valid)
 
         core = kernels.sparse_attention(opt.attention_impl)
         if state is None:  # the window and the entries are this call's own
-            o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio, opt.attention_chunk)
+            o = core(q, kv, self.sinks[...], cfg.window_size, compressed, topk_idx, ratio, opt.attention_chunk,
+                     key_start, entry_start)
         else:  # the new tokens' own window through the core's band, the past as index lists
             past, idx = past_indices(decode(state.window, kv.dtype), compressed, topk_idx, positions, ratio)
             o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, ratio, opt.attention_chunk)

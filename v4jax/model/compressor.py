@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax.model.documents import EntryLayout
 from v4jax.model.layers import Linear, RMSNorm, param
 from v4jax.model.numerics import Stored, decode, encode_as, fp8_nope, rotate_fp4
 from v4jax.model.rope import apply_rope
@@ -53,11 +54,13 @@ class Compressor(nnx.Module):
         self.release, self.rotate = release, rotate
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, state: CompressorState | None = None,
-                 n_valid: jax.Array | None = None) -> tuple[jax.Array, CompressorState | None]:
+                 n_valid: jax.Array | None = None, layout: EntryLayout | None = None
+                 ) -> tuple[jax.Array, CompressorState | None]:
         """x [B, T, d] at positions [B, T] (consecutive per row; 0..T-1 without a state); n_valid [B]:
         real tokens per row (the rest is right padding that never enters a window or the state).
-        Returns (entries, state): [B, T // m, c] and None without a state, else the updated entry
-        buffer [B, N, c] and state."""
+        layout (stateless packed rows, architecture.md §8.5): where each document's windows lie; positions
+        are then positions inside the document. Returns (entries, state): [B, T // m, c] and None
+        without a state, else the updated entry buffer [B, N, c] and state."""
         B, T, _ = x.shape
         m, c = self.ratio, self.width
         kappa = 2 if self.overlap else 1
@@ -70,7 +73,11 @@ class Compressor(nnx.Module):
             n_win = T // m
             if n_win == 0:
                 return jnp.zeros((B, 0, c), x.dtype), None
-            seq_v, seq_l = new_v[:, :n_win * m], new_l[:, :n_win * m]
+            if layout is None:
+                seq_v, seq_l = new_v[:, :n_win * m], new_l[:, :n_win * m]
+            else:  # each entry's m tokens gathered from its document: [B, n_win * m, kappa c]
+                rows = (layout.first_token[:, :, None] + jnp.arange(m)).reshape(B, -1, 1)
+                seq_v, seq_l = (jnp.take_along_axis(a, rows, axis=1) for a in (new_v, new_l))
             first = jnp.zeros((B,), jnp.int32)  # entry id of the first window
         else:  # the state's open windows (from `base`), then the new tokens
             start = positions[:, 0]
@@ -86,11 +93,12 @@ class Compressor(nnx.Module):
 
         values = seq_v.reshape(B, n_win, m, -1)  # [B, n_win, m, kappa c]
         logits = seq_l.reshape(B, n_win, m, -1)
+        opens = None if layout is None else layout.local_index == 0  # [B, n_win]: a document's first entry
         if self.overlap:
-            values, logits = _overlap_candidates(values, logits, c)  # [B, n_win, 2m, c]
+            values, logits = _overlap_candidates(values, logits, c, opens)  # [B, n_win, 2m, c]
         weights = jax.nn.softmax(logits, axis=2)  # per channel over the window's candidates
         pooled = jnp.sum(weights * values, axis=2)  # [B, n_win, c] fp32
-        index = first[:, None] + jnp.arange(n_win)  # entry id of each window
+        index = first[:, None] + jnp.arange(n_win) if layout is None else layout.local_index  # window id
         dtype = x.dtype
         if self.release:  # model.py casts the pooled entry to BF16 before its norm
             pooled = pooled.astype(jnp.bfloat16)
@@ -111,12 +119,16 @@ class Compressor(nnx.Module):
                                                       ring_write(state.logits, new_l, start, n_valid), buffer)
 
 
-def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int):
+def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int, opens: jax.Array | None = None):
     """CSA's two series: entry i = own window's channels [c, 2c) and window i-1's channels [0, c).
-    The first window has no predecessor here: value 0, logit -inf (softmax weight 0)."""
+    The first window has no predecessor here: value 0, logit -inf (softmax weight 0); nor has the
+    first window of each document of a packed row (opens [B, n_win])."""
     own_v, own_l = values[..., c:], logits[..., c:]
     prev_v = jnp.pad(values[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
     prev_l = jnp.pad(logits[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+    if opens is not None:
+        prev_v = jnp.where(opens[:, :, None, None], 0.0, prev_v)
+        prev_l = jnp.where(opens[:, :, None, None], -jnp.inf, prev_l)
     return jnp.concatenate([prev_v, own_v], axis=2), jnp.concatenate([prev_l, own_l], axis=2)
 
 

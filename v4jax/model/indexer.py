@@ -26,6 +26,7 @@ from pallas_kernels.lightning_indexer_reference import index_scores
 from pallas_kernels.query_chunks import map_query_chunks
 from v4jax.model import kernels
 from v4jax.model.compressor import Compressor, CompressorState
+from v4jax.model.documents import EntryLayout
 from v4jax.config import AttentionImpl, Numerics, RunOptions, V4Config
 from v4jax.model.layers import Linear
 from v4jax.model.numerics import rotate_fp4
@@ -45,11 +46,13 @@ class Indexer(nnx.Module):
         self.ratio, self.chunk, self.impl = cfg.csa_ratio, options.attention_chunk, options.attention_impl
 
     def project(self, x: jax.Array, cq: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
-                state: CompressorState | None = None, n_valid: jax.Array | None = None):
+                state: CompressorState | None = None, n_valid: jax.Array | None = None,
+                layout: EntryLayout | None = None):
         """x [B,T,d], cq [B,T,d_c] at positions [B,T] -> (index queries q [B,T,n_I,c_I], head weights
-        w [B,T,n_I] fp32, index keys [B,N_c,c_I], the index-key compressor's state | None)."""
+        w [B,T,n_I] fp32, index keys [B,N_c,c_I], the index-key compressor's state | None).
+        layout: packed rows' entry layout (architecture.md §8.5), as the attention's compressor."""
         B, T, _ = x.shape
-        keys, state = self.compressor(x, positions, inv_freq, state, n_valid)  # [B, N_c, c_I]
+        keys, state = self.compressor(x, positions, inv_freq, state, n_valid, layout)  # [B, N_c, c_I]
         q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
         q = apply_rope(q, positions[..., None], inv_freq)  # [B, T, n_I, c_I]
         scale = (self.head_dim * self.n_heads) ** -0.5
@@ -58,11 +61,13 @@ class Indexer(nnx.Module):
         w = self.weights_proj(x, jnp.float32) * scale  # [B, T, n_I] fp32
         return q, w, keys.astype(x.dtype), state
 
-    def select(self, q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array) -> jax.Array:
-        """Top-k visible entries per query at positions [B, T]: [B, T, min(k_I, N_c)] int32, -1 = empty."""
+    def select(self, q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array,
+               entry_start: jax.Array | None = None) -> jax.Array:
+        """Top-k visible entries per query at positions [B, T]: [B, T, min(k_I, N_c)] int32, -1 = empty.
+        entry_start [B, T] (packed rows): the query's document's first entry; positions in the document."""
         if self.impl is AttentionImpl.PALLAS:
             q, w, keys = jax.lax.stop_gradient((q, w, keys))  # indices carry no gradient (architecture.md §8.2)
-        return kernels.select_topk(self.impl)(q, w, keys, positions, self.ratio, self.topk, self.chunk)
+        return kernels.select_topk(self.impl)(q, w, keys, positions, self.ratio, self.topk, self.chunk, entry_start)
 
 
 class IndexerTraces(NamedTuple):

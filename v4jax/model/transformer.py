@@ -21,6 +21,7 @@ from flax import nnx
 from sharding.context import constrain
 from v4jax.model.attention import Attention, AttentionState
 from v4jax.model.cache import Cache
+from v4jax.model.documents import Documents, documents
 from v4jax.config import AttentionKind, Numerics, Remat, RouterKind, RunOptions, V4Config, layer_schedule, stage_units  # noqa: F401 (layer_schedule re-exported)
 from v4jax.model.indexer import IndexerTraces
 from v4jax.model.layers import Embed, Linear, RMSNorm
@@ -57,12 +58,12 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, router, rngs=rngs, options=options)
 
     def __call__(self, streams: jax.Array, tokens: jax.Array, positions: jax.Array, state: AttentionState | None = None,
-                 n_valid: jax.Array | None = None, return_indexer_traces: bool = False):
+                 n_valid: jax.Array | None = None, return_indexer_traces: bool = False, docs: Documents | None = None):
         """streams [B, T, n_hc, d], tokens and positions [B, T] -> (streams, attention state | None,
-        RoutingStats, IndexerTraces | None: CSA layers on request)."""
+        RoutingStats, IndexerTraces | None: CSA layers on request). docs: packed rows (architecture.md §8.5)."""
         streams = constrain(streams, STREAMS)  # [B, T, n_hc, d]
         u, post, comb = self.attn_hc.hc_pre(streams)  # u [B, T, d]
-        a, state, traces = self.attn(self.attn_norm(u), positions, state, n_valid, return_indexer_traces)
+        a, state, traces = self.attn(self.attn_norm(u), positions, state, n_valid, return_indexer_traces, docs)
         streams = self.attn_hc.hc_post(a, streams, post, comb)
         v, post, comb = self.ffn_hc.hc_pre(constrain(streams, STREAMS))
         y, routing = self.ffn(self.ffn_norm(v), tokens)  # the MoE sees raw token ids (hash layers)
@@ -94,7 +95,7 @@ class Stage(nnx.Module):
 
     def __call__(self, streams: jax.Array, tokens: jax.Array, positions: jax.Array, keep_hidden: bool,
                  keep_traces: bool = False, states: tuple[AttentionState, ...] | None = None,
-                 n_valid: jax.Array | None = None):
+                 n_valid: jax.Array | None = None, docs: Documents | None = None):
         """streams [B, T, n_hc, d] -> (streams, hidden [R, P, B, T, n_hc, d] | None, stats [R, P, B, E],
         indexer traces [R * P_csa, B, T, k] in layer order | None (keep_traces and CSA in the unit),
         states: per unit position the stacked [R, ...] attention states | None (stateless call))."""
@@ -105,7 +106,7 @@ class Stage(nnx.Module):
             hidden, stats, traces, new = [], [], [], []
             for (graphdef, _), state, cache in zip(splits, params, caches):
                 streams, cache, s, t = nnx.merge(graphdef, state)(streams, tokens, positions, cache, n_valid,
-                                                                   keep_traces)
+                                                                   keep_traces, docs)
                 hidden.append(streams if keep_hidden else None)
                 stats.append(s)
                 new.append(cache)
@@ -140,13 +141,15 @@ class MTPBlock(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
 
     def __call__(self, streams: jax.Array, next_embedding: jax.Array, next_tokens: jax.Array, positions: jax.Array,
-                 state: AttentionState | None = None, n_valid: jax.Array | None = None):
+                 state: AttentionState | None = None, n_valid: jax.Array | None = None, docs: Documents | None = None):
         """streams [B, T, n_hc, d] of the last main block at positions [B, T]; next_embedding [B, T, d] =
-        Embed(tok_{t+1}), next_tokens [B, T] = tok_{t+1}. Returns (hidden [B, T, d], routing, state)."""
+        Embed(tok_{t+1}), next_tokens [B, T] = tok_{t+1}. Returns (hidden [B, T, d], routing, state).
+        docs: packed rows (architecture.md §8.5); a document's last position mixes in the next document's
+        first token, so its output is not the document's own (the MTP loss leaves it out)."""
         e = self.e_proj(self.enorm(next_embedding))  # [B, T, d]
         h = self.h_proj(self.hnorm(streams))  # same projection per stream: [B, T, n_hc, d]
         x = e[:, :, None, :] + h
-        x, state, routing, _ = self.block(x, next_tokens, positions, state, n_valid)
+        x, state, routing, _ = self.block(x, next_tokens, positions, state, n_valid, False, docs)
         return self.norm(self.hc_head(x)), routing, state
 
 
@@ -171,7 +174,7 @@ class Transformer(nnx.Module):
                 for r in range(stage.repeats) for p in range(len(stage.unit))]
 
     def __call__(self, tokens: jax.Array, *, cache: Cache | None = None, n_valid: jax.Array | None = None,
-                 return_hidden_states: bool = False, with_mtp: bool = True,
+                 segment_ids: jax.Array | None = None, return_hidden_states: bool = False, with_mtp: bool = True,
                  return_indexer_traces: bool = False) -> ModelOutput:
         """tokens: int [B, T] (ids must lie in [0, vocab_size)).
 
@@ -180,14 +183,21 @@ class Transformer(nnx.Module):
         cache; decode: T = 1; speculative verification: T = 2); n_valid [B] (default T) real tokens per
         row, the rest right padding that never enters the cache; returns the updated cache and the last
         block's streams, no MTP logits (`draft` runs the MTP block with its own cache).
+        segment_ids [B, T] (stateless calls; packed training rows, architecture.md §8.5): documents packed in a
+        row, each seen as if alone: positions restart at each document and nothing (window, compressor
+        window, compressed entry, index pick, MTP attention) crosses a boundary.
         return_indexer_traces: also return what the indexer's KL loss needs (ModelOutput.indexer, architecture.md §8.2); the logits are the same either way."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
         B, T = tokens.shape
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if segment_ids is not None and (cache is not None or segment_ids.shape != (B, T)):
+            raise ValueError(f"segment_ids must be [B, T] = {(B, T)} and come without a cache (packed training "
+                             f"rows), got {segment_ids.shape}" + (" with a cache" if cache is not None else ""))
         start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
-        positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+        docs = None if segment_ids is None else documents(constrain(segment_ids, TOKENS))
+        positions = start[:, None] + jnp.arange(T, dtype=jnp.int32) if docs is None else docs.positions  # [B, T]
         if cache is not None and n_valid is None:
             n_valid = jnp.full((B,), T, jnp.int32)
         tokens = constrain(tokens, TOKENS)
@@ -196,7 +206,7 @@ class Transformer(nnx.Module):
         hidden, stats, traces, states = [streams], [], [], []
         for i, stage in enumerate(self.stages):
             streams, h, s, t, st = stage(streams, tokens, positions, return_hidden_states, return_indexer_traces,
-                                         None if cache is None else cache.stages[i], n_valid)
+                                         None if cache is None else cache.stages[i], n_valid, docs)
             if return_hidden_states:
                 hidden += list(h.reshape(-1, *h.shape[2:]))  # [R, P, ...] -> layer order
             stats.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), s))
@@ -208,7 +218,9 @@ class Transformer(nnx.Module):
 
         mtp_logits = mtp_stats = None
         if self.mtp is not None and with_mtp and cache is None and T > 1:
-            h_mtp, mtp_stats, _ = self.mtp(streams[:, :-1], e[:, 1:], tokens[:, 1:], positions[:, :-1])
+            mtp_docs = None if docs is None else jax.tree.map(lambda a: a[:, :-1], docs)
+            h_mtp, mtp_stats, _ = self.mtp(streams[:, :-1], e[:, 1:], tokens[:, 1:], positions[:, :-1], None, None,
+                                           mtp_docs)
             mtp_logits = constrain(self.head(h_mtp, jnp.float32), LOGITS)  # shared LM head
         routing = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
         indexer = jax.tree.map(lambda *a: jnp.concatenate(a), *traces) if traces else None

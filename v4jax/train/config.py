@@ -36,6 +36,8 @@ class TrainConfig:
     cache_dir: str = ""  # packed-token cache (memory-mapped on later runs)
     grain_threads: int = 0  # > 0: batches read ahead by grain with this many threads (data.GrainBatches)
     seq_len: int = 64
+    document_mask: bool = True  # sample-level masking (architecture.md §8.5): each packed document (closed by
+    # the model's eos_token_id) attends, compresses and is predicted as if alone; false = one long stream
     batch_size: int = 8  # global rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     data_seed: int = 0

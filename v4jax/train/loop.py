@@ -182,6 +182,10 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DataError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.vocab_size} (set model.vocab_size)")
+    if tc.document_mask and tokenizer.eos_id != cfg.eos_token_id:
+        raise DataError(f"document_mask finds documents by the model's eos_token_id {cfg.eos_token_id}, but tokenizer "
+                        f"{tokenizer.name} ends documents with {tokenizer.eos_id} (set model.eos_token_id, or "
+                        f"document_mask=false)")
     files = resolve_files(tc.data)
     metrics_path = tc.metrics_file or os.path.join(tc.run_dir, "metrics.jsonl")
     ckpt_dir = os.path.join(tc.run_dir, "checkpoints")

@@ -12,17 +12,30 @@ import jax.numpy as jnp
 from v4jax.model.moe import RoutingStats
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross entropy (fp32)."""
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross entropy (fp32), over the positions where mask [B, T] is True (all if None)."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(lse - picked)
+    if mask is None:
+        return jnp.mean(lse - picked)
+    return jnp.sum(jnp.where(mask, lse - picked, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def mtp_cross_entropy(mtp_logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """MTP loss (architecture.md §6): mtp_logits[:, t] (t < T-1) predicts token t+2 = targets[:, t+1]."""
-    return cross_entropy(mtp_logits, targets[:, 1:])
+def mtp_cross_entropy(mtp_logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """MTP loss (architecture.md §6): mtp_logits[:, t] (t < T-1) predicts token t+2 = targets[:, t+1];
+    mask [B, T-1] or None as `cross_entropy`."""
+    return cross_entropy(mtp_logits, targets[:, 1:], mask)
+
+
+def packed_targets_mask(input_segments: jax.Array, target_segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed rows (architecture.md §8.5): which predictions stay inside one document. Segment ids of the
+    inputs row[:-1] and the targets row[1:], [B, T] each -> (main [B, T]: target t in input t's
+    document; MTP [B, T-1]: inputs t, t+1 and target t+1 in one document). A prediction across a
+    boundary has no counterpart when the document is alone, so it is left out of the loss."""
+    main = input_segments == target_segments
+    mtp = (input_segments[:, :-1] == input_segments[:, 1:]) & main[:, 1:]
+    return main, mtp
 
 
 def balance_loss(stats: RoutingStats, n_activated: int, seq_len: int) -> jax.Array:

@@ -26,6 +26,7 @@ from sharding.context import use_mesh_rules
 from sharding.partition import data_sharding, state_shardings
 from v4jax.train import losses
 from v4jax.config import AttentionKind, RouterKind, V4Config, stage_units
+from v4jax.model.documents import eos_segments
 from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
 from v4jax.train.config import BATCH_AXES, TrainConfig
@@ -106,12 +107,17 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
         model = nnx.merge(setup.graphdef, unflat_params(setup.param_template, params),
                           unflat_params(setup.buffer_template, buffers), setup.rest)
         inputs, targets = micro[:, :-1], micro[:, 1:]
-        out = model(inputs, return_indexer_traces=tc.indexer_loss_weight > 0)
+        segments = main_mask = mtp_mask = None
+        if tc.document_mask:  # sample-level masking (architecture.md §8.5): eos closes each packed document
+            row_segments = eos_segments(micro, cfg.eos_token_id)  # [B, T+1]
+            segments = row_segments[:, :-1]
+            main_mask, mtp_mask = losses.packed_targets_mask(segments, row_segments[:, 1:])
+        out = model(inputs, segment_ids=segments, return_indexer_traces=tc.indexer_loss_weight > 0)
         T = inputs.shape[1]
-        parts = {"ce": losses.cross_entropy(out.logits, targets)}
+        parts = {"ce": losses.cross_entropy(out.logits, targets, main_mask)}
         total = parts["ce"]
         if out.mtp_logits is not None:
-            parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, targets)
+            parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, targets, mtp_mask)
             total = total + hyper["mtp_weight"] * parts["mtp"]
         stats = out.routing
         masked = stats._replace(mean_affinity=stats.mean_affinity * mask[:, None, None])
