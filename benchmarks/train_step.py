@@ -7,7 +7,10 @@ time, median and min step time, tokens/s from the median, XLA's FLOPs per step (
 and the achieved GFLOP/s. The machine may be shared: each row reports the share of all CPUs that other
 processes used while it was timed (/proc/stat minus this process), so busy rows can be read as such.
 
-Usage (repo root):  JAX_PLATFORMS=cpu python -m benchmarks.train_step [--quick] [--markdown]
+Rows are packed documents (eos about every 32 tokens); `--document-mask both` times the step with and
+without sample-level masking (train.py's `document_mask`) one after the other.
+
+Usage (repo root):  JAX_PLATFORMS=cpu python -m benchmarks.train_step [--quick] [--markdown] [--document-mask both]
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ def _cpu_jiffies() -> tuple[int, int]:
     return busy, int(parts[11]) + int(parts[12])
 
 
-def bench(preset: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def bench(preset: str, batch: int, seq: int, steps: int, warmup: int, document_mask: bool = True) -> dict:
     vocab = {"tiny": 264, "tiny-b": 300}.get(preset)
-    tc = load_config(None, [f'preset="{preset}"', f"seq_len={seq}", f"batch_size={batch}", "steps=1000"]
+    tc = load_config(None, [f'preset="{preset}"', f"seq_len={seq}", f"batch_size={batch}", "steps=1000",
+                            f"document_mask={str(document_mask).lower()}"]
                      + ([f"model.vocab_size={vocab}"] if vocab else []))
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
@@ -50,7 +54,10 @@ def bench(preset: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     n_params = sum(int(np.prod(a.shape)) for a in params.values())
     state = {"params": params, "buffers": flat_params(b), "opt": setup.tx.init(params),
              "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
-    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (batch, 1, seq + 1)), jnp.int32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 258, (batch, 1, seq + 1))
+    tokens[rng.random(tokens.shape) < 1 / 32] = cfg.eos_token_id  # packed documents of ~32 tokens
+    tokens = jnp.asarray(tokens, jnp.int32)
     nan = hyperparams(tc, setup.schedule, 100)  # past warm-up: the full learning rate
     t0 = time.time()
     compiled = jax.jit(make_step(tc, setup), donate_argnums=(0,)).lower(state, tokens, nan).compile()
@@ -73,7 +80,8 @@ def bench(preset: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     busy1, mine1 = _cpu_jiffies()
     others = max(0, (busy1 - busy0) - (mine1 - mine0)) / hz / ((time.time() - w0) * os.cpu_count())
     med = statistics.median(times)
-    return {"preset": preset, "params_m": n_params / 1e6, "batch": batch, "seq": seq, "compile_s": compile_s,
+    return {"preset": preset, "params_m": n_params / 1e6, "batch": batch, "seq": seq, "mask": document_mask,
+            "compile_s": compile_s,
             "step_ms": med * 1e3, "min_ms": min(times) * 1e3, "tok_s": batch * seq / med,
             "gflop": flops / 1e9, "gflops": flops / med / 1e9, "others": others,
             "loss": float(m["loss"])}
@@ -86,13 +94,18 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--presets", default="tiny,tiny-b", help="comma-separated presets")
+    ap.add_argument("--document-mask", choices=("on", "off", "both"), default="on",
+                    help="sample-level masking in the step (train.py's document_mask); both: a row each, side by side")
     args = ap.parse_args(argv)
     shapes = [(8, 64)] if args.quick else [(8, 64), (8, 128)]
     steps = 5 if args.quick else args.steps
-    rows = [bench(preset, b, s, steps, args.warmup) for preset in args.presets.split(",") for b, s in shapes]
-    head = ["preset", "params (M)", "batch x seq", "compile (s)", "step (ms, median)", "step (ms, min)",
-            "tokens/s", "XLA GFLOP/step", "GFLOP/s", "other procs' CPU"]
-    lines = [[r["preset"], f"{r['params_m']:.2f}", f"{r['batch']} x {r['seq']}", f"{r['compile_s']:.0f}",
+    masks = {"on": (True,), "off": (False,), "both": (False, True)}[args.document_mask]
+    rows = [bench(preset, b, s, steps, args.warmup, mask) for preset in args.presets.split(",") for b, s in shapes
+            for mask in masks]
+    head = ["preset", "params (M)", "batch x seq", "document mask", "compile (s)", "step (ms, median)",
+            "step (ms, min)", "tokens/s", "XLA GFLOP/step", "GFLOP/s", "other procs' CPU"]
+    lines = [[r["preset"], f"{r['params_m']:.2f}", f"{r['batch']} x {r['seq']}", "on" if r["mask"] else "off",
+              f"{r['compile_s']:.0f}",
               f"{r['step_ms']:.0f}", f"{r['min_ms']:.0f}", f"{r['tok_s']:,.0f}", f"{r['gflop']:.2f}",
               f"{r['gflops']:.1f}", f"{100 * r['others']:.0f}%"] for r in rows]
     if args.markdown:

@@ -181,3 +181,22 @@ def test_indexer_kernel_picks_only_the_documents_entries_like_the_reference():
     picked = np.asarray(ours)
     assert np.all((picked == -1) | ((picked >= lo) & (picked < hi)))
     assert np.all(np.sum(picked >= 0, axis=-1) == np.minimum(hi - lo, k)[..., 0])
+
+
+def test_a_document_is_blind_to_its_neighbours_and_causal_inside():
+    """Causality extended to document boundaries: changing document 2 changes nothing in documents 1
+    and 3; changing its token at position p changes nothing of its own before p."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS)
+    tokens, seg = _rows()
+    forward = nnx.jit(lambda m, t: m(t, segment_ids=seg).logits)
+    base = forward(model, tokens)
+    s, e = 37, 56  # document 2
+    other = tokens.at[0, s:e].set((tokens[0, s:e] + 7) % CFG.vocab_size)
+    got = forward(model, other)
+    np.testing.assert_allclose(got[0, :s], base[0, :s], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[0, e:], base[0, e:], rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[0, s:e] - base[0, s:e]))) > 1e-3
+    p = s + 11
+    later = forward(model, tokens.at[0, p].set((tokens[0, p] + 7) % CFG.vocab_size))
+    np.testing.assert_allclose(later[0, :p], base[0, :p], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(later[0, e:], base[0, e:], rtol=1e-6, atol=1e-6)

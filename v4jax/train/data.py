@@ -6,7 +6,7 @@ or from ArrayRecord shards (`.array_record`; each record UTF-8 text or a JSON ob
 field), read through grain (`grain.sources.ArrayRecordDataSource` in a `grain.MapDataset`).
 Tokenisers: `ByteTokenizer` (UTF-8 bytes, ids 2..257 after the model's bos=0/eos=1) or a `tokenizers`
 `tokenizer.json`. Every document is followed by eos and all are concatenated (architecture.md §8.5 packing; the
-model has no sample-level attention mask yet, see docs/training.md) and cut into rows of seq_len + 1
+training step finds the documents again by their eos and masks between them) and cut into rows of seq_len + 1
 tokens (inputs = row[:-1], targets = row[1:]); consecutive rows share one boundary token.
 
 Order: row order is a permutation drawn from (seed, epoch), so it is deterministic and the iterator
