@@ -343,7 +343,9 @@ class V4Config:
         `attention_chunk` is ignored."""
         _refuse_options(overrides)
         if d.get("model_type", "deepseek_v4") != "deepseek_v4":
-            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
+            hint = (" (a DeepSeek-V4.1 config: read it with v4jax.config_v41.V41Config)"
+                    if str(d.get("model_type", "")).startswith("deepseek_v41") else "")
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'{hint}")
         if d.get("num_key_value_heads", 1) != 1:
             raise ConfigError(f"num_key_value_heads must be 1 (shared single-head KV), got {d['num_key_value_heads']}")
         for flag, want in _HF_CONSTANTS.items():
