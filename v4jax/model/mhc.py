@@ -34,6 +34,12 @@ def _mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     return jnp.einsum("btk,mk->btm", rms_normalize(flat, eps), fn.astype(jnp.float32))
 
 
+def collapse(pre: jax.Array, streams: jax.Array) -> jax.Array:
+    """u = sum_j pre_j X_j in fp32: pre [B, T, n_hc], streams [B, T, n_hc, d] -> [B, T, d] in the
+    streams' dtype (architecture.md §3.3; V4.1 collapses with the previous sublayer's pre, §12)."""
+    return jnp.einsum("btj,btjd->btd", pre, streams.astype(jnp.float32)).astype(streams.dtype)
+
+
 class HyperConnection(nnx.Module):
     """One mHC unit: `hc_pre` (collapse) before a sublayer and `hc_post` (expand + mix) after it."""
 
@@ -59,8 +65,7 @@ class HyperConnection(nnx.Module):
         """Collapse u = sum_j pre_j X_j in fp32 from the un-normalised streams (architecture.md §3.3).
         Returns (u [B,T,d] in the stream dtype, post, comb)."""
         pre, post, comb = self.coefficients(streams)
-        u = jnp.einsum("btj,btjd->btd", pre, streams.astype(jnp.float32))
-        return u.astype(streams.dtype), post, comb
+        return collapse(pre, streams), post, comb
 
     @staticmethod
     def hc_post(y: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:

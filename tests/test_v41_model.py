@@ -1,0 +1,152 @@
+"""The DeepSeek-V4.1 text model (issue 20, architecture.md §12) against the golden outputs of DeepSeek's
+official V4.1 code (fp32, `shared/fixtures/deepseek_v41/`): logits, every block's streams and the
+Engram-updated streams of the text prompt, the logits of the image prompt (ViT, aligner, span
+delimiters, bias_vl, Engram gate 0 on image spans); plus hand-checkable cases of the mechanisms."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax.config import RunOptions
+from v4jax.config_v41 import V41Config
+from v4jax.model.engram_hash import compressed_ids, engram_layout, ngram_hash_ids, pad_compressed_id
+from v4jax.model.v41 import Compressor, Image, V41Transformer, candidate_blocks
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
+needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+OPTIONS = RunOptions(dtype="float32", param_dtype="float32", attention_chunk=64)
+
+
+def _load(name):
+    return np.load(os.path.join(FIXTURES, name))
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def model():
+    from safetensors.numpy import load_file
+
+    from v4jax.io.official_v41 import load_official_v41
+
+    cfg = V41Config.from_json_file(os.path.join(FIXTURES, "config_hf.json"))
+    m = V41Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS)
+    load_official_v41(m, load_file(os.path.join(FIXTURES, "model.safetensors")))
+    return m
+
+
+def _engram_ids(cfg, tokens, dead=None):
+    token_map = _load("engram_token_map.npy")
+    layout, ids = engram_layout(cfg), compressed_ids(tokens, token_map)
+    pad = pad_compressed_id(cfg, token_map)
+    return jnp.asarray(np.stack([ngram_hash_ids(ids, dead, layout, i, pad) for i in range(len(layout.layer_ids))],
+                                axis=2), jnp.int32)  # [B, T, n_engram_layers, cols]
+
+
+@needs_fixtures
+def test_text_prompt_equals_the_official_code(model):
+    tokens = _load("input_ids.npy")
+    out = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens))
+    assert _rel(out.logits, _load("logits.npy")) <= 1e-5
+    hidden = _load("hidden_states.npy")
+    assert max(_rel(h, hidden[i]) for i, h in enumerate(out.hidden_states)) <= 1e-5
+    engram = _load("engram_block_inputs.npy")
+    assert max(_rel(h, engram[i]) for i, h in enumerate(out.engram_inputs)) <= 1e-5
+
+
+@needs_fixtures
+def test_image_prompt_equals_the_official_code(model):
+    tokens, types = _load("image_input_ids.npy"), _load("image_token_types.npy")
+    images = (Image(0, 5, jnp.asarray(_load("image0_patches.npy")), (5, 7)),
+              Image(1, 17, jnp.asarray(_load("image1_patches.npy")), (4, 3)))
+    embeddings, image = model.embed_prompt(jnp.asarray(tokens, jnp.int32), images)
+    np.testing.assert_array_equal(image, types >= 0)  # the spans, delimiters included
+    out = model(jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens, types >= 0), image, embeddings)
+    assert _rel(out.logits, _load("image_logits.npy")) <= 1e-5
+
+
+@needs_fixtures
+def test_text_is_causal(model):
+    tokens = _load("input_ids.npy")
+    fwd = nnx.jit(lambda m, t, e: m(t, e).logits)
+    base = fwd(model, jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens))
+    p = 23
+    changed = tokens.copy()
+    changed[:, p] = (changed[:, p] + 5) % model.cfg.vocab_size
+    got = fwd(model, jnp.asarray(changed, jnp.int32), _engram_ids(model.cfg, changed))
+    np.testing.assert_allclose(got[:, :p], base[:, :p], rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[:, p] - base[:, p]))) > 1e-4
+
+
+def test_candidate_blocks_by_hand():
+    # 10 entries in blocks of 4: [0-3], [4-7], [8-9]; block maxima 5, 7, 1
+    scores = jnp.asarray([[[1, 5, 0, 0, 7, 2, 0, 0, 1, 0], [3, 0, 1] + [-np.inf] * 7]], jnp.float32)
+    visible = jnp.asarray([10, 3])
+    keep = np.asarray(candidate_blocks(scores, visible, 2, 4))
+    # query 0: block 2 (the newest entry's) always, then the best other block (1, max 7)
+    assert keep[0, 0].tolist() == [False] * 4 + [True] * 6
+    # query 1 sees 3 entries: block 0 only; the other blocks are all -inf and dropped though 2 are asked
+    assert keep[0, 1].tolist() == [True] * 4 + [False] * 6
+
+
+def test_ratio_two_pools_pairs_with_a_per_channel_softmax_and_ratio_one_does_not_pool():
+    cfg = V41Config.preset("v41-tiny")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 5, cfg.dim)), jnp.float32)
+    two = Compressor(cfg, 2, rngs=nnx.Rngs(0), options=OPTIONS)
+    got = np.asarray(two(x))
+    assert got.shape == (1, 2, cfg.head_dim)  # the 5th token waits: pools nothing
+    v = np.asarray(x) @ np.asarray(two.wkv.kernel[...])
+    g = np.asarray(x) @ np.asarray(two.wgate.kernel[...])
+    for n in range(2):
+        w = np.exp(g[0, 2 * n:2 * n + 2]) / np.exp(g[0, 2 * n:2 * n + 2]).sum(0)  # per channel over the pair
+        pooled = (w * v[0, 2 * n:2 * n + 2]).sum(0)
+        np.testing.assert_allclose(got[0, n], pooled / np.sqrt(np.mean(pooled ** 2) + cfg.norm_eps), rtol=1e-5)
+    one = Compressor(cfg, 1, rngs=nnx.Rngs(1), options=OPTIONS)
+    assert one.wgate is None and one(x).shape == (1, 5, cfg.head_dim)
+
+
+def test_a_ratio_one_query_can_pick_its_own_token():
+    """Ratio 1: query t sees latents 0..t, its own token's included (no de-duplication with the window)."""
+    cfg = V41Config.preset("v41-tiny", engram_layer_ids=(), engram_num_embeddings=(), vision_n_layers=0,
+                           n_mtp_layers=0, compress_ratios=(0, 2, 2, 2, 1, 1, 1, 1), index_topk=40,
+                           candidate_topk_blocks=11)
+    m = V41Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS)
+    layer = m.layers[4].attn  # ratio 1, KV and index source
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 12, cfg.dim)), jnp.float32)
+    from v4jax.model.v41 import Shared
+
+    _, shared = layer(x, Shared())
+    picks = np.asarray(shared.topk)[0]  # [T, k]
+    for t in range(12):
+        assert sorted(p for p in picks[t] if p >= 0) == list(range(t + 1))
+
+
+def test_engram_layers_need_their_hash_ids():
+    m = V41Transformer(V41Config.preset("v41-tiny", vision_n_layers=0), rngs=nnx.Rngs(0), options=OPTIONS)
+    with pytest.raises(ValueError, match="pass engram_ids"):
+        m(jnp.zeros((1, 4), jnp.int32))
+
+
+def test_v41_flash_builds_abstractly_with_known_logical_axes():
+    from sharding.rules import LOGICAL_AXES
+
+    cfg = V41Config.preset("v41-flash")
+    abstract = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(
+        dtype="bfloat16", param_dtype="bfloat16")))
+    names = {a for _, v in nnx.to_flat_state(nnx.state(abstract))
+             for a in v.get_metadata().get("logical_axes", ()) if a is not None}
+    assert names <= set(LOGICAL_AXES)
+    sizes = {".".join(map(str, p)): int(np.prod(v.value.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    experts = sum(n for k, n in sizes.items() if ".ffn.experts." in k)
+    engram = sum(n for k, n in sizes.items() if k.endswith("engram.table"))
+    assert experts == 40 * 384 * 3 * 5120 * 2304  # routed experts: 543.6e9
+    assert engram == (384006168 + 384016682) * 256  # the two Engram tables: 196.6e9 (rows x head_dim)
+    assert 7.4e11 < sum(sizes.values()) < 7.6e11  # text + vision; the DSpark stages are not built yet
+    jax.clear_caches()

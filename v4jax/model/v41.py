@@ -1,0 +1,368 @@
+"""The DeepSeek-V4.1 text model (architecture.md §12): the second model family, built from V4's parts.
+
+Shared with V4 unchanged: RMSNorm / Linear, interleaved partial RoPE with the YaRN table, the mHC
+coefficients (Sinkhorn) and hc_post, the core attention over [window | selected entries | sink], the
+routed experts (dropless dispatch, expert parallelism) and the shared expert, the index score.
+Different in V4.1 (architecture.md §12.3):
+
+* Compressors of ratio 2 (fp32 gated pooling of 2 tokens, no `ape`, no overlap) and 1 (a normed
+  projection per token, no gate); the latent's RoPE position is the first token of its group.
+* Cross-layer sharing: only KV-source layers own a compressor; the layers after a source (up to the
+  next) attend over the source's entries. Only index-source layers score; the layers between reuse
+  the latest source's top-k. Index keys come from the source's compressor latent (`wk`, `k_norm`).
+* Two-level top-k: the candidate source keeps the best blocks of entries per query; later index
+  sources score only inside them.
+* Queries have no per-head norm; every compressed layer picks its entries by top-k (no HCA rule).
+* mHC pre-shift: each sublayer collapses the streams with the `pre` computed by the previous sublayer's
+  unit (one-hot on stream 0 before the first); the final merge uses the last FFN unit's `pre` (no hc head).
+* The router divides its logits by `gate_temp` and selects image-span tokens with `bias_vl`.
+* Engram (`Engram`): at its layers, before the block, an n-gram table lookup is gated into each
+  stream; the hash row ids are computed on the host (`v4jax.model.engram_hash`) and passed in.
+
+This file holds the stateless forward (a prompt from position 0, every position's logits).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.lightning_indexer_reference import index_scores
+from v4jax.config import AttentionKind, RunOptions
+from v4jax.config_v41 import V41Config
+from v4jax.model import kernels
+from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param
+from v4jax.model.mhc import HyperConnection, collapse
+from v4jax.model.moe import Experts, Routing, SharedExpert, affinity
+from v4jax.model.rope import apply_rope, inv_frequencies
+from v4jax.model.vision import (TOKEN_IMAGE, TOKEN_IMAGE_END, TOKEN_IMAGE_NEWLINE, TOKEN_IMAGE_START, Aligner,
+                                VisionTower, encode_image, image_span_layout)
+
+
+class Shared(NamedTuple):
+    """What a layer hands to the layers after it (architecture.md §12.3); None until a source writes it."""
+
+    entries: jax.Array | None = None  # [B, N, c] the latest KV source's compressed entries (RoPE'd)
+    index_keys: jax.Array | None = None  # [B, N, c_I] its index keys (RoPE'd)
+    topk: jax.Array | None = None  # [B, T, k] the latest index source's picks, -1 = none
+    candidates: jax.Array | None = None  # [B, T, N] bool: the candidate source's kept entries
+
+
+def _rope_table(cfg: V41Config, ratio: int):
+    """Ratio-0 layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta with YaRN."""
+    return inv_frequencies(cfg, AttentionKind.SLIDING if ratio == 0 else AttentionKind.CSA)
+
+
+class Compressor(nnx.Module):
+    """Ratio 2: per-channel softmax of fp32 gate logits over each pair of tokens weighting fp32 values;
+    ratio 1: one latent per token, no gate. Then RMSNorm. Returns the latent before RoPE."""
+
+    def __init__(self, cfg: V41Config, ratio: int, *, rngs: nnx.Rngs, options: RunOptions):
+        pd, c = options.param_dtype, cfg.head_dim
+        self.wkv = Linear(cfg.dim, c, ("embed", "compress_width"), param_dtype=pd, rngs=rngs)
+        self.wgate = Linear(cfg.dim, c, ("embed", "compress_width"), param_dtype=pd, rngs=rngs) if ratio > 1 else None
+        self.norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
+        self.ratio = ratio
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, d] -> latents [B, T // m, c] (a trailing partial group pools nothing)."""
+        B, T, _ = x.shape
+        m = self.ratio
+        if self.wgate is None:
+            return self.norm(self.wkv(x))  # [B, T, c]
+        n = T // m
+        x32 = x[:, :n * m].astype(jnp.float32)
+        values = self.wkv(x32, jnp.float32).reshape(B, n, m, -1)  # [B, N, m, c]
+        weights = jax.nn.softmax(self.wgate(x32, jnp.float32).reshape(B, n, m, -1), axis=2)
+        return self.norm(jnp.sum(values * weights, axis=2).astype(x.dtype))  # [B, N, c]
+
+
+class Indexer(nnx.Module):
+    """An index source: its own query projection and head weights; if it is also a KV source, the
+    projection of its compressor's latents into index keys (`wk`, `k_norm`)."""
+
+    def __init__(self, cfg: V41Config, owns_keys: bool, *, rngs: nnx.Rngs, options: RunOptions):
+        pd = options.param_dtype
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("q_lora", "index_heads"),
+                           param_dtype=pd, rngs=rngs)
+        self.weights_proj = Linear(cfg.dim, cfg.index_n_heads, ("embed", "index_heads"), param_dtype=pd, rngs=rngs)
+        self.wk = Linear(cfg.head_dim, cfg.index_head_dim, ("head_dim", None), param_dtype=pd,
+                         rngs=rngs) if owns_keys else None
+        self.k_norm = RMSNorm(cfg.index_head_dim, cfg.norm_eps, None, rngs=rngs) if owns_keys else None
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+
+    def keys(self, latents: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+        """latents [B, N, c] (before RoPE) at their groups' first tokens [N] -> index keys [B, N, c_I]."""
+        return apply_rope(self.k_norm(self.wk(latents)), positions, inv_freq)
+
+    def scores(self, x: jax.Array, cq: jax.Array, keys: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+        """I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]): [B, T, N] fp32 (architecture.md §4.4)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim), positions[..., None], inv_freq)
+        w = self.weights_proj(x, jnp.float32) * (self.head_dim * self.n_heads) ** -0.5  # [B, T, n_I]
+        return index_scores(q, w, keys)
+
+
+def candidate_blocks(scores: jax.Array, visible: jax.Array, n_blocks: int, block: int) -> jax.Array:
+    """Level one of the two-level top-k (architecture.md §12.3): scores [B, T, N] (-inf = not visible),
+    visible [T] entries each query sees -> bool [B, T, N]: the entries of the `n_blocks` blocks of
+    `block` entries with the best maximum score, the block of the newest visible entry always kept,
+    blocks with no visible entry never."""
+    B, T, N = scores.shape
+    nb = -(-N // block)
+    best = jnp.max(jnp.pad(scores, ((0, 0), (0, 0), (0, nb * block - N)), constant_values=-jnp.inf)
+                   .reshape(B, T, nb, block), axis=-1)  # [B, T, nb]
+    best = jnp.where(jnp.arange(nb) == ((visible - 1) // block)[:, None], jnp.inf, best)
+    value, picked = jax.lax.top_k(best, min(n_blocks, nb))
+    keep = jnp.zeros((B, T, nb), bool)
+    keep = jax.vmap(jax.vmap(lambda k, i, v: k.at[i].set(v > -jnp.inf)))(keep, picked, value)
+    return jnp.repeat(keep, block, axis=-1)[..., :N]
+
+
+class Attention(nnx.Module):
+    """Sliding window + (ratio > 0) the top-k entries of the layer's KV group, one softmax with sinks."""
+
+    def __init__(self, cfg: V41Config, layer: int, *, rngs: nnx.Rngs, options: RunOptions):
+        pd = options.param_dtype
+        H, c, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("embed", "q_lora"), param_dtype=pd, rngs=rngs)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", rngs=rngs)
+        self.wq_b = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), param_dtype=pd, rngs=rngs)
+        self.wkv = Linear(cfg.dim, c, ("embed", "head_dim"), param_dtype=pd, rngs=rngs)
+        self.kv_norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
+        self.wo_a = param(rngs, (g, H // g * c, cfg.o_lora_rank), ("o_groups", "heads", "o_lora"), pd)
+        self.wo_b = Linear(g * cfg.o_lora_rank, cfg.dim, ("o_lora", "embed"), param_dtype=pd, rngs=rngs)
+        self.sinks = param(rngs, (H,), ("heads",), jnp.float32, init="zeros")
+        self.ratio = ratio = cfg.ratio(layer)
+        kv_source, index_source = layer in cfg.kv_source_layers, layer in cfg.index_source_layers
+        self.compressor = Compressor(cfg, ratio, rngs=rngs, options=options) if kv_source else None
+        self.indexer = Indexer(cfg, kv_source, rngs=rngs, options=options) if index_source else None
+        self.candidate_source = layer == cfg.candidate_source_layer
+        self.uses_candidates = cfg.candidate_source_layer is not None and cfg.candidate_source_layer < layer
+        self.cfg, self.options = cfg, options
+
+    def __call__(self, x: jax.Array, shared: Shared) -> tuple[jax.Array, Shared]:
+        """x [B, T, d] (attn_norm-ed) at positions 0..T-1 -> (out [B, T, d], what later layers read)."""
+        cfg, m = self.cfg, self.ratio
+        B, T, _ = x.shape
+        inv_freq = _rope_table(cfg, m)
+        t = jnp.arange(T, dtype=jnp.int32)
+        cq = self.q_norm(self.wq_a(x))  # [B, T, d_c]
+        q = apply_rope(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), t[:, None], inv_freq)  # no head norm
+        kv = apply_rope(self.kv_norm(self.wkv(x)), t, inv_freq)  # [B, T, c]
+        entries = topk = None
+        if m:
+            if self.compressor is not None:  # a KV source: its entries (and index keys) serve its group
+                latents = self.compressor(x)  # [B, N, c] before RoPE
+                first = m * jnp.arange(latents.shape[1], dtype=jnp.int32)  # each group's first token
+                shared = shared._replace(entries=apply_rope(latents, first, inv_freq),
+                                         index_keys=self.indexer.keys(latents, first, inv_freq))
+            entries = shared.entries
+            if self.indexer is not None:  # an index source: score, pick, publish
+                topk, candidates = self._select(x, cq, shared, t, inv_freq)
+                shared = shared._replace(topk=topk, candidates=candidates)
+            topk = shared.topk
+        core = kernels.sparse_attention(self.options.attention_impl)
+        o = core(q, kv, self.sinks[...], cfg.window_size, entries, topk, m, self.options.attention_chunk)
+        o = apply_rope(o, t[:, None], inv_freq, inverse=True)  # [B, T, H, c]
+        g = cfg.o_groups
+        o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]
+        u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
+        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1)), shared
+
+    def _select(self, x, cq, shared: Shared, t, inv_freq):
+        """Top-k entries per query: [B, T, k] sorted ids, -1 for picks the query cannot see; and the
+        candidate mask this layer publishes (the source's own, or the one it received)."""
+        cfg, m = self.cfg, self.ratio
+        keys = shared.index_keys  # [B, N, c_I]
+        N = keys.shape[1]
+        visible = (t + 1) // m  # [T] entries each query sees
+        scores = self.indexer.scores(x, cq, keys, jnp.broadcast_to(t, x.shape[:2]), inv_freq)
+        scores = jnp.where(jnp.arange(N) < visible[:, None], scores, -jnp.inf)  # [B, T, N]
+        candidates = shared.candidates
+        if self.candidate_source:  # its own top-k stays unrestricted
+            candidates = candidate_blocks(scores, visible, cfg.candidate_topk_blocks, cfg.candidate_block_size)
+        elif self.uses_candidates:
+            scores = jnp.where(candidates, scores, -jnp.inf)
+        k = min(cfg.index_topk, N)
+        picked = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
+        return jnp.where(picked < visible[:, None], picked, -1).astype(jnp.int32), candidates
+
+
+class Gate(nnx.Module):
+    """Learned router: affinities of logits / gate_temp; `bias` (or `bias_vl` on image-span tokens)
+    only chooses the experts; weights renormalised (k > 1) and scaled."""
+
+    def __init__(self, cfg: V41Config, *, rngs: nnx.Rngs, options: RunOptions):
+        E = cfg.n_routed_experts
+        self.weight = Linear(cfg.dim, E, ("embed", "experts"), param_dtype=options.param_dtype, rngs=rngs)
+        self.bias = Buffer(jnp.zeros((E,), jnp.float32), logical_axes=("experts",))
+        self.bias_vl = Buffer(jnp.zeros((E,), jnp.float32), logical_axes=("experts",)) if cfg.vision_n_layers else None
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, image: jax.Array | None) -> Routing:
+        """x [N, d], image [N] bool or None -> Routing."""
+        cfg = self.cfg
+        scores = affinity(self.weight(x, jnp.float32) / cfg.gate_temp, cfg.score_func)  # [N, E]
+        bias = self.bias[...]
+        if image is not None and self.bias_vl is not None:
+            bias = jnp.where(image[:, None], self.bias_vl[...], bias)
+        experts = jax.lax.top_k(scores + bias, cfg.n_activated_experts)[1]
+        w = jnp.take_along_axis(scores, experts, axis=-1)
+        if cfg.norm_topk_prob and cfg.n_activated_experts > 1:
+            w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+        return Routing(w * cfg.route_scale, experts.astype(jnp.int32), scores)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: V41Config, *, rngs: nnx.Rngs, options: RunOptions):
+        self.gate = Gate(cfg, rngs=rngs, options=options)
+        self.experts = Experts(cfg, rngs=rngs, options=options)
+        self.shared_experts = SharedExpert(cfg, rngs=rngs, options=options)
+
+    def __call__(self, x: jax.Array, image: jax.Array | None) -> jax.Array:
+        """x [B, T, d], image [B, T] bool or None -> [B, T, d]."""
+        B, T, d = x.shape
+        routing = self.gate(x.reshape(B * T, d), None if image is None else image.reshape(-1))
+        return (self.experts(x, routing) + self.shared_experts(x)).astype(x.dtype)
+
+
+class Engram(nnx.Module):
+    """Engram conditional memory at one layer (architecture.md §12.4): the rows of the hashed n-grams
+    -> one key per stream and a shared value; each stream takes the value times a gate from the
+    normalised stream-key product (signed square root, then sigmoid); image positions pass unchanged."""
+
+    def __init__(self, cfg: V41Config, rows: int, *, rngs: nnx.Rngs, options: RunOptions):
+        pd, n, d = options.param_dtype, cfg.hc_mult, cfg.dim
+        cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
+        self.table = param(rngs, (rows, cfg.engram_head_dim), (None, None), pd)  # [rows, head_dim]
+        self.wkv = Linear(cols * cfg.engram_head_dim, (n + 1) * d, (None, "embed"), param_dtype=pd, rngs=rngs)
+        self.q_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
+        self.k_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
+        self.n, self.d, self.eps = n, d, cfg.norm_eps
+
+    def __call__(self, streams: jax.Array, ids: jax.Array, text: jax.Array | None) -> jax.Array:
+        """streams [B, T, n_hc, d]; ids [B, T, cols] rows of this layer's table; text [B, T] bool or None
+        (False: an image position, gate 0)."""
+        B, T = ids.shape[:2]
+        rows = jnp.take(self.table[...], ids, axis=0).reshape(B, T, -1)  # [B, T, cols * head_dim]
+        kv = self.wkv(rows.astype(streams.dtype), jnp.float32)  # [B, T, (n_hc + 1) d]
+        key, value = kv[..., :self.n * self.d].reshape(B, T, self.n, self.d), kv[..., self.n * self.d:]
+        h = streams.astype(jnp.float32)
+        rstd = (jax.lax.rsqrt(jnp.mean(h * h, axis=-1) + self.eps)
+                * jax.lax.rsqrt(jnp.mean(key * key, axis=-1) + self.eps))  # [B, T, n_hc]: per stream
+        dot = jnp.sum(h * (self.q_weight[...] * self.k_weight[...]) * key, axis=-1) * rstd * self.d ** -0.5
+        gate = jax.nn.sigmoid(jnp.sign(dot) * jnp.sqrt(jnp.maximum(jnp.abs(dot), 1e-6)))
+        if text is not None:
+            gate = jnp.where(text[..., None], gate, 0.0)
+        return (h + gate[..., None] * value[:, :, None, :]).astype(streams.dtype)
+
+
+class Block(nnx.Module):
+    """One V4.1 block: [Engram], mHC around attention and around the MoE with the pre-shift."""
+
+    def __init__(self, cfg: V41Config, layer: int, *, rngs: nnx.Rngs, options: RunOptions):
+        self.attn_hc = HyperConnection(cfg, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs, options=options)
+        self.ffn_hc = HyperConnection(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
+        self.ffn = MoE(cfg, rngs=rngs, options=options)
+        engram = layer in cfg.engram_layer_ids
+        rows = cfg.engram_num_embeddings[cfg.engram_layer_ids.index(layer)] if engram else 0
+        self.engram = Engram(cfg, rows, rngs=rngs, options=options) if engram else None
+
+    def __call__(self, streams, pre, shared: Shared, image):
+        """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
+        for the next block's attention, shared)."""
+        attn_pre, post, comb = self.attn_hc.coefficients(streams)  # from the block input
+        a, shared = self.attn(self.attn_norm(collapse(pre, streams)), shared)
+        streams = self.attn_hc.hc_post(a, streams, post, comb)
+        ffn_pre, post, comb = self.ffn_hc.coefficients(streams)
+        y = self.ffn(self.ffn_norm(collapse(attn_pre, streams)), image)  # the FFN collapses with attn's pre
+        return self.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, shared
+
+
+class Image(NamedTuple):
+    """One image of a prompt: its span starts at `start` in row `row`; patches [h*w, 3*p*p] on the ViT
+    grid (h, w) (static ints)."""
+
+    row: int
+    start: int
+    patches: jax.Array
+    grid: tuple[int, int]
+
+
+class V41Output(NamedTuple):
+    logits: jax.Array  # [B, T, V] fp32
+    hidden_states: tuple[jax.Array, ...]  # L x [B, T, n_hc, d]: each block's output streams
+    engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
+    target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means before the targets)
+
+
+class V41Transformer(nnx.Module):
+    """embed -> n_hc copies -> blocks (Engram before its layers) -> collapse with the last pre -> norm -> head."""
+
+    def __init__(self, cfg: V41Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
+        pd = options.param_dtype
+        self.embed = Embed(cfg.vocab_size, cfg.dim, param_dtype=pd, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs, options=options) for i in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
+        self.head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
+        if cfg.vision_n_layers:  # the ViT, its aligner and the span delimiters' learned embeddings
+            self.vision = VisionTower(cfg, rngs, param_dtype=pd)
+            self.aligner = Aligner(cfg, rngs, param_dtype=pd)
+            self.image_start, self.image_end, self.image_newline = (
+                param(rngs, (cfg.dim,), ("embed",), pd) for _ in range(3))
+        self.cfg, self.options = cfg, options
+
+    def embed_prompt(self, tokens: jax.Array, images: tuple[Image, ...] = ()) -> tuple[jax.Array, jax.Array]:
+        """Input embeddings with each image's span replaced (architecture.md §12.5): IMAGE slots take
+        the aligner rows in row-major order, START / NEWLINE / END their learned vectors.
+        tokens [B, T] -> (embeddings [B, T, d], image [B, T] bool: the span positions)."""
+        e = self.embed(tokens, jnp.dtype(self.options.dtype))  # [B, T, d]
+        image = jnp.zeros(tokens.shape, bool)
+        for img in images:
+            span = image_span_layout(img.grid, self.cfg.vision_downsample_ratio)
+            types = span.token_types  # [n] static
+            rows = encode_image(self.vision, self.aligner, img.patches, img.grid).astype(e.dtype)  # [h'*w', d]
+            slot = np.maximum(np.cumsum(types == TOKEN_IMAGE) - 1, 0)  # aligner row of each IMAGE slot
+            delim = {TOKEN_IMAGE_START: self.image_start, TOKEN_IMAGE_NEWLINE: self.image_newline,
+                     TOKEN_IMAGE_END: self.image_end}
+            values = jnp.stack([rows[slot[j]] if k == TOKEN_IMAGE else delim[k][...].astype(e.dtype)
+                                for j, k in enumerate(types)])  # [n, d]
+            e = e.at[img.row, img.start:img.start + span.n_tokens].set(values)
+            image = image.at[img.row, img.start:img.start + span.n_tokens].set(True)
+        return e, image
+
+    def __call__(self, tokens: jax.Array, engram_ids: jax.Array | None = None, image: jax.Array | None = None,
+                 embeddings: jax.Array | None = None) -> V41Output:
+        """tokens [B, T] from position 0. engram_ids [B, T, n_engram_layers, cols] (host-computed hash
+        rows, `engram_hash`); image [B, T] bool: image-span positions (bias_vl, Engram gate 0);
+        embeddings [B, T, d] or None: the input embeddings with the image spans already placed."""
+        cfg = self.cfg
+        B, T = tokens.shape
+        if cfg.engram_layer_ids and engram_ids is None:
+            raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
+                             f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
+        e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
+        streams = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.dim))
+        pre = jnp.zeros((B, T, cfg.hc_mult), jnp.float32).at[..., 0].set(1.0)  # one-hot before the first sublayer
+        text = None if image is None else ~image
+        shared, hidden, engram_inputs, targets = Shared(), [], [], []
+        for i, block in enumerate(self.layers):
+            if block.engram is not None:
+                streams = block.engram(streams, engram_ids[:, :, cfg.engram_layer_ids.index(i)], text)
+                engram_inputs.append(streams)
+            if i in cfg.dspark_target_layer_ids:
+                targets.append(jnp.mean(streams.astype(jnp.float32), axis=2))
+            streams, pre, shared = block(streams, pre, shared, image)
+            hidden.append(streams)
+        h = self.norm(collapse(pre, streams))  # [B, T, d]: the last FFN unit's pre, no hc head
+        logits = self.head(h, jnp.float32)
+        return V41Output(logits, tuple(hidden), tuple(engram_inputs),
+                         jnp.concatenate(targets, axis=-1) if targets else None)
