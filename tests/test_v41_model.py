@@ -122,7 +122,7 @@ def test_a_ratio_one_query_can_pick_its_own_token():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 12, cfg.dim)), jnp.float32)
     from v4jax.model.v41 import Shared
 
-    _, shared = layer(x, Shared())
+    _, shared, _ = layer(x, Shared(), jnp.arange(12)[None])
     picks = np.asarray(shared.topk)[0]  # [T, k]
     for t in range(12):
         assert sorted(p for p in picks[t] if p >= 0) == list(range(t + 1))
@@ -150,3 +150,33 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
     assert engram == (384006168 + 384016682) * 256  # the two Engram tables: 196.6e9 (rows x head_dim)
     assert 7.4e11 < sum(sizes.values()) < 7.6e11  # text + vision; the DSpark stages are not built yet
     jax.clear_caches()
+
+
+@needs_fixtures
+def test_prefill_then_decode_equals_the_official_decode_and_the_stateless_forward(model):
+    """The fixed decode path of the official code (README: index-key owners re-point on every call):
+    prefill 40 tokens, then the 6 greedy steps one token at a time; and chunks of any size."""
+    from v4jax.model.v41 import init_v41_cache
+
+    cfg = model.cfg
+    tokens, generated = _load("input_ids.npy"), _load("generated_ids.npy")
+    full = np.concatenate([tokens, generated[:, :6]], axis=1)  # [2, 46]
+    ids = _engram_ids(cfg, full)  # the host hash over the whole history: what each call's rows are
+    step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    out = step(model, jnp.asarray(tokens, jnp.int32), ids[:, :40], init_v41_cache(cfg, 2, 64))
+    assert _rel(out.logits, _load("logits.npy")) <= 1e-5
+    cache, logits = out.cache, []
+    for j in range(6):
+        out = step(model, jnp.asarray(full[:, 40 + j:41 + j], jnp.int32), ids[:, 40 + j:41 + j], cache)
+        cache = out.cache
+        logits.append(np.asarray(out.logits))
+    logits = np.concatenate(logits, axis=1)
+    assert _rel(logits, _load("decode_logits.npy")) <= 1e-5
+    np.testing.assert_array_equal(logits.argmax(-1), generated[:, 1:7])
+    stateless = np.asarray(model(jnp.asarray(full, jnp.int32), ids).logits)
+    cache, chunks, p = init_v41_cache(cfg, 2, 64), [], 0
+    for n in (17, 3, 1, 2, 3, 1, 17, 2):  # ratio-2 groups split across calls, single tokens, longer chunks
+        out = step(model, jnp.asarray(full[:, p:p + n], jnp.int32), ids[:, p:p + n], cache)
+        cache, p = out.cache, p + n
+        chunks.append(np.asarray(out.logits))
+    assert _rel(np.concatenate(chunks, axis=1), stateless) <= 1e-5

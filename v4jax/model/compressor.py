@@ -85,8 +85,8 @@ class Compressor(nnx.Module):
             offset = start - base  # where the new tokens go: (kappa-1) m + (start mod m)
             n_win = -(-(S + T) // m)
             pad = ((0, 0), (0, n_win * m - S), (0, 0))
-            seq_v = jnp.pad(_ring_read(state.values, base + S), pad)
-            seq_l = jnp.pad(_ring_read(state.logits, base + S), pad, constant_values=-jnp.inf)
+            seq_v = jnp.pad(ring_read(state.values, base + S), pad)
+            seq_l = jnp.pad(ring_read(state.logits, base + S), pad, constant_values=-jnp.inf)
             put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
             seq_v, seq_l = put(seq_v, new_v, offset), put(seq_l, new_l, offset)
             first = base // m
@@ -132,7 +132,7 @@ def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int, opens: jax
     return jnp.concatenate([prev_v, own_v], axis=2), jnp.concatenate([prev_l, own_l], axis=2)
 
 
-def _ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:
+def ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:
     """ring [B, S, ...] (slot = position mod S) -> [B, S, ...] in position order from start - S."""
     S = ring.shape[1]
     idx = (start[:, None] + jnp.arange(S)) % S  # slot of position start - S + i

@@ -19,11 +19,14 @@ Different in V4.1 (architecture.md §12.3):
 * Engram (`Engram`): at its layers, before the block, an n-gram table lookup is gated into each
   stream; the hash row ids are computed on the host (`v4jax.model.engram_hash`) and passed in.
 
-This file holds the stateless forward (a prompt from position 0, every position's logits).
+One forward for prefill and decode (architecture.md §12.7): without a cache the call covers positions
+0..T-1; with one (`init_v41_cache`) the tokens sit at each row's `lengths` and the layers read and
+update their part of it (window ring, a KV source's pending tokens, entries and index keys).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -35,6 +38,8 @@ from pallas_kernels.lightning_indexer_reference import index_scores
 from v4jax.config import AttentionKind, RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
+from v4jax.model.attention import past_indices
+from v4jax.model.compressor import ring_read, ring_write
 from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param
 from v4jax.model.mhc import HyperConnection, collapse
 from v4jax.model.moe import Experts, Routing, SharedExpert, affinity
@@ -50,6 +55,43 @@ class Shared(NamedTuple):
     index_keys: jax.Array | None = None  # [B, N, c_I] its index keys (RoPE'd)
     topk: jax.Array | None = None  # [B, T, k] the latest index source's picks, -1 = none
     candidates: jax.Array | None = None  # [B, T, N] bool: the candidate source's kept entries
+
+
+class LayerState(NamedTuple):
+    """One layer's cache for B sequences; absent parts are None (architecture.md §12.7)."""
+
+    window: jax.Array  # [B, W, c] ring of raw KV, slot = position mod W
+    values: jax.Array | None = None  # ratio-2 KV source: [B, m, c] fp32 ring of the open group's values
+    logits: jax.Array | None = None  # [B, m, c] fp32 gate logits, -inf where no token
+    entries: jax.Array | None = None  # KV source: [B, N, c] entries (RoPE'd), N = max_len // m
+    index_keys: jax.Array | None = None  # KV source: [B, N, c_I] index keys (RoPE'd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class V41Cache:
+    lengths: jax.Array  # [B] int32: tokens held per sequence (= the next token's position)
+    layers: tuple[LayerState, ...]
+    max_len: int = dataclasses.field(metadata=dict(static=True))
+
+
+def init_v41_cache(cfg: V41Config, batch: int, max_len: int, dtype=jnp.float32) -> V41Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    layers = []
+    for i in range(cfg.n_layers):
+        m, source = cfg.ratio(i), i in cfg.kv_source_layers
+        state = LayerState(jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype))
+        if source:
+            n = max_len // m
+            state = state._replace(entries=jnp.zeros((batch, n, cfg.head_dim), dtype),
+                                   index_keys=jnp.zeros((batch, n, cfg.index_head_dim), dtype))
+            if m > 1:
+                state = state._replace(values=jnp.zeros((batch, m, cfg.head_dim), jnp.float32),
+                                       logits=jnp.full((batch, m, cfg.head_dim), -jnp.inf, jnp.float32))
+        layers.append(state)
+    return V41Cache(jnp.zeros((batch,), jnp.int32), tuple(layers), max_len)
 
 
 def _rope_table(cfg: V41Config, ratio: int):
@@ -68,17 +110,41 @@ class Compressor(nnx.Module):
         self.norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
         self.ratio = ratio
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, d] -> latents [B, T // m, c] (a trailing partial group pools nothing)."""
+    def __call__(self, x: jax.Array, start: jax.Array | None = None, state: LayerState | None = None):
+        """x [B, T, d]. Without a state (positions 0..T-1): latents [B, T // m, c] (a trailing partial
+        group pools nothing). With one (positions start + j, start [B]): (latents [B, G, c], their group
+        ids [B, G] (out of range: not complete in this call), values ring, logits ring) over the G
+        windows the open group and the new tokens span."""
         B, T, _ = x.shape
         m = self.ratio
-        if self.wgate is None:
-            return self.norm(self.wkv(x))  # [B, T, c]
-        n = T // m
-        x32 = x[:, :n * m].astype(jnp.float32)
-        values = self.wkv(x32, jnp.float32).reshape(B, n, m, -1)  # [B, N, m, c]
-        weights = jax.nn.softmax(self.wgate(x32, jnp.float32).reshape(B, n, m, -1), axis=2)
-        return self.norm(jnp.sum(values * weights, axis=2).astype(x.dtype))  # [B, N, c]
+        if self.wgate is None:  # ratio 1: a latent per token, no state
+            latents = self.norm(self.wkv(x))  # [B, T, c]
+            return latents if state is None else (latents, start[:, None] + jnp.arange(T), None, None)
+        x32 = x.astype(jnp.float32)
+        new_v, new_l = self.wkv(x32, jnp.float32), self.wgate(x32, jnp.float32)  # [B, T, c]
+        if state is None:
+            n = T // m
+            values, logits = new_v[:, :n * m].reshape(B, n, m, -1), new_l[:, :n * m].reshape(B, n, m, -1)
+        else:  # the open group's tokens (from `base`), then the new ones, cut into whole windows
+            base = (start // m) * m
+            offset = start - base  # [B]
+            n = -(-(m + T) // m)
+            pad = ((0, 0), (0, n * m - m), (0, 0))
+            seq_v = jnp.pad(ring_read(state.values, base + m), pad)
+            seq_l = jnp.pad(ring_read(state.logits, base + m), pad, constant_values=-jnp.inf)
+            put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
+            values = put(seq_v, new_v, offset).reshape(B, n, m, -1)
+            logits = put(seq_l, new_l, offset).reshape(B, n, m, -1)
+        pooled = jnp.sum(values * jax.nn.softmax(logits, axis=2), axis=2)  # [B, n, c] per channel over the group
+        latents = self.norm(pooled.astype(x.dtype))
+        if state is None:
+            return latents
+        k = jnp.arange(n)[None, :]
+        done = ((k + 1) * m > offset[:, None]) & ((k + 1) * m <= (offset + T)[:, None])  # completed by a new token
+        groups = jnp.where(done, base[:, None] // m + k, jnp.iinfo(jnp.int32).max)
+        full = jnp.full((B,), T, jnp.int32)
+        return (latents, groups, ring_write(state.values, new_v, start, full),
+                ring_write(state.logits, new_l, start, full))
 
 
 class Indexer(nnx.Module):
@@ -109,14 +175,14 @@ class Indexer(nnx.Module):
 
 def candidate_blocks(scores: jax.Array, visible: jax.Array, n_blocks: int, block: int) -> jax.Array:
     """Level one of the two-level top-k (architecture.md §12.3): scores [B, T, N] (-inf = not visible),
-    visible [T] entries each query sees -> bool [B, T, N]: the entries of the `n_blocks` blocks of
+    visible [B, T] entries each query sees -> bool [B, T, N]: the entries of the `n_blocks` blocks of
     `block` entries with the best maximum score, the block of the newest visible entry always kept,
     blocks with no visible entry never."""
     B, T, N = scores.shape
     nb = -(-N // block)
     best = jnp.max(jnp.pad(scores, ((0, 0), (0, 0), (0, nb * block - N)), constant_values=-jnp.inf)
                    .reshape(B, T, nb, block), axis=-1)  # [B, T, nb]
-    best = jnp.where(jnp.arange(nb) == ((visible - 1) // block)[:, None], jnp.inf, best)
+    best = jnp.where(jnp.arange(nb) == ((visible - 1) // block)[..., None], jnp.inf, best)
     value, picked = jax.lax.top_k(best, min(n_blocks, nb))
     keep = jnp.zeros((B, T, nb), bool)
     keep = jax.vmap(jax.vmap(lambda k, i, v: k.at[i].set(v > -jnp.inf)))(keep, picked, value)
@@ -145,44 +211,64 @@ class Attention(nnx.Module):
         self.uses_candidates = cfg.candidate_source_layer is not None and cfg.candidate_source_layer < layer
         self.cfg, self.options = cfg, options
 
-    def __call__(self, x: jax.Array, shared: Shared) -> tuple[jax.Array, Shared]:
-        """x [B, T, d] (attn_norm-ed) at positions 0..T-1 -> (out [B, T, d], what later layers read)."""
+    def __call__(self, x: jax.Array, shared: Shared, positions: jax.Array, state: LayerState | None = None):
+        """x [B, T, d] (attn_norm-ed) at positions [B, T] (0..T-1 without a state) -> (out [B, T, d],
+        what later layers read, the layer's updated state | None)."""
         cfg, m = self.cfg, self.ratio
         B, T, _ = x.shape
         inv_freq = _rope_table(cfg, m)
-        t = jnp.arange(T, dtype=jnp.int32)
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c]
-        q = apply_rope(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), t[:, None], inv_freq)  # no head norm
-        kv = apply_rope(self.kv_norm(self.wkv(x)), t, inv_freq)  # [B, T, c]
+        q = apply_rope(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), positions[..., None], inv_freq)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]; q has no head norm
         entries = topk = None
         if m:
             if self.compressor is not None:  # a KV source: its entries (and index keys) serve its group
-                latents = self.compressor(x)  # [B, N, c] before RoPE
-                first = m * jnp.arange(latents.shape[1], dtype=jnp.int32)  # each group's first token
-                shared = shared._replace(entries=apply_rope(latents, first, inv_freq),
-                                         index_keys=self.indexer.keys(latents, first, inv_freq))
+                shared, state = self._compress(x, shared, positions, state, inv_freq)
             entries = shared.entries
             if self.indexer is not None:  # an index source: score, pick, publish
-                topk, candidates = self._select(x, cq, shared, t, inv_freq)
+                topk, candidates = self._select(x, cq, shared, positions, inv_freq)
                 shared = shared._replace(topk=topk, candidates=candidates)
             topk = shared.topk
         core = kernels.sparse_attention(self.options.attention_impl)
-        o = core(q, kv, self.sinks[...], cfg.window_size, entries, topk, m, self.options.attention_chunk)
-        o = apply_rope(o, t[:, None], inv_freq, inverse=True)  # [B, T, H, c]
+        if state is None:
+            o = core(q, kv, self.sinks[...], cfg.window_size, entries, topk, m, self.options.attention_chunk)
+        else:  # the new tokens' own window through the core's band, the past as index lists
+            past, idx = past_indices(state.window, entries, topk, positions, m)
+            o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, m, self.options.attention_chunk)
+            state = state._replace(window=ring_write(state.window, kv, positions[:, 0], jnp.full((B,), T, jnp.int32)))
+        o = apply_rope(o, positions[..., None], inv_freq, inverse=True)  # [B, T, H, c]
         g = cfg.o_groups
         o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]
         u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
-        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1)), shared
+        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1)), shared, state
 
-    def _select(self, x, cq, shared: Shared, t, inv_freq):
+    def _compress(self, x, shared: Shared, positions, state: LayerState | None, inv_freq):
+        """A KV source's entries and index keys (the whole call's, or the cache's buffers with the groups
+        this call completes written in) published for its group."""
+        m = self.ratio
+        if state is None:
+            latents = self.compressor(x)  # [B, N, c] before RoPE
+            first = m * jnp.arange(latents.shape[1], dtype=jnp.int32)  # each group's first token
+            return shared._replace(entries=apply_rope(latents, first, inv_freq),
+                                   index_keys=self.indexer.keys(latents, first, inv_freq)), None
+        latents, groups, values, logits = self.compressor(x, positions[:, 0], state)  # groups [B, G]
+        first = m * jnp.where(groups < state.entries.shape[1], groups, 0)  # [B, G]: each group's first token
+        entries = apply_rope(latents, first, inv_freq).astype(state.entries.dtype)
+        keys = self.indexer.keys(latents, first, inv_freq).astype(state.index_keys.dtype)
+        write = jax.vmap(lambda buf, i, v: buf.at[i].set(v, mode="drop"))  # incomplete groups: out of range
+        state = state._replace(values=values, logits=logits, entries=write(state.entries, groups, entries),
+                               index_keys=write(state.index_keys, groups, keys))
+        return shared._replace(entries=state.entries, index_keys=state.index_keys), state
+
+    def _select(self, x, cq, shared: Shared, positions, inv_freq):
         """Top-k entries per query: [B, T, k] sorted ids, -1 for picks the query cannot see; and the
         candidate mask this layer publishes (the source's own, or the one it received)."""
         cfg, m = self.cfg, self.ratio
         keys = shared.index_keys  # [B, N, c_I]
         N = keys.shape[1]
-        visible = (t + 1) // m  # [T] entries each query sees
-        scores = self.indexer.scores(x, cq, keys, jnp.broadcast_to(t, x.shape[:2]), inv_freq)
-        scores = jnp.where(jnp.arange(N) < visible[:, None], scores, -jnp.inf)  # [B, T, N]
+        visible = (positions + 1) // m  # [B, T] entries each query sees
+        scores = self.indexer.scores(x, cq, keys, positions, inv_freq)
+        scores = jnp.where(jnp.arange(N) < visible[..., None], scores, -jnp.inf)  # [B, T, N]
         candidates = shared.candidates
         if self.candidate_source:  # its own top-k stays unrestricted
             candidates = candidate_blocks(scores, visible, cfg.candidate_topk_blocks, cfg.candidate_block_size)
@@ -190,7 +276,7 @@ class Attention(nnx.Module):
             scores = jnp.where(candidates, scores, -jnp.inf)
         k = min(cfg.index_topk, N)
         picked = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
-        return jnp.where(picked < visible[:, None], picked, -1).astype(jnp.int32), candidates
+        return jnp.where(picked < visible[..., None], picked, -1).astype(jnp.int32), candidates
 
 
 class Gate(nnx.Module):
@@ -276,15 +362,15 @@ class Block(nnx.Module):
         rows = cfg.engram_num_embeddings[cfg.engram_layer_ids.index(layer)] if engram else 0
         self.engram = Engram(cfg, rows, rngs=rngs, options=options) if engram else None
 
-    def __call__(self, streams, pre, shared: Shared, image):
+    def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None):
         """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
-        for the next block's attention, shared)."""
+        for the next block's attention, shared, the layer's state | None)."""
         attn_pre, post, comb = self.attn_hc.coefficients(streams)  # from the block input
-        a, shared = self.attn(self.attn_norm(collapse(pre, streams)), shared)
+        a, shared, state = self.attn(self.attn_norm(collapse(pre, streams)), shared, positions, state)
         streams = self.attn_hc.hc_post(a, streams, post, comb)
         ffn_pre, post, comb = self.ffn_hc.coefficients(streams)
         y = self.ffn(self.ffn_norm(collapse(attn_pre, streams)), image)  # the FFN collapses with attn's pre
-        return self.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, shared
+        return self.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, shared, state
 
 
 class Image(NamedTuple):
@@ -302,6 +388,7 @@ class V41Output(NamedTuple):
     hidden_states: tuple[jax.Array, ...]  # L x [B, T, n_hc, d]: each block's output streams
     engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
     target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means before the targets)
+    cache: V41Cache | None = None  # the updated cache (a cached call)
 
 
 class V41Transformer(nnx.Module):
@@ -340,12 +427,16 @@ class V41Transformer(nnx.Module):
         return e, image
 
     def __call__(self, tokens: jax.Array, engram_ids: jax.Array | None = None, image: jax.Array | None = None,
-                 embeddings: jax.Array | None = None) -> V41Output:
-        """tokens [B, T] from position 0. engram_ids [B, T, n_engram_layers, cols] (host-computed hash
-        rows, `engram_hash`); image [B, T] bool: image-span positions (bias_vl, Engram gate 0);
-        embeddings [B, T, d] or None: the input embeddings with the image spans already placed."""
+                 embeddings: jax.Array | None = None, cache: V41Cache | None = None) -> V41Output:
+        """tokens [B, T]: from position 0, or with a cache at each row's cache.lengths (prefill into an
+        empty cache, decode, chunks). engram_ids [B, T, n_engram_layers, cols] (host-computed hash rows,
+        `engram_hash`, with the history for a cached call); image [B, T] bool: image-span positions
+        (bias_vl, Engram gate 0); embeddings [B, T, d] or None: the input embeddings with the image
+        spans already placed (`embed_prompt`)."""
         cfg = self.cfg
         B, T = tokens.shape
+        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+        positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
         if cfg.engram_layer_ids and engram_ids is None:
             raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
                              f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
@@ -353,16 +444,19 @@ class V41Transformer(nnx.Module):
         streams = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.dim))
         pre = jnp.zeros((B, T, cfg.hc_mult), jnp.float32).at[..., 0].set(1.0)  # one-hot before the first sublayer
         text = None if image is None else ~image
-        shared, hidden, engram_inputs, targets = Shared(), [], [], []
+        shared, hidden, engram_inputs, targets, states = Shared(), [], [], [], []
         for i, block in enumerate(self.layers):
             if block.engram is not None:
                 streams = block.engram(streams, engram_ids[:, :, cfg.engram_layer_ids.index(i)], text)
                 engram_inputs.append(streams)
             if i in cfg.dspark_target_layer_ids:
                 targets.append(jnp.mean(streams.astype(jnp.float32), axis=2))
-            streams, pre, shared = block(streams, pre, shared, image)
+            streams, pre, shared, state = block(streams, pre, shared, image, positions,
+                                                None if cache is None else cache.layers[i])
             hidden.append(streams)
+            states.append(state)
         h = self.norm(collapse(pre, streams))  # [B, T, d]: the last FFN unit's pre, no hc head
         logits = self.head(h, jnp.float32)
+        new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
         return V41Output(logits, tuple(hidden), tuple(engram_inputs),
-                         jnp.concatenate(targets, axis=-1) if targets else None)
+                         jnp.concatenate(targets, axis=-1) if targets else None, new_cache)
