@@ -144,11 +144,13 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
              for a in v.get_metadata().get("logical_axes", ()) if a is not None}
     assert names <= set(LOGICAL_AXES)
     sizes = {".".join(map(str, p)): int(np.prod(v.value.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
-    experts = sum(n for k, n in sizes.items() if ".ffn.experts." in k)
+    experts = sum(n for k, n in sizes.items() if k.startswith("layers.") and ".ffn.experts." in k)
+    drafts = sum(n for k, n in sizes.items() if k.startswith("dspark.") and ".ffn.experts." in k)
+    assert drafts == 3 * 128 * 3 * 5120 * 2304  # the DSpark stages' 128 experts each
     engram = sum(n for k, n in sizes.items() if k.endswith("engram.table"))
     assert experts == 40 * 384 * 3 * 5120 * 2304  # routed experts: 543.6e9
     assert engram == (384006168 + 384016682) * 256  # the two Engram tables: 196.6e9 (rows x head_dim)
-    assert 7.4e11 < sum(sizes.values()) < 7.6e11  # text + vision; the DSpark stages are not built yet
+    assert 7.5e11 < sum(sizes.values()) < 7.8e11  # text, vision and the three DSpark stages
     jax.clear_caches()
 
 
@@ -174,9 +176,29 @@ def test_prefill_then_decode_equals_the_official_decode_and_the_stateless_forwar
     assert _rel(logits, _load("decode_logits.npy")) <= 1e-5
     np.testing.assert_array_equal(logits.argmax(-1), generated[:, 1:7])
     stateless = np.asarray(model(jnp.asarray(full, jnp.int32), ids).logits)
+    _check_dspark(model, tokens, full, ids)
     cache, chunks, p = init_v41_cache(cfg, 2, 64), [], 0
     for n in (17, 3, 1, 2, 3, 1, 17, 2):  # ratio-2 groups split across calls, single tokens, longer chunks
         out = step(model, jnp.asarray(full[:, p:p + n], jnp.int32), ids[:, p:p + n], cache)
         cache, p = out.cache, p + n
         chunks.append(np.asarray(out.logits))
     assert _rel(np.concatenate(chunks, axis=1), stateless) <= 1e-5
+
+
+def _check_dspark(model, tokens, full, ids):
+    """DSpark as the official forward_spec runs it: the rings seeded with the prefill's target features,
+    then at each decode step the step's features and the token it sampled -> a block of 3 drafts, their
+    logits (head + Markov bias) and confidences."""
+    from v4jax.model.v41 import init_v41_cache
+
+    step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    draft = nnx.jit(lambda m, f, c, t: m.draft(f, c, t))
+    out = step(model, jnp.asarray(tokens, jnp.int32), ids[:, :40], init_v41_cache(model.cfg, 2, 64))
+    cache = nnx.jit(lambda m, f, c: m.draft(f, c)[1])(model, out.target_features, out.cache)
+    want_ids, want_logits = _load("dspark_draft_ids.npy"), _load("dspark_draft_logits.npy")
+    want_confidence = _load("dspark_confidence.npy")
+    for j in range(6):
+        out = step(model, jnp.asarray(full[:, 40 + j:41 + j], jnp.int32), ids[:, 40 + j:41 + j], cache)
+        d, cache = draft(model, out.target_features, out.cache, jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32))
+        np.testing.assert_array_equal(d.ids, want_ids[j])
+        assert _rel(d.logits, want_logits[j]) <= 1e-5 and _rel(d.confidence, want_confidence[j]) <= 1e-5

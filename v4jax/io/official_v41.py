@@ -27,9 +27,10 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
     get = tensors.__getitem__
     if name == "embed.embedding":
         return "embed.weight", lambda: get("embed.weight")
-    if path[0] == "layers":
+    if path[0] in ("layers", "dspark"):  # a backbone block or a DSpark stage (official `mtp.{k}`)
         i, rest = path[1], ".".join(str(p) for p in path[2:])
-        base = f"layers.{i}."
+        base = f"layers.{i}." if path[0] == "layers" else f"mtp.{i}."
+        n_experts = cfg.n_routed_experts if path[0] == "layers" else cfg.dspark_n_routed_experts
         if rest.startswith(("attn_hc.", "ffn_hc.")):
             unit, field = rest.split(".")
             key = f"{base}hc_{unit[:-3]}_{field}"
@@ -43,7 +44,7 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
             w = rest.rsplit(".", 1)[1]
             key = f"{base}ffn.experts.0.{w}.weight"
             return key, lambda: np.stack([get(f"{base}ffn.experts.{e}.{w}.weight").T
-                                          for e in range(cfg.n_routed_experts)])
+                                          for e in range(n_experts)])
         if rest == "engram.table":
             key = base + "engram.embed.weight"
 
@@ -52,6 +53,11 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
                 scale = get(base + "engram.embed.scale").astype(np.float32)  # [rows, cols / 32]
                 return (w.reshape(w.shape[0], -1, ENGRAM_SCALE_BLOCK) * scale[..., None]).reshape(w.shape)
             return key, table
+        if rest == "markov_embed":
+            return base + "markov_head.embed.weight", lambda: get(base + "markov_head.embed.weight")
+        if rest in ("markov_head.kernel", "confidence.kernel"):
+            key = base + ("markov_head.head.weight" if rest == "markov_head.kernel" else "confidence_head.proj.weight")
+            return key, lambda: _t(get(key))
         if rest.endswith(".kernel"):
             key = base + rest[:-len(".kernel")] + ("" if rest == "ffn.gate.weight.kernel" else ".weight")
             return key, lambda: _t(get(key))

@@ -72,6 +72,8 @@ class LayerState(NamedTuple):
 class V41Cache:
     lengths: jax.Array  # [B] int32: tokens held per sequence (= the next token's position)
     layers: tuple[LayerState, ...]
+    dspark: tuple[jax.Array, ...]  # per DSpark stage [B, W, c]: ring of the main tokens' KV (slot = position mod W)
+    dspark_lengths: jax.Array  # [B] int32: main tokens seeded into the DSpark rings
     max_len: int = dataclasses.field(metadata=dict(static=True))
 
 
@@ -91,7 +93,8 @@ def init_v41_cache(cfg: V41Config, batch: int, max_len: int, dtype=jnp.float32) 
                 state = state._replace(values=jnp.zeros((batch, m, cfg.head_dim), jnp.float32),
                                        logits=jnp.full((batch, m, cfg.head_dim), -jnp.inf, jnp.float32))
         layers.append(state)
-    return V41Cache(jnp.zeros((batch,), jnp.int32), tuple(layers), max_len)
+    rings = tuple(jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype) for _ in range(cfg.n_mtp_layers))
+    return V41Cache(jnp.zeros((batch,), jnp.int32), tuple(layers), rings, jnp.zeros((batch,), jnp.int32), max_len)
 
 
 def _rope_table(cfg: V41Config, ratio: int):
@@ -236,11 +239,16 @@ class Attention(nnx.Module):
             past, idx = past_indices(state.window, entries, topk, positions, m)
             o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, m, self.options.attention_chunk)
             state = state._replace(window=ring_write(state.window, kv, positions[:, 0], jnp.full((B,), T, jnp.int32)))
+        return self.project_out(o, positions, inv_freq, x.dtype), shared, state
+
+    def project_out(self, o: jax.Array, positions: jax.Array, inv_freq, dtype) -> jax.Array:
+        """o [B, T, H, c] -> de-rotated at the query, grouped low-rank output projection -> [B, T, d]."""
+        B, T = o.shape[:2]
+        g = self.cfg.o_groups
         o = apply_rope(o, positions[..., None], inv_freq, inverse=True)  # [B, T, H, c]
-        g = cfg.o_groups
         o = jnp.moveaxis(o.reshape(B * T, g, -1), 1, 0)  # [g, B*T, (H/g)*c]
         u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
-        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(x.dtype).reshape(B, T, -1)), shared, state
+        return self.wo_b(jnp.moveaxis(u, 0, 1).astype(dtype).reshape(B, T, -1))
 
     def _compress(self, x, shared: Shared, positions, state: LayerState | None, inv_freq):
         """A KV source's entries and index keys (the whole call's, or the cache's buffers with the groups
@@ -373,6 +381,75 @@ class Block(nnx.Module):
         return self.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, shared, state
 
 
+def sink_attention(q: jax.Array, keys: jax.Array, valid: jax.Array, sinks: jax.Array) -> jax.Array:
+    """A few queries over an explicit key set (DSpark's draft block): q [B, Q, H, c], keys [B, K, c]
+    (key = value), valid [B, K] bool -> [B, Q, H, c]; one fp32 softmax over the keys and the per-head
+    sink, scale c**-0.5 (the core attention's rule, architecture.md §4.5, for a non-causal key set)."""
+    logits = jnp.einsum("bqhc,bkc->bhqk", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    sink = sinks.astype(jnp.float32)[None, :, None, None]  # [1, H, 1, 1]
+    top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    p = jnp.exp(logits - top)
+    out = jnp.einsum("bhqk,bkc->bqhc", p, keys.astype(jnp.float32))
+    return (out / jnp.moveaxis(jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - top), 1, 2)).astype(q.dtype)
+
+
+class DSparkStage(nnx.Module):
+    """One DSpark drafting stage (architecture.md §12.8): a ratio-0 block whose attention keys are the
+    main model's tokens (their features through `main_proj` / `main_norm`, kept in a window ring) and
+    the draft block itself (not causal inside the block); its MoE has the DSpark expert count. The
+    first stage owns the feature projection, the last the norm, the Markov bias head and the
+    confidence head."""
+
+    def __init__(self, cfg: V41Config, stage: int, *, rngs: nnx.Rngs, options: RunOptions):
+        pd, d = options.param_dtype, cfg.dim
+        layer = cfg.n_layers + stage
+        self.attn_hc = HyperConnection(cfg, rngs=rngs)
+        self.attn_norm = RMSNorm(d, cfg.norm_eps, "embed", rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs, options=options)
+        self.ffn_hc = HyperConnection(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps, "embed", rngs=rngs)
+        self.ffn = MoE(cfg.replace(n_routed_experts=cfg.dspark_n_routed_experts,
+                                   n_activated_experts=cfg.dspark_n_activated_experts), rngs=rngs, options=options)
+        first, last = stage == 0, stage == cfg.n_mtp_layers - 1
+        n_t, r, V = len(cfg.dspark_target_layer_ids), cfg.dspark_markov_rank, cfg.vocab_size
+        self.main_proj = Linear(d * n_t, d, (None, "embed"), param_dtype=pd, rngs=rngs) if first else None
+        self.main_norm = RMSNorm(d, cfg.norm_eps, "embed", rngs=rngs) if first else None
+        self.norm = RMSNorm(d, cfg.norm_eps, "embed", rngs=rngs) if last else None
+        self.markov_embed = param(rngs, (V, r), ("vocab", None), pd) if last else None
+        self.markov_head = Linear(r, V, (None, "vocab"), param_dtype=pd, rngs=rngs) if last else None
+        self.confidence = Linear(d + r, 1, (None, None), param_dtype=jnp.float32, rngs=rngs) if last else None
+        self.cfg = cfg
+
+    def attend(self, x: jax.Array | None, main_x: jax.Array, ring: jax.Array, start: jax.Array):
+        """Write the main tokens' KV (main_x [B, S, d] at positions start + j) into the ring; with a
+        draft block x [B, bs, d] (positions after the last main token), attend over the ring and the
+        block. -> (out [B, bs, d] | None, ring)."""
+        a, cfg = self.attn, self.cfg
+        inv_freq = _rope_table(cfg, 0)
+        B, S, _ = main_x.shape
+        main_pos = start[:, None] + jnp.arange(S, dtype=jnp.int32)
+        ring = ring_write(ring, apply_rope(a.kv_norm(a.wkv(main_x)), main_pos, inv_freq).astype(ring.dtype),
+                          start, jnp.full((B,), S, jnp.int32))
+        if x is None:
+            return None, ring
+        bs, W = x.shape[1], ring.shape[1]
+        newest = main_pos[:, -1]  # [B]
+        pos = newest[:, None] + 1 + jnp.arange(bs, dtype=jnp.int32)  # [B, bs]
+        q = apply_rope(a.wq_b(a.q_norm(a.wq_a(x))).reshape(B, bs, cfg.n_heads, cfg.head_dim), pos[..., None], inv_freq)
+        kv = apply_rope(a.kv_norm(a.wkv(x)), pos, inv_freq)  # [B, bs, c]
+        held = newest[:, None] - (newest[:, None] - jnp.arange(W)) % W  # [B, W]: position in each ring slot
+        valid = jnp.concatenate([held >= 0, jnp.ones((B, bs), bool)], axis=1)
+        o = sink_attention(q, jnp.concatenate([ring.astype(kv.dtype), kv], axis=1), valid, a.sinks[...])
+        return a.project_out(o, pos, inv_freq, x.dtype), ring
+
+
+class Draft(NamedTuple):
+    ids: jax.Array  # [B, bs + 1]: the sampled token, then the bs drafted ones (greedy)
+    logits: jax.Array  # [B, bs, V] fp32: head + Markov bias per draft position
+    confidence: jax.Array  # [B, bs] fp32
+
+
 class Image(NamedTuple):
     """One image of a prompt: its span starts at `start` in row `row`; patches [h*w, 3*p*p] on the ViT
     grid (h, w) (static ints)."""
@@ -400,6 +477,7 @@ class V41Transformer(nnx.Module):
         self.layers = nnx.List([Block(cfg, i, rngs=rngs, options=options) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
+        self.dspark = nnx.List([DSparkStage(cfg, k, rngs=rngs, options=options) for k in range(cfg.n_mtp_layers)])
         if cfg.vision_n_layers:  # the ViT, its aligner and the span delimiters' learned embeddings
             self.vision = VisionTower(cfg, rngs, param_dtype=pd)
             self.aligner = Aligner(cfg, rngs, param_dtype=pd)
@@ -460,3 +538,48 @@ class V41Transformer(nnx.Module):
         new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
         return V41Output(logits, tuple(hidden), tuple(engram_inputs),
                          jnp.concatenate(targets, axis=-1) if targets else None, new_cache)
+
+    def draft(self, features: jax.Array, cache: V41Cache, token: jax.Array | None = None):
+        """DSpark (architecture.md §12.8). features [B, S, n_targets * d]: `V41Output.target_features` of
+        the main tokens at positions cache.dspark_lengths + j (a prefill's, or one decode step's); their
+        KV enters every stage's ring. With `token` [B] (the token just sampled after them) the stages
+        draft a block [token, noise...] and return a Draft. -> (Draft | None, cache)."""
+        cfg, stages = self.cfg, self.dspark
+        if not stages:
+            raise ValueError("this model has no DSpark stages (n_mtp_layers = 0)")
+        B, S, _ = features.shape
+        start = cache.dspark_lengths
+        main_x = stages[0].main_norm(stages[0].main_proj(features.astype(jnp.dtype(self.options.dtype))))  # [B, S, d]
+        rings, h, pre = list(cache.dspark), None, None
+        if token is not None:
+            bs = cfg.dspark_block_size
+            block = jnp.concatenate([token[:, None], jnp.full((B, bs - 1), cfg.dspark_noise_token_id, token.dtype)], 1)
+            e = self.embed(block, jnp.dtype(self.options.dtype))
+            h = jnp.broadcast_to(e[:, :, None, :], (B, bs, cfg.hc_mult, cfg.dim))  # [B, bs, n_hc, d]
+            pre = jnp.zeros((B, bs, cfg.hc_mult), jnp.float32).at[..., 0].set(1.0)
+        for k, stage in enumerate(stages):
+            if h is None:
+                _, rings[k] = stage.attend(None, main_x, rings[k], start)
+                continue
+            attn_pre, post, comb = stage.attn_hc.coefficients(h)
+            a, rings[k] = stage.attend(stage.attn_norm(collapse(pre, h)), main_x, rings[k], start)
+            h = stage.attn_hc.hc_post(a, h, post, comb)
+            ffn_pre, post, comb = stage.ffn_hc.coefficients(h)
+            h = stage.ffn_hc.hc_post(stage.ffn(stage.ffn_norm(collapse(attn_pre, h)), None), h, post, comb)
+            pre = ffn_pre
+        cache = dataclasses.replace(cache, dspark=tuple(rings), dspark_lengths=start + S)
+        if h is None:
+            return None, cache
+        last = stages[-1]
+        x = collapse(pre, h)  # [B, bs, d]
+        logits = self.head(last.norm(x), jnp.float32)  # [B, bs, V]
+        ids, marks, rows = [token], [], []
+        for i in range(cfg.dspark_block_size):  # the Markov bias of the previous token, then greedy
+            mark = jnp.take(last.markov_embed[...], ids[-1], axis=0)  # [B, r]
+            row = logits[:, i] + last.markov_head(mark, jnp.float32)
+            ids.append(jnp.argmax(row, axis=-1).astype(token.dtype))
+            marks.append(mark)
+            rows.append(row)
+        confidence = last.confidence(jnp.concatenate([x, jnp.stack(marks, 1).astype(x.dtype)], -1).astype(jnp.float32),
+                                     jnp.float32)[..., 0]
+        return Draft(jnp.stack(ids, 1), jnp.stack(rows, 1), confidence), cache
