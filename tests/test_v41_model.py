@@ -149,8 +149,17 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
     assert drafts == 3 * 128 * 3 * 5120 * 2304  # the DSpark stages' 128 experts each
     engram = sum(n for k, n in sizes.items() if k.endswith("engram.table"))
     assert experts == 40 * 384 * 3 * 5120 * 2304  # routed experts: 543.6e9
-    assert engram == (384006168 + 384016682) * 256  # the two Engram tables: 196.6e9 (rows x head_dim)
+    assert engram == (384008192 + 384020480) * 256  # the two Engram tables, rows padded to a multiple of 4096
     assert 7.5e11 < sum(sizes.values()) < 7.8e11  # text, vision and the three DSpark stages
+    # every matrix places under the fsdp_ep rules on 8 devices (fsdp 2 x expert 4): nothing that
+    # should split is left whole (the rules' strict check), the Engram tables split by rows
+    from sharding.mesh import make_mesh
+    from sharding.partition import spec_table
+    from sharding.rules import get_rules
+
+    specs = spec_table(nnx.state(abstract), make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep"))
+    assert specs["layers.1.engram.table"][0] is not None
+    assert specs["layers.2.ffn.experts.w1"][0] == "expert"
     jax.clear_caches()
 
 

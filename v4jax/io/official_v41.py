@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import nnx
 
-from v4jax.model.v41 import V41Transformer
+from v4jax.model.v41 import V41Transformer, engram_table_rows
 from v4jax.model.vision import load_vision_params
 
 ENGRAM_SCALE_BLOCK = 32  # columns per Engram table scale (release: 1 x 32 blocks)
@@ -51,7 +51,8 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
             def table():
                 w = get(key).astype(np.float32)
                 scale = get(base + "engram.embed.scale").astype(np.float32)  # [rows, cols / 32]
-                return (w.reshape(w.shape[0], -1, ENGRAM_SCALE_BLOCK) * scale[..., None]).reshape(w.shape)
+                table = (w.reshape(w.shape[0], -1, ENGRAM_SCALE_BLOCK) * scale[..., None]).reshape(w.shape)
+                return np.pad(table, ((0, engram_table_rows(w.shape[0]) - w.shape[0]), (0, 0)))  # never-hashed rows
             return key, table
         if rest == "markov_embed":
             return base + "markov_head.embed.weight", lambda: get(base + "markov_head.embed.weight")

@@ -325,15 +325,24 @@ class MoE(nnx.Module):
         return (self.experts(x, routing) + self.shared_experts(x)).astype(x.dtype)
 
 
+ENGRAM_ROW_MULTIPLE = 4096  # Engram tables are padded to this many rows: they split over any mesh up to 4096
+
+
+def engram_table_rows(rows: int) -> int:
+    """Rows allocated for a table of `rows` hash buckets (the padding is never hashed to)."""
+    return -(-rows // ENGRAM_ROW_MULTIPLE) * ENGRAM_ROW_MULTIPLE
+
+
 class Engram(nnx.Module):
     """Engram conditional memory at one layer (architecture.md §12.4): the rows of the hashed n-grams
     -> one key per stream and a shared value; each stream takes the value times a gate from the
-    normalised stream-key product (signed square root, then sigmoid); image positions pass unchanged."""
+    normalised stream-key product (signed square root, then sigmoid); image positions pass unchanged.
+    The table (384e6 rows at the released size) splits its rows like the vocabulary."""
 
     def __init__(self, cfg: V41Config, rows: int, *, rngs: nnx.Rngs, options: RunOptions):
         pd, n, d = options.param_dtype, cfg.hc_mult, cfg.dim
         cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
-        self.table = param(rngs, (rows, cfg.engram_head_dim), (None, None), pd)  # [rows, head_dim]
+        self.table = param(rngs, (engram_table_rows(rows), cfg.engram_head_dim), ("vocab", None), pd)  # [rows, hd]
         self.wkv = Linear(cols * cfg.engram_head_dim, (n + 1) * d, (None, "embed"), param_dtype=pd, rngs=rngs)
         self.q_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
         self.k_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
