@@ -213,3 +213,47 @@ def test_bad_inputs_are_refused():
         ngram_hash_ids(np.array([[-1]]), None, TINY_LAYOUT, 0, 0)
     with pytest.raises(ValueError, match="history"):
         ngram_hash_ids(np.array([[1]]), None, TINY_LAYOUT, 0, 0, empty_history(2, TINY_LAYOUT))
+
+
+class _StandInTokenizer:
+    """The fixtures' stand-in (README there): id i with i % 7 == 6 decodes to text holding U+FFFD and is
+    keyed by its raw form; every other id decodes to one of three spellings of the word x{i // 3}."""
+
+    def get_vocab_size(self, with_added_tokens=True):
+        return 256
+
+    def decode(self, ids, skip_special_tokens=False):
+        (i,) = ids
+        if i % 7 == 6:
+            return "\ufffd"
+        return (f"x{i // 3}", f" X{i // 3}", f"X{i // 3}\n")[i % 3]
+
+    def id_to_token(self, i):
+        return f"<0x{i:02X}>"
+
+
+@pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+def test_the_token_map_is_rebuilt_from_a_tokenizer():
+    from v4jax.model.engram_hash import token_map_from_tokenizer
+
+    got = token_map_from_tokenizer(_StandInTokenizer())
+    np.testing.assert_array_equal(got, np.load(os.path.join(FIXTURES, "engram_token_map.npy")))
+    assert got.max() + 1 == V41Config.preset("v41-tiny").engram_compressed_vocab_size
+
+
+def test_the_normaliser_folds_case_accents_and_spaces_but_keeps_a_lone_space():
+    from v4jax.model.engram_hash import token_map_from_tokenizer
+
+    class Words:
+        texts = ["Café", " cafe", "CAFE\n", " ", "  ", "\t", "", "x"]
+
+        def get_vocab_size(self, with_added_tokens=True):
+            return len(self.texts)
+
+        def decode(self, ids, skip_special_tokens=False):
+            return self.texts[ids[0]]
+
+        def id_to_token(self, i):
+            return str(i)
+
+    assert token_map_from_tokenizer(Words()).tolist() == [0, 0, 0, 1, 1, 1, 2, 3]

@@ -126,6 +126,34 @@ def engram_layout(cfg: V41Config) -> EngramLayout:
 
 # --------------------------------------------------------------------------------------------------
 # 2. Compressed ids (the tokenizer's normalised-token map; a model input like the tokenizer itself)
+def token_map_from_tokenizer(backend, vocab_size: int | None = None) -> np.ndarray:
+    """The compressed token map (raw id -> compressed id, int64 [V]) rebuilt from a tokenizer, as the
+    release derives it (architecture.md §12.4): each id decoded alone (`backend.decode([i],
+    skip_special_tokens=False)`, no clean-up), normalised by NFKC, NFD, accent stripping, lowercasing,
+    whitespace runs to one space, a lone space kept, outer spaces stripped; a decode holding U+FFFD is
+    keyed by its raw token string instead, an empty normalisation by the decoded text; compressed ids
+    in first-seen order. `backend`: a `tokenizers.Tokenizer` (or anything with its `decode`,
+    `id_to_token` and `get_vocab_size`). On the V4.1 tokenizer this gives 99,092 ids."""
+    from tokenizers import Regex, normalizers
+
+    keep = "\ue000"  # a private-use character: a lone-space token must not strip to ""
+    normalizer = normalizers.Sequence([
+        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), keep),
+        normalizers.Strip(), normalizers.Replace(keep, " ")])
+    n = backend.get_vocab_size(with_added_tokens=True) if vocab_size is None else vocab_size
+    ids: dict[str, int] = {}
+    out = np.zeros(n, np.int64)
+    for i in range(n):
+        text = backend.decode([i], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = backend.id_to_token(i)
+        else:
+            key = normalizer.normalize_str(text) or text
+        out[i] = ids.setdefault(key, len(ids))
+    return out
+
+
 def compressed_ids(tokens: np.ndarray, token_map: np.ndarray) -> np.ndarray:
     """tokens: int [...] raw ids -> int64 [...] compressed ids (token_map: [vocab] int)."""
     tokens = np.asarray(tokens)
