@@ -1,0 +1,48 @@
+"""Greedy generation for V4.1 (issue 20): plain decoding gives the official code's greedy tokens, and
+DSpark speculation gives exactly the same tokens (architecture.md §12.8)."""
+
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax.config import RunOptions
+from v4jax.config_v41 import V41Config
+from v4jax.inference.generate_v41 import generate_v41
+from v4jax.model.v41 import V41Transformer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
+pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from safetensors.numpy import load_file
+
+    from v4jax.io.official_v41 import load_official_v41
+
+    cfg = V41Config.from_json_file(os.path.join(FIXTURES, "config.json"), max_seq_len=128)
+    m = V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(dtype="float32", param_dtype="float32",
+                                                                  attention_chunk=64))
+    load_official_v41(m, load_file(os.path.join(FIXTURES, "model.safetensors")))
+    return m
+
+
+def test_plain_and_speculative_greedy_give_the_official_tokens(model):
+    prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    plain = generate_v41(model, prompt, 12, token_map)
+    np.testing.assert_array_equal(plain.tokens[:, :7], np.load(os.path.join(FIXTURES, "generated_ids.npy")))
+    assert plain.steps == 11 and plain.accepted == 0
+    spec = generate_v41(model, prompt, 12, token_map, draft=True)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    assert spec.steps + spec.accepted == 11  # each main-model step yields its token and the accepted drafts
+
+
+def test_bad_requests_are_refused(model):
+    prompt = np.zeros((1, 4), np.int64)
+    with pytest.raises(ValueError, match="pass token_map"):
+        generate_v41(model, prompt, 2)
+    with pytest.raises(ValueError, match="max_seq_len is 128"):
+        generate_v41(model, prompt, 200, np.zeros(256, np.int64))

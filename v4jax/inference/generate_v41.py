@@ -1,0 +1,106 @@
+"""Greedy generation for DeepSeek-V4.1 on the model's own forward, plain or with DSpark drafting
+(architecture.md §12.8).
+
+The host keeps what the device cannot: the Engram n-gram history (int64 hashing, `engram_hash`). Each
+call hashes its new tokens with the history of the tokens already in the cache, so the rows the model
+reads are those of one call over the whole sequence.
+
+Speculative decoding: after each token t the DSpark stages draft a block d_1..d_k from the target
+features of the main tokens so far. The main model scores [t, d_1..d_k] in one call from the current
+cache, kept unchanged (JAX arrays are values: the verification's cache is simply dropped); the drafts
+are accepted while each equals the main model's greedy token at the position before it, the same
+number for every row (the smallest), so the output is exactly plain greedy decoding. The accepted
+tokens then go through the model once more from the kept cache (their cache and target features),
+and the DSpark rings take their features.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
+                                     pad_compressed_id)
+from v4jax.model.v41 import V41Transformer, init_v41_cache
+
+
+class Engram(NamedTuple):
+    """The host side of Engram hashing for one batch of sequences."""
+
+    token_map: np.ndarray  # [V] raw id -> compressed id
+    history: object  # engram_hash.HashHistory
+
+
+class V41Generation(NamedTuple):
+    tokens: np.ndarray  # [B, max_new] greedy tokens
+    steps: int  # main-model calls after the prefill (= max_new - 1 without drafting)
+    accepted: int  # drafted tokens accepted in all
+
+
+def _hash(model: V41Transformer, engram: Engram | None, tokens: np.ndarray):
+    """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens)."""
+    cfg = model.cfg
+    if not cfg.engram_layer_ids:
+        return None, engram
+    layout = engram_layout(cfg)
+    ids = compressed_ids(tokens, engram.token_map)
+    pad = pad_compressed_id(cfg, engram.token_map)
+    rows = np.stack([ngram_hash_ids(ids, None, layout, i, pad, engram.history) for i in range(len(layout.layer_ids))],
+                    axis=2)
+    return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids))
+
+
+def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
+                 draft: bool = False, max_len: int | None = None) -> V41Generation:
+    """prompt [B, T] int -> `max_new` greedy tokens per row (text prompts). token_map: the Engram
+    compressed token map (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram
+    layers. draft: speculate with the DSpark stages (same tokens, fewer main-model calls)."""
+    cfg = model.cfg
+    prompt = np.asarray(prompt, np.int64)
+    B, T = prompt.shape
+    if cfg.engram_layer_ids and token_map is None:
+        raise ValueError("this model has Engram layers: pass token_map (engram_hash.token_map_from_tokenizer)")
+    if draft and not cfg.n_mtp_layers:
+        raise ValueError("draft=True needs the DSpark stages (n_mtp_layers > 0)")
+    block = cfg.dspark_block_size if draft else 0
+    max_len = max_len or T + max_new + block + 1
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
+    engram = None if not cfg.engram_layer_ids else Engram(np.asarray(token_map), empty_history(B, engram_layout(cfg)))
+    forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    drafter = nnx.jit(lambda m, f, c, t: m.draft(f, c, t))
+
+    rows, engram = _hash(model, engram, prompt)
+    out = forward(model, jnp.asarray(prompt, jnp.int32), rows, init_v41_cache(cfg, B, max_len))
+    cache, features = out.cache, out.target_features
+    token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
+    generated, steps, accepted = [np.asarray(token)], 0, 0
+    while len(generated) < max_new:
+        if not draft:
+            rows, engram = _hash(model, engram, np.asarray(token)[:, None])
+            out = forward(model, token[:, None], rows, cache)
+            cache, token = out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+            generated.append(np.asarray(token))
+            steps += 1
+            continue
+        d, cache = drafter(model, features, cache, token)  # the rings take the features of the tokens so far
+        candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
+        rows, _ = _hash(model, engram, candidate)
+        verify = forward(model, jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
+        greedy = np.asarray(jnp.argmax(verify.logits, axis=-1))  # [B, 1 + k]
+        agree = np.cumprod(greedy[:, :-1] == candidate[:, 1:], axis=1)  # draft i stands while all before agree
+        n = int(np.min(np.sum(agree, axis=1)))  # drafts kept: the same count for every row
+        n = min(n, max_new - len(generated) - 1)
+        keep = candidate[:, :1 + n]  # the token and the accepted drafts, each the main model's greedy choice
+        rows, engram = _hash(model, engram, keep)
+        out = forward(model, jnp.asarray(keep, jnp.int32), rows, cache)
+        cache, features = out.cache, out.target_features
+        generated += [keep[:, i] for i in range(1, 1 + n)]
+        token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+        generated.append(np.asarray(token))
+        steps, accepted = steps + 1, accepted + n
+    return V41Generation(np.stack(generated[:max_new], axis=1), steps, accepted)
