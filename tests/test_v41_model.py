@@ -143,7 +143,7 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
     names = {a for _, v in nnx.to_flat_state(nnx.state(abstract))
              for a in v.get_metadata().get("logical_axes", ()) if a is not None}
     assert names <= set(LOGICAL_AXES)
-    sizes = {".".join(map(str, p)): int(np.prod(v.value.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    sizes = {".".join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
     experts = sum(n for k, n in sizes.items() if k.startswith("layers.") and ".ffn.experts." in k)
     drafts = sum(n for k, n in sizes.items() if k.startswith("dspark.") and ".ffn.experts." in k)
     assert drafts == 3 * 128 * 3 * 5120 * 2304  # the DSpark stages' 128 experts each
