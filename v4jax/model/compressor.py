@@ -64,7 +64,6 @@ class Compressor(nnx.Module):
         B, T, _ = x.shape
         m, c = self.ratio, self.width
         kappa = 2 if self.overlap else 1
-        S = kappa * m
         x32 = x.astype(jnp.float32)
         new_v = self.wkv(x32, jnp.float32)  # [B, T, kappa c]
         new_l = self.wgate(x32, jnp.float32) + self.ape[...].astype(jnp.float32)[positions % m]  # ape by place
@@ -83,12 +82,8 @@ class Compressor(nnx.Module):
             start = positions[:, 0]
             base = (start // m - (kappa - 1)) * m  # first token of the oldest window still needed
             offset = start - base  # where the new tokens go: (kappa-1) m + (start mod m)
-            n_win = -(-(S + T) // m)
-            pad = ((0, 0), (0, n_win * m - S), (0, 0))
-            seq_v = jnp.pad(ring_read(state.values, base + S), pad)
-            seq_l = jnp.pad(ring_read(state.logits, base + S), pad, constant_values=-jnp.inf)
-            put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
-            seq_v, seq_l = put(seq_v, new_v, offset), put(seq_l, new_l, offset)
+            seq_v, seq_l = open_windows(state.values, state.logits, new_v, new_l, base, offset, m)
+            n_win = seq_v.shape[1] // m
             first = base // m
 
         values = seq_v.reshape(B, n_win, m, -1)  # [B, n_win, m, kappa c]
@@ -130,6 +125,21 @@ def _overlap_candidates(values: jax.Array, logits: jax.Array, c: int, opens: jax
         prev_v = jnp.where(opens[:, :, None, None], 0.0, prev_v)
         prev_l = jnp.where(opens[:, :, None, None], -jnp.inf, prev_l)
     return jnp.concatenate([prev_v, own_v], axis=2), jnp.concatenate([prev_l, own_l], axis=2)
+
+
+def open_windows(values: jax.Array, logits: jax.Array, new_v: jax.Array, new_l: jax.Array, base: jax.Array,
+                 offset: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """The tokens of the windows still open in a compressor's rings (values, logits [B, S, w], slot =
+    position mod S; positions base .. base + S - 1) with the new tokens new_v, new_l [B, T, w] written
+    from `offset` = their start - base, padded to whole windows of m: [B, n m, w] each (logits -inf
+    where no token). Shared by V4's compressors and V4.1's ratio-2 one."""
+    S, T = values.shape[1], new_v.shape[1]
+    n = -(-(S + T) // m)
+    pad = ((0, 0), (0, n * m - S), (0, 0))
+    seq_v = jnp.pad(ring_read(values, base + S), pad)
+    seq_l = jnp.pad(ring_read(logits, base + S), pad, constant_values=-jnp.inf)
+    put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
+    return put(seq_v, new_v, offset), put(seq_l, new_l, offset)
 
 
 def ring_read(ring: jax.Array, start: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ from v4jax.config import AttentionKind, RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
 from v4jax.model.attention import past_indices
-from v4jax.model.compressor import ring_read, ring_write
+from v4jax.model.compressor import open_windows, ring_write
 from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param
 from v4jax.model.mhc import HyperConnection, collapse
 from v4jax.model.moe import Experts, Routing, SharedExpert, affinity
@@ -131,13 +131,9 @@ class Compressor(nnx.Module):
         else:  # the open group's tokens (from `base`), then the new ones, cut into whole windows
             base = (start // m) * m
             offset = start - base  # [B]
-            n = -(-(m + T) // m)
-            pad = ((0, 0), (0, n * m - m), (0, 0))
-            seq_v = jnp.pad(ring_read(state.values, base + m), pad)
-            seq_l = jnp.pad(ring_read(state.logits, base + m), pad, constant_values=-jnp.inf)
-            put = jax.vmap(lambda buf, v, o: jax.lax.dynamic_update_slice_in_dim(buf, v, o, axis=0))
-            values = put(seq_v, new_v, offset).reshape(B, n, m, -1)
-            logits = put(seq_l, new_l, offset).reshape(B, n, m, -1)
+            seq_v, seq_l = open_windows(state.values, state.logits, new_v, new_l, base, offset, m)
+            n = seq_v.shape[1] // m
+            values, logits = seq_v.reshape(B, n, m, -1), seq_l.reshape(B, n, m, -1)
         pooled = jnp.sum(values * jax.nn.softmax(logits, axis=2), axis=2)  # [B, n, c] per channel over the group
         latents = self.norm(pooled.astype(x.dtype))
         if state is None:
