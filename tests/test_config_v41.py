@@ -11,8 +11,7 @@ import pytest
 from v4jax.config import ConfigError, V4Config
 from v4jax.config_v41 import V41Config
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
 
 
 @needs_fixtures

@@ -22,8 +22,7 @@ from v4jax.model.engram_hash import (
     pad_compressed_id,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
 
 
 def _load(name):
@@ -232,7 +231,7 @@ class _StandInTokenizer:
         return f"<0x{i:02X}>"
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+@needs_fixtures
 def test_the_token_map_is_rebuilt_from_a_tokenizer():
     from v4jax.model.engram_hash import token_map_from_tokenizer
 

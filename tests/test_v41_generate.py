@@ -12,8 +12,9 @@ from v4jax.config_v41 import V41Config
 from v4jax.inference.generate_v41 import generate_v41
 from v4jax.model.v41 import V41Transformer
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
+
+pytestmark = needs_fixtures
 
 
 @pytest.fixture(scope="module")

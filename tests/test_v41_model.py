@@ -16,8 +16,7 @@ from v4jax.config_v41 import V41Config
 from v4jax.model.engram_hash import compressed_ids, engram_layout, ngram_hash_ids, pad_compressed_id
 from v4jax.model.v41 import Compressor, Image, V41Transformer, candidate_blocks
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
 OPTIONS = RunOptions(dtype="float32", param_dtype="float32", attention_chunk=64)
 
 

@@ -26,8 +26,7 @@ from v4jax.model.vision import (
     vision_rope_angles,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "deepseek_v41")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
+from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
 
 # (ViT grid, aligner grid, span length, span start in image_input_ids) of the two fixture images (README)
 FIXTURE_IMAGES = {0: ((5, 7), (2, 3), 10, 5), 1: ((4, 3), (2, 1), 6, 17)}
