@@ -1,6 +1,6 @@
 """DeepSeek-V4.1 weights under the official names (DeepSeek's V4.1 `inference/model.py` modules,
 architecture.md §12.6) into `V41Transformer`: unquantised tensors (fp32 / bf16) as the golden fixtures
-and a converted checkpoint hold them. Matrices are stored [out, in] there and [in, out] here; routed
+and a converted checkpoint hold them, or the release's quantised ones through `dequantize_release_v41`. Matrices are stored [out, in] there and [in, out] here; routed
 experts one module per expert there, stacked here; `wo_a` [g * o_lora, H c / g] there, [g, H c / g,
 o_lora] here; the Engram table FP8 rows with one scale per 32 columns there, the product here."""
 
@@ -11,10 +11,45 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import nnx
 
+from v4jax.io.quant import E4M3_VALUES, QuantError, dequant_fp4, dequant_fp8_block, ue8m0_to_float
 from v4jax.model.v41 import V41Transformer, engram_table_rows
 from v4jax.model.vision import load_vision_params
 
 ENGRAM_SCALE_BLOCK = 32  # columns per Engram table scale (release: 1 x 32 blocks)
+FP8_BLOCK_V41 = 32  # V4.1's FP8 weights: one UE8M0 scale per 32 x 32 block (V4: 128 x 128)
+FP4_BLOCK_V41 = 32  # MXFP4 experts: one scale per 32 inputs
+
+
+def dequantize_release_v41(tensors: Mapping[str, np.ndarray], out_dtype=np.float32) -> dict[str, np.ndarray]:
+    """The release's tensors (official names) -> unquantised ones for `load_official_v41`. Each role's block
+    size is asserted from the scale's shape, never taken from `quantization_config` alone: FP8 matrices
+    (`X.weight` float8_e4m3fn + `X.scale` UE8M0) in 32 x 32 blocks; routed experts MXFP4 (two E2M1 per
+    byte, scales per 32 inputs); the Engram tables FP8 rows with a scale per 32 columns, kept as stored
+    (the loader applies their scales). Other tensors pass unchanged; the `.scale` tensors are consumed.
+    QuantError naming the tensor on a scale whose shape is not its role's."""
+    out: dict[str, np.ndarray] = {}
+    for name, w in tensors.items():
+        if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in tensors:
+            if name.endswith("engram.embed.scale"):
+                out[name] = np.asarray(ue8m0_to_float(w) if w.dtype.itemsize == 1 else w, np.float32)
+            continue
+        scale = tensors.get(name[:-len(".weight")] + ".scale") if name.endswith(".weight") else None
+        if scale is None:
+            out[name] = w
+            continue
+        w = np.asarray(w)
+        try:
+            if name.endswith("engram.embed.weight"):  # rows x head_dim codes; [rows, head_dim / 32] scales
+                if tuple(scale.shape) != (w.shape[0], -(-w.shape[1] // ENGRAM_SCALE_BLOCK)):
+                    raise QuantError(f"scale {tuple(scale.shape)} is not one per {ENGRAM_SCALE_BLOCK} columns of a row")
+                out[name] = E4M3_VALUES[w.view(np.uint8)] if w.dtype.itemsize == 1 and w.dtype != np.int8 else w
+            elif ".ffn.experts." in name:
+                out[name] = dequant_fp4(w, scale, FP4_BLOCK_V41, out_dtype)
+            else:
+                out[name] = dequant_fp8_block(w, scale, FP8_BLOCK_V41, out_dtype)
+        except QuantError as e:
+            raise QuantError(f"V4.1 release tensor {name!r}: {e}") from None
+    return out
 
 
 def _t(a: np.ndarray) -> np.ndarray:
