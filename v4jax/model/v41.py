@@ -361,6 +361,27 @@ class Engram(nnx.Module):
         return (h + gate[..., None] * value[:, :, None, :]).astype(streams.dtype)
 
 
+def widen(e: jax.Array, n_hc: int) -> tuple[jax.Array, jax.Array]:
+    """Embeddings [B, T, d] -> (n_hc copies [B, T, n_hc, d], the one-hot pre on stream 0 [B, T, n_hc]
+    that the first sublayer collapses with)."""
+    B, T, d = e.shape
+    return (jnp.broadcast_to(e[:, :, None, :], (B, T, n_hc, d)),
+            jnp.zeros((B, T, n_hc), jnp.float32).at[..., 0].set(1.0))
+
+
+def preshift_sublayers(unit, streams: jax.Array, pre: jax.Array, attend, image):
+    """mHC with the pre-shift around a unit's attention and MoE (architecture.md §12.3), shared by the
+    backbone blocks and the DSpark stages: the attention input is collapsed with `pre` (the previous
+    sublayer's), the FFN input with the `pre` computed from the unit's input. attend(x [B, T, d]) ->
+    (out [B, T, d], aux). Returns (streams, the pre for the next unit, aux)."""
+    attn_pre, post, comb = unit.attn_hc.coefficients(streams)  # from the unit's input
+    a, aux = attend(unit.attn_norm(collapse(pre, streams)))
+    streams = unit.attn_hc.hc_post(a, streams, post, comb)
+    ffn_pre, post, comb = unit.ffn_hc.coefficients(streams)
+    y = unit.ffn(unit.ffn_norm(collapse(attn_pre, streams)), image)
+    return unit.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, aux
+
+
 class Block(nnx.Module):
     """One V4.1 block: [Engram], mHC around attention and around the MoE with the pre-shift."""
 
@@ -378,12 +399,12 @@ class Block(nnx.Module):
     def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None):
         """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
         for the next block's attention, shared, the layer's state | None)."""
-        attn_pre, post, comb = self.attn_hc.coefficients(streams)  # from the block input
-        a, shared, state = self.attn(self.attn_norm(collapse(pre, streams)), shared, positions, state)
-        streams = self.attn_hc.hc_post(a, streams, post, comb)
-        ffn_pre, post, comb = self.ffn_hc.coefficients(streams)
-        y = self.ffn(self.ffn_norm(collapse(attn_pre, streams)), image)  # the FFN collapses with attn's pre
-        return self.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, shared, state
+        def attend(x):
+            out, new_shared, new_state = self.attn(x, shared, positions, state)
+            return out, (new_shared, new_state)
+
+        streams, pre, (shared, state) = preshift_sublayers(self, streams, pre, attend, image)
+        return streams, pre, shared, state
 
 
 def sink_attention(q: jax.Array, keys: jax.Array, valid: jax.Array, sinks: jax.Array) -> jax.Array:
@@ -524,8 +545,7 @@ class V41Transformer(nnx.Module):
             raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
                              f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
         e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
-        streams = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.dim))
-        pre = jnp.zeros((B, T, cfg.hc_mult), jnp.float32).at[..., 0].set(1.0)  # one-hot before the first sublayer
+        streams, pre = widen(e, cfg.hc_mult)  # [B, T, n_hc, d], one-hot pre
         text = None if image is None else ~image
         shared, hidden, engram_inputs, targets, states = Shared(), [], [], [], []
         for i, block in enumerate(self.layers):
@@ -559,19 +579,13 @@ class V41Transformer(nnx.Module):
         if token is not None:
             bs = cfg.dspark_block_size
             block = jnp.concatenate([token[:, None], jnp.full((B, bs - 1), cfg.dspark_noise_token_id, token.dtype)], 1)
-            e = self.embed(block, jnp.dtype(self.options.dtype))
-            h = jnp.broadcast_to(e[:, :, None, :], (B, bs, cfg.hc_mult, cfg.dim))  # [B, bs, n_hc, d]
-            pre = jnp.zeros((B, bs, cfg.hc_mult), jnp.float32).at[..., 0].set(1.0)
+            h, pre = widen(self.embed(block, jnp.dtype(self.options.dtype)), cfg.hc_mult)  # [B, bs, n_hc, d]
         for k, stage in enumerate(stages):
             if h is None:
                 _, rings[k] = stage.attend(None, main_x, rings[k], start)
-                continue
-            attn_pre, post, comb = stage.attn_hc.coefficients(h)
-            a, rings[k] = stage.attend(stage.attn_norm(collapse(pre, h)), main_x, rings[k], start)
-            h = stage.attn_hc.hc_post(a, h, post, comb)
-            ffn_pre, post, comb = stage.ffn_hc.coefficients(h)
-            h = stage.ffn_hc.hc_post(stage.ffn(stage.ffn_norm(collapse(attn_pre, h)), None), h, post, comb)
-            pre = ffn_pre
+            else:  # drafts are text: no bias_vl
+                h, pre, rings[k] = preshift_sublayers(
+                    stage, h, pre, lambda x, ring=rings[k], stage=stage: stage.attend(x, main_x, ring, start), None)
         cache = dataclasses.replace(cache, dspark=tuple(rings), dspark_lengths=start + S)
         if h is None:
             return None, cache
