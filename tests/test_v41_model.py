@@ -13,10 +13,9 @@ from flax import nnx
 
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
-from v4jax.model.engram_hash import compressed_ids, engram_layout, ngram_hash_ids, pad_compressed_id
 from v4jax.model.v41 import Compressor, Image, V41Transformer, candidate_blocks
 
-from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
+from v41_fixtures import FIXTURES, engram_ids, needs_fixtures, quantised_release  # noqa: E402  (tests/v41_fixtures.py)
 OPTIONS = RunOptions(dtype="float32", param_dtype="float32", attention_chunk=64)
 
 
@@ -40,18 +39,10 @@ def model():
     return m
 
 
-def _engram_ids(cfg, tokens, dead=None):
-    token_map = _load("engram_token_map.npy")
-    layout, ids = engram_layout(cfg), compressed_ids(tokens, token_map)
-    pad = pad_compressed_id(cfg, token_map)
-    return jnp.asarray(np.stack([ngram_hash_ids(ids, dead, layout, i, pad) for i in range(len(layout.layer_ids))],
-                                axis=2), jnp.int32)  # [B, T, n_engram_layers, cols]
-
-
 @needs_fixtures
 def test_text_prompt_equals_the_official_code(model):
     tokens = _load("input_ids.npy")
-    out = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens))
+    out = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(tokens, jnp.int32), engram_ids(model.cfg, tokens))
     assert _rel(out.logits, _load("logits.npy")) <= 1e-5
     hidden = _load("hidden_states.npy")
     assert max(_rel(h, hidden[i]) for i, h in enumerate(out.hidden_states)) <= 1e-5
@@ -66,7 +57,7 @@ def test_image_prompt_equals_the_official_code(model):
               Image(1, 17, jnp.asarray(_load("image1_patches.npy")), (4, 3)))
     embeddings, image = model.embed_prompt(jnp.asarray(tokens, jnp.int32), images)
     np.testing.assert_array_equal(image, types >= 0)  # the spans, delimiters included
-    out = model(jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens, types >= 0), image, embeddings)
+    out = model(jnp.asarray(tokens, jnp.int32), engram_ids(model.cfg, tokens, types >= 0), image, embeddings)
     assert _rel(out.logits, _load("image_logits.npy")) <= 1e-5
 
 
@@ -74,11 +65,11 @@ def test_image_prompt_equals_the_official_code(model):
 def test_text_is_causal(model):
     tokens = _load("input_ids.npy")
     fwd = nnx.jit(lambda m, t, e: m(t, e).logits)
-    base = fwd(model, jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens))
+    base = fwd(model, jnp.asarray(tokens, jnp.int32), engram_ids(model.cfg, tokens))
     p = 23
     changed = tokens.copy()
     changed[:, p] = (changed[:, p] + 5) % model.cfg.vocab_size
-    got = fwd(model, jnp.asarray(changed, jnp.int32), _engram_ids(model.cfg, changed))
+    got = fwd(model, jnp.asarray(changed, jnp.int32), engram_ids(model.cfg, changed))
     np.testing.assert_allclose(got[:, :p], base[:, :p], rtol=1e-6, atol=1e-6)
     assert float(jnp.max(jnp.abs(got[:, p] - base[:, p]))) > 1e-4
 
@@ -171,7 +162,7 @@ def test_prefill_then_decode_equals_the_official_decode_and_the_stateless_forwar
     cfg = model.cfg
     tokens, generated = _load("input_ids.npy"), _load("generated_ids.npy")
     full = np.concatenate([tokens, generated[:, :6]], axis=1)  # [2, 46]
-    ids = _engram_ids(cfg, full)  # the host hash over the whole history: what each call's rows are
+    ids = engram_ids(cfg, full)  # the host hash over the whole history: what each call's rows are
     step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
     out = step(model, jnp.asarray(tokens, jnp.int32), ids[:, :40], init_v41_cache(cfg, 2, 64))
     assert _rel(out.logits, _load("logits.npy")) <= 1e-5
@@ -212,35 +203,6 @@ def _check_dspark(model, tokens, full, ids):
         assert _rel(d.logits, want_logits[j]) <= 1e-5 and _rel(d.confidence, want_confidence[j]) <= 1e-5
 
 
-FP8_ROLES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_b.weight", "indexer.wq_b.weight",
-             "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight", "engram.wkv.weight")
-
-
-def _quantised_release(tensors):
-    """The fixture's fp32 tensors in the release's storage: FP8 32 x 32 blocks for the FP8 roles, MXFP4 routed
-    experts, the Engram tables FP8 rows with a scale per 32 columns."""
-    import ml_dtypes
-
-    from v4jax.io.quant import quant_fp4, quant_fp8_block
-
-    out = {}
-    for name, w in tensors.items():
-        if name.endswith("engram.embed.scale"):
-            continue
-        if name.endswith("engram.embed.weight"):
-            blocks = w.reshape(w.shape[0], -1, 32)
-            scale = 2.0 ** np.ceil(np.log2(np.abs(blocks).max(-1) / 448.0))  # power-of-two scale per 32 columns
-            out[name] = (blocks / scale[..., None]).reshape(w.shape).astype(ml_dtypes.float8_e4m3fn)
-            out[name[:-len("weight")] + "scale"] = scale.astype(ml_dtypes.float8_e8m0fnu)
-        elif ".ffn.experts." in name:
-            out[name], out[name[:-len("weight")] + "scale"] = quant_fp4(w, 32)
-        elif name.endswith(FP8_ROLES):
-            out[name], out[name[:-len("weight")] + "scale"] = quant_fp8_block(w, 32)
-        else:
-            out[name] = w
-    return out
-
-
 @needs_fixtures
 def test_the_release_storage_loads_with_its_per_role_block_sizes(model):
     from safetensors.numpy import load_file
@@ -249,7 +211,7 @@ def test_the_release_storage_loads_with_its_per_role_block_sizes(model):
     from v4jax.io.quant import QuantError, dequant_fp4, dequant_fp8_block, quant_fp8_block
 
     tensors = load_file(os.path.join(FIXTURES, "model.safetensors"))
-    release = _quantised_release(tensors)
+    release = quantised_release(tensors)
     plain = dequantize_release_v41(release)
     name, expert = "layers.1.attn.wq_a.weight", "layers.1.ffn.experts.3.w2.weight"
     np.testing.assert_array_equal(plain[name], dequant_fp8_block(release[name], release[name[:-6] + "scale"], 32,
@@ -273,7 +235,7 @@ def test_the_release_storage_loads_with_its_per_role_block_sizes(model):
     for ts in (plain, expected):
         m = V41Transformer(model.cfg, rngs=nnx.Rngs(1), options=OPTIONS)
         load_official_v41(m, ts)
-        logits.append(np.asarray(m(jnp.asarray(tokens, jnp.int32), _engram_ids(model.cfg, tokens)).logits))
+        logits.append(np.asarray(m(jnp.asarray(tokens, jnp.int32), engram_ids(model.cfg, tokens)).logits))
     np.testing.assert_array_equal(logits[0], logits[1])
     assert _rel(logits[0], _load("logits.npy")) > 1e-3  # the rounding is there (this random model is not robust to it)
     # a V4-style 128 x 128 scale on a V4.1 FP8 weight is refused, naming it

@@ -12,3 +12,45 @@ needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.
 
 def load(name: str) -> np.ndarray:
     return np.load(os.path.join(FIXTURES, name))
+
+
+FP8_ROLES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_b.weight", "indexer.wq_b.weight",
+             "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight", "engram.wkv.weight")
+
+
+def quantised_release(tensors: dict) -> dict:
+    """The fixture's fp32 tensors in the release's storage: FP8 32 x 32 blocks for the FP8 roles, MXFP4 routed
+    experts, the Engram tables FP8 rows with a scale per 32 columns."""
+    import ml_dtypes
+
+    from v4jax.io.quant import quant_fp4, quant_fp8_block
+
+    out = {}
+    for name, w in tensors.items():
+        if name.endswith("engram.embed.scale"):
+            continue
+        if name.endswith("engram.embed.weight"):
+            blocks = w.reshape(w.shape[0], -1, 32)
+            scale = 2.0 ** np.ceil(np.log2(np.abs(blocks).max(-1) / 448.0))  # power-of-two scale per 32 columns
+            out[name] = (blocks / scale[..., None]).reshape(w.shape).astype(ml_dtypes.float8_e4m3fn)
+            out[name[:-len("weight")] + "scale"] = scale.astype(ml_dtypes.float8_e8m0fnu)
+        elif ".ffn.experts." in name:
+            out[name], out[name[:-len("weight")] + "scale"] = quant_fp4(w, 32)
+        elif name.endswith(FP8_ROLES):
+            out[name], out[name[:-len("weight")] + "scale"] = quant_fp8_block(w, 32)
+        else:
+            out[name] = w
+    return out
+
+
+def engram_ids(cfg, tokens, dead=None):
+    """The Engram row ids [B, T, n_engram_layers, cols] of `tokens` with the fixtures' token map."""
+    import jax.numpy as jnp
+
+    from v4jax.model.engram_hash import compressed_ids, engram_layout, ngram_hash_ids, pad_compressed_id
+
+    token_map = load("engram_token_map.npy")
+    layout, ids = engram_layout(cfg), compressed_ids(tokens, token_map)
+    pad = pad_compressed_id(cfg, token_map)
+    return jnp.asarray(np.stack([ngram_hash_ids(ids, dead, layout, i, pad) for i in range(len(layout.layer_ids))],
+                                axis=2), jnp.int32)  # [B, T, n_engram_layers, cols]

@@ -131,6 +131,10 @@ class V41Config:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------------
+    def without_dspark(self) -> "V41Config":
+        """The same backbone with no DSpark stages (their compress_ratios entries dropped too)."""
+        return self.replace(n_mtp_layers=0, compress_ratios=tuple(self.compress_ratios[:self.n_layers]))
+
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent value."""
 

@@ -130,11 +130,18 @@ def _effective_dtype(source: TensorSource) -> str:
     return names.pop() if len(names) == 1 else SOURCE_DTYPE
 
 
+def _is_v41(config: dict) -> bool:
+    from v4jax.io.official_v41 import is_v41_config
+    return is_v41_config(config)
+
+
 def _check_against_config(source: TensorSource) -> None:
     """Refuse a source whose tensors do not fit the model its config.json describes (a missing,
     unexpected or mis-shaped tensor) before anything is written."""
     if source.config is None or source.config_path is None:
         return
+    if _is_v41(source.config):
+        return _check_against_config_v41(source)
     from flax import nnx
 
     from v4jax.io.checkpoint import CheckpointError, check_names, check_tensor, hf_rules
@@ -158,6 +165,36 @@ def _check_against_config(source: TensorSource) -> None:
             check_tensor(r, variables[r.ours], *specs[r.name], where)
     except CheckpointError as e:
         raise ConvertError(f"{e} (per {source.config_path})") from None
+
+
+def _check_against_config_v41(source: TensorSource) -> None:
+    """The V4.1 form of `_check_against_config`: every tensor the model its config.json describes reads
+    is there and nothing else (the vision tower's `vision.*` / `aligner.*` when it has one); shapes are
+    checked when the checkpoint loads (`load_official_v41`, naming the tensor)."""
+    from flax import nnx
+
+    from v4jax.config import ConfigError
+    from v4jax.config_v41 import V41Config
+    from v4jax.io.official_v41 import official_names_v41
+    from v4jax.model.v41 import V41Transformer
+
+    try:
+        cfg = V41Config.from_json_file(source.config_path)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    have = set(source.specs)
+    if not any(n.startswith("mtp.") for n in have):
+        cfg = cfg.without_dspark()
+    expected = official_names_v41(nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0))))
+    vision = {n for n in have if n.startswith(("vision.", "aligner."))}
+    where = f"{os.path.dirname(source.config_path)} (per {source.config_path})"
+    missing, extra = sorted(expected - have), sorted(have - expected - (vision if cfg.vision_n_layers else set()))
+    if missing:
+        raise ConvertError(f"{where}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
+    if cfg.vision_n_layers and not vision:
+        raise ConvertError(f"{where}: the config has a vision tower but there are no vision.* tensors")
+    if extra:
+        raise ConvertError(f"{where}: unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more" if extra[1:] else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,6 +408,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax
     if fmt == "orbax" and source.kind is Kind.CONVERTED:
         raise ConvertError(f"{src} is already an Orbax checkpoint")
     _check_against_config(source)
+    if fmt != "orbax" and isinstance(source.config, dict) and _is_v41(source.config):
+        raise ConvertError(f"{src} is a DeepSeek-V4.1 checkpoint: it converts to --format orbax only "
+                           f"(got {fmt}); load_model and infer.py read the release directory as it is")
     if fmt == "orbax":
         return _to_orbax(source, dst, dtype_name=dtype_name, batch_bytes=batch_bytes, progress=progress,
                          after_batch=after_batch, compress=compress, overwrite=overwrite)

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from v4jax.io.checkpoint import CheckpointError
+from v4jax.io.official import read_stored
 from v4jax.io.quant import E4M3_VALUES, QuantError, dequant_fp4, dequant_fp8_block, ue8m0_to_float
+from v4jax.io.sources import Kind, TensorSource
+from v4jax.io.tensorfile import TensorFileError, open_directory
+from v4jax.config import RunOptions
+from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, engram_table_rows
 from v4jax.model.vision import load_vision_params
 
@@ -20,36 +29,184 @@ FP8_BLOCK_V41 = 32  # V4.1's FP8 weights: one UE8M0 scale per 32 x 32 block (V4:
 FP4_BLOCK_V41 = 32  # MXFP4 experts: one scale per 32 inputs
 
 
+V41_MODEL_TYPES = ("deepseek_v41", "deepseek_v41_text")
+# keys only a V4.1 config has (the inference spelling carries no model_type)
+V41_ONLY_KEYS = ("kv_source_layers", "index_source_layers", "candidate_source_layer", "engram_layer_ids")
+
+
+def is_v41_config(d: object) -> bool:
+    """Whether a config.json dict describes a DeepSeek-V4.1 model (either spelling, §12.1)."""
+    if not isinstance(d, dict):
+        return False
+    if d.get("model_type") in V41_MODEL_TYPES:
+        return True
+    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
+    return any(k in text for k in V41_ONLY_KEYS)
+
+
+def v41_weights_dtype(d: dict, specs: Mapping[str, tuple] = {}) -> str:
+    """The dtype a V4.1 model loaded from a checkpoint runs in by default: the config's `torch_dtype` /
+    `dtype` (at the top or in `text_config`); without one (the inference spelling names none), the
+    dtype most of the checkpoint's non-float32-class weights have as read (`specs`: FP8/FP4 read as
+    bfloat16, the release's compute dtype), else bfloat16."""
+    from collections import Counter
+
+    from v4jax.config import hf_weights_dtype
+
+    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else {}
+    named = {k: v for src in (text, d) for k, v in src.items() if k in ("torch_dtype", "dtype")}
+    if named:
+        return hf_weights_dtype(named)
+    found = Counter(np.dtype(dt).name for n, (_, dt) in specs.items()
+                    if not fp32_class(n) and (np.dtype(dt).kind == "f" or np.dtype(dt) == ml_dtypes.bfloat16))
+    return found.most_common(1)[0][0] if found else "bfloat16"
+
+
+def dequantize_tensor_v41(name: str, w: np.ndarray, scale: np.ndarray | None, out_dtype=np.float32) -> np.ndarray:
+    """One release tensor (official name) with its `.scale` (or None: stored unquantised) -> the value
+    `load_official_v41` reads. The role comes from the name, the block size is asserted from the scale's
+    shape: FP8 matrices in 32 x 32 blocks, routed experts MXFP4 (two E2M1 per byte, a scale per 32
+    inputs), the Engram tables FP8 rows kept as their E4M3 values (their 1 x 32 scales are the separate
+    `engram.embed.scale` tensor, which the loader applies). QuantError naming the tensor otherwise."""
+    if scale is None:
+        return w
+    w = np.asarray(w)
+    try:
+        if name.endswith("engram.embed.weight"):  # rows x head_dim codes; [rows, head_dim / 32] scales
+            if tuple(scale.shape) != (w.shape[0], -(-w.shape[1] // ENGRAM_SCALE_BLOCK)):
+                raise QuantError(f"scale {tuple(scale.shape)} is not one per {ENGRAM_SCALE_BLOCK} columns of a row")
+            return E4M3_VALUES[w.view(np.uint8)].astype(out_dtype) if w.dtype.itemsize == 1 and w.dtype != np.int8 else w
+        if ".ffn.experts." in name:
+            return dequant_fp4(w, scale, FP4_BLOCK_V41, out_dtype)
+        return dequant_fp8_block(w, scale, FP8_BLOCK_V41, out_dtype)
+    except QuantError as e:
+        raise QuantError(f"V4.1 release tensor {name!r}: {e}") from None
+
+
+FP32_ROLES = ("hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
+              "attn.attn_sink", "ffn.gate.bias", "ffn.gate.bias_vl", "engram.embed.scale")
+
+
+def fp32_class(name: str) -> bool:
+    """Tensors kept in float32 whatever dtype a conversion asks for (mHC, sinks, router biases, the Engram
+    tables' scales), as for V4 (architecture.md §9)."""
+    return name.endswith(FP32_ROLES)
+
+
+def official_names_v41(model: V41Transformer) -> set[str]:
+    """The official tensor names `load_official_v41` reads for `model` (concrete or abstract), the
+    vision tower's apart (its loader checks those)."""
+    cfg, names = model.cfg, set()
+    for path, _ in nnx.to_flat_state(nnx.state(model)):
+        if path[0] in ("vision", "aligner"):
+            continue
+        key, _ = _official(path, cfg, {})
+        if ".ffn.experts.0." in key:
+            n = cfg.n_routed_experts if path[0] == "layers" else cfg.dspark_n_routed_experts
+            names |= {key.replace(".experts.0.", f".experts.{e}.") for e in range(n)}
+        elif key.endswith("engram.embed.weight"):
+            names |= {key, key[:-len("weight")] + "scale"}
+        else:
+            names.add(key)
+    return names
+
+
+def _scale_of(name: str) -> str | None:
+    """The `.scale` tensor that quantises `name` in the release layout (None for non-weights)."""
+    return name[:-len(".weight")] + ".scale" if name.endswith(".weight") else None
+
+
+def _is_consumed_scale(name: str, names) -> bool:
+    """A weight's block scale, folded into the weight on read (the Engram tables' scales stay: §12.6)."""
+    return name.endswith(".scale") and not name.endswith("engram.embed.scale") and \
+        name[:-len(".scale")] + ".weight" in names
+
+
 def dequantize_release_v41(tensors: Mapping[str, np.ndarray], out_dtype=np.float32) -> dict[str, np.ndarray]:
-    """The release's tensors (official names) -> unquantised ones for `load_official_v41`. Each role's block
-    size is asserted from the scale's shape, never taken from `quantization_config` alone: FP8 matrices
-    (`X.weight` float8_e4m3fn + `X.scale` UE8M0) in 32 x 32 blocks; routed experts MXFP4 (two E2M1 per
-    byte, scales per 32 inputs); the Engram tables FP8 rows with a scale per 32 columns, kept as stored
-    (the loader applies their scales). Other tensors pass unchanged; the `.scale` tensors are consumed.
-    QuantError naming the tensor on a scale whose shape is not its role's."""
+    """The release's tensors (official names) -> unquantised ones for `load_official_v41`
+    (`dequantize_tensor_v41` each; the weights' `.scale` tensors are consumed, the Engram tables' kept
+    as float32)."""
     out: dict[str, np.ndarray] = {}
     for name, w in tensors.items():
-        if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in tensors:
+        if _is_consumed_scale(name, tensors):
+            continue
+        if name.endswith("engram.embed.scale") and name[:-len(".scale")] + ".weight" in tensors:
+            out[name] = np.asarray(ue8m0_to_float(w) if w.dtype.itemsize == 1 else w, np.float32)
+            continue
+        scale_name = _scale_of(name)
+        out[name] = dequantize_tensor_v41(name, w, tensors.get(scale_name) if scale_name else None, out_dtype)
+    return out
+
+
+class V41Source(TensorSource):
+    """A V4.1 safetensors directory under the official names (the release, FP8/FP4 with block scales,
+    or an unquantised one such as the golden fixtures), one tensor read and de-quantised at a time.
+    dtype: what FP8/FP4 weights de-quantise to (default bfloat16, the release's compute dtype); other
+    tensors keep their stored dtype unless `dtype` is given for the floating ones."""
+    kind = Kind.SAFETENSORS
+    batch_bytes = 0
+
+    def __init__(self, directory: str, dtype=None):
+        try:
+            self.files = open_directory(directory)
+        except TensorFileError as e:
+            raise CheckpointError(str(e)) from None
+        names = set(self.files)
+        self.out_dtype = np.dtype(ml_dtypes.bfloat16 if dtype is None else dtype)
+        self.keep_dtype = dtype is None
+        self.specs, self.quantised = {}, set()
+        for name, tf in self.files.items():
+            if _is_consumed_scale(name, names):
+                continue
+            shape, stored = tuple(tf.shape(name)), tf.dtype(name)
+            quantised = _scale_of(name) in names and stored.itemsize == 1  # FP8 codes / packed FP4
+            if quantised:
+                self.quantised.add(name)
+            if quantised and ".ffn.experts." in name:
+                shape = (shape[0], 2 * shape[1])  # two E2M1 codes per byte
+            if name.endswith("engram.embed.scale"):
+                dt = np.dtype(np.float32)
+            elif quantised or (not self.keep_dtype and np.issubdtype(stored, np.floating) and not fp32_class(name)):
+                dt = self.out_dtype
+            else:
+                dt = stored
+            self.specs[name] = (shape, dt)
+        self._attach(directory)
+
+    def read(self, names):
+        out = {}
+        for name in names:
+            w = read_stored(self.files[name], name)
             if name.endswith("engram.embed.scale"):
                 out[name] = np.asarray(ue8m0_to_float(w) if w.dtype.itemsize == 1 else w, np.float32)
-            continue
-        scale = tensors.get(name[:-len(".weight")] + ".scale") if name.endswith(".weight") else None
-        if scale is None:
-            out[name] = w
-            continue
-        w = np.asarray(w)
-        try:
-            if name.endswith("engram.embed.weight"):  # rows x head_dim codes; [rows, head_dim / 32] scales
-                if tuple(scale.shape) != (w.shape[0], -(-w.shape[1] // ENGRAM_SCALE_BLOCK)):
-                    raise QuantError(f"scale {tuple(scale.shape)} is not one per {ENGRAM_SCALE_BLOCK} columns of a row")
-                out[name] = E4M3_VALUES[w.view(np.uint8)] if w.dtype.itemsize == 1 and w.dtype != np.int8 else w
-            elif ".ffn.experts." in name:
-                out[name] = dequant_fp4(w, scale, FP4_BLOCK_V41, out_dtype)
-            else:
-                out[name] = dequant_fp8_block(w, scale, FP8_BLOCK_V41, out_dtype)
-        except QuantError as e:
-            raise QuantError(f"V4.1 release tensor {name!r}: {e}") from None
-    return out
+                continue
+            scale_name = _scale_of(name)
+            scale = read_stored(self.files[scale_name], scale_name) if name in self.quantised else None
+            out[name] = np.asarray(dequantize_tensor_v41(name, w, scale, self.out_dtype)).astype(
+                self.specs[name][1], copy=False)
+        return out
+
+
+class SourceTensors(Mapping):
+    """A TensorSource as a read-on-demand mapping (what `load_official_v41` takes): host memory holds
+    the tensors of one model variable at a time."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+
+    def __getitem__(self, name):
+        if name not in self.source.specs:
+            raise KeyError(name)
+        return self.source.read([name])[name]
+
+    def __contains__(self, name):
+        return name in self.source.specs
+
+    def __iter__(self):
+        return iter(self.source.specs)
+
+    def __len__(self):
+        return len(self.source.specs)
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -104,23 +261,52 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
     return name, lambda: get(name)
 
 
-def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray]) -> None:
-    """Set every parameter and buffer of `model` from `tensors` (official names, unquantised; extra
-    tensors such as the vision tower's or DSpark's are left for their own modules). ValueError naming
-    the tensor when one is missing or has the wrong shape."""
+def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray],
+                      place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> None:
+    """Set every parameter and buffer of `model` (concrete, or abstract from `nnx.eval_shape`) from
+    `tensors` (official names, unquantised; a read-on-demand mapping such as `SourceTensors` is read one
+    variable at a time). place(path, value): the array the variable then holds (default: on the default
+    device; `assemble_v41` puts each straight into its sharding). ValueError naming the tensor when one
+    is missing or has the wrong shape."""
     cfg = model.cfg
+    place = place or (lambda path, value: jnp.asarray(value))
+    if cfg.vision_n_layers:  # the vision tower's own loader (its fused wqkv / w1 split over modules)
+        load_vision_params(model.vision, model.aligner,
+                           {k: tensors[k] for k in tensors if k.startswith(("vision.", "aligner."))})
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         if path[0] in ("vision", "aligner"):
-            continue  # the vision tower's own loader, below
+            var.set_value(place(path, np.asarray(var.get_value())))
+            continue
         key, build = _official(path, cfg, tensors)
         if key not in tensors:
             raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {'.'.join(map(str, path))})")
         value = build()
-        if tuple(value.shape) != tuple(var.value.shape):
+        if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for "
-                             f"{'.'.join(map(str, path))}, which is {tuple(var.value.shape)}")
-        var.value = np.asarray(value).astype(var.value.dtype)
+                             f"{'.'.join(map(str, path))}, which is {tuple(var.shape)}")
+        var.set_value(place(path, np.asarray(value).astype(var.dtype)))
+        del value
     nnx.update(model, state)
-    if cfg.vision_n_layers:
-        load_vision_params(model.vision, model.aligner, dict(tensors))
+
+
+def assemble_v41(cfg: V41Config, source: TensorSource, *, mesh=None, rules=None,
+                 options: RunOptions = RunOptions()) -> V41Transformer:
+    """A V41Transformer for `cfg` built from `source` one variable at a time, never initialised at
+    random: with a mesh and an AxisRules table each variable goes straight into the layout the table
+    gives (every host reads the variable's tensors, then keeps its devices' slices)."""
+    from sharding.partition import state_shardings
+
+    model = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=options))
+    shardings = None
+    if mesh is not None:
+        if rules is None:
+            raise ValueError("assemble_v41: a mesh needs an AxisRules table (sharding.rules.get_rules)")
+        shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(model), mesh, rules)))
+
+    def place(path, value):
+        if shardings is None:
+            return jnp.asarray(value)
+        return jax.make_array_from_callback(value.shape, shardings[path].get_value(), lambda idx: value[idx])
+    load_official_v41(model, SourceTensors(source), place)
+    return model

@@ -306,7 +306,7 @@ def load_vision_params(tower: VisionTower, aligner: Aligner, tensors: dict[str, 
     if problems:
         raise ValueError("cannot load the vision weights: " + "; ".join(problems))
     for var, value in plan:
-        var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=var[...].dtype))
+        var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=var.dtype))
 
 
 def _check_grid(grid) -> tuple[int, int]:

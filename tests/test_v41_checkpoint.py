@@ -1,0 +1,140 @@
+"""DeepSeek-V4.1 checkpoints through `load_model` and `python -m v4jax.io.convert` (issue 20, architecture.md
+§12.6): the golden fixture directory as it is (official names, fp32; either config.json spelling), the same
+weights in the release's storage (FP8 32 x 32, MXFP4 experts, Engram FP8 rows; written as safetensors
+files), its Orbax conversion, and a sharded load on an 8-device mesh all give the official code's logits
+(or, for the rounded release, exactly the logits of the same rounded values)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from v41_fixtures import FIXTURES, engram_ids, load, needs_fixtures, quantised_release
+
+pytestmark = needs_fixtures
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def _logits(model):
+    tokens = load("input_ids.npy")
+    out = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(tokens, jnp.int32), engram_ids(model.cfg, tokens))
+    return np.asarray(out.logits)
+
+
+def _directory(tmp_path, name, tensors=None, config="config.json"):
+    """A checkpoint directory: the fixture's weights (or `tensors`) + one of its config spellings."""
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copyfile(os.path.join(FIXTURES, config), d / "config.json")
+    if tensors is None:
+        os.symlink(os.path.join(FIXTURES, "model.safetensors"), d / "model.safetensors")
+    else:
+        from safetensors.numpy import save_file
+        half = sorted(tensors)[: len(tensors) // 2]  # two shards + an index, as the release is laid out
+        shards = {"model-00001-of-00002.safetensors": {k: tensors[k] for k in half},
+                  "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in half}}
+        for fname, part in shards.items():
+            save_file(part, str(d / fname))
+        index = {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(d)
+
+
+@pytest.mark.parametrize("config", ["config.json", "config_hf.json"])
+def test_the_fixture_directory_loads_with_either_config_spelling(tmp_path, config):
+    from v4jax.config_v41 import V41Config
+    from v4jax.io.restore import load_model
+
+    loaded = load_model(_directory(tmp_path, "ck", config=config), dtype="float32")
+    assert isinstance(loaded.cfg, V41Config) and loaded.cfg.n_mtp_layers == 2  # the DSpark stages kept
+    assert _rel(_logits(loaded.model), load("logits.npy")) <= 1e-5
+    assert load_model(_directory(tmp_path, "no_dspark", config=config), mtp=False).cfg.n_mtp_layers == 0
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The fixture's weights in the release's quantised storage, on disk, and the values it rounds to."""
+    from safetensors.numpy import load_file
+
+    from v4jax.io.official_v41 import dequantize_release_v41
+
+    q = quantised_release(load_file(os.path.join(FIXTURES, "model.safetensors")))
+    return _directory(tmp_path_factory.mktemp("release"), "release", q), dequantize_release_v41(q)
+
+
+def test_the_release_storage_loads_through_load_model(tmp_path, release):
+    from v4jax.config_v41 import V41Config
+    from v4jax.io.official_v41 import load_official_v41
+    from v4jax.io.restore import load_model
+    from v4jax.model.v41 import V41Transformer
+    from v4jax.config import RunOptions
+
+    path, rounded = release
+    got = _logits(load_model(path, dtype="float32", param_dtype="float32").model)
+    cfg = V41Config.from_json_file(os.path.join(path, "config.json"))
+    want = V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(dtype="float32", param_dtype="float32"))
+    load_official_v41(want, rounded)
+    np.testing.assert_array_equal(got, _logits(want))
+    assert _rel(got, load("logits.npy")) > 1e-3  # the rounding is really there
+
+
+def test_the_release_converts_to_orbax_and_loads_back(tmp_path, release):
+    from v4jax.io.convert import convert
+    from v4jax.io.restore import load_model
+
+    path, _ = release
+    out = str(tmp_path / "orbax")
+    m = convert(path, out, dtype="fp32", progress=False)
+    assert m["complete"]
+    stored = {t["name"]: t for t in m["tensors"]}
+    assert not any(n.endswith(".scale") and "engram" not in n for n in stored)  # block scales folded in
+    assert stored["layers.1.ffn.experts.0.w1.weight"]["shape"][1] == 64  # FP4: two codes per byte unpacked
+    again = load_model(out, dtype="float32", param_dtype="float32")
+    direct = load_model(path, dtype="float32", param_dtype="float32")
+    np.testing.assert_array_equal(_logits(again.model), _logits(direct.model))
+
+
+def test_a_release_missing_a_tensor_is_refused_naming_it(tmp_path, release):
+    from safetensors.numpy import load_file
+
+    from v4jax.io.checkpoint import CheckpointError
+    from v4jax.io.convert import ConvertError, convert
+    from v4jax.io.restore import load_model
+
+    tensors = load_file(os.path.join(FIXTURES, "model.safetensors"))
+    del tensors["layers.3.attn.wo_b.weight"]
+    bad = _directory(tmp_path, "bad", tensors)
+    with pytest.raises(ConvertError, match="layers.3.attn.wo_b.weight"):
+        convert(bad, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(CheckpointError, match="layers.3.attn.wo_b.weight"):
+        load_model(bad)
+    with pytest.raises(ConvertError, match="orbax only"):
+        convert(release[0], str(tmp_path / "hf"), fmt="hf", progress=False)
+
+
+def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
+    """8 CPU devices (conftest): fsdp x expert; the logits equal the single-device load's."""
+    from sharding.context import use_mesh_rules
+    from sharding.mesh import make_mesh
+    from sharding.rules import get_rules
+    from v4jax.io.restore import load_model
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    path = _directory(tmp_path, "ck")
+    mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
+    loaded = load_model(path, mesh=mesh, rules=rules, dtype="float32")
+    w1 = loaded.model.layers[1].ffn.experts.w1[...]
+    assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[0] == w1.shape[0] // 4
+    with use_mesh_rules(mesh, rules):
+        got = _logits(loaded.model)
+    assert _rel(got, load("logits.npy")) <= 1e-5
