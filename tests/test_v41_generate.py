@@ -47,3 +47,24 @@ def test_bad_requests_are_refused(model):
         generate_v41(model, prompt, 2)
     with pytest.raises(ValueError, match="max_seq_len is 128"):
         generate_v41(model, prompt, 200, np.zeros(256, np.int64))
+
+
+def test_an_image_prompt_generates_the_official_tokens(model):
+    """The VL case: two images (ViT grids 5 x 7 and 4 x 3) in a batch of two prompts; the prefill embeds them,
+    then plain and DSpark greedy decoding give the official code's tokens."""
+    from v4jax.inference.generate_v41 import image_prompt
+    from v4jax.model.v41 import Image
+
+    prompt = np.load(os.path.join(FIXTURES, "image_input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    p0 = np.load(os.path.join(FIXTURES, "image0_patches.npy")).reshape(35, -1)
+    p1 = np.load(os.path.join(FIXTURES, "image1_patches.npy")).reshape(12, -1)
+    images = (Image(0, 5, p0, (5, 7)), Image(1, 17, p1, (4, 3)))
+    want = np.load(os.path.join(FIXTURES, "image_generated_ids.npy"))
+    for draft in (False, True):
+        got = generate_v41(model, prompt, want.shape[1], token_map, draft=draft, images=images)
+        np.testing.assert_array_equal(got.tokens, want)
+    # image_prompt lays a span out as the fixture's prompt does (START, 3 x (2 IMAGE + NEWLINE), END at 0)
+    ids, starts = image_prompt(model.cfg, [7, 8], [(5, 7)])
+    assert starts == [0] and len(ids) == 2 + 2 * 4 + 2 and ids[:-2] == [model.cfg.image_token_id] * 10
+    assert (prompt[0, 5:15] == model.cfg.image_token_id).all()

@@ -24,7 +24,8 @@ from flax import nnx
 
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
                                      pad_compressed_id)
-from v4jax.model.v41 import V41Transformer, init_v41_cache
+from v4jax.model.v41 import Image, V41Transformer, init_v41_cache
+from v4jax.model.vision import image_span_layout
 
 
 class Engram(NamedTuple):
@@ -40,27 +41,44 @@ class V41Generation(NamedTuple):
     accepted: int  # drafted tokens accepted in all
 
 
-def _hash(model: V41Transformer, engram: Engram | None, tokens: np.ndarray):
-    """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens)."""
+def _hash(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None):
+    """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens). dead [B, T]:
+    image-span positions, which hash as pad and block the look-back across them."""
     cfg = model.cfg
     if not cfg.engram_layer_ids:
         return None, engram
     layout = engram_layout(cfg)
     ids = compressed_ids(tokens, engram.token_map)
     pad = pad_compressed_id(cfg, engram.token_map)
-    rows = np.stack([ngram_hash_ids(ids, None, layout, i, pad, engram.history) for i in range(len(layout.layer_ids))],
+    rows = np.stack([ngram_hash_ids(ids, dead, layout, i, pad, engram.history) for i in range(len(layout.layer_ids))],
                     axis=2)
-    return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids))
+    return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids, dead))
+
+
+def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """A prompt with images ahead of its text: each image's span (`[START] + ([IMAGE] * w' + [NEWLINE]) * h'
+    + [END]`, architecture.md §12.5), one after the other, then `tokens`. Span positions carry
+    `image_token_id` (their embeddings are replaced). -> (token ids, the start of each span)."""
+    if grids and cfg.image_token_id is None:
+        raise ValueError("this model has no image_token_id: it takes no images")
+    out, starts = [], []
+    for grid in grids:
+        starts.append(len(out))
+        out += [cfg.image_token_id] * image_span_layout(grid, cfg.vision_downsample_ratio).n_tokens
+    return out + list(tokens), starts
 
 
 def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
-                 draft: bool = False, max_len: int | None = None) -> V41Generation:
-    """prompt [B, T] int -> `max_new` greedy tokens per row (text prompts). token_map: the Engram
-    compressed token map (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram
-    layers. draft: speculate with the DSpark stages (same tokens, fewer main-model calls)."""
+                 draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = ()) -> V41Generation:
+    """prompt [B, T] int -> `max_new` greedy tokens per row. token_map: the Engram compressed token map
+    (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
+    with the DSpark stages (same tokens, fewer main-model calls). images: `Image`s whose spans the
+    prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens."""
     cfg = model.cfg
     prompt = np.asarray(prompt, np.int64)
     B, T = prompt.shape
+    if images and not cfg.vision_n_layers:
+        raise ValueError("this model has no vision tower (vision_n_layers = 0): it takes no images")
     if cfg.engram_layer_ids and token_map is None:
         raise ValueError("this model has Engram layers: pass token_map (engram_hash.token_map_from_tokenizer)")
     if draft and not cfg.n_mtp_layers:
@@ -73,8 +91,20 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
     forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
     drafter = nnx.jit(lambda m, f, c, t: m.draft(f, c, t))
 
-    rows, engram = _hash(model, engram, prompt)
-    out = forward(model, jnp.asarray(prompt, jnp.int32), rows, init_v41_cache(cfg, B, max_len))
+    spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
+    for img in images:
+        spans[img.row, img.start:img.start + image_span_layout(img.grid, cfg.vision_downsample_ratio).n_tokens] = True
+    rows, engram = _hash(model, engram, prompt, spans)
+    tokens, cache = jnp.asarray(prompt, jnp.int32), init_v41_cache(cfg, B, max_len)
+    if images:  # the spans' embeddings replaced, bias_vl and Engram gate 0 there
+        where = [(img.row, img.start, img.grid) for img in images]
+
+        def prefill(m, t, e, c, patches):
+            embeddings, image = m.embed_prompt(t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches)))
+            return m(t, e, image=image, embeddings=embeddings, cache=c)
+        out = nnx.jit(prefill)(model, tokens, rows, cache, [img.patches for img in images])
+    else:
+        out = forward(model, tokens, rows, cache)
     cache, features = out.cache, out.target_features
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
     generated, steps, accepted = [np.asarray(token)], 0, 0
