@@ -46,9 +46,11 @@ def layout_check(cfg: V41Config) -> float:
     return (nbytes(2 * 4096) - nbytes(4096)) / 4096
 
 
-def param_counts(cfg: V41Config) -> dict[str, float]:
-    abstract = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(
-        dtype="bfloat16", param_dtype="bfloat16")))
+def param_counts(cfg: V41Config, abstract: V41Transformer | None = None) -> dict[str, float]:
+    """Parameters of `cfg`'s model (or of `abstract`, an already built one), total and per role."""
+    if abstract is None:
+        abstract = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(
+            dtype="bfloat16", param_dtype="bfloat16")))
     sizes = {".".join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
     part = lambda f: sum(n for k, n in sizes.items() if f(k))  # noqa: E731
     experts = part(lambda k: k.startswith("layers.") and ".ffn.experts." in k)
