@@ -1,4 +1,4 @@
-"""Generate text with a DeepSeek-V4 checkpoint (v4jax): cached, batched, optionally MTP-speculative.
+"""Generate text with a DeepSeek-V4 or V4.1 checkpoint (v4jax): cached, batched, optionally speculative.
 
   python infer.py --checkpoint DIR --prompt "Hello" [--tokenizer tokenizer.json|byte]
   python infer.py --checkpoint DIR --prompt-ids ids.txt        # one prompt per line, ids by spaces/commas
@@ -9,11 +9,15 @@
       [--numerics exact|release]   # release: DeepSeek's own FP8/FP4 inference roundings (docs/numerics.md)
       [--mesh expert=8,... --rules fsdp_ep]   # over a device mesh: parameters and cache sharded by the rules
       [--coordinator HOST:PORT --num-processes N --process-id I]   # multi-host: the same command on every host
+      [--image FILE ...] [--engram-token-map FILE.npy]   # DeepSeek-V4.1 checkpoints
 
 The checkpoint (`v4jax.io.restore.load_model`) is any of: an HF-format directory (config.json +
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
 de-quantised on load), a `python -m v4jax.io.convert` output (Orbax), or a `train.py` run directory
-(its newest complete step, or --step N). Paths may be relative. The tokenizer is --tokenizer, else
+(its newest complete step, or --step N), or a DeepSeek-V4.1 checkpoint (the release or an unquantised
+directory under the official names, or its conversion: greedy generation, plain or DSpark --speculative;
+--image FILE puts an image's span ahead of the prompt's text, preprocessed as the release does; the
+Engram hash's token map comes from the tokenizer or --engram-token-map). Paths may be relative. The tokenizer is --tokenizer, else
 CHECKPOINT/tokenizer.json, else, for a train.py run, the one its config.json names ("byte": UTF-8
 bytes, v4jax.train.data.ByteTokenizer; a path: that tokenizer.json, as given or relative to the run
 directory). Tokens stream to stdout as they are produced; the cache size
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="DeepSeek-V4.1: an image placed ahead of the prompt's text (repeatable, in order)")
+    p.add_argument("--engram-token-map", metavar="FILE.npy", default=None,
+                   help="DeepSeek-V4.1: the Engram compressed token map [V] (default: rebuilt from the tokenizer)")
     p.add_argument("--write-random-checkpoint", metavar="DIR", help="write a random model (--preset) and exit")
     p.add_argument("--preset", default="tiny", help="preset for --write-random-checkpoint")
     p.add_argument("--overwrite", action="store_true", help="--write-random-checkpoint: replace a non-empty DIR")
@@ -294,6 +302,11 @@ def run(args) -> int:
         return 2
     if args.prompt is None and args.prompt_ids is None and args.prompts_file is None:
         raise InferError("give --prompt TEXT, --prompt-ids FILE or --prompts-file FILE")
+    if is_v41_checkpoint(args.checkpoint):
+        return run_v41(args)
+    for flag, value in (("--image", args.image), ("--engram-token-map", args.engram_token_map)):
+        if value:
+            raise InferError(f"{flag} is for DeepSeek-V4.1 checkpoints; {args.checkpoint} is DeepSeek-V4")
     if args.slots is not None and (args.slots < 1 or args.speculative or args.prompt is not None):
         raise InferError("--slots must be a positive integer, with --prompts-file or --prompt-ids, without "
                          "--speculative")
@@ -381,6 +394,112 @@ def run(args) -> int:
             f"{s.decode_s:.2f} s ({s.steps} steps, includes compilation)")
     if args.speculative:
         line += f"; MTP acceptance {s.accepted}/{s.drafted} = {s.acceptance_rate:.1%}"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def is_v41_checkpoint(path: str) -> bool:
+    from v4jax.io.official_v41 import is_v41_config
+
+    cfg_path = os.path.join(path, "config.json")
+    return os.path.isfile(cfg_path) and is_v41_config(_read_json(cfg_path))
+
+
+def engram_token_map(cfg, args, tok_path: str | None) -> np.ndarray | None:
+    """The Engram compressed token map: --engram-token-map, else rebuilt from the tokenizer.json
+    (architecture.md §12.4); None for a model without Engram layers."""
+    if not cfg.engram_layer_ids:
+        return None
+    if args.engram_token_map:
+        try:
+            token_map = np.load(args.engram_token_map, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise InferError(f"cannot read --engram-token-map {args.engram_token_map}: {e}") from None
+        if token_map.ndim != 1 or not np.issubdtype(token_map.dtype, np.integer) or len(token_map) < cfg.vocab_size:
+            raise InferError(f"--engram-token-map {args.engram_token_map}: expected integer ids [{cfg.vocab_size}], "
+                             f"got {token_map.dtype} {token_map.shape}")
+        return token_map
+    if tok_path is None or tok_path == "byte":
+        raise InferError(f"this model has Engram layers: its n-gram hash needs the release's tokenizer.json "
+                         f"(in {args.checkpoint} or --tokenizer) or --engram-token-map FILE.npy")
+    from tokenizers import Tokenizer
+
+    from v4jax.model.engram_hash import token_map_from_tokenizer
+
+    return token_map_from_tokenizer(Tokenizer.from_file(tok_path), cfg.vocab_size)
+
+
+def run_v41(args) -> int:
+    """A DeepSeek-V4.1 checkpoint (architecture.md §12): greedy generation through the model's own forward,
+    plain or DSpark-speculative (--speculative; the same tokens), text prompts and --image."""
+    import time
+
+    from v4jax.config_v41 import V41Config
+    from v4jax.inference.generate import check_token_ids
+    from v4jax.inference.generate_v41 import generate_v41, image_prompt
+    from v4jax.inference.images import load_image
+    from v4jax.io.restore import load_model
+    from v4jax.model.v41 import Image
+
+    for flag, used in (("--prompts-file / --slots", args.prompts_file is not None or args.slots is not None),
+                       ("--temperature / --top-k / --top-p", args.temperature or args.top_k or args.top_p != 1.0),
+                       ("--prefill-chunk", args.prefill_chunk is not None), ("--step", args.step is not None),
+                       ("--numerics release", args.numerics != "exact")):
+        if used:
+            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (greedy generation, plain "
+                             "or --speculative, over --prompt / --prompt-ids)")
+    cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
+    tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
+    if args.prompt is not None and tok_path is None:
+        raise InferError(f"--prompt needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
+                         "exist (pass --tokenizer FILE, or use --prompt-ids)")
+    tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
+    prompts = [tok.encode(args.prompt)] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
+    for p in prompts:
+        check_token_ids(p, cfg.vocab_size)
+    token_map = engram_token_map(cfg, args, tok_path)
+    images = [load_image(f, cfg) for f in args.image or ()]  # [(patches [h*w, 3*p*p], grid)]
+    if images and (len(prompts) != 1 or not cfg.vision_n_layers):
+        raise InferError("--image needs one prompt and a model with a vision tower" if cfg.vision_n_layers else
+                         f"--image: {args.checkpoint} has no vision tower (vision_n_layers = 0)")
+    if images:
+        prompts[0], starts = image_prompt(cfg, prompts[0], [g for _, g in images])
+    if not all(prompts):
+        raise InferError("the prompt is empty after tokenisation")
+    stop = args.stop if args.stop is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
+    mesh = rules = None
+    if args.mesh is not None:
+        from sharding.mesh import make_mesh
+        from sharding.rules import get_rules
+
+        mesh, rules = make_mesh(args.mesh), get_rules(args.rules)
+    loaded = load_model(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
+                        mtp=True if args.speculative else False, mesh=mesh, rules=rules)
+    print(f"loaded DeepSeek-V4.1 {loaded.kind.value} checkpoint {args.checkpoint}"
+          + (f" on mesh {args.mesh} ({rules.name} rules)" if mesh is not None else ""), file=sys.stderr)
+    from contextlib import nullcontext
+
+    from sharding.context import use_mesh_rules
+
+    t0, steps, accepted, outputs = time.perf_counter(), 0, 0, {}
+    with use_mesh_rules(mesh, rules) if mesh is not None else nullcontext():
+        for n in sorted({len(p) for p in prompts}):  # rows of one length decode together (no padding)
+            rows = [i for i, p in enumerate(prompts) if len(p) == n]
+            got = generate_v41(loaded.model, np.array([prompts[i] for i in rows]), args.max_new_tokens, token_map,
+                               draft=args.speculative, max_len=args.max_len,
+                               images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
+            steps, accepted = steps + got.steps, accepted + got.accepted
+            outputs.update({i: list(map(int, got.tokens[j])) for j, i in enumerate(rows)})
+    seconds = time.perf_counter() - t0
+    for i in range(len(prompts)):
+        ids = outputs[i]
+        ids = ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]  # up to the first stop token
+        text = tok.decode(ids) if tok else " ".join(map(str, ids))
+        print(text if len(prompts) == 1 else f"[{i}] {text}")
+    line = (f"{sum(map(len, prompts))} prompt + {len(prompts) * args.max_new_tokens} new tokens in {seconds:.2f} s "
+            f"({steps} main-model steps after the prefill, includes compilation)")
+    if args.speculative:
+        line += f"; DSpark accepted {accepted} drafted tokens"
     print(line, file=sys.stderr)
     return 0
 

@@ -1,0 +1,72 @@
+"""`infer.py` on a DeepSeek-V4.1 checkpoint (issue 20): the golden fixture directory generates the official
+code's greedy tokens, plain and with DSpark; an image file goes through the preprocessing into the prompt;
+what V4.1 does not support yet is refused in one line naming the flag."""
+
+import os
+
+import numpy as np
+import pytest
+
+import infer
+from v41_fixtures import FIXTURES, load, needs_fixtures
+
+pytestmark = needs_fixtures
+TOKEN_MAP = os.path.join(FIXTURES, "engram_token_map.npy")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v41")
+    os.symlink(os.path.join(FIXTURES, "config.json"), d / "config.json")
+    os.symlink(os.path.join(FIXTURES, "model.safetensors"), d / "model.safetensors")
+    np.save(d / "prompt.npy", load("input_ids.npy"))
+    return str(d)
+
+
+def _run(capsys, *argv):
+    code = infer.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_the_fixture_generates_the_official_tokens(checkpoint, capsys, speculative):
+    code, out, err = _run(capsys, "--checkpoint", checkpoint, "--prompt-ids", os.path.join(checkpoint, "prompt.npy"),
+                          "--engram-token-map", TOKEN_MAP, "--max-new-tokens", "7", "--dtype", "float32",
+                          *(["--speculative"] if speculative else []))
+    assert code == 0, err
+    want = load("generated_ids.npy")
+    assert out.splitlines() == [f"[{b}] " + " ".join(map(str, row)) for b, row in enumerate(want)]
+    assert "DeepSeek-V4.1" in err and ("DSpark accepted" in err) == speculative
+
+
+def test_an_image_file_enters_the_prompt(checkpoint, capsys, tmp_path):
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((60, 90, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "pic.png")
+    (tmp_path / "ids.txt").write_text("5 6 7 8\n")
+    code, out, err = _run(capsys, "--checkpoint", checkpoint, "--prompt-ids", str(tmp_path / "ids.txt"),
+                          "--engram-token-map", TOKEN_MAP, "--max-new-tokens", "3", "--image", str(tmp_path / "pic.png"))
+    assert code == 0, err
+    assert len(out.split()) == 3
+    # the span: 60 x 90 pixels scale up to >= vision_min_pixels, then the ViT / aligner grid decides its length
+    from v4jax.config_v41 import V41Config
+    from v4jax.inference.images import image_tokens, load_image
+
+    cfg = V41Config.from_json_file(os.path.join(checkpoint, "config.json"))
+    _, grid = load_image(tmp_path / "pic.png", cfg)
+    assert f"{image_tokens(grid, cfg) + 4} prompt" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "0.7"], "--temperature / --top-k / --top-p is not supported for DeepSeek-V4.1"),
+    (["--image", "/nonexistent/pic.png"], "/nonexistent/pic.png"),
+    ([], "needs the release's tokenizer.json"),  # no --engram-token-map and no tokenizer
+])
+def test_unsupported_or_bad_input_is_refused_in_one_line(checkpoint, capsys, argv, message):
+    base = ["--checkpoint", checkpoint, "--prompt-ids", os.path.join(checkpoint, "prompt.npy")]
+    if argv[:1] == ["--image"]:
+        base += ["--engram-token-map", TOKEN_MAP]
+    code, _, err = _run(capsys, *base, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
