@@ -405,30 +405,6 @@ def is_v41_checkpoint(path: str) -> bool:
     return os.path.isfile(cfg_path) and is_v41_config(_read_json(cfg_path))
 
 
-def engram_token_map(cfg, args, tok_path: str | None) -> np.ndarray | None:
-    """The Engram compressed token map: --engram-token-map, else rebuilt from the tokenizer.json
-    (architecture.md §12.4); None for a model without Engram layers."""
-    if not cfg.engram_layer_ids:
-        return None
-    if args.engram_token_map:
-        try:
-            token_map = np.load(args.engram_token_map, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise InferError(f"cannot read --engram-token-map {args.engram_token_map}: {e}") from None
-        if token_map.ndim != 1 or not np.issubdtype(token_map.dtype, np.integer) or len(token_map) < cfg.vocab_size:
-            raise InferError(f"--engram-token-map {args.engram_token_map}: expected integer ids [{cfg.vocab_size}], "
-                             f"got {token_map.dtype} {token_map.shape}")
-        return token_map
-    if tok_path is None or tok_path == "byte":
-        raise InferError(f"this model has Engram layers: its n-gram hash needs the release's tokenizer.json "
-                         f"(in {args.checkpoint} or --tokenizer) or --engram-token-map FILE.npy")
-    from tokenizers import Tokenizer
-
-    from v4jax.model.engram_hash import token_map_from_tokenizer
-
-    return token_map_from_tokenizer(Tokenizer.from_file(tok_path), cfg.vocab_size)
-
-
 def run_v41(args) -> int:
     """A DeepSeek-V4.1 checkpoint (architecture.md §12): greedy generation through the model's own forward,
     plain or DSpark-speculative (--speculative; the same tokens), text prompts and --image."""
@@ -436,7 +412,7 @@ def run_v41(args) -> int:
 
     from v4jax.config_v41 import V41Config
     from v4jax.inference.generate import check_token_ids
-    from v4jax.inference.generate_v41 import generate_v41, image_prompt
+    from v4jax.inference.generate_v41 import generate_v41, image_prompt, resolve_token_map
     from v4jax.inference.images import load_image
     from v4jax.io.restore import load_model
     from v4jax.model.v41 import Image
@@ -457,7 +433,7 @@ def run_v41(args) -> int:
     prompts = [tok.encode(args.prompt)] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
     for p in prompts:
         check_token_ids(p, cfg.vocab_size)
-    token_map = engram_token_map(cfg, args, tok_path)
+    token_map = resolve_token_map(cfg, args.engram_token_map, tok_path)
     images = [load_image(f, cfg) for f in args.image or ()]  # [(patches [h*w, 3*p*p], grid)]
     if images and (len(prompts) != 1 or not cfg.vision_n_layers):
         raise InferError("--image needs one prompt and a model with a vision tower" if cfg.vision_n_layers else

@@ -70,3 +70,23 @@ def test_unsupported_or_bad_input_is_refused_in_one_line(checkpoint, capsys, arg
         base += ["--engram-token-map", TOKEN_MAP]
     code, _, err = _run(capsys, *base, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_parity_dump_compares_equal_to_the_official_arrays(checkpoint, tmp_path, capsys):
+    """`parity dump` on the fixture directory, then `parity compare` against the official code's arrays of the
+    same names (logits, every block's streams, the Engram-updated streams); the teacher-forced cached decode
+    equals the stateless logits at the same positions."""
+    from v4jax import parity
+
+    out = str(tmp_path / "ours")
+    assert parity.main(["dump", "--checkpoint", checkpoint, "--input-ids", os.path.join(checkpoint, "prompt.npy"),
+                        "--out", out, "--engram-token-map", TOKEN_MAP, "--decode-from", "34"]) == 0
+    ref = tmp_path / "official"
+    ref.mkdir()
+    for name in ("logits", "hidden_states", "engram_block_inputs"):
+        os.symlink(os.path.join(FIXTURES, f"{name}.npy"), ref / f"{name}.npy")
+    decode = np.load(os.path.join(out, "decode_logits.npy"))
+    os.remove(os.path.join(out, "decode_logits.npy"))
+    capsys.readouterr()
+    assert parity.main(["compare", out, str(ref)]) == 0, capsys.readouterr().out
+    np.testing.assert_allclose(decode, load("logits.npy")[:, 33:], rtol=0, atol=2e-5)

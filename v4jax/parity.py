@@ -15,7 +15,10 @@ when any exceeds the tolerances or is present in one folder only (2 on unusable 
 backend writes the same files to check itself against v4jax.
 
 The checkpoint is any form `v4jax.io.restore.load_model` reads (HF / release safetensors, a convert
-output, a train.py run directory). OUT must be absent or empty unless `--overwrite`; the arrays are
+output, a train.py run directory). For a DeepSeek-V4.1 checkpoint the arrays follow the official code's
+dumps (and the golden fixtures): logits, hidden_states [L, B, S, n_hc, d] (each block's output streams),
+engram_block_inputs [n_engram, B, S, n_hc, d] and decode_logits; the Engram hash's token map comes from
+CHECKPOINT/tokenizer.json or `--engram-token-map FILE.npy`. OUT must be absent or empty unless `--overwrite`; the arrays are
 written to `OUT.partial` and renamed onto OUT when all are written (`v4jax.io.safe_io`).
 """
 
@@ -50,13 +53,11 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
-         decode_from: int | None = None, overwrite: bool = False, numerics: str = "exact") -> dict[str, np.ndarray]:
+         decode_from: int | None = None, overwrite: bool = False, numerics: str = "exact",
+         engram_token_map: str | None = None) -> dict[str, np.ndarray]:
     """Run the forward (and, with decode_from, the cached decode) and write the arrays to `out`.
-    dtype: compute and parameter dtype (default float32; bfloat16 with numerics=release, which needs it)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
+    dtype: compute and parameter dtype (default float32; bfloat16 with numerics=release, which needs it).
+    engram_token_map: V4.1 only, a saved Engram token map (.npy) when the checkpoint has no tokenizer.json."""
     from v4jax.io.restore import load_model
     from v4jax.io.safe_io import check_target
 
@@ -67,7 +68,66 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
         raise ValueError(f"cannot read token ids from {input_ids}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     # every form infer.py reads: HF / release / module-name safetensors, a convert output, a train run
     dtype = dtype or ("bfloat16" if numerics == "release" else "float32")
-    loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype, numerics=numerics)
+    if _is_v41(checkpoint):
+        if numerics != "exact":
+            raise ValueError("--numerics release is not supported for DeepSeek-V4.1 checkpoints")
+        loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype, mtp=False)
+        arrays = _dump_v41(loaded.model, check_token_ids(ids, loaded.cfg.vocab_size), decode_from, checkpoint,
+                           engram_token_map)
+    else:
+        if engram_token_map:
+            raise ValueError("--engram-token-map is for DeepSeek-V4.1 checkpoints")
+        arrays = _dump_v4(load_model(checkpoint, dtype=dtype, param_dtype=dtype, numerics=numerics), ids, decode_from)
+    from v4jax.io.safe_io import staged
+
+    result = {name: np.asarray(a, dtype=np.float32) for name, a in arrays.items()}
+    with staged(out, overwrite=overwrite) as tmp:
+        for name, a in result.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), a)
+    return result
+
+
+def _is_v41(checkpoint: str) -> bool:
+    import json
+
+    from v4jax.io.official_v41 import is_v41_config
+
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            return is_v41_config(json.load(f))
+    except (OSError, ValueError):
+        return False  # load_model names the problem
+
+
+def _dump_v41(model, ids: np.ndarray, decode_from: int | None, checkpoint: str, token_map_file: str | None):
+    """DeepSeek-V4.1 (architecture.md §12), in the layout of the official code's dumps: logits [B, S, V],
+    hidden_states [L, B, S, n_hc, d] (each block's output streams), engram_block_inputs [n_engram, B, S,
+    n_hc, d] (the streams after each Engram update), decode_logits as for V4."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from v4jax.inference.generate_v41 import Engram, engram_rows, resolve_token_map, teacher_forced_logits
+    from v4jax.model.engram_hash import empty_history, engram_layout
+
+    cfg = model.cfg
+    tok = os.path.join(checkpoint, "tokenizer.json")
+    token_map = resolve_token_map(cfg, token_map_file, tok if os.path.isfile(tok) else None)
+    engram = None if token_map is None else Engram(token_map, empty_history(ids.shape[0], engram_layout(cfg)))
+    rows, _ = engram_rows(model, engram, ids)
+    o = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(ids), rows)
+    arrays = {"logits": o.logits, "hidden_states": jnp.stack(o.hidden_states)}
+    if o.engram_inputs:
+        arrays["engram_block_inputs"] = jnp.stack(o.engram_inputs)
+    if decode_from is not None:
+        arrays["decode_logits"] = teacher_forced_logits(model, ids, decode_from, token_map)
+    return arrays
+
+
+def _dump_v4(loaded, ids: np.ndarray, decode_from: int | None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     model, cfg = loaded.model, loaded.cfg
     ids = check_token_ids(ids, cfg.vocab_size)
     graphdef, state = nnx.split(model)
@@ -82,13 +142,7 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
         arrays["mtp_logits"] = o.mtp_logits
     if decode_from is not None:
         arrays["decode_logits"] = decode_logits(model, ids, decode_from)
-    from v4jax.io.safe_io import staged
-
-    result = {name: np.asarray(a, dtype=np.float32) for name, a in arrays.items()}
-    with staged(out, overwrite=overwrite) as tmp:
-        for name, a in result.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), a)
-    return result
+    return arrays
 
 
 def decode_logits(model, ids: np.ndarray, decode_from: int) -> np.ndarray:
@@ -166,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="release: DeepSeek's inference roundings (FP8 activations and KV, FP4 indexer; docs/numerics.md)")
     d.add_argument("--decode-from", type=int, default=None, metavar="S0",
                    help="also write decode_logits.npy: prefill S0 ids, then decode the rest one token at a time")
+    d.add_argument("--engram-token-map", default=None, metavar="FILE.npy",
+                   help="DeepSeek-V4.1: the Engram token map when the checkpoint has no tokenizer.json")
     d.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c = sub.add_parser("compare", help="compare the arrays of two dump folders")
     c.add_argument("a")
@@ -176,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dump":
             arrays = dump(args.checkpoint, args.input_ids, args.out, args.dtype, decode_from=args.decode_from,
-                          overwrite=args.overwrite, numerics=args.numerics)
+                          overwrite=args.overwrite, numerics=args.numerics,
+                          engram_token_map=args.engram_token_map)
             for name, a in arrays.items():
                 print(f"wrote {os.path.join(args.out, name + '.npy')} {a.shape}")
             return 0

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
-                                     pad_compressed_id)
+                                     pad_compressed_id, token_map_from_tokenizer)
 from v4jax.model.v41 import Image, V41Transformer, init_v41_cache
 from v4jax.model.vision import image_span_layout
 
@@ -41,7 +41,7 @@ class V41Generation(NamedTuple):
     accepted: int  # drafted tokens accepted in all
 
 
-def _hash(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None):
+def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None):
     """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens). dead [B, T]:
     image-span positions, which hash as pad and block the look-back across them."""
     cfg = model.cfg
@@ -53,6 +53,50 @@ def _hash(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead
     rows = np.stack([ngram_hash_ids(ids, dead, layout, i, pad, engram.history) for i in range(len(layout.layer_ids))],
                     axis=2)
     return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids, dead))
+
+
+def resolve_token_map(cfg, token_map_file: str | None, tokenizer_file: str | None) -> np.ndarray | None:
+    """The Engram compressed token map [V] for `cfg`'s model: a saved one (.npy), else rebuilt from the
+    release's tokenizer.json (architecture.md §12.4); None for a model without Engram layers. A one-line
+    ValueError naming the file or what is missing."""
+    if not cfg.engram_layer_ids:
+        return None
+    if token_map_file:
+        try:
+            token_map = np.load(token_map_file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"cannot read the Engram token map {token_map_file}: {e}") from None
+        if token_map.ndim != 1 or not np.issubdtype(token_map.dtype, np.integer) or len(token_map) < cfg.vocab_size:
+            raise ValueError(f"Engram token map {token_map_file}: expected integer ids [{cfg.vocab_size}], got "
+                             f"{token_map.dtype} {token_map.shape}")
+        return token_map
+    if tokenizer_file is None or tokenizer_file == "byte":
+        raise ValueError("this model has Engram layers: its n-gram hash needs the release's tokenizer.json or a "
+                         "saved token map (--engram-token-map FILE.npy)")
+    from tokenizers import Tokenizer
+
+    return token_map_from_tokenizer(Tokenizer.from_file(tokenizer_file), cfg.vocab_size)
+
+
+def teacher_forced_logits(model: V41Transformer, ids: np.ndarray, decode_from: int,
+                          token_map: np.ndarray | None) -> np.ndarray:
+    """Cached decode under teacher forcing (the parity tool's decode_logits): prefill ids[:, :S0] into the
+    V4.1 cache, then feed the rest one token at a time. -> [B, S - S0 + 1, V] fp32, entry j the logits
+    at position S0 - 1 + j (equal to the stateless forward's there)."""
+    cfg = model.cfg
+    ids = np.asarray(ids, np.int64)
+    B, S = ids.shape
+    if not 1 <= decode_from <= S:
+        raise ValueError(f"--decode-from must lie in [1, {S}] (the number of input ids), got {decode_from}")
+    engram = None if not cfg.engram_layer_ids else Engram(np.asarray(token_map), empty_history(B, engram_layout(cfg)))
+    forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    cache, out = init_v41_cache(cfg, B, S), []
+    for lo, hi in [(0, decode_from)] + [(t, t + 1) for t in range(decode_from, S)]:
+        rows, engram = engram_rows(model, engram, ids[:, lo:hi])
+        o = forward(model, jnp.asarray(ids[:, lo:hi], jnp.int32), rows, cache)
+        cache = o.cache
+        out.append(np.asarray(o.logits[:, -1], np.float32))
+    return np.stack(out, axis=1)
 
 
 def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -94,7 +138,7 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
     for img in images:
         spans[img.row, img.start:img.start + image_span_layout(img.grid, cfg.vision_downsample_ratio).n_tokens] = True
-    rows, engram = _hash(model, engram, prompt, spans)
+    rows, engram = engram_rows(model, engram, prompt, spans)
     tokens, cache = jnp.asarray(prompt, jnp.int32), init_v41_cache(cfg, B, max_len)
     if images:  # the spans' embeddings replaced, bias_vl and Engram gate 0 there
         where = [(img.row, img.start, img.grid) for img in images]
@@ -110,7 +154,7 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
     generated, steps, accepted = [np.asarray(token)], 0, 0
     while len(generated) < max_new:
         if not draft:
-            rows, engram = _hash(model, engram, np.asarray(token)[:, None])
+            rows, engram = engram_rows(model, engram, np.asarray(token)[:, None])
             out = forward(model, token[:, None], rows, cache)
             cache, token = out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
             generated.append(np.asarray(token))
@@ -118,14 +162,14 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
             continue
         d, cache = drafter(model, features, cache, token)  # the rings take the features of the tokens so far
         candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
-        rows, _ = _hash(model, engram, candidate)
+        rows, _ = engram_rows(model, engram, candidate)
         verify = forward(model, jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
         greedy = np.asarray(jnp.argmax(verify.logits, axis=-1))  # [B, 1 + k]
         agree = np.cumprod(greedy[:, :-1] == candidate[:, 1:], axis=1)  # draft i stands while all before agree
         n = int(np.min(np.sum(agree, axis=1)))  # drafts kept: the same count for every row
         n = min(n, max_new - len(generated) - 1)
         keep = candidate[:, :1 + n]  # the token and the accepted drafts, each the main model's greedy choice
-        rows, engram = _hash(model, engram, keep)
+        rows, engram = engram_rows(model, engram, keep)
         out = forward(model, jnp.asarray(keep, jnp.int32), rows, cache)
         cache, features = out.cache, out.target_features
         generated += [keep[:, i] for i in range(1, 1 + n)]
