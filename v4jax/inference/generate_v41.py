@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
                                      pad_compressed_id, token_map_from_tokenizer)
-from v4jax.model.v41 import Image, V41Transformer, init_v41_cache
+from v4jax.model.v41 import Image, V41Transformer, init_v41_cache, v41_cache_shardings
 from v4jax.model.vision import image_span_layout
 
 
@@ -113,11 +114,25 @@ def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[
 
 
 def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
-                 draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = ()) -> V41Generation:
+                 draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = (),
+                 mesh=None, rules=None) -> V41Generation:
     """prompt [B, T] int -> `max_new` greedy tokens per row. token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
     with the DSpark stages (same tokens, fewer main-model calls). images: `Image`s whose spans the
-    prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens."""
+    prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens.
+    mesh, rules: over a device mesh (the model loaded sharded by `rules`, `load_model(mesh=, rules=)`):
+    the cache's sequences split over the rules' batch axes, every step SPMD over the mesh."""
+    if (mesh is None) != (rules is None):
+        raise ValueError("generate_v41: mesh and rules go together")
+    if mesh is not None:
+        from sharding.context import use_mesh_rules
+
+        with use_mesh_rules(mesh, rules):
+            return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules)
+    return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None)
+
+
+def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules) -> V41Generation:
     cfg = model.cfg
     prompt = np.asarray(prompt, np.int64)
     B, T = prompt.shape
@@ -140,6 +155,8 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
         spans[img.row, img.start:img.start + image_span_layout(img.grid, cfg.vision_downsample_ratio).n_tokens] = True
     rows, engram = engram_rows(model, engram, prompt, spans)
     tokens, cache = jnp.asarray(prompt, jnp.int32), init_v41_cache(cfg, B, max_len)
+    if mesh is not None:  # each sequence's cache on the devices that hold its rows
+        cache = jax.device_put(cache, v41_cache_shardings(cache, mesh, rules))
     if images:  # the spans' embeddings replaced, bias_vl and Engram gate 0 there
         where = [(img.row, img.start, img.grid) for img in images]
 

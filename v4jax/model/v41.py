@@ -97,6 +97,15 @@ def init_v41_cache(cfg: V41Config, batch: int, max_len: int, dtype=jnp.float32) 
     return V41Cache(jnp.zeros((batch,), jnp.int32), tuple(layers), rings, jnp.zeros((batch,), jnp.int32), max_len)
 
 
+def v41_cache_shardings(cache: V41Cache, mesh: jax.sharding.Mesh, rules) -> V41Cache:
+    """NamedShardings for every V4.1 cache array (concrete or abstract): the sequences (leading dimension)
+    over the rules' `batch` axes, the rest whole; a batch that does not divide them stays whole."""
+    from jax.sharding import NamedSharding
+
+    return jax.tree.map(lambda a: NamedSharding(mesh, rules.spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh,
+                                                                 what="activation")), cache)
+
+
 def _rope_table(cfg: V41Config, ratio: int):
     """Ratio-0 layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta with YaRN."""
     return inv_frequencies(cfg, AttentionKind.SLIDING if ratio == 0 else AttentionKind.CSA)

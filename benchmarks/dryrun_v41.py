@@ -1,0 +1,168 @@
+"""Ahead-of-time dry run of DeepSeek-V4.1 (v41-flash) on a TPU topology, on a machine without TPUs
+(architecture.md §12.9).
+
+    python -m benchmarks.dryrun_v41 --mode decode|train --topology v5p:4x4x4 --rules fsdp_ep \
+        [--config v41-flash] [--batch B] [--seq S] [--mesh fsdp=8,expert=8] [--json OUT]
+
+decode: one token per sequence against a V4.1 cache of --seq positions, through the model's own forward
+(`V41Transformer(tokens, engram_ids, cache=cache)`, bf16 weights; the cache's rows split over the batch
+axes). train: the next-token cross-entropy of the stateless forward, its gradient and an AdamW update
+(fp32 master weights and moments, bf16 compute); DSpark stages and the vision tower are left out of both
+(the text backbone is what a pod trains and serves). The V4.1 blocks are distinct modules (a Python
+loop, not a scan), so compile time grows with the 40 layers.
+
+Reports per device the compiled memory (arguments, outputs, temporaries) against the chip's HBM, the
+compiled FLOPs and HBM bytes, the bytes moved by collectives, and the roofline step time, as
+`benchmarks.dryrun` does for V4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks.dryrun import collective_bytes, libtpu_version, tpu_devices
+from benchmarks.v41 import param_counts
+from sharding.chips import chip_for
+from sharding.context import use_mesh_rules
+from sharding.mesh import describe, make_mesh
+from sharding.partition import data_sharding, state_shardings
+from sharding.rules import get_rules
+from v4jax.config import RunOptions
+from v4jax.config_v41 import V41Config
+from v4jax.model.v41 import V41Transformer, init_v41_cache, v41_cache_shardings
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
+    """(jitted step, abstract sharded arguments) for the mode."""
+    serving = mode == "decode"
+    options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32")
+    model = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=options))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
+    n_engram, cols = len(cfg.engram_layer_ids), cfg.engram_n_heads * (cfg.engram_max_ngram_size - 1)
+    if serving:
+        cache = jax.eval_shape(lambda: init_v41_cache(cfg, batch, seq, jnp.bfloat16))
+        c_sh = v41_cache_shardings(cache, mesh, rules)
+        tok_sh = NamedSharding(mesh, rules.spec(("batch", None), (batch, 1), mesh))
+        eng_sh = NamedSharding(mesh, PartitionSpec(*tok_sh.spec, None, None))
+
+        def step(params, rest, cache, tokens, engram_ids):
+            with use_mesh_rules(mesh, rules):
+                out = nnx.merge(graphdef, params, rest)(tokens, engram_ids, cache=cache)
+            return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
+
+        fn = jax.jit(step, in_shardings=(p_sh, r_sh, c_sh, tok_sh, eng_sh), out_shardings=(None, c_sh),
+                     donate_argnums=2)
+        args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(cache, c_sh),
+                jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh),
+                jax.ShapeDtypeStruct((batch, 1, n_engram, cols), jnp.int32, sharding=eng_sh))
+        return fn, args
+    tok_sh = data_sharding(mesh, rules, (batch, seq))
+    eng_sh = NamedSharding(mesh, PartitionSpec(*tok_sh.spec, None, None))
+    optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+    opt = jax.eval_shape(optimizer.init, params)
+    o_sh = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec()), opt)
+    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, o_sh, p_sh,
+                                 transform_non_params=lambda s: s) if hasattr(optax, "tree_map_params") else o_sh
+
+    def train_step(params, rest, opt, tokens, engram_ids):
+        def loss_fn(params):
+            with use_mesh_rules(mesh, rules):
+                logits = nnx.merge(graphdef, params, rest)(tokens, engram_ids).logits  # [B, T, V] fp32
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = optimizer.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    fn = jax.jit(train_step, in_shardings=(p_sh, r_sh, o_sh, tok_sh, eng_sh), out_shardings=(p_sh, o_sh, None),
+                 donate_argnums=(0, 2))
+    args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(opt, o_sh),
+            jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh),
+            jax.ShapeDtypeStruct((batch, seq, n_engram, cols), jnp.int32, sharding=eng_sh))
+    return fn, args
+
+
+def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
+            seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8") -> dict:
+    chip = chip_for(topology)
+    cfg = V41Config.preset(config).without_dspark()
+    cfg = cfg.replace(vision_n_layers=0, max_seq_len=max(cfg.max_seq_len, seq + 1))
+    devices = tpu_devices(topology)
+    rules = get_rules(rules_name)
+    mesh = make_mesh(mesh_spec, devices=devices)
+    fn, args = build(cfg, mode, batch, seq, mesh, rules)
+    t0 = time.time()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    try:
+        coll = collective_bytes(compiled.as_text())
+    except jax.errors.JaxRuntimeError:
+        coll = None
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    counts = param_counts(cfg)
+    tokens = batch if mode == "decode" else batch * seq
+    model_flops = tokens * 2 * counts["active"] * (3 if mode == "train" else 1)  # matmuls; attention left out
+    per_dev = chip.devices_per_chip
+    times = {"compute": flops / (chip.bf16_flops / per_dev), "memory": traffic / (chip.hbm_bandwidth / per_dev),
+             **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
+    bound = max(times, key=times.get)
+    return {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
+            "mesh": describe(mesh), "rules": rules_name, "batch": batch, "seq": seq, "compile_s": round(compile_s, 1),
+            "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
+            "hbm_bytes": chip.hbm_per_device, "fits": peak <= chip.hbm_per_device,
+            "compiled_flops_per_device": flops, "hbm_bytes_accessed_per_device": traffic,
+            "collective_bytes_per_device": coll, "model_flops": model_flops,
+            "compiled_over_model_flops": flops * len(devices) / model_flops if model_flops else None,
+            "step_s": times[bound], "bound": bound, "tokens_per_s_per_chip": tokens / times[bound] / (len(devices) / per_dev),
+            "libtpu": libtpu_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dryrun_v41", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["decode", "train"], default="decode")
+    p.add_argument("--config", default="v41-flash")
+    p.add_argument("--topology", default="v5p:4x4x4")
+    p.add_argument("--rules", default="fsdp_ep")
+    p.add_argument("--mesh", default="fsdp=8,expert=8")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    try:
+        report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
+                         mesh_spec=args.mesh)
+    except ValueError as e:  # ConfigError, ShardingError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0 if report["fits"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
