@@ -406,24 +406,24 @@ def is_v41_checkpoint(path: str) -> bool:
 
 
 def run_v41(args) -> int:
-    """A DeepSeek-V4.1 checkpoint (architecture.md §12): greedy generation through the model's own forward,
-    plain or DSpark-speculative (--speculative; the same tokens), text prompts and --image."""
+    """A DeepSeek-V4.1 checkpoint (architecture.md §12): generation through the model's own forward, greedy or
+    sampled, or greedy DSpark-speculative (--speculative; the same tokens), text prompts and --image."""
     import time
 
     from v4jax.config_v41 import V41Config
-    from v4jax.inference.generate import check_token_ids
+    from v4jax.inference.generate import Sampling, check_token_ids
     from v4jax.inference.generate_v41 import generate_v41, image_prompt, resolve_token_map
     from v4jax.inference.images import load_image
     from v4jax.io.restore import load_model
     from v4jax.model.v41 import Image
 
     for flag, used in (("--prompts-file / --slots", args.prompts_file is not None or args.slots is not None),
-                       ("--temperature / --top-k / --top-p", args.temperature or args.top_k or args.top_p != 1.0),
+                       ("sampling (--temperature > 0) with --speculative", args.temperature and args.speculative),
                        ("--prefill-chunk", args.prefill_chunk is not None), ("--step", args.step is not None),
                        ("--numerics release", args.numerics != "exact")):
         if used:
-            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (greedy generation, plain "
-                             "or --speculative, over --prompt / --prompt-ids)")
+            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (plain generation, greedy "
+                             "or sampled, or greedy --speculative, over --prompt / --prompt-ids)")
     cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
     tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
     if args.prompt is not None and tok_path is None:
@@ -457,7 +457,8 @@ def run_v41(args) -> int:
     for n in sorted({len(p) for p in prompts}):  # rows of one length decode together (no padding)
         rows = [i for i, p in enumerate(prompts) if len(p) == n]
         got = generate_v41(loaded.model, np.array([prompts[i] for i in rows]), args.max_new_tokens, token_map,
-                           draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules,
+                           draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
+                           sampling=Sampling(args.temperature, args.top_k, args.top_p),
                            images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
         steps, accepted = steps + got.steps, accepted + got.accepted
         outputs.update({i: list(map(int, got.tokens[j])) for j, i in enumerate(rows)})

@@ -60,7 +60,7 @@ def test_an_image_file_enters_the_prompt(checkpoint, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "0.7"], "--temperature / --top-k / --top-p is not supported for DeepSeek-V4.1"),
+    (["--temperature", "0.7", "--speculative"], "sampling (--temperature > 0) with --speculative is not supported"),
     (["--image", "/nonexistent/pic.png"], "/nonexistent/pic.png"),
     ([], "needs the release's tokenizer.json"),  # no --engram-token-map and no tokenizer
 ])

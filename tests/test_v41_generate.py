@@ -68,3 +68,19 @@ def test_an_image_prompt_generates_the_official_tokens(model):
     ids, starts = image_prompt(model.cfg, [7, 8], [(5, 7)])
     assert starts == [0] and len(ids) == 2 + 2 * 4 + 2 and ids[:-2] == [model.cfg.image_token_id] * 10
     assert (prompt[0, 5:15] == model.cfg.image_token_id).all()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    from v4jax.inference.generate import Sampling
+
+    prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    greedy = np.load(os.path.join(FIXTURES, "generated_ids.npy"))[:, :5]
+    assert (generate_v41(model, prompt, 5, token_map, sampling=Sampling(1.0, 1, 1.0)).tokens == greedy).all()
+    hot = Sampling(1.5, 0, 1.0)
+    a, b = (generate_v41(model, prompt, 5, token_map, sampling=hot, seed=s).tokens for s in (3, 3))
+    np.testing.assert_array_equal(a, b)
+    assert (a != generate_v41(model, prompt, 5, token_map, sampling=hot, seed=4).tokens).any()
+    assert (a != greedy).any()
+    with pytest.raises(ValueError, match="greedy"):
+        generate_v41(model, prompt, 5, token_map, draft=True, sampling=hot)

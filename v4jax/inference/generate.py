@@ -133,7 +133,7 @@ def sample(logits: jax.Array, keys: jax.Array, params: Sampling) -> jax.Array:
     return jnp.where(params.temperature == 0, greedy, drawn)
 
 
-def _row_keys(seed, rows: int, position: jax.Array) -> jax.Array:
+def row_keys(seed, rows: int, position: jax.Array) -> jax.Array:
     """One key per row and position [B] of the token drawn: a row's draws do not depend on its batch mates."""
     base = jax.random.key(seed)
     return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base, r), t))(jnp.arange(rows), position)
@@ -188,7 +188,7 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
     def _step(state, cache, pending, step, seed, params):
         out = nnx.merge(gd, state)(pending[:, None], cache=cache)
         logits = constrain(out.logits[:, 0], ("batch", None))  # [B, V]: each device draws its own rows
-        nxt = sample(logits, _row_keys(seed, pending.shape[0], step), params)
+        nxt = sample(logits, row_keys(seed, pending.shape[0], step), params)
         return nxt, logits, out.cache
 
     def _mtp_prefill(state, cache, streams, next_tokens, n_valid):
@@ -212,14 +212,14 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
         row = reset_rows(cache_rows(cache, slot), jnp.ones((1,), bool))
         out = nnx.merge(gd, state)(tokens, cache=row, n_valid=n)
         logits = jnp.take_along_axis(out.logits, (n - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
-        return sample(logits, _row_keys(seed, 1, n), params), put_cache_rows(cache, out.cache, slot)
+        return sample(logits, row_keys(seed, 1, n), params), put_cache_rows(cache, out.cache, slot)
 
     def _serve_step(state, cache, pending, active, seed, params):
         # every slot decodes one token; idle slots (active False) neither advance nor write. Row b's
         # draw is keyed by its own position, as row 0 of a batch of one (a prompt's tokens do not
         # depend on its slot or its batch mates)
         out = nnx.merge(gd, state)(pending[:, None], cache=cache, n_valid=active.astype(jnp.int32))
-        keys = jax.vmap(lambda t: _row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
+        keys = jax.vmap(lambda t: row_keys(seed, 1, t[None])[0])(cache.lengths + 1)
         return sample(constrain(out.logits[:, 0], ("batch", None)), keys, params), out.cache
 
     def jit(fn, per_row: tuple[int, ...] = ()):
@@ -335,7 +335,7 @@ class Generator:
                 if s < lengths[b] <= s + chunk:
                     last_logits[b] = logits[b]
         traced = sampling.as_arrays()
-        first = np.asarray(sample(jnp.asarray(last_logits), _row_keys(seed, B, jnp.asarray(lengths)), traced))
+        first = np.asarray(sample(jnp.asarray(last_logits), row_keys(seed, B, jnp.asarray(lengths)), traced))
         draft = None
         if speculative:
             nxt = np.concatenate([padded[:, 1:], np.zeros((B, 1), np.int32)], axis=1)

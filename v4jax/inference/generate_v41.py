@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax.inference.generate import Sampling, row_keys, sample
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
                                      pad_compressed_id, token_map_from_tokenizer)
 from v4jax.model.v41 import Image, V41Transformer, init_v41_cache, v41_cache_shardings
@@ -115,8 +116,9 @@ def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[
 
 def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
                  draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = (),
-                 mesh=None, rules=None) -> V41Generation:
-    """prompt [B, T] int -> `max_new` greedy tokens per row. token_map: the Engram compressed token map
+                 mesh=None, rules=None, sampling: Sampling = Sampling(), seed: int = 0) -> V41Generation:
+    """prompt [B, T] int -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
+    top-k, top-p as for V4; each row's draw keyed by (seed, row, position)). token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
     with the DSpark stages (same tokens, fewer main-model calls). images: `Image`s whose spans the
     prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens.
@@ -128,11 +130,12 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
         from sharding.context import use_mesh_rules
 
         with use_mesh_rules(mesh, rules):
-            return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules)
-    return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None)
+            return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling, seed)
+    return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None, sampling, seed)
 
 
-def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules) -> V41Generation:
+def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling,
+              seed) -> V41Generation:
     cfg = model.cfg
     prompt = np.asarray(prompt, np.int64)
     B, T = prompt.shape
@@ -142,6 +145,10 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         raise ValueError("this model has Engram layers: pass token_map (engram_hash.token_map_from_tokenizer)")
     if draft and not cfg.n_mtp_layers:
         raise ValueError("draft=True needs the DSpark stages (n_mtp_layers > 0)")
+    sampling.validate(cfg.vocab_size)
+    if draft and sampling.temperature > 0:
+        raise ValueError("DSpark speculation here is greedy: sample without draft=True")
+    choose = jax.jit(lambda logits, position: sample(logits, row_keys(seed, B, position), sampling.as_arrays()))
     block = cfg.dspark_block_size if draft else 0
     max_len = max_len or T + max_new + block + 1
     if max_len > cfg.max_seq_len:
@@ -167,13 +174,14 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     else:
         out = forward(model, tokens, rows, cache)
     cache, features = out.cache, out.target_features
-    token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
+    token = choose(out.logits[:, -1], cache.lengths)  # [B]: the token at each row's next position
     generated, steps, accepted = [np.asarray(token)], 0, 0
     while len(generated) < max_new:
         if not draft:
             rows, engram = engram_rows(model, engram, np.asarray(token)[:, None])
             out = forward(model, token[:, None], rows, cache)
-            cache, token = out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+            cache = out.cache
+            token = choose(out.logits[:, -1], cache.lengths)
             generated.append(np.asarray(token))
             steps += 1
             continue
