@@ -52,18 +52,25 @@ def param_counts(cfg: V41Config, abstract: V41Transformer | None = None) -> dict
         abstract = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=RunOptions(
             dtype="bfloat16", param_dtype="bfloat16")))
     sizes = {".".join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    counts = role_counts(sizes, cfg, engram_suffix="engram.table", dspark_prefix="dspark.")
+    engram_rows = sum(cfg.engram_num_embeddings) * cfg.engram_head_dim  # without the row padding
+    return dict(counts, total=counts["total"] - counts["engram"] + engram_rows, engram=engram_rows)
+
+
+def role_counts(sizes: dict[str, int], cfg: V41Config, *, engram_suffix: str, dspark_prefix: str) -> dict[str, float]:
+    """{tensor name: parameters} -> the total and the roles: routed experts (backbone), Engram tables,
+    vision, DSpark, the rest; active per text token = the rest + k of E experts + the Engram rows a
+    token looks up (one per n-gram order and head in each Engram layer)."""
     part = lambda f: sum(n for k, n in sizes.items() if f(k))  # noqa: E731
     experts = part(lambda k: k.startswith("layers.") and ".ffn.experts." in k)
-    engram = part(lambda k: k.endswith("engram.table"))
+    engram = part(lambda k: k.endswith(engram_suffix))
     vision = part(lambda k: k.startswith(("vision.", "aligner.")))
-    dspark = part(lambda k: k.startswith("dspark."))
+    dspark = part(lambda k: k.startswith(dspark_prefix))
     total = sum(sizes.values())
     rest = total - experts - engram - vision - dspark
-    engram_rows = sum(cfg.engram_num_embeddings) * cfg.engram_head_dim  # without the row padding
     active = rest + experts * cfg.n_activated_experts / cfg.n_routed_experts + len(cfg.engram_layer_ids) * (
         (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads * cfg.engram_head_dim)
-    return dict(total=total - engram + engram_rows, experts=experts, engram=engram_rows, vision=vision, dspark=dspark,
-                rest=rest, active=active)
+    return dict(total=total, experts=experts, engram=engram, vision=vision, dspark=dspark, rest=rest, active=active)
 
 
 def cpu_throughput(steps: int) -> dict[str, float]:

@@ -85,17 +85,10 @@ def parameters(shape: tuple[int, ...], dtype: str) -> int:
 
 def release_param_counts(inv: Mapping[str, tuple[tuple[int, ...], str]], cfg) -> dict[str, int | float]:
     """The release's parameters in `benchmarks.v41.param_counts`'s roles (scales not counted)."""
+    from benchmarks.v41 import role_counts
+
     sizes = {n: parameters(*v) for n, v in inv.items() if not n.endswith(".scale")}
-    part = lambda f: sum(n for k, n in sizes.items() if f(k))  # noqa: E731
-    experts = part(lambda k: k.startswith("layers.") and ".ffn.experts." in k)
-    engram = part(lambda k: k.endswith("engram.embed.weight"))
-    vision = part(lambda k: k.startswith(("vision.", "aligner.")))
-    dspark = part(lambda k: k.startswith("mtp."))
-    total = sum(sizes.values())
-    rest = total - experts - engram - vision - dspark
-    active = rest + experts * cfg.n_activated_experts / cfg.n_routed_experts + len(cfg.engram_layer_ids) * (
-        (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads * cfg.engram_head_dim)
-    return dict(total=total, experts=experts, engram=engram, vision=vision, dspark=dspark, rest=rest, active=active)
+    return role_counts(sizes, cfg, engram_suffix="engram.embed.weight", dspark_prefix="mtp.")
 
 
 def main() -> int:
