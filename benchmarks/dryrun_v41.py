@@ -36,7 +36,7 @@ from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
-from sharding.rules import get_rules
+from sharding.rules import get_rules, parse_overrides
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, init_v41_cache, v41_cache_shardings
@@ -99,12 +99,12 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
 
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
-            seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8") -> dict:
+            seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "") -> dict:
     chip = chip_for(topology)
     cfg = V41Config.preset(config).without_dspark()
     cfg = cfg.replace(vision_n_layers=0, max_seq_len=max(cfg.max_seq_len, seq + 1))
     devices = tpu_devices(topology)
-    rules = get_rules(rules_name)
+    rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
     fn, args = build(cfg, mode, batch, seq, mesh, rules)
     t0 = time.time()
@@ -127,7 +127,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
              **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
     bound = max(times, key=times.get)
     return {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
-            "mesh": describe(mesh), "rules": rules_name, "batch": batch, "seq": seq, "compile_s": round(compile_s, 1),
+            "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""), "batch": batch, "seq": seq, "compile_s": round(compile_s, 1),
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
             "hbm_bytes": chip.hbm_per_device, "fits": peak <= chip.hbm_per_device,
@@ -145,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default="v5p:4x4x4")
     p.add_argument("--rules", default="fsdp_ep")
     p.add_argument("--mesh", default="fsdp=8,expert=8")
+    p.add_argument("--rule", default="", help="rule overrides, e.g. 'embed=,mlp=' (sharding.rules.parse_overrides)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     try:
         report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
-                         mesh_spec=args.mesh)
+                         mesh_spec=args.mesh, rule_overrides=args.rule)
     except ValueError as e:  # ConfigError, ShardingError
         print(f"error: {e}", file=sys.stderr)
         return 2
