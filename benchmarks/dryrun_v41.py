@@ -108,7 +108,16 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     mesh = make_mesh(mesh_spec, devices=devices)
     fn, args = build(cfg, mode, batch, seq, mesh, rules)
     t0 = time.time()
-    compiled = fn.lower(*args).compile()
+    head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
+            "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
+            "batch": batch, "seq": seq}
+    try:
+        compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {**head, "compile_s": round(time.time() - t0, 1), "fits": False,
+                "refusal": str(e).split("RESOURCE_EXHAUSTED: ")[-1].strip().splitlines()[0]}
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -126,8 +135,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     times = {"compute": flops / (chip.bf16_flops / per_dev), "memory": traffic / (chip.hbm_bandwidth / per_dev),
              **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
     bound = max(times, key=times.get)
-    return {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
-            "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""), "batch": batch, "seq": seq, "compile_s": round(compile_s, 1),
+    return {**head, "compile_s": round(compile_s, 1),
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
             "hbm_bytes": chip.hbm_per_device, "fits": peak <= chip.hbm_per_device,
