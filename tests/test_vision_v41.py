@@ -150,3 +150,18 @@ def test_flash_shapes_and_logical_axes():
     per_block = 2 * d + 4 * (d * d + d) + 3 * d * i
     assert n == (588 * d + d) + 32 * per_block + d + (9 * d * 5120 + 5120) + (5120 * 5120 + 5120)
     assert tower.blocks[0].attn.wq.linear.kernel.shape == (d, d) and aligner.w1.linear.kernel.shape == (9 * d, 5120)
+
+
+def test_attention_in_query_chunks_equals_whole():
+    """The scores are built for a chunk of queries at a time (memory); the output is the same."""
+    import jax
+
+    from v4jax.model.vision import VisionAttention, vision_rope_angles
+
+    cfg = V41Config.preset("v41-tiny")
+    attn = VisionAttention(cfg, param_dtype=np.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (35, cfg.vision_dim))
+    angles = vision_rope_angles((5, 7), cfg.vision_dim // cfg.vision_n_heads, cfg.vision_rope_theta)
+    whole = attn(x, angles)
+    attn.query_chunk = 8  # 35 queries: chunks of 8, 8, 8, 8, 3
+    np.testing.assert_allclose(attn(x, angles), whole, rtol=1e-6, atol=1e-6)
