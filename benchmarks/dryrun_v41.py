@@ -42,6 +42,27 @@ from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, init_v41_cache, v41_cache_shardings
 
 
+# v41-flash layers that keep one of each kind, for a depth-reduced compile (--layers): two ratio-0 layers
+# (Engram at 1), a ratio-2 KV + index source and a follower, the second Engram layer (a ratio-2 source) and
+# a follower, the ratio-1 KV + index + candidate source and a follower, a ratio-1 index-only source and a follower
+REPRESENTATIVE_LAYERS = (0, 1, 2, 3, 14, 15, 20, 21, 24, 25)
+
+
+def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
+    """`cfg` with only the backbone layers `keep` (renumbered in order), each with its own ratio, source
+    roles and Engram table: every shape stays full-size, the depth shrinks (DSpark must be off)."""
+    if cfg.n_mtp_layers:
+        raise ValueError("keep_layers: drop the DSpark stages first (without_dspark)")
+    new = {old: i for i, old in enumerate(keep)}
+    engram = [(new[i], n) for i, n in zip(cfg.engram_layer_ids, cfg.engram_num_embeddings) if i in new]
+    candidate = cfg.candidate_source_layer
+    return cfg.replace(n_layers=len(keep), compress_ratios=tuple(cfg.ratio(i) for i in keep),
+                       kv_source_layers=tuple(new[i] for i in cfg.kv_source_layers if i in new),
+                       index_source_layers=tuple(new[i] for i in cfg.index_source_layers if i in new),
+                       candidate_source_layer=None if candidate is None else new[candidate],
+                       engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
@@ -99,10 +120,14 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
 
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
-            seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "") -> dict:
+            seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "",
+            layers: tuple[int, ...] | None = None) -> dict:
+    """Compile one step; `layers`: keep only these backbone layers (`keep_layers`), full width."""
     chip = chip_for(topology)
     cfg = V41Config.preset(config).without_dspark()
     cfg = cfg.replace(vision_n_layers=0, max_seq_len=max(cfg.max_seq_len, seq + 1))
+    if layers:
+        cfg = keep_layers(cfg, layers)
     devices = tpu_devices(topology)
     rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
@@ -110,7 +135,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     t0 = time.time()
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
-            "batch": batch, "seq": seq}
+            "batch": batch, "seq": seq, "layers": list(layers) if layers else "all"}
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
@@ -156,11 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rule", default="", help="rule overrides, e.g. 'embed=,mlp=' (sharding.rules.parse_overrides)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--layers", default=None,
+                   help="keep only these backbone layers, full width (comma-separated, or 'representative': "
+                        f"{','.join(map(str, REPRESENTATIVE_LAYERS))}); a depth-reduced compile for hosts that "
+                        "cannot hold the 40-layer program")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     try:
         report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
-                         mesh_spec=args.mesh, rule_overrides=args.rule)
+                         mesh_spec=args.mesh, rule_overrides=args.rule,
+                         layers=None if args.layers is None else REPRESENTATIVE_LAYERS if args.layers == "representative"
+                         else tuple(int(x) for x in args.layers.split(",")))
     except ValueError as e:  # ConfigError, ShardingError
         print(f"error: {e}", file=sys.stderr)
         return 2
