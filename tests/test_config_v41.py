@@ -95,3 +95,14 @@ def test_no_field_is_left_out_of_the_key_table():
     from v4jax import config_v41
 
     assert {f.name for f in dataclasses.fields(V41Config)} == set(config_v41._KEYS)
+
+
+def test_the_dry_runs_depth_reduced_flash_keeps_one_layer_of_each_kind():
+    from benchmarks.dryrun_v41 import REPRESENTATIVE_LAYERS, keep_layers
+
+    cfg = keep_layers(V41Config.preset("v41-flash").without_dspark(), REPRESENTATIVE_LAYERS)
+    assert cfg.compress_ratios == (0, 0, 2, 2, 2, 2, 1, 1, 1, 1) and cfg.n_layers == 10
+    assert cfg.kv_source_layers == (2, 4, 6) and cfg.index_source_layers == (2, 4, 6, 8)
+    assert cfg.candidate_source_layer == 6 and cfg.engram_layer_ids == (1, 4)
+    assert [cfg.kv_source(i) for i in range(10)] == [None, None, 2, 2, 4, 4, 6, 6, 6, 6]
+    assert cfg.dim == 5120 and cfg.n_routed_experts == 384  # widths untouched
