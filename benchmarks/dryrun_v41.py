@@ -59,7 +59,8 @@ def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
     return cfg.replace(n_layers=len(keep), compress_ratios=tuple(cfg.ratio(i) for i in keep),
                        kv_source_layers=tuple(new[i] for i in cfg.kv_source_layers if i in new),
                        index_source_layers=tuple(new[i] for i in cfg.index_source_layers if i in new),
-                       candidate_source_layer=None if candidate is None else new[candidate],
+                       candidate_source_layer=None if candidate is None else  # from the first kept layer on
+                       next((new[i] for i in keep if i >= candidate), None),
                        engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
 
 
