@@ -302,6 +302,8 @@ def run(args) -> int:
         return 2
     if args.prompt is None and args.prompt_ids is None and args.prompts_file is None:
         raise InferError("give --prompt TEXT, --prompt-ids FILE or --prompts-file FILE")
+    from v4jax.io.official_v41 import is_v41_checkpoint
+
     if is_v41_checkpoint(args.checkpoint):
         return run_v41(args)
     for flag, value in (("--image", args.image), ("--engram-token-map", args.engram_token_map)):
@@ -396,13 +398,6 @@ def run(args) -> int:
         line += f"; MTP acceptance {s.accepted}/{s.drafted} = {s.acceptance_rate:.1%}"
     print(line, file=sys.stderr)
     return 0
-
-
-def is_v41_checkpoint(path: str) -> bool:
-    from v4jax.io.official_v41 import is_v41_config
-
-    cfg_path = os.path.join(path, "config.json")
-    return os.path.isfile(cfg_path) and is_v41_config(_read_json(cfg_path))
 
 
 def run_v41(args) -> int:

@@ -69,7 +69,7 @@ def _abstract(tree, shardings):
 
 
 def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
-    """(jitted step, abstract sharded arguments) for the mode."""
+    """(jitted step, abstract sharded arguments, the abstract model) for the mode."""
     serving = mode == "decode"
     options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32")
     model = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=options))
@@ -92,7 +92,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
         args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(cache, c_sh),
                 jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh),
                 jax.ShapeDtypeStruct((batch, 1, n_engram, cols), jnp.int32, sharding=eng_sh))
-        return fn, args
+        return fn, args, model
     tok_sh = data_sharding(mesh, rules, (batch, seq))
     eng_sh = NamedSharding(mesh, PartitionSpec(*tok_sh.spec, None, None))
     optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
@@ -117,7 +117,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
     args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(opt, o_sh),
             jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh),
             jax.ShapeDtypeStruct((batch, seq, n_engram, cols), jnp.int32, sharding=eng_sh))
-    return fn, args
+    return fn, args, model
 
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
@@ -132,7 +132,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     devices = tpu_devices(topology)
     rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
-    fn, args = build(cfg, mode, batch, seq, mesh, rules)
+    fn, args, model = build(cfg, mode, batch, seq, mesh, rules)
     t0 = time.time()
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
@@ -154,7 +154,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
         coll = None
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    counts = param_counts(cfg)
+    counts = param_counts(cfg, model)  # the model `build` made, not a second abstract build
     tokens = batch if mode == "decode" else batch * seq
     model_flops = tokens * 2 * counts["active"] * (3 if mode == "train" else 1)  # matmuls; attention left out
     per_dev = chip.devices_per_chip

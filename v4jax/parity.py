@@ -68,7 +68,9 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
         raise ValueError(f"cannot read token ids from {input_ids}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     # every form infer.py reads: HF / release / module-name safetensors, a convert output, a train run
     dtype = dtype or ("bfloat16" if numerics == "release" else "float32")
-    if _is_v41(checkpoint):
+    from v4jax.io.official_v41 import is_v41_checkpoint
+
+    if is_v41_checkpoint(checkpoint):
         if numerics != "exact":
             raise ValueError("--numerics release is not supported for DeepSeek-V4.1 checkpoints")
         loaded = load_model(checkpoint, dtype=dtype, param_dtype=dtype, mtp=False)
@@ -87,18 +89,6 @@ def dump(checkpoint: str, input_ids: str, out: str, dtype: str | None = None, *,
     return result
 
 
-def _is_v41(checkpoint: str) -> bool:
-    import json
-
-    from v4jax.io.official_v41 import is_v41_config
-
-    try:
-        with open(os.path.join(checkpoint, "config.json")) as f:
-            return is_v41_config(json.load(f))
-    except (OSError, ValueError):
-        return False  # load_model names the problem
-
-
 def _dump_v41(model, ids: np.ndarray, decode_from: int | None, checkpoint: str, token_map_file: str | None):
     """DeepSeek-V4.1 (architecture.md §12), in the layout of the official code's dumps: logits [B, S, V],
     hidden_states [L, B, S, n_hc, d] (each block's output streams), engram_block_inputs [n_engram, B, S,
@@ -106,14 +96,12 @@ def _dump_v41(model, ids: np.ndarray, decode_from: int | None, checkpoint: str, 
     import jax.numpy as jnp
     from flax import nnx
 
-    from v4jax.inference.generate_v41 import Engram, engram_rows, resolve_token_map, teacher_forced_logits
-    from v4jax.model.engram_hash import empty_history, engram_layout
+    from v4jax.inference.generate_v41 import engram_rows, engram_state, resolve_token_map, teacher_forced_logits
 
     cfg = model.cfg
     tok = os.path.join(checkpoint, "tokenizer.json")
     token_map = resolve_token_map(cfg, token_map_file, tok if os.path.isfile(tok) else None)
-    engram = None if token_map is None else Engram(token_map, empty_history(ids.shape[0], engram_layout(cfg)))
-    rows, _ = engram_rows(model, engram, ids)
+    rows, _ = engram_rows(model, engram_state(cfg, token_map, ids.shape[0]), ids)
     o = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(ids), rows)
     arrays = {"logits": o.logits, "hidden_states": jnp.stack(o.hidden_states)}
     if o.engram_inputs:

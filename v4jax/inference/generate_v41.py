@@ -43,6 +43,14 @@ class V41Generation(NamedTuple):
     accepted: int  # drafted tokens accepted in all
 
 
+def engram_state(cfg, token_map: np.ndarray | None, batch: int) -> Engram | None:
+    """The host side of Engram hashing for `batch` sequences starting at position 0 (None without Engram
+    layers)."""
+    if not cfg.engram_layer_ids:
+        return None
+    return Engram(np.asarray(token_map), empty_history(batch, engram_layout(cfg)))
+
+
 def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None):
     """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens). dead [B, T]:
     image-span positions, which hash as pad and block the look-back across them."""
@@ -90,7 +98,7 @@ def teacher_forced_logits(model: V41Transformer, ids: np.ndarray, decode_from: i
     B, S = ids.shape
     if not 1 <= decode_from <= S:
         raise ValueError(f"--decode-from must lie in [1, {S}] (the number of input ids), got {decode_from}")
-    engram = None if not cfg.engram_layer_ids else Engram(np.asarray(token_map), empty_history(B, engram_layout(cfg)))
+    engram = engram_state(cfg, token_map, B)
     forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
     cache, out = init_v41_cache(cfg, B, S), []
     for lo, hi in [(0, decode_from)] + [(t, t + 1) for t in range(decode_from, S)]:
@@ -153,7 +161,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     max_len = max_len or T + max_new + block + 1
     if max_len > cfg.max_seq_len:
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
-    engram = None if not cfg.engram_layer_ids else Engram(np.asarray(token_map), empty_history(B, engram_layout(cfg)))
+    engram = engram_state(cfg, token_map, B)
     forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
     drafter = nnx.jit(lambda m, f, c, t: m.draft(f, c, t))
 

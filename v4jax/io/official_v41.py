@@ -44,7 +44,26 @@ def is_v41_config(d: object) -> bool:
     return any(k in text for k in V41_ONLY_KEYS)
 
 
-def v41_weights_dtype(d: dict, specs: Mapping[str, tuple] = {}) -> str:
+def read_config_dict(checkpoint: str) -> dict | None:
+    """CHECKPOINT/config.json as a dict; None when absent, unreadable or not a JSON object (the config
+    reader that runs next names the problem)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def is_v41_checkpoint(checkpoint: str) -> bool:
+    """Whether a checkpoint directory holds a DeepSeek-V4.1 model (by its config.json)."""
+    return is_v41_config(read_config_dict(checkpoint))
+
+
+def v41_weights_dtype(d: dict, specs: Mapping[str, tuple] | None = None) -> str:
     """The dtype a V4.1 model loaded from a checkpoint runs in by default: the config's `torch_dtype` /
     `dtype` (at the top or in `text_config`); without one (the inference spelling names none), the
     dtype most of the checkpoint's non-float32-class weights have as read (`specs`: FP8/FP4 read as
@@ -57,7 +76,7 @@ def v41_weights_dtype(d: dict, specs: Mapping[str, tuple] = {}) -> str:
     named = {k: v for src in (text, d) for k, v in src.items() if k in ("torch_dtype", "dtype")}
     if named:
         return hf_weights_dtype(named)
-    found = Counter(np.dtype(dt).name for n, (_, dt) in specs.items()
+    found = Counter(np.dtype(dt).name for n, (_, dt) in (specs or {}).items()
                     if not fp32_class(n) and (np.dtype(dt).kind == "f" or np.dtype(dt) == ml_dtypes.bfloat16))
     return found.most_common(1)[0][0] if found else "bfloat16"
 
@@ -116,6 +135,11 @@ def _scale_of(name: str) -> str | None:
     return name[:-len(".weight")] + ".scale" if name.endswith(".weight") else None
 
 
+def engram_scale_values(scale: np.ndarray) -> np.ndarray:
+    """An Engram table's scales as float32 (UE8M0 bytes in the release, already floats unquantised)."""
+    return np.asarray(ue8m0_to_float(scale) if scale.dtype.itemsize == 1 else scale, np.float32)
+
+
 def _is_consumed_scale(name: str, names) -> bool:
     """A weight's block scale, folded into the weight on read (the Engram tables' scales stay: §12.6)."""
     return name.endswith(".scale") and not name.endswith("engram.embed.scale") and \
@@ -131,7 +155,7 @@ def dequantize_release_v41(tensors: Mapping[str, np.ndarray], out_dtype=np.float
         if _is_consumed_scale(name, tensors):
             continue
         if name.endswith("engram.embed.scale") and name[:-len(".scale")] + ".weight" in tensors:
-            out[name] = np.asarray(ue8m0_to_float(w) if w.dtype.itemsize == 1 else w, np.float32)
+            out[name] = engram_scale_values(w)
             continue
         scale_name = _scale_of(name)
         out[name] = dequantize_tensor_v41(name, w, tensors.get(scale_name) if scale_name else None, out_dtype)
@@ -178,7 +202,7 @@ class V41Source(TensorSource):
         for name in names:
             w = read_stored(self.files[name], name)
             if name.endswith("engram.embed.scale"):
-                out[name] = np.asarray(ue8m0_to_float(w) if w.dtype.itemsize == 1 else w, np.float32)
+                out[name] = engram_scale_values(w)
                 continue
             scale_name = _scale_of(name)
             scale = read_stored(self.files[scale_name], scale_name) if name in self.quantised else None

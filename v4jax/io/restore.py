@@ -33,7 +33,7 @@ from flax import nnx
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
 from v4jax.io.checkpoint import (CheckpointError, FusedExperts, LoadInfo, Rule, check_names, check_tensor, hf_rules,
                                  to_ours, transformers_name)
-from v4jax.io.official_v41 import is_v41_config
+from v4jax.io.official_v41 import is_v41_checkpoint, is_v41_config, read_config_dict
 from v4jax.io.sources import ConvertedSource, Kind, SafetensorsSource, TensorSource, detect
 
 
@@ -280,9 +280,9 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         if keep_mtp and mtp is False:
             model.mtp, cfg = None, cfg.replace(n_mtp_layers=0)
         return Loaded(model, cfg, kind, got_step)
-    config = _config_dict(path)
+    config = read_config_dict(path)
     if is_v41_config(config):
-        return _load_v41(path, kind, mesh=mesh, rules=rules, options=options, overrides=overrides, mtp=mtp)
+        return _load_v41(path, config, kind, mesh=mesh, rules=rules, options=options, overrides=overrides, mtp=mtp)
     try:
         cfg = V4Config.from_json_file(os.path.join(path, "config.json"))
         # the stored weights' dtype is the default run dtype: a bf16 checkpoint runs in bf16
@@ -304,18 +304,7 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
                            options=options), cfg, kind, source=source)
 
 
-def _config_dict(path: str) -> dict | None:
-    """config.json of a checkpoint directory as a dict (None when absent or not JSON: the config reader
-    then names the problem)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def _load_v41(path: str, kind: Kind, *, mesh, rules, options: RunOptions | None, overrides: dict,
+def _load_v41(path: str, config: dict, kind: Kind, *, mesh, rules, options: RunOptions | None, overrides: dict,
               mtp: bool | None) -> Loaded:
     """A DeepSeek-V4.1 checkpoint (architecture.md §12.6): the release or an unquantised directory under
     the official names, or its `python -m v4jax.io.convert` Orbax form. mtp: the DSpark stages, as for
@@ -329,7 +318,7 @@ def _load_v41(path: str, kind: Kind, *, mesh, rules, options: RunOptions | None,
     source = ConvertedSource(path) if kind is Kind.CONVERTED else V41Source(path)
     try:
         cfg = V41Config.from_json_file(config_path)
-        options = (options or RunOptions.for_weights(v41_weights_dtype(_config_dict(path), source.specs)))
+        options = (options or RunOptions.for_weights(v41_weights_dtype(config, source.specs)))
         options = options.replace(**overrides)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
@@ -422,7 +411,7 @@ def open_source(path: str | os.PathLike, dtype=None, batch_bytes: int = 256 << 2
         return ConvertedSource(path, batch_bytes)
     if kind is Kind.TRAIN_RUN:
         return TrainRunSource(path, dtype)
-    if is_v41_config(_config_dict(path)):
+    if is_v41_checkpoint(path):
         from v4jax.io.official_v41 import V41Source
         return V41Source(path, dtype)
     return SafetensorsSource(path, dtype)
