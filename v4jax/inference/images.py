@@ -41,16 +41,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from v4jax.config_v41 import V41Config
-from v4jax.model.vision import aligner_grid
+from v4jax.model.vision import image_span_layout
 
 PAD_GRAY = (127, 127, 127)  # the canvas around a letterboxed picture, before normalisation
 
 
 def image_tokens(grid: tuple[int, int], cfg: V41Config) -> int:
-    """Span length of an image on ViT grid (h, w): START, (w' IMAGE + NEWLINE) per aligner row, END;
-    = `image_span_layout(grid, r).n_tokens`. The budget `vision_max_n_token` bounds this number."""
-    hp, wp = aligner_grid(grid, cfg.vision_downsample_ratio)
-    return hp * (wp + 1) + 2
+    """Span length of an image on ViT grid (h, w): START, (w' IMAGE + NEWLINE) per aligner row, END
+    (`image_span_layout`). The budget `vision_max_n_token` bounds this number."""
+    return image_span_layout(grid, cfg.vision_downsample_ratio).n_tokens
 
 
 def plan_canvas(height: int, width: int, cfg: V41Config) -> tuple[int, int]:
