@@ -380,7 +380,7 @@ STEP_NAMES = {"train": "v4jax.train.step.make_step", "decode": "v4jax.inference.
 def _activation_buffers(cfg: V4Config, options: RunOptions, mode: str, batch: int, seq: int, mesh,
                         rules: AxisRules, chunk: int = 8192) -> list[tuple[str, int]]:
     """The large per-device activation buffers of one step, by formula (for the does-not-fit report)."""
-    from sharding.expert_parallel import expert_axes, gather_window
+    from sharding.expert_parallel import expert_axes, gather_window, receive_capacity
 
     split = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") + rules.mesh_axes("seq") if a in mesh.shape)
     new_tokens = {"decode": 1, "prefill_chunk": min(chunk, seq)}.get(mode, seq)  # per sequence, this step
@@ -392,8 +392,9 @@ def _activation_buffers(cfg: V4Config, options: RunOptions, mode: str, batch: in
         out.append(("gathered tokens of the expert group per layer", n * ep * cfg.dim * 2))
         out.append(("routed-expert hidden [window, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
     elif ep > 1:
-        rows = ep * min(n, options.moe_dispatch_chunk) * cfg.n_activated_experts
-        out.append(("expert-parallel receive buffer per layer (dropless worst case)", rows * cfg.dim * 2))
+        rows = receive_capacity(min(n, options.moe_dispatch_chunk) * cfg.n_activated_experts, ep,
+                                options.moe_capacity_factor)
+        out.append(("expert-parallel receive buffer per layer (one pass)", rows * cfg.dim * 2))
         out.append(("routed-expert hidden [rows, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
     out.append(("residual streams per layer (kept for backward)" if mode == "train" else "residual streams",
                 n * cfg.hc_mult * cfg.dim * 2))

@@ -14,17 +14,20 @@ sequence axes) and E/ep experts. Two dispatches, chosen by how many tokens the e
   its local experts on the rows routed to them, and the partial outputs are summed over the expert
   axes (a reduce-scatter back to the tokens' devices, or a psum when they were replicated).
 
-Dropless both ways: no row is ever dropped. With static shapes the all-to-all's receive buffer has
-room for the worst case, every row of every sender on one device: ep x n x k rows for n tokens per
-device; the tokens go in rounds of `chunk` (a scan), so the buffer is ep x chunk x k rows. On TPU/GPU
-the rows travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all,
-so there fixed-size per-destination blocks go through `all_to_all`. The gather dispatch has no
-worst-case buffer: its local rows, sorted by expert, go through the grouped SwiGLU in windows of
-`window` rows (about 1.25 x the mean load N x k / ep), a window running only when rows remain; a
-device that receives more rows runs more windows (`_local_experts`). The local grouped matmul only
-computes the real rows' groups (rows past the last group give zeros). Tensor parallelism inside an
-expert (the `expert_mlp` columns over axes that do not split the tokens) adds one psum of the
-combined output.
+Dropless both ways: no row is ever dropped, and no buffer is sized for the worst case. The tokens
+go through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
+passes: each device receives at most `capacity` rows per pass (`receive_capacity`: 1.25 x the mean
+load by default, whatever the EP width), filled sender by sender in rank order from the rows still
+waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the scan holds the
+worst case's passes, each running only while some device still has rows (`_exchange`). A routing
+that fits the capacity costs one pass. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
+rows are sent); XLA:CPU has no ragged all-to-all, so there the same exchange goes through
+`all_to_all` of fixed-size per-destination blocks. The gather dispatch has no worst-case buffer
+either: its local rows, sorted by expert, go through the grouped SwiGLU in windows of `window` rows
+(about 1.25 x the mean load N x k / ep), a window running only when rows remain
+(`_local_experts`). The local grouped matmul only computes the real rows' groups (rows past the last
+group give zeros). Tensor parallelism inside an expert (the `expert_mlp` columns over axes that do not
+split the tokens) adds one psum of the combined output.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharding.rules import AxisRules, ShardingError
 
+CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
 GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] fp32
 
 
@@ -52,10 +56,12 @@ def _flat(axes: tuple[str, ...]):
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                         w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules,
                         chunk: int = 1024, gather_tokens: int = 1024, window: int | None = None,
-                        check_vma: bool = True) -> jax.Array:
+                        capacity_factor: float = CAPACITY_FACTOR, check_vma: bool = True) -> jax.Array:
     """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
     [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32. `chunk`: tokens per device per
-    all-to-all round (the worst-case receive buffer is ep x chunk x k rows). `gather_tokens`: the
+    all-to-all round. `capacity_factor`: rows a device receives per all-to-all pass, as a multiple of the
+    chunk x k rows each device sends (`receive_capacity`; more rows take more passes, none is dropped;
+    0: one pass with the worst case's ep x chunk x k rows). `gather_tokens`: the
     gather dispatch runs when the expert group holds at most this many tokens (always when the tokens
     are replicated over the expert axes); `window`: its rows per window (default `gather_window`).
     check_vma=False for an `ffn` that cannot run on values typed as varying over the mesh axes (the
@@ -110,10 +116,12 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
                                  ).reshape(rounds, nc, k)
             wc = jnp.pad(weights, ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
 
+            capacity = receive_capacity(nc * k, ep, capacity_factor)
+
             def one_round(_, args):
                 xr, er, wr = args
-                y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), w1, w3, w2, ffn, ep_axes, ep, E_loc,
-                                            ragged)
+                y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), w1, w3, w2, ffn, ep_axes,
+                                            tuple(mesh.axis_names), ep, E_loc, ragged, capacity)
                 return None, jnp.zeros((nc, d), jnp.float32).at[order // k].add(y_sorted)
 
             _, out = jax.lax.scan(jax.checkpoint(one_round), None, (xc, ec, wc))
@@ -175,53 +183,86 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
     return out
 
 
-def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, ep: int, E_loc: int, ragged: bool):
-    """All-to-all dispatch of this device's rows to their experts' devices and back.
-    Returns (outputs of the sorted rows [n*k, d] fp32, the sort order of the rows)."""
+def receive_capacity(rows: int, ep: int, factor: float) -> int:
+    """Rows a device receives per all-to-all pass when each of the ep devices sends `rows`: `factor` x
+    the mean load (`rows`), a multiple of 8; at least 8 and at most the worst case ep x rows (every
+    row of every sender routed to this device). factor 0: the worst case (one pass always)."""
+    if factor <= 0:
+        return ep * rows
+    return min(ep * rows, max(8, -(-math.ceil(rows * factor) // 8) * 8))
+
+
+def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc: int, ragged: bool,
+              capacity: int):
+    """All-to-all dispatch of this device's rows to their experts' devices and back, in passes of at
+    most `capacity` received rows per device. Returns (outputs of the sorted rows [n*k, d] fp32, the
+    sort order of the rows).
+
+    Each pass, every receiver fills its `capacity` slots from the rows its senders still hold, sender
+    by sender in rank order (a prefix fill: a receiver with r rows left takes min(r, capacity) of
+    them), runs its local experts on them and sends the results back. So a receiver routed R rows in
+    all is done after ceil(R / capacity) passes, and the scan runs the worst case's
+    ceil(ep x n x k / capacity) passes, each only while some device anywhere still has rows (one
+    `cond` on a mesh-wide max, the same on every device): no row is ever dropped, and a routing that
+    fits the capacity costs one pass. XLA's cost analysis counts the pass once."""
     n, d = x.shape
     nk = flat.shape[0]
-    C = nk  # worst case rows from one sender to one receiver (every choice of every token; a hash
-    # table may repeat an expert within a row, so k rather than min(k, E_local))
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
     s_exp = flat[order]
     dest = s_exp // E_loc
-    send_sizes = jnp.sum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)  # [ep]
-    offsets = jnp.cumsum(send_sizes) - send_sizes
+    send_sizes = jnp.sum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)  # [ep] my rows for each device
+    offsets = jnp.cumsum(send_sizes) - send_sizes  # where each destination's rows start in the sorted rows
     xs, ws, le = x[order // (nk // n)], row_w[order], (s_exp % E_loc).astype(jnp.int32)
 
     def a2a(a):  # block j of a goes to device j; block j of the result came from device j
         return jax.lax.all_to_all(a, axes, 0, 0, tiled=True)
 
-    if ragged:
-        recv_sizes = a2a(send_sizes)
-        rank = jax.lax.axis_index(axes)
-        land = jnp.full((ep,), rank * C, jnp.int32)  # my block lands at rank*C on every receiver
+    def send(a, out, in_off, sizes, land, recv):
+        """Rows a[in_off[j] : in_off[j] + sizes[j]] to device j, landing at land[j] in its copy of `out`
+        (`recv[i]`: the rows device i sends me): `ragged_all_to_all`, or on XLA:CPU, which has none, the
+        same through an `all_to_all` of fixed blocks of the most rows a pair can exchange."""
+        if ragged:
+            return jax.lax.ragged_all_to_all(a, out, in_off, sizes, land, recv, axis_name=axes)
+        block = min(a.shape[0], out.shape[0])
+        slot = jnp.arange(block)
+        rows = jnp.clip(in_off[:, None] + slot, 0, a.shape[0] - 1)  # [ep, block]
+        got = a2a(jnp.where((slot < sizes[:, None]).reshape((ep, block) + (1,) * (a.ndim - 1)), a[rows], 0))
+        at = jnp.where(slot < recv[:, None], a2a(land)[:, None] + slot, out.shape[0])  # past the end: dropped
+        return out.at[at.reshape(-1)].set(got.reshape((ep * block,) + a.shape[1:]), mode="drop")
 
-        def go(a, fill):
-            out = _varying_like(jnp.full((ep * C,) + a.shape[1:], fill, a.dtype), a, axes)
-            return jax.lax.ragged_all_to_all(a, out, offsets, send_sizes, land, recv_sizes, axis_name=axes)
+    # every device's passes: ceil(rows routed to it / capacity); the most over the whole mesh
+    incoming_all = jnp.sum(a2a(send_sizes))
+    passes = jax.lax.pmax(-(-incoming_all // capacity), everywhere)
+    w1, w3, w2 = jax.lax.optimization_barrier((w1, w3, w2))  # no collective may sink into the `cond`
 
-        xr, wr, lr = go(xs, 0), go(ws, 0), go(le, E_loc)
-    else:
-        pos = jnp.arange(nk) - offsets[dest]  # slot of each row inside its destination's block
+    def one_pass(carry, p):
+        def run(carry):
+            out, sent = carry
+            incoming = a2a(send_sizes - sent)  # [ep] rows each device still has for me
+            before = jnp.cumsum(incoming) - incoming
+            grant = jnp.clip(capacity - before, 0, incoming)  # prefix fill of my capacity
+            land = jnp.cumsum(grant) - grant  # where each sender's rows go in my receive buffer
+            allowed = a2a(grant)  # [ep] rows I may send each device this pass
+            start = offsets + sent
+            fresh = lambda fill, like: _varying_like(jnp.full((capacity,) + like.shape[1:], fill, like.dtype),
+                                                     like, axes)
+            xr = send(xs, fresh(0, xs), start, allowed, a2a(land), grant)
+            wr = send(ws, fresh(0, ws), start, allowed, a2a(land), grant)
+            lr = send(le, fresh(E_loc, le), start, allowed, a2a(land), grant)
+            o2 = jnp.argsort(lr, stable=True)  # received rows by local expert; empty slots (E_loc) last
+            sizes = jnp.sum(jax.nn.one_hot(lr, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
+            y = jnp.zeros((capacity, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
+            back = _varying_like(jnp.zeros((nk, d), jnp.float32), y, axes)
+            back = send(y, back, land, grant, a2a(start), allowed)  # results to where the rows came from
+            return out + back, sent + allowed
 
-        def go(a, fill):
-            buf = jnp.full((ep, C) + a.shape[1:], fill, a.dtype).at[dest, pos].set(a)
-            return a2a(buf).reshape((ep * C,) + a.shape[1:])
+        return jax.lax.cond(p < passes, run, lambda c: c, carry), None
 
-        xr, wr, lr = go(xs, 0), go(ws, 0), go(le, E_loc)
-
-    o2 = jnp.argsort(lr, stable=True)  # received rows by local expert; empty slots (E_loc) last
-    sizes = jnp.sum(jax.nn.one_hot(lr, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
-    y = jnp.zeros((ep * C, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
-
-    if ragged:
-        back = _varying_like(jnp.zeros((nk, d), jnp.float32), y, axes)
-        starts = jnp.arange(ep, dtype=jnp.int32) * C
-        return jax.lax.ragged_all_to_all(y, back, starts, recv_sizes, a2a(offsets), send_sizes,
-                                         axis_name=axes), order
-    y = a2a(y.reshape(ep, C, d))
-    return y[dest, pos], order
+    varying = frozenset().union(*(_varying_axes(a) for a in (ws, w1, w3, w2)))
+    out = _varying_like(jnp.zeros((nk, d), jnp.float32), xs, tuple(sorted(varying | set(axes))))
+    max_passes = -(-ep * nk // capacity)
+    (out, _), _ = jax.lax.scan(one_pass, (out, jnp.zeros_like(send_sizes)), jnp.arange(max_passes))
+    return out, order
 
 
 def _varying_axes(x) -> frozenset:

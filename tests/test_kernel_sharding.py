@@ -60,9 +60,10 @@ def _eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
         for p in eqn.params.values():
-            sub = getattr(p, "jaxpr", p)
-            if hasattr(sub, "eqns"):
-                yield from _eqns(sub)
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):  # cond keeps its branches in a tuple
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
 
 
 def shard_map_local_avals(fn, *args):

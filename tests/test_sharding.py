@@ -239,6 +239,58 @@ def test_gather_dispatch_equals_the_all_to_all_and_the_one_hot_reference_in_wind
     assert rel_err(gathered, exchanged) <= 1e-6
 
 
+@pytest.mark.parametrize("pattern", ["random", "all_to_one_expert", "empty_experts"])
+@pytest.mark.parametrize("ep", [2, 4, 8])
+def test_all_to_all_passes_bound_the_receive_buffer_and_drop_nothing(pattern, ep):
+    # The all-to-all's receive buffer holds `capacity` rows; a device routed more takes further
+    # passes. At the default factor, at a buffer of 8 rows (many passes; all_to_one_expert sends
+    # every token to one device) and at the worst case (factor 0: one pass), the output and every
+    # gradient equal the unsharded one-hot layer's: no (token, choice) row is dropped.
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    reference = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_impl="reference"))
+    rng = np.random.default_rng(ep)
+    x = jnp.asarray(rng.normal(size=(8, 6, cfg.dim)), jnp.float32)  # 6 tokens per device
+    ids, w = _routing(pattern, 48, 3, 8, rng)
+    ids, w = ids.reshape(8, 6, 3), w.reshape(8, 6, 3)
+    W = tuple(getattr(reference, n)[...] for n in ("w1", "w3", "w2"))
+    one_hot = functools.partial(kernels.grouped_swiglu(MoEImpl.REFERENCE), limit=cfg.swiglu_limit)
+
+    def unsharded(x, w, w1, w3, w2):
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        y = one_hot(x.reshape(-1, cfg.dim)[order // 3], jnp.bincount(flat, length=8).astype(jnp.int32), w1, w3, w2,
+                    w.reshape(-1)[order])
+        return jnp.zeros((48, cfg.dim), jnp.float32).at[order // 3].add(y).reshape(x.shape)
+
+    ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    want, vjp = jax.vjp(unsharded, x, w, *W)
+    want_grads = vjp(ct)
+    mesh, rules = make_mesh(f"fsdp={8 // ep},expert={ep}"), get_rules("fsdp_ep")
+    ffn = functools.partial(kernels.grouped_swiglu(MoEImpl.RAGGED_DOT), limit=cfg.swiglu_limit)
+    rows = 6 * 3  # rows each device sends per round
+    for factor, capacity in ((1.25, expert_parallel.receive_capacity(rows, ep, 1.25)), (0.01, 8), (0, ep * rows)):
+        assert expert_parallel.receive_capacity(rows, ep, factor) == capacity
+
+        def f(x, w, w1, w3, w2):
+            return expert_parallel.expert_parallel_ffn(x, ids, w, w1, w3, w2, ffn, mesh, rules, gather_tokens=0,
+                                                       capacity_factor=factor)
+
+        with use_mesh_rules(mesh, rules):
+            got, vjp = jax.vjp(jax.jit(f), x, w, *W)
+            grads = vjp(ct)
+        assert rel_err(got, want) <= 1e-5, (factor, capacity)
+        for g, g0 in zip(grads, want_grads):
+            assert rel_err(g, g0) <= 1e-5, (factor, capacity)
+
+
+def test_receive_capacity_is_the_factor_over_the_mean_load_within_the_worst_case():
+    assert expert_parallel.receive_capacity(768, 8, 1.25) == 960  # 128 tokens x 6 choices per device
+    assert expert_parallel.receive_capacity(768, 64, 1.25) == 960  # independent of the EP width
+    assert expert_parallel.receive_capacity(768, 8, 0) == 8 * 768  # the worst case: one pass
+    assert expert_parallel.receive_capacity(768, 1, 1.25) == 768  # never above the worst case
+    assert expert_parallel.receive_capacity(3, 8, 1.25) == 8  # at least one row tile
+
+
 def test_gather_window_is_a_quarter_over_the_mean_load_in_multiples_of_8():
     assert expert_parallel.gather_window(64, 6, 64) == 8  # 6 rows per device on average
     assert expert_parallel.gather_window(1024, 6, 8) == 960  # 768 x 1.25

@@ -95,6 +95,9 @@ class RunOptions:
         split the experts) that go the decode-shaped way: gathered onto every device of the group, each
         device running its own experts on the rows routed to them (architecture.md §5.5). 0: always
         the all-to-all. Chosen from the token count at trace time; both ways compute the same function.
+      moe_capacity_factor: rows a device receives per all-to-all pass, as a multiple of the rows it sends
+        (the mean load); a device routed more takes further passes, so no row is ever dropped
+        (architecture.md §5.5). 0: one pass with room for the worst case (every row on one device).
       remat: what the backward pass recomputes in each scanned block (`Remat`).
       attention_impl: code behind the sparse attention core and the indexer top-k (`AttentionImpl`).
       moe_impl: code behind the routed experts' grouped SwiGLU (`MoEImpl`).
@@ -111,6 +114,7 @@ class RunOptions:
     attention_chunk: int = 512
     moe_dispatch_chunk: int = 1024
     moe_gather_tokens: int = 1024
+    moe_capacity_factor: float = 1.25
     remat: Remat = Remat.NONE
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE
     moe_impl: MoEImpl = MoEImpl.RAGGED_DOT
@@ -136,6 +140,9 @@ class RunOptions:
         v = self.moe_gather_tokens
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise ConfigError(f"moe_gather_tokens must be a non-negative integer, got {v!r}")
+        v = self.moe_capacity_factor
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"moe_capacity_factor must be a non-negative number, got {v!r}")
         for name in ("csa_dense", "indexer_detach"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -88,6 +88,7 @@ class Experts(nnx.Module):
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
         self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, options.moe_impl, options.moe_dispatch_chunk
         self.gather_tokens = options.moe_gather_tokens  # up to this many tokens per expert group: gather dispatch
+        self.capacity_factor = options.moe_capacity_factor  # all-to-all receive buffer / mean load
         self.release = options.numerics is Numerics.RELEASE  # FP4 weights used as stored, FP8 activations
 
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
@@ -104,7 +105,8 @@ class Experts(nnx.Module):
             interpreted = self.impl is MoEImpl.PALLAS and ctx[0].devices.flat[0].platform not in ("tpu", "gpu")
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
                                        w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk,
-                                       gather_tokens=self.gather_tokens, check_vma=not interpreted)
+                                       gather_tokens=self.gather_tokens, capacity_factor=self.capacity_factor,
+                                       check_vma=not interpreted)
         E, k = w1.shape[0], routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
