@@ -1,5 +1,5 @@
 """Sample-level masking (issue 19, architecture.md §8.5): documents packed in one row are each seen as
-if alone: logits, MTP logits and gradients equal those of the document run by itself (fp32, 1e-5),
+if alone: logits, MTP logits, the balance loss and gradients equal those of the document run by itself (fp32, 1e-5),
 with the reference core and with the Pallas kernels (interpreted), through every mechanism of the
 tiny preset (SWA, CSA with its indexer, HCA, hash and learned routing, the MTP block)."""
 
@@ -14,6 +14,7 @@ from pallas_kernels.sparse_attention import sparse_attention as pallas_sparse_at
 from v4jax import Transformer, V4Config
 from v4jax.config import RunOptions
 from v4jax.model.documents import documents, entry_layout, eos_segments
+from v4jax.train import losses
 from v4jax.train.losses import packed_targets_mask
 
 CFG = V4Config.preset("tiny")  # window 8, CSA ratio 4 (top-4), HCA ratio 16, MTP
@@ -63,7 +64,8 @@ def test_packed_loss_mask_leaves_out_cross_document_targets():
 
 def _outputs(model, tokens, seg):
     out = model(tokens, segment_ids=seg)
-    return out.logits, out.mtp_logits
+    k = CFG.n_activated_experts  # the sequence-wise balance loss, each packed document a sequence
+    return out.logits, out.mtp_logits, losses.balance_loss(out.routing, k) + losses.balance_loss(out.mtp_routing, k)
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
@@ -75,25 +77,32 @@ def test_packed_documents_give_each_document_its_own_logits_and_gradients(impl):
     g_mtp = jnp.asarray(rng.normal(size=(len(LENGTHS), T - 1, CFG.vocab_size)), jnp.float32)
 
     def packed_loss(m):
-        logits, mtp = _outputs(m, tokens, seg)
+        logits, mtp, balance = _outputs(m, tokens, seg)
         mask = jnp.zeros((len(LENGTHS), T - 1), bool)
         for b, s, e in _spans():  # MTP position t of a document needs t + 1 in the document too
             mask = mask.at[b, s:e - 1].set(True)
-        return jnp.sum(logits * g) + jnp.sum(jnp.where(mask[..., None], mtp * g_mtp, 0.0)), (logits, mtp)
+        return jnp.sum(logits * g) + jnp.sum(jnp.where(mask[..., None], mtp * g_mtp, 0.0)) + balance, (logits, mtp,
+                                                                                                        balance)
 
-    def alone_loss(m):
+    def alone_loss(m):  # the balance loss: the mean over the documents of each one's own
         total, outs = 0.0, []
         for b, s, e in _spans():
-            logits, mtp = _outputs(m, tokens[b:b + 1, s:e], None)
+            logits, mtp, balance = _outputs(m, tokens[b:b + 1, s:e], None)
             total += jnp.sum(logits * g[b:b + 1, s:e]) + jnp.sum(mtp * g_mtp[b:b + 1, s:e - 1])
-            outs.append((logits, mtp))
+            total += balance / len(list(_spans()))
+            outs.append((logits, mtp, balance))
         return total, outs
 
-    (_, (logits, mtp)), grads = nnx.jit(nnx.value_and_grad(packed_loss, has_aux=True))(model)
+    (_, (logits, mtp, balance)), grads = nnx.jit(nnx.value_and_grad(packed_loss, has_aux=True))(model)
     (_, alone), grads_alone = nnx.jit(nnx.value_and_grad(alone_loss, has_aux=True))(model)
-    for (b, s, e), (logits_a, mtp_a) in zip(_spans(), alone):
+    for (b, s, e), (logits_a, mtp_a, _) in zip(_spans(), alone):
         assert _rel(logits[b:b + 1, s:e], logits_a) <= 1e-5, (b, s, e)
         assert _rel(mtp[b:b + 1, s:e - 1], mtp_a) <= 1e-5, (b, s, e)
+    # MoE balance per document; the MTP block leaves out each document's last position (its input
+    # straddles the boundary; the document alone has no such position)
+    want = sum(a[2] for a in alone) / len(alone)
+    assert abs(float(balance) - float(want)) <= 1e-6 * float(want)
+    assert abs(float(_outputs(model, tokens, None)[2]) - float(want)) > 1e-3 * float(want)  # not the row's
     flat = dict(nnx.to_flat_state(nnx.state(grads)))
     flat_a = dict(nnx.to_flat_state(nnx.state(grads_alone)))
     total = float(jnp.sqrt(sum(jnp.sum(v[...] ** 2) for v in flat_a.values())))

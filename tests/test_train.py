@@ -23,7 +23,8 @@ from flax import nnx
 from v4jax.train import losses
 from v4jax.model.layers import Buffer
 from v4jax.model.transformer import Transformer
-from v4jax.model.moe import RoutingStats
+from v4jax.model.documents import documents
+from v4jax.model.moe import Routing, routing_stats
 from v4jax.train.optim import flat_params
 from v4jax.train.checkpointer import Checkpointer
 from v4jax.train.config import load_config
@@ -147,15 +148,39 @@ def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path):
 def test_balance_loss_matches_the_spec_formula():
     rng = np.random.default_rng(0)
     L, B, E, k, T = 3, 2, 8, 2, 16
-    load = rng.integers(0, 5, (L, B, E)).astype(np.float32)
-    P = rng.dirichlet(np.ones(E), (L, B)).astype(np.float32)
-    got = losses.balance_loss(RoutingStats(jnp.asarray(load), jnp.asarray(P)), k, T)
+    ids = jnp.asarray(np.stack([rng.permutation(E)[:k] for _ in range(L * B * T)]).reshape(L, B * T, k), jnp.int32)
+    scores = jnp.asarray(rng.uniform(0.1, 2.0, (L, B * T, E)), jnp.float32)
+    stats = [routing_stats(Routing(None, ids[l], scores[l]), B, T) for l in range(L)]
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    load = np.asarray(stats.load)
+    P = np.asarray(scores / jnp.sum(scores, -1, keepdims=True)).reshape(L, B, T, E).mean(2)
+    np.testing.assert_array_equal(load.sum(-1), k * T)
+    np.testing.assert_allclose(stats.mean_affinity, P, rtol=1e-6)
+    got = losses.balance_loss(stats, k)
     ref = sum(np.mean([np.sum(E / (k * T) * load[l, b] * P[l, b]) for b in range(B)]) for l in range(L))
     np.testing.assert_allclose(float(got), ref, rtol=1e-6)
-    # only P carries a gradient
-    g = jax.grad(lambda lo, p: losses.balance_loss(RoutingStats(lo, p), k, T), argnums=(0, 1))(jnp.asarray(load),
-                                                                                                 jnp.asarray(P))
-    assert float(jnp.abs(g[0]).sum()) == 0.0 and float(jnp.abs(g[1]).sum()) > 0
+    # only P carries a gradient: through the scores, not the choices
+    g = jax.grad(lambda sc: losses.balance_loss(routing_stats(Routing(None, ids[0], sc), B, T), k))(scores[0])
+    want = jax.grad(lambda sc: jnp.mean(jnp.sum(E / (k * T) * load[0] * jnp.mean(
+        (sc / jnp.sum(sc, -1, keepdims=True)).reshape(B, T, E), axis=1), axis=-1)))(scores[0])
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-9)
+
+
+def test_balance_loss_counts_each_packed_document_as_a_sequence():
+    # a row packing documents of 5, 8 and 3 tokens: the mean over the batch's documents of each one's
+    # own sum_e f_e P_e (f over its own T_d tokens), the second row unpacked
+    rng = np.random.default_rng(1)
+    E, k, T = 8, 2, 16
+    ids = jnp.asarray(np.stack([rng.permutation(E)[:k] for _ in range(2 * T)]), jnp.int32)
+    scores = jnp.asarray(rng.uniform(0.1, 2.0, (2 * T, E)), jnp.float32)
+    seg = jnp.asarray([[0] * 5 + [1] * 8 + [2] * 3, [0] * T], jnp.int32)
+    stats = routing_stats(Routing(None, ids, scores), 2, T, documents(seg))
+    np.testing.assert_array_equal(stats.documents, [3, 1])
+    s = np.asarray(scores / jnp.sum(scores, -1, keepdims=True)).reshape(2, T, E)
+    one_hot = np.asarray(jax.nn.one_hot(ids, E)).sum(1).reshape(2, T, E)
+    terms = [np.sum(E / (k * (e - b)) * one_hot[r, b:e].sum(0) * s[r, b:e].mean(0))
+             for r, b, e in ((0, 0, 5), (0, 5, 13), (0, 13, 16), (1, 0, T))]
+    np.testing.assert_allclose(float(losses.balance_loss(stats, k)), np.mean(terms), rtol=1e-6)
 
 
 def test_bias_update_moves_towards_balance_by_gamma():

@@ -27,6 +27,8 @@ class Documents(NamedTuple):
 
     positions: jax.Array  # [B, T] int32: position inside its document (0 at each document's first token)
     key_start: jax.Array  # [B, T] int32: row index of its document's first token (the window's lower bound)
+    counted: jax.Array | None = None  # [B, T] bool: positions the per-document routing statistics count
+    # (None: all; the MTP block leaves out each document's last position, whose input straddles a boundary)
 
 
 def documents(segment_ids: jax.Array) -> Documents:

@@ -19,6 +19,7 @@ from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
 from pallas_kernels.moe_dispatch_reference import swiglu
 from v4jax.model import kernels
+from v4jax.model.documents import Documents
 from v4jax.config import MoEImpl, Numerics, RouterKind, RunOptions, V4Config
 from v4jax.model.layers import Buffer, Linear, param
 from v4jax.model.numerics import fp8_act_quant
@@ -42,15 +43,31 @@ class Routing(NamedTuple):
 class RoutingStats(NamedTuple):
     """Per-sequence routing statistics of one MoE layer: all the training loop needs (architecture.md §5.4)."""
 
-    load: jax.Array  # [B, E] fp32: how many of the sequence's tokens chose each expert
-    mean_affinity: jax.Array  # [B, E] fp32: P_e, the mean over tokens of s_e / sum_e' s_e'
+    load: jax.Array  # [B, E] fp32: how many of the row's tokens chose each expert
+    mean_affinity: jax.Array  # [B, E] fp32: P_e, the mean over the row's tokens of s_e / sum_e' s_e'
+    balance: jax.Array  # [B] fp32: sum over the row's documents of sum_e (load_de / T_d) P_de, load constant
+    documents: jax.Array  # [B] fp32: documents in the row (1 without packing)
 
 
-def routing_stats(routing: Routing, B: int, T: int) -> RoutingStats:
+def routing_stats(routing: Routing, B: int, T: int, docs: Documents | None = None) -> RoutingStats:
+    """The layer's RoutingStats; with packed rows (`docs`) the balance terms are per document: the
+    statistics of each document's own T_d tokens, as if it were a sequence alone (architecture.md §5.4)."""
     E = routing.scores.shape[-1]
-    load = jnp.sum(jax.nn.one_hot(routing.experts.reshape(B, -1), E, dtype=jnp.float32), axis=1)
-    s = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
-    return RoutingStats(load, jnp.mean(s.reshape(B, T, E), axis=1))
+    chosen = jnp.sum(jax.nn.one_hot(routing.experts.reshape(B, T, -1), E, dtype=jnp.float32), axis=2)  # [B, T, E]
+    s = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(B, T, E)
+    load = jnp.sum(chosen, axis=1)
+    if docs is None:  # one document per row
+        balance = jnp.sum(jax.lax.stop_gradient(load) / T * jnp.mean(s, axis=1), axis=-1)
+        return RoutingStats(load, jnp.mean(s, axis=1), balance, jnp.ones((B,), jnp.float32))
+    # sums over each document's counted positions, kept at its first token's index
+    counted = jnp.ones((B, T), jnp.float32) if docs.counted is None else docs.counted.astype(jnp.float32)
+    by_document = jax.vmap(lambda a, start: jax.ops.segment_sum(a, start, num_segments=T))
+    d_load = by_document(jax.lax.stop_gradient(chosen) * counted[..., None], docs.key_start)  # [B, T, E]
+    d_s = by_document(s * counted[..., None], docs.key_start)  # [B, T, E]
+    length = by_document(counted, docs.key_start)  # [B, T]: T_d at each document's start, else 0
+    balance = jnp.sum(d_load * d_s, axis=-1) / jnp.maximum(length, 1.0) ** 2  # [B, T]
+    return RoutingStats(load, jnp.mean(s, axis=1), jnp.sum(balance, axis=1), jnp.sum(length > 0, axis=1,
+                                                                                        dtype=jnp.float32))
 
 
 class Gate(nnx.Module):

@@ -67,7 +67,7 @@ class Block(nnx.Module):
         streams = self.attn_hc.hc_post(a, streams, post, comb)
         v, post, comb = self.ffn_hc.hc_pre(constrain(streams, STREAMS))
         y, routing = self.ffn(self.ffn_norm(v), tokens)  # the MoE sees raw token ids (hash layers)
-        return self.ffn_hc.hc_post(y, streams, post, comb), state, routing_stats(routing, *tokens.shape), traces
+        return self.ffn_hc.hc_post(y, streams, post, comb), state, routing_stats(routing, *tokens.shape, docs), traces
 
 
 class Stage(nnx.Module):
@@ -218,7 +218,8 @@ class Transformer(nnx.Module):
 
         mtp_logits = mtp_stats = None
         if self.mtp is not None and with_mtp and cache is None and T > 1:
-            mtp_docs = None if docs is None else jax.tree.map(lambda a: a[:, :-1], docs)
+            mtp_docs = None if docs is None else Documents(docs.positions[:, :-1], docs.key_start[:, :-1],
+                                                            counted=docs.positions[:, 1:] != 0)
             h_mtp, mtp_stats, _ = self.mtp(streams[:, :-1], e[:, 1:], tokens[:, 1:], positions[:, :-1], None, None,
                                            mtp_docs)
             mtp_logits = constrain(self.head(h_mtp, jnp.float32), LOGITS)  # shared LM head

@@ -38,14 +38,14 @@ def packed_targets_mask(input_segments: jax.Array, target_segments: jax.Array) -
     return main, mtp
 
 
-def balance_loss(stats: RoutingStats, n_activated: int, seq_len: int) -> jax.Array:
+def balance_loss(stats: RoutingStats, n_activated: int) -> jax.Array:
     """Sequence-wise balance loss (architecture.md §5.4) without alpha: sum over layers of the mean over
-    sequences of sum_e f_e P_e, f_e = E/(k T) * load_e. Only P_e carries a gradient (the load is a
-    count of top-k choices). Works for [L, B, E] and [B, E] stats."""
+    sequences of sum_e f_e P_e, f_e = E/(k T) * load_e, each packed document a sequence of its own
+    (`routing_stats`). Only P_e carries a gradient (the load is a count of top-k choices). Works for
+    [L, B] and [B] stats."""
     E = stats.load.shape[-1]
-    f = E / (n_activated * seq_len) * jax.lax.stop_gradient(stats.load)
-    per_sequence = jnp.sum(f * stats.mean_affinity, axis=-1)  # [..., B]
-    return jnp.sum(jnp.mean(per_sequence, axis=-1))
+    per_layer = jnp.sum(stats.balance, axis=-1) / jnp.maximum(jnp.sum(stats.documents, axis=-1), 1.0)
+    return E / n_activated * jnp.sum(per_layer)
 
 
 def bias_update(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:

@@ -113,17 +113,15 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
             segments = row_segments[:, :-1]
             main_mask, mtp_mask = losses.packed_targets_mask(segments, row_segments[:, 1:])
         out = model(inputs, segment_ids=segments, return_indexer_traces=tc.indexer_loss_weight > 0)
-        T = inputs.shape[1]
         parts = {"ce": losses.cross_entropy(out.logits, targets, main_mask)}
         total = parts["ce"]
         if out.mtp_logits is not None:
             parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, targets, mtp_mask)
             total = total + hyper["mtp_weight"] * parts["mtp"]
         stats = out.routing
-        masked = stats._replace(mean_affinity=stats.mean_affinity * mask[:, None, None])
-        bal = losses.balance_loss(masked, cfg.n_activated_experts, T)
+        bal = losses.balance_loss(stats._replace(balance=stats.balance * mask[:, None]), cfg.n_activated_experts)
         if out.mtp_routing is not None:
-            bal = bal + losses.balance_loss(out.mtp_routing, cfg.n_activated_experts, T - 1)
+            bal = bal + losses.balance_loss(out.mtp_routing, cfg.n_activated_experts)
         parts["balance"] = bal
         total = total + tc.balance_alpha * bal
         if out.indexer is not None:  # CSA layers' KL (architecture.md §8.2); trains only the indexers (indexer_detach)
