@@ -201,10 +201,11 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     Each pass, every receiver fills its `capacity` slots from the rows its senders still hold, sender
     by sender in rank order (a prefix fill: a receiver with r rows left takes min(r, capacity) of
     them), runs its local experts on them and sends the results back. So a receiver routed R rows in
-    all is done after ceil(R / capacity) passes, and the scan runs the worst case's
-    ceil(ep x n x k / capacity) passes, each only while some device anywhere still has rows (one
-    `cond` on a mesh-wide max, the same on every device): no row is ever dropped, and a routing that
-    fits the capacity costs one pass. XLA's cost analysis counts the pass once."""
+    all is done after ceil(R / capacity) passes, and the passes run in a `while_loop` until the most
+    any device needs (a mesh-wide max, the same on every device): no row is ever dropped, and a
+    routing that fits the capacity costs one pass. The backward pass is a loop of the same passes
+    (`custom_vjp`: the rows' cotangents travel with the rows and the expert weights' gradients
+    accumulate in the loop's carry), so no pass keeps residuals. XLA's cost analysis counts one pass."""
     n, d = x.shape
     nk = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
@@ -230,39 +231,77 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
         at = jnp.where(slot < recv[:, None], a2a(land)[:, None] + slot, out.shape[0])  # past the end: dropped
         return out.at[at.reshape(-1)].set(got.reshape((ep * block,) + a.shape[1:]), mode="drop")
 
-    # every device's passes: ceil(rows routed to it / capacity); the most over the whole mesh
-    incoming_all = jnp.sum(a2a(send_sizes))
-    passes = jax.lax.pmax(-(-incoming_all // capacity), everywhere)
-    w1, w3, w2 = jax.lax.optimization_barrier((w1, w3, w2))  # no collective may sink into the `cond`
+    def plan(send_sizes, offsets, sent):
+        """This pass: which rows each device sends where (the receivers' prefix fill of their capacity)."""
+        incoming = a2a(send_sizes - sent)  # [ep] rows each device still has for me
+        before = jnp.cumsum(incoming) - incoming
+        grant = jnp.clip(capacity - before, 0, incoming)  # rows I take from each device
+        land = jnp.cumsum(grant) - grant  # where they go in my receive buffer
+        allowed = a2a(grant)  # [ep] rows I may send each device
+        start = offsets + sent
 
-    def one_pass(carry, p):
-        def run(carry):
-            out, sent = carry
-            incoming = a2a(send_sizes - sent)  # [ep] rows each device still has for me
-            before = jnp.cumsum(incoming) - incoming
-            grant = jnp.clip(capacity - before, 0, incoming)  # prefix fill of my capacity
-            land = jnp.cumsum(grant) - grant  # where each sender's rows go in my receive buffer
-            allowed = a2a(grant)  # [ep] rows I may send each device this pass
-            start = offsets + sent
-            fresh = lambda fill, like: _varying_like(jnp.full((capacity,) + like.shape[1:], fill, like.dtype),
-                                                     like, axes)
-            xr = send(xs, fresh(0, xs), start, allowed, a2a(land), grant)
-            wr = send(ws, fresh(0, ws), start, allowed, a2a(land), grant)
-            lr = send(le, fresh(E_loc, le), start, allowed, a2a(land), grant)
-            o2 = jnp.argsort(lr, stable=True)  # received rows by local expert; empty slots (E_loc) last
-            sizes = jnp.sum(jax.nn.one_hot(lr, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
-            y = jnp.zeros((capacity, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
-            back = _varying_like(jnp.zeros((nk, d), jnp.float32), y, axes)
-            back = send(y, back, land, grant, a2a(start), allowed)  # results to where the rows came from
-            return out + back, sent + allowed
+        def to_experts(a, fill):  # my rows -> their experts' devices: [capacity, ...]
+            buf = _varying_like(jnp.full((capacity,) + a.shape[1:], fill, a.dtype), a, axes)
+            return send(a, buf, start, allowed, a2a(land), grant)
 
-        return jax.lax.cond(p < passes, run, lambda c: c, carry), None
+        def from_experts(y):  # the received rows' results -> where the rows came from: [nk, ...]
+            buf = _varying_like(jnp.zeros((nk,) + y.shape[1:], y.dtype), y, axes)
+            return send(y, buf, land, grant, a2a(start), allowed)
 
-    varying = frozenset().union(*(_varying_axes(a) for a in (ws, w1, w3, w2)))
-    out = _varying_like(jnp.zeros((nk, d), jnp.float32), xs, tuple(sorted(varying | set(axes))))
-    max_passes = -(-ep * nk // capacity)
-    (out, _), _ = jax.lax.scan(one_pass, (out, jnp.zeros_like(send_sizes)), jnp.arange(max_passes))
-    return out, order
+        return to_experts, from_experts, sent + allowed
+
+    def n_passes(send_sizes):  # every device's ceil(rows routed to it / capacity); the most on the mesh
+        return jax.lax.pmax(-(-jnp.sum(a2a(send_sizes)) // capacity), everywhere)
+
+    def experts_fn(le):  # the grouped SwiGLU on received rows in any order, results in the same order
+        o2 = jnp.argsort(le, stable=True)  # by local expert; empty slots (E_loc) last
+        sizes = jnp.sum(jax.nn.one_hot(le, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
+
+        def f(xr, wr, w1, w3, w2):
+            return jnp.zeros((capacity, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
+        return f
+
+    @jax.custom_vjp
+    def moved(xs, ws, w1, w3, w2, le, send_sizes, offsets):
+        def body(carry):
+            p, out, sent = carry
+            to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
+            y = experts_fn(to_experts(le, E_loc))(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
+            return p + 1, out + from_experts(y), sent
+
+        out = _varying_like(jnp.zeros((nk, d), jnp.float32), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
+        total = n_passes(send_sizes)
+        _, out, _ = jax.lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), out, jnp.zeros_like(send_sizes)))
+        return out
+
+    def moved_fwd(*args):
+        return moved(*args), args
+
+    def moved_bwd(args, g_out):  # the same passes; cotangents ride with the rows
+        xs, ws, w1, w3, w2, le, send_sizes, offsets = args
+
+        def body(carry):
+            p, sent, gx, gw, grads = carry
+            to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
+            _, vjp = jax.vjp(experts_fn(to_experts(le, E_loc)), to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
+            dx, dw, *dws = vjp(to_experts(g_out, 0))
+            grads = tuple(g + dg.astype(jnp.float32) for g, dg in zip(grads, dws))
+            return (p + 1, sent, gx + from_experts(dx.astype(jnp.float32)), gw + from_experts(dw.astype(jnp.float32)),
+                    grads)
+
+        zeros = lambda a: _varying_like(jnp.zeros(a.shape, jnp.float32), a, axes)  # noqa: E731
+        total = n_passes(send_sizes)
+        init = (jnp.int32(0), jnp.zeros_like(send_sizes), zeros(xs), zeros(ws), tuple(zeros(w) for w in (w1, w3, w2)))
+        _, _, gx, gw, grads = jax.lax.while_loop(lambda c: c[0] < total, body, init)
+        return (gx.astype(xs.dtype), gw.astype(ws.dtype), *(g.astype(w.dtype) for g, w in zip(grads, (w1, w3, w2))),
+                None, None, None)
+
+    moved.defvjp(moved_fwd, moved_bwd)
+    # the expert weights typed as varying like the rows, so each device's weight gradient is its own
+    # and the cast's transpose sums them over the axes the weights are replicated on
+    rows_axes = tuple(sorted(_varying_axes(xs) | _varying_axes(ws) | set(axes)))
+    w1, w3, w2 = (_varying_like(w, w, rows_axes) for w in jax.lax.optimization_barrier((w1, w3, w2)))
+    return moved(xs, ws, w1, w3, w2, le, send_sizes, offsets), order
 
 
 def _varying_axes(x) -> frozenset:
