@@ -117,14 +117,19 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             wc = jnp.pad(weights, ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
 
             capacity = receive_capacity(nc * k, ep, capacity_factor)
+            # the expert weights typed as varying like the rows, so each device's weight gradient is its
+            # own and the cast's transpose sums them over the axes the weights are replicated on (once
+            # per layer, outside the rounds: the rounds' residuals are the rows only)
+            rows_axes = tuple(sorted(_varying_axes(x) | _varying_axes(weights) | set(ep_axes)))
+            ew = tuple(_varying_like(w, w, rows_axes) for w in (w1, w3, w2))
 
             def one_round(_, args):
                 xr, er, wr = args
-                y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), w1, w3, w2, ffn, ep_axes,
+                y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), *ew, ffn, ep_axes,
                                             tuple(mesh.axis_names), ep, E_loc, ragged, capacity)
                 return None, jnp.zeros((nc, d), jnp.float32).at[order // k].add(y_sorted)
 
-            _, out = jax.lax.scan(jax.checkpoint(one_round), None, (xc, ec, wc))
+            _, out = jax.lax.scan(one_round, None, (xc, ec, wc))
             out = out.reshape(rounds * nc, d)[:n]
             reduce = tp_axes
         if reduce:
@@ -205,7 +210,9 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     any device needs (a mesh-wide max, the same on every device): no row is ever dropped, and a
     routing that fits the capacity costs one pass. The backward pass is a loop of the same passes
     (`custom_vjp`: the rows' cotangents travel with the rows and the expert weights' gradients
-    accumulate in the loop's carry), so no pass keeps residuals. XLA's cost analysis counts one pass."""
+    accumulate in the loop's carry), so no pass keeps residuals: the residuals are the inputs. The
+    weights come typed as varying like the rows (the caller casts them once). XLA's cost analysis
+    counts one pass."""
     n, d = x.shape
     nk = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
@@ -297,10 +304,6 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
                 None, None, None)
 
     moved.defvjp(moved_fwd, moved_bwd)
-    # the expert weights typed as varying like the rows, so each device's weight gradient is its own
-    # and the cast's transpose sums them over the axes the weights are replicated on
-    rows_axes = tuple(sorted(_varying_axes(xs) | _varying_axes(ws) | set(axes)))
-    w1, w3, w2 = (_varying_like(w, w, rows_axes) for w in jax.lax.optimization_barrier((w1, w3, w2)))
     return moved(xs, ws, w1, w3, w2, le, send_sizes, offsets), order
 
 
