@@ -42,11 +42,13 @@ def _cpu_jiffies() -> tuple[int, int]:
     return busy, int(parts[11]) + int(parts[12])
 
 
-def bench(preset: str, batch: int, seq: int, steps: int, warmup: int, document_mask: bool = True) -> dict:
+def bench(preset: str, batch: int, seq: int, steps: int, warmup: int, document_mask: bool = True,
+          overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides`: train.py KEY=VALUE settings on top (e.g. "model.n_mtp_layers=0")."""
     vocab = {"tiny": 264, "tiny-b": 300}.get(preset)
     tc = load_config(None, [f'preset="{preset}"', f"seq_len={seq}", f"batch_size={batch}", "steps=1000",
                             f"document_mask={str(document_mask).lower()}"]
-                     + ([f"model.vocab_size={vocab}"] if vocab else []))
+                     + ([f"model.vocab_size={vocab}"] if vocab else []) + list(overrides))
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
     _, p, b, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options()), nnx.Param, Buffer, ...)
