@@ -107,7 +107,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             if split_tokens:  # the partial sums of my tokens, summed over the group
                 out = jax.lax.psum_scatter(out, ep_axes, tiled=True)
             reduce = tp_axes + (() if split_tokens else ep_axes)
-        else:  # all-to-all dispatch in rounds of at most `chunk` tokens (bounds the worst-case buffers)
+        else:  # all-to-all dispatch in rounds of at most `chunk` tokens, each in passes of `capacity` rows
             nc = min(chunk, n)
             rounds = -(-n // nc)
             pad = rounds * nc - n
