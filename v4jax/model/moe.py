@@ -55,10 +55,10 @@ def routing_stats(routing: Routing, B: int, T: int, docs: Documents | None = Non
     E = routing.scores.shape[-1]
     chosen = jnp.sum(jax.nn.one_hot(routing.experts.reshape(B, T, -1), E, dtype=jnp.float32), axis=2)  # [B, T, E]
     s = (routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)).reshape(B, T, E)
-    load = jnp.sum(chosen, axis=1)
+    load, P = jnp.sum(chosen, axis=1), jnp.mean(s, axis=1)  # [B, E] each
     if docs is None:  # one document per row
-        balance = jnp.sum(jax.lax.stop_gradient(load) / T * jnp.mean(s, axis=1), axis=-1)
-        return RoutingStats(load, jnp.mean(s, axis=1), balance, jnp.ones((B,), jnp.float32))
+        balance = jnp.sum(jax.lax.stop_gradient(load) / T * P, axis=-1)
+        return RoutingStats(load, P, balance, jnp.ones((B,), jnp.float32))
     # sums over each document's counted positions, kept at its first token's index
     counted = jnp.ones((B, T), jnp.float32) if docs.counted is None else docs.counted.astype(jnp.float32)
     by_document = jax.vmap(lambda a, start: jax.ops.segment_sum(a, start, num_segments=T))
@@ -66,8 +66,7 @@ def routing_stats(routing: Routing, B: int, T: int, docs: Documents | None = Non
     d_s = by_document(s * counted[..., None], docs.key_start)  # [B, T, E]
     length = by_document(counted, docs.key_start)  # [B, T]: T_d at each document's start, else 0
     balance = jnp.sum(d_load * d_s, axis=-1) / jnp.maximum(length, 1.0) ** 2  # [B, T]
-    return RoutingStats(load, jnp.mean(s, axis=1), jnp.sum(balance, axis=1), jnp.sum(length > 0, axis=1,
-                                                                                        dtype=jnp.float32))
+    return RoutingStats(load, P, jnp.sum(balance, axis=1), jnp.sum(length > 0, axis=1, dtype=jnp.float32))
 
 
 class Gate(nnx.Module):
