@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from benchmarks.hlo_costs import Cost, breakdown, by_function, collective_bytes, format_table
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
@@ -83,6 +83,8 @@ class Report:
     tokens: int
     biggest_buffers: list[tuple[str, int]]
     settings: dict = dataclasses.field(default_factory=dict)  # config overrides (--set), remat, moe_impl
+    breakdown: list = dataclasses.field(default_factory=list)  # --breakdown: [source, FLOPs, bytes], the sum
+    # over all sources first, then the top functions (benchmarks.hlo_costs: loops by their trip counts)
 
     def table(self) -> str:
         g = 2**30
@@ -207,80 +209,6 @@ def attention_flops_per_token(cfg: V4Config, context: int) -> float:
             keys += context // cfg.hca_ratio
         total += per_key * keys
     return total
-
-
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
-                         r"ragged-all-to-all)(-start)?\(")
-_SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|s8|u8|pred|f8e4m3fn|f8e5m2|s64|u64|f64)\[([0-9,]*)\]")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1,
-          "f8e5m2": 1, "s64": 8, "u64": 8, "f64": 8}
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        total += _BYTES[dtype] * (math.prod(int(d) for d in dims.split(",") if d) if dims else 1)
-    return total
-
-
-def collective_bytes(hlo_text: str) -> float:
-    """Bytes produced by collective ops in a compiled (per-device) HLO module, loop bodies counted
-    once per known trip count."""
-    comps = _split_computations(hlo_text)
-    trips = _trip_counts(hlo_text, comps)
-    total = 0.0
-    for name, body in comps.items():
-        mult = trips.get(name, 1)
-        for m in _COLLECTIVE.finditer(body):
-            if m.group(3):  # async start: its tuple holds the operand and the result; count the result
-                total += mult * max((_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))), default=0)
-            else:
-                total += mult * _shape_bytes(m.group(1))
-    return total
-
-
-def _split_computations(hlo_text: str) -> dict[str, str]:
-    comps, name, lines = {}, None, []
-    for line in hlo_text.splitlines():
-        m = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if m and not line.startswith(" "):
-            if name:
-                comps[name] = "\n".join(lines)
-            name, lines = m.group(2), []
-        elif name:
-            lines.append(line)
-    if name:
-        comps[name] = "\n".join(lines)
-    return comps
-
-
-def _trip_counts(hlo_text: str, comps: dict[str, str]) -> dict[str, int]:
-    """Computation name -> how many times it runs per step: while bodies run their trip count (the
-    s32 constant their condition compares against), called computations inherit their caller's."""
-    calls: dict[str, list[tuple[str, int]]] = {}
-    for parent, body in comps.items():
-        for line in body.splitlines():
-            w = re.search(r"\swhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
-            if w:
-                consts = re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", comps.get(w.group(1), ""))
-                calls.setdefault(parent, []).append((w.group(2), int(consts[0]) if len(consts) == 1 else 1))
-                continue
-            for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
-                calls.setdefault(parent, []).append((callee, 1))
-    mult: dict[str, int] = {}
-    called = {c for v in calls.values() for c, _ in v}
-
-    def visit(comp, factor, depth=0):
-        for child, n in calls.get(comp, []):
-            mult[child] = mult.get(child, 0) + factor * n
-            if depth < 50:
-                visit(child, factor * n, depth + 1)
-
-    for root in comps:
-        if root not in called:
-            mult[root] = 1
-            visit(root, 1)
-    return mult
 
 
 def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
@@ -441,7 +369,7 @@ def libtpu_version() -> str:
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
-            overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192) -> Report:
+            overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192, breakdown_rows: int = 0) -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -514,8 +442,16 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                                            "grad_accum": grad_accum} if mode == "train" else {}),
                      **({"step": STEP_NAMES[mode] + ("" if mode == "decode" else f", chunk {chunk}")}
                         if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
+                     **({"rule_overrides": ",".join(f"{k}={'+'.join(v)}" for k, v in rule_overrides.items())}
+                        if rule_overrides else {}),
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
+    if breakdown_rows and hlo is not None:
+        rows = by_function(breakdown(hlo))
+        top = rows[:breakdown_rows] + [c for c in sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]
+                                       if c not in rows[:breakdown_rows]]
+        report.breakdown = [["(all sources)", sum(c.flops for c in rows), sum(c.bytes for c in rows)]] + [
+            [c.source, c.flops, c.bytes] for c in top]
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
@@ -555,6 +491,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per step (train.py's grad_accum)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config or run-time option override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="also list the N source functions with the most FLOPs and HBM bytes (benchmarks.hlo_costs)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return p
 
@@ -565,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
                          num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
-                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum, chunk=a.chunk)
+                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum, chunk=a.chunk,
+                         breakdown_rows=a.breakdown)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -578,9 +517,13 @@ def main(argv: list[str] | None = None) -> int:
                            "settings": {"step": STEP_NAMES.get(a.mode, "v4jax.train.step.make_step"),
                                         **({"grad_accum": a.grad_accum} if a.mode == "train" else {}),
                                         **({"chunk": a.chunk} if a.mode == "prefill_chunk" else {}),
+                                        **({"rule_overrides": a.rule} if a.rule else {}),
                                         **_parse_sets(a.set)}}, f, indent=2)
         return 2
     print(report.table())
+    if report.breakdown:
+        total, *rows = (Cost(*row) for row in report.breakdown)
+        print(format_table(rows, a.breakdown, (total.flops, total.bytes)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dataclasses.asdict(report), f, indent=2)
