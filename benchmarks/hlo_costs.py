@@ -11,7 +11,7 @@ carries one, and each top-level instruction (a fusion, a copy, a collective...) 
 operands and result: roughly the HBM traffic, since fusions keep their insides on chip. Each cost
 goes to the innermost stack frame in this repository (the line of v4jax/, sharding/ or
 pallas_kernels/ that traced the op), so a step's excess over the model's FLOPs, or its HBM traffic,
-reads as a list of source lines (architecture.md §9; `python -m benchmarks.dryrun --breakdown N`).
+reads as a list of source lines (docs/sharding.md, Dry runs; `python -m benchmarks.dryrun --breakdown N`).
 """
 
 from __future__ import annotations
