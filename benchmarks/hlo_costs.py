@@ -6,7 +6,8 @@ XLA's `cost_analysis()` gives one total and counts a while-loop body once. `brea
 module instead: every computation runs as many times as its callers say (a while body its trip count
 when the condition compares against one constant; a loop whose count is only known at run time, such
 as the expert-parallel passes, counts once), each dot / convolution costs 2 x output elements x
-contracted elements, each custom call (a Pallas kernel) the FLOPs of its cost estimate when it
+contracted elements (elementwise work, and a matrix-vector product XLA rewrites as a multiply and a
+reduce, count bytes but no FLOPs), each custom call (a Pallas kernel) the FLOPs of its cost estimate when it
 carries one, and each top-level instruction (a fusion, a copy, a collective...) the bytes of its
 operands and result: roughly the HBM traffic, since fusions keep their insides on chip. Each cost
 goes to the innermost stack frame in this repository (the line of v4jax/, sharding/ or
