@@ -412,20 +412,28 @@ def run_v41(args) -> int:
     from v4jax.io.restore import load_model
     from v4jax.model.v41 import Image
 
-    for flag, used in (("--prompts-file / --slots", args.prompts_file is not None or args.slots is not None),
+    for flag, used in (("--slots (continuous batching)", args.slots is not None),
                        ("sampling (--temperature > 0) with --speculative", args.temperature and args.speculative),
-                       ("--prefill-chunk", args.prefill_chunk is not None), ("--step", args.step is not None),
-                       ("--numerics release", args.numerics != "exact")):
+                       ("--step", args.step is not None), ("--numerics release", args.numerics != "exact")):
         if used:
             raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (plain generation, greedy "
-                             "or sampled, or greedy --speculative, over --prompt / --prompt-ids)")
+                             "or sampled, or greedy --speculative, over --prompt / --prompt-ids / --prompts-file, "
+                             "with --prefill-chunk)")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InferError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
     tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
-    if args.prompt is not None and tok_path is None:
-        raise InferError(f"--prompt needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
+    text = "--prompt" if args.prompt is not None else "--prompts-file" if args.prompts_file is not None else None
+    if text and tok_path is None:
+        raise InferError(f"{text} needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
                          "exist (pass --tokenizer FILE, or use --prompt-ids)")
     tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
-    prompts = [tok.encode(args.prompt)] if args.prompt is not None else read_prompt_ids(args.prompt_ids)
+    if args.prompt is not None:
+        prompts = [tok.encode(args.prompt)]
+    elif args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file, tok)
+    else:
+        prompts = read_prompt_ids(args.prompt_ids)
     for p in prompts:
         check_token_ids(p, cfg.vocab_size)
     token_map = resolve_token_map(cfg, args.engram_token_map, tok_path)
@@ -453,6 +461,7 @@ def run_v41(args) -> int:
         rows = [i for i, p in enumerate(prompts) if len(p) == n]
         got = generate_v41(loaded.model, np.array([prompts[i] for i in rows]), args.max_new_tokens, token_map,
                            draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
+                           prefill_chunk=args.prefill_chunk,
                            sampling=Sampling(args.temperature, args.top_k, args.top_p),
                            images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
         steps, accepted = steps + got.steps, accepted + got.accepted

@@ -1,5 +1,6 @@
 """`infer.py` on a DeepSeek-V4.1 checkpoint (issue 20): the golden fixture directory generates the official
-code's greedy tokens, plain and with DSpark; an image file goes through the preprocessing into the prompt;
+code's greedy tokens, plain and with DSpark (and a chunked prefill); a prompts file serves prompts of
+several lengths; an image file goes through the preprocessing into the prompt;
 what V4.1 does not support yet is refused in one line naming the flag."""
 
 import os
@@ -33,7 +34,7 @@ def _run(capsys, *argv):
 def test_the_fixture_generates_the_official_tokens(checkpoint, capsys, speculative):
     code, out, err = _run(capsys, "--checkpoint", checkpoint, "--prompt-ids", os.path.join(checkpoint, "prompt.npy"),
                           "--engram-token-map", TOKEN_MAP, "--max-new-tokens", "7", "--dtype", "float32",
-                          *(["--speculative"] if speculative else []))
+                          *(["--speculative", "--prefill-chunk", "3"] if speculative else []))
     assert code == 0, err
     want = load("generated_ids.npy")
     assert out.splitlines() == [f"[{b}] " + " ".join(map(str, row)) for b, row in enumerate(want)]
@@ -59,8 +60,30 @@ def test_an_image_file_enters_the_prompt(checkpoint, capsys, tmp_path):
     assert f"{image_tokens(grid, cfg) + 4} prompt" in err
 
 
+def test_a_prompts_file_of_mixed_lengths_gives_each_prompt_its_own_tokens(checkpoint, capsys, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))  # the fixture's 256 ids
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    prompts = ("w5 w9", "w5 w9 w17 w100 w3 w42 w250")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = ["--checkpoint", checkpoint, "--tokenizer", str(tmp_path / "tokenizer.json"), "--engram-token-map", TOKEN_MAP,
+              "--max-new-tokens", "4", "--dtype", "float32"]
+    code, out, err = _run(capsys, *common, "--prompts-file", str(tmp_path / "prompts.txt"))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line[:4] for line in lines] == ["[0] ", "[1] "]
+    for i, text in enumerate(prompts):
+        code, alone, err = _run(capsys, *common, "--prompt", text)
+        assert code == 0, err
+        assert lines[i] == f"[{i}] {alone.rstrip(chr(10))}" and len(alone.split()) == 4  # four decoded ids
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--temperature", "0.7", "--speculative"], "sampling (--temperature > 0) with --speculative is not supported"),
+    (["--slots", "2"], "--slots (continuous batching) is not supported"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be a positive number of tokens, got 0"),
     (["--image", "/nonexistent/pic.png"], "/nonexistent/pic.png"),
     ([], "needs the release's tokenizer.json"),  # no --engram-token-map and no tokenizer
 ])

@@ -39,6 +39,11 @@ def test_plain_and_speculative_greedy_give_the_official_tokens(model):
     spec = generate_v41(model, prompt, 12, token_map, draft=True)
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     assert spec.steps + spec.accepted == 11  # each main-model step yields its token and the accepted drafts
+    # a prompt prefilled in chunks through the cache (the Engram history and the DSpark features carried
+    # across the chunks) gives the same tokens
+    for chunk, draft in ((3, False), (5, True)):
+        got = generate_v41(model, prompt, 12, token_map, draft=draft, prefill_chunk=chunk)
+        np.testing.assert_array_equal(got.tokens, plain.tokens)
 
 
 def test_bad_requests_are_refused(model):
@@ -47,6 +52,8 @@ def test_bad_requests_are_refused(model):
         generate_v41(model, prompt, 2)
     with pytest.raises(ValueError, match="max_seq_len is 128"):
         generate_v41(model, prompt, 200, np.zeros(256, np.int64))
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens, got 0"):
+        generate_v41(model, prompt, 2, np.zeros(256, np.int64), prefill_chunk=0)
 
 
 def test_an_image_prompt_generates_the_official_tokens(model):
@@ -61,8 +68,8 @@ def test_an_image_prompt_generates_the_official_tokens(model):
     p1 = np.load(os.path.join(FIXTURES, "image1_patches.npy")).reshape(12, -1)
     images = (Image(0, 5, p0, (5, 7)), Image(1, 17, p1, (4, 3)))
     want = np.load(os.path.join(FIXTURES, "image_generated_ids.npy"))
-    for draft in (False, True):
-        got = generate_v41(model, prompt, want.shape[1], token_map, draft=draft, images=images)
+    for draft, chunk in ((False, None), (True, None), (False, 4), (True, 7)):  # chunks cut through the spans
+        got = generate_v41(model, prompt, want.shape[1], token_map, draft=draft, images=images, prefill_chunk=chunk)
         np.testing.assert_array_equal(got.tokens, want)
     # image_prompt lays a span out as the fixture's prompt does (START, 3 x (2 IMAGE + NEWLINE), END at 0)
     ids, starts = image_prompt(model.cfg, [7, 8], [(5, 7)])

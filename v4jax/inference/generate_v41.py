@@ -124,26 +124,33 @@ def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[
 
 def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
                  draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = (),
-                 mesh=None, rules=None, sampling: Sampling = Sampling(), seed: int = 0) -> V41Generation:
+                 mesh=None, rules=None, sampling: Sampling = Sampling(), seed: int = 0,
+                 prefill_chunk: int | None = None) -> V41Generation:
     """prompt [B, T] int -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
     top-k, top-p as for V4; each row's draw keyed by (seed, row, position)). token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
     with the DSpark stages (same tokens, fewer main-model calls). images: `Image`s whose spans the
     prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens.
     mesh, rules: over a device mesh (the model loaded sharded by `rules`, `load_model(mesh=, rules=)`):
-    the cache's sequences split over the rules' batch axes, every step SPMD over the mesh."""
+    the cache's sequences split over the rules' batch axes, every step SPMD over the mesh.
+    prefill_chunk: prefill the prompt through the cache in calls of at most this many tokens (a long
+    prompt's activations bounded by the chunk; the same tokens as one call)."""
     if (mesh is None) != (rules is None):
         raise ValueError("generate_v41: mesh and rules go together")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
     if mesh is not None:
         from sharding.context import use_mesh_rules
 
         with use_mesh_rules(mesh, rules):
-            return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling, seed)
-    return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None, sampling, seed)
+            return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling, seed,
+                             prefill_chunk)
+    return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None, sampling, seed,
+                     prefill_chunk)
 
 
 def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling,
-              seed) -> V41Generation:
+              seed, prefill_chunk) -> V41Generation:
     cfg = model.cfg
     prompt = np.asarray(prompt, np.int64)
     B, T = prompt.shape
@@ -168,20 +175,27 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
     for img in images:
         spans[img.row, img.start:img.start + image_span_layout(img.grid, cfg.vision_downsample_ratio).n_tokens] = True
-    rows, engram = engram_rows(model, engram, prompt, spans)
     tokens, cache = jnp.asarray(prompt, jnp.int32), init_v41_cache(cfg, B, max_len)
     if mesh is not None:  # each sequence's cache on the devices that hold its rows
         cache = jax.device_put(cache, v41_cache_shardings(cache, mesh, rules))
-    if images:  # the spans' embeddings replaced, bias_vl and Engram gate 0 there
+    embeddings = image = None
+    if images:  # the spans' embeddings replaced (ViT + aligner once), bias_vl and Engram gate 0 there
         where = [(img.row, img.start, img.grid) for img in images]
-
-        def prefill(m, t, e, c, patches):
-            embeddings, image = m.embed_prompt(t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches)))
-            return m(t, e, image=image, embeddings=embeddings, cache=c)
-        out = nnx.jit(prefill)(model, tokens, rows, cache, [img.patches for img in images])
-    else:
-        out = forward(model, tokens, rows, cache)
-    cache, features = out.cache, out.target_features
+        embeddings, image = nnx.jit(lambda m, t, patches: m.embed_prompt(
+            t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches))))(
+                model, tokens, [img.patches for img in images])
+        embedded = nnx.jit(lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c))
+    features = []
+    for lo in range(0, T, prefill_chunk or T):  # the prompt in calls of at most prefill_chunk tokens
+        hi = min(T, lo + (prefill_chunk or T))
+        rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi])
+        if images:
+            out = embedded(model, tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
+        else:
+            out = forward(model, tokens[:, lo:hi], rows, cache)
+        cache = out.cache
+        features.append(out.target_features)
+    features = features[0] if len(features) == 1 or features[0] is None else jnp.concatenate(features, axis=1)
     token = choose(out.logits[:, -1], cache.lengths)  # [B]: the token at each row's next position
     generated, steps, accepted = [np.asarray(token)], 0, 0
     while len(generated) < max_new:
