@@ -48,7 +48,12 @@ from v4jax.model.transformer import Transformer
 
 
 class DoesNotFit(RuntimeError):
-    pass
+    """The step needs more memory per device than the chip has; `report`: the compiled figures when the
+    compile itself succeeded (memory analysis over the HBM), else None."""
+
+    def __init__(self, message: str, report: "Report | None" = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclasses.dataclass
@@ -455,7 +460,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
-                         "buffers per device: " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:5]))
+                         "buffers per device: " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:5]),
+                         report)
     return report
 
 
@@ -510,10 +516,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except DoesNotFit as e:
         print(f"does not fit: {e}", file=sys.stderr)
+        if e.report is not None and e.report.breakdown:
+            total, *rows = (Cost(*row) for row in e.report.breakdown)
+            print(format_table(rows, a.breakdown, (total.flops, total.bytes)), file=sys.stderr)
         if a.json:  # a refusal is a result too (it bounds the smallest pod)
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
                            "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
+                           **({"report": dataclasses.asdict(e.report)} if e.report is not None else {}),
                            "settings": {"step": STEP_NAMES.get(a.mode, "v4jax.train.step.make_step"),
                                         **({"grad_accum": a.grad_accum} if a.mode == "train" else {}),
                                         **({"chunk": a.chunk} if a.mode == "prefill_chunk" else {}),

@@ -71,8 +71,12 @@ def test_dry_run_refuses_a_model_that_does_not_fit_and_names_the_biggest_buffers
 
     tiny_chip = dataclasses.replace(CHIPS["v5p"], hbm_bytes=1e6)  # pretend the chip has 1 MB of HBM
     monkeypatch.setitem(CHIPS, "v5p", tiny_chip)
-    with pytest.raises(dryrun.DoesNotFit, match=r"does not fit on v5p:2x2x1 .* biggest buffers per device: .*GiB"):
-        dryrun.dry_run(small(), "v5p:2x2x1", "fsdp", mode="prefill", seq=32)
+    with pytest.raises(dryrun.DoesNotFit, match=r"does not fit on v5p:2x2x1 .* biggest buffers per device: .*GiB") as e:
+        dryrun.dry_run(small(), "v5p:2x2x1", "fsdp", mode="prefill", seq=32, breakdown_rows=5)
+    # the compiled figures travel with the refusal (they say what to shrink), the breakdown among them
+    r = e.value.report
+    assert not r.fits and r.peak_bytes > 1e6 and r.breakdown[0][0] == "(all sources)" and r.breakdown[0][1] > 0
+    assert any(row[0].startswith("v4jax/") for row in r.breakdown[1:])
 
 
 def test_a_refusal_is_written_to_the_json_too(monkeypatch, tmp_path):
