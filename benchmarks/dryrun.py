@@ -90,6 +90,14 @@ class Report:
     settings: dict = dataclasses.field(default_factory=dict)  # config overrides (--set), remat, moe_impl
     breakdown: list = dataclasses.field(default_factory=list)  # --breakdown: [source, FLOPs, bytes], the sum
     # over all sources first, then the top functions (benchmarks.hlo_costs: loops by their trip counts)
+    # the same step read from the HLO with every loop body times its trip count (benchmarks.hlo_costs; matmul
+    # FLOPs only, top-level bytes) instead of XLA's count x one scan correction, and the roofline it gives
+    # (None when the HLO could not be read back)
+    loop_flops_per_device: float | None = None
+    loop_traffic_per_device: float | None = None
+    loop_step_time_s: float | None = None
+    loop_bound: str | None = None
+    loop_mfu: float | None = None
 
     def table(self) -> str:
         g = 2**30
@@ -110,6 +118,10 @@ class Report:
             ("model FLOPs (all devices)", f"{self.model_flops:.3e}"),
             ("roofline step time", f"{self.step_time_s * 1e3:.1f} ms ({self.bound}-bound)"),
             ("MFU at that step time", f"{100 * self.mfu:.1f}%"),
+            *([("loops by trip count", f"{self.loop_flops_per_device:.3e} matmul FLOPs, "
+                                       f"{self.loop_traffic_per_device / g:.2f} GiB / device: roofline "
+                                       f"{self.loop_step_time_s * 1e3:.1f} ms ({self.loop_bound}-bound), MFU "
+                                       f"{100 * self.loop_mfu:.1f}%")] if self.loop_flops_per_device is not None else []),
             ("biggest buffers / device", ", ".join(f"{n} {b / g:.2f} GiB" for n, b in self.biggest_buffers[:5])),
         ]
         w = max(len(r[0]) for r in rows)
@@ -451,8 +463,16 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                         if rule_overrides else {}),
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
-    if breakdown_rows and hlo is not None:
+    if hlo is not None:  # the loop-aware reading of the same program (benchmarks.hlo_costs)
         rows = by_function(breakdown(hlo))
+        lf, lb = sum(c.flops for c in rows), sum(c.bytes for c in rows)
+        loop_times = {"compute": lf / per_dev_peak, "memory": lb / per_dev_bw,
+                      **({} if coll is None else {"collectives": coll / per_dev_ici})}
+        report.loop_bound = max(loop_times, key=loop_times.get)
+        report.loop_flops_per_device, report.loop_traffic_per_device = lf, lb
+        report.loop_step_time_s = loop_times[report.loop_bound]
+        report.loop_mfu = model_flops / (len(devices) * per_dev_peak * report.loop_step_time_s) if lf else 0.0
+    if breakdown_rows and hlo is not None:
         top = rows[:breakdown_rows] + [c for c in sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]
                                        if c not in rows[:breakdown_rows]]
         report.breakdown = [["(all sources)", sum(c.flops for c in rows), sum(c.bytes for c in rows)]] + [

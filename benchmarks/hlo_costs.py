@@ -195,10 +195,15 @@ def _matmul_flops(opcode: str, out_dims: list[int], call: str, shapes: dict[str,
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", call)  # convolution: b/f/0-9 on the lhs, i/o/0-9 on the rhs
     if not labels:
         return 0.0
-    rhs = _dims(shapes.get(ops[1], "")) if len(ops) > 1 else []
     groups = int(m.group(1)) if (m := re.search(r"feature_group_count=(\d+)", call)) else 1
     features = lhs[labels.group(1).index("f")] // groups
-    window = math.prod(rhs[j] for j, c in enumerate(labels.group(2)) if c.isdigit()) if rhs else 1
+    # taps per output element: the window's size over its lhs dilation (XLA writes a batched matmul as
+    # a convolution whose window of n taps meets one input through an n-fold dilation)
+    size = re.search(r"window=\{[^}]*size=([\dx]+)", call)
+    dilate = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", call)
+    sizes = [int(v) for v in size.group(1).split("x")] if size else []
+    dilations = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+    window = math.prod(-(-n // d) for n, d in zip(sizes, dilations))
     return 2.0 * math.prod(out_dims) * features * window
 
 
@@ -280,6 +285,13 @@ def breakdown(hlo_text: str) -> list[Cost]:
                 if s != "(no source)" and not s.startswith("jit("):
                     root_source[name] = s
                     break
+    for rows in parsed.values():  # a fused computation with no source of its own: its fusion's
+        for _, _, opcode, call in rows:
+            callee = re.search(r"calls=%?([\w.\-]+)", call) if opcode == "fusion" else None
+            if callee and callee.group(1) not in root_source:
+                s = source_of(call, "")
+                if s != "(no source)":
+                    root_source[callee.group(1)] = s
     for name, rows in parsed.items():
         n = mult.get(name, 1)
         for inst, type_text, opcode, call in rows:
@@ -293,7 +305,7 @@ def breakdown(hlo_text: str) -> list[Cost]:
                 traffic = _traffic(opcode, type_text, call, shapes, parsed)
             if flops or traffic:
                 callee = re.search(r"calls=%?([\w.\-]+)", call)
-                key = source_of(call, callee.group(1) if callee else "")
+                key = source_of(call, callee.group(1) if callee else name)  # inside a fusion: the fusion's
                 c = costs.setdefault(key, [0.0, 0.0])
                 c[0] += n * flops
                 c[1] += n * traffic

@@ -28,6 +28,9 @@ def test_train_dry_run_on_v5p_reports_memory_flops_and_roofline():
     # and in train.py's step the indexer KL's recomputed attention mass and Muon's Newton-Schulz
     # iterations, which at 128 tokens cost about as much as the model: measured ratio 0.27)
     assert 0.15 < r.model_flops / (r.devices * r.flops_per_device) < 3
+    # the loop-aware reading runs Muon's Newton-Schulz loop its trip count, which XLA counts once
+    assert r.loop_flops_per_device > r.flops_per_device and r.loop_traffic_per_device > 0
+    assert r.loop_bound in ("compute", "memory", "collectives") and 0 < r.loop_mfu < 1
     assert r.step_time_s > 0 and 0 < r.mfu <= 1 and r.bound in ("compute", "memory", "collectives")
     assert "does" not in r.table() and "roofline step time" in r.table()
 

@@ -84,3 +84,18 @@ ENTRY %main (a: f32[1000,64], b: f32[1,64], i: s32[]) -> f32[1000,64] {
     costs = {c.source: c.bytes for c in breakdown(hlo)}
     assert costs["dynamic_update_slice"] == 4 * 64 * 2 + 4  # the update in, the updated row out, the index
     assert costs["exp"] == 4 * 64 * 2 + 4  # the row read, the result written, the index
+
+
+def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap():
+    # XLA:TPU writes a batched matmul [t] x ([b, f] @ [f, o]) as a convolution over a spatial dim t whose
+    # window of t taps meets one input through a t-fold lhs dilation
+    hlo = """HloModule m
+
+ENTRY %main (a: f32[4,6,8], b: f32[4,6,16]) -> f32[4,8,16] {
+  %a = f32[4,6,8]{2,1,0} parameter(0)
+  %b = f32[4,6,16]{2,1,0} parameter(1)
+  ROOT %c = f32[4,8,16]{2,1,0} convolution(%a, %b), window={size=4 stride=3 lhs_dilate=4}, dim_labels=0fb_0io->0bf, metadata={op_name="z/dot_general"}
+}
+"""
+    (row,) = breakdown(hlo)
+    assert row.flops == 2 * (4 * 8 * 16) * 6
