@@ -9,7 +9,9 @@ per device: argument / output / temporary bytes from the compiled memory analysi
 HBM; FLOPs and HBM bytes from the compiled cost analysis; bytes moved by collectives (summed from the
 compiled HLO); and a roofline estimate of the step time (the slowest of compute, HBM traffic and ICI
 traffic) with the MFU it implies for the model FLOPs (6 N_active per token for training, 2 N_active for
-inference, plus attention). When the step does not fit, it says so and names the biggest buffers
+inference, plus attention). XLA counts a loop body once; the report scales its count by one scan
+correction and also gives the program read loop by loop (`benchmarks.hlo_costs`: each body times its
+trip count, matmul FLOPs, top-level bytes) with the roofline that reading implies. When the step does not fit, it says so and names the biggest buffers
 (exit status 2). Layers are scanned, so compile time follows the number of distinct blocks.
 
 train: exactly the step train.py runs (`v4jax.train.step.step_program`: `make_step` with every loss term,

@@ -30,7 +30,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks.dryrun import collective_bytes, libtpu_version, tpu_devices
+from benchmarks.dryrun import libtpu_version, tpu_devices
+from benchmarks.hlo_costs import breakdown, collective_bytes
 from benchmarks.v41 import param_counts
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
@@ -149,9 +150,11 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     try:
-        coll = collective_bytes(compiled.as_text())
+        hlo = compiled.as_text()
     except jax.errors.JaxRuntimeError:
-        coll = None
+        hlo = None
+    coll = None if hlo is None else collective_bytes(hlo)
+    loops = breakdown(hlo) if hlo is not None else []  # every loop body times its trip count (hlo_costs)
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     counts = param_counts(cfg, model)  # the model `build` made, not a second abstract build
@@ -161,6 +164,10 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     times = {"compute": flops / (chip.bf16_flops / per_dev), "memory": traffic / (chip.hbm_bandwidth / per_dev),
              **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
     bound = max(times, key=times.get)
+    loop_flops, loop_bytes = sum(c.flops for c in loops), sum(c.bytes for c in loops)
+    loop_times = {"compute": loop_flops / (chip.bf16_flops / per_dev), "memory": loop_bytes / (chip.hbm_bandwidth / per_dev),
+                  **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
+    loop_bound = max(loop_times, key=loop_times.get)
     return {**head, "compile_s": round(compile_s, 1),
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
@@ -169,6 +176,13 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
             "collective_bytes_per_device": coll, "model_flops": model_flops,
             "compiled_over_model_flops": flops * len(devices) / model_flops if model_flops else None,
             "step_s": times[bound], "bound": bound, "tokens_per_s_per_chip": tokens / times[bound] / (len(devices) / per_dev),
+            # the same program read loop by loop (benchmarks.hlo_costs: matmul FLOPs and top-level bytes, each
+            # loop body times its trip count; XLA's figures above count a loop body once)
+            **({"loop_flops_per_device": loop_flops, "loop_traffic_per_device": loop_bytes,
+                "loop_over_model_flops": loop_flops * len(devices) / model_flops if model_flops else None,
+                "loop_step_s": loop_times[loop_bound], "loop_bound": loop_bound,
+                "loop_tokens_per_s_per_chip": tokens / loop_times[loop_bound] / (len(devices) / per_dev)}
+               if loops else {}),
             "libtpu": libtpu_version()}
 
 

@@ -16,6 +16,7 @@ def _sane(r, mode, tokens):
     assert r["compiled_flops_per_device"] > 0 and r["hbm_bytes_accessed_per_device"] > 0
     assert r["collective_bytes_per_device"] > 0  # the experts are split: tokens or weights move
     assert 0.5 < r["compiled_over_model_flops"] < 10  # the model's matmuls, within the overheads
+    assert 0.5 < r["loop_over_model_flops"] < 10 and r["loop_bound"] in ("compute", "memory", "collectives")
     chips = r["devices"] / CHIPS["v5p"].devices_per_chip
     assert r["step_s"] > 0 and r["tokens_per_s_per_chip"] * r["step_s"] * chips == pytest.approx(tokens)
 
