@@ -388,7 +388,8 @@ def libtpu_version() -> str:
 def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str = "train", batch: int | None = None,
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
-            overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192, breakdown_rows: int = 0) -> Report:
+            overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192, breakdown_rows: int = 0,
+            hlo_out: str | None = None) -> Report:
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -465,6 +466,9 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                         if rule_overrides else {}),
                      "libtpu": libtpu_version(),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
+    if hlo is not None and hlo_out:
+        with open(hlo_out, "w") as f:
+            f.write(hlo)
     if hlo is not None:  # the loop-aware reading of the same program (benchmarks.hlo_costs)
         rows = by_function(breakdown(hlo))
         lf, lb = sum(c.flops for c in rows), sum(c.bytes for c in rows)
@@ -521,6 +525,8 @@ def parser() -> argparse.ArgumentParser:
                    help="config or run-time option override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="also list the N source functions with the most FLOPs and HBM bytes (benchmarks.hlo_costs)")
+    p.add_argument("--hlo-out", default=None, metavar="FILE",
+                   help="also write the compiled HLO text here (to read again with benchmarks.hlo_costs)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     return p
 
@@ -532,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
                          num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
                          overrides=_parse_sets(a.set), grad_accum=a.grad_accum, chunk=a.chunk,
-                         breakdown_rows=a.breakdown)
+                         breakdown_rows=a.breakdown, hlo_out=a.hlo_out)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
