@@ -21,6 +21,8 @@ import math
 import re
 from typing import NamedTuple
 
+import numpy as np
+
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
                          r"ragged-all-to-all)(-start)?\(")
 _SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|s8|u8|pred|f8e4m3fn|f8e5m2|s64|u64|f64|s16|u16|s4|u4|f4e2m1fn)"
@@ -197,14 +199,29 @@ def _matmul_flops(opcode: str, out_dims: list[int], call: str, shapes: dict[str,
         return 0.0
     groups = int(m.group(1)) if (m := re.search(r"feature_group_count=(\d+)", call)) else 1
     features = lhs[labels.group(1).index("f")] // groups
-    # taps per output element: the window's size over its lhs dilation (XLA writes a batched matmul as
-    # a convolution whose window of n taps meets one input through an n-fold dilation)
-    size = re.search(r"window=\{[^}]*size=([\dx]+)", call)
-    dilate = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", call)
-    sizes = [int(v) for v in size.group(1).split("x")] if size else []
-    dilations = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    window = math.prod(-(-n // d) for n, d in zip(sizes, dilations))
-    return 2.0 * math.prod(out_dims) * features * window
+    window = re.search(r"window=\{([^}]*)\}", call)
+    field = lambda name: re.search(rf"\b{name}=(\S+)", window.group(1)) if window else None  # noqa: E731
+    sizes = [int(v) for v in field("size").group(1).split("x")] if window and field("size") else []
+    per_dim = lambda name, default: ([int(v) if name != "pad" else int(v.split("_")[0])  # noqa: E731
+                                      for v in field(name).group(1).split("x")] if field(name) else [default] * len(sizes))
+    strides, pads, lhs_d, rhs_d = per_dim("stride", 1), per_dim("pad", 0), per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+    rest, pairs = float(math.prod(out_dims)), 1.0
+    for k, w in enumerate(sizes):  # spatial dim k: (output, tap) pairs that meet a real input element
+        L, O = lhs[labels.group(1).index(str(k))], out_dims[labels.group(3).index(str(k))]
+        rest /= O
+        pairs *= _window_pairs(L, O, w, strides[k], pads[k], lhs_d[k], rhs_d[k])
+    return 2.0 * rest * features * pairs
+
+
+def _window_pairs(L: int, O: int, w: int, stride: int, pad: int, lhs_dilate: int, rhs_dilate: int) -> float:
+    """(output position, window tap) pairs of one spatial dim that land on one of the L real inputs, not on
+    padding or a dilation hole: a convolution's taps per output summed over the outputs. (XLA:TPU writes a
+    batched matmul as a convolution whose window of n taps meets one input through an n-fold lhs dilation,
+    and a sliding window as one padded on both sides.)"""
+    if L * w > 4_000_000:  # too many to count: each output's taps over the dilation
+        return float(O * -(-w // lhs_dilate))
+    q = pad + lhs_dilate * np.arange(L)[:, None] - rhs_dilate * np.arange(w)[None, :]  # [L, w]: output x stride
+    return float(np.sum((q >= 0) & (q % stride == 0) & (q // stride < O)))
 
 
 def _traffic(opcode: str, type_text: str, call: str, shapes: dict[str, str], parsed: dict) -> float:

@@ -99,3 +99,17 @@ ENTRY %main (a: f32[4,6,8], b: f32[4,6,16]) -> f32[4,8,16] {
 """
     (row,) = breakdown(hlo)
     assert row.flops == 2 * (4 * 8 * 16) * 6
+
+
+def test_a_padded_window_counts_only_the_taps_that_meet_the_input():
+    # one input position padded by 3 on each side, a window of 4: each of the 4 outputs meets it once
+    hlo = """HloModule m
+
+ENTRY %main (a: bf16[39,64,1], b: bf16[32,4,64]) -> f32[39,32,4] {
+  %a = bf16[39,64,1]{2,1,0} parameter(0)
+  %b = bf16[32,4,64]{2,1,0} parameter(1)
+  ROOT %c = f32[39,32,4]{2,1,0} convolution(%a, %b), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=bf0_o0i->bf0, metadata={op_name="z/dot_general"}
+}
+"""
+    (row,) = breakdown(hlo)
+    assert row.flops == 2 * (39 * 32) * 64 * 4  # 4 (output, tap) pairs, not 4 outputs x 4 taps
