@@ -437,7 +437,9 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     hbm = chip.hbm_per_device
     tokens = {"decode": batch, "prefill_chunk": batch * chunk}.get(mode, batch * seq * (grad_accum if mode == "train" else 1))
     abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options)))
-    correction = scan_correction(cfg, abstract_state, seq)
+    # train.py's micro-batch accumulation is a loop too: its body (one micro-batch) counts once (the
+    # optimizer update after it then counts grad_accum times: the loop-aware reading below has it once)
+    correction = scan_correction(cfg, abstract_state, seq) * (grad_accum if mode == "train" else 1)
     flops_text = float(cost.get("flops", 0.0))
     flops, traffic = flops_text * correction, float(cost.get("bytes accessed", 0.0)) * correction
     coll = None if hlo is None else collective_bytes(hlo)

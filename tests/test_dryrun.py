@@ -150,3 +150,14 @@ def test_the_dry_run_compiles_the_generators_own_steps():
                        mesh_spec="context=2,expert=2")
     assert r.settings["step"] == "v4jax.inference.generate.generation_steps prefill, chunk 8"
     assert r.tokens == r.batch * 8 and r.fits and r.flops_per_device > 0
+
+
+def test_micro_batch_accumulation_counts_every_micro_batch():
+    """grad_accum=2 runs the micro-batch loop twice: XLA counts its body once, so the scan correction
+    doubles; the loop-aware reading doubles the model's work and keeps one optimizer update."""
+    one = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32)
+    two = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="train", seq=32, grad_accum=2)
+    assert two.tokens == 2 * one.tokens and two.model_flops == pytest.approx(2 * one.model_flops)
+    assert two.scan_correction == pytest.approx(2 * one.scan_correction)
+    assert 1.2 < two.loop_flops_per_device / one.loop_flops_per_device < 2.0  # Newton-Schulz once a step
+    assert two.mfu < 1 and two.loop_mfu < 1
