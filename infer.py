@@ -117,6 +117,29 @@ def load_tokenizer(path: str, vocab_size: int) -> _TextTokenizer:
     return _TextTokenizer(tok, path, n)
 
 
+def read_prompts(args, vocab_size: int, tokenizer_hint: str) -> tuple[list[list[int]], _TextTokenizer | None, str | None]:
+    """(the prompts' ids from --prompt / --prompts-file / --prompt-ids, each checked against the vocabulary;
+    the tokenizer, which also decodes the output of --prompt-ids, or None; its path or None). A text
+    prompt without a tokenizer is refused naming `tokenizer_hint`."""
+    from v4jax.inference.generate import check_token_ids
+
+    tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
+    text = "--prompt" if args.prompt is not None else "--prompts-file" if args.prompts_file is not None else None
+    if text and tok_path is None:
+        raise InferError(f"{text} needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
+                         f"exist (pass {tokenizer_hint}, or use --prompt-ids)")
+    tok = load_tokenizer(tok_path, vocab_size) if tok_path is not None else None
+    if args.prompt is not None:
+        prompts = [tok.encode(args.prompt)]
+    elif args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file, tok)
+    else:
+        prompts = read_prompt_ids(args.prompt_ids)
+    for p in prompts:
+        check_token_ids(p, vocab_size)
+    return prompts, tok, tok_path
+
+
 def find_tokenizer(checkpoint: str, given: str | None) -> str | None:
     """--tokenizer, else CHECKPOINT/tokenizer.json, else what a train.py run's config.json names
     (train.tokenizer: "byte" or a path, as given or relative to the run directory); None if nothing."""
@@ -312,28 +335,15 @@ def run(args) -> int:
     if args.slots is not None and (args.slots < 1 or args.speculative or args.prompt is not None):
         raise InferError("--slots must be a positive integer, with --prompts-file or --prompt-ids, without "
                          "--speculative")
-    from v4jax.inference.generate import Generator, Sampling, check_token_ids
+    from v4jax.inference.generate import Generator, Sampling
     from v4jax.io.restore import load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # every check that needs only config.json runs before the weights load
     cfg = read_config(args.checkpoint)
-    tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
-    text = "--prompt" if args.prompt is not None else "--prompts-file" if args.prompts_file is not None else None
-    if text and tok_path is None:
-        raise InferError(f"{text} needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
-                         "exist (pass --tokenizer FILE or --tokenizer byte, or use --prompt-ids)")
     sampling.validate(cfg.vocab_size)
-    # a found tokenizer also decodes the output of --prompt-ids
-    tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
-    if args.prompt is not None:
-        prompts = [tok.encode(args.prompt)]
-    elif args.prompts_file is not None:
-        prompts = read_prompts_file(args.prompts_file, tok)
-    else:
-        prompts = read_prompt_ids(args.prompt_ids)
+    prompts, tok, _ = read_prompts(args, cfg.vocab_size, "--tokenizer FILE or --tokenizer byte")
     for p in prompts:
-        check_token_ids(p, cfg.vocab_size)
         if not p:
             raise InferError("the prompt is empty after tokenisation")
     stop = args.stop if args.stop is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else [])
@@ -406,7 +416,7 @@ def run_v41(args) -> int:
     import time
 
     from v4jax.config_v41 import V41Config
-    from v4jax.inference.generate import Sampling, check_token_ids
+    from v4jax.inference.generate import Sampling
     from v4jax.inference.generate_v41 import generate_v41, image_prompt, resolve_token_map
     from v4jax.inference.images import load_image
     from v4jax.io.restore import load_model
@@ -422,20 +432,7 @@ def run_v41(args) -> int:
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise InferError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
-    tok_path = find_tokenizer(args.checkpoint, args.tokenizer)
-    text = "--prompt" if args.prompt is not None else "--prompts-file" if args.prompts_file is not None else None
-    if text and tok_path is None:
-        raise InferError(f"{text} needs a tokenizer: {os.path.join(args.checkpoint, 'tokenizer.json')} does not "
-                         "exist (pass --tokenizer FILE, or use --prompt-ids)")
-    tok = load_tokenizer(tok_path, cfg.vocab_size) if tok_path is not None else None
-    if args.prompt is not None:
-        prompts = [tok.encode(args.prompt)]
-    elif args.prompts_file is not None:
-        prompts = read_prompts_file(args.prompts_file, tok)
-    else:
-        prompts = read_prompt_ids(args.prompt_ids)
-    for p in prompts:
-        check_token_ids(p, cfg.vocab_size)
+    prompts, tok, tok_path = read_prompts(args, cfg.vocab_size, "--tokenizer FILE")
     token_map = resolve_token_map(cfg, args.engram_token_map, tok_path)
     images = [load_image(f, cfg) for f in args.image or ()]  # [(patches [h*w, 3*p*p], grid)]
     if images and (len(prompts) != 1 or not cfg.vision_n_layers):
