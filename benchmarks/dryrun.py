@@ -483,7 +483,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     if breakdown_rows and hlo is not None:
         top = rows[:breakdown_rows] + [c for c in sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]
                                        if c not in rows[:breakdown_rows]]
-        report.breakdown = [["(all sources)", sum(c.flops for c in rows), sum(c.bytes for c in rows)]] + [
+        report.breakdown = [["(all sources)", lf, lb]] + [
             [c.source, c.flops, c.bytes] for c in top]
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
