@@ -100,6 +100,7 @@ class Report:
     loop_step_time_s: float | None = None
     loop_bound: str | None = None
     loop_mfu: float | None = None
+    loop_vector_flops_per_device: float | None = None  # elementwise + reductions (matrix-vector products)
 
     def table(self) -> str:
         g = 2**30
@@ -120,7 +121,9 @@ class Report:
             ("model FLOPs (all devices)", f"{self.model_flops:.3e}"),
             ("roofline step time", f"{self.step_time_s * 1e3:.1f} ms ({self.bound}-bound)"),
             ("MFU at that step time", f"{100 * self.mfu:.1f}%"),
-            *([("loops by trip count", f"{self.loop_flops_per_device:.3e} matmul FLOPs, "
+            *([("loops by trip count", f"{self.loop_flops_per_device:.3e} matmul + "
+                                       f"{self.loop_vector_flops_per_device or 0:.3e} vector FLOPs "
+                                       f"({(self.loop_flops_per_device + (self.loop_vector_flops_per_device or 0)) * self.devices / self.model_flops:.2f}x the model's), "
                                        f"{self.loop_traffic_per_device / g:.2f} GiB / device: roofline "
                                        f"{self.loop_step_time_s * 1e3:.1f} ms ({self.loop_bound}-bound), MFU "
                                        f"{100 * self.loop_mfu:.1f}%")] if self.loop_flops_per_device is not None else []),
@@ -478,13 +481,14 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                       **({} if coll is None else {"collectives": coll / per_dev_ici})}
         report.loop_bound = max(loop_times, key=loop_times.get)
         report.loop_flops_per_device, report.loop_traffic_per_device = lf, lb
+        report.loop_vector_flops_per_device = lv = sum(c.vector_flops for c in rows)
         report.loop_step_time_s = loop_times[report.loop_bound]
         report.loop_mfu = model_flops / (len(devices) * per_dev_peak * report.loop_step_time_s) if lf else 0.0
     if breakdown_rows and hlo is not None:
-        top = rows[:breakdown_rows] + [c for c in sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]
-                                       if c not in rows[:breakdown_rows]]
-        report.breakdown = [["(all sources)", lf, lb]] + [
-            [c.source, c.flops, c.bytes] for c in top]
+        top = list(dict.fromkeys(rows[:breakdown_rows] + sorted(rows, key=lambda c: -c.vector_flops)[:breakdown_rows]
+                                 + sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]))
+        report.breakdown = [["(all sources)", lf, lb, lv]] + [
+            [c.source, c.flops, c.bytes, c.vector_flops] for c in top]
     if require_fit and not report.fits:
         raise DoesNotFit(f"{config_name} {mode} does not fit on {topology} with mesh {describe(mesh)}: "
                          f"{peak / 2**30:.1f} GiB per device needed, {hbm / 2**30:.1f} GiB available; biggest "
@@ -510,7 +514,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dryrun", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="v4-flash", help="preset name or a config.json path")
     p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
-    p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, long_context")
+    p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, serve_tp, long_context")
     p.add_argument("--rule", default="", help="overrides, e.g. experts=expert+fsdp,vocab=")
     p.add_argument("--mode", default="train", choices=["train", "prefill", "decode", "prefill_chunk"],
                    help="prefill: the stateless forward over --seq tokens; decode / prefill_chunk: the Generator's "
@@ -548,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"does not fit: {e}", file=sys.stderr)
         if e.report is not None and e.report.breakdown:
             total, *rows = (Cost(*row) for row in e.report.breakdown)
-            print(format_table(rows, a.breakdown, (total.flops, total.bytes)), file=sys.stderr)
+            print(format_table(rows, a.breakdown, total[1:]), file=sys.stderr)
         if a.json:  # a refusal is a result too (it bounds the smallest pod)
             with open(a.json, "w") as f:
                 json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
@@ -563,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     if report.breakdown:
         total, *rows = (Cost(*row) for row in report.breakdown)
-        print(format_table(rows, a.breakdown, (total.flops, total.bytes)))
+        print(format_table(rows, a.breakdown, total[1:]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dataclasses.asdict(report), f, indent=2)

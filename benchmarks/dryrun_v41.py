@@ -179,6 +179,7 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
             # the same program read loop by loop (benchmarks.hlo_costs: matmul FLOPs and top-level bytes, each
             # loop body times its trip count; XLA's figures above count a loop body once)
             **({"loop_flops_per_device": loop_flops, "loop_traffic_per_device": loop_bytes,
+                "loop_vector_flops_per_device": sum(c.vector_flops for c in loops),
                 "loop_over_model_flops": loop_flops * len(devices) / model_flops if model_flops else None,
                 "loop_step_s": loop_times[loop_bound], "loop_bound": loop_bound,
                 "loop_tokens_per_s_per_chip": tokens / loop_times[loop_bound] / (len(devices) / per_dev)}

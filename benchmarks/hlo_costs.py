@@ -6,9 +6,10 @@ XLA's `cost_analysis()` gives one total and counts a while-loop body once. `brea
 module instead: every computation runs as many times as its callers say (a while body its trip count
 when the condition compares against one constant; a loop whose count is only known at run time, such
 as the expert-parallel passes, counts once), each dot / convolution costs 2 x output elements x
-contracted elements (elementwise work, and a matrix-vector product XLA rewrites as a multiply and a
-reduce, count bytes but no FLOPs), each custom call (a Pallas kernel) the FLOPs of its cost estimate when it
-carries one, and each top-level instruction (a fusion, a copy, a collective...) the bytes of its
+contracted elements, elementwise arithmetic one "vector" FLOP per result element and a reduce one per
+input element (kept apart: a matrix-vector product, which XLA rewrites as a multiply and a reduce, is
+vector work, as is most of a decode step's), each custom call (a Pallas kernel) the FLOPs of its cost
+estimate when it carries one, and each top-level instruction (a fusion, a copy, a collective...) the bytes of its
 operands and result: roughly the HBM traffic, since fusions keep their insides on chip. Each cost
 goes to the innermost stack frame in this repository (the line of v4jax/, sharding/ or
 pallas_kernels/ that traced the op), so a step's excess over the model's FLOPs, or its HBM traffic,
@@ -31,6 +32,10 @@ _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "
           "f8e5m2": 1, "s64": 8, "u64": 8, "f64": 8, "s16": 2, "u16": 2, "s4": 0.5, "u4": 0.5, "f4e2m1fn": 0.5}
 PROJECT_DIRS = ("v4jax/", "sharding/", "pallas_kernels/")
 # no data moves: tuple plumbing, control flow (its bodies are counted), aliases and constants
+# one FLOP per result element, as XLA's cost analysis counts them (a reduce: one per input element)
+_VECTOR = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare", "select",
+           "clamp", "exponential", "exponential-minus-one", "log", "log-plus-one", "logistic", "tanh", "rsqrt",
+           "sqrt", "power", "remainder", "erf", "sine", "cosine"}
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional", "call",
          "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
 
@@ -109,8 +114,9 @@ def trip_counts(comps: dict[str, str]) -> dict[str, int]:
 
 class Cost(NamedTuple):
     source: str  # "v4jax/model/attention.py:123 (function)", or the op name where no frame is in the repo
-    flops: float
+    flops: float  # matmuls (dots, convolutions) and kernels' estimates
     bytes: float
+    vector_flops: float = 0.0  # elementwise arithmetic (one per result element) and reductions (one per input)
 
 
 def _frames(hlo_text: str) -> dict[int, str]:
@@ -268,6 +274,8 @@ def breakdown(hlo_text: str) -> list[Cost]:
     mult = trip_counts(comps)
     frames = _frames(hlo_text)
     fused = {c for body in comps.values() for c in re.findall(r"\sfusion\(.*?calls=%?([\w.\-]+)", body)}
+    # reducers and scatter combiners: their work is their caller's (a reduce counts its inputs)
+    applied = {c for body in comps.values() for c in re.findall(r"to_apply=%?([\w.\-]+)", body)}
     shapes: dict[str, str] = {}
     parsed: dict[str, list[tuple[str, str, str, str]]] = {}
     for name, body in comps.items():
@@ -312,21 +320,27 @@ def breakdown(hlo_text: str) -> list[Cost]:
     for name, rows in parsed.items():
         n = mult.get(name, 1)
         for inst, type_text, opcode, call in rows:
-            flops = traffic = 0.0
+            flops = traffic = vector = 0.0
             if opcode in ("dot", "convolution"):
                 flops = _matmul_flops(opcode, _dims(type_text), call, shapes)
             elif opcode == "custom-call":
                 m = re.search(r'"flops"\s*:\s*"?(\d+)', call)
                 flops = float(m.group(1)) if m else 0.0
+            elif opcode in _VECTOR and name not in applied:
+                vector = float(math.prod(_dims(type_text)))
+            elif opcode == "reduce":
+                ops = _operands(call)
+                vector = float(math.prod(_dims(shapes.get(ops[0], "")))) if ops else 0.0
             if name not in fused and opcode not in _FREE and not opcode.endswith("-done"):
                 traffic = _traffic(opcode, type_text, call, shapes, parsed)
-            if flops or traffic:
+            if flops or traffic or vector:
                 callee = re.search(r"calls=%?([\w.\-]+)", call)
                 key = source_of(call, callee.group(1) if callee else name)  # inside a fusion: the fusion's
-                c = costs.setdefault(key, [0.0, 0.0])
+                c = costs.setdefault(key, [0.0, 0.0, 0.0])
                 c[0] += n * flops
                 c[1] += n * traffic
-    return sorted((Cost(k, f, b) for k, (f, b) in costs.items()), key=lambda c: (-c.flops, -c.bytes))
+                c[2] += n * vector
+    return sorted((Cost(k, *v) for k, v in costs.items()), key=lambda c: (-c.flops, -c.bytes))
 
 
 def by_function(costs: list[Cost]) -> list[Cost]:
@@ -335,19 +349,25 @@ def by_function(costs: list[Cost]) -> list[Cost]:
     for c in costs:
         m = re.match(r"(.*?):\d+ \((.*)\)$", c.source)
         key = f"{m.group(1)} {m.group(2)}" if m else c.source
-        acc = out.setdefault(key, [0.0, 0.0])
+        acc = out.setdefault(key, [0.0, 0.0, 0.0])
         acc[0] += c.flops
         acc[1] += c.bytes
-    return sorted((Cost(k, f, b) for k, (f, b) in out.items()), key=lambda c: (-c.flops, -c.bytes))
+        acc[2] += c.vector_flops
+    return sorted((Cost(k, *v) for k, v in out.items()), key=lambda c: (-c.flops, -c.bytes))
 
 
-def format_table(costs: list[Cost], top: int, totals: tuple[float, float] | None = None) -> str:
-    """The top rows by FLOPs and by bytes, each with its share of the module's total (`totals`: FLOPs,
-    bytes; default the sums of `costs`)."""
-    flops, traffic = totals or (sum(c.flops for c in costs), sum(c.bytes for c in costs))
-    flops, traffic = flops or 1.0, traffic or 1.0
-    lines = [f"{'FLOPs':>10} {'share':>6}  source (top {top} by FLOPs)"]
+def format_table(costs: list[Cost], top: int, totals: tuple[float, ...] | None = None) -> str:
+    """The top rows by matmul FLOPs, by vector FLOPs (when there are any) and by bytes, each with its
+    share of the module's total (`totals`: FLOPs, bytes[, vector FLOPs]; default the sums of `costs`)."""
+    sums = (sum(c.flops for c in costs), sum(c.bytes for c in costs), sum(c.vector_flops for c in costs))
+    flops, traffic, vector = (*(totals or sums), *sums[len(totals or sums):])
+    flops, traffic, vector = flops or 1.0, traffic or 1.0, vector or 1.0
+    lines = [f"{'FLOPs':>10} {'share':>6}  source (top {top} by matmul FLOPs)"]
     lines += [f"{c.flops:10.3e} {c.flops / flops:6.1%}  {c.source}" for c in costs[:top] if c.flops]
+    if any(c.vector_flops for c in costs):
+        lines += ["", f"{'FLOPs':>10} {'share':>6}  source (top {top} by vector FLOPs: elementwise, reductions)"]
+        lines += [f"{c.vector_flops:10.3e} {c.vector_flops / vector:6.1%}  {c.source}"
+                  for c in sorted(costs, key=lambda c: -c.vector_flops)[:top] if c.vector_flops]
     lines += ["", f"{'bytes':>10} {'share':>6}  source (top {top} by HBM bytes)"]
     lines += [f"{c.bytes:10.3e} {c.bytes / traffic:6.1%}  {c.source}"
               for c in sorted(costs, key=lambda c: -c.bytes)[:top] if c.bytes]

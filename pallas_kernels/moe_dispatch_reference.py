@@ -4,6 +4,7 @@ the Pallas grouped matmuls in `moe_dispatch.py`.
 Rows arrive sorted by expert (`sizes` rows per expert); each row's combine weight is applied before
 W2, as DeepSeek's inference code does. `grouped_swiglu` uses `jax.lax.ragged_dot`;
 `grouped_swiglu_onehot` computes the same function with one masked dense FFN per expert.
+`gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode).
 """
 
 from __future__ import annotations
@@ -60,3 +61,31 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     down = released_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
                          act_quant)
     return down(h.astype(dt), w2)
+
+
+def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1: jax.Array, w3: jax.Array,
+                    w2: jax.Array, limit: float, act_quant: Callable | None = None) -> jax.Array:
+    """sum_j row_weights[:, j] FFN_{experts[:, j]}(x) for a few tokens, no sorting: each (token, choice)
+    row multiplies its own expert's weights, so the FLOPs are exactly the rows' and the weight bytes
+    read are the chosen experts' (a decode step reads 6 of 256 experts, where a grouped matmul is
+    costed, and on some backends run, over every expert). With `expert_mlp` or the model width split
+    over the mesh each device does its slice of every row, locally.
+
+    Each row's weights are one dynamic slice (the rows are unrolled: meant for tens of rows). Inside
+    the scan over layers XLA folds it into one slice of the stacked weights; a gather (`w1[experts]`)
+    would first copy the whole layer's experts out of the stack (on TPU: every local expert's bytes
+    per step, the traffic this path exists to avoid).
+
+    x [N, d]; experts [N, k] int; row_weights [N, k] fp32; w1/w3 [E, d, I], w2 [E, I, d]. Returns
+    [N, d] fp32: each row's FFN as `grouped_swiglu` computes it (release numerics: act_quant on each
+    GEMM's input, each row's result rounded), the k rows summed in fp32."""
+    dt = x.dtype
+    N, k = experts.shape
+    take = lambda w: jnp.stack([jnp.stack([jax.lax.dynamic_index_in_dim(w, experts[n, j], keepdims=False)  # noqa: E731
+                                           for j in range(k)]) for n in range(N)])  # [N, k, ...]
+    up = released_gemm(lambda a, w: jnp.einsum("nd,nkdi->nki", a, w.astype(dt), preferred_element_type=jnp.float32),
+                       act_quant)
+    h = swiglu(up(x, take(w1)), up(x, take(w3)), limit) * row_weights[..., None]  # [N, k, I]
+    down = released_gemm(lambda a, w: jnp.einsum("nki,nkid->nkd", a, w.astype(dt), preferred_element_type=jnp.float32),
+                         act_quant)
+    return down(h.astype(dt), take(w2)).sum(1)  # [N, d]

@@ -69,6 +69,18 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": ("tensor",),
         "act_vocab": ("tensor",),
     },
+    # Serving at small batches (decode): every matrix split over `tensor` on its first dividing
+    # dimension, the model width for most (partial sums, reduced over `tensor`: a few KB per token),
+    # nothing replicated and nothing gathered per step; routed experts whole over `expert` when the
+    # mesh has one, else on every device with their width split (the gathered decode path then reads
+    # only the chosen experts' columns, architecture.md §5.5). Batch over data x fsdp x expert.
+    "serve_tp": {
+        "layers": (), "vocab": ("tensor",), "embed": ("tensor",), "embed_out": ("tensor",), "q_lora": ("tensor",),
+        "heads": ("tensor",), "head_dim": (), "o_groups": ("tensor",), "o_lora": ("tensor",),
+        "index_heads": ("tensor",), "compress_width": ("tensor",), "experts": ("expert",),
+        "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (), "hc_embed": ("tensor",),
+        "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": ("tensor",), "act_vocab": ("tensor",),
+    },
     # Long context: the sequence split over `context` (activations); parameters FSDP over
     # fsdp x context x expert so the extra axis also holds parameter shards; experts over `expert`.
     "long_context": {

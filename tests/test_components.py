@@ -14,7 +14,8 @@ from v4jax.config import AttentionKind, MoEImpl, RouterKind, RunOptions, V4Confi
 from pallas_kernels.lightning_indexer_reference import select_topk
 from v4jax.model.mhc import HyperConnection, sinkhorn
 from v4jax.model.transformer import Transformer
-from pallas_kernels.moe_dispatch_reference import swiglu
+from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, swiglu
+from v4jax.model.numerics import fp8_act_quant
 from v4jax.model.moe import MoE, Experts, Routing
 from v4jax.model.rope import apply_rope, inv_frequencies, yarn_correction_range
 
@@ -213,13 +214,14 @@ def test_swiglu_clamp_engages_gate_from_above_and_up_on_both_sides():
 
 @pytest.mark.parametrize("impl", list(MoEImpl))
 @pytest.mark.parametrize("pattern", ["random", "one_expert", "empty_experts"])
-def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern, impl):
+@pytest.mark.parametrize("N", [13, 3])  # 3 tokens x 2 choices <= 8 experts: the gathered (decode) path
+def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern, impl, N):
     if impl is MoEImpl.PALLAS:
         pytest.importorskip("pallas_kernels.moe_dispatch")
     cfg = V4Config.preset("tiny")
     experts = Experts(cfg, rngs=nnx.Rngs(0), options=RunOptions(moe_impl=impl))
     rng = np.random.default_rng(0)
-    N, k, E = 13, cfg.n_activated_experts, cfg.n_routed_experts
+    k, E = cfg.n_activated_experts, cfg.n_routed_experts
     x = jnp.asarray(rng.normal(size=(N, cfg.dim)), jnp.float32)
     ids = {"random": rng.integers(0, E, (N, k)), "one_expert": np.tile([3, 5], (N, 1)),
            "empty_experts": np.tile([0, 7], (N, 1))}[pattern]
@@ -233,6 +235,39 @@ def test_dropless_expert_dispatch_matches_a_per_token_loop(pattern, impl):
             h = np.asarray(swiglu(jnp.asarray(x[n] @ W1[e]), jnp.asarray(x[n] @ W3[e]), cfg.swiglu_limit))
             want[n] += w[n, j] * (h @ W2[e])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_gathered_experts_equal_the_grouped_matmul_forward_and_gradients(release):
+    """The decode-shaped path (each row's expert weights gathered) against ragged_dot on sorted rows,
+    values and the gradients of x, the combine weights and the expert weights (release: FP8 inputs)."""
+    rng = np.random.default_rng(3)
+    N, k, E, d, I = 4, 3, 8, 32, 16
+    dt = jnp.bfloat16 if release else jnp.float32
+    x = jnp.asarray(rng.normal(size=(N, d)), dt)
+    ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(N)]), jnp.int32)
+    w = jnp.asarray(rng.uniform(size=(N, k)), jnp.float32)
+    W1, W3 = (jnp.asarray(rng.normal(size=(E, d, I)) / 4, jnp.float32) for _ in range(2))
+    W2 = jnp.asarray(rng.normal(size=(E, I, d)) / 4, jnp.float32)
+    quant = fp8_act_quant if release else None
+
+    def grouped(x, w, W1, W3, W2):
+        order = jnp.argsort(ids.reshape(-1), stable=True)
+        sizes = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
+        y = grouped_swiglu(x[order // k], sizes, W1, W3, W2, w.reshape(-1)[order], 7.0, quant)
+        return jnp.zeros((N, d), jnp.float32).at[order // k].add(y)
+
+    def gathered(x, w, W1, W3, W2):
+        return gathered_swiglu(x, ids, w, W1, W3, W2, 7.0, quant)
+
+    tol = dict(rtol=2e-2, atol=2e-2) if release else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gathered(x, w, W1, W3, W2), grouped(x, w, W1, W3, W2), **tol)
+    if not release:
+        cot = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+        g_want = jax.grad(lambda *a: jnp.sum(grouped(*a) * cot), argnums=(0, 1, 2, 3, 4))(x, w, W1, W3, W2)
+        g_got = jax.grad(lambda *a: jnp.sum(gathered(*a) * cot), argnums=(0, 1, 2, 3, 4))(x, w, W1, W3, W2)
+        for a, b in zip(g_got, g_want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_hash_layer_routes_by_the_token_table_and_learned_layer_by_biased_topk():

@@ -20,7 +20,10 @@ SLOW = pytest.mark.slow  # the default run keeps the mesh with every split (data
 MESHES = [pytest.param("fsdp=8", "fsdp", marks=SLOW, id="fsdp"),
           pytest.param("fsdp=4,expert=2", "fsdp_ep", marks=SLOW, id="fsdp_ep"),
           pytest.param("data=2,tensor=2,expert=2", "fsdp_tp_ep", id="fsdp_tp_ep"),
-          pytest.param("context=2,expert=2,fsdp=2", "long_context", marks=SLOW, id="long_context")]
+          pytest.param("context=2,expert=2,fsdp=2", "long_context", marks=SLOW, id="long_context"),
+          # serving layout: experts whole, every matrix over tensor; decode's 3 x 2 rows take the
+          # gathered expert path (architecture.md §5.5)
+          pytest.param("data=2,tensor=4", "serve_tp", id="serve_tp")]
 
 
 def model():

@@ -113,3 +113,56 @@ ENTRY %main (a: bf16[39,64,1], b: bf16[32,4,64]) -> f32[39,32,4] {
 """
     (row,) = breakdown(hlo)
     assert row.flops == 2 * (39 * 32) * 64 * 4  # 4 (output, tap) pairs, not 4 outputs x 4 taps
+
+
+def test_elementwise_work_and_reductions_count_as_vector_flops_by_trip_count():
+    """A matrix-vector product written as multiply + reduce (what XLA:TPU makes of a decode step's
+    one-row matmuls) costs its 2 x elements as vector FLOPs, each loop trip counted."""
+    hlo = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%mv (p0: f32[64], p1: f32[64,32]) -> f32[32] {
+  %p0 = f32[64]{0} parameter(0)
+  %p1 = f32[64,32]{1,0} parameter(1)
+  %bc = f32[64,32]{1,0} broadcast(%p0), dimensions={0}
+  %m = f32[64,32]{1,0} multiply(%bc, %p1), metadata={op_name="jit(f)/mul"}
+  %z = f32[] constant(0)
+  ROOT %r = f32[32]{0} reduce(%m, %z), dimensions={0}, to_apply=%add
+}
+
+%body (t: (s32[], f32[64], f32[64,32])) -> (s32[], f32[64], f32[64,32]) {
+  %t = (s32[], f32[64], f32[64,32]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[64]{0} get-tuple-element(%t), index=1
+  %w = f32[64,32]{1,0} get-tuple-element(%t), index=2
+  %y = f32[32]{0} fusion(%x, %w), kind=kLoop, calls=%mv, metadata={op_name="jit(f)/mv"}
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  ROOT %o = (s32[], f32[64], f32[64,32]) tuple(%j, %x, %w)
+}
+
+%cond (t: (s32[], f32[64], f32[64,32])) -> pred[] {
+  %t = (s32[], f32[64], f32[64,32]) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[64], w: f32[64,32]) -> (s32[], f32[64], f32[64,32]) {
+  %x = f32[64]{0} parameter(0)
+  %w = f32[64,32]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64], f32[64,32]) tuple(%zero, %x, %w)
+  ROOT %loop = (s32[], f32[64], f32[64,32]) while(%init), condition=%cond, body=%body
+}
+"""
+    rows = breakdown(hlo)
+    assert sum(c.flops for c in rows) == 0  # no dot anywhere
+    vector = {c.source: c.vector_flops for c in rows}
+    assert vector["mul"] == 5 * 64 * 32 * 2  # per trip: the multiply's results and the reduce's inputs
+    assert sum(vector.values()) == vector["mul"] + 5 + 5  # the counter's add and the condition's compare

@@ -74,8 +74,10 @@ CASES = [
     ("fsdp_ep", "fsdp=2,expert=4", 8),
     ("fsdp_tp_ep", "fsdp=2,expert=2,tensor=2", 4),
     ("long_context", "fsdp=2,expert=2,context=2", 4),
+    ("serve_tp", "data=2,tensor=4", 2),
 ]
-SLOW_CASES = [("fsdp", "data=2,fsdp=4", 8), ("fsdp_ep", "expert=8", 8), ("fsdp_tp_ep", "expert=4,tensor=2", 4), ("long_context", "context=8", 1)]
+SLOW_CASES = [("fsdp", "data=2,fsdp=4", 8), ("fsdp_ep", "expert=8", 8), ("fsdp_tp_ep", "expert=4,tensor=2", 4), ("long_context", "context=8", 1),
+              ("serve_tp", "expert=2,tensor=4", 2)]
 
 # What the table says for a few parameters, written out by hand (leading None = scanned layers axis).
 EXPECTED = {
@@ -89,6 +91,12 @@ EXPECTED = {
                    "stages.0.blocks.1.ffn.experts.w1": P(None, "expert", "fsdp", "tensor"),
                    "stages.0.blocks.1.attn.wq_b.kernel": P(None, ("fsdp", "expert"), "tensor"),
                    "head.kernel": P(("fsdp", "expert"), "tensor")},
+    "serve_tp": {"embed.embedding": P("tensor"),  # every matrix split over tensor, nothing over fsdp
+                 "stages.0.blocks.1.ffn.experts.w1": P(None, None, "tensor"),  # experts whole, width split
+                 "stages.0.blocks.1.ffn.experts.w2": P(None, None, "tensor"),
+                 "stages.0.blocks.1.attn.wq_a.kernel": P(None, "tensor"),
+                 "stages.0.blocks.1.attn.wq_b.kernel": P(None, "tensor"),
+                 "head.kernel": P("tensor")},
     "long_context": {"embed.embedding": P(("fsdp", "context"), "expert"),
                      "stages.0.blocks.1.ffn.experts.w1": P(None, "expert", ("fsdp", "context"))},
 }

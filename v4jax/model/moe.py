@@ -3,7 +3,8 @@
 Routing is fp32. The selection bias (aux-loss-free balancing) only chooses experts; the combine
 weights are the unbiased affinities of the chosen experts, renormalised and scaled by route_scale.
 Hash layers choose experts from a frozen token-id table instead. Routed experts run dropless:
-tokens are sorted by expert and multiplied with `jax.lax.ragged_dot` (no capacity, no dropping).
+tokens are sorted by expert and multiplied with `jax.lax.ragged_dot` (no capacity, no dropping); a
+few rows (decode) each multiply their own expert's weights instead (architecture.md §5.5).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 
 from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
-from pallas_kernels.moe_dispatch_reference import swiglu
+from pallas_kernels.moe_dispatch_reference import gathered_swiglu, swiglu
 from v4jax.model import kernels
 from v4jax.model.documents import Documents
 from v4jax.config import MoEImpl, Numerics, RouterKind, RunOptions, V4Config
@@ -94,6 +95,9 @@ class Gate(nnx.Module):
         return Routing(w, experts.astype(jnp.int32), scores)
 
 
+GATHER_ROWS = 64  # up to this many (token, choice) rows, and no more than the experts: `gathered_swiglu`
+
+
 class Experts(nnx.Module):
     """E routed SwiGLU experts stored stacked: w1, w3 [E, d, I] (gate, up), w2 [E, I, d]."""
 
@@ -124,6 +128,9 @@ class Experts(nnx.Module):
                                        gather_tokens=self.gather_tokens, capacity_factor=self.capacity_factor,
                                        check_vma=not interpreted)
         E, k = w1.shape[0], routing.experts.shape[1]
+        if B * T * k <= min(E, GATHER_ROWS):  # a few rows (decode): each row's own expert, architecture.md §5.5
+            return gathered_swiglu(x.reshape(B * T, d), routing.experts, routing.weights, w1, w3, w2,
+                                   self.limit, fp8_act_quant if self.release else None).reshape(B, T, d)
         flat = routing.experts.reshape(-1)  # [N*k]
         order = jnp.argsort(flat, stable=True)
         token = order // k  # token of each sorted (token, choice) pair
