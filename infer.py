@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="release: DeepSeek's inference roundings, FP8/FP4 cache (docs/numerics.md)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'fsdp=4,expert=2' (sharding.mesh; -1 = the rest); "
                                                 "needs --rules")
-    p.add_argument("--rules", default=None, help="sharding rules preset (fsdp, fsdp_ep, fsdp_tp_ep, long_context)")
+    p.add_argument("--rules", default=None, help="sharding rules preset (fsdp, fsdp_ep, fsdp_tp_ep, serve_tp, long_context)")
     p.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)

@@ -3,10 +3,13 @@ v4-flash and v4-pro, at 8K / 128K / 1M context and batch 1 / 16 / 128 (issue 18)
 
 Each cell is one `python -m benchmarks.dryrun --mode decode` (the step `Generator` runs: cache donated,
 sampling on device) ahead-of-time compiled for the topology on this host. A cell is compiled with the
-`fsdp_ep` rules (batch and experts over the expert axis) when the batch is 1 or splits over every
-device, else with `long_context` on the mesh `expert=batch, context=devices/batch` (one sequence per
-expert-axis position, the cache's compressed entries over `context`); if the first does not fit,
-with the other. A refusal is kept beside the cell (`..._b16_refused-fsdp_ep.json`).
+`serve_tp` rules on the mesh `tensor=devices` at batch 1 (every matrix split over every device, the
+experts whole with the decode-shaped gathered path), the `fsdp_ep` rules (batch and experts over the
+expert axis) when the batch splits over every device, else `long_context` on the mesh
+`expert=batch, context=devices/batch` (one sequence per expert-axis position, the cache's compressed
+entries over `context`); if the first does not fit, `fsdp_ep` or `long_context`. A refusal is kept
+beside the cell (`..._b16_refused-fsdp_ep.json`); a batch-1 cell compiled with `fsdp_ep` before
+`serve_tp` existed is kept as `..._b1_fsdp_ep.json`.
 
 Usage:
   python -m benchmarks.serving_table            # the table from benchmarks/results/generator/
@@ -32,7 +35,7 @@ TOPOLOGIES = {  # the decode topology per (model, generation): the smallest slic
 }
 CONTEXTS = {"8k": 8192, "128k": 131072, "1m": 1048576}
 BATCHES = (1, 16, 128)
-RULES = ("fsdp_ep", "long_context")
+RULES = ("serve_tp", "fsdp_ep", "long_context")
 
 
 def cell_path(model: str, topology: str, ctx: str, batch: int, suffix: str = "") -> str:
@@ -49,6 +52,8 @@ def _compile(model: str, topology: str, ctx: str, batch: int, rules: str, out: s
            "--seq", str(CONTEXTS[ctx]), "--batch", str(batch), "--rules", rules, "--json", out]
     if rules == "long_context" and 1 < batch < _devices(topology):
         cmd += ["--mesh", f"expert={batch},context={_devices(topology) // batch}"]
+    if rules == "serve_tp":
+        cmd += ["--mesh", f"tensor={_devices(topology)}"]
     subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     with open(out) as f:
         return json.load(f)
@@ -58,7 +63,10 @@ def rules_for(topology: str, batch: int) -> tuple[str, str]:
     """(rules to try first, rules if they do not fit). fsdp_ep splits the batch over all devices (the
     expert axis): a smaller batch (> 1) leaves the non-expert work and the cache replicated, so it goes
     to long_context on a mesh `expert=batch, context=devices/batch`: one sequence per expert-axis
-    position, its cache's compressed entries split over `context`."""
+    position, its cache's compressed entries split over `context`. Batch 1 goes to serve_tp over all
+    devices: one token cannot split, so the model's matrices do (architecture.md §5.5)."""
+    if batch == 1:
+        return ("serve_tp", "fsdp_ep")
     return ("long_context", "fsdp_ep") if 1 < batch < _devices(topology) else ("fsdp_ep", "long_context")
 
 
