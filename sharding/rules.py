@@ -70,8 +70,9 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "act_vocab": ("tensor",),
     },
     # Serving at small batches (decode): every matrix split over `tensor` on its first dividing
-    # dimension, the model width for most (partial sums, reduced over `tensor`: a few KB per token),
-    # nothing replicated and nothing gathered per step; routed experts whole over `expert` when the
+    # dimension, the model width for most, and the residual streams' width with them (so each matmul
+    # sums partial products over `tensor`, a few KB per token, where XLA would otherwise gather the
+    # weights of a 16-token step); nothing replicated; routed experts whole over `expert` when the
     # mesh has one, else on every device with their width split (the gathered decode path then reads
     # only the chosen experts' columns, architecture.md §5.5). Batch over data x fsdp x expert.
     "serve_tp": {
@@ -79,7 +80,8 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "heads": ("tensor",), "head_dim": (), "o_groups": ("tensor",), "o_lora": ("tensor",),
         "index_heads": ("tensor",), "compress_width": ("tensor",), "experts": ("expert",),
         "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (), "hc_embed": ("tensor",),
-        "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": ("tensor",), "act_vocab": ("tensor",),
+        "batch": _DATA, "seq": (), "act_embed": ("tensor",), "act_hc": (), "act_heads": ("tensor",),
+        "act_vocab": ("tensor",),
     },
     # Long context: the sequence split over `context` (activations); parameters FSDP over
     # fsdp x context x expert so the extra axis also holds parameter shards; experts over `expert`.
