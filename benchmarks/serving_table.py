@@ -121,9 +121,12 @@ def row(key, r: dict) -> str:
     per_dev_model = r["model_flops"] / r["devices"]
     per_token_bytes = r["hbm_traffic_per_device"] * r["devices"] / r["tokens"]
     tok_s_chip = r["tokens"] / r["step_time_s"] / chips
+    # the loop-by-loop reading (benchmarks.hlo_costs, matmul + vector FLOPs), where the cell has it
+    loops = ("" if r.get("loop_vector_flops_per_device") is None else
+             f"; by loops {(r['loop_flops_per_device'] + r['loop_vector_flops_per_device']) / per_dev_model:.2f}x")
     return (f"| {model} | {topology} | {ctx} | {batch} | {r['rules']} `{r['mesh']}` | "
             f"{r['peak_bytes'] / 2**30:.1f} GiB | {r['flops_per_device']:.2e} / {per_dev_model:.2e} "
-            f"({r['flops_per_device'] / per_dev_model:.1f}x) | {per_token_bytes / 2**30:.1f} GiB | "
+            f"({r['flops_per_device'] / per_dev_model:.1f}x{loops}) | {per_token_bytes / 2**30:.1f} GiB | "
             f"{r['step_time_s'] * 1e3:.1f} ms ({r['bound']}) | {tok_s_chip:.2f} |")
 
 
