@@ -161,3 +161,16 @@ def test_micro_batch_accumulation_counts_every_micro_batch():
     assert two.scan_correction == pytest.approx(2 * one.scan_correction)
     assert 1.2 < two.loop_flops_per_device / one.loop_flops_per_device < 2.0  # Newton-Schulz once a step
     assert two.mfu < 1 and two.loop_mfu < 1
+
+
+def test_batch_one_decode_under_serve_tp_counts_the_model_once_by_the_loop_reading():
+    """One token over 4 devices with every matrix split over tensor and the decode-shaped experts
+    (architecture.md §5.5): the loop-by-loop reading (matmul + vector FLOPs, decode's one-row products
+    being vector work on TPU) stays near the analytic FLOPs, where fsdp_ep repeats the token's
+    non-expert work on every device."""
+    tp = dryrun.dry_run(small(), "v5p:2x2x1", "serve_tp", mode="decode", batch=1, seq=48, mesh_spec="tensor=4")
+    ep = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="decode", batch=1, seq=48)
+    assert tp.mesh == "tensor=4" and tp.loop_vector_flops_per_device > 0
+    ratio = lambda r: (r.loop_flops_per_device + r.loop_vector_flops_per_device) * r.devices / r.model_flops  # noqa: E731
+    assert ratio(tp) < 0.5 * ratio(ep)  # measured 1.6x vs 4.9x
+    assert "vector FLOPs" in tp.table()
