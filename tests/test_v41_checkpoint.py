@@ -140,10 +140,11 @@ def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
     assert _rel(got, load("logits.npy")) <= 1e-5
 
 
-def test_sharded_generation_gives_the_official_tokens(tmp_path):
-    """The model loaded over data=2 x fsdp=2 x expert=2, the cache's two sequences split over the batch axes:
-    plain and DSpark greedy decoding give the official code's tokens (the DSpark stages' 6 experts over
-    expert=2)."""
+@pytest.mark.parametrize("axes,preset", [("data=2,fsdp=2,expert=2", "fsdp_ep"), ("data=2,tensor=4", "serve_tp")])
+def test_sharded_generation_gives_the_official_tokens(tmp_path, axes, preset):
+    """The model loaded over data=2 x fsdp=2 x expert=2 (or every matrix over tensor=4, the experts whole:
+    the decode-shaped expert path), the cache's two sequences split over the batch axes: plain and
+    DSpark greedy decoding give the official code's tokens (the DSpark stages' 6 experts over expert=2)."""
     from sharding.mesh import make_mesh
     from sharding.rules import get_rules
     from v4jax.inference.generate_v41 import generate_v41
@@ -151,7 +152,7 @@ def test_sharded_generation_gives_the_official_tokens(tmp_path):
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    mesh, rules = make_mesh("data=2,fsdp=2,expert=2"), get_rules("fsdp_ep")
+    mesh, rules = make_mesh(axes), get_rules(preset)
     model = load_model(_directory(tmp_path, "ck"), mesh=mesh, rules=rules, dtype="float32").model
     want, token_map = load("generated_ids.npy"), load("engram_token_map.npy")
     for draft in (False, True):
