@@ -449,13 +449,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     _, n_active = active_params(cfg, abstract_state)
     per_token = 2 * n_active + attention_flops_per_token(cfg, seq if mode != "train" else seq // 2)
     model_flops = tokens * per_token * (3 if mode == "train" else 1)
-    per_dev_peak, per_dev_bw, per_dev_ici = (chip.bf16_flops / chip.devices_per_chip,
-                                             chip.hbm_bandwidth / chip.devices_per_chip,
-                                             chip.ici_bandwidth / chip.devices_per_chip)
-    times = {"compute": flops / per_dev_peak, "memory": traffic / per_dev_bw,
-             **({} if coll is None else {"collectives": coll / per_dev_ici})}
-    bound = max(times, key=times.get)
-    step = times[bound]
+    per_dev_peak = chip.bf16_flops / chip.devices_per_chip
+    step, bound = chip.roofline(flops, traffic, coll)
     mfu = model_flops / (len(devices) * per_dev_peak * step) if step > 0 else 0.0
     biggest = sorted([*names.items(), ("temporaries (activations, gradients, collectives)", tmp)],
                      key=lambda kv: -kv[1])[:8]
@@ -477,12 +472,9 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     if hlo is not None:  # the loop-aware reading of the same program (benchmarks.hlo_costs)
         rows = by_function(breakdown(hlo))
         lf, lb = sum(c.flops for c in rows), sum(c.bytes for c in rows)
-        loop_times = {"compute": lf / per_dev_peak, "memory": lb / per_dev_bw,
-                      **({} if coll is None else {"collectives": coll / per_dev_ici})}
-        report.loop_bound = max(loop_times, key=loop_times.get)
+        report.loop_step_time_s, report.loop_bound = chip.roofline(lf, lb, coll)
         report.loop_flops_per_device, report.loop_traffic_per_device = lf, lb
         report.loop_vector_flops_per_device = lv = sum(c.vector_flops for c in rows)
-        report.loop_step_time_s = loop_times[report.loop_bound]
         report.loop_mfu = model_flops / (len(devices) * per_dev_peak * report.loop_step_time_s) if lf else 0.0
     if breakdown_rows and hlo is not None:
         top = list(dict.fromkeys(rows[:breakdown_rows] + sorted(rows, key=lambda c: -c.vector_flops)[:breakdown_rows]

@@ -161,13 +161,9 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     tokens = batch if mode == "decode" else batch * seq
     model_flops = tokens * 2 * counts["active"] * (3 if mode == "train" else 1)  # matmuls; attention left out
     per_dev = chip.devices_per_chip
-    times = {"compute": flops / (chip.bf16_flops / per_dev), "memory": traffic / (chip.hbm_bandwidth / per_dev),
-             **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
-    bound = max(times, key=times.get)
+    step, bound = chip.roofline(flops, traffic, coll)
     loop_flops, loop_bytes = sum(c.flops for c in loops), sum(c.bytes for c in loops)
-    loop_times = {"compute": loop_flops / (chip.bf16_flops / per_dev), "memory": loop_bytes / (chip.hbm_bandwidth / per_dev),
-                  **({} if coll is None else {"collectives": coll / (chip.ici_bandwidth / per_dev)})}
-    loop_bound = max(loop_times, key=loop_times.get)
+    loop_step, loop_bound = chip.roofline(loop_flops, loop_bytes, coll)
     return {**head, "compile_s": round(compile_s, 1),
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": peak,
@@ -175,14 +171,14 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
             "compiled_flops_per_device": flops, "hbm_bytes_accessed_per_device": traffic,
             "collective_bytes_per_device": coll, "model_flops": model_flops,
             "compiled_over_model_flops": flops * len(devices) / model_flops if model_flops else None,
-            "step_s": times[bound], "bound": bound, "tokens_per_s_per_chip": tokens / times[bound] / (len(devices) / per_dev),
+            "step_s": step, "bound": bound, "tokens_per_s_per_chip": tokens / step / (len(devices) / per_dev),
             # the same program read loop by loop (benchmarks.hlo_costs: matmul FLOPs and top-level bytes, each
             # loop body times its trip count; XLA's figures above count a loop body once)
             **({"loop_flops_per_device": loop_flops, "loop_traffic_per_device": loop_bytes,
                 "loop_vector_flops_per_device": sum(c.vector_flops for c in loops),
                 "loop_over_model_flops": loop_flops * len(devices) / model_flops if model_flops else None,
-                "loop_step_s": loop_times[loop_bound], "loop_bound": loop_bound,
-                "loop_tokens_per_s_per_chip": tokens / loop_times[loop_bound] / (len(devices) / per_dev)}
+                "loop_step_s": loop_step, "loop_bound": loop_bound,
+                "loop_tokens_per_s_per_chip": tokens / loop_step / (len(devices) / per_dev)}
                if loops else {}),
             "libtpu": libtpu_version()}
 

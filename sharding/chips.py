@@ -27,6 +27,16 @@ class Chip:
     def hbm_per_device(self) -> float:
         return self.hbm_bytes / self.devices_per_chip
 
+    def roofline(self, flops: float, hbm_bytes: float, collective_bytes: float | None = None) -> tuple[float, str]:
+        """(seconds, bound) of one device's step: the longest of its FLOPs at peak, its HBM traffic at full
+        bandwidth and (when known) its collective bytes at full ICI bandwidth; bound is "compute",
+        "memory" or "collectives"."""
+        per = self.devices_per_chip
+        times = {"compute": flops / (self.bf16_flops / per), "memory": hbm_bytes / (self.hbm_bandwidth / per),
+                 **({} if collective_bytes is None else {"collectives": collective_bytes / (self.ici_bandwidth / per)})}
+        bound = max(times, key=times.get)
+        return times[bound], bound
+
 
 CHIPS = {
     "v5e": Chip("TPU v5e", 16 * GB, 197e12, 819 * GB, 400 * GB, 1),

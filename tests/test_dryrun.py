@@ -108,6 +108,15 @@ def test_command_line_errors_are_one_line_and_precede_compilation(capsys, tmp_pa
         chip_for("v9:2x2")
 
 
+def test_roofline_is_the_slowest_of_compute_memory_and_collectives_per_device():
+    v5p, tpu7x = CHIPS["v5p"], CHIPS["tpu7x"]
+    assert v5p.roofline(459e12, 0.0) == (1.0, "compute")  # one second of a v5p chip's peak
+    assert v5p.roofline(0.0, 2 * 2765e9) == (2.0, "memory")
+    assert v5p.roofline(459e12, 0.0, 3 * 1200e9) == (3.0, "collectives")
+    assert v5p.roofline(459e12, 0.0, None)[1] == "compute"  # collectives unknown: not a candidate
+    assert tpu7x.roofline(2307e12 / 2, 0.0) == (1.0, "compute")  # a TPU7x device is half a chip
+
+
 def test_collective_bytes_counts_loop_bodies_by_trip_count():
     hlo = """HloModule m
 
