@@ -8,8 +8,10 @@ experts whole with the decode-shaped gathered path), the `fsdp_ep` rules (batch 
 expert axis) when the batch splits over every device, else `long_context` on the mesh
 `expert=batch, context=devices/batch` (one sequence per expert-axis position, the cache's compressed
 entries over `context`); if the first does not fit, `fsdp_ep` or `long_context`. A refusal is kept
-beside the cell (`..._b16_refused-fsdp_ep.json`); a batch-1 cell compiled with `fsdp_ep` before
-`serve_tp` existed is kept as `..._b1_fsdp_ep.json`.
+beside the cell (`..._b16_refused-fsdp_ep.json`). Batch 1 is also compiled the expert-parallel way
+(`..._b1_fsdp_ep.json`: `fsdp_ep`, or `long_context` where that does not fit) and the table shows the
+layout with the shorter roofline step, naming the other's: `serve_tp` splits each matrix into slivers
+that some chips' compiles handle badly (v4-flash on 128 TPU7x devices: 32 columns each).
 
 Usage:
   python -m benchmarks.serving_table            # the table from benchmarks/results/generator/
@@ -85,35 +87,56 @@ def run_order() -> list[tuple[str, str, str, int]]:
     return sorted(plan(), key=lambda cell: rank[cell[2], cell[3]])
 
 
+ALTERNATE = "_fsdp_ep"  # batch 1's second layout: expert parallel, as before serve_tp existed
+
+
+def layouts(topology: str, batch: int) -> list[tuple[str, tuple[str, str]]]:
+    """(file suffix, (rules to try first, rules if they do not fit)) of each layout a cell compiles."""
+    return [("", rules_for(topology, batch))] + ([(ALTERNATE, ("fsdp_ep", "long_context"))] if batch == 1 else [])
+
+
 def run_missing(log=print) -> None:
     for model, topology, ctx, batch in run_order():
-        path = cell_path(model, topology, ctx, batch)
-        if os.path.exists(path):
-            continue
-        log(f"compiling {model} {topology} {ctx} batch {batch}")
-        first, second = rules_for(topology, batch)
-        try:
-            r = _compile(model, topology, ctx, batch, first, path)
-            if r.get("fits") is False:
-                os.replace(path, cell_path(model, topology, ctx, batch, f"_refused-{first}"))
-                _compile(model, topology, ctx, batch, second, path)
-        except (OSError, json.JSONDecodeError, subprocess.TimeoutExpired) as e:
-            log(f"  no result: {e}")
+        for suffix, (first, second) in layouts(topology, batch):
+            path = cell_path(model, topology, ctx, batch, suffix)
+            if os.path.exists(path):
+                continue
+            log(f"compiling {model} {topology} {ctx} batch {batch} ({first})")
+            try:
+                r = _compile(model, topology, ctx, batch, first, path)
+                if r.get("fits") is False:
+                    os.replace(path, cell_path(model, topology, ctx, batch, f"{suffix}_refused-{first}"))
+                    _compile(model, topology, ctx, batch, second, path)
+            except (OSError, json.JSONDecodeError, subprocess.TimeoutExpired) as e:
+                log(f"  no result: {e}")
+
+
+def _fits(r: dict) -> bool:
+    return r.get("fits", True) and "peak_bytes" in r
 
 
 def load() -> dict[tuple[str, str, str, int], dict]:
+    """The recorded cells: of a cell's layouts that fit, the one with the shortest roofline step (the
+    others' steps under `"other_layouts"`); a refusal where none fits."""
     cells = {}
     for model, topology, ctx, batch in plan():
-        path = cell_path(model, topology, ctx, batch)
-        if os.path.exists(path):
-            with open(path) as f:
-                cells[model, topology, ctx, batch] = json.load(f)
+        found = []
+        for suffix, _ in layouts(topology, batch):
+            path = cell_path(model, topology, ctx, batch, suffix)
+            if os.path.exists(path):
+                with open(path) as f:
+                    found.append(json.load(f))
+        if found:
+            fit = sorted((r for r in found if _fits(r)), key=lambda r: r["step_time_s"])
+            best = fit[0] if fit else found[0]
+            cells[model, topology, ctx, batch] = {**best, "other_layouts": [
+                (r["rules"], r["mesh"], r["step_time_s"]) for r in fit[1:]]}
     return cells
 
 
 def row(key, r: dict) -> str:
     model, topology, ctx, batch = key
-    if not r.get("fits", True) or "peak_bytes" not in r:
+    if not _fits(r):
         why = r.get("reason", "").split("reports ")[-1].split(" Biggest")[0]
         tried = [f for f in RULES if os.path.exists(cell_path(*key, f"_refused-{f}"))] + [r.get("rules")]
         return f"| {model} | {topology} | {ctx} | {batch} | {' then '.join(tried)} | does not fit: {why} | | | | |"
@@ -124,7 +147,8 @@ def row(key, r: dict) -> str:
     # the loop-by-loop reading (benchmarks.hlo_costs, matmul + vector FLOPs), where the cell has it
     loops = ("" if r.get("loop_vector_flops_per_device") is None else
              f"; by loops {(r['loop_flops_per_device'] + r['loop_vector_flops_per_device']) / per_dev_model:.2f}x")
-    return (f"| {model} | {topology} | {ctx} | {batch} | {r['rules']} `{r['mesh']}` | "
+    others = "".join(f" (vs {rules} `{mesh}`: {step * 1e3:.1f} ms)" for rules, mesh, step in r.get("other_layouts", ()))
+    return (f"| {model} | {topology} | {ctx} | {batch} | {r['rules']} `{r['mesh']}`{others} | "
             f"{r['peak_bytes'] / 2**30:.1f} GiB | {r['flops_per_device']:.2e} / {per_dev_model:.2e} "
             f"({r['flops_per_device'] / per_dev_model:.1f}x{loops}) | {per_token_bytes / 2**30:.1f} GiB | "
             f"{r['step_time_s'] * 1e3:.1f} ms ({r['bound']}) | {tok_s_chip:.2f} |")

@@ -212,3 +212,25 @@ def test_serving_table_covers_every_generation_model_context_and_batch_and_rende
     for key, r in recorded.items():
         assert r["mode"] == "decode" and r["batch"] == key[3] and r["seq"] == st.CONTEXTS[key[2]]
         assert st.row(key, r) in table
+        # the layout shown is the one with the shortest roofline step of those that fit
+        assert all(r["step_time_s"] <= step for _, _, step in r["other_layouts"])
+    assert [suffix for suffix, _ in st.layouts("v5p:4x4x4", 1)] == ["", st.ALTERNATE]
+    assert [suffix for suffix, _ in st.layouts("v5p:4x4x4", 16)] == [""]
+
+
+def test_serving_table_shows_the_faster_layout_of_a_batch_one_cell(tmp_path, monkeypatch):
+    from benchmarks import serving_table as st
+    monkeypatch.setattr(st, "RESULTS", str(tmp_path))
+    key = ("v4-flash", "v5p:4x4x4", "8k", 1)
+    cell = {"mode": "decode", "batch": 1, "seq": 8192, "devices": 64, "tokens": 1, "model_flops": 6.4e10,
+            "flops_per_device": 2e9, "hbm_traffic_per_device": 4e9, "peak_bytes": 8 * 2**30, "fits": True,
+            "bound": "memory"}
+    for suffix, rules, mesh, step in [("", "serve_tp", "tensor=64", 0.009), (st.ALTERNATE, "fsdp_ep", "expert=64", 0.002)]:
+        with open(st.cell_path(*key, suffix), "w") as f:
+            json.dump({**cell, "rules": rules, "mesh": mesh, "step_time_s": step}, f)
+    shown = st.load()[key]
+    assert (shown["rules"], shown["other_layouts"]) == ("fsdp_ep", [("serve_tp", "tensor=64", 0.009)])
+    assert "fsdp_ep `expert=64` (vs serve_tp `tensor=64`: 9.0 ms)" in st.row(key, shown)
+    with open(st.cell_path(*key, st.ALTERNATE), "w") as f:  # a layout that does not fit is never shown
+        json.dump({**cell, "rules": "fsdp_ep", "mesh": "expert=64", "fits": False}, f)
+    assert st.load()[key]["rules"] == "serve_tp" and st.load()[key]["other_layouts"] == []
