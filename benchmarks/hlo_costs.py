@@ -230,11 +230,42 @@ def _window_pairs(L: int, O: int, w: int, stride: int, pad: int, lhs_dilate: int
     return float(np.sum((q >= 0) & (q % stride == 0) & (q // stride < O)))
 
 
+def _sliced_read(comp: str, index: int, parsed: dict) -> float | None:
+    """Bytes a fused computation reads of its parameter `index` when it reads it only through
+    dynamic-slices (directly, through bitcasts, or through nested fusions that do): the slices' bytes;
+    None when some use reads it whole."""
+    rows = parsed.get(comp, [])
+    name = next((inst for inst, _, op, c in rows if op == "parameter" and c.startswith(f"parameter({index})")), None)
+    if name is None:
+        return None
+    total, frontier, seen = 0.0, [name], set()
+    while frontier:
+        value = frontier.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        uses = [(t, op, c, pos) for _, t, op, c in rows for pos, o in enumerate(_operands(c)) if o == value]
+        if not uses:
+            return None
+        for t, op, c, pos in uses:
+            if op == "dynamic-slice" and pos == 0:
+                total += _shape_bytes(t)
+            elif op == "bitcast":
+                frontier.append(next(inst for inst, _, o, cc in rows if cc is c))
+            elif op == "fusion" and (callee := re.search(r"calls=%?([\w.\-]+)", c)) \
+                    and (inner := _sliced_read(callee.group(1), pos, parsed)) is not None:
+                total += inner
+            else:
+                return None
+    return total
+
+
 def _traffic(opcode: str, type_text: str, call: str, shapes: dict[str, str], parsed: dict) -> float:
     """HBM bytes of one top-level instruction: its operands and result, except where it works in
     place: a dynamic-slice reads only its slice, a dynamic-update-slice writes only its update (also
-    inside a fusion: a fused parameter read only through dynamic-slices costs the slices, a fused
-    in-place update target and the result it aliases cost the update)."""
+    inside a fusion: a fused parameter read only through dynamic-slices, at any depth of nested
+    fusions, costs the slices; a fused in-place update target and the result it aliases cost the
+    update)."""
     ops = _operands(call)
     sizes = [_shape_bytes(shapes.get(o, "")) for o in ops]
     out = _shape_bytes(type_text)
@@ -256,14 +287,14 @@ def _traffic(opcode: str, type_text: str, call: str, shapes: dict[str, str], par
             use = users.get(param, [])
             if k >= len(sizes) or not use:
                 continue
-            if all(op == "dynamic-slice" and pos == 0 for op, pos, _ in use):
-                sizes[k] = sum(_shape_bytes(t) for _, _, t in use)
-            elif all(op == "dynamic-update-slice" and pos == 0 for op, pos, _ in use):
+            if all(op == "dynamic-update-slice" and pos == 0 for op, pos, _ in use):
                 updates = [_shape_bytes(shapes.get(_operands(c)[1], "")) for inst, (op, c) in by_name.items()
                            if op == "dynamic-update-slice" and _operands(c)[:1] == [param]]
                 sizes[k] = 0.0  # not read: the result aliases it and only the updates are written
                 out -= sum(_shape_bytes(shapes.get(inst, "")) for inst, (op, c) in by_name.items()
                            if op == "dynamic-update-slice" and _operands(c)[:1] == [param]) - sum(updates)
+            elif (sliced := _sliced_read(callee.group(1), k, parsed)) is not None:
+                sizes[k] = min(sizes[k], sliced)
     return max(out, 0.0) + sum(sizes)
 
 

@@ -86,6 +86,47 @@ ENTRY %main (a: f32[1000,64], b: f32[1,64], i: s32[]) -> f32[1000,64] {
     assert costs["exp"] == 4 * 64 * 2 + 4  # the row read, the result written, the index
 
 
+def test_a_stacked_weight_sliced_inside_a_nested_fusion_costs_the_slice():
+    # XLA:TPU fuses a scan's per-layer (and a decode row's per-expert) slice of stacked weights into the
+    # matmul that reads it, one fusion inside another: only the slice is read
+    hlo = """HloModule m
+
+%slice (p0: bf16[8,1000,64], p1: s32[], p2: s32[]) -> bf16[64] {
+  %p0 = bf16[8,1000,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %s = bf16[1,1,64]{2,1,0} dynamic-slice(%p0, %p1, %p2, %z), dynamic_slice_sizes={1,1,64}
+  ROOT %b = bf16[64]{0} bitcast(%s)
+}
+
+%outer (q0: bf16[8,1000,64], q1: s32[], q2: bf16[64]) -> bf16[64] {
+  %q0 = bf16[8,1000,64]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %q2 = bf16[64]{0} parameter(2)
+  %w = bf16[64]{0} fusion(%q0, %q1, %q1), kind=kLoop, calls=%slice
+  ROOT %m = bf16[64]{0} multiply(%w, %q2)
+}
+
+%whole (r0: bf16[8,1000,64]) -> bf16[8,1000,64] {
+  %r0 = bf16[8,1000,64]{2,1,0} parameter(0)
+  ROOT %n = bf16[8,1000,64]{2,1,0} negate(%r0)
+}
+
+ENTRY %main (a: bf16[8,1000,64], i: s32[], x: bf16[64]) -> (bf16[64], bf16[8,1000,64]) {
+  %a = bf16[8,1000,64]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = bf16[64]{0} parameter(2)
+  %f = bf16[64]{0} fusion(%a, %i, %x), kind=kOutput, calls=%outer, metadata={op_name="w/sliced"}
+  %g = bf16[8,1000,64]{2,1,0} fusion(%a), kind=kLoop, calls=%whole, metadata={op_name="w/whole"}
+  ROOT %t = (bf16[64]{0}, bf16[8,1000,64]{2,1,0}) tuple(%f, %g)
+}
+"""
+    costs = {c.source: c.bytes for c in breakdown(hlo)}
+    assert costs["sliced"] == 64 * 2 + 4 + 64 * 2 + 64 * 2  # the slice, the index, x, the result
+    assert costs["whole"] == 2 * 8 * 1000 * 64 * 2  # read whole, written whole
+
+
 def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap():
     # XLA:TPU writes a batched matmul [t] x ([b, f] @ [f, o]) as a convolution over a spatial dim t whose
     # window of t taps meets one input through a t-fold lhs dilation
