@@ -232,8 +232,9 @@ def _window_pairs(L: int, O: int, w: int, stride: int, pad: int, lhs_dilate: int
 
 def _sliced_read(comp: str, index: int, parsed: dict) -> float | None:
     """Bytes a fused computation reads of its parameter `index` when it reads it only through
-    dynamic-slices (directly, through bitcasts, or through nested fusions that do): the slices' bytes;
-    None when some use reads it whole."""
+    dynamic-slices (directly, through bitcasts and same-shape one-input fusions such as a layout
+    change, which a fusion computes only where it is sliced, or through nested fusions that do): the
+    slices' bytes; None when some use reads it whole."""
     rows = parsed.get(comp, [])
     name = next((inst for inst, _, op, c in rows if op == "parameter" and c.startswith(f"parameter({index})")), None)
     if name is None:
@@ -244,17 +245,20 @@ def _sliced_read(comp: str, index: int, parsed: dict) -> float | None:
         if value in seen:
             continue
         seen.add(value)
-        uses = [(t, op, c, pos) for _, t, op, c in rows for pos, o in enumerate(_operands(c)) if o == value]
+        shape = _dims(next(t for inst, t, _, _ in rows if inst == value))
+        uses = [(inst, t, op, c, pos) for inst, t, op, c in rows for pos, o in enumerate(_operands(c)) if o == value]
         if not uses:
             return None
-        for t, op, c, pos in uses:
+        for inst, t, op, c, pos in uses:
+            callee = re.search(r"calls=%?([\w.\-]+)", c) if op == "fusion" else None
             if op == "dynamic-slice" and pos == 0:
                 total += _shape_bytes(t)
             elif op == "bitcast":
-                frontier.append(next(inst for inst, _, o, cc in rows if cc is c))
-            elif op == "fusion" and (callee := re.search(r"calls=%?([\w.\-]+)", c)) \
-                    and (inner := _sliced_read(callee.group(1), pos, parsed)) is not None:
+                frontier.append(inst)
+            elif callee and (inner := _sliced_read(callee.group(1), pos, parsed)) is not None:
                 total += inner
+            elif callee and len(_operands(c)) == 1 and _dims(t) == shape:
+                frontier.append(inst)  # a same-shape fusion (a layout change) computed only where sliced
             else:
                 return None
     return total

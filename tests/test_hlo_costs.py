@@ -125,6 +125,12 @@ ENTRY %main (a: bf16[8,1000,64], i: s32[], x: bf16[64]) -> (bf16[64], bf16[8,100
     costs = {c.source: c.bytes for c in breakdown(hlo)}
     assert costs["sliced"] == 64 * 2 + 4 + 64 * 2 + 64 * 2  # the slice, the index, x, the result
     assert costs["whole"] == 2 * 8 * 1000 * 64 * 2  # read whole, written whole
+    # the stack's layout changed inside the fusion (XLA:TPU does this where the matmul wants another
+    # tiling) before the slice: computed only where sliced, so still the slice
+    relayout = hlo.replace("""  %w = bf16[64]{0} fusion(%q0, %q1, %q1), kind=kLoop, calls=%slice""",
+                           """  %l = bf16[8,1000,64]{2,1,0} fusion(%q0), kind=kLoop, calls=%whole
+  %w = bf16[64]{0} fusion(%l, %q1, %q1), kind=kLoop, calls=%slice""")
+    assert {c.source: c.bytes for c in breakdown(relayout)}["sliced"] == costs["sliced"]
 
 
 def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap():
