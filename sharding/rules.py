@@ -33,7 +33,7 @@ class ShardingError(ValueError):
 PARAM_AXES = ("layers", "vocab", "embed", "embed_out", "q_lora", "heads", "head_dim", "o_groups", "o_lora",
               "index_heads", "compress_width", "experts", "expert_mlp", "mlp", "hc", "hc_mix", "hc_embed")
 # Activations:
-ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_hc", "act_heads", "act_vocab")
+ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_hc", "act_heads", "act_index_heads", "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 _DATA = ("data", "fsdp", "expert")  # the batch is split over every axis that does not split a layer
@@ -47,7 +47,8 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "heads": ("fsdp",), "head_dim": (), "o_groups": (), "o_lora": ("fsdp",), "index_heads": (),
         "compress_width": ("fsdp",), "experts": (), "expert_mlp": ("fsdp",), "mlp": ("fsdp",), "hc": (),
         "hc_mix": (), "hc_embed": ("fsdp",),
-        "batch": ("data", "fsdp"), "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_vocab": (),
+        "batch": ("data", "fsdp"), "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
+        "act_vocab": (),
     },
     # FSDP + expert parallelism: routed experts split over `expert` (tokens exchanged by all-to-all),
     # dense parameters split over fsdp x expert, batch over data x fsdp x expert.
@@ -57,7 +58,8 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "o_lora": ("fsdp", "expert"), "index_heads": (), "compress_width": ("fsdp", "expert"),
         "experts": ("expert",), "expert_mlp": ("fsdp",), "mlp": ("fsdp", "expert"), "hc": (), "hc_mix": (),
         "hc_embed": ("fsdp", "expert"),
-        "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_vocab": (),
+        "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
+        "act_vocab": (),
     },
     # FSDP + tensor parallelism (heads, MLP columns, vocabulary over `tensor`) + expert parallelism.
     "fsdp_tp_ep": {
@@ -67,21 +69,23 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "experts": ("expert",), "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (),
         "hc_embed": ("fsdp", "expert"),
         "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": ("tensor",),
-        "act_vocab": ("tensor",),
+        "act_index_heads": (), "act_vocab": ("tensor",),
     },
     # Serving at small batches (decode): every matrix split over `tensor` on its first dividing
     # dimension, the model width for most, and the residual streams' width with them (so each matmul
     # sums partial products over `tensor`, a few KB per token, where XLA would otherwise gather the
     # weights of a 16-token step); nothing replicated; routed experts whole over `expert` when the
     # mesh has one, else on every device with their width split (the gathered decode path then reads
-    # only the chosen experts' columns, architecture.md §5.5). Batch over data x fsdp x expert.
+    # only the chosen experts' columns, architecture.md §5.5); the indexer's queries split by head too,
+    # so each device scores the compressed entries for its heads (a 1M cache: 262,144 entries per CSA
+    # layer per token) and one sum over `tensor` gives the scores. Batch over data x fsdp x expert.
     "serve_tp": {
         "layers": (), "vocab": ("tensor",), "embed": ("tensor",), "embed_out": ("tensor",), "q_lora": ("tensor",),
         "heads": ("tensor",), "head_dim": (), "o_groups": ("tensor",), "o_lora": ("tensor",),
         "index_heads": ("tensor",), "compress_width": ("tensor",), "experts": ("expert",),
         "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (), "hc_embed": ("tensor",),
         "batch": _DATA, "seq": (), "act_embed": ("tensor",), "act_hc": (), "act_heads": ("tensor",),
-        "act_vocab": ("tensor",),
+        "act_index_heads": ("tensor",), "act_vocab": ("tensor",),
     },
     # Long context: the sequence split over `context` (activations); parameters FSDP over
     # fsdp x context x expert so the extra axis also holds parameter shards; experts over `expert`.
@@ -92,7 +96,8 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "o_lora": ("fsdp", "context", "expert"), "index_heads": (), "compress_width": ("fsdp", "context"),
         "experts": ("expert",), "expert_mlp": ("fsdp", "context"), "mlp": ("fsdp", "context", "expert"),
         "hc": (), "hc_mix": (), "hc_embed": ("fsdp", "context", "expert"),
-        "batch": _DATA, "seq": ("context",), "act_embed": (), "act_hc": (), "act_heads": (), "act_vocab": (),
+        "batch": _DATA, "seq": ("context",), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
+        "act_vocab": (),
     },
 }
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from pallas_kernels.lightning_indexer_reference import index_scores
 from pallas_kernels.query_chunks import map_query_chunks
+from sharding.context import constrain
 from v4jax.model import kernels
 from v4jax.model.compressor import Compressor, CompressorState
 from v4jax.model.documents import EntryLayout
@@ -54,12 +55,13 @@ class Indexer(nnx.Module):
         B, T, _ = x.shape
         keys, state = self.compressor(x, positions, inv_freq, state, n_valid, layout)  # [B, N_c, c_I]
         q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
-        q = apply_rope(q, positions[..., None], inv_freq)  # [B, T, n_I, c_I]
+        # split by head where the rules say (serve_tp): each device scores the entries for its heads
+        q = constrain(apply_rope(q, positions[..., None], inv_freq), ("batch", "seq", "act_index_heads", None))
         scale = (self.head_dim * self.n_heads) ** -0.5
-        if self.release:  # Hadamard + FP4 queries; BF16 head weights, so BF16 index scores (architecture.md §10.3)
-            return rotate_fp4(q), self.weights_proj(x) * scale, keys.astype(x.dtype), state
-        w = self.weights_proj(x, jnp.float32) * scale  # [B, T, n_I] fp32
-        return q, w, keys.astype(x.dtype), state
+        # release: Hadamard + FP4 queries; BF16 head weights, so BF16 index scores (architecture.md §10.3)
+        w = self.weights_proj(x, None if self.release else jnp.float32) * scale  # [B, T, n_I]
+        w = constrain(w, ("batch", "seq", "act_index_heads"))
+        return (rotate_fp4(q) if self.release else q), w, keys.astype(x.dtype), state
 
     def select(self, q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array,
                entry_start: jax.Array | None = None) -> jax.Array:
