@@ -183,3 +183,18 @@ def test_batch_one_decode_under_serve_tp_counts_the_model_once_by_the_loop_readi
     ratio = lambda r: (r.loop_flops_per_device + r.loop_vector_flops_per_device) * r.devices / r.model_flops  # noqa: E731
     assert ratio(tp) < 0.5 * ratio(ep)  # measured 1.6x vs 4.9x
     assert "vector FLOPs" in tp.table()
+
+
+def test_serve_tp_splits_the_indexer_scores_by_head():
+    """A long cache's index scores (every compressed entry, every index head) are most of a batch-1
+    decode step's work: serve_tp splits the index queries by head over tensor (act_index_heads), so
+    each device scores its heads' share; with the axis unsplit every device scores all heads."""
+    cfg = small().replace(max_seq_len=8192)
+
+    def index_work(rule_overrides=None):
+        r = dryrun.dry_run(cfg, "v5p:2x2x1", "serve_tp", mode="decode", batch=1, seq=8192, mesh_spec="tensor=4",
+                           rule_overrides=rule_overrides, breakdown_rows=100)
+        return sum(flops + vector for source, flops, _, vector in r.breakdown[1:] if "index_scores" in source)
+
+    split, whole = index_work(), index_work({"act_index_heads": ()})
+    assert 0 < split < 0.4 * whole  # 4 heads over 4 devices: a quarter, plus the sum over heads
