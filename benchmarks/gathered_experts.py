@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe_dispatch import permute, unpermute_combine
 from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, swiglu
 
 
@@ -29,12 +30,10 @@ def stacked_swiglu(x, experts, row_weights, w1, w3, w2, limit):
 
 
 def grouped(x, experts, row_weights, w1, w3, w2, limit):
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // experts.shape[1]
-    sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    y = grouped_swiglu(x[token], sizes, w1, w3, w2, row_weights.reshape(-1)[order], limit=limit)
-    return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+    """The sorted path: rows grouped by expert, one grouped matmul over every expert, combined back."""
+    xs, sizes, order = permute(x, experts, w1.shape[0])
+    y = grouped_swiglu(xs, sizes, w1, w3, w2, row_weights.reshape(-1)[order], limit=limit)
+    return unpermute_combine(y, order, x.shape[0], experts.shape[1])
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -55,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=6)
     p.add_argument("--repeats", type=int, default=50)
     a = p.parse_args(argv)
+    for flag, values in (("--tokens", a.tokens), ("--experts", [a.experts]), ("--dim", [a.dim]),
+                         ("--inter", [a.inter]), ("--k", [a.k]), ("--repeats", [a.repeats])):
+        if min(values) < 1:
+            p.error(f"{flag} must be positive, got {min(values)}")
     dev = jax.devices()[0]
     keys = jax.random.split(jax.random.key(0), 5)
     E, d, inter = a.experts, a.dim, a.inter

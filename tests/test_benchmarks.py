@@ -234,3 +234,15 @@ def test_serving_table_shows_the_faster_layout_of_a_batch_one_cell(tmp_path, mon
     with open(st.cell_path(*key, st.ALTERNATE), "w") as f:  # a layout that does not fit is never shown
         json.dump({**cell, "rules": "fsdp_ep", "mesh": "expert=64", "fits": False}, f)
     assert st.load()[key]["rules"] == "serve_tp" and st.load()[key]["other_layouts"] == []
+
+
+def test_gathered_experts_benchmark_checks_its_forms_agree_and_refuses_bad_flags(capsys):
+    from benchmarks import gathered_experts
+    assert gathered_experts.main(["--tokens", "1", "2", "--experts", "8", "--dim", "128", "--inter", "128",
+                                  "--repeats", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 ") or
+            line.startswith("| 2 ")]
+    assert len(rows) == 2 and all(float(r[-2]) < 1e-5 for r in rows)  # per-row and stacked equal the grouped path
+    with pytest.raises(SystemExit):
+        gathered_experts.main(["--tokens", "0"])
+    assert "--tokens must be positive, got 0" in capsys.readouterr().err
