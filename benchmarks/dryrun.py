@@ -3,6 +3,11 @@
     python -m benchmarks.dryrun --config v4-flash --topology v5p:8x8x8 --rules fsdp_ep \
         [--mode train|prefill|decode] [--batch B] [--seq S] [--mesh fsdp=64,expert=8] \
         [--num-slices N --dcn data=N] [--json OUT]
+    python -m benchmarks.dryrun --train-config configs/v4-flash_v5p-128.toml --topology v5p:4x4x8
+
+--train-config: the model, run-time options, mesh, rules, batch, sequence length, micro-batches and every
+loss and optimiser setting from a train.py TOML file (`v4jax.train.config.load_config`), so the compiled
+step is the one `python train.py --config FILE` runs on that pod.
 
 Compiles the step with libtpu for the topology's devices (jax.experimental.topologies) and reports,
 per device: argument / output / temporary bytes from the compiled memory analysis against the chip's
@@ -47,6 +52,7 @@ from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
 from v4jax.config import OPTION_FIELDS, AttentionKind, Remat, RunOptions, V4Config, split_options
 from v4jax.model.transformer import Transformer
+from v4jax.train.config import TrainConfig, check_settings, load_config
 
 
 class DoesNotFit(RuntimeError):
@@ -262,8 +268,10 @@ def scan_correction(cfg: V4Config, abstract_state, seq: int) -> float:
 
 # ------------------------------------------------------------------------------------------------
 def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules, grad_accum: int = 1,
-          options: RunOptions = RunOptions(), chunk: int = 8192):
-    """(jitted step, abstract args with shardings, per-device bytes by name, loss terms | None) for the mode."""
+          options: RunOptions = RunOptions(), chunk: int = 8192, train: TrainConfig | None = None):
+    """(jitted step, abstract args with shardings, per-device bytes by name, loss terms | None) for the mode.
+    train: the train.py settings whose loss and optimiser the step uses (default: train.py's defaults
+    with a bf16 Newton-Schulz); its batch, sequence, micro-batches and options are these arguments'."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
@@ -278,12 +286,11 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh)
     if mode == "train":
-        from v4jax.train.config import TrainConfig
         from v4jax.train.step import step_program
 
         # train.py's step reads its RunOptions from the `model` table: hand it these
-        tc = TrainConfig(batch_size=batch, seq_len=seq, grad_accum=grad_accum, muon_ns_dtype="bfloat16",
-                         model=dataclasses.asdict(options))
+        tc = dataclasses.replace(train or TrainConfig(muon_ns_dtype="bfloat16"), batch_size=batch, seq_len=seq,
+                                 grad_accum=grad_accum, model=dataclasses.asdict(options))
         program = step_program(tc, cfg, mesh, rules)
         flat_p, flat_sh = program.state["params"], program.shardings["params"]
         for path, leaf in jax.tree_util.tree_flatten_with_path(program.state["opt"])[0]:
@@ -392,7 +399,10 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
             seq: int = 4096, mesh_spec: str | None = None, num_slices: int = 1, dcn: str | None = None,
             rule_overrides: dict | None = None, remat: str | None = None, require_fit: bool = True,
             overrides: dict | None = None, grad_accum: int = 1, chunk: int = 8192, breakdown_rows: int = 0,
-            hlo_out: str | None = None) -> Report:
+            hlo_out: str | None = None, options: RunOptions | None = None, train: TrainConfig | None = None) -> Report:
+    """Compile one step and read it. options: the run-time options (default: bf16 compute, fp32 master
+    weights and full remat for training, bf16 weights and no remat for serving), `overrides` on top;
+    train: the train.py settings of the training step (`build`)."""
     chip = chip_for(topology)
     if isinstance(config, V4Config):
         cfg, config_name = config, "custom"
@@ -400,8 +410,10 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
         cfg, config_name = V4Config.preset(config), config
     serving = mode != "train"
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq + 1), n_mtp_layers=0 if serving else cfg.n_mtp_layers)
-    options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
-                         remat=Remat(remat) if remat else (Remat.NONE if serving else Remat.FULL))
+    options = options or RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
+                                    remat=Remat.NONE if serving else Remat.FULL)
+    if remat:
+        options = options.replace(remat=Remat(remat))
     if overrides:  # e.g. moe_dispatch_chunk=256, moe_impl=pallas: options to RunOptions, the rest to V4Config
         arch, opts = split_options(overrides)
         unknown = sorted(set(arch) - {f.name for f in dataclasses.fields(V4Config)})
@@ -414,7 +426,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     mesh = make_mesh(mesh_spec, dcn, devices) if dcn else make_mesh(mesh_spec, devices=devices)
     if batch is None:  # one sequence per device along the token-splitting axes
         batch = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
-    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum, options, chunk)
+    fn, args, names, loss_terms = build(cfg, mode, batch, seq, mesh, rules, grad_accum, options, chunk, train)
     t0 = time.time()
     try:
         compiled = fn.lower(*args).compile()
@@ -458,7 +470,8 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
                     {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
-                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk,
+                     "moe_capacity_factor": options.moe_capacity_factor, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}),
                      **({"step": STEP_NAMES[mode] + ("" if mode == "decode" else f", chunk {chunk}")}
                         if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
@@ -504,21 +517,25 @@ def _parse_sets(items: list[str]) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dryrun", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="v4-flash", help="preset name or a config.json path")
+    p.add_argument("--config", default=None, help="preset name or a config.json path (default: v4-flash)")
+    p.add_argument("--train-config", default=None, metavar="TOML",
+                   help="train mode: a train.py config file; the model, options, mesh, rules, batch, seq_len, "
+                        "grad_accum and loss settings come from it (--set still applies on top)")
     p.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v6e:16x16, tpu7x:4x4x4")
-    p.add_argument("--rules", default="fsdp_ep", help="rules preset: fsdp, fsdp_ep, fsdp_tp_ep, serve_tp, long_context")
-    p.add_argument("--rule", default="", help="overrides, e.g. experts=expert+fsdp,vocab=")
-    p.add_argument("--mode", default="train", choices=["train", "prefill", "decode", "prefill_chunk"],
+    p.add_argument("--rules", default=None,
+                   help="rules preset: fsdp, fsdp_ep (default), fsdp_tp_ep, serve_tp, long_context")
+    p.add_argument("--rule", default=None, help="overrides, e.g. experts=expert+fsdp,vocab=")
+    p.add_argument("--mode", default=None, choices=["train", "prefill", "decode", "prefill_chunk"],
                    help="prefill: the stateless forward over --seq tokens; decode / prefill_chunk: the Generator's "
                         "own decode step / prefill of --chunk tokens against a cache of --seq positions")
     p.add_argument("--chunk", type=int, default=8192, help="prefill_chunk: prompt tokens per sequence per call")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: one sequence per device)")
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 4096)")
     p.add_argument("--mesh", default=None, help="axis sizes, e.g. expert=8,fsdp=-1 (default per rules preset)")
     p.add_argument("--num-slices", type=int, default=1)
     p.add_argument("--dcn", default=None, help="axis sizes across slices, e.g. data=2")
     p.add_argument("--remat", default=None, choices=[r.value for r in Remat])
-    p.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per step (train.py's grad_accum)")
+    p.add_argument("--grad-accum", type=int, default=None, help="train mode: micro-batches per step (train.py's grad_accum)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config or run-time option override, repeatable: --set moe_dispatch_chunk=256 --set moe_impl=pallas")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
@@ -529,14 +546,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# the flags a train.py config file sets instead (--train-config), with the file's key for each
+FROM_TRAIN_CONFIG = {"config": "preset", "rules": "rules", "rule": "rule_overrides", "mesh": "mesh", "dcn": "dcn",
+                     "batch": "batch_size", "seq": "seq_len", "grad_accum": "grad_accum", "remat": "model.remat"}
+
+
+def arguments(a: argparse.Namespace) -> tuple[Any, dict]:
+    """(config, dry_run keyword arguments) from the command line, or from a train.py config file:
+    `--train-config FILE` compiles the step `python train.py --config FILE` runs (its model table, mesh,
+    rules, batch and loss settings); the flags it replaces are refused beside it."""
+    sets = _parse_sets(a.set)
+    if a.train_config is None:
+        config = a.config or "v4-flash"
+        return (V4Config.from_json_file(config) if os.path.isfile(config) else config,
+                dict(rules_name=a.rules or "fsdp_ep", mode=a.mode or "train", batch=a.batch, seq=a.seq or 4096,
+                     mesh_spec=a.mesh, dcn=a.dcn, rule_overrides=parse_overrides(a.rule or ""), remat=a.remat,
+                     overrides=sets, grad_accum=a.grad_accum or 1))
+    for flag, key in FROM_TRAIN_CONFIG.items():
+        if getattr(a, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is set by --train-config {a.train_config} ({key}): "
+                             f"change it there")
+    if a.mode not in (None, "train"):
+        raise ValueError(f"--train-config {a.train_config} describes a training run; --mode {a.mode} has no use for it")
+    tc = load_config(a.train_config)
+    try:
+        check_settings(tc, tc.model_config())
+    except ValueError as e:
+        raise ValueError(f"{a.train_config}: {e}") from None
+    arch, options = split_options(tc.model)  # the preset's V4Config with the file's model table, as train.py builds it
+    return tc.preset, dict(rules_name=tc.rules, mode="train", batch=tc.batch_size, seq=tc.seq_len,
+                           mesh_spec=tc.mesh or "fsdp=-1", dcn=tc.dcn or None,
+                           rule_overrides=parse_overrides(tc.rule_overrides), overrides={**arch, **sets},
+                           grad_accum=tc.grad_accum, options=tc.run_options(), train=tc)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    config: Any = V4Config.from_json_file(a.config) if os.path.isfile(a.config) else a.config
     try:
-        report = dry_run(config, a.topology, a.rules, mode=a.mode, batch=a.batch, seq=a.seq, mesh_spec=a.mesh,
-                         num_slices=a.num_slices, dcn=a.dcn, rule_overrides=parse_overrides(a.rule), remat=a.remat,
-                         overrides=_parse_sets(a.set), grad_accum=a.grad_accum, chunk=a.chunk,
-                         breakdown_rows=a.breakdown, hlo_out=a.hlo_out)
+        config, kw = arguments(a)
+        report = dry_run(config, a.topology, num_slices=a.num_slices, chunk=a.chunk, breakdown_rows=a.breakdown,
+                         hlo_out=a.hlo_out, **kw)
     except (ShardingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -546,16 +595,21 @@ def main(argv: list[str] | None = None) -> int:
             total, *rows = (Cost(*row) for row in e.report.breakdown)
             print(format_table(rows, a.breakdown, total[1:]), file=sys.stderr)
         if a.json:  # a refusal is a result too (it bounds the smallest pod)
+            mode = kw["mode"]
             with open(a.json, "w") as f:
-                json.dump({"config": a.config, "topology": a.topology, "rules": a.rules, "mode": a.mode, "seq": a.seq,
-                           "batch": a.batch, "mesh": a.mesh, "fits": False, "reason": str(e),
+                json.dump({"config": config if isinstance(config, str) else a.config, "topology": a.topology,
+                           "rules": kw["rules_name"], "mode": mode, "seq": kw["seq"], "batch": kw["batch"],
+                           "mesh": kw["mesh_spec"], "fits": False, "reason": str(e),
                            **({"report": dataclasses.asdict(e.report)} if e.report is not None else {}),
-                           "settings": {"step": STEP_NAMES.get(a.mode, "v4jax.train.step.make_step"),
-                                        **({"grad_accum": a.grad_accum} if a.mode == "train" else {}),
-                                        **({"chunk": a.chunk} if a.mode == "prefill_chunk" else {}),
+                           "settings": {"step": STEP_NAMES.get(mode, "v4jax.train.step.make_step"),
+                                        **({"grad_accum": kw["grad_accum"]} if mode == "train" else {}),
+                                        **({"chunk": a.chunk} if mode == "prefill_chunk" else {}),
                                         **({"rule_overrides": a.rule} if a.rule else {}),
-                                        **_parse_sets(a.set)}}, f, indent=2)
+                                        **({"train_config": a.train_config} if a.train_config else {}),
+                                        **kw["overrides"]}}, f, indent=2)
         return 2
+    if a.train_config:
+        report.settings["train_config"] = a.train_config
     print(report.table())
     if report.breakdown:
         total, *rows = (Cost(*row) for row in report.breakdown)

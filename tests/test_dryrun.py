@@ -198,3 +198,61 @@ def test_serve_tp_splits_the_indexer_scores_by_head():
 
     split, whole = index_work(), index_work({"act_index_heads": ()})
     assert 0 < split < 0.4 * whole  # 4 heads over 4 devices: a quarter, plus the sum over heads
+
+
+def test_a_train_config_file_compiles_the_step_train_py_runs_from_it(monkeypatch, tmp_path, capsys):
+    """--train-config: the model table, mesh, rules, batch and loss settings come from the train.py file;
+    the flags it sets are refused beside it (one line each)."""
+    import dataclasses
+
+    import v4jax.train.step as step_module
+    from v4jax.train.config import load_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[model]\ndtype = "bfloat16"\nremat = "dots"\nmoe_capacity_factor = 1.1\n'
+                    'vocab_size = 264\n[mesh]\nmesh = "fsdp=2,expert=2"\nrules = "fsdp_ep"\n[data]\nseq_len = 32\n'
+                    'batch_size = 8\ngrad_accum = 2\ndocument_mask = false\n[optim]\nindexer_loss_weight = 0.0\n'
+                    'muon_ns_dtype = "bfloat16"\nbalance_alpha = 0.01\n')
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(tc, cfg, mesh, rules, setup=None):
+        seen.update(tc=tc, cfg=cfg, mesh=dict(mesh.shape), rules=rules)
+        raise Captured
+
+    monkeypatch.setattr(step_module, "step_program", capture)
+    with pytest.raises(Captured):
+        dryrun.main(["--train-config", str(toml), "--topology", "v5p:2x2x1"])
+    want = load_config(str(toml))
+    got = seen["tc"]
+    # every train.py setting the step reads is the file's, and so are the model and its run-time options
+    assert dataclasses.replace(got, model={}) == dataclasses.replace(want, model={})
+    assert got.run_options() == want.run_options() and got.run_options().remat.value == "dots"
+    assert seen["cfg"] == want.model_config() and seen["cfg"].vocab_size == 264
+    assert {k: n for k, n in seen["mesh"].items() if n > 1} == {"fsdp": 2, "expert": 2}
+    # the flags the file sets are refused beside it, before anything compiles
+    for flag in (["--seq", "64"], ["--mesh", "fsdp=4"], ["--config", "v4-pro"], ["--grad-accum", "4"]):
+        assert dryrun.main(["--train-config", str(toml), "--topology", "v5p:2x2x1", *flag]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag[0]} is set by --train-config" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "tiny"\nsteps = 0\n')
+    assert dryrun.main(["--train-config", str(bad), "--topology", "v5p:2x2x1"]) == 1
+    assert "bad.toml: setting steps must be >= 1" in capsys.readouterr().err
+
+
+def test_the_shipped_pod_configs_are_valid_train_py_configs():
+    """configs/*.toml: each loads and passes train.py's checks, and the dry run reads the same step from it."""
+    import glob
+    import os
+
+    from v4jax.train.config import check_settings, load_config
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.toml")))
+    assert len(files) >= 2
+    for path in files:
+        tc = load_config(path)
+        check_settings(tc, tc.model_config())
+        config, kw = dryrun.arguments(dryrun.parser().parse_args(["--train-config", path, "--topology", "v5p:2x2x1"]))
+        assert config == tc.preset and kw["grad_accum"] == tc.grad_accum and kw["options"] == tc.run_options()
