@@ -15,8 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.moe_dispatch import permute, unpermute_combine
-from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, swiglu
+from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, permute, swiglu, unpermute_combine
 
 
 def stacked_swiglu(x, experts, row_weights, w1, w3, w2, limit):

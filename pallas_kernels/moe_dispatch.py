@@ -48,6 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
+from pallas_kernels.moe_dispatch_reference import permute, unpermute_combine  # noqa: F401 (callers' one import)
 from pallas_kernels.moe_dispatch_reference import released_gemm, swiglu
 
 Tiling = tuple[int, int, int]  # (tm rows, tk contraction, tn output columns)
@@ -501,28 +502,3 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     mm = released_gemm(lambda a, w: gemm(a, w.astype(dt)), act_quant)
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
     return mm(h.astype(dt), w2)  # [M, d] fp32
-
-
-# ----------------------------------------------------------------------------------------------
-# Permutation helpers (plain JAX: a gather and a scatter-add that XLA already does at HBM speed)
-
-
-def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sort the (token, choice) pairs by expert, stably (rows of one expert keep token order).
-
-    x [N, d], experts [N, k] int32 in [0, num_experts) -> (xs [N*k, d] rows grouped by expert,
-    sizes [E] int32 rows per expert, order [N*k] the flat pair index n*k + j of each row).
-    """
-    k = experts.shape[1]
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return x[order // k], sizes, order
-
-
-def unpermute_combine(y: jax.Array, order: jax.Array, num_tokens: int, k: int) -> jax.Array:
-    """Inverse of permute plus the sum over a token's k choices: y [N*k, d] -> [N, d] fp32.
-
-    The combine weights were already applied per row (`row_weights` of grouped_swiglu).
-    """
-    return jnp.zeros((num_tokens, y.shape[1]), jnp.float32).at[order // k].add(y.astype(jnp.float32))

@@ -5,6 +5,7 @@ Rows arrive sorted by expert (`sizes` rows per expert); each row's combine weigh
 W2, as DeepSeek's inference code does. `grouped_swiglu` uses `jax.lax.ragged_dot`;
 `grouped_swiglu_onehot` computes the same function with one masked dense FFN per expert.
 `gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode).
+`permute` / `unpermute_combine` sort the (token, choice) rows by expert and sum them back per token.
 """
 
 from __future__ import annotations
@@ -93,3 +94,29 @@ def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1
         return gemm(h.astype(dt), take(w2))
 
     return jnp.concatenate([sum(row(n, j) for j in range(k)) for n in range(N)])  # [N, d]
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation (plain JAX: a gather and a scatter-add that XLA already does at HBM speed), shared by the
+# model's sorted dispatch and the kernel's callers
+
+
+def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sort the (token, choice) pairs by expert, stably (rows of one expert keep token order).
+
+    x [N, d], experts [N, k] int32 in [0, num_experts) -> (xs [N*k, d] rows grouped by expert,
+    sizes [E] int32 rows per expert, order [N*k] the flat pair index n*k + j of each row).
+    """
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return x[order // k], sizes, order
+
+
+def unpermute_combine(y: jax.Array, order: jax.Array, num_tokens: int, k: int) -> jax.Array:
+    """Inverse of permute plus the sum over a token's k choices: y [N*k, d] -> [N, d] fp32.
+
+    The combine weights were already applied per row (`row_weights` of grouped_swiglu).
+    """
+    return jnp.zeros((num_tokens, y.shape[1]), jnp.float32).at[order // k].add(y.astype(jnp.float32))

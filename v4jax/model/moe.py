@@ -18,7 +18,7 @@ from flax import nnx
 
 from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
-from pallas_kernels.moe_dispatch_reference import gathered_swiglu, swiglu
+from pallas_kernels.moe_dispatch_reference import gathered_swiglu, permute, swiglu, unpermute_combine
 from v4jax.model import kernels
 from v4jax.model.documents import Documents
 from v4jax.config import MoEImpl, Numerics, RouterKind, RunOptions, V4Config
@@ -131,12 +131,9 @@ class Experts(nnx.Module):
         if B * T * k <= min(E, GATHER_ROWS):  # a few rows (decode): each row's own expert, architecture.md §5.5
             return gathered_swiglu(x.reshape(B * T, d), routing.experts, routing.weights, w1, w3, w2,
                                    self.limit, fp8_act_quant if self.release else None).reshape(B, T, d)
-        flat = routing.experts.reshape(-1)  # [N*k]
-        order = jnp.argsort(flat, stable=True)
-        token = order // k  # token of each sorted (token, choice) pair
-        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # tokens per expert
-        y = ffn(x.reshape(B * T, d)[token], sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d]
-        return jnp.zeros((B * T, d), jnp.float32).at[token].add(y).reshape(B, T, d)  # un-permute, combine in fp32
+        xs, sizes, order = permute(x.reshape(B * T, d), routing.experts, E)  # [N*k, d] grouped by expert, [E]
+        y = ffn(xs, sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d] fp32, weighted per row
+        return unpermute_combine(y, order, B * T, k).reshape(B, T, d)  # each token's k rows summed in fp32
 
 
 class SharedExpert(nnx.Module):
