@@ -84,7 +84,11 @@ def test_default_tiling_shrinks_the_row_tile_when_experts_get_few_rows():
     assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16) == (128, 4096, 1024)  # ~192 rows per expert
     assert default_tiling(49152, 7168, 3072, 384, jnp.bfloat16) == (128, 7168, 512)  # whole d = 7168 still fits
     assert default_tiling(49152, 32768, 2048, 8, jnp.bfloat16) == (512, 2048, 512)  # too wide: split the contraction
-    assert default_tiling(1 << 20, 4096, 2048, 256, jnp.bfloat16)[0] == 512
+    assert default_tiling(1 << 20, 2048, 4096, 256, jnp.bfloat16)[0] == 512  # many rows, a narrow contraction
+    # a wide contraction: a smaller row tile buys a wider column tile (the rows are read once per column tile;
+    # weights stay read once): v4-flash's w1 on 4 local experts, v4-pro's on 6 with the width split 4 ways
+    assert default_tiling(1 << 20, 4096, 2048, 256, jnp.bfloat16) == (256, 4096, 1024)
+    assert default_tiling(27033, 7168, 768, 6, jnp.bfloat16) == (256, 7168, 256)  # not (512, 2048, 512)
     assert default_tiling(49152, 4096, 2048, 256, jnp.bfloat16, transposed_out=True) == (128, 1024, 1024)
 
 
@@ -359,10 +363,12 @@ def test_mosaic_compiles_inside_an_expert_parallel_shard_map():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2", "v5e:2x2"])
-@pytest.mark.parametrize("shape", [(8192, 4096, 2048, 32), (8192, 7168, 3072, 32)], ids=["flash", "pro"])
+@pytest.mark.parametrize("shape", [(8192, 4096, 2048, 32), (8192, 7168, 3072, 32), (27040, 7168, 768, 6)],
+                         ids=["flash", "pro", "pro_tensor4"])
 def test_mosaic_compiles_at_the_released_expert_shapes(topology, shape):
     # The released d and I; 32 local experts (as under expert parallelism) so weights and their
-    # gradients fit a 16 GiB v5e chip.
+    # gradients fit a 16 GiB v5e chip; and v4-pro's round under fsdp_tp_ep (6 local experts, I split 4
+    # ways, 4,096 tokens x 6 choices x capacity 1.1: the default tiling's whole-d, 256-column blocks).
     fwd = lambda *a: grouped_swiglu(*a, 10.0)  # noqa: E731
     bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))
     compiled = compile_for_tpu(topology, bwd, _swiglu_shapes(*shape, jnp.bfloat16))
