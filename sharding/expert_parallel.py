@@ -188,13 +188,20 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
     return out
 
 
+ROW_TILE = 512  # the largest row tile of a grouped-matmul kernel (pallas_kernels.moe_dispatch)
+
+
 def receive_capacity(rows: int, ep: int, factor: float) -> int:
     """Rows a device receives per all-to-all pass when each of the ep devices sends `rows`: `factor` x
-    the mean load (`rows`), a multiple of 8; at least 8 and at most the worst case ep x rows (every
-    row of every sender routed to this device). factor 0: the worst case (one pass always)."""
+    the mean load (`rows`), a multiple of 8, and of ROW_TILE from 8 x ROW_TILE rows on (at most 1/8
+    more rows, and the grouped matmul tiles the buffer without a padded copy of its rows or a sliced
+    copy of its results); at least 8 and at most the worst case ep x rows (every row of every sender
+    routed to this device). factor 0: the worst case (one pass always)."""
     if factor <= 0:
         return ep * rows
-    return min(ep * rows, max(8, -(-math.ceil(rows * factor) // 8) * 8))
+    want = math.ceil(rows * factor)
+    align = ROW_TILE if want >= 8 * ROW_TILE else 8
+    return min(ep * rows, max(8, -(-want // align) * align))
 
 
 def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc: int, ragged: bool,
@@ -251,9 +258,10 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             buf = _varying_like(jnp.full((capacity,) + a.shape[1:], fill, a.dtype), a, axes)
             return send(a, buf, start, allowed, a2a(land), grant)
 
-        def from_experts(y):  # the received rows' results -> where the rows came from: [nk, ...]
-            buf = _varying_like(jnp.zeros((nk,) + y.shape[1:], y.dtype), y, axes)
-            return send(y, buf, land, grant, a2a(start), allowed)
+        def from_experts(y, acc):  # the received rows' results -> where the rows came from, written into
+            # acc [nk, ...]: each row comes back once, in its pass, so the passes' results never overlap
+            # and the accumulator needs no add (nor a fresh zero buffer per pass)
+            return send(y, acc, land, grant, a2a(start), allowed)
 
         return to_experts, from_experts, sent + allowed
 
@@ -264,8 +272,10 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
         o2 = jnp.argsort(le, stable=True)  # by local expert; empty slots (E_loc) last
         sizes = jnp.sum(jax.nn.one_hot(le, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
 
+        back = jnp.argsort(o2)  # the inverse permutation: a gather puts the results back (no scatter)
+
         def f(xr, wr, w1, w3, w2):
-            return jnp.zeros((capacity, d), jnp.float32).at[o2].set(ffn(xr[o2], sizes, w1, w3, w2, wr[o2]))
+            return ffn(xr[o2], sizes, w1, w3, w2, wr[o2])[back]  # [capacity, d] fp32
         return f
 
     @jax.custom_vjp
@@ -274,7 +284,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             p, out, sent = carry
             to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
             y = experts_fn(to_experts(le, E_loc))(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
-            return p + 1, out + from_experts(y), sent
+            return p + 1, from_experts(y, out), sent
 
         out = _varying_like(jnp.zeros((nk, d), jnp.float32), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
         total = n_passes(send_sizes)
@@ -293,7 +303,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             _, vjp = jax.vjp(experts_fn(to_experts(le, E_loc)), to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
             dx, dw, *dws = vjp(to_experts(g_out, 0))
             grads = tuple(g + dg.astype(jnp.float32) for g, dg in zip(grads, dws))
-            return (p + 1, sent, gx + from_experts(dx.astype(jnp.float32)), gw + from_experts(dw.astype(jnp.float32)),
+            return (p + 1, sent, from_experts(dx.astype(jnp.float32), gx), from_experts(dw.astype(jnp.float32), gw),
                     grads)
 
         zeros = lambda a: _varying_like(jnp.zeros(a.shape, jnp.float32), a, axes)  # noqa: E731

@@ -297,6 +297,8 @@ def test_receive_capacity_is_the_factor_over_the_mean_load_within_the_worst_case
     assert expert_parallel.receive_capacity(768, 8, 0) == 8 * 768  # the worst case: one pass
     assert expert_parallel.receive_capacity(768, 1, 1.25) == 768  # never above the worst case
     assert expert_parallel.receive_capacity(3, 8, 1.25) == 8  # at least one row tile
+    # a pod's round (4,096 tokens x 6 choices at 1.1): whole 512-row tiles, so the grouped matmul pads nothing
+    assert expert_parallel.receive_capacity(24576, 64, 1.1) == 27136 == 53 * 512
 
 
 def test_gather_window_is_a_quarter_over_the_mean_load_in_multiples_of_8():
