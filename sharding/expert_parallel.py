@@ -227,7 +227,9 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     dest = s_exp // E_loc
     send_sizes = jnp.sum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)  # [ep] my rows for each device
     offsets = jnp.cumsum(send_sizes) - send_sizes  # where each destination's rows start in the sorted rows
-    xs, ws, le = x[order // (nk // n)], row_w[order], (s_exp % E_loc).astype(jnp.int32)
+    # the travelling rows are [rows, 1, d]: the shape XLA:TPU's ragged all-to-all works in, so producers
+    # write and consumers read that layout directly instead of a relayout copy on each side
+    xs, ws, le = x[order // (nk // n), None], row_w[order], (s_exp % E_loc).astype(jnp.int32)  # xs [nk, 1, d]
 
     def a2a(a):  # block j of a goes to device j; block j of the result came from device j
         return jax.lax.all_to_all(a, axes, 0, 0, tiled=True)
@@ -274,8 +276,8 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
 
         back = jnp.argsort(o2)  # the inverse permutation: a gather puts the results back (no scatter)
 
-        def f(xr, wr, w1, w3, w2):
-            return ffn(xr[o2], sizes, w1, w3, w2, wr[o2])[back]  # [capacity, d] fp32
+        def f(xr, wr, w1, w3, w2):  # xr [capacity, 1, d] -> [capacity, 1, d] fp32
+            return ffn(xr[o2, 0], sizes, w1, w3, w2, wr[o2])[back, None]
         return f
 
     @jax.custom_vjp
@@ -286,7 +288,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             y = experts_fn(to_experts(le, E_loc))(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
             return p + 1, from_experts(y, out), sent
 
-        out = _varying_like(jnp.zeros((nk, d), jnp.float32), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
+        out = _varying_like(jnp.zeros((nk, 1, d), jnp.float32), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
         total = n_passes(send_sizes)
         _, out, _ = jax.lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), out, jnp.zeros_like(send_sizes)))
         return out
@@ -314,7 +316,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
                 None, None, None)
 
     moved.defvjp(moved_fwd, moved_bwd)
-    return moved(xs, ws, w1, w3, w2, le, send_sizes, offsets), order
+    return moved(xs, ws, w1, w3, w2, le, send_sizes, offsets)[:, 0], order
 
 
 def _varying_axes(x) -> frozenset:
