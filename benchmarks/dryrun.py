@@ -469,9 +469,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
     report = Report(config_name, topology, chip.name, len(devices), describe(mesh), rules_name, mode, batch, seq,
                     compile_s, arg, out, tmp, alias, peak, hbm, peak <= hbm, flops, flops_text, correction, traffic, coll, model_flops, step,
                     bound, mfu, tokens, biggest,
-                    {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
-                     "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk,
-                     "moe_capacity_factor": options.moe_capacity_factor, **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
+                    {**option_settings(options), **({"step": "v4jax.train.step.make_step", "loss_terms": loss_terms, "optimizer": "muon",
                                            "grad_accum": grad_accum} if mode == "train" else {}),
                      **({"step": STEP_NAMES[mode] + ("" if mode == "decode" else f", chunk {chunk}")}
                         if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
@@ -500,6 +498,13 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                          "buffers per device: " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in biggest[:5]),
                          report)
     return report
+
+
+def option_settings(options: RunOptions) -> dict:
+    """The run-time options a report records."""
+    return {"remat": options.remat.value, "moe_impl": options.moe_impl.value,
+            "attention_impl": options.attention_impl.value, "moe_dispatch_chunk": options.moe_dispatch_chunk,
+            "moe_capacity_factor": options.moe_capacity_factor}
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -605,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                                         **({"grad_accum": kw["grad_accum"]} if mode == "train" else {}),
                                         **({"chunk": a.chunk} if mode == "prefill_chunk" else {}),
                                         **({"rule_overrides": a.rule} if a.rule else {}),
-                                        **({"train_config": a.train_config} if a.train_config else {}),
+                                        **({"train_config": a.train_config, **option_settings(kw["options"])}
+                                           if a.train_config else {}),
                                         **kw["overrides"]}}, f, indent=2)
         return 2
     if a.train_config:

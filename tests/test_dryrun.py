@@ -204,6 +204,7 @@ def test_a_train_config_file_compiles_the_step_train_py_runs_from_it(monkeypatch
     """--train-config: the model table, mesh, rules, batch and loss settings come from the train.py file;
     the flags it sets are refused beside it (one line each)."""
     import dataclasses
+    import json
 
     import v4jax.train.step as step_module
     from v4jax.train.config import load_config
@@ -237,6 +238,16 @@ def test_a_train_config_file_compiles_the_step_train_py_runs_from_it(monkeypatch
         assert dryrun.main(["--train-config", str(toml), "--topology", "v5p:2x2x1", *flag]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{flag[0]} is set by --train-config" in err
+    # a refusal's record names the file and the options it set
+    def refuse(*args, **kwargs):
+        raise dryrun.DoesNotFit("no room")
+
+    monkeypatch.setattr(dryrun, "dry_run", refuse)
+    assert dryrun.main(["--train-config", str(toml), "--topology", "v5p:2x2x1", "--json", str(tmp_path / "r.json")]) == 2
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["settings"]["train_config"] == str(toml) and record["settings"]["moe_capacity_factor"] == 1.1
+    assert record["seq"] == 32 and record["batch"] == 8 and record["mesh"] == "fsdp=2,expert=2"
+    capsys.readouterr()
     bad = tmp_path / "bad.toml"
     bad.write_text('preset = "tiny"\nsteps = 0\n')
     assert dryrun.main(["--train-config", str(bad), "--topology", "v5p:2x2x1"]) == 1
