@@ -69,16 +69,17 @@ def test_a_compile_without_a_verdict_is_shown_as_unknown_not_as_a_refusal(tmp_pa
 
 
 def test_every_dryrun_plan_entry_is_a_valid_dryrun_command_line_named_after_its_run():
-    from benchmarks.dryrun import parser
-    from sharding.rules import get_rules, parse_overrides
+    from benchmarks.dryrun import arguments, parser
+    from sharding.rules import get_rules
     from v4jax import V4Config
 
     for name, args in suite.DRYRUN_PLAN.items():
         a = parser().parse_args(args.split())  # an unknown flag or bad choice exits here
-        V4Config.preset(a.config)
-        get_rules(a.rules, **parse_overrides(a.rule))
+        config, kw = arguments(a)  # the defaults filled in, as the dry run reads them
+        V4Config.preset(config)
+        get_rules(kw["rules_name"], **kw["rule_overrides"])
         assert a.json is None, name  # run_dryruns names the file
-        assert name.startswith(f"{a.config}_{a.mode}_{a.topology.replace(':', '-')}_"), name
+        assert name.startswith(f"{config}_{kw['mode']}_{a.topology.replace(':', '-')}_"), name
 
 
 def test_dryrun_section_skips_and_names_files_that_are_not_reports(tmp_path):
