@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.moe_dispatch_reference import unpermute_combine
 from sharding.rules import AxisRules, ShardingError
 
 CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
@@ -127,7 +128,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
                 xr, er, wr = args
                 y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), *ew, ffn, ep_axes,
                                             tuple(mesh.axis_names), ep, E_loc, ragged, capacity)
-                return None, jnp.zeros((nc, d), jnp.float32).at[order // k].add(y_sorted)
+                return None, unpermute_combine(y_sorted, order, nc, k)  # each token's k rows summed in fp32
 
             _, out = jax.lax.scan(one_round, None, (xc, ec, wc))
             out = out.reshape(rounds * nc, d)[:n]
