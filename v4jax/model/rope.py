@@ -46,12 +46,31 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, inverse
     x: [..., c]; positions: int array broadcastable against x.shape[:-1] (e.g. [T] for [B, T, c],
     [T, 1] for [B, T, H, c]). inverse=True applies the conjugate rotation (output de-rotation, architecture.md §4.5).
     """
-    r = 2 * inv_freq.shape[0]
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., r/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    if inverse:
-        sin = -sin
+    return _rotate(x, cos, -sin if inverse else sin)
+
+
+@jax.custom_vjp
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., c] with its last 2*cos.shape[-1] channels rotated pair by pair; cos, sin [..., r/2] in fp32."""
+    r = 2 * cos.shape[-1]
     nope, rope = x[..., :-r], x[..., -r:].astype(jnp.float32)
-    a, b = rope[..., 0::2], rope[..., 1::2]
+    a, b = rope[..., 0::2], rope[..., 1::2]  # [..., r/2] each
     rotated = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rope.shape)
     return jnp.concatenate([nope, rotated.astype(x.dtype)], axis=-1)
+
+
+def _rotate_fwd(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rotate_bwd(residuals, g):
+    # A rotation's transpose is the opposite rotation (architecture.md §7.1): one pass over g, where
+    # differentiating the slices, strided pair reads and concatenation above would write zero-padded
+    # full-width copies and add them. cos and sin come from integer positions: no gradient.
+    cos, sin = residuals
+    return _rotate(g, cos, -sin), None, None
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
