@@ -102,6 +102,28 @@ def test_rope_rotates_interleaved_pairs_of_the_last_channels_and_inverse_undoes_
     np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(y), pos, inv, inverse=True)), np.asarray(x), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_gradient_is_the_opposite_rotation_of_the_cotangent(inverse, dtype):
+    """apply_rope's custom VJP against the Jacobian written out: per pair the transposed 2x2 rotation
+    (numpy, float64), the first channels passed through; the cotangent's dtype kept."""
+    x = jax.random.normal(jax.random.key(4), (2, 5, 3, 12)).astype(dtype)  # [B, T, H, c]
+    g = jax.random.normal(jax.random.key(5), x.shape).astype(dtype)
+    inv = np.array([0.5, 0.1], np.float32)
+    pos = jnp.arange(5)[:, None]
+    dx = jax.vjp(lambda x: apply_rope(x, pos, inv, inverse=inverse), x)[1](g)[0]
+    assert dx.dtype == dtype
+    angle = np.arange(5)[:, None, None] * inv.astype(np.float64) * (-1 if inverse else 1)  # [T, 1, r/2]
+    g64 = np.asarray(g.astype(jnp.float32), np.float64)
+    a, b = g64[..., 8::2], g64[..., 9::2]
+    want = g64.copy()
+    want[..., 8::2] = a * np.cos(angle) + b * np.sin(angle)  # R^T g: rotation by -angle
+    want[..., 9::2] = -a * np.sin(angle) + b * np.cos(angle)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(dx)[..., :8], np.asarray(g)[..., :8])
+
 # ---------------------------------------------------------------- compressor (architecture.md §4.3)
 def test_hca_compressor_entry_is_softmax_pooled_window_then_norm():
     comp = Compressor(8, 4, 3, False, 1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
