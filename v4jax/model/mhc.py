@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.config import V4Config
-from v4jax.model.layers import param, rms_normalize
+from v4jax.model.layers import param
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -29,9 +29,13 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def _mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """mu = Phi . RMSNorm_noweight(vec(X)) in fp32 (architecture.md §3.2 steps 1-3). streams [B,T,n_hc,d]."""
+    """mu = rho * (Phi vec(X)) in fp32 (architecture.md §3.2 steps 1-3). streams [B,T,n_hc,d].
+
+    The RMS scale multiplies the 24 mixes, not the n_hc*d inputs, as DeepSeek's code does: no
+    normalised copy of the flattened streams is formed (or differentiated)."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)  # [B, T, n_hc*d], stream-major
-    return jnp.einsum("btk,mk->btm", rms_normalize(flat, eps), fn.astype(jnp.float32))
+    rho = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)  # [B, T, 1]
+    return jnp.einsum("btk,mk->btm", flat, fn.astype(jnp.float32)) * rho
 
 
 def collapse(pre: jax.Array, streams: jax.Array) -> jax.Array:
