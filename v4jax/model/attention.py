@@ -78,7 +78,7 @@ class Attention(nnx.Module):
         entry_start = None if layout is None else layout.entry_start  # [B, T]: its first compressed entry
 
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c], shared with the indexer
-        q = constrain(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), ("batch", "seq", "act_heads", None))
+        q = constrain(self.wq_b(cq, heads=cfg.n_heads), ("batch", "seq", "act_heads", None))  # [B, T, H, c]
         q = (bf16_head_rms if self.release else rms_normalize)(q, cfg.norm_eps)  # per-head un-weighted norm
         q = apply_rope(q, positions[..., None], inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]

@@ -52,9 +52,8 @@ class Indexer(nnx.Module):
         """x [B,T,d], cq [B,T,d_c] at positions [B,T] -> (index queries q [B,T,n_I,c_I], head weights
         w [B,T,n_I] fp32, index keys [B,N_c,c_I], the index-key compressor's state | None).
         layout: packed rows' entry layout (architecture.md §8.5), as the attention's compressor."""
-        B, T, _ = x.shape
         keys, state = self.compressor(x, positions, inv_freq, state, n_valid, layout)  # [B, N_c, c_I]
-        q = self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim)
+        q = self.wq_b(cq, heads=self.n_heads)  # [B, T, n_I, c_I]
         # split by head where the rules say (serve_tp): each device scores the entries for its heads
         q = constrain(apply_rope(q, positions[..., None], inv_freq), ("batch", "seq", "act_index_heads", None))
         scale = (self.head_dim * self.n_heads) ** -0.5

@@ -50,14 +50,24 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, (in_features, out_features), axes, param_dtype)
         self.act_quant = act_quant
 
-    def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
+    def __call__(self, x: jax.Array, dtype=None, heads: int | None = None) -> jax.Array:
+        """x [..., in] -> [..., out], or [..., heads, out / heads] with `heads`: the product itself
+        writes the per-head layout (the kernel viewed [in, heads, out / heads]), where a reshape of
+        its [..., out] result would be a relayout copy on TPU (tiles over tokens x columns, not
+        heads x columns)."""
         dtype = dtype or x.dtype
+        w = self.kernel[...]
+        if heads is not None:
+            w = w.reshape(w.shape[0], heads, -1)  # [in, heads, out / heads]
         if self.act_quant:
             x = fp8_act_quant(x.astype(jnp.bfloat16))  # [..., in] on the E4M3 grid
-            y = jnp.matmul(x, self.kernel[...].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-            return y.astype(jnp.bfloat16).astype(dtype)
-        w = self.kernel[...].astype(dtype)
-        return jnp.matmul(x.astype(dtype), w, preferred_element_type=jnp.float32).astype(dtype)
+            return _product(x, w.astype(jnp.bfloat16)).astype(jnp.bfloat16).astype(dtype)
+        return _product(x.astype(dtype), w.astype(dtype)).astype(dtype)
+
+
+def _product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] times w [in, out] or [in, heads, c], accumulated in fp32."""
+    return jnp.tensordot(x, w, axes=1, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):

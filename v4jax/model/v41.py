@@ -175,8 +175,7 @@ class Indexer(nnx.Module):
 
     def scores(self, x: jax.Array, cq: jax.Array, keys: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
         """I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]): [B, T, N] fp32 (architecture.md §4.4)."""
-        B, T, _ = x.shape
-        q = apply_rope(self.wq_b(cq).reshape(B, T, self.n_heads, self.head_dim), positions[..., None], inv_freq)
+        q = apply_rope(self.wq_b(cq, heads=self.n_heads), positions[..., None], inv_freq)  # [B, T, n_I, c_I]
         w = self.weights_proj(x, jnp.float32) * (self.head_dim * self.n_heads) ** -0.5  # [B, T, n_I]
         return index_scores(q, w, keys)
 
@@ -226,7 +225,7 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         inv_freq = _rope_table(cfg, m)
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c]
-        q = apply_rope(self.wq_b(cq).reshape(B, T, cfg.n_heads, cfg.head_dim), positions[..., None], inv_freq)
+        q = apply_rope(self.wq_b(cq, heads=cfg.n_heads), positions[..., None], inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]; q has no head norm
         entries = topk = None
         if m:
@@ -471,7 +470,7 @@ class DSparkStage(nnx.Module):
         bs, W = x.shape[1], ring.shape[1]
         newest = main_pos[:, -1]  # [B]
         pos = newest[:, None] + 1 + jnp.arange(bs, dtype=jnp.int32)  # [B, bs]
-        q = apply_rope(a.wq_b(a.q_norm(a.wq_a(x))).reshape(B, bs, cfg.n_heads, cfg.head_dim), pos[..., None], inv_freq)
+        q = apply_rope(a.wq_b(a.q_norm(a.wq_a(x)), heads=cfg.n_heads), pos[..., None], inv_freq)
         kv = apply_rope(a.kv_norm(a.wkv(x)), pos, inv_freq)  # [B, bs, c]
         held = newest[:, None] - (newest[:, None] - jnp.arange(W)) % W  # [B, W]: position in each ring slot
         valid = jnp.concatenate([held >= 0, jnp.ones((B, bs), bool)], axis=1)
