@@ -53,12 +53,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, inverse
 
 @jax.custom_vjp
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [..., c] with its last 2*cos.shape[-1] channels rotated pair by pair; cos, sin [..., r/2] in fp32."""
-    r = 2 * cos.shape[-1]
-    nope, rope = x[..., :-r], x[..., -r:].astype(jnp.float32)
-    a, b = rope[..., 0::2], rope[..., 1::2]  # [..., r/2] each
-    rotated = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rope.shape)
-    return jnp.concatenate([nope, rotated.astype(x.dtype)], axis=-1)
+    """x [..., c] with its last 2*cos.shape[-1] channels rotated pair by pair; cos, sin [..., r/2] in fp32.
+
+    Written over the whole width as x * C + partner(x) * S: C is 1 and S is 0 on the unrotated
+    channels; on pair i, C = cos_i on both channels, S = -sin_i on the first and +sin_i on the second;
+    partner(x) swaps the two channels of each rotated pair (zero elsewhere). Per channel these are the
+    products a cos - b sin and b cos + a sin exactly (negation and the swap are exact). The swap is a
+    product with a constant 0/1 matrix, so TPUs do it on the MXU: slicing the rotated channels out,
+    reading them pairwise and concatenating them back costs about twice the HBM traffic there."""
+    c, r = x.shape[-1], 2 * cos.shape[-1]
+    pad = ((0, 0),) * (cos.ndim - 1) + ((c - r, 0),)
+    C = jnp.pad(jnp.repeat(cos, 2, axis=-1), pad, constant_values=1.0)  # [..., c]
+    S = jnp.pad(jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], r), pad)  # [..., c]
+    partner = jnp.matmul(x, _pair_swap(c, r, x.dtype), preferred_element_type=jnp.float32,
+                         precision=jax.lax.Precision.HIGHEST)  # [..., c]: exact (one product per entry)
+    return (x.astype(jnp.float32) * C + partner * S).astype(x.dtype)
+
+
+def _pair_swap(c: int, r: int, dtype) -> np.ndarray:
+    """[c, c] 0/1: column j of channel j's partner: 2i <-> 2i + 1 within the last r channels, none before."""
+    swap = np.zeros((c, c), dtype)
+    first = np.arange(c - r, c, 2)
+    swap[first + 1, first] = swap[first, first + 1] = 1
+    return swap
 
 
 def _rotate_fwd(x, cos, sin):
