@@ -102,7 +102,6 @@ def test_rope_rotates_interleaved_pairs_of_the_last_channels_and_inverse_undoes_
     np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(y), pos, inv, inverse=True)), np.asarray(x), atol=1e-5)
 
 
-
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rope_gradient_is_the_opposite_rotation_of_the_cotangent(inverse, dtype):
@@ -123,6 +122,7 @@ def test_rope_gradient_is_the_opposite_rotation_of_the_cotangent(inverse, dtype)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), want, rtol=tol, atol=tol)
     np.testing.assert_array_equal(np.asarray(dx)[..., :8], np.asarray(g)[..., :8])
+
 
 # ---------------------------------------------------------------- compressor (architecture.md §4.3)
 def test_hca_compressor_entry_is_softmax_pooled_window_then_norm():

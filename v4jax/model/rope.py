@@ -71,7 +71,8 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _pair_swap(c: int, r: int, dtype) -> np.ndarray:
-    """[c, c] 0/1: column j of channel j's partner: 2i <-> 2i + 1 within the last r channels, none before."""
+    """[c, c] 0/1 with (x @ swap)[j] = x[j's partner]: channels 2i and 2i + 1 of the last r swap places;
+    the columns of the first c - r channels are zero."""
     swap = np.zeros((c, c), dtype)
     first = np.arange(c - r, c, 2)
     swap[first + 1, first] = swap[first, first + 1] = 1
@@ -83,9 +84,8 @@ def _rotate_fwd(x, cos, sin):
 
 
 def _rotate_bwd(residuals, g):
-    # A rotation's transpose is the opposite rotation (architecture.md §7.1): one pass over g, where
-    # differentiating the slices, strided pair reads and concatenation above would write zero-padded
-    # full-width copies and add them. cos and sin come from integer positions: no gradient.
+    # A rotation's transpose is the opposite rotation (architecture.md §7.1): the same one pass over g.
+    # cos and sin come from integer positions: no gradient.
     cos, sin = residuals
     return _rotate(g, cos, -sin), None, None
 
