@@ -12,7 +12,8 @@ from pallas_kernels.sparse_attention_reference import sparse_attention
 from v4jax.model.compressor import Compressor
 from v4jax.config import AttentionKind, MoEImpl, RouterKind, RunOptions, V4Config
 from pallas_kernels.lightning_indexer_reference import select_topk
-from v4jax.model.mhc import HyperConnection, sinkhorn
+from v4jax.model.layers import Linear
+from v4jax.model.mhc import HyperConnection, _mixes, sinkhorn
 from v4jax.model.transformer import Transformer
 from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, swiglu
 from v4jax.model.numerics import fp8_act_quant
@@ -61,6 +62,17 @@ def test_hc_post_applies_comb_transposed_like_a_hand_written_loop():
     got = HyperConnection.hc_post(jnp.asarray(y), jnp.asarray(X), jnp.asarray(post), jnp.asarray(comb))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(comb, comb.transpose(0, 1, 3, 2))  # the transpose is really exercised
+
+
+def test_mhc_mixes_are_phi_times_the_rms_normalised_flat_streams_in_float64():
+    """mu = rho * (Phi vec(X)) as the code computes it equals Phi (rho vec(X)) (architecture.md §3.2)."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(2, 3, 4, 8)) * 3.0  # [B, T, n_hc, d]
+    fn = rng.normal(size=(24, 32))
+    flat = X.reshape(2, 3, 32)
+    want = np.einsum("btk,mk->btm", flat / np.sqrt((flat ** 2).mean(-1, keepdims=True) + 1e-6), fn)
+    got = _mixes(jnp.asarray(X, jnp.float32), jnp.asarray(fn, jnp.float32), 1e-6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_hc_post_with_identity_comb_is_a_plain_residual_block():
@@ -122,6 +134,17 @@ def test_rope_gradient_is_the_opposite_rotation_of_the_cotangent(inverse, dtype)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), want, rtol=tol, atol=tol)
     np.testing.assert_array_equal(np.asarray(dx)[..., :8], np.asarray(g)[..., :8])
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_linear_with_heads_is_the_flat_product_reshaped_exactly(act_quant):
+    """Linear(x, heads=H) writes the head layout from the product; the values are the flat product's."""
+    lin = Linear(16, 4 * 8, (None, None), param_dtype=jnp.float32, rngs=nnx.Rngs(0), act_quant=act_quant)
+    x = jax.random.normal(jax.random.key(6), (2, 5, 16))
+    flat = lin(x)
+    heads = lin(x, heads=4)
+    assert heads.shape == (2, 5, 4, 8)
+    np.testing.assert_array_equal(np.asarray(heads), np.asarray(flat).reshape(2, 5, 4, 8))
 
 
 # ---------------------------------------------------------------- compressor (architecture.md §4.3)
