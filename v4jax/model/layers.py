@@ -61,13 +61,9 @@ class Linear(nnx.Module):
             w = w.reshape(w.shape[0], heads, -1)  # [in, heads, out / heads]
         if self.act_quant:
             x = fp8_act_quant(x.astype(jnp.bfloat16))  # [..., in] on the E4M3 grid
-            return _product(x, w.astype(jnp.bfloat16)).astype(jnp.bfloat16).astype(dtype)
-        return _product(x.astype(dtype), w.astype(dtype)).astype(dtype)
-
-
-def _product(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] times w [in, out] or [in, heads, c], accumulated in fp32."""
-    return jnp.tensordot(x, w, axes=1, preferred_element_type=jnp.float32)
+            y = jnp.tensordot(x, w.astype(jnp.bfloat16), axes=1, preferred_element_type=jnp.float32)
+            return y.astype(jnp.bfloat16).astype(dtype)
+        return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1, preferred_element_type=jnp.float32).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
