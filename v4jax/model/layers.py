@@ -79,10 +79,15 @@ class RMSNorm(nnx.Module):
         return (rms_normalize(x.astype(jnp.float32), self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def rms_scale(x32: jax.Array, eps: float) -> jax.Array:
+    """(mean(x^2) + eps)^(-1/2) over the last axis of an fp32 x, kept as a size-1 axis: [..., 1]."""
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """Un-weighted RMS normalisation over the last axis (statistic in fp32)."""
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return (x32 * rms_scale(x32, eps)).astype(x.dtype)
 
 
 class Embed(nnx.Module):

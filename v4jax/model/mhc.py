@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.config import V4Config
-from v4jax.model.layers import param
+from v4jax.model.layers import param, rms_scale
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -34,7 +34,7 @@ def _mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     The RMS scale multiplies the 24 mixes, not the n_hc*d inputs, as DeepSeek's code does: no
     normalised copy of the flattened streams is formed (or differentiated)."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)  # [B, T, n_hc*d], stream-major
-    rho = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)  # [B, T, 1]
+    rho = rms_scale(flat, eps)  # [B, T, 1]
     return jnp.einsum("btk,mk->btm", flat, fn.astype(jnp.float32)) * rho
 
 

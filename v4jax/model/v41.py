@@ -40,7 +40,7 @@ from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
 from v4jax.model.attention import past_indices
 from v4jax.model.compressor import open_windows, ring_write
-from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param
+from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param, rms_scale
 from v4jax.model.mhc import HyperConnection, collapse
 from v4jax.model.moe import Experts, Routing, SharedExpert, affinity
 from v4jax.model.rope import apply_rope, inv_frequencies
@@ -360,8 +360,7 @@ class Engram(nnx.Module):
         kv = self.wkv(rows.astype(streams.dtype), jnp.float32)  # [B, T, (n_hc + 1) d]
         key, value = kv[..., :self.n * self.d].reshape(B, T, self.n, self.d), kv[..., self.n * self.d:]
         h = streams.astype(jnp.float32)
-        rstd = (jax.lax.rsqrt(jnp.mean(h * h, axis=-1) + self.eps)
-                * jax.lax.rsqrt(jnp.mean(key * key, axis=-1) + self.eps))  # [B, T, n_hc]: per stream
+        rstd = (rms_scale(h, self.eps) * rms_scale(key, self.eps))[..., 0]  # [B, T, n_hc]: per stream
         dot = jnp.sum(h * (self.q_weight[...] * self.k_weight[...]) * key, axis=-1) * rstd * self.d ** -0.5
         gate = jax.nn.sigmoid(jnp.sign(dot) * jnp.sqrt(jnp.maximum(jnp.abs(dot), 1e-6)))
         if text is not None:
