@@ -42,10 +42,11 @@ def test_coefficients_are_the_spec_hybrid_schedule():
     assert NS_COEFFS[:8] == ((3.4445, -4.7750, 2.0315),) * 8 and NS_COEFFS[8:] == ((2.0, -1.5, 0.5),) * 2
 
 
+@pytest.mark.parametrize("square_gram", [True, False])
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
-def test_newton_schulz_matches_float64_numpy_and_orthogonalises(shape):
+def test_newton_schulz_matches_float64_numpy_and_orthogonalises(shape, square_gram):
     m = np.random.default_rng(0).normal(size=shape)
-    ours = np.asarray(hybrid_newton_schulz(jnp.asarray(m, jnp.float32)))
+    ours = np.asarray(hybrid_newton_schulz(jnp.asarray(m, jnp.float32), square_gram=square_gram))
     ref = numpy_hybrid_ns(m)
     np.testing.assert_allclose(ours, ref, atol=2e-4)
     s = np.linalg.svd(ref, compute_uv=False)  # the hybrid tail pulls singular values close to 1
@@ -160,3 +161,28 @@ def test_layer_by_layer_orthogonalisation_equals_the_batched_one():
                                jnp.moveaxis(want, 0, 1), rtol=1e-5, atol=1e-6)
     groups = split_params({"w": ("layers", "experts", "embed", "expert_mlp"), "m": ("experts", "embed", "expert_mlp")})
     assert groups["w"].layer_dims == (0,) and groups["m"].layer_dims == ()
+
+
+def test_dense_matrices_apply_the_gram_twice_and_experts_square_it():
+    """Newton-Schulz's two step forms per matrix (optim.split_params): routed experts (G G) X, every
+    other matrix G (G X); the whole optimiser with the per-name forms equals float64 numpy."""
+    axes = {"experts.w1": ("layers", "experts", "embed", "expert_mlp"), "wo_b": ("layers", "o_lora", "embed"),
+            "wo_a": ("layers", "o_groups", "head_dim", "o_lora"), "router": ("embed", "experts")}
+    groups = split_params(axes)
+    assert {n: g.square_gram for n, g in groups.items()} == {"experts.w1": True, "wo_b": False, "wo_a": False,
+                                                              "router": False}
+    rng = np.random.default_rng(3)
+    w0 = {"experts.w1": rng.normal(size=(2, 3, 8, 12)), "wo_b": rng.normal(size=(2, 24, 10)),
+          "wo_a": rng.normal(size=(2, 2, 6, 9)), "router": rng.normal(size=(10, 4))}
+    grads = [{n: rng.normal(size=w.shape) for n, w in w0.items()} for _ in range(2)]
+    tx = make_optimizer(groups, lambda step: 0.02, OptimConfig(clip_norm=0.0))
+    params = {n: jnp.asarray(w * 0.1, jnp.float32) for n, w in w0.items()}
+    state = tx.init(params)
+    for g in grads:
+        upd, state = tx.update({n: jnp.asarray(v, jnp.float32) for n, v in g.items()}, state, params)
+        params = optax.apply_updates(params, upd)
+    for n, w in w0.items():
+        lead = w.shape[:-2]
+        for i in np.ndindex(*lead):
+            ref = numpy_muon_steps(w[i] * 0.1, [g[n][i] for g in grads], 0.02)
+            np.testing.assert_allclose(np.asarray(params[n][i]), ref, atol=3e-5, err_msg=f"{n} {i}")

@@ -71,6 +71,7 @@ class ParamGroup:
     optimizer: str  # "muon" | "adamw"
     batch_dims: tuple[int, ...] = ()  # Muon: dims that index independent matrices
     layer_dims: tuple[int, ...] = ()  # Muon: those of batch_dims that are stacked layers (never mesh-split)
+    square_gram: bool = True  # Muon: Newton-Schulz's step form (`hybrid_newton_schulz`)
     decay: bool = True  # AdamW: whether weight decay applies
 
 
@@ -88,8 +89,13 @@ def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
         elif vector:  # norms, sinks, mHC base/scale: vectors (possibly stacked over layers)
             groups[name] = ParamGroup("adamw", decay=False)
         elif all(a in BATCH_AXES for a in lead):
+            # Routed experts are split over the mesh whole (the expert axis) and along both sides, so
+            # G G is split too; every other matrix is one per layer, split only along its sides by the
+            # rules and computed alike on the devices of the other axes (the expert axis among them),
+            # where a whole n x n G G on each device is the largest term (v4-pro's wo_b: n = 7168)
             groups[name] = ParamGroup("muon", batch_dims=tuple(range(len(lead))),
-                                      layer_dims=tuple(i for i, a in enumerate(lead) if a == "layers"))
+                                      layer_dims=tuple(i for i, a in enumerate(lead) if a == "layers"),
+                                      square_gram="experts" in lead)
         else:
             raise ValueError(f"{name}: axes {ax} are not a (batch of) matrix; Muon needs a matrix (add the "
                              f"extra axis to optim.BATCH_AXES or the name to the AdamW names)")
@@ -99,16 +105,24 @@ def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
 # --------------------------------------------------------------------------------------------------
 # Muon
 
-def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtype=jnp.float32) -> jax.Array:
-    """Approximately orthogonalise one matrix [n, m] (architecture.md §8.4); matmuls in `dtype` (fp32 or bf16)."""
+def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtype=jnp.float32,
+                         square_gram: bool = True) -> jax.Array:
+    """Approximately orthogonalise one matrix [n, m] (architecture.md §8.4); matmuls in `dtype` (fp32 or bf16).
+
+    square_gram: each step as (b G + c G G) X (4 n^2 m + 2 n^3 FLOPs, n the short side), or, False, as
+    b G X + c G (G X) (6 n^2 m): the same polynomial with no n x n x n product, for matrices split over
+    the mesh only along their long side, whose Gram G is whole on every device (see `split_params`)."""
     wide = m.shape[0] <= m.shape[1]
     x = (m if wide else m.T).astype(jnp.float32)
     x = (x / (jnp.linalg.norm(x) + eps)).astype(dtype)
 
     def ns_step(x, abc):
         a, b, c = abc[0], abc[1], abc[2]
-        gram = x @ x.T  # [min, min]
-        return (a * x + (b * gram + c * gram @ gram) @ x).astype(dtype), None
+        gram = x @ x.T  # [n, n], n = min side
+        if square_gram:
+            return (a * x + (b * gram + c * gram @ gram) @ x).astype(dtype), None
+        gx = (gram @ x).astype(dtype)  # [n, m]
+        return (a * x + b * gx + c * (gram @ gx)).astype(dtype), None
 
     x, _ = jax.lax.scan(ns_step, x, jnp.asarray(coeffs, jnp.float32))  # one loop body: small programs
     x = x.astype(jnp.float32)
@@ -116,7 +130,7 @@ def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtyp
 
 
 def orthogonalize(g: jax.Array, batch_dims: tuple[int, ...], dtype=jnp.float32,
-                  sequential: tuple[int, ...] = ()) -> jax.Array:
+                  sequential: tuple[int, ...] = (), square_gram: bool = True) -> jax.Array:
     """HybridNS of every matrix of `g`: the dims in batch_dims index independent matrices.
 
     Dims in `sequential` (a subset of batch_dims: the layer repeats of a scanned stage, never split
@@ -126,7 +140,7 @@ def orthogonalize(g: jax.Array, batch_dims: tuple[int, ...], dtype=jnp.float32,
     dim, the Muon train dry runs needed 140-210 GiB of temporaries per device; AdamW's needed 37)."""
     order = [d for d in batch_dims if d in sequential] + [d for d in batch_dims if d not in sequential]
     n_seq = len(order) - len([d for d in batch_dims if d not in sequential])
-    f = lambda x: hybrid_newton_schulz(x, dtype=dtype)  # noqa: E731
+    f = lambda x: hybrid_newton_schulz(x, dtype=dtype, square_gram=square_gram)  # noqa: E731
     for _ in order[n_seq:]:
         f = jax.vmap(f)
     for _ in order[:n_seq]:
@@ -140,12 +154,13 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(batch_dims: dict[str, tuple[int, ...]], momentum: float = 0.95, update_rms: float = 0.18,
-                  ns_dtype=jnp.float32, layer_dims: dict[str, tuple[int, ...]] | None = None
-                  ) -> optax.GradientTransformation:
+                  ns_dtype=jnp.float32, layer_dims: dict[str, tuple[int, ...]] | None = None,
+                  square_gram: dict[str, bool] | None = None) -> optax.GradientTransformation:
     """Muon's direction O (before the learning rate and weight decay) for a flat dict of matrices.
 
     batch_dims: {name: dims indexing independent matrices}; layer_dims: {name: those that are stacked
-    layers}, orthogonalised one layer at a time (see `orthogonalize`). Leaves may be optax.MaskedNode
+    layers}, orthogonalised one layer at a time (see `orthogonalize`); square_gram: {name: the step form}
+    (default True, see `hybrid_newton_schulz`). Leaves may be optax.MaskedNode
     (inside multi_transform) and are then skipped."""
 
     def init(params):
@@ -160,7 +175,7 @@ def scale_by_muon(batch_dims: dict[str, tuple[int, ...]], momentum: float = 0.95
             dims = batch_dims[name]
             n, k = (g.shape[i] for i in range(g.ndim) if i not in dims)
             o = orthogonalize(momentum * m + g.astype(jnp.float32), dims, ns_dtype,  # Nesterov form
-                              (layer_dims or {}).get(name, ()))
+                              (layer_dims or {}).get(name, ()), (square_gram or {}).get(name, True))
             return o * (math.sqrt(max(n, k)) * update_rms)
 
         return jax.tree_util.tree_map_with_path(one, mom, grads), MuonState(mom)
@@ -225,6 +240,7 @@ def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, o
               for n, g in groups.items()}
     muon_dims = {n: g.batch_dims for n, g in groups.items() if g.optimizer == "muon"}
     layer_dims = {n: g.layer_dims for n, g in groups.items() if g.optimizer == "muon"}
+    square_gram = {n: g.square_gram for n, g in groups.items() if g.optimizer == "muon"}
     wd = oc.weight_decay
 
     def tail(decay: float):
@@ -232,7 +248,7 @@ def make_optimizer(groups: dict[str, ParamGroup], lr: Callable | float | None, o
         return ([optax.add_decayed_weights(decay)] if decay else []) + [scale]
 
     muon = optax.chain(scale_by_muon(muon_dims, oc.muon_momentum, oc.muon_update_rms, jnp.dtype(oc.muon_ns_dtype),
-                                     layer_dims),
+                                     layer_dims, square_gram),
                        *tail(wd))
     adam = lambda decay: optax.chain(optax.scale_by_adam(oc.adam_b1, oc.adam_b2, oc.adam_eps, mu_dtype=jnp.float32),
                                      *tail(decay))
