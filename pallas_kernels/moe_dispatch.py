@@ -495,8 +495,9 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
 
     Same signature and function as `moe_dispatch_reference.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
-    (applied before W2). Returns [M, d] fp32. The weights are cast to xs.dtype; matmuls accumulate in
-    fp32; the SwiGLU clamp runs in fp32 between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
+    (applied before W2). Returns [M, d] in xs.dtype (W2's kernel stores its fp32 accumulator in that
+    dtype). The weights are cast to xs.dtype; matmuls accumulate in fp32; the SwiGLU clamp runs in
+    fp32 between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
     (interpret=None: the TPU kernel on TPU, XLA's ragged dot on GPU, the interpreter elsewhere, so
     moe_impl=pallas runs anywhere).
     """
@@ -507,8 +508,8 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     if row_weights.shape != xs.shape[:1]:
         raise ValueError(f"row_weights must have shape [{xs.shape[0]}], got {row_weights.shape}")
     dt = xs.dtype
-    gemm = functools.partial(gmm, group_sizes=sizes, preferred_element_type=jnp.float32, tiling=tiling,
-                             interpret=interpret)
-    mm = released_gemm(lambda a, w: gemm(a, w.astype(dt)), act_quant)
+    gemm = functools.partial(gmm, group_sizes=sizes, tiling=tiling, interpret=interpret)
+    mm = released_gemm(lambda a, w: gemm(a, w.astype(dt), preferred_element_type=jnp.float32), act_quant)
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
-    return mm(h.astype(dt), w2)  # [M, d] fp32
+    down = released_gemm(lambda a, w: gemm(a, w.astype(dt), preferred_element_type=dt), act_quant)
+    return down(h.astype(dt), w2).astype(dt)  # [M, d]

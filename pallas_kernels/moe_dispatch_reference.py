@@ -2,7 +2,8 @@
 the Pallas grouped matmuls in `moe_dispatch.py`.
 
 Rows arrive sorted by expert (`sizes` rows per expert); each row's combine weight is applied before
-W2, as DeepSeek's inference code does. `grouped_swiglu` uses `jax.lax.ragged_dot`;
+W2 and W2's result comes out in the compute dtype (fp32 accumulation), as DeepSeek's inference code
+does (`Expert.forward` returns `w2(...)` in the input's dtype; the caller sums the rows in fp32). `grouped_swiglu` uses `jax.lax.ragged_dot`;
 `grouped_swiglu_onehot` computes the same function with one masked dense FFN per expert.
 `gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode).
 `permute` / `unpermute_combine` sort the (token, choice) rows by expert and sum them back per token.
@@ -28,15 +29,15 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
 
     xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
     expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
-    row (applied before W2, as the official code does). Returns [M, d] fp32.
-    act_quant (release numerics): applied to each GEMM's input, whose result is rounded to xs.dtype
-    (`released_gemm`).
+    row (applied before W2, as the official code does). Returns [M, d] in xs.dtype (W2 accumulated in
+    fp32, rounded once). act_quant (release numerics): applied to each GEMM's input, whose result is
+    rounded to xs.dtype (`released_gemm`).
     """
     dt = xs.dtype
     mm = released_gemm(lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32),
                        act_quant)
-    h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]
-    return mm(h.astype(dt), w2)
+    h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
+    return mm(h.astype(dt), w2).astype(dt)  # [M, d]
 
 
 def released_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
@@ -61,7 +62,7 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     # one expert per row (the others' h is zero), so rounding the summed result rounds that expert's
     down = released_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
                          act_quant)
-    return down(h.astype(dt), w2)
+    return down(h.astype(dt), w2).astype(dt)  # [M, d]
 
 
 def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1: jax.Array, w3: jax.Array,
@@ -81,8 +82,8 @@ def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1
     `benchmarks.hlo_costs`).
 
     x [N, d]; experts [N, k] int; row_weights [N, k] fp32; w1/w3 [E, d, I], w2 [E, I, d]. Returns
-    [N, d] fp32: each row's FFN as `grouped_swiglu` computes it (release numerics: act_quant on each
-    GEMM's input, each row's result rounded), the k rows summed in fp32."""
+    [N, d] fp32: each row's FFN as `grouped_swiglu` computes it (W2's result in x.dtype; release numerics:
+    act_quant on each GEMM's input, each GEMM's result rounded), the k rows summed in fp32."""
     dt = x.dtype
     N, k = experts.shape
     gemm = released_gemm(lambda a, w: jnp.dot(a, w.astype(dt), preferred_element_type=jnp.float32), act_quant)
@@ -91,9 +92,9 @@ def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1
         take = lambda w: jax.lax.dynamic_index_in_dim(w, experts[n, j], keepdims=False)  # noqa: E731
         a = x[n][None]  # [1, d]
         h = swiglu(gemm(a, take(w1)), gemm(a, take(w3)), limit) * row_weights[n, j]  # [1, I]
-        return gemm(h.astype(dt), take(w2))
+        return gemm(h.astype(dt), take(w2)).astype(dt).astype(jnp.float32)
 
-    return jnp.concatenate([sum(row(n, j) for j in range(k)) for n in range(N)])  # [N, d]
+    return jnp.concatenate([sum(row(n, j) for j in range(k)) for n in range(N)])  # [N, d] fp32
 
 
 # ----------------------------------------------------------------------------------------------

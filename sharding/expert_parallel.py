@@ -179,8 +179,8 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
             s = i * window
             rows = jax.lax.dynamic_slice(order, (s,), (window,))
             w_sizes = jnp.clip(ends - s, 0, window) - jnp.clip(starts - s, 0, window)  # each expert's rows here
-            y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows])  # [window, d] fp32
-            return out.at[rows // k].add(y)
+            y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows])  # [window, d] in x.dtype
+            return out.at[rows // k].add(y.astype(jnp.float32))  # a token's choices summed in fp32
         return jax.lax.cond(i * window < total, run, lambda out: out, out), None
 
     inputs = frozenset().union(*(_varying_axes(a) for a in (experts, weights, w1, w3, w2)))
@@ -208,8 +208,8 @@ def receive_capacity(rows: int, ep: int, factor: float) -> int:
 def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc: int, ragged: bool,
               capacity: int):
     """All-to-all dispatch of this device's rows to their experts' devices and back, in passes of at
-    most `capacity` received rows per device. Returns (outputs of the sorted rows [n*k, d] fp32, the
-    sort order of the rows).
+    most `capacity` received rows per device. Returns (outputs of the sorted rows [n*k, d] in x.dtype,
+    the sort order of the rows).
 
     Each pass, every receiver fills its `capacity` slots from the rows its senders still hold, sender
     by sender in rank order (a prefix fill: a receiver with r rows left takes min(r, capacity) of
@@ -220,7 +220,8 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     (`custom_vjp`: the rows' cotangents travel with the rows and the expert weights' gradients
     accumulate in the loop's carry), so no pass keeps residuals: the residuals are the inputs. The
     weights come typed as varying like the rows (the caller casts them once). XLA's cost analysis
-    counts one pass."""
+    counts one pass. The rows travel in x.dtype both ways (the experts' results come in that dtype,
+    `grouped_swiglu`; the caller sums a token's rows in fp32), and so do their cotangents."""
     n, d = x.shape
     nk = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
@@ -277,7 +278,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
 
         back = jnp.argsort(o2)  # the inverse permutation: a gather puts the results back (no scatter)
 
-        def f(xr, wr, w1, w3, w2):  # xr [capacity, 1, d] -> [capacity, 1, d] fp32
+        def f(xr, wr, w1, w3, w2):  # xr [capacity, 1, d] -> [capacity, 1, d] in xr.dtype
             return ffn(xr[o2, 0], sizes, w1, w3, w2, wr[o2])[back, None]
         return f
 
@@ -287,9 +288,9 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             p, out, sent = carry
             to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
             y = experts_fn(to_experts(le, E_loc))(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
-            return p + 1, from_experts(y, out), sent
+            return p + 1, from_experts(y.astype(xs.dtype), out), sent
 
-        out = _varying_like(jnp.zeros((nk, 1, d), jnp.float32), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
+        out = _varying_like(jnp.zeros((nk, 1, d), xs.dtype), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
         total = n_passes(send_sizes)
         _, out, _ = jax.lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), out, jnp.zeros_like(send_sizes)))
         return out
@@ -306,12 +307,14 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             _, vjp = jax.vjp(experts_fn(to_experts(le, E_loc)), to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
             dx, dw, *dws = vjp(to_experts(g_out, 0))
             grads = tuple(g + dg.astype(jnp.float32) for g, dg in zip(grads, dws))
-            return (p + 1, sent, from_experts(dx.astype(jnp.float32), gx), from_experts(dw.astype(jnp.float32), gw),
+            # each row's cotangents come back once, so they travel in the rows' own dtypes (no sum here)
+            return (p + 1, sent, from_experts(dx.astype(xs.dtype), gx), from_experts(dw.astype(ws.dtype), gw),
                     grads)
 
-        zeros = lambda a: _varying_like(jnp.zeros(a.shape, jnp.float32), a, axes)  # noqa: E731
+        zeros = lambda a, dtype=jnp.float32: _varying_like(jnp.zeros(a.shape, dtype), a, axes)  # noqa: E731
         total = n_passes(send_sizes)
-        init = (jnp.int32(0), jnp.zeros_like(send_sizes), zeros(xs), zeros(ws), tuple(zeros(w) for w in (w1, w3, w2)))
+        init = (jnp.int32(0), jnp.zeros_like(send_sizes), zeros(xs, xs.dtype), zeros(ws, ws.dtype),
+                tuple(zeros(w) for w in (w1, w3, w2)))
         _, _, gx, gw, grads = jax.lax.while_loop(lambda c: c[0] < total, body, init)
         return (gx.astype(xs.dtype), gw.astype(ws.dtype), *(g.astype(w.dtype) for g, w in zip(grads, (w1, w3, w2))),
                 None, None, None)

@@ -209,6 +209,36 @@ def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh
         assert rel_err(getattr(g1[2], name).get_value(), getattr(g0[2], name).get_value()) <= 1e-5, name
 
 
+def test_expert_parallel_rows_travel_in_the_compute_dtype_both_ways():
+    """BF16 activations: every all-to-all of rows (out to the experts, results back, and the backward's
+    cotangents) carries bf16, each expert's W2 result rounded once as DeepSeek's `Expert` returns it
+    (architecture.md §5.3); values and gradients equal the unsharded dispatch to bf16 rounding."""
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5, moe_gather_tokens=0))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(8, 12, cfg.dim)), jnp.bfloat16)
+    ids, w = _routing("random", 8 * 12, 3, 8, rng)
+    mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
+
+    def f(x, w, experts):
+        return experts(x, Routing(w, ids, None))
+
+    want, vjp0 = jax.vjp(f, x, w, experts)
+    sharded = shard_module(experts, mesh, rules)
+    ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    with use_mesh_rules(mesh, rules):
+        got, vjp1 = jax.vjp(jax.jit(f), x, w, sharded)
+        grad_jaxpr = jax.make_jaxpr(lambda x, w, m, ct: jax.vjp(f, x, w, m)[1](ct))(x, w, sharded, ct).jaxpr
+    moved = [v.aval.dtype for e in _eqns(grad_jaxpr) if e.primitive.name in ("all_to_all", "ragged_all_to_all")
+             for v in e.invars if v.aval.ndim >= 2 and v.aval.shape[-1] == cfg.dim]
+    assert len(moved) >= 4 and set(moved) == {jnp.dtype(jnp.bfloat16)}, moved  # rows, results, cotangents x2
+    assert got.dtype == jnp.float32 and rel_err(got, want) <= 1e-2
+    g0, g1 = vjp0(ct), vjp1(ct)
+    assert g1[0].dtype == jnp.bfloat16 and rel_err(g1[0], g0[0]) <= 1e-2 and rel_err(g1[1], g0[1]) <= 1e-2
+    for name in ("w1", "w2", "w3"):
+        assert rel_err(getattr(g1[2], name).get_value(), getattr(g0[2], name).get_value()) <= 1e-2, name
+
+
 def _eqns(jaxpr):
     """Every equation of a jaxpr and of its sub-jaxprs (shard_map, scan, cond branches)."""
     for e in jaxpr.eqns:
