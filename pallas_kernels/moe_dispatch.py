@@ -49,7 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu as grouped_swiglu_ragged_dot  # noqa: F401
 from pallas_kernels.moe_dispatch_reference import grouped_swiglu_onehot  # noqa: F401 (re-exported reference)
 from pallas_kernels.moe_dispatch_reference import permute, unpermute_combine  # noqa: F401 (callers' one import)
-from pallas_kernels.moe_dispatch_reference import released_gemm, swiglu
+from pallas_kernels.moe_dispatch_reference import expert_gemm, swiglu
 
 Tiling = tuple[int, int, int]  # (tm rows, tk contraction, tn output columns)
 
@@ -435,7 +435,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
 
 
 def _gmm_bwd(out_dtype, tiling, interpret, residuals, dout):
-    # Cotangents come in out_dtype (fp32); the matmuls run in the operands' dtype with fp32 accumulation.
+    # Cotangents come in out_dtype; the matmuls run in the operands' dtype with fp32 accumulation.
     lhs, rhs, group_sizes = residuals
     dout = dout.astype(lhs.dtype)
     dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True),
@@ -495,9 +495,9 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
 
     Same signature and function as `moe_dispatch_reference.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
-    (applied before W2). Returns [M, d] in xs.dtype (W2's kernel stores its fp32 accumulator in that
-    dtype). The weights are cast to xs.dtype; matmuls accumulate in fp32; the SwiGLU clamp runs in
-    fp32 between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
+    (applied before W2). Returns [M, d] in xs.dtype. The weights are cast to xs.dtype; each kernel
+    accumulates in fp32 and stores xs.dtype (`expert_gemm`'s rounding); the SwiGLU clamp runs in fp32
+    between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
     (interpret=None: the TPU kernel on TPU, XLA's ragged dot on GPU, the interpreter elsewhere, so
     moe_impl=pallas runs anywhere).
     """
@@ -508,8 +508,8 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     if row_weights.shape != xs.shape[:1]:
         raise ValueError(f"row_weights must have shape [{xs.shape[0]}], got {row_weights.shape}")
     dt = xs.dtype
-    gemm = functools.partial(gmm, group_sizes=sizes, tiling=tiling, interpret=interpret)
-    mm = released_gemm(lambda a, w: gemm(a, w.astype(dt), preferred_element_type=jnp.float32), act_quant)
+    # each kernel stores its fp32 accumulator in xs.dtype, the rounding `expert_gemm` asks for
+    mm = expert_gemm(lambda a, w: gmm(a, w.astype(dt), sizes, preferred_element_type=dt, tiling=tiling,
+                                      interpret=interpret), act_quant)
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
-    down = released_gemm(lambda a, w: gemm(a, w.astype(dt), preferred_element_type=dt), act_quant)
-    return down(h.astype(dt), w2).astype(dt)  # [M, d]
+    return mm(h.astype(dt), w2).astype(dt)  # [M, d]

@@ -2,9 +2,11 @@
 the Pallas grouped matmuls in `moe_dispatch.py`.
 
 Rows arrive sorted by expert (`sizes` rows per expert); each row's combine weight is applied before
-W2 and W2's result comes out in the compute dtype (fp32 accumulation), as DeepSeek's inference code
-does (`Expert.forward` returns `w2(...)` in the input's dtype; the caller sums the rows in fp32). `grouped_swiglu` uses `jax.lax.ragged_dot`;
-`grouped_swiglu_onehot` computes the same function with one masked dense FFN per expert.
+W2. Each of the three GEMMs accumulates in fp32 and its result is rounded to the compute dtype, as
+DeepSeek's inference code has them (`Expert.forward`: `w1(x).float()`, `w3(x).float()`, and `w2(...)`
+returned in the input's dtype; the caller sums a token's rows in fp32): `expert_gemm`.
+`grouped_swiglu` uses `jax.lax.ragged_dot`; `grouped_swiglu_onehot` computes the same function with
+one masked dense FFN per expert.
 `gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode).
 `permute` / `unpermute_combine` sort the (token, choice) rows by expert and sum them back per token.
 """
@@ -29,23 +31,23 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
 
     xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
     expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
-    row (applied before W2, as the official code does). Returns [M, d] in xs.dtype (W2 accumulated in
-    fp32, rounded once). act_quant (release numerics): applied to each GEMM's input, whose result is
-    rounded to xs.dtype (`released_gemm`).
+    row (applied before W2, as the official code does). Returns [M, d] in xs.dtype. Each GEMM's result
+    is rounded to xs.dtype (`expert_gemm`); act_quant (release numerics) is applied to its input.
     """
     dt = xs.dtype
-    mm = released_gemm(lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32),
-                       act_quant)
+    mm = expert_gemm(lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32),
+                     act_quant)
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
     return mm(h.astype(dt), w2).astype(dt)  # [M, d]
 
 
-def released_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
-    """gemm(a, w) -> fp32 as is, or (act_quant given: release numerics, architecture.md §10.3) on act_quant(a)
-    with the result rounded to a's dtype, as DeepSeek's FP8/FP4 GEMMs return BF16."""
-    if act_quant is None:
-        return gemm
-    return lambda a, w: gemm(act_quant(a), w).astype(a.dtype).astype(jnp.float32)
+def expert_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
+    """An expert GEMM as DeepSeek's inference code computes it (architecture.md §5.3): gemm(a, w) (fp32
+    accumulation) with its result rounded to a's dtype, as the official BF16 and FP8/FP4 GEMMs return
+    it, and handed on in fp32 (for the SwiGLU, the row weight, the sum). act_quant (release numerics,
+    architecture.md §10.3): applied to a first. In fp32 runs the rounding is the identity."""
+    quant = act_quant or (lambda a: a)  # noqa: E731
+    return lambda a, w: gemm(quant(a), w).astype(a.dtype).astype(jnp.float32)
 
 
 def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
@@ -56,11 +58,11 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     ends = jnp.cumsum(sizes)
     expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups
     mask = jax.nn.one_hot(expert, w1.shape[0], dtype=jnp.float32)  # [M, E]
-    up_proj = released_gemm(lambda a, w: jnp.einsum("md,edi->emi", a, w.astype(dt), preferred_element_type=jnp.float32),
+    up_proj = expert_gemm(lambda a, w: jnp.einsum("md,edi->emi", a, w.astype(dt), preferred_element_type=jnp.float32),
                             act_quant)
     h = swiglu(up_proj(xs, w1), up_proj(xs, w3), limit) * (mask.T * row_weights[None, :])[..., None]
     # one expert per row (the others' h is zero), so rounding the summed result rounds that expert's
-    down = released_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
+    down = expert_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
                          act_quant)
     return down(h.astype(dt), w2).astype(dt)  # [M, d]
 
@@ -82,17 +84,17 @@ def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1
     `benchmarks.hlo_costs`).
 
     x [N, d]; experts [N, k] int; row_weights [N, k] fp32; w1/w3 [E, d, I], w2 [E, I, d]. Returns
-    [N, d] fp32: each row's FFN as `grouped_swiglu` computes it (W2's result in x.dtype; release numerics:
-    act_quant on each GEMM's input, each GEMM's result rounded), the k rows summed in fp32."""
+    [N, d] fp32: each row's FFN as `grouped_swiglu` computes it (each GEMM's result rounded to x.dtype;
+    release numerics: act_quant on each GEMM's input), the k rows summed in fp32."""
     dt = x.dtype
     N, k = experts.shape
-    gemm = released_gemm(lambda a, w: jnp.dot(a, w.astype(dt), preferred_element_type=jnp.float32), act_quant)
+    gemm = expert_gemm(lambda a, w: jnp.dot(a, w.astype(dt), preferred_element_type=jnp.float32), act_quant)
 
     def row(n: int, j: int) -> jax.Array:  # [1, d]: token n's choice j with its expert's weights
         take = lambda w: jax.lax.dynamic_index_in_dim(w, experts[n, j], keepdims=False)  # noqa: E731
         a = x[n][None]  # [1, d]
         h = swiglu(gemm(a, take(w1)), gemm(a, take(w3)), limit) * row_weights[n, j]  # [1, I]
-        return gemm(h.astype(dt), take(w2)).astype(dt).astype(jnp.float32)
+        return gemm(h.astype(dt), take(w2))
 
     return jnp.concatenate([sum(row(n, j) for j in range(k)) for n in range(N)])  # [N, d] fp32
 

@@ -213,6 +213,37 @@ def test_grouped_swiglu_forward_agrees_three_ways(case, dtype):
         assert rel_err(got, ref) <= TOL[dtype] and rel_err(ragged, ref) <= TOL[dtype]
 
 
+def test_bf16_experts_round_each_gemm_result_like_the_official_expert():
+    """DeepSeek's `Expert.forward` in BF16: gate = w1(x).float(), up = w3(x).float() (BF16 GEMM results),
+    SwiGLU and row weight in fp32, w2(h.to(bf16)) returned in BF16. Written out row by row in float64
+    from the bf16 values, the three twins give the same bf16 values (a few may land one ulp apart where
+    fp32 accumulation order decides a rounding); without the roundings of the GEMM results, many differ."""
+    xs, w1, w3, w2, rw = operands(jnp.bfloat16, seed=7)
+    sizes = SIZES["random"]
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    bf = lambda a: f64(jnp.asarray(np.asarray(a, np.float32), jnp.bfloat16))  # noqa: E731  round to bf16
+    expert = np.repeat(np.arange(E), sizes)
+    x, W1, W3, W2, r = f64(xs), f64(w1), f64(w3), f64(w2), np.asarray(rw, np.float64)
+
+    def official(rounded):
+        out = np.zeros((M, D))
+        for n, e in enumerate(expert):
+            g, u = x[n] @ W1[e], x[n] @ W3[e]
+            g, u = (bf(g), bf(u)) if rounded else (g, u)
+            g, u = np.minimum(g, LIMIT), np.clip(u, -LIMIT, LIMIT)
+            h = bf(g / (1 + np.exp(-g)) * u * r[n])
+            out[n] = bf(h @ W2[e]) if rounded else h @ W2[e]
+        return out
+
+    want, unrounded = official(True), bf(official(False))
+    args = (xs, jnp.asarray(sizes, jnp.int32), w1, w3, w2, rw)
+    ulp = np.max(np.abs(want)) * 2.0 ** -8
+    for impl in ("reference", "ragged_dot", "pallas"):
+        got = f64(_compiled(impl, "forward")(*args))
+        assert np.mean(got != want) <= 0.01 and np.max(np.abs(got - want)) <= ulp, impl
+    assert np.mean(unrounded != want) > 0.1
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", ["random", "one_expert", "empty_experts_and_unrouted_tail", "tile_aligned_boundaries"])
 def test_grouped_swiglu_gradients_match_the_references(case, dtype):
