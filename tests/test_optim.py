@@ -53,6 +53,23 @@ def test_newton_schulz_matches_float64_numpy_and_orthogonalises(shape, square_gr
     assert s.min() > 0.6 and s.max() < 1.2, s
 
 
+@pytest.mark.parametrize("square_gram", [True, False])
+def test_bf16_newton_schulz_multiplies_in_bf16_only_and_still_orthogonalises(square_gram):
+    """muon_ns_dtype=bfloat16 (the TPU setting): every product of the ten steps takes and gives bf16 (an
+    fp32 product there costs twice the bytes, and its all-reduce too, on a pod); the coefficients
+    combine the products' results in fp32."""
+    f = lambda m: hybrid_newton_schulz(m, dtype=jnp.bfloat16, square_gram=square_gram)  # noqa: E731
+    m = np.random.default_rng(4).normal(size=(64, 160))
+    step = jax.make_jaxpr(f)(jnp.asarray(m, jnp.float32)).eqns
+    body = next(e for e in step if e.primitive.name == "scan").params["jaxpr"].jaxpr
+    dots = [e for e in body.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in (*e.invars, *e.outvars))
+    ours = np.asarray(f(jnp.asarray(m, jnp.float32)))
+    np.testing.assert_allclose(ours, numpy_hybrid_ns(m), atol=1e-2)
+    s = np.linalg.svd(ours, compute_uv=False)
+    assert s.min() > 0.6 and s.max() < 1.2, s
+
+
 def test_muon_steps_match_numpy_per_layer_and_per_expert():
     """A [layers=2, experts=3, 8, 12] stack: every (layer, expert) matrix is an independent Muon matrix."""
     rng = np.random.default_rng(1)

@@ -116,12 +116,13 @@ def hybrid_newton_schulz(m: jax.Array, coeffs=NS_COEFFS, eps: float = 1e-7, dtyp
     x = (m if wide else m.T).astype(jnp.float32)
     x = (x / (jnp.linalg.norm(x) + eps)).astype(dtype)
 
-    def ns_step(x, abc):
+    def ns_step(x, abc):  # every product in `dtype`; the fp32 coefficients combine its results in fp32
         a, b, c = abc[0], abc[1], abc[2]
         gram = x @ x.T  # [n, n], n = min side
         if square_gram:
-            return (a * x + (b * gram + c * gram @ gram) @ x).astype(dtype), None
-        gx = (gram @ x).astype(dtype)  # [n, m]
+            poly = (b * gram + c * (gram @ gram)).astype(dtype)  # [n, n]
+            return (a * x + poly @ x).astype(dtype), None
+        gx = gram @ x  # [n, m]
         return (a * x + b * gx + c * (gram @ gx)).astype(dtype), None
 
     x, _ = jax.lax.scan(ns_step, x, jnp.asarray(coeffs, jnp.float32))  # one loop body: small programs
