@@ -59,25 +59,22 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     channels; on pair i, C = cos_i on both channels, S = -sin_i on the first and +sin_i on the second;
     partner(x) swaps the two channels of each rotated pair (zero elsewhere). Per channel these are the
     products a cos - b sin and b cos + a sin exactly (negation and the swap are exact). The swap is a
-    product of the r rotated channels with a constant r x r 0/1 matrix, so TPUs do it on the MXU with
-    the slice read inside the product and the zero padding inside the final elementwise pass: reading
-    the channels pairwise and concatenating them back costs about twice the HBM traffic there, and a
-    c x c swap matrix (c/r)^2 = 64 times the FLOPs (5% of a v4-flash training step's compiled FLOPs,
-    15% of a decode step's)."""
+    product with a constant 0/1 matrix, so TPUs do it on the MXU: slicing the rotated channels out,
+    reading them pairwise and concatenating them back costs about twice the HBM traffic there."""
     c, r = x.shape[-1], 2 * cos.shape[-1]
     pad = ((0, 0),) * (cos.ndim - 1) + ((c - r, 0),)
     C = jnp.pad(jnp.repeat(cos, 2, axis=-1), pad, constant_values=1.0)  # [..., c]
     S = jnp.pad(jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], r), pad)  # [..., c]
-    partner = jnp.matmul(x[..., c - r:], _pair_swap(r, x.dtype), preferred_element_type=jnp.float32,
-                         precision=jax.lax.Precision.HIGHEST)  # [..., r]: exact (one product per entry)
-    partner = jnp.pad(partner, ((0, 0),) * (x.ndim - 1) + ((c - r, 0),))  # [..., c]
+    partner = jnp.matmul(x, _pair_swap(c, r, x.dtype), preferred_element_type=jnp.float32,
+                         precision=jax.lax.Precision.HIGHEST)  # [..., c]: exact (one product per entry)
     return (x.astype(jnp.float32) * C + partner * S).astype(x.dtype)
 
 
-def _pair_swap(r: int, dtype) -> np.ndarray:
-    """[r, r] 0/1 with (x @ swap)[j] = x[j's partner]: channels 2i and 2i + 1 swap places."""
-    swap = np.zeros((r, r), dtype)
-    first = np.arange(0, r, 2)
+def _pair_swap(c: int, r: int, dtype) -> np.ndarray:
+    """[c, c] 0/1 with (x @ swap)[j] = x[j's partner]: channels 2i and 2i + 1 of the last r swap places;
+    the columns of the first c - r channels are zero."""
+    swap = np.zeros((c, c), dtype)
+    first = np.arange(c - r, c, 2)
     swap[first + 1, first] = swap[first, first + 1] = 1
     return swap
 
