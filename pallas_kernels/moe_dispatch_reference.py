@@ -46,7 +46,7 @@ def expert_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
     accumulation) with its result rounded to a's dtype, as the official BF16 and FP8/FP4 GEMMs return
     it, and handed on in fp32 (for the SwiGLU, the row weight, the sum). act_quant (release numerics,
     architecture.md §10.3): applied to a first. In fp32 runs the rounding is the identity."""
-    quant = act_quant or (lambda a: a)  # noqa: E731
+    quant = act_quant or (lambda a: a)
     return lambda a, w: gemm(quant(a), w).astype(a.dtype).astype(jnp.float32)
 
 
@@ -59,11 +59,11 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups
     mask = jax.nn.one_hot(expert, w1.shape[0], dtype=jnp.float32)  # [M, E]
     up_proj = expert_gemm(lambda a, w: jnp.einsum("md,edi->emi", a, w.astype(dt), preferred_element_type=jnp.float32),
-                            act_quant)
+                          act_quant)
     h = swiglu(up_proj(xs, w1), up_proj(xs, w3), limit) * (mask.T * row_weights[None, :])[..., None]
     # one expert per row (the others' h is zero), so rounding the summed result rounds that expert's
     down = expert_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
-                         act_quant)
+                       act_quant)
     return down(h.astype(dt), w2).astype(dt)  # [M, d]
 
 

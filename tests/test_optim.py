@@ -181,8 +181,8 @@ def test_layer_by_layer_orthogonalisation_equals_the_batched_one():
 
 
 def test_dense_matrices_apply_the_gram_twice_and_experts_square_it():
-    """Newton-Schulz's two step forms per matrix (optim.split_params): routed experts (G G) X, every
-    other matrix G (G X); the whole optimiser with the per-name forms equals float64 numpy."""
+    """Newton-Schulz's two step forms per matrix (optim.split_params): routed experts (b S + c S S) X,
+    every other matrix b S X + c S (S X); the whole optimiser with the per-name forms equals float64 numpy."""
     axes = {"experts.w1": ("layers", "experts", "embed", "expert_mlp"), "wo_b": ("layers", "o_lora", "embed"),
             "wo_a": ("layers", "o_groups", "head_dim", "o_lora"), "router": ("embed", "experts")}
     groups = split_params(axes)

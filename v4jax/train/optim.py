@@ -90,9 +90,10 @@ def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
             groups[name] = ParamGroup("adamw", decay=False)
         elif all(a in BATCH_AXES for a in lead):
             # Routed experts are split over the mesh whole (the expert axis) and along both sides, so
-            # G G is split too; every other matrix is one per layer, split only along its sides by the
-            # rules and computed alike on the devices of the other axes (the expert axis among them),
-            # where a whole n x n G G on each device is the largest term (v4-pro's wo_b: n = 7168)
+            # their Gram square S S is split too; every other matrix is one per layer, split only along
+            # its sides by the rules and computed alike on the devices of the other axes (the expert
+            # axis among them), where a whole n x n S S on each device is the largest term (v4-pro's
+            # wo_b: n = 7168)
             groups[name] = ParamGroup("muon", batch_dims=tuple(range(len(lead))),
                                       layer_dims=tuple(i for i, a in enumerate(lead) if a == "layers"),
                                       square_gram="experts" in lead)
