@@ -15,17 +15,21 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.moe_dispatch_reference import gathered_swiglu, grouped_swiglu, permute, swiglu, unpermute_combine
+from pallas_kernels.moe_dispatch_reference import (expert_gemm, gathered_swiglu, grouped_swiglu, permute, swiglu,
+                                                   unpermute_combine)
 
 
 def stacked_swiglu(x, experts, row_weights, w1, w3, w2, limit):
-    """The previous form: every row's slices stacked into [N, k, ...] operands, then one einsum each."""
+    """The previous form: every row's slices stacked into [N, k, ...] operands, then one einsum each
+    (each GEMM's result rounded as `expert_gemm` rounds it, so the forms compute one function)."""
     dt, (N, k) = x.dtype, experts.shape
     take = lambda w: jnp.stack([jnp.stack([jax.lax.dynamic_index_in_dim(w, experts[n, j], keepdims=False)  # noqa: E731
                                            for j in range(k)]) for n in range(N)])
-    up = lambda a, w: jnp.einsum("nd,nkdi->nki", a, w.astype(dt), preferred_element_type=jnp.float32)  # noqa: E731
+    up = expert_gemm(lambda a, w: jnp.einsum("nd,nkdi->nki", a, w.astype(dt), preferred_element_type=jnp.float32),
+                     None)
+    down = expert_gemm(lambda a, w: jnp.einsum("nki,nkid->nkd", a, w, preferred_element_type=jnp.float32), None)
     h = swiglu(up(x, take(w1)), up(x, take(w3)), limit) * row_weights[..., None]
-    return jnp.einsum("nki,nkid->nkd", h.astype(dt), take(w2), preferred_element_type=jnp.float32).sum(1)
+    return down(h.astype(dt), take(w2)).sum(1)
 
 
 def grouped(x, experts, row_weights, w1, w3, w2, limit):
