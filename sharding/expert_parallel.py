@@ -43,7 +43,7 @@ from pallas_kernels.moe_dispatch_reference import unpermute_combine
 from sharding.rules import AxisRules, ShardingError
 
 CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
-GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] fp32
+GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] in xs.dtype
 
 
 def expert_axes(mesh: jax.sharding.Mesh, rules: AxisRules) -> tuple[str, ...]:

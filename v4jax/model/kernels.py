@@ -30,7 +30,7 @@ def select_topk(impl: AttentionImpl) -> Callable:
 
 
 def grouped_swiglu(impl: MoEImpl) -> Callable:
-    """Routed experts on expert-sorted rows: (xs, sizes, w1, w3, w2, row_weights, limit) -> [M, d] fp32."""
+    """Routed experts on expert-sorted rows: (xs, sizes, w1, w3, w2, row_weights, limit) -> [M, d] in xs.dtype."""
     if impl is MoEImpl.PALLAS:
         from pallas_kernels.moe_dispatch import grouped_swiglu as kernel  # imported only when chosen
         return kernel  # picks Mosaic / XLA / the interpreter itself; expert parallelism is moe.py's shard_map

@@ -132,7 +132,7 @@ class Experts(nnx.Module):
             return gathered_swiglu(x.reshape(B * T, d), routing.experts, routing.weights, w1, w3, w2,
                                    self.limit, fp8_act_quant if self.release else None).reshape(B, T, d)
         xs, sizes, order = permute(x.reshape(B * T, d), routing.experts, E)  # [N*k, d] grouped by expert, [E]
-        y = ffn(xs, sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d] fp32, weighted per row
+        y = ffn(xs, sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d] in x.dtype, weighted per row
         return unpermute_combine(y, order, B * T, k).reshape(B, T, d)  # each token's k rows summed in fp32
 
 
