@@ -18,14 +18,14 @@ Dropless both ways: no row is ever dropped, and no buffer is sized for the worst
 go through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
 passes: each device receives at most `capacity` rows per pass (`receive_capacity`: 1.25 x the mean
 load by default, whatever the EP width), filled sender by sender in rank order from the rows still
-waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the scan holds the
-worst case's passes, each running only while some device still has rows (`_exchange`). A routing
-that fits the capacity costs one pass. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
+waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the passes run in a
+`while_loop` until no device has rows left (`_exchange`). A routing that fits the capacity costs one
+pass. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
 rows are sent); XLA:CPU has no ragged all-to-all, so there the same exchange goes through
 `all_to_all` of fixed-size per-destination blocks. The gather dispatch has no worst-case buffer
 either: its local rows, sorted by expert, go through the grouped SwiGLU in windows of `window` rows
-(about 1.25 x the mean load N x k / ep), a window running only when rows remain
-(`_local_experts`). The local grouped matmul only computes the real rows' groups (rows past the last
+(about 1.25 x the mean load N x k / ep), in a `while_loop` of as many windows as the device's rows
+fill (`_local_experts`). The local grouped matmul only computes the real rows' groups (rows past the last
 group give zeros). Tensor parallelism inside an expert (the `expert_mlp` columns over axes that do not
 split the tokens) adds one psum of the combined output.
 """
@@ -156,37 +156,73 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
     them. x [N, d]; experts, weights [N, k]. Returns [N, d] fp32, zero for tokens with no local expert.
 
     The rows, sorted by local expert (other devices' rows last), go through `ffn` in windows of
-    `window` rows; a scan over the ceil(N k / window) windows the worst case needs runs a window only
-    while local rows remain (a `cond`), so the work follows the real routing and nothing is dropped.
-    XLA's cost analysis counts the window once: the work of a device holding at most `window` rows."""
+    `window` rows, in a `while_loop` that runs ceil(local rows / window) windows: the work follows
+    the real routing (one window for a device routed at most `window` rows) and nothing is dropped.
+    The trip count differs per device, so nothing collective runs inside. The backward pass is a loop
+    of the same windows (`custom_vjp`: each window's experts recomputed, cotangents gathered and
+    scattered by the same rows), so no window keeps residuals. XLA's cost analysis counts one window,
+    as the all-to-all's passes count one pass."""
     N, d = x.shape
     k = experts.shape[-1]
-    # The windows' `cond` runs on some devices and not others: nothing collective may move into it
-    # (XLA sinks e.g. the weights' FSDP all-gather into the branch that uses them, a deadlock)
-    x, weights, w1, w3, w2 = jax.lax.optimization_barrier((x, weights, w1, w3, w2))
+    # One type for every input of the loops: each is cast to varying over the axes any of them varies
+    # over, so the casts' transposes sum the gradients over the axes an input was replicated on
+    axes = tuple(sorted(frozenset().union(*(_varying_axes(a) for a in (x, experts, weights, w1, w3, w2)))))
+    x, row_w, w1, w3, w2 = (_varying_like(a, a, axes) for a in (x, weights.reshape(-1), w1, w3, w2))
+    # nothing collective may move into the loop, whose trip count differs per device (XLA could sink
+    # e.g. the weights' FSDP all-gather towards the matmuls that use them: a deadlock)
+    x, row_w, w1, w3, w2 = jax.lax.optimization_barrier((x, row_w, w1, w3, w2))
     local = experts.reshape(-1) - first
     key = jnp.where((local >= 0) & (local < E_loc), local, E_loc)  # [N*k]
     order = jnp.argsort(key, stable=True)
     sizes = jnp.bincount(key, length=E_loc + 1)[:E_loc].astype(jnp.int32)  # rows per local expert
     ends = jnp.cumsum(sizes)
-    starts, total = ends - sizes, ends[-1]
-    n_win = -(-N * k // window)
-    order = jnp.pad(order, (0, n_win * window - N * k))  # padded slots lie past `total`: they give zeros
-    row_w = weights.reshape(-1)
+    starts = ends - sizes
+    n_win = -(-N * k // window)  # the most windows any routing needs
+    order = jnp.pad(order, (0, n_win * window - N * k))  # padded slots lie past the local rows: zeros
 
-    def one_window(out, i):
-        def run(out):
-            s = i * window
-            rows = jax.lax.dynamic_slice(order, (s,), (window,))
-            w_sizes = jnp.clip(ends - s, 0, window) - jnp.clip(starts - s, 0, window)  # each expert's rows here
+    def rows_of(i, order, starts, ends):  # window i's rows (of the N*k) and each local expert's rows in it
+        s = i * window
+        rows = jax.lax.dynamic_slice(order, (s,), (window,))
+        return rows, jnp.clip(ends - s, 0, window) - jnp.clip(starts - s, 0, window)
+
+    def more(ends):  # the loops' condition: ceil(local rows / window) windows on this device
+        n = -(-ends[-1] // window)
+        return lambda c: c[0] < n
+
+    def zeros(shape, like):
+        return _varying_like(jnp.zeros(shape, jnp.float32), like, axes)
+
+    @jax.custom_vjp
+    def run(x, row_w, w1, w3, w2, order, starts, ends):
+        def body(carry):
+            i, out = carry
+            rows, w_sizes = rows_of(i, order, starts, ends)
             y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows])  # [window, d] in x.dtype
-            return out.at[rows // k].add(y.astype(jnp.float32))  # a token's choices summed in fp32
-        return jax.lax.cond(i * window < total, run, lambda out: out, out), None
+            return i + 1, out.at[rows // k].add(y.astype(jnp.float32))  # a token's choices summed in fp32
 
-    inputs = frozenset().union(*(_varying_axes(a) for a in (experts, weights, w1, w3, w2)))
-    out = _varying_like(jnp.zeros((N, d), jnp.float32), x, tuple(sorted(inputs)))
-    out, _ = jax.lax.scan(one_window, out, jnp.arange(n_win))
-    return out
+        return jax.lax.while_loop(more(ends), body, (jnp.int32(0), zeros((N, d), x)))[1]
+
+    def run_fwd(*args):
+        return run(*args), args
+
+    def run_bwd(args, g):  # g [N, d] fp32: each window's rows take their tokens' cotangents
+        x, row_w, w1, w3, w2, order, starts, ends = args
+
+        def body(carry):
+            i, gx, gr, grads = carry
+            rows, w_sizes = rows_of(i, order, starts, ends)
+            y, vjp = jax.vjp(lambda xr, wr, *ws: ffn(xr, w_sizes, *ws, wr), x[rows // k], row_w[rows], w1, w3, w2)
+            dx, dr, *dws = vjp(g[rows // k].astype(y.dtype))
+            grads = tuple(a + b.astype(jnp.float32) for a, b in zip(grads, dws))
+            return i + 1, gx.at[rows // k].add(dx.astype(jnp.float32)), gr.at[rows].add(dr.astype(jnp.float32)), grads
+
+        init = (jnp.int32(0), zeros(x.shape, x), zeros(row_w.shape, row_w), tuple(zeros(w.shape, w) for w in (w1, w3, w2)))
+        _, gx, gr, grads = jax.lax.while_loop(more(ends), body, init)
+        return (gx.astype(x.dtype), gr.astype(row_w.dtype), *(a.astype(w.dtype) for a, w in zip(grads, (w1, w3, w2))),
+                None, None, None)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(x, row_w, w1, w3, w2, order, starts, ends)
 
 
 ROW_TILE = 512  # the largest row tile of a grouped-matmul kernel (pallas_kernels.moe_dispatch)

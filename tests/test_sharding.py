@@ -254,7 +254,8 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("window", [8, 40])
 def test_gather_dispatch_equals_the_all_to_all_and_the_one_hot_reference_in_windows(pattern, window):
     # Windows smaller than one device's rows (8: every device runs several; all_to_one_expert puts
-    # 3 x 64 rows on one device) give what the all-to-all and the unsharded one-hot layer give.
+    # 3 x 64 rows on one device) give what the all-to-all and the unsharded one-hot layer give, and
+    # so do their gradients (the windows' own backward loop against the all-to-all's and autodiff's).
     cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
     reference = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_impl="reference"))
     rng = np.random.default_rng(5)
@@ -265,16 +266,23 @@ def test_gather_dispatch_equals_the_all_to_all_and_the_one_hot_reference_in_wind
     sharded = shard_module(reference, mesh, rules)
     ffn = functools.partial(kernels.grouped_swiglu(MoEImpl.RAGGED_DOT), limit=cfg.swiglu_limit)
 
+    ct = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    gx, gw, gm = jax.vjp(lambda x, w, m: m(x, Routing(w, ids, None)), x, w, reference)[1](ct)
+    want_grads = (gx, gw, *(getattr(gm, n).get_value() for n in ("w1", "w3", "w2")))
+
     def dispatch(gather_tokens, window=None):
         f = lambda x, w, w1, w3, w2: expert_parallel.expert_parallel_ffn(  # noqa: E731
             x, ids.reshape(4, 16, 3), w.reshape(4, 16, 3), w1, w3, w2, ffn, mesh, rules, gather_tokens=gather_tokens,
             window=window)
         with use_mesh_rules(mesh, rules):
-            return jax.jit(f)(x, w, *(getattr(sharded, n)[...] for n in ("w1", "w3", "w2")))
+            out, vjp = jax.vjp(jax.jit(f), x, w, *(getattr(sharded, n)[...] for n in ("w1", "w3", "w2")))
+            return out, vjp(ct)
 
-    gathered, exchanged = dispatch(1024, window), dispatch(0)
+    (gathered, g_gathered), (exchanged, g_exchanged) = dispatch(1024, window), dispatch(0)
     assert rel_err(gathered, want) <= 1e-6 and rel_err(exchanged, want) <= 1e-6
     assert rel_err(gathered, exchanged) <= 1e-6
+    for name, a, b, c in zip(("x", "weights", "w1", "w3", "w2"), g_gathered, g_exchanged, want_grads):
+        assert rel_err(a, c) <= 1e-5 and rel_err(a, b) <= 1e-5, name
 
 
 @pytest.mark.parametrize("pattern", ["random", "all_to_one_expert", "empty_experts"])
