@@ -44,10 +44,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from benchmarks.hlo_costs import Cost, breakdown, by_function, collective_bytes, format_table
+from benchmarks.hlo_costs import Cost, async_overlaps, breakdown, by_function, collective_bytes, format_table
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
-from sharding.mesh import describe, make_mesh
+from sharding.mesh import compiler_options, describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import AxisRules, ShardingError, get_rules, parse_overrides
 from v4jax.config import OPTION_FIELDS, AttentionKind, Remat, RunOptions, V4Config, split_options
@@ -107,6 +107,9 @@ class Report:
     loop_bound: str | None = None
     loop_mfu: float | None = None
     loop_vector_flops_per_device: float | None = None  # elementwise + reductions (matrix-vector products)
+    # the ragged all-to-alls in the program text: [all, asynchronous, with a matmul or kernel scheduled between
+    # start and done] (benchmarks.hlo_costs.async_overlaps; None when the HLO could not be read back)
+    ragged_all_to_alls: list[int] | None = None
 
     def table(self) -> str:
         g = 2**30
@@ -133,6 +136,9 @@ class Report:
                                        f"{self.loop_traffic_per_device / g:.2f} GiB / device: roofline "
                                        f"{self.loop_step_time_s * 1e3:.1f} ms ({self.loop_bound}-bound), MFU "
                                        f"{100 * self.loop_mfu:.1f}%")] if self.loop_flops_per_device is not None else []),
+            *([("ragged all-to-alls", f"{self.ragged_all_to_alls[0]} in the program text, {self.ragged_all_to_alls[1]} "
+                                      f"asynchronous, {self.ragged_all_to_alls[2]} of them overlapping a matmul or kernel")]
+              if self.ragged_all_to_alls and self.ragged_all_to_alls[0] else []),
             ("biggest buffers / device", ", ".join(f"{n} {b / g:.2f} GiB" for n, b in self.biggest_buffers[:5])),
         ]
         w = max(len(r[0]) for r in rows)
@@ -304,7 +310,7 @@ def build(cfg: V4Config, mode: str, batch: int, seq: int, mesh, rules: AxisRules
             with use_mesh_rules(mesh, rules):
                 return nnx.merge(graphdef, params, rest)(tokens, with_mtp=False).logits[:, -1]
 
-        fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh))
+        fn = jax.jit(step, in_shardings=(p_sh, r_sh, tok_sh), compiler_options=compiler_options(mesh))
         return fn, (spec_of(params, p_sh), spec_of(rest, r_sh), tokens), names, None
     if mode in ("decode", "prefill_chunk"):  # the Generator's own steps against a cache of `seq` positions
         from v4jax.inference.generate import Sampling, generation_steps
@@ -475,7 +481,7 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
                         if mode in ("decode", "prefill_chunk") else {}), **{k: str(v) for k, v in (overrides or {}).items()},
                      **({"rule_overrides": ",".join(f"{k}={'+'.join(v)}" for k, v in rule_overrides.items())}
                         if rule_overrides else {}),
-                     "libtpu": libtpu_version(),
+                     "libtpu": libtpu_version(), **compiler_options(mesh),
                      **{k: os.environ[k] for k in ("LIBTPU_INIT_ARGS",) if os.environ.get(k)}})
     if hlo is not None and hlo_out:
         with open(hlo_out, "w") as f:
@@ -487,6 +493,9 @@ def dry_run(config: str | V4Config, topology: str, rules_name: str, *, mode: str
         report.loop_flops_per_device, report.loop_traffic_per_device = lf, lb
         report.loop_vector_flops_per_device = lv = sum(c.vector_flops for c in rows)
         report.loop_mfu = model_flops / (len(devices) * per_dev_peak * report.loop_step_time_s) if lf else 0.0
+        overlaps = async_overlaps(hlo)
+        report.ragged_all_to_alls = [len(overlaps), sum(o.compute is not None for o in overlaps),
+                                     sum(bool(o.compute) for o in overlaps)]
     if breakdown_rows and hlo is not None:
         top = list(dict.fromkeys(rows[:breakdown_rows] + sorted(rows, key=lambda c: -c.vector_flops)[:breakdown_rows]
                                  + sorted(rows, key=lambda c: -c.bytes)[:breakdown_rows]))

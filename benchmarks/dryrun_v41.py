@@ -35,7 +35,7 @@ from benchmarks.hlo_costs import breakdown, collective_bytes
 from benchmarks.v41 import param_counts
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
-from sharding.mesh import describe, make_mesh
+from sharding.mesh import compiler_options, describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax.config import RunOptions
@@ -89,7 +89,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
             return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
 
         fn = jax.jit(step, in_shardings=(p_sh, r_sh, c_sh, tok_sh, eng_sh), out_shardings=(None, c_sh),
-                     donate_argnums=2)
+                     donate_argnums=2, compiler_options=compiler_options(mesh))
         args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(cache, c_sh),
                 jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh),
                 jax.ShapeDtypeStruct((batch, 1, n_engram, cols), jnp.int32, sharding=eng_sh))
@@ -114,7 +114,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
         return optax.apply_updates(params, updates), opt, loss
 
     fn = jax.jit(train_step, in_shardings=(p_sh, r_sh, o_sh, tok_sh, eng_sh), out_shardings=(p_sh, o_sh, None),
-                 donate_argnums=(0, 2))
+                 donate_argnums=(0, 2), compiler_options=compiler_options(mesh))
     args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(opt, o_sh),
             jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh),
             jax.ShapeDtypeStruct((batch, seq, n_engram, cols), jnp.int32, sharding=eng_sh))

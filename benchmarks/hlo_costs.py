@@ -79,6 +79,43 @@ def split_computations(hlo_text: str) -> dict[str, str]:
     return comps
 
 
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\s([a-z][a-z0-9\-]*)\((.*)$")
+
+
+class Overlap(NamedTuple):
+    computation: str
+    collective: str  # the async start instruction
+    compute: tuple[str, ...]  # matmul-like instructions scheduled between its start and its done
+
+
+def async_overlaps(hlo_text: str, kind: str = "ragged-all-to-all") -> list[Overlap]:
+    """For each asynchronous collective of `kind` in a scheduled module (a compiled program's HLO lists
+    each computation's instructions in their run order), the matmul-like instructions placed between
+    its start and its done: custom calls (Pallas kernels), convolutions, dots and the fusions that hold
+    them. An empty tuple: the transfer hides nothing. A collective of `kind` that is not split into a
+    start and a done (a synchronous one) is listed too, with compute None."""
+    out = []
+    for comp, body in split_computations(hlo_text).items():
+        open_: dict[str, list[str]] = {}
+        for line in body.splitlines():
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            name, op, rest = m.groups()
+            if op == kind:
+                out.append(Overlap(comp, name, None))
+            elif op == kind + "-start":
+                open_[name] = []
+            elif op == kind + "-done":
+                start = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
+                if start in open_:
+                    out.append(Overlap(comp, start, tuple(open_.pop(start))))
+            elif op in ("custom-call", "convolution", "dot") or (op == "fusion" and "kind=kOutput" in rest):
+                for names in open_.values():
+                    names.append(name)
+    return out
+
+
 def trip_counts(comps: dict[str, str]) -> dict[str, int]:
     """Computation name -> how many times it runs per step: while bodies run their trip count (the
     s32 constant their condition compares against), called computations inherit their caller's."""

@@ -18,9 +18,10 @@ Dropless both ways: no row is ever dropped, and no buffer is sized for the worst
 go through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
 passes: each device receives at most `capacity` rows per pass (`receive_capacity`: 1.25 x the mean
 load by default, whatever the EP width), filled sender by sender in rank order from the rows still
-waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the passes run in a
-`while_loop` until no device has rows left (`_exchange`). A routing that fits the capacity costs one
-pass. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
+waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the passes run two
+per iteration of a `while_loop` (each with half the capacity: the rows of one travel while the experts
+run on the other's, given an asynchronous all-to-all, `sharding.mesh.compiler_options`) until no device
+has rows left (`_exchange`). A routing that fits the capacity costs one iteration. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
 rows are sent); XLA:CPU has no ragged all-to-all, so there the same exchange goes through
 `all_to_all` of fixed-size per-destination blocks. The gather dispatch has no worst-case buffer
 either: its local rows, sorted by expert, go through the grouped SwiGLU in windows of `window` rows
@@ -43,6 +44,7 @@ from pallas_kernels.moe_dispatch_reference import unpermute_combine
 from sharding.rules import AxisRules, ShardingError
 
 CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
+PIPELINED_PASSES = 2  # passes per loop iteration, each with 1/2 the capacity: one's exchange overlaps the other's experts
 GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] in xs.dtype
 
 
@@ -117,7 +119,10 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
                                  ).reshape(rounds, nc, k)
             wc = jnp.pad(weights, ((0, pad), (0, 0))).reshape(rounds, nc, k)  # padded rows weigh 0
 
-            capacity = receive_capacity(nc * k, ep, capacity_factor)
+            # the factor's rows in PIPELINED_PASSES passes, so that XLA can send one pass's rows while
+            # the experts run on another's (0: the worst case in one pass)
+            pipelined = PIPELINED_PASSES if capacity_factor > 0 else 1
+            capacity = receive_capacity(nc * k, ep, capacity_factor / pipelined)
             # the expert weights typed as varying like the rows, so each device's weight gradient is its
             # own and the cast's transpose sums them over the axes the weights are replicated on (once
             # per layer, outside the rounds: the rounds' residuals are the rows only)
@@ -127,7 +132,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             def one_round(_, args):
                 xr, er, wr = args
                 y_sorted, order = _exchange(xr, er.reshape(-1), wr.reshape(-1), *ew, ffn, ep_axes,
-                                            tuple(mesh.axis_names), ep, E_loc, ragged, capacity)
+                                            tuple(mesh.axis_names), ep, E_loc, ragged, capacity, pipelined)
                 return None, unpermute_combine(y_sorted, order, nc, k)  # each token's k rows summed in fp32
 
             _, out = jax.lax.scan(one_round, None, (xc, ec, wc))
@@ -242,7 +247,7 @@ def receive_capacity(rows: int, ep: int, factor: float) -> int:
 
 
 def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc: int, ragged: bool,
-              capacity: int):
+              capacity: int, pipelined: int = 1):
     """All-to-all dispatch of this device's rows to their experts' devices and back, in passes of at
     most `capacity` received rows per device. Returns (outputs of the sorted rows [n*k, d] in x.dtype,
     the sort order of the rows).
@@ -250,13 +255,15 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     Each pass, every receiver fills its `capacity` slots from the rows its senders still hold, sender
     by sender in rank order (a prefix fill: a receiver with r rows left takes min(r, capacity) of
     them), runs its local experts on them and sends the results back. So a receiver routed R rows in
-    all is done after ceil(R / capacity) passes, and the passes run in a `while_loop` until the most
-    any device needs (a mesh-wide max, the same on every device): no row is ever dropped, and a
-    routing that fits the capacity costs one pass. The backward pass is a loop of the same passes
-    (`custom_vjp`: the rows' cotangents travel with the rows and the expert weights' gradients
-    accumulate in the loop's carry), so no pass keeps residuals: the residuals are the inputs. The
-    weights come typed as varying like the rows (the caller casts them once). XLA's cost analysis
-    counts one pass. The rows travel in x.dtype both ways (the experts' results come in that dtype,
+    all is done after ceil(R / capacity) passes. The passes run `pipelined` at a time in a `while_loop`
+    until the most any device needs (a mesh-wide max, the same on every device): no row is ever
+    dropped, and a routing that fits `pipelined` x `capacity` rows costs one iteration. Inside an
+    iteration nothing of pass p + 1's exchange waits for pass p's experts, so XLA can send the one
+    while the other computes (an asynchronous all-to-all: `sharding.mesh.compiler_options`). The
+    backward pass is a loop of the same passes (`custom_vjp`: the rows' cotangents travel with the rows
+    and the expert weights' gradients accumulate in the loop's carry), so no pass keeps residuals: the
+    residuals are the inputs. The weights come typed as varying like the rows (the caller casts them
+    once). XLA's cost analysis counts one iteration. The rows travel in x.dtype both ways (the experts' results come in that dtype,
     `grouped_swiglu`; the caller sums a token's rows in fp32), and so do their cotangents."""
     n, d = x.shape
     nk = flat.shape[0]
@@ -318,6 +325,13 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
             return ffn(xr[o2, 0], sizes, w1, w3, w2, wr[o2])[back, None]
         return f
 
+    def passes(body, carry, total):  # `pipelined` passes per loop iteration, while any device has rows
+        def group(carry):
+            for _ in range(pipelined):
+                carry = body(carry)
+            return carry
+        return jax.lax.while_loop(lambda c: c[0] < total, group, carry)
+
     @jax.custom_vjp
     def moved(xs, ws, w1, w3, w2, le, send_sizes, offsets):
         def body(carry):
@@ -328,7 +342,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
 
         out = _varying_like(jnp.zeros((nk, 1, d), xs.dtype), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
         total = n_passes(send_sizes)
-        _, out, _ = jax.lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), out, jnp.zeros_like(send_sizes)))
+        _, out, _ = passes(body, (jnp.int32(0), out, jnp.zeros_like(send_sizes)), total)
         return out
 
     def moved_fwd(*args):
@@ -351,7 +365,7 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
         total = n_passes(send_sizes)
         init = (jnp.int32(0), jnp.zeros_like(send_sizes), zeros(xs, xs.dtype), zeros(ws, ws.dtype),
                 tuple(zeros(w) for w in (w1, w3, w2)))
-        _, _, gx, gw, grads = jax.lax.while_loop(lambda c: c[0] < total, body, init)
+        _, _, gx, gw, grads = passes(body, init, total)
         return (gx.astype(xs.dtype), gw.astype(ws.dtype), *(g.astype(w.dtype) for g, w in zip(grads, (w1, w3, w2))),
                 None, None, None)
 

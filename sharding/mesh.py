@@ -93,3 +93,13 @@ def make_mesh(ici: str | Mapping[str, int] | None = None, dcn: str | Mapping[str
 
 def describe(mesh: Mesh) -> str:
     return ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "single device"
+
+
+def compiler_options(mesh: Mesh | None) -> dict[str, str]:
+    """XLA options the parallel layers want for a program over `mesh`: on TPU, asynchronous ragged
+    all-to-alls, so that the expert-parallel exchange of one pass runs while the experts compute on
+    another (`sharding.expert_parallel`, passes pipelined two per iteration); XLA:TPU runs them
+    synchronously by default. Nothing elsewhere."""
+    if mesh is None or mesh.devices.flat[0].platform != "tpu":
+        return {}
+    return {"xla_tpu_enable_async_ragged_all_to_all": "true"}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.hlo_costs import breakdown, by_function
+from benchmarks.hlo_costs import async_overlaps, breakdown, by_function
 from v4jax.model.layers import Linear
 
 
@@ -213,3 +213,24 @@ ENTRY %main (x: f32[64], w: f32[64,32]) -> (s32[], f32[64], f32[64,32]) {
     vector = {c.source: c.vector_flops for c in rows}
     assert vector["mul"] == 5 * 64 * 32 * 2  # per trip: the multiply's results and the reduce's inputs
     assert sum(vector.values()) == vector["mul"] + 5 + 5  # the counter's add and the condition's compare
+
+
+def test_async_overlaps_lists_the_matmuls_between_a_collective_start_and_its_done():
+    hlo = """HloModule m, is_scheduled=true
+
+ENTRY %main (a: bf16[8,1,128], w: bf16[128,128]) -> bf16[8,1,128] {
+  %a = bf16[8,1,128]{2,1,0} parameter(0)
+  %w = bf16[128,128]{1,0} parameter(1)
+  %z = bf16[8,1,128]{2,1,0} broadcast(bf16[] constant(0)), dimensions={}
+  %s = s32[2]{0} constant({4, 4})
+  %ragged-all-to-all-start = ((bf16[8,1,128]{2,1,0}, bf16[8,1,128]{2,1,0}), bf16[8,1,128]{2,1,0}) ragged-all-to-all-start(%a, %z, %s, %s, %s, %s), replica_groups={{0,1}}
+  %x = bf16[8,128]{1,0} bitcast(%a)
+  %gmm = bf16[8,128]{1,0} custom-call(%x, %w), custom_call_target="tpu_custom_call"
+  %ragged-all-to-all-done = bf16[8,1,128]{2,1,0} ragged-all-to-all-done(%ragged-all-to-all-start)
+  %ragged_all_to_all.1 = bf16[8,1,128]{2,1,0} ragged-all-to-all(%ragged-all-to-all-done, %z, %s, %s, %s, %s), replica_groups={{0,1}}
+  ROOT %r = bf16[8,1,128]{2,1,0} add(%ragged_all_to_all.1, %ragged-all-to-all-done)
+}
+"""
+    got = async_overlaps(hlo)
+    assert [(o.collective, o.compute) for o in got] == [("ragged-all-to-all-start", ("gmm",)),
+                                                         ("ragged_all_to_all.1", None)]

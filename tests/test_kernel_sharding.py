@@ -16,11 +16,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from benchmarks.hlo_costs import async_overlaps
 from pallas_kernels.lightning_indexer import select_topk, select_topk_reference
 from pallas_kernels.moe_dispatch import grouped_swiglu
+from sharding import expert_parallel
 from sharding.context import use_mesh_rules
 from sharding.kernels import SPARSE_ATTENTION, by_platform, pallas_kernel, run_kernel
-from sharding.mesh import make_mesh
+from sharding.mesh import compiler_options, make_mesh
 from sharding.partition import shard_module, state_shardings
 from sharding.rules import get_rules
 from v4jax import Transformer, V4Config
@@ -288,6 +290,39 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, w, ids).compile().as_text()
     assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo
     assert ("ragged-all-to-all" in hlo) == (gather_tokens == 0)
+
+
+def test_the_exchange_overlaps_its_all_to_alls_with_the_experts_given_the_mesh_compiler_options(monkeypatch):
+    # Two passes per loop iteration (expert_parallel.PIPELINED_PASSES): one pass's rows travel while
+    # the grouped matmul runs on the other's, once XLA:TPU makes the ragged all-to-all asynchronous
+    # (sharding.mesh.compiler_options); by default it runs every one synchronously
+    mesh, rules = _tpu_mesh("fsdp=2,expert=2"), get_rules("fsdp_ep")
+    cfg = V4Config.preset("tiny", n_mtp_layers=0)
+    options = RunOptions(moe_impl="pallas", moe_gather_tokens=0)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                          state_shardings(params, mesh, rules))
+    T, k = 256, cfg.n_activated_experts
+    x = jax.ShapeDtypeStruct((4, T, cfg.dim), jnp.bfloat16, sharding=NamedSharding(
+        mesh, rules.spec(("batch", None, None), (4, T, cfg.dim), mesh)))
+    ids, w = jax.ShapeDtypeStruct((4 * T, k), jnp.int32), jax.ShapeDtypeStruct((4 * T, k), jnp.float32)
+
+    def loss(params, x, w, ids):
+        return jnp.sum(nnx.merge(graphdef, params)(x, Routing(w, ids, None)))
+
+    def overlaps(opts):
+        with use_mesh_rules(mesh, rules):
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts).lower(params, x, w, ids).compile().as_text()
+        return async_overlaps(hlo)
+
+    assert compiler_options(mesh) == {"xla_tpu_enable_async_ragged_all_to_all": "true"}
+    assert compiler_options(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1])) == {} == compiler_options(None)
+    default, tuned = overlaps({}), overlaps(compiler_options(mesh))
+    assert default and all(o.compute is None for o in default)  # synchronous
+    hidden = lambda found: sum(any("gmm" in c for c in o.compute or ()) for o in found)  # noqa: E731
+    assert len(tuned) == len(default) and hidden(tuned) > 0
+    monkeypatch.setattr(expert_parallel, "PIPELINED_PASSES", 1)  # one pass per iteration: less to overlap
+    assert hidden(overlaps(compiler_options(mesh))) < hidden(tuned)
 
 
 def test_tpu_expert_parallel_gradients_reduce_over_the_same_axes_as_the_tested_cpu_path():

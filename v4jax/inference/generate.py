@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from sharding.context import constrain, use_mesh_rules
+from sharding.mesh import compiler_options
 from sharding.partition import shard_module
 from v4jax.model.cache import Cache, cache_rows, cache_shardings, init_cache, put_cache_rows, reset_rows
 
@@ -237,7 +238,7 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
                              else jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), o)
                              for i, o in enumerate(out))
 
-        return jax.jit(placed, donate_argnums=1)
+        return jax.jit(placed, donate_argnums=1, compiler_options=compiler_options(mesh))
 
     return GenerationSteps(jit(_prefill, per_row=(1,)), jit(_step, per_row=(1,)), jit(_prefill_slot), jit(_serve_step),
                            jit(_mtp_prefill), jit(_spec_step, per_row=(3,)))

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.context import use_mesh_rules
+from sharding.mesh import compiler_options
 from sharding.partition import data_sharding, state_shardings
 from v4jax.train import losses
 from v4jax.config import AttentionKind, RouterKind, V4Config, stage_units
@@ -253,5 +254,5 @@ def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | Non
 
     # metrics (scalars and [L, E] loads) replicated: every process can read them
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=compiler_options(mesh))
     return StepProgram(tc, setup, shardings, state, batch, hyper, jitted, init)
