@@ -10,7 +10,9 @@ contracted elements, elementwise arithmetic one "vector" FLOP per result element
 input element (kept apart: a matrix-vector product, which XLA rewrites as a multiply and a reduce, is
 vector work, as is most of a decode step's), each custom call (a Pallas kernel) the FLOPs of its cost
 estimate when it carries one, and each top-level instruction (a fusion, a copy, a collective...) the bytes of its
-operands and result: roughly the HBM traffic, since fusions keep their insides on chip. Each cost
+operands and result: roughly the HBM traffic, since fusions keep their insides on chip (an async start as its
+synchronous form: its tuple's copies of the operands are aliases; a ragged all-to-all twice the smaller of its
+input and its output buffer, which it updates in place). Each cost
 goes to the innermost stack frame in this repository (the line of v4jax/, sharding/ or
 pallas_kernels/ that traced the op), so a step's excess over the model's FLOPs, or its HBM traffic,
 reads as a list of source lines (docs/sharding.md, Dry runs; `python -m benchmarks.dryrun --breakdown N`).
@@ -56,7 +58,9 @@ def collective_bytes(hlo_text: str) -> float:
     for name, body in comps.items():
         mult = trips.get(name, 1)
         for m in _COLLECTIVE.finditer(body):
-            if m.group(3):  # async start: its tuple holds the operand and the result; count the result
+            if m.group(3) and m.group(2) == "ragged-all-to-all":  # ((operands...), result): the result
+                total += mult * _shape_bytes(m.group(1)[m.group(1).index(")") + 1:])
+            elif m.group(3):  # async start: its tuple holds the operand and the result; count the result
                 total += mult * max((_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))), default=0)
             else:
                 total += mult * _shape_bytes(m.group(1))
@@ -310,6 +314,12 @@ def _traffic(opcode: str, type_text: str, call: str, shapes: dict[str, str], par
     ops = _operands(call)
     sizes = [_shape_bytes(shapes.get(o, "")) for o in ops]
     out = _shape_bytes(type_text)
+    if opcode in ("ragged-all-to-all", "ragged-all-to-all-start") and len(sizes) > 2:
+        # rows read from the input and written into the output buffer (updated in place, not read): at
+        # most the smaller of the two buffers each way (the counts travel beside them)
+        return 2 * min(sizes[0], sizes[1]) + sum(sizes[2:])
+    if opcode.endswith("-start") and type_text.startswith("(") and out > sum(sizes):
+        out -= sum(sizes)  # an async start's tuple holds its operands (aliases) beside its result: as the sync op
     if opcode == "dynamic-slice":
         return 2 * out
     if opcode == "dynamic-update-slice" and len(sizes) > 1:

@@ -234,3 +234,24 @@ ENTRY %main (a: bf16[8,1,128], w: bf16[128,128]) -> bf16[8,1,128] {
     got = async_overlaps(hlo)
     assert [(o.collective, o.compute) for o in got] == [("ragged-all-to-all-start", ("gmm",)),
                                                          ("ragged_all_to_all.1", None)]
+
+
+def test_an_async_start_costs_what_its_sync_form_costs_and_a_ragged_all_to_all_moves_the_smaller_buffer():
+    def hlo(op: str, result: str) -> str:
+        return f"""HloModule m, is_scheduled=true
+
+ENTRY %main (a: bf16[64,1,128], b: bf16[16,1,128], s: s32[4]) -> bf16[16,1,128] {{
+  %a = bf16[64,1,128]{{2,1,0}} parameter(0)
+  %b = bf16[16,1,128]{{2,1,0}} parameter(1)
+  %s = s32[4]{{0}} parameter(2)
+  %r = {result} {op}(%a, %b, %s, %s, %s, %s), replica_groups={{{{0,1,2,3}}}}
+  ROOT %d = bf16[16,1,128]{{2,1,0}} {"ragged-all-to-all-done(%r)" if op.endswith("start") else "copy(%r)"}
+}}
+"""
+    rows = 16 * 128 * 2  # the output buffer: 16 rows received, each read from the 64-row input
+    sync = sum(c.bytes for c in breakdown(hlo("ragged-all-to-all", "bf16[16,1,128]{2,1,0}")))
+    start = sum(c.bytes for c in breakdown(hlo(
+        "ragged-all-to-all-start", "((bf16[64,1,128]{2,1,0}, bf16[16,1,128]{2,1,0}, s32[4]{0}, s32[4]{0}, "
+        "s32[4]{0}, s32[4]{0}), bf16[16,1,128]{2,1,0})")))
+    assert start == sync - 2 * rows  # the sync form's copy of its result: 2 x rows; the start's done is free
+    assert sync - 2 * rows == 2 * rows + 4 * 16
