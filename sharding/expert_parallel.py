@@ -14,21 +14,21 @@ sequence axes) and E/ep experts. Two dispatches, chosen by how many tokens the e
   its local experts on the rows routed to them, and the partial outputs are summed over the expert
   axes (a reduce-scatter back to the tokens' devices, or a psum when they were replicated).
 
-Dropless both ways: no row is ever dropped, and no buffer is sized for the worst case. The tokens
-go through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
-passes: each device receives at most `capacity` rows per pass (`receive_capacity`: 1.25 x the mean
-load by default, whatever the EP width), filled sender by sender in rank order from the rows still
-waiting for it, so a device routed R rows is done after ceil(R / capacity) passes; the passes run two
-per iteration of a `while_loop` (each with half the capacity: the rows of one travel while the experts
-run on the other's, given an asynchronous all-to-all, `sharding.mesh.compiler_options`) until no device
-has rows left (`_exchange`). A routing that fits the capacity costs one iteration. On TPU/GPU the rows travel with `ragged_all_to_all` (only real
-rows are sent); XLA:CPU has no ragged all-to-all, so there the same exchange goes through
-`all_to_all` of fixed-size per-destination blocks. The gather dispatch has no worst-case buffer
-either: its local rows, sorted by expert, go through the grouped SwiGLU in windows of `window` rows
-(about 1.25 x the mean load N x k / ep), in a `while_loop` of as many windows as the device's rows
-fill (`_local_experts`). The local grouped matmul only computes the real rows' groups (rows past the last
-group give zeros). Tensor parallelism inside an expert (the `expert_mlp` columns over axes that do not
-split the tokens) adds one psum of the combined output.
+Dropless both ways: no row is ever dropped, and no buffer is sized for the worst case. The tokens go
+through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
+passes: each device receives at most `capacity` rows per pass (`receive_capacity`: 1.25 x the mean load
+by default, whatever the EP width), filled sender by sender in rank order from the rows still waiting
+for it, so a device routed R rows is done after ceil(R / capacity) passes; the passes run two per
+iteration of a `while_loop` (each with half the capacity: the rows of one travel while the experts run
+on the other's, given an asynchronous all-to-all, `sharding.mesh.compiler_options`) until no device has
+rows left (`_exchange`). A routing that fits the capacity costs one iteration. On TPU/GPU the rows
+travel with `ragged_all_to_all` (only real rows are sent); XLA:CPU has no ragged all-to-all, so there
+the same exchange goes through `all_to_all` of fixed-size per-destination blocks. The gather dispatch
+has no worst-case buffer either: its local rows, sorted by expert, go through the grouped SwiGLU in
+windows of `window` rows (about 1.25 x the mean load N x k / ep), in a `while_loop` of as many windows
+as the device's rows fill (`_local_experts`). The local grouped matmul only computes the real rows'
+groups (rows past the last group give zeros). Tensor parallelism inside an expert (the `expert_mlp`
+columns over axes that do not split the tokens) adds one psum of the combined output.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pallas_kernels.moe_dispatch_reference import unpermute_combine
 from sharding.rules import AxisRules, ShardingError
 
 CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
-PIPELINED_PASSES = 2  # passes per loop iteration, each with 1/2 the capacity: one's exchange overlaps the other's experts
+PIPELINED_PASSES = 2  # passes per loop iteration, each with 1/2 the capacity: one's exchange, the other's experts
 GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] in xs.dtype
 
 
@@ -221,7 +221,8 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
             grads = tuple(a + b.astype(jnp.float32) for a, b in zip(grads, dws))
             return i + 1, gx.at[rows // k].add(dx.astype(jnp.float32)), gr.at[rows].add(dr.astype(jnp.float32)), grads
 
-        init = (jnp.int32(0), zeros(x.shape, x), zeros(row_w.shape, row_w), tuple(zeros(w.shape, w) for w in (w1, w3, w2)))
+        init = (jnp.int32(0), zeros(x.shape, x), zeros(row_w.shape, row_w),
+                tuple(zeros(w.shape, w) for w in (w1, w3, w2)))
         _, gx, gr, grads = jax.lax.while_loop(more(ends), body, init)
         return (gx.astype(x.dtype), gr.astype(row_w.dtype), *(a.astype(w.dtype) for a, w in zip(grads, (w1, w3, w2))),
                 None, None, None)
@@ -263,8 +264,9 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     backward pass is a loop of the same passes (`custom_vjp`: the rows' cotangents travel with the rows
     and the expert weights' gradients accumulate in the loop's carry), so no pass keeps residuals: the
     residuals are the inputs. The weights come typed as varying like the rows (the caller casts them
-    once). XLA's cost analysis counts one iteration. The rows travel in x.dtype both ways (the experts' results come in that dtype,
-    `grouped_swiglu`; the caller sums a token's rows in fp32), and so do their cotangents."""
+    once). XLA's cost analysis counts one iteration. The rows travel in x.dtype both ways (the experts'
+    results come in that dtype, `grouped_swiglu`; the caller sums a token's rows in fp32), and so do
+    their cotangents."""
     n, d = x.shape
     nk = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # by expert = by destination, then local expert
