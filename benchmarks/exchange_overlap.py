@@ -23,37 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
 
     from benchmarks.dryrun import tpu_devices
     from benchmarks.hlo_costs import async_overlaps
+    from benchmarks.moe_capacity import expert_layer_grad
     from sharding import expert_parallel
     from sharding.context import use_mesh_rules
     from sharding.mesh import compiler_options, make_mesh
-    from sharding.partition import state_shardings
     from sharding.rules import get_rules
     from v4jax.config import RunOptions, V4Config
-    from v4jax.model.moe import Experts, Routing
 
     cfg = V4Config.preset("v4-flash")
     rules = get_rules("fsdp_ep")
     mesh = make_mesh(a.mesh, devices=tpu_devices(a.topology, 1))
     options = RunOptions(dtype="bfloat16", param_dtype="float32", moe_impl="pallas", moe_gather_tokens=0,
                          moe_dispatch_chunk=a.tokens, moe_capacity_factor=a.capacity_factor)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
-    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params,
-                          state_shardings(params, mesh, rules))
-    B, k = mesh.devices.size, cfg.n_activated_experts
-    tok = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(  # noqa: E731
-        mesh, rules.spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh)))
-    x = tok((B, a.tokens, cfg.dim), jnp.bfloat16)
-    ids, w = tok((B * a.tokens, k), jnp.int32), tok((B * a.tokens, k), jnp.float32)
-
-    def loss(params, x, w, ids):
-        y = nnx.merge(graphdef, params)(x, Routing(w, ids, None))
-        return jnp.sum(y * y)
 
     print(f"v4-flash routed experts, forward + backward, {a.topology}, mesh {a.mesh}, {a.tokens} tokens per device, "
           f"Pallas gmm, capacity factor {a.capacity_factor}\n")
@@ -64,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         for pipelined in sorted({1, default}):
             expert_parallel.PIPELINED_PASSES = pipelined
             for opts in ({}, compiler_options(mesh)):
+                grad, args = expert_layer_grad(cfg, mesh, rules, options, a.tokens)  # a fresh function: traced anew
                 with use_mesh_rules(mesh, rules):
-                    hlo = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts).lower(
-                        params, x, w, ids).compile().as_text()
+                    hlo = jax.jit(grad, compiler_options=opts).lower(*args).compile().as_text()
                 found = async_overlaps(hlo)
                 print(f"| {pipelined} | {', '.join(f'{k}={v}' for k, v in opts.items()) or 'none'} | {len(found)} | "
                       f"{sum(o.compute is not None for o in found)} | {sum(bool(o.compute) for o in found)} |", flush=True)

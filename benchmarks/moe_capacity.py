@@ -16,6 +16,34 @@ import argparse
 import sys
 
 
+def expert_layer_grad(cfg, mesh, rules, options, tokens: int):
+    """The gradient (parameters, activations) of one routed-expert layer's sum-of-squares loss over
+    `mesh`, with abstract arguments sharded by `rules`: one row of `tokens` tokens per device (to
+    `lower(*args).compile()` for a TPU topology). -> (fn, args)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from sharding.partition import state_shardings
+    from v4jax.model.moe import Experts, Routing
+
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
+    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params,
+                          state_shardings(params, mesh, rules))
+    B, k = mesh.devices.size, cfg.n_activated_experts
+    tok = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(  # noqa: E731
+        mesh, rules.spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh)))
+    x = tok((B, tokens, cfg.dim), jnp.bfloat16)
+    ids, w = tok((B * tokens, k), jnp.int32), tok((B * tokens, k), jnp.float32)
+
+    def loss(params, x, w, ids):
+        y = nnx.merge(graphdef, params)(x, Routing(w, ids, None))
+        return jnp.sum(y * y)
+
+    return jax.grad(loss, argnums=(0, 1)), (params, x, w, ids)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.moe_capacity", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="v5p:4x4x4")
@@ -25,17 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meshes", default="fsdp=8,expert=8;expert=64")
     a = p.parse_args(argv)
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
 
     from benchmarks.dryrun import tpu_devices
     from sharding.context import use_mesh_rules
     from sharding.mesh import make_mesh
-    from sharding.partition import state_shardings
     from sharding.rules import get_rules
     from v4jax.config import RunOptions, V4Config
-    from v4jax.model.moe import Experts, Routing
 
     cfg = V4Config.preset("v4-flash")
     devices = tpu_devices(a.topology, 1)
@@ -47,26 +70,12 @@ def main(argv: list[str] | None = None) -> int:
           "HBM bytes accessed |\n|---|---|---|---|---|---|---|")
     for mesh_spec in a.meshes.split(";"):
         mesh = make_mesh(mesh_spec, devices=devices)
-        n_dev = len(devices)
         for factor in (0.0, 1.25):
             options = RunOptions(dtype="bfloat16", param_dtype="float32", moe_impl=a.impl, moe_gather_tokens=0,
                                  moe_dispatch_chunk=a.chunk, moe_capacity_factor=factor)
-            graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)),
-                                         nnx.Param)
-            params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params,
-                                  state_shardings(params, mesh, rules))
-            B = n_dev  # one row of `tokens` per device
-            tok = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(  # noqa: E731
-                mesh, rules.spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh)))
-            x = tok((B, a.tokens, d), jnp.bfloat16)
-            ids, w = tok((B * a.tokens, k), jnp.int32), tok((B * a.tokens, k), jnp.float32)
-
-            def loss(params, x, w, ids):
-                y = nnx.merge(graphdef, params)(x, Routing(w, ids, None))
-                return jnp.sum(y * y)
-
+            grad, args = expert_layer_grad(cfg, mesh, rules, options, a.tokens)
             with use_mesh_rules(mesh, rules):
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, w, ids).compile()
+                compiled = jax.jit(grad).lower(*args).compile()
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             mem = compiled.memory_analysis()

@@ -266,6 +266,24 @@ def test_mosaic_compiles_the_sharded_attention_kernel_forward_and_backward(mode)
     assert "tpu_custom_call" in hlo  # Mosaic kernels, not the interpreter
 
 
+def _tiny_experts_loss(mesh, rules, options, batch: int, T: int, dtype):
+    """The tiny preset's routed experts over `mesh` as a loss of (params, x [batch, T, d], weights, ids),
+    with abstract arguments (params and x sharded by `rules`) to lower for a TPU topology."""
+    cfg = V4Config.preset("tiny", n_mtp_layers=0)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                          state_shardings(params, mesh, rules))
+    k = cfg.n_activated_experts
+    x = jax.ShapeDtypeStruct((batch, T, cfg.dim), dtype, sharding=NamedSharding(
+        mesh, rules.spec(("batch", None, None), (batch, T, cfg.dim), mesh)))
+    ids, w = jax.ShapeDtypeStruct((batch * T, k), jnp.int32), jax.ShapeDtypeStruct((batch * T, k), jnp.float32)
+
+    def loss(params, x, w, ids):
+        return jnp.sum(nnx.merge(graphdef, params)(x, Routing(w, ids, None)))
+
+    return loss, (params, x, w, ids)
+
+
 @pytest.mark.parametrize("mesh_spec,batch,gather_tokens", [("fsdp=2,expert=2", 4, 0), ("expert=4", 1, 1024),
                                                            ("fsdp=2,expert=2", 4, 1024)],
                          ids=["tokens_exchanged", "tokens_replicated", "tokens_gathered"])
@@ -273,21 +291,10 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
     # The typed (check_vma) shard_map of TPU: received rows and weights must be typed varying for the
     # gmm's custom VJP (this failed to trace before the ragged all-to-all buffers were typed varying)
     mesh, rules = _tpu_mesh(mesh_spec), get_rules("fsdp_ep")
-    cfg = V4Config.preset("tiny", n_mtp_layers=0)
-    options = RunOptions(moe_impl="pallas", moe_gather_tokens=gather_tokens)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
-                          state_shardings(params, mesh, rules))
-    T, k = 64, cfg.n_activated_experts
-    x = jax.ShapeDtypeStruct((batch, T, cfg.dim), jnp.float32, sharding=NamedSharding(
-        mesh, rules.spec(("batch", None, None), (batch, T, cfg.dim), mesh)))
-    ids, w = jax.ShapeDtypeStruct((batch * T, k), jnp.int32), jax.ShapeDtypeStruct((batch * T, k), jnp.float32)
-
-    def loss(params, x, w, ids):
-        return jnp.sum(nnx.merge(graphdef, params)(x, Routing(w, ids, None)))
-
+    loss, args = _tiny_experts_loss(mesh, rules, RunOptions(moe_impl="pallas", moe_gather_tokens=gather_tokens),
+                                    batch, 64, jnp.float32)
     with use_mesh_rules(mesh, rules):
-        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, x, w, ids).compile().as_text()
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
     assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo
     assert ("ragged-all-to-all" in hlo) == (gather_tokens == 0)
 
@@ -297,22 +304,12 @@ def test_the_exchange_overlaps_its_all_to_alls_with_the_experts_given_the_mesh_c
     # the grouped matmul runs on the other's, once XLA:TPU makes the ragged all-to-all asynchronous
     # (sharding.mesh.compiler_options); by default it runs every one synchronously
     mesh, rules = _tpu_mesh("fsdp=2,expert=2"), get_rules("fsdp_ep")
-    cfg = V4Config.preset("tiny", n_mtp_layers=0)
-    options = RunOptions(moe_impl="pallas", moe_gather_tokens=0)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Experts(cfg, rngs=nnx.Rngs(0), options=options)), nnx.Param)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
-                          state_shardings(params, mesh, rules))
-    T, k = 256, cfg.n_activated_experts
-    x = jax.ShapeDtypeStruct((4, T, cfg.dim), jnp.bfloat16, sharding=NamedSharding(
-        mesh, rules.spec(("batch", None, None), (4, T, cfg.dim), mesh)))
-    ids, w = jax.ShapeDtypeStruct((4 * T, k), jnp.int32), jax.ShapeDtypeStruct((4 * T, k), jnp.float32)
 
-    def loss(params, x, w, ids):
-        return jnp.sum(nnx.merge(graphdef, params)(x, Routing(w, ids, None)))
-
-    def overlaps(opts):
+    def overlaps(opts):  # the layer built anew, so each setting of PIPELINED_PASSES is traced anew
+        loss, args = _tiny_experts_loss(mesh, rules, RunOptions(moe_impl="pallas", moe_gather_tokens=0), 4, 256,
+                                        jnp.bfloat16)
         with use_mesh_rules(mesh, rules):
-            hlo = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts).lower(params, x, w, ids).compile().as_text()
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts).lower(*args).compile().as_text()
         return async_overlaps(hlo)
 
     assert compiler_options(mesh) == {"xla_tpu_enable_async_ragged_all_to_all": "true"}
