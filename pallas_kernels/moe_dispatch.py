@@ -215,8 +215,20 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _gmm_call(lhs, rhs, group_sizes, interpret, *, out_dtype, tiling, transpose_rhs: bool):
-    """lhs [M, C] x rhs [E, C, O] (or [E, O, C] with transpose_rhs) -> [M, O] out_dtype."""
+def _cost_rows(m_pad: int, tm: int, bounds: int, expected_rows: int | None) -> tuple[int, int]:
+    """(rows, boundary visits) a kernel's cost estimate counts: the row tiles of the rows it expects to
+    be real (all m_pad when not told), and `bounds` more tile visits (one per group boundary inside a
+    tile) unless it expects none. At run time a kernel visits only the tiles real rows fill, which a
+    static estimate cannot know; `expected_rows` is the caller's expectation (the expert-parallel
+    exchange: what a routing at the mean load puts in this buffer)."""
+    rows = m_pad if expected_rows is None else min(m_pad, _round_up(expected_rows, tm))
+    return rows, bounds if rows else 0
+
+
+def _gmm_call(lhs, rhs, group_sizes, interpret, *, out_dtype, tiling, transpose_rhs: bool,
+              expected_rows: int | None = None):
+    """lhs [M, C] x rhs [E, C, O] (or [E, O, C] with transpose_rhs) -> [M, O] out_dtype. The cost
+    estimate counts `expected_rows` rows (`_cost_rows`)."""
     M, C = lhs.shape
     E = rhs.shape[0]
     O = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -249,11 +261,13 @@ def _gmm_call(lhs, rhs, group_sizes, interpret, *, out_dtype, tiling, transpose_
     rhs_block = (1, tn, tk) if transpose_rhs else (1, tk, tn)
     item, out_item = lhs.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     block_bytes = tm * tk * item + tk * tn * item + tm * tn * out_item
-    weight_reads = E if nk == 1 else n_visits  # whole-contraction blocks are reused across a group's visits
+    rows, bounds = _cost_rows(m_pad, tm, min(E, n_visits), expected_rows)
+    # whole-contraction blocks are reused across a group's visits
+    weight_reads = E if nk == 1 else min(n_visits, rows // tm + bounds)
     cost = pl.CostEstimate(
-        flops=2 * (m_pad + min(E, n_visits) * tm) * c_pad * o_pad,
+        flops=2 * (rows + bounds * tm) * c_pad * o_pad,
         transcendentals=0,
-        bytes_accessed=m_pad * c_pad * item * nn + weight_reads * c_pad * o_pad * item + m_pad * o_pad * out_item)
+        bytes_accessed=rows * c_pad * item * nn + weight_reads * c_pad * o_pad * item + rows * o_pad * out_item)
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, nk=nk, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype)),
         out_shape=_out_struct((m_pad, o_pad), out_dtype, lhs, rhs, *visits),
@@ -302,8 +316,9 @@ def _tgmm_kernel(offsets, group, tile, fetch_tile, fetch_group, work, count, lhs
         out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
-    """sum over the rows of each group of lhs[r]^T dout[r]: [M, K] x [M, N] -> [E, K, N] out_dtype."""
+def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling, expected_rows: int | None = None):
+    """sum over the rows of each group of lhs[r]^T dout[r]: [M, K] x [M, N] -> [E, K, N] out_dtype. The
+    cost estimate counts `expected_rows` rows (`_cost_rows`)."""
     M, K = lhs.shape
     N = dout.shape[1]
     E = group_sizes.shape[0]
@@ -330,10 +345,11 @@ def _tgmm_call(lhs, dout, group_sizes, interpret, *, out_dtype, tiling):
 
     item, out_item = lhs.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     block_bytes = tm * tk * item + tm * tn * dout.dtype.itemsize + tk * tn * out_item
+    rows, bounds = _cost_rows(m_pad, tm, min(E, n_visits), expected_rows)
     cost = pl.CostEstimate(
-        flops=2 * (m_pad + min(E, n_visits) * tm) * k_pad * n_pad,
+        flops=2 * (rows + bounds * tm) * k_pad * n_pad,
         transcendentals=0,
-        bytes_accessed=(m_pad * k_pad * item * nn + m_pad * n_pad * dout.dtype.itemsize * nk
+        bytes_accessed=(rows * k_pad * item * nn + rows * n_pad * dout.dtype.itemsize * nk
                         + E * k_pad * n_pad * out_item))
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, precision=_precision(lhs.dtype)),
@@ -417,6 +433,12 @@ def _vary_together(*operands):
                  if axes - _varying_axes(x) else x for x in operands)
 
 
+def _check_expected(expected_rows):
+    if expected_rows is not None and (not isinstance(expected_rows, (int, np.integer)) or expected_rows < 0):
+        raise ValueError(f"expected_rows must be a non-negative Python int or None, got {expected_rows!r}")
+    return None if expected_rows is None else int(expected_rows)
+
+
 def _check_sizes(group_sizes, E: int):
     if group_sizes.ndim != 1 or group_sizes.shape[0] != E:
         raise ValueError(f"group_sizes must have shape [{E}] (one size per group), got {group_sizes.shape}")
@@ -424,23 +446,25 @@ def _check_sizes(group_sizes, E: int):
         raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
-    return _run(functools.partial(_gmm_call, out_dtype=out_dtype, tiling=tiling, transpose_rhs=False),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret, expected_rows):
+    return _run(functools.partial(_gmm_call, out_dtype=out_dtype, tiling=tiling, transpose_rhs=False,
+                                  expected_rows=expected_rows),
                 functools.partial(_xla_gmm, out_dtype=out_dtype, transpose_rhs=False), interpret, lhs, rhs, group_sizes)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret):
-    return _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret), (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tiling, interpret, expected_rows):
+    return _gmm(lhs, rhs, group_sizes, out_dtype, tiling, interpret, expected_rows), (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(out_dtype, tiling, interpret, residuals, dout):
+def _gmm_bwd(out_dtype, tiling, interpret, expected_rows, residuals, dout):
     # Cotangents come in out_dtype; the matmuls run in the operands' dtype with fp32 accumulation.
     lhs, rhs, group_sizes = residuals
     dout = dout.astype(lhs.dtype)
-    dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True),
+    dlhs = _run(functools.partial(_gmm_call, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True,
+                                  expected_rows=expected_rows),
                 functools.partial(_xla_gmm, out_dtype=lhs.dtype, transpose_rhs=True), interpret, dout, rhs, group_sizes)
-    drhs = _run(functools.partial(_tgmm_call, out_dtype=rhs.dtype, tiling=tiling),
+    drhs = _run(functools.partial(_tgmm_call, out_dtype=rhs.dtype, tiling=tiling, expected_rows=expected_rows),
                 functools.partial(_xla_tgmm, out_dtype=rhs.dtype), interpret, lhs, dout, group_sizes)
     return dlhs, drhs, None
 
@@ -449,7 +473,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
-        tiling: Tiling | None = None, interpret: bool | None = None) -> jax.Array:
+        tiling: Tiling | None = None, interpret: bool | None = None, expected_rows: int | None = None) -> jax.Array:
     """Grouped matmul: lhs [M, K] rows sorted by group, rhs [E, K, N], group_sizes [E] -> [M, N].
 
     Row r of group e (the rows [sum(sizes[:e]), sum(sizes[:e+1]))) gets lhs[r] @ rhs[e]; rows past
@@ -458,7 +482,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
     preferred_element_type (default lhs.dtype). tiling (tm, tk, tn): rows, contraction and output
     column block sizes (None: `default_tiling`). interpret: None runs the Mosaic kernel when lowered
     for TPU, `jax.lax.ragged_dot` on GPU and Pallas' interpreter elsewhere (CPU tests); True/False
-    force the interpreter / the kernel.
+    force the interpreter / the kernel. expected_rows: how many of the M rows the caller expects to be
+    real, for the kernel's cost estimate only (XLA's cost analysis; the kernel visits only the real
+    rows' tiles whatever it says); None: all M, the most the kernel can do.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"gmm needs lhs [M, K] and rhs [E, K, N], got {lhs.shape} and {rhs.shape}")
@@ -467,15 +493,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
     _check_sizes(group_sizes, rhs.shape[0])
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
     lhs, rhs = _vary_together(lhs, rhs, group_sizes)[:2]
-    return _gmm(lhs, rhs, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret)
+    return _gmm(lhs, rhs, group_sizes, out_dtype, None if tiling is None else _check_tiling(tiling), interpret,
+                _check_expected(expected_rows))
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_element_type=jnp.float32,
-         tiling: Tiling | None = None, interpret: bool | None = None) -> jax.Array:
+         tiling: Tiling | None = None, interpret: bool | None = None, expected_rows: int | None = None) -> jax.Array:
     """Grouped outer product: out[e] = sum over the rows r of group e of lhs[r]^T dout[r].
 
     lhs [M, K], dout [M, N] rows sorted by group, group_sizes [E] -> [E, K, N] (empty groups: zeros;
-    rows past sum(group_sizes) ignored). The weight gradient of `gmm`.
+    rows past sum(group_sizes) ignored). The weight gradient of `gmm`. expected_rows as for `gmm`.
     """
     if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
         raise ValueError(f"tgmm needs lhs [M, K] and dout [M, N] with the same M, got {lhs.shape} and {dout.shape}")
@@ -484,20 +511,23 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, preferred_e
     _check_sizes(group_sizes, group_sizes.shape[0] if group_sizes.ndim == 1 else -1)
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)
     tiling = None if tiling is None else _check_tiling(tiling)
-    return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=tiling),
+    return _run(functools.partial(_tgmm_call, out_dtype=out_dtype, tiling=tiling,
+                                  expected_rows=_check_expected(expected_rows)),
                 functools.partial(_xla_tgmm, out_dtype=out_dtype), interpret, lhs, dout, group_sizes)
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
                    row_weights: jax.Array, limit: float, act_quant: Callable | None = None, *,
-                   interpret: bool | None = None, tiling: Tiling | None = None) -> jax.Array:
+                   interpret: bool | None = None, tiling: Tiling | None = None,
+                   expected_rows: int | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows, on the Pallas grouped matmuls (moe_impl=pallas).
 
     Same signature and function as `moe_dispatch_reference.grouped_swiglu`: xs [M, d] sorted by expert, sizes [E]
     (sum <= M; rows past the sum give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32
     (applied before W2). Returns [M, d] in xs.dtype. The weights are cast to xs.dtype; each kernel
     accumulates in fp32 and stores xs.dtype (`expert_gemm`'s rounding); the SwiGLU clamp runs in fp32
-    between the kernels. act_quant: release numerics, as the twin. interpret and tiling as for `gmm`
+    between the kernels. act_quant: release numerics, as the twin. interpret, tiling and expected_rows
+    (the kernels' cost estimates) as for `gmm`
     (interpret=None: the TPU kernel on TPU, XLA's ragged dot on GPU, the interpreter elsewhere, so
     moe_impl=pallas runs anywhere).
     """
@@ -510,6 +540,6 @@ def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array
     dt = xs.dtype
     # each kernel stores its fp32 accumulator in xs.dtype, the rounding `expert_gemm` asks for
     mm = expert_gemm(lambda a, w: gmm(a, w.astype(dt), sizes, preferred_element_type=dt, tiling=tiling,
-                                      interpret=interpret), act_quant)
+                                      interpret=interpret, expected_rows=expected_rows), act_quant)
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * row_weights[:, None]  # [M, I] fp32
     return mm(h.astype(dt), w2).astype(dt)  # [M, d]

@@ -26,13 +26,15 @@ def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
 
 
 def grouped_swiglu(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   row_weights: jax.Array, limit: float, act_quant: Callable | None = None) -> jax.Array:
+                   row_weights: jax.Array, limit: float, act_quant: Callable | None = None,
+                   expected_rows: int | None = None) -> jax.Array:
     """The routed experts on expert-contiguous rows (reference path, `jax.lax.ragged_dot`).
 
     xs [M, d] sorted by expert, sizes [E] rows per expert (sum <= M; rows past the sum belong to no
     expert and give zeros), w1/w3 [E, d, I], w2 [E, I, d], row_weights [M] fp32 combine weight of each
     row (applied before W2, as the official code does). Returns [M, d] in xs.dtype. Each GEMM's result
     is rounded to xs.dtype (`expert_gemm`); act_quant (release numerics) is applied to its input.
+    expected_rows: the Pallas twin's cost-estimate hint; unused here (XLA costs its own ops).
     """
     dt = xs.dtype
     mm = expert_gemm(lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32),
@@ -51,9 +53,10 @@ def expert_gemm(gemm: Callable, act_quant: Callable | None) -> Callable:
 
 
 def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                          row_weights: jax.Array, limit: float, act_quant: Callable | None = None) -> jax.Array:
+                          row_weights: jax.Array, limit: float, act_quant: Callable | None = None,
+                          expected_rows: int | None = None) -> jax.Array:
     """The same function as `grouped_swiglu` by one masked dense FFN per expert (moe_impl=reference):
-    E times the FLOPs, no ragged op, easy to read and to trust."""
+    E times the FLOPs, no ragged op, easy to read and to trust. expected_rows: unused, as there."""
     dt = xs.dtype
     ends = jnp.cumsum(sizes)
     expert = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right")  # E for rows past the groups

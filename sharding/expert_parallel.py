@@ -45,7 +45,9 @@ from sharding.rules import AxisRules, ShardingError
 
 CAPACITY_FACTOR = 1.25  # all-to-all passes receive this times the mean rows per device
 PIPELINED_PASSES = 2  # passes per loop iteration, each with 1/2 the capacity: one's exchange, the other's experts
-GroupedFFN = Callable[..., jax.Array]  # (xs, sizes, w1, w3, w2, row_weights) -> [M, d] in xs.dtype
+# (xs, sizes, w1, w3, w2, row_weights, expected_rows=) -> [M, d] in xs.dtype; expected_rows: how many of
+# the M rows a routing at the mean load fills, for a kernel's static cost estimate (moe_dispatch.gmm)
+GroupedFFN = Callable[..., jax.Array]
 
 
 def expert_axes(mesh: jax.sharding.Mesh, rules: AxisRules) -> tuple[str, ...]:
@@ -106,7 +108,8 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
                 # summed over the expert axes (the transpose of this cast is a psum)
                 x, weights = (jax.lax.pcast(a, ep_axes, to="varying") for a in (x, weights))
             rows = window or gather_window(group, k, ep)
-            out = _local_experts(x, experts, weights, w1, w3, w2, ffn, rank * E_loc, E_loc, rows)  # [group, d]
+            mean = -(-group * k // ep)  # rows a device holds at the mean load
+            out = _local_experts(x, experts, weights, w1, w3, w2, ffn, rank * E_loc, E_loc, rows, mean)  # [group, d]
             if split_tokens:  # the partial sums of my tokens, summed over the group
                 out = jax.lax.psum_scatter(out, ep_axes, tiled=True)
             reduce = tp_axes + (() if split_tokens else ep_axes)
@@ -156,7 +159,7 @@ def gather_window(tokens: int, k: int, ep: int) -> int:
     return max(8, -(-math.ceil(tokens * k / ep * WINDOW_SLACK) // 8) * 8)
 
 
-def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, window: int):
+def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, window: int, mean: int):
     """This device's experts (ids first .. first + E_loc - 1) on the (token, choice) rows routed to
     them. x [N, d]; experts, weights [N, k]. Returns [N, d] fp32, zero for tokens with no local expert.
 
@@ -166,7 +169,8 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
     The trip count differs per device, so nothing collective runs inside. The backward pass is a loop
     of the same windows (`custom_vjp`: each window's experts recomputed, cotangents gathered and
     scattered by the same rows), so no window keeps residuals. XLA's cost analysis counts one window,
-    as the all-to-all's passes count one pass."""
+    as the all-to-all's passes count one pass, and `ffn` is told to expect the `mean` load's rows in
+    it (at most a window)."""
     N, d = x.shape
     k = experts.shape[-1]
     # One type for every input of the loops: each is cast to varying over the axes any of them varies
@@ -183,6 +187,7 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     n_win = -(-N * k // window)  # the most windows any routing needs
+    expected = min(window, mean)
     order = jnp.pad(order, (0, n_win * window - N * k))  # padded slots lie past the local rows: zeros
 
     def rows_of(i, order, starts, ends):  # window i's rows (of the N*k) and each local expert's rows in it
@@ -202,7 +207,7 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
         def body(carry):
             i, out = carry
             rows, w_sizes = rows_of(i, order, starts, ends)
-            y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows])  # [window, d] in x.dtype
+            y = ffn(x[rows // k], w_sizes, w1, w3, w2, row_w[rows], expected_rows=expected)  # [window, d] x.dtype
             return i + 1, out.at[rows // k].add(y.astype(jnp.float32))  # a token's choices summed in fp32
 
         return jax.lax.while_loop(more(ends), body, (jnp.int32(0), zeros((N, d), x)))[1]
@@ -216,7 +221,8 @@ def _local_experts(x, experts, weights, w1, w3, w2, ffn, first, E_loc: int, wind
         def body(carry):
             i, gx, gr, grads = carry
             rows, w_sizes = rows_of(i, order, starts, ends)
-            y, vjp = jax.vjp(lambda xr, wr, *ws: ffn(xr, w_sizes, *ws, wr), x[rows // k], row_w[rows], w1, w3, w2)
+            y, vjp = jax.vjp(lambda xr, wr, *ws: ffn(xr, w_sizes, *ws, wr, expected_rows=expected),
+                             x[rows // k], row_w[rows], w1, w3, w2)
             dx, dr, *dws = vjp(g[rows // k].astype(y.dtype))
             grads = tuple(a + b.astype(jnp.float32) for a, b in zip(grads, dws))
             return i + 1, gx.at[rows // k].add(dx.astype(jnp.float32)), gr.at[rows].add(dr.astype(jnp.float32)), grads
@@ -264,7 +270,9 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     backward pass is a loop of the same passes (`custom_vjp`: the rows' cotangents travel with the rows
     and the expert weights' gradients accumulate in the loop's carry), so no pass keeps residuals: the
     residuals are the inputs. The weights come typed as varying like the rows (the caller casts them
-    once). XLA's cost analysis counts one iteration. The rows travel in x.dtype both ways (the experts'
+    once). XLA's cost analysis counts one iteration, and each pass's `ffn` is told the rows it receives
+    when every device is routed the mean load (n*k: the first pass min(capacity, n*k), the second the
+    rest), for the Pallas kernels' static cost estimates. The rows travel in x.dtype both ways (the experts'
     results come in that dtype, `grouped_swiglu`; the caller sums a token's rows in fp32), and so do
     their cotangents."""
     n, d = x.shape
@@ -317,29 +325,32 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     def n_passes(send_sizes):  # every device's ceil(rows routed to it / capacity); the most on the mesh
         return jax.lax.pmax(-(-jnp.sum(a2a(send_sizes)) // capacity), everywhere)
 
-    def experts_fn(le):  # the grouped SwiGLU on received rows in any order, results in the same order
+    def expected(j):  # rows pass j of an iteration receives when every device is routed the mean load
+        return min(capacity, max(0, nk - j * capacity))
+
+    def experts_fn(le, j):  # the grouped SwiGLU on received rows in any order, results in the same order
         o2 = jnp.argsort(le, stable=True)  # by local expert; empty slots (E_loc) last
         sizes = jnp.sum(jax.nn.one_hot(le, E_loc + 1, dtype=jnp.int32), axis=0)[:E_loc]
 
         back = jnp.argsort(o2)  # the inverse permutation: a gather puts the results back (no scatter)
 
         def f(xr, wr, w1, w3, w2):  # xr [capacity, 1, d] -> [capacity, 1, d] in xr.dtype
-            return ffn(xr[o2, 0], sizes, w1, w3, w2, wr[o2])[back, None]
+            return ffn(xr[o2, 0], sizes, w1, w3, w2, wr[o2], expected_rows=expected(j))[back, None]
         return f
 
     def passes(body, carry, total):  # `pipelined` passes per loop iteration, while any device has rows
         def group(carry):
-            for _ in range(pipelined):
-                carry = body(carry)
+            for j in range(pipelined):
+                carry = body(carry, j)
             return carry
         return jax.lax.while_loop(lambda c: c[0] < total, group, carry)
 
     @jax.custom_vjp
     def moved(xs, ws, w1, w3, w2, le, send_sizes, offsets):
-        def body(carry):
+        def body(carry, j):
             p, out, sent = carry
             to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
-            y = experts_fn(to_experts(le, E_loc))(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
+            y = experts_fn(to_experts(le, E_loc), j)(to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
             return p + 1, from_experts(y.astype(xs.dtype), out), sent
 
         out = _varying_like(jnp.zeros((nk, 1, d), xs.dtype), xs, tuple(sorted(_varying_axes(w1) | set(axes))))
@@ -353,10 +364,10 @@ def _exchange(x, flat, row_w, w1, w3, w2, ffn, axes, everywhere, ep: int, E_loc:
     def moved_bwd(args, g_out):  # the same passes; cotangents ride with the rows
         xs, ws, w1, w3, w2, le, send_sizes, offsets = args
 
-        def body(carry):
+        def body(carry, j):
             p, sent, gx, gw, grads = carry
             to_experts, from_experts, sent = plan(send_sizes, offsets, sent)
-            _, vjp = jax.vjp(experts_fn(to_experts(le, E_loc)), to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
+            _, vjp = jax.vjp(experts_fn(to_experts(le, E_loc), j), to_experts(xs, 0), to_experts(ws, 0), w1, w3, w2)
             dx, dw, *dws = vjp(to_experts(g_out, 0))
             grads = tuple(g + dg.astype(jnp.float32) for g, dg in zip(grads, dws))
             # each row's cotangents come back once, so they travel in the rows' own dtypes (no sum here)

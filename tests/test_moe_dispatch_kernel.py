@@ -374,6 +374,28 @@ def test_mosaic_compiles_forward_and_backward_for_tpu(topology, dtype):
     assert compiled.cost_analysis()["flops"] > 0
 
 
+def test_the_cost_estimate_counts_the_rows_the_caller_expects():
+    # XLA's cost analysis reads each kernel's static estimate; the kernels visit only the real rows'
+    # tiles, so a caller that knows the expected load (the expert-parallel exchange) says how many of
+    # the buffer's rows to count: a quarter of 4,096 rows (two groups) costs about a quarter, forward
+    # and backward (gmm, transposed gmm, tgmm); no hint counts the whole buffer, as before.
+    m, d, i, e = 4096, 512, 256, 2
+
+    def flops(expected):
+        fwd = lambda *a: grouped_swiglu(*a, 10.0, expected_rows=expected)  # noqa: E731
+        bwd = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 2, 3, 4, 5))
+        return compile_for_tpu("v5p:2x2x1", bwd, _swiglu_shapes(m, d, i, e, jnp.bfloat16)).cost_analysis()["flops"]
+
+    full, hinted, zero = flops(None), flops(m // 4), flops(0)
+    # eight kernels at m rows: W1's and W3's forward (W2's result the sum's gradient does not need) and
+    # each GEMM's two backward kernels
+    kernels = 8 * 2 * m * d * i
+    assert abs((full - hinted) / (0.75 * kernels) - 1) < 0.01  # three quarters of the kernels' rows gone
+    assert full - zero > hinted - zero > 0
+    with pytest.raises(ValueError, match="expected_rows"):
+        gmm(jnp.ones((8, 128)), jnp.ones((1, 128, 128)), jnp.array([8], jnp.int32), expected_rows=-1)
+
+
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", pytest.param("v6e:2x2", marks=pytest.mark.slow)])
 def test_mosaic_compiles_small_unaligned_dims_and_padded_tiles(topology):
     fwd = lambda *a: grouped_swiglu(*a, 10.0, tiling=(16, 128, 128))  # noqa: E731

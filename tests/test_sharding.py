@@ -329,6 +329,44 @@ def test_all_to_all_passes_bound_the_receive_buffer_and_drop_nothing(pattern, ep
             assert rel_err(g, g0) <= 1e-5, (factor, capacity)
 
 
+def test_each_pass_and_window_tells_the_experts_the_rows_of_the_mean_load():
+    # The grouped matmul's static cost estimate counts the rows it is told to expect (the kernel itself
+    # visits only the real rows' tiles): each of an iteration's two passes the rows it receives when
+    # every device is routed the mean load (18 rows per device here: 6 tokens x 3 choices), each
+    # gather window the mean load of the expert group (at most a window).
+    cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
+    ffn = functools.partial(kernels.grouped_swiglu(MoEImpl.RAGGED_DOT), limit=cfg.swiglu_limit)
+    told = []
+
+    def recording(*args, expected_rows):
+        told.append((args[0].shape[0], expected_rows))
+        return ffn(*args, expected_rows=expected_rows)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 6, cfg.dim)), jnp.float32)
+    ids, w = _routing("random", 48, 3, 8, rng)
+    W = [jnp.asarray(rng.normal(size=s), jnp.float32) * 0.1 for s in ((8, cfg.dim, cfg.moe_inter_dim),) * 2
+         + ((8, cfg.moe_inter_dim, cfg.dim),)]
+    mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
+
+    def run(**kw):
+        told.clear()
+        f = lambda x, w, *W: expert_parallel.expert_parallel_ffn(  # noqa: E731
+            x, ids.reshape(8, 6, 3), w.reshape(8, 6, 3), *W, recording, mesh, rules, **kw)
+        with use_mesh_rules(mesh, rules):
+            jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 2))).lower(x, w, *W)
+        return sorted(set(told))
+
+    capacity = expert_parallel.receive_capacity(18, 4, 1.1 / 2)  # 16 rows (multiples of 8): 16 + 2
+    assert capacity == 16
+    assert run(gather_tokens=0, capacity_factor=1.1) == [(16, 2), (16, 16)]
+    assert run(gather_tokens=0, capacity_factor=0) == [(4 * 18, 18)]  # one worst-case buffer, the mean in it
+    # gather: an expert group (4 devices; fsdp=2 groups) holds 24 tokens x 3 choices: 18 rows per device
+    # at the mean, in windows of 8 rows or of the default 1.25 x 18 -> 24
+    assert run(gather_tokens=1024, window=8) == [(8, 8)]
+    assert run(gather_tokens=1024) == [(expert_parallel.gather_window(24, 3, 4), 18)] == [(24, 18)]
+
+
 def test_receive_capacity_is_the_factor_over_the_mean_load_within_the_worst_case():
     assert expert_parallel.receive_capacity(768, 8, 1.25) == 960  # 128 tokens x 6 choices per device
     assert expert_parallel.receive_capacity(768, 64, 1.25) == 960  # independent of the EP width
