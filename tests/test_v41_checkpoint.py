@@ -141,14 +141,19 @@ def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
 
 
 @pytest.mark.parametrize("axes,preset", [("data=2,fsdp=2,expert=2", "fsdp_ep"), ("data=2,tensor=4", "serve_tp")])
-def test_sharded_generation_gives_the_official_tokens(tmp_path, axes, preset):
+def test_sharded_generation_gives_the_official_tokens(tmp_path, monkeypatch, axes, preset):
     """The model loaded over data=2 x fsdp=2 x expert=2 (or every matrix over tensor=4, the experts whole:
     the decode-shaped expert path), the cache's two sequences split over the batch axes: plain and
-    DSpark greedy decoding give the official code's tokens (the DSpark stages' 6 experts over expert=2)."""
+    DSpark greedy decoding give the official code's tokens (the DSpark stages' 6 experts over expert=2).
+    Every step is compiled with the mesh's XLA options (on TPU: the asynchronous expert exchange)."""
     from sharding.mesh import make_mesh
     from sharding.rules import get_rules
+    from v4jax.inference import generate_v41 as module
     from v4jax.inference.generate_v41 import generate_v41
     from v4jax.io.restore import load_model
+
+    asked = []
+    monkeypatch.setattr(module, "compiler_options", lambda mesh: asked.append(mesh) or {})
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -158,3 +163,4 @@ def test_sharded_generation_gives_the_official_tokens(tmp_path, axes, preset):
     for draft in (False, True):
         got = generate_v41(model, load("input_ids.npy"), want.shape[1], token_map, draft=draft, mesh=mesh, rules=rules)
         np.testing.assert_array_equal(got.tokens, want)
+    assert len(asked) == 4 and all(m is mesh for m in asked)  # forward and drafter, per call

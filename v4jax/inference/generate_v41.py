@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sharding.mesh import compiler_options
 from v4jax.inference.generate import Sampling, row_keys, sample
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
                                      pad_compressed_id, token_map_from_tokenizer)
@@ -41,6 +42,16 @@ class V41Generation(NamedTuple):
     tokens: np.ndarray  # [B, max_new] greedy tokens
     steps: int  # main-model calls after the prefill (= max_new - 1 without drafting)
     accepted: int  # drafted tokens accepted in all
+
+
+def model_jit(model: V41Transformer, fn, mesh=None):
+    """fn(model, *args) jitted over the model's state (split once, passed to every call) with the mesh's
+    XLA options (`sharding.mesh.compiler_options`: on TPU the expert exchange's all-to-alls run
+    asynchronously, overlapping the experts). -> f(*args)."""
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
+                     compiler_options=compiler_options(mesh))
+    return lambda *args: jitted(state, *args)
 
 
 def engram_state(cfg, token_map: np.ndarray | None, batch: int) -> Engram | None:
@@ -99,11 +110,11 @@ def teacher_forced_logits(model: V41Transformer, ids: np.ndarray, decode_from: i
     if not 1 <= decode_from <= S:
         raise ValueError(f"--decode-from must lie in [1, {S}] (the number of input ids), got {decode_from}")
     engram = engram_state(cfg, token_map, B)
-    forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c))
     cache, out = init_v41_cache(cfg, B, S), []
     for lo, hi in [(0, decode_from)] + [(t, t + 1) for t in range(decode_from, S)]:
         rows, engram = engram_rows(model, engram, ids[:, lo:hi])
-        o = forward(model, jnp.asarray(ids[:, lo:hi], jnp.int32), rows, cache)
+        o = forward(jnp.asarray(ids[:, lo:hi], jnp.int32), rows, cache)
         cache = o.cache
         out.append(np.asarray(o.logits[:, -1], np.float32))
     return np.stack(out, axis=1)
@@ -169,8 +180,8 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     if max_len > cfg.max_seq_len:
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
     engram = engram_state(cfg, token_map, B)
-    forward = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
-    drafter = nnx.jit(lambda m, f, c, t: m.draft(f, c, t))
+    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c), mesh)
+    drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh)
 
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
     for img in images:
@@ -181,18 +192,18 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     embeddings = image = None
     if images:  # the spans' embeddings replaced (ViT + aligner once), bias_vl and Engram gate 0 there
         where = [(img.row, img.start, img.grid) for img in images]
-        embeddings, image = nnx.jit(lambda m, t, patches: m.embed_prompt(
-            t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches))))(
-                model, tokens, [img.patches for img in images])
-        embedded = nnx.jit(lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c))
+        embeddings, image = model_jit(model, lambda m, t, patches: m.embed_prompt(
+            t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches))), mesh)(
+                tokens, [img.patches for img in images])
+        embedded = model_jit(model, lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c), mesh)
     features = []
     for lo in range(0, T, prefill_chunk or T):  # the prompt in calls of at most prefill_chunk tokens
         hi = min(T, lo + (prefill_chunk or T))
         rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi])
         if images:
-            out = embedded(model, tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
+            out = embedded(tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
         else:
-            out = forward(model, tokens[:, lo:hi], rows, cache)
+            out = forward(tokens[:, lo:hi], rows, cache)
         cache = out.cache
         features.append(out.target_features)
     features = features[0] if len(features) == 1 or features[0] is None else jnp.concatenate(features, axis=1)
@@ -201,23 +212,23 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     while len(generated) < max_new:
         if not draft:
             rows, engram = engram_rows(model, engram, np.asarray(token)[:, None])
-            out = forward(model, token[:, None], rows, cache)
+            out = forward(token[:, None], rows, cache)
             cache = out.cache
             token = choose(out.logits[:, -1], cache.lengths)
             generated.append(np.asarray(token))
             steps += 1
             continue
-        d, cache = drafter(model, features, cache, token)  # the rings take the features of the tokens so far
+        d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
         candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
         rows, _ = engram_rows(model, engram, candidate)
-        verify = forward(model, jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
+        verify = forward(jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
         greedy = np.asarray(jnp.argmax(verify.logits, axis=-1))  # [B, 1 + k]
         agree = np.cumprod(greedy[:, :-1] == candidate[:, 1:], axis=1)  # draft i stands while all before agree
         n = int(np.min(np.sum(agree, axis=1)))  # drafts kept: the same count for every row
         n = min(n, max_new - len(generated) - 1)
         keep = candidate[:, :1 + n]  # the token and the accepted drafts, each the main model's greedy choice
         rows, engram = engram_rows(model, engram, keep)
-        out = forward(model, jnp.asarray(keep, jnp.int32), rows, cache)
+        out = forward(jnp.asarray(keep, jnp.int32), rows, cache)
         cache, features = out.cache, out.target_features
         generated += [keep[:, i] for i in range(1, 1 + n)]
         token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
