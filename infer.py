@@ -15,7 +15,7 @@ The checkpoint (`v4jax.io.restore.load_model`) is any of: an HF-format directory
 *.safetensors, Hub or transformers spelling), the official release layout (FP8/FP4 weights,
 de-quantised on load), a `python -m v4jax.io.convert` output (Orbax), or a `train.py` run directory
 (its newest complete step, or --step N), or a DeepSeek-V4.1 checkpoint (the release or an unquantised
-directory under the official names, or its conversion: greedy generation, plain or DSpark --speculative;
+directory under the official names, or its conversion: greedy or sampled generation, plain or DSpark --speculative;
 --image FILE puts an image's span ahead of the prompt's text, preprocessed as the release does; the
 Engram hash's token map comes from the tokenizer or --engram-token-map). Paths may be relative. The tokenizer is --tokenizer, else
 CHECKPOINT/tokenizer.json, else, for a train.py run, the one its config.json names ("byte": UTF-8
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy)")
+    p.add_argument("--speculative", action="store_true", help="self-speculative decoding: V4's MTP block (greedy), V4.1's DSpark stages (greedy or sampled)")
     p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + max new tokens)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
@@ -412,7 +412,8 @@ def run(args) -> int:
 
 def run_v41(args) -> int:
     """A DeepSeek-V4.1 checkpoint (architecture.md §12): generation through the model's own forward, greedy or
-    sampled, or greedy DSpark-speculative (--speculative; the same tokens), text prompts and --image."""
+    sampled, plain or DSpark-speculative (--speculative: greedy gives the same tokens, sampling the same
+    distribution), text prompts and --image."""
     import time
 
     from v4jax.config_v41 import V41Config
@@ -423,11 +424,10 @@ def run_v41(args) -> int:
     from v4jax.model.v41 import Image
 
     for flag, used in (("--slots (continuous batching)", args.slots is not None),
-                       ("sampling (--temperature > 0) with --speculative", args.temperature and args.speculative),
                        ("--step", args.step is not None), ("--numerics release", args.numerics != "exact")):
         if used:
-            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (plain generation, greedy "
-                             "or sampled, or greedy --speculative, over --prompt / --prompt-ids / --prompts-file, "
+            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (generation, greedy "
+                             "or sampled, plain or --speculative, over --prompt / --prompt-ids / --prompts-file, "
                              "with --prefill-chunk)")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise InferError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")

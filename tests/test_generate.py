@@ -237,6 +237,38 @@ def test_sampling_masks_keep_exactly_top_k_and_the_nucleus():
     np.testing.assert_allclose(lp, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_speculative_sampling_emits_each_token_with_the_sampling_distribution(temperature):
+    # Drafts d1, d2 against fixed logits over 5 tokens (top_k 4: each row's least likely never drawn), 40,000 rows with
+    # their own keys: d1 stands at the rate p0(d1); the token emitted at each position, among the rows
+    # whose drafts before it stood, has the frequencies of p at that position, whatever the drafts
+    # (a likely one, an unlikely one). Temperature 0 (static or traced): the argmax, drafts stand where
+    # they equal it.
+    B = 40_000
+    logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.15, 0.1, 0.05], [0.1, 0.2, 0.3, 0.25, 0.15],
+                                  [0.04, 0.06, 0.1, 0.3, 0.5]]))
+    params = G.Sampling(jnp.float32(temperature), jnp.int32(4), jnp.float32(1.0))
+    p = np.exp(np.asarray(G.sampling_logprobs(logits, params)))  # [3, 5]
+    assert (p[np.arange(3), np.argmin(logits, -1)] == 0).all()
+    candidate = jnp.broadcast_to(jnp.asarray([7, 1, 2], jnp.int32), (B, 3))  # last token 7, drafts 1 then 2
+    stands, emitted = jax.jit(G.speculative_tokens)(jnp.broadcast_to(logits, (B, 3, 5)), candidate,
+                                                    jnp.arange(B, dtype=jnp.int32) % 97 + 10, 3, params)
+    stands, emitted = np.asarray(stands), np.asarray(emitted)
+    assert abs(stands[:, 0].mean() - p[0, 1]) < 4 * np.sqrt(p[0, 1] * (1 - p[0, 1]) / B)
+    reached = np.ones(B, bool)
+    for i in range(3):
+        freq = np.bincount(emitted[reached, i], minlength=5) / reached.sum()
+        assert np.all(np.abs(freq - p[i]) < 4 * np.sqrt(p[i] * (1 - p[i]) / reached.sum()) + 1e-9), (i, freq, p[i])
+        if i < 2:
+            reached &= stands[:, i]
+    greedy = np.asarray(jnp.argmax(logits, -1))  # [0, 2, 4]
+    for t in (0.0, jnp.float32(0.0)):
+        s0, e0 = G.speculative_tokens(logits[None], jnp.asarray([[7, 0, 1]]), jnp.asarray([10]), 3,
+                                      G.Sampling(t, 0, 1.0))
+        np.testing.assert_array_equal(e0[0], greedy)
+        np.testing.assert_array_equal(s0[0], [True, False])
+
+
 def test_speculative_greedy_equals_plain_greedy(tmp_root):
     cfg, model, gen = tiny_mtp(tmp_root)
     rng = np.random.default_rng(4)

@@ -81,7 +81,6 @@ def test_a_prompts_file_of_mixed_lengths_gives_each_prompt_its_own_tokens(checkp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "0.7", "--speculative"], "sampling (--temperature > 0) with --speculative is not supported"),
     (["--slots", "2"], "--slots (continuous batching) is not supported"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be a positive number of tokens, got 0"),
     (["--image", "/nonexistent/pic.png"], "/nonexistent/pic.png"),

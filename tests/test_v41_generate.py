@@ -89,5 +89,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     np.testing.assert_array_equal(a, b)
     assert (a != generate_v41(model, prompt, 5, token_map, sampling=hot, seed=4).tokens).any()
     assert (a != greedy).any()
-    with pytest.raises(ValueError, match="greedy"):
-        generate_v41(model, prompt, 5, token_map, draft=True, sampling=hot)
+
+
+def test_sampled_dspark_speculation_is_seeded_and_top_k_1_is_greedy(model):
+    # Sampled speculation (speculative_tokens): with top_k = 1 the sampling distribution is the argmax,
+    # so the drafts stand exactly where greedy speculation keeps them and the tokens are greedy decoding's;
+    # hot, the same seed gives the same tokens and each main-model call yields its token and the drafts kept
+    from v4jax.inference.generate import Sampling
+
+    prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    greedy = generate_v41(model, prompt, 8, token_map, draft=True)
+    top1 = generate_v41(model, prompt, 8, token_map, draft=True, sampling=Sampling(1.0, 1, 1.0), seed=9)
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    assert (top1.steps, top1.accepted) == (greedy.steps, greedy.accepted)
+    hot = Sampling(1.5, 0, 1.0)
+    a, b = (generate_v41(model, prompt, 8, token_map, draft=True, sampling=hot, seed=3) for _ in range(2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.steps + a.accepted == 7 and ((0 <= a.tokens) & (a.tokens < model.cfg.vocab_size)).all()
+    assert (a.tokens != greedy.tokens).any()

@@ -140,6 +140,39 @@ def row_keys(seed, rows: int, position: jax.Array) -> jax.Array:
     return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base, r), t))(jnp.arange(rows), position)
 
 
+def speculative_tokens(logits: jax.Array, candidate: jax.Array, positions: jax.Array, seed,
+                       params: Sampling) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling against drafts that are point masses (each draft its drafter's argmax).
+    logits [B, 1+k, V]: the main model's logits at the candidate's positions; candidate [B, 1+k]: the
+    last emitted token, then k drafts; positions [B]: the position of candidate[:, 1], the first token
+    decided. -> (stands [B, k] bool: draft i+1 stands given those before it; emitted [B, 1+k]: the
+    token the main model emits at each decided position when every draft before it stood).
+
+    Draft d at position i stands with probability p_i(d), the sampling distribution of logits[:, i]
+    (`sampling_logprobs`); a rejected draft is replaced by a draw from p_i without d, renormalised; past
+    the last draft a draw from p_k. So each emitted token is distributed as p_i (the rejection rule of
+    speculative sampling for a point-mass proposal), whatever the drafts. Row b's draws at position t
+    are keyed by (seed, b, t), as `sample`'s. Temperature 0: p_i is the argmax, drafts stand where they
+    equal it and every emitted token is the argmax. Parameters may be traced."""
+    drafts = candidate[:, 1:]  # [B, k]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, 1+k]
+    if isinstance(params.temperature, (int, float)) and params.temperature == 0:
+        return greedy[:, :-1] == drafts, greedy
+    B, K1, V = logits.shape
+    logp = sampling_logprobs(logits, Sampling(jnp.maximum(params.temperature, 1e-6), params.top_k, params.top_p))
+    keys = jax.vmap(lambda t: row_keys(seed, B, positions + t), out_axes=1)(jnp.arange(K1))  # [B, 1+k]
+    fold = lambda stream: jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, stream)))(keys)  # noqa: E731
+    u = jax.vmap(jax.vmap(jax.random.uniform))(fold(1)[:, :-1])  # [B, k]
+    p_draft = jnp.exp(jnp.take_along_axis(logp[:, :-1], drafts[..., None], axis=-1)[..., 0])  # [B, k]
+    without = jnp.where(jax.nn.one_hot(drafts, V, dtype=bool), -jnp.inf, logp[:, :-1])  # [B, k, V]
+    residual = jax.vmap(jax.vmap(jax.random.categorical))(fold(2)[:, :-1], without).astype(jnp.int32)
+    last = jax.vmap(jax.random.categorical)(keys[:, -1], logp[:, -1]).astype(jnp.int32)  # [B]
+    stands = u < p_draft
+    emitted = jnp.concatenate([jnp.where(stands, drafts, residual), last[:, None]], axis=1)
+    hot = params.temperature > 0
+    return jnp.where(hot, stands, greedy[:, :-1] == drafts), jnp.where(hot, emitted, greedy)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Generation
 

@@ -7,11 +7,15 @@ reads are those of one call over the whole sequence.
 
 Speculative decoding: after each token t the DSpark stages draft a block d_1..d_k from the target
 features of the main tokens so far. The main model scores [t, d_1..d_k] in one call from the current
-cache, kept unchanged (JAX arrays are values: the verification's cache is simply dropped); the drafts
-are accepted while each equals the main model's greedy token at the position before it, the same
-number for every row (the smallest), so the output is exactly plain greedy decoding. The accepted
-tokens then go through the model once more from the kept cache (their cache and target features),
-and the DSpark rings take their features.
+cache, kept unchanged (JAX arrays are values: the verification's cache is simply dropped). Greedy, the
+drafts are accepted while each equals the main model's greedy token at the position before it, so the
+output is exactly plain greedy decoding; sampled, each draft stands with the main model's probability
+of it and a rejected one is replaced by a draw without it (`speculative_tokens`), so each token is
+distributed as plain sampling draws it. The same number of drafts is kept for every row (the
+smallest); the token after them is what the main model emits there (a row whose next draft also stood
+emits that draft, which is a draw from the right distribution too). The kept tokens then go through
+the model once more from the kept cache (their cache and target features), and the DSpark rings take
+their features.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from sharding.mesh import compiler_options
-from v4jax.inference.generate import Sampling, row_keys, sample
+from v4jax.inference.generate import Sampling, row_keys, sample, speculative_tokens
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
                                      pad_compressed_id, token_map_from_tokenizer)
 from v4jax.model.v41 import Image, V41Transformer, init_v41_cache, v41_cache_shardings
@@ -140,7 +144,8 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
     """prompt [B, T] int -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
     top-k, top-p as for V4; each row's draw keyed by (seed, row, position)). token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
-    with the DSpark stages (same tokens, fewer main-model calls). images: `Image`s whose spans the
+    with the DSpark stages (fewer main-model calls; greedy: the same tokens, sampled: tokens from the
+    same distribution, though not the same draws). images: `Image`s whose spans the
     prompt holds (`image_prompt`); the prefill embeds them (ViT + aligner) in place of those tokens.
     mesh, rules: over a device mesh (the model loaded sharded by `rules`, `load_model(mesh=, rules=)`):
     the cache's sequences split over the rules' batch axes, every step SPMD over the mesh.
@@ -172,9 +177,9 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     if draft and not cfg.n_mtp_layers:
         raise ValueError("draft=True needs the DSpark stages (n_mtp_layers > 0)")
     sampling.validate(cfg.vocab_size)
-    if draft and sampling.temperature > 0:
-        raise ValueError("DSpark speculation here is greedy: sample without draft=True")
-    choose = jax.jit(lambda logits, position: sample(logits, row_keys(seed, B, position), sampling.as_arrays()))
+    params = sampling.as_arrays() if sampling.temperature > 0 else sampling  # greedy stays static: exact argmax
+    choose = jax.jit(lambda logits, position: sample(logits, row_keys(seed, B, position), params))
+    speculate = jax.jit(lambda logits, candidate, position: speculative_tokens(logits, candidate, position, seed, params))
     block = cfg.dspark_block_size if draft else 0
     max_len = max_len or T + max_new + block + 1
     if max_len > cfg.max_seq_len:
@@ -222,16 +227,16 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
         rows, _ = engram_rows(model, engram, candidate)
         verify = forward(jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
-        greedy = np.asarray(jnp.argmax(verify.logits, axis=-1))  # [B, 1 + k]
-        agree = np.cumprod(greedy[:, :-1] == candidate[:, 1:], axis=1)  # draft i stands while all before agree
-        n = int(np.min(np.sum(agree, axis=1)))  # drafts kept: the same count for every row
+        stands, emitted = (np.asarray(a) for a in speculate(verify.logits, jnp.asarray(candidate, jnp.int32),
+                                                            cache.lengths + 1))
+        n = int(np.min(np.sum(np.cumprod(stands, axis=1), axis=1)))  # drafts kept: the same count for every row
         n = min(n, max_new - len(generated) - 1)
-        keep = candidate[:, :1 + n]  # the token and the accepted drafts, each the main model's greedy choice
+        keep = candidate[:, :1 + n]  # the token and the drafts that stood
         rows, engram = engram_rows(model, engram, keep)
         out = forward(jnp.asarray(keep, jnp.int32), rows, cache)
         cache, features = out.cache, out.target_features
         generated += [keep[:, i] for i in range(1, 1 + n)]
-        token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+        token = jnp.asarray(emitted[:, n], jnp.int32)  # what the main model emits after them
         generated.append(np.asarray(token))
         steps, accepted = steps + 1, accepted + n
     return V41Generation(np.stack(generated[:max_new], axis=1), steps, accepted)
