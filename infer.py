@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative", action="store_true", help="self-speculative decoding: V4's MTP block (greedy), V4.1's DSpark stages (greedy or sampled)")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding (V4's MTP block, V4.1's DSpark stages), greedy or sampled")
     p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + max new tokens)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")

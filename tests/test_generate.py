@@ -277,6 +277,14 @@ def test_speculative_greedy_equals_plain_greedy(tmp_root):
     spec = gen.generate(prompts, max_new_tokens=16, prefill_chunk=CHUNK, max_len=ML, speculative=True)
     assert spec.tokens == plain.tokens
     assert spec.stats.drafted > 0 and 0 <= spec.stats.accepted <= spec.stats.drafted
+    # sampled speculation (speculative_tokens): top_k = 1 is the argmax, so greedy speculation's tokens and
+    # acceptances; hot, seeded
+    top1 = gen.generate(prompts, max_new_tokens=16, prefill_chunk=CHUNK, max_len=ML, speculative=True, seed=2,
+                        sampling=G.Sampling(temperature=1.0, top_k=1))
+    assert top1.tokens == plain.tokens and top1.stats.accepted == spec.stats.accepted
+    hot = [gen.generate(prompts, max_new_tokens=16, prefill_chunk=CHUNK, max_len=ML, speculative=True, seed=2,
+                        sampling=G.Sampling(temperature=1.5)) for _ in range(2)]
+    assert hot[0].tokens == hot[1].tokens != plain.tokens and all(len(t) == 16 for t in hot[0].tokens)
 
 
 @pytest.mark.slow
@@ -309,7 +317,7 @@ def test_rejected_draft_at_a_compressor_window_boundary_rolls_back_exactly(tmp_r
     last, cache = prefill_rows(gen, [prompt, prompt], np.zeros(4 * CHUNK, np.int64))
     draft = np.array([toks[0, 0], (toks[1, 0] + 1) % cfg.vocab_size], np.int32)  # right, wrong
     target, accept, _, spec_logits, cache = gen._spec_step(gen.state, cache, jnp.asarray(first, jnp.int32),
-                                                           jnp.asarray(draft))
+                                                           jnp.asarray(draft), 0, GREEDY)
     assert np.asarray(accept).tolist() == [True, False]
     assert np.asarray(cache.lengths).tolist() == [p + 2, p + 1]
     assert rel(np.asarray(spec_logits)[:, 0], logits[:, 0]) <= TOL

@@ -9,8 +9,9 @@ different lengths; `n_valid` [B] says how many of the T new tokens of each row a
 model never lets them change a real token's output.
 
 Speculative decoding (architecture.md §6): the MTP block drafts token t+2 from the last main block's streams at
-t and the embedding of token t+1; the main model verifies [pending, draft] in one call of T = 2. A
-rejected draft is rolled back by not advancing `lengths`: its KV went to window slot (p+1) mod W and
+t and the embedding of token t+1; the main model verifies [pending, draft] in one call of T = 2 (greedy:
+the draft stands if it is the argmax; sampled: with the main model's probability of it,
+`speculative_tokens`). A rejected draft is rolled back by not advancing `lengths`: its KV went to window slot (p+1) mod W and
 compressor slot (p+1) mod kappa*m, which held positions p+1-W and p+1-kappa*m, that no later query
 reads; an entry it completed is invisible until the window really completes and rewrites it.
 """
@@ -205,7 +206,7 @@ class GenerationSteps(NamedTuple):
     prefill_slot: Callable  # (state, cache, slot, tokens [1, T], n [1], seed, Sampling) -> (first [1], cache)
     serve_step: Callable  # (state, cache, pending [B], active [B], seed, Sampling) -> (next [B], cache)
     mtp_prefill: Callable  # (state, cache, streams, next_tokens, n_valid) -> (draft [B], cache)
-    spec_step: Callable  # (state, cache, pending, draft) -> (target, accept, draft, logits, cache)
+    spec_step: Callable  # (state, cache, pending, draft, seed, Sampling) -> (target, accept, draft, logits, cache)
 
 
 def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> GenerationSteps:
@@ -229,11 +230,13 @@ def generation_steps(gd, mesh: jax.sharding.Mesh | None = None, rules=None) -> G
         logits, cache = nnx.merge(gd, state).draft(cache, streams, next_tokens, n_valid)
         return jnp.take_along_axis(jnp.argmax(logits, -1), (n_valid - 1)[:, None], 1)[:, 0].astype(jnp.int32), cache
 
-    def _spec_step(state, cache, pending, draft):
+    def _spec_step(state, cache, pending, draft, seed, params):
         model = nnx.merge(gd, state)
-        out = model(jnp.stack([pending, draft], 1), cache=cache)
-        target = jnp.argmax(out.logits, -1).astype(jnp.int32)  # [B, 2]: tokens p+1, p+2
-        accept = target[:, 0] == draft
+        candidate = jnp.stack([pending, draft], 1)
+        out = model(candidate, cache=cache)
+        # [B, 2]: the tokens at p+1 (the draft if it stands) and p+2; greedy: the argmax
+        stands, target = speculative_tokens(out.logits, candidate, cache.lengths + 1, seed, params)
+        accept = stands[:, 0]
         n_acc = 1 + accept.astype(jnp.int32)
         cache = out.cache.replace(lengths=cache.lengths + n_acc)  # rollback = not advancing
         logits, cache = model.draft(cache, out.streams, target, n_acc)
@@ -337,8 +340,6 @@ class Generator:
         if speculative:
             if self.model.mtp is None:
                 raise ValueError("--speculative needs an MTP block; this model has none (n_mtp_layers = 0)")
-            if sampling.temperature != 0:
-                raise ValueError("speculative decoding is implemented for greedy decoding (temperature 0) only")
         B = len(rows)
         lengths = np.array([len(r) for r in rows], np.int32)
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
@@ -400,7 +401,7 @@ class Generator:
         while not done.all():
             steps += 1
             if speculative:
-                target, acc, draft, _, cache = self._spec_step(self.state, cache, pending, draft)
+                target, acc, draft, _, cache = self._spec_step(self.state, cache, pending, draft, seed_, params)
                 target, acc = np.asarray(target), np.asarray(acc)
                 live = ~done
                 drafted += int(live.sum())
