@@ -11,9 +11,9 @@ model never lets them change a real token's output.
 Speculative decoding (architecture.md §6): the MTP block drafts token t+2 from the last main block's streams at
 t and the embedding of token t+1; the main model verifies [pending, draft] in one call of T = 2 (greedy:
 the draft stands if it is the argmax; sampled: with the main model's probability of it,
-`speculative_tokens`). A rejected draft is rolled back by not advancing `lengths`: its KV went to window slot (p+1) mod W and
-compressor slot (p+1) mod kappa*m, which held positions p+1-W and p+1-kappa*m, that no later query
-reads; an entry it completed is invisible until the window really completes and rewrites it.
+`speculative_tokens`). A rejected draft is rolled back by not advancing `lengths`: its KV went to window
+slot (p+1) mod W and compressor slot (p+1) mod kappa*m, which held positions p+1-W and p+1-kappa*m, that
+no later query reads; an entry it completed is invisible until the window really completes and rewrites it.
 """
 
 from __future__ import annotations

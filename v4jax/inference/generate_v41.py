@@ -179,7 +179,8 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     sampling.validate(cfg.vocab_size)
     params = sampling.as_arrays() if sampling.temperature > 0 else sampling  # greedy stays static: exact argmax
     choose = jax.jit(lambda logits, position: sample(logits, row_keys(seed, B, position), params))
-    speculate = jax.jit(lambda logits, candidate, position: speculative_tokens(logits, candidate, position, seed, params))
+    speculate = jax.jit(lambda logits, candidate, position: speculative_tokens(logits, candidate, position, seed,
+                                                                               params))
     block = cfg.dspark_block_size if draft else 0
     max_len = max_len or T + max_new + block + 1
     if max_len > cfg.max_seq_len:
