@@ -51,15 +51,24 @@ def _shape_bytes(text: str) -> float:
 
 def collective_bytes(hlo_text: str) -> float:
     """Bytes produced by collective ops in a compiled (per-device) HLO module, loop bodies counted
-    once per known trip count."""
+    once per known trip count. A ragged all-to-all counts the smaller of its input and output buffers:
+    it sends at most its input's rows and writes at most its output buffer's, which may be much larger
+    (the expert exchange's return trip writes one pass's rows into the [n*k, 1, d] accumulator)."""
     comps = split_computations(hlo_text)
     trips = trip_counts(comps)
+    shapes = {m.group(1): _split_type(m.group(2))[0]
+              for m in re.finditer(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$", hlo_text, re.M)}
     total = 0.0
     for name, body in comps.items():
         mult = trips.get(name, 1)
         for m in _COLLECTIVE.finditer(body):
-            if m.group(3) and m.group(2) == "ragged-all-to-all":  # ((operands...), result): the result
-                total += mult * _shape_bytes(m.group(1)[m.group(1).index(")") + 1:])
+            if m.group(2) == "ragged-all-to-all":
+                if m.group(3):  # ((input, output, offsets and sizes...), result)
+                    buffers = [_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))][:2]
+                else:  # the result is the output buffer; the input is the first operand
+                    first = re.match(r"\s*%?([\w.\-]+)", body[m.end():])
+                    buffers = [_shape_bytes(m.group(1)), _shape_bytes(shapes.get(first.group(1), m.group(1)))]
+                total += mult * min(buffers)
             elif m.group(3):  # async start: its tuple holds the operand and the result; count the result
                 total += mult * max((_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))), default=0)
             else:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.hlo_costs import async_overlaps, breakdown, by_function
+from benchmarks.hlo_costs import async_overlaps, breakdown, by_function, collective_bytes
 from v4jax.model.layers import Linear
 
 
@@ -255,3 +255,20 @@ ENTRY %main (a: bf16[64,1,128], b: bf16[16,1,128], s: s32[4]) -> bf16[16,1,128] 
         "s32[4]{0}, s32[4]{0}), bf16[16,1,128]{2,1,0})")))
     assert start == sync - 2 * rows  # the sync form's copy of its result: 2 x rows; the start's done is free
     assert sync - 2 * rows == 2 * rows + 4 * 16
+
+
+def test_a_ragged_all_to_all_sends_at_most_the_smaller_of_its_buffers():
+    # The exchange's dispatch reads a [64]-row input into a [16]-row receive buffer; its return trip sends
+    # the 16 rows back into the [64]-row accumulator: each moves at most 16 rows over ICI, sync or async
+    hlo = """HloModule m, is_scheduled=true
+
+ENTRY %main (a: bf16[64,1,128], b: bf16[16,1,128], s: s32[4]) -> bf16[64,1,128] {
+  %a = bf16[64,1,128]{2,1,0} parameter(0)
+  %b = bf16[16,1,128]{2,1,0} parameter(1)
+  %s = s32[4]{0} parameter(2)
+  %go = bf16[16,1,128]{2,1,0} ragged-all-to-all(%a, %b, %s, %s, %s, %s), replica_groups={{0,1,2,3}}
+  %back = ((bf16[16,1,128]{2,1,0}, bf16[64,1,128]{2,1,0}, s32[4]{0}, s32[4]{0}, s32[4]{0}, s32[4]{0}), bf16[64,1,128]{2,1,0}) ragged-all-to-all-start(%go, %a, %s, %s, %s, %s), replica_groups={{0,1,2,3}}
+  ROOT %d = bf16[64,1,128]{2,1,0} ragged-all-to-all-done(%back)
+}
+"""
+    assert collective_bytes(hlo) == 2 * (16 * 128 * 2)
