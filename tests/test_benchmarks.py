@@ -45,6 +45,13 @@ def test_unbalanced_markers_are_refused(tmp_path):
         suite.update_file(str(path), {"gpu": "x"})
 
 
+def test_dryrun_tables_show_the_loop_by_loop_mfu_beside_xla_s(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({**_report(mfu=0.359), "loop_mfu": 0.544}))
+    body = suite.section_dryrun(True, print, directory=str(tmp_path)).body
+    assert "| 35.9% | 54.4% | r.json |" in body  # the run's row
+    assert "| 35.9% | 54.4% | v5p:8x8x8 |" in body  # the smallest-topology row
+
+
 def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(tmp_path):
     reports = [_report(topology="v5p:8x8x8", devices=512, mfu=0.05),
                _report(topology="v5p:4x4x8", devices=128, fits=False, peak=140.0),
@@ -54,6 +61,7 @@ def test_dryrun_section_renders_reports_and_picks_the_smallest_fitting_topology(
         (tmp_path / f"r{i}.json").write_text(json.dumps(r))
     section = suite.section_dryrun(True, print, directory=str(tmp_path))
     assert "v5p | v5p:8x8x4 | 256" in section.body  # smallest of the fitting v5p runs
+    assert "| 7.0% | - | v5p:4x4x8, v5p:8x8x4, v5p:8x8x8 |" in section.body  # no loop-by-loop reading recorded
     assert "33.2%" in section.body  # the MaxText DeepSeek-V3 reference row
     assert "tpu-recipes" in section.body
     assert len(section.numbers) == 16 and all(math.isfinite(x) for x in section.numbers)
