@@ -33,13 +33,15 @@ _SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|s8|u8|pred|f8e4m3fn|f8e5m2|s64|u64|f
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1,
           "f8e5m2": 1, "s64": 8, "u64": 8, "f64": 8, "s16": 2, "u16": 2, "s4": 0.5, "u4": 0.5, "f4e2m1fn": 0.5}
 PROJECT_DIRS = ("v4jax/", "sharding/", "pallas_kernels/")
-# no data moves: tuple plumbing, control flow (its bodies are counted), aliases and constants
 # one FLOP per result element, as XLA's cost analysis counts them (a reduce: one per input element)
 _VECTOR = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare", "select",
            "clamp", "exponential", "exponential-minus-one", "log", "log-plus-one", "logistic", "tanh", "rsqrt",
            "sqrt", "power", "remainder", "erf", "sine", "cosine"}
+# no data moves: tuple plumbing, control flow and calls (their bodies are counted; an asynchronous
+# `call-start`, as XLA:TPU wraps work it offloads to TPU7x's SparseCores, runs its computation, which is
+# costed where it is), aliases and constants
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional", "call",
-         "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
+         "call-start", "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
 
 
 def _shape_bytes(text: str) -> float:
@@ -106,20 +108,28 @@ def async_overlaps(hlo_text: str, kind: str = "ragged-all-to-all") -> list[Overl
     each computation's instructions in their run order), the matmul-like instructions placed between
     its start and its done: custom calls (Pallas kernels), convolutions, dots and the fusions that hold
     them. An empty tuple: the transfer hides nothing. A collective of `kind` that is not split into a
-    start and a done (a synchronous one) is listed too, with compute None."""
+    start and a done (a synchronous one) is listed too, with compute None. A `call-start` / `call-done`
+    pair around a computation that holds the collective (XLA:TPU's SparseCore offload on TPU7x) counts
+    as its start and done."""
+    comps = split_computations(hlo_text)
+    holds = {c for c, body in comps.items() if any((m := _INSTR.match(line)) and m.group(2) == kind
+                                                    for line in body.splitlines())}
+    called_async = {c for body in comps.values()
+                    for c in re.findall(r"call-start\(.*?to_apply=%?([\w.\-]+)", body)}
     out = []
-    for comp, body in split_computations(hlo_text).items():
+    for comp, body in comps.items():
         open_: dict[str, list[str]] = {}
         for line in body.splitlines():
             m = _INSTR.match(line)
             if not m:
                 continue
             name, op, rest = m.groups()
-            if op == kind:
+            called = re.search(r"to_apply=%?([\w.\-]+)", rest) if op == "call-start" else None
+            if op == kind and comp not in called_async:
                 out.append(Overlap(comp, name, None))
-            elif op == kind + "-start":
+            elif op == kind + "-start" or (called and called.group(1) in holds):
                 open_[name] = []
-            elif op == kind + "-done":
+            elif op in (kind + "-done", "call-done"):
                 start = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
                 if start in open_:
                     out.append(Overlap(comp, start, tuple(open_.pop(start))))

@@ -272,3 +272,34 @@ ENTRY %main (a: bf16[64,1,128], b: bf16[16,1,128], s: s32[4]) -> bf16[64,1,128] 
 }
 """
     assert collective_bytes(hlo) == 2 * (16 * 128 * 2)
+
+
+def test_a_sparsecore_offloaded_all_to_all_is_an_async_call_costed_once():
+    # XLA:TPU on TPU7x wraps each ragged all-to-all in a computation that a `call-start` runs on the
+    # SparseCores (async_execution_thread="sparsecore") and a `call-done` waits for: that pair is the
+    # collective's start and done, and its bytes are the inner all-to-all's (the call moves nothing itself)
+    hlo = """HloModule m, is_scheduled=true
+
+%offloaded (p0: bf16[64,1,128], p1: bf16[16,1,128], p2: s32[4]) -> bf16[16,1,128] {
+  %p0 = bf16[64,1,128]{2,1,0} parameter(0)
+  %p1 = bf16[16,1,128]{2,1,0} parameter(1)
+  %p2 = s32[4]{0} parameter(2)
+  ROOT %ragged-all-to-all.1 = bf16[16,1,128]{2,1,0} ragged-all-to-all(%p0, %p1, %p2, %p2, %p2, %p2), replica_groups={{0,1,2,3}}
+}
+
+ENTRY %main (a: bf16[64,1,128], b: bf16[16,1,128], s: s32[4], w: bf16[128,128]) -> bf16[16,1,128] {
+  %a = bf16[64,1,128]{2,1,0} parameter(0)
+  %b = bf16[16,1,128]{2,1,0} parameter(1)
+  %s = s32[4]{0} parameter(2)
+  %w = bf16[128,128]{1,0} parameter(3)
+  %go = ((bf16[64,1,128]{2,1,0}, bf16[16,1,128]{2,1,0}, s32[4]{0}), bf16[16,1,128]{2,1,0}) call-start(%a, %b, %s), async_execution_thread="sparsecore", to_apply=%offloaded
+  %x = bf16[128,128]{1,0} bitcast(%w)
+  %gmm = bf16[128,128]{1,0} custom-call(%x, %w), custom_call_target="tpu_custom_call"
+  ROOT %done = bf16[16,1,128]{2,1,0} call-done(%go)
+}
+"""
+    assert [(o.collective, o.compute) for o in async_overlaps(hlo)] == [("go", ("gmm",))]
+    rows = 16 * 128 * 2
+    kernel = 3 * 128 * 128 * 2  # the custom call's operands and result
+    assert sum(c.bytes for c in breakdown(hlo)) == 2 * rows + 4 * 16 + kernel  # the inner op, once; the call free
+    assert collective_bytes(hlo) == rows
