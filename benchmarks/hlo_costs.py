@@ -58,8 +58,7 @@ def collective_bytes(hlo_text: str) -> float:
     (the expert exchange's return trip writes one pass's rows into the [n*k, 1, d] accumulator)."""
     comps = split_computations(hlo_text)
     trips = trip_counts(comps)
-    shapes = {m.group(1): _split_type(m.group(2))[0]
-              for m in re.finditer(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$", hlo_text, re.M)}
+    shapes, _ = _instructions(comps)
     total = 0.0
     for name, body in comps.items():
         mult = trips.get(name, 1)
@@ -68,8 +67,8 @@ def collective_bytes(hlo_text: str) -> float:
                 if m.group(3):  # ((input, output, offsets and sizes...), result)
                     buffers = [_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))][:2]
                 else:  # the result is the output buffer; the input is the first operand
-                    first = re.match(r"\s*%?([\w.\-]+)", body[m.end():])
-                    buffers = [_shape_bytes(m.group(1)), _shape_bytes(shapes.get(first.group(1), m.group(1)))]
+                    first = _operands("(" + body[m.end():])[0]
+                    buffers = [_shape_bytes(m.group(1)), _shape_bytes(shapes.get(first, m.group(1)))]
                 total += mult * min(buffers)
             elif m.group(3):  # async start: its tuple holds the operand and the result; count the result
                 total += mult * max((_shape_bytes(f"{d}[{s}]") for d, s in _SHAPE.findall(m.group(1))), default=0)
@@ -368,15 +367,8 @@ def _traffic(opcode: str, type_text: str, call: str, shapes: dict[str, str], par
     return max(out, 0.0) + sum(sizes)
 
 
-def breakdown(hlo_text: str) -> list[Cost]:
-    """FLOPs and bytes of a compiled HLO module by source line, biggest FLOPs first (see the module
-    docstring for what is counted)."""
-    comps = split_computations(hlo_text)
-    mult = trip_counts(comps)
-    frames = _frames(hlo_text)
-    fused = {c for body in comps.values() for c in re.findall(r"\sfusion\(.*?calls=%?([\w.\-]+)", body)}
-    # reducers and scatter combiners: their work is their caller's (a reduce counts its inputs)
-    applied = {c for body in comps.values() for c in re.findall(r"to_apply=%?([\w.\-]+)", body)}
+def _instructions(comps: dict[str, str]):
+    """(instruction name -> its type text, computation -> its rows (name, type text, opcode, call text))."""
     shapes: dict[str, str] = {}
     parsed: dict[str, list[tuple[str, str, str, str]]] = {}
     for name, body in comps.items():
@@ -392,6 +384,19 @@ def breakdown(hlo_text: str) -> list[Cost]:
             shapes[m.group(1)] = type_text
             rows.append((m.group(1), type_text, opcode.group(1), call))
         parsed[name] = rows
+    return shapes, parsed
+
+
+def breakdown(hlo_text: str) -> list[Cost]:
+    """FLOPs and bytes of a compiled HLO module by source line, biggest FLOPs first (see the module
+    docstring for what is counted)."""
+    comps = split_computations(hlo_text)
+    mult = trip_counts(comps)
+    frames = _frames(hlo_text)
+    fused = {c for body in comps.values() for c in re.findall(r"\sfusion\(.*?calls=%?([\w.\-]+)", body)}
+    # reducers and scatter combiners: their work is their caller's (a reduce counts its inputs)
+    applied = {c for body in comps.values() for c in re.findall(r"to_apply=%?([\w.\-]+)", body)}
+    shapes, parsed = _instructions(comps)
     root_source: dict[str, str] = {}  # a fused computation's first attributed op, for fusions without metadata
     costs: dict[str, list[float]] = {}
 

@@ -319,8 +319,7 @@ def dryrun_tables(runs: list[dict]) -> str:
     for key in sorted(tried):
         d = best.get(key)
         peak = "-" if not d or d.get("peak_bytes") is None else f"{d['peak_bytes'] / g:.1f}"
-        mfu = "-" if not d or d.get("mfu") is None else f"{100 * d['mfu']:.1f}%"
-        loop = "-" if not d or d.get("loop_mfu") is None else f"{100 * d['loop_mfu']:.1f}%"
+        mfu, loop = ("-" if not d or d.get(k) is None else f"{100 * d[k]:.1f}%" for k in ("mfu", "loop_mfu"))
         none = "none recorded fits" + (" (a compile ended without a verdict)" if key in unknown else "")
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {d['topology'] if d else none} | "
                    f"{d.get('devices', '-') if d else '-'} | {peak} | {mfu} | {loop} | "
