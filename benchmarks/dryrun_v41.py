@@ -2,14 +2,15 @@
 (architecture.md §12.9).
 
     python -m benchmarks.dryrun_v41 --mode decode|train --topology v5p:4x4x4 --rules fsdp_ep \
-        [--config v41-flash] [--batch B] [--seq S] [--mesh fsdp=8,expert=8] [--json OUT]
+        [--config v41-flash] [--batch B] [--seq S] [--mesh fsdp=8,expert=8] [--remat full] [--json OUT]
 
 decode: one token per sequence against a V4.1 cache of --seq positions, through the model's own forward
 (`V41Transformer(tokens, engram_ids, cache=cache)`, bf16 weights; the cache's rows split over the batch
 axes). train: the next-token cross-entropy of the stateless forward, its gradient and an AdamW update
 (fp32 master weights and moments, bf16 compute); DSpark stages and the vision tower are left out of both
-(the text backbone is what a pod trains and serves). The V4.1 blocks are distinct modules (a Python
-loop, not a scan), so compile time grows with the 40 layers.
+(the text backbone is what a pod trains and serves). The blocks are stacked and scanned by kind
+(`v41.layer_plan`: 10 compiled blocks for v41-flash's 40), and the training step recomputes each block
+in its backward (--remat full, the default), keeping only the blocks' input streams.
 
 Reports per device the compiled memory (arguments, outputs, temporaries) against the chip's HBM, the
 compiled FLOPs and HBM bytes, the bytes moved by collectives, and the roofline step time, as
@@ -69,10 +70,12 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
-    """(jitted step, abstract sharded arguments, the abstract model) for the mode."""
+def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: str = "full"):
+    """(jitted step, abstract sharded arguments, the abstract model) for the mode; remat: what the
+    training step's backward recomputes per block (`Remat`)."""
     serving = mode == "decode"
-    options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32")
+    options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
+                         remat="none" if serving else remat)
     model = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
@@ -105,7 +108,8 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
     def train_step(params, rest, opt, tokens, engram_ids):
         def loss_fn(params):
             with use_mesh_rules(mesh, rules):
-                logits = nnx.merge(graphdef, params, rest)(tokens, engram_ids).logits  # [B, T, V] fp32
+                logits = nnx.merge(graphdef, params, rest)(tokens, engram_ids,
+                                                           return_hidden_states=False).logits  # [B, T, V] fp32
             logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
@@ -123,7 +127,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules):
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
             seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "",
-            layers: tuple[int, ...] | None = None) -> dict:
+            layers: tuple[int, ...] | None = None, remat: str = "full") -> dict:
     """Compile one step; `layers`: keep only these backbone layers (`keep_layers`), full width."""
     chip = chip_for(topology)
     cfg = V41Config.preset(config).without_dspark()
@@ -133,11 +137,12 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     devices = tpu_devices(topology)
     rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
-    fn, args, model = build(cfg, mode, batch, seq, mesh, rules)
+    fn, args, model = build(cfg, mode, batch, seq, mesh, rules, remat)
     t0 = time.time()
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
-            "batch": batch, "seq": seq, "layers": list(layers) if layers else "all"}
+            "batch": batch, "seq": seq, "layers": list(layers) if layers else "all",
+            **({"remat": remat} if mode == "train" else {})}
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
@@ -197,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep only these backbone layers, full width (comma-separated, or 'representative': "
                         f"{','.join(map(str, REPRESENTATIVE_LAYERS))}); a depth-reduced compile for hosts that "
                         "cannot hold the 40-layer program")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots"],
+                   help="training: what the backward recomputes in each block (RunOptions.remat)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     try:
         report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
-                         mesh_spec=args.mesh, rule_overrides=args.rule,
+                         mesh_spec=args.mesh, rule_overrides=args.rule, remat=args.remat,
                          layers=None if args.layers is None else REPRESENTATIVE_LAYERS if args.layers == "representative"
                          else tuple(int(x) for x in args.layers.split(",")))
     except ValueError as e:  # ConfigError, ShardingError

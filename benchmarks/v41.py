@@ -62,7 +62,7 @@ def role_counts(sizes: dict[str, int], cfg: V41Config, *, engram_suffix: str, ds
     vision, DSpark, the rest; active per text token = the rest + k of E experts + the Engram rows a
     token looks up (one per n-gram order and head in each Engram layer)."""
     part = lambda f: sum(n for k, n in sizes.items() if f(k))  # noqa: E731
-    experts = part(lambda k: k.startswith("layers.") and ".ffn.experts." in k)
+    experts = part(lambda k: k.startswith(("layers.", "segments.")) and ".ffn.experts." in k)  # official | ours
     engram = part(lambda k: k.endswith(engram_suffix))
     vision = part(lambda k: k.startswith(("vision.", "aligner.")))
     dspark = part(lambda k: k.startswith(dspark_prefix))
@@ -84,7 +84,7 @@ def cpu_throughput(steps: int) -> dict[str, float]:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T + steps + 1)), jnp.int32)
     cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
     rows = jnp.asarray(rng.integers(0, min(cfg.engram_num_embeddings), (B, T + steps + 1, 2, cols)), jnp.int32)
-    step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c, return_hidden_states=False))
     cache0 = init_v41_cache(cfg, B, 128)
     jax.block_until_ready(step(model, tokens[:, :T], rows[:, :T], cache0).logits)  # compile
     times = []

@@ -133,7 +133,7 @@ def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
     path = _directory(tmp_path, "ck")
     mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
     loaded = load_model(path, mesh=mesh, rules=rules, dtype="float32")
-    w1 = loaded.model.layers[1].ffn.experts.w1[...]
+    w1 = loaded.model.block(1).ffn.experts.w1[...]
     assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape[0] == w1.shape[0] // 4
     with use_mesh_rules(mesh, rules):
         got = _logits(loaded.model)

@@ -27,7 +27,7 @@ from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.io.official_v41 import (ENGRAM_SCALE_BLOCK, FP4_BLOCK_V41, FP8_BLOCK_V41, _is_consumed_scale, _official,
                                    official_names_v41)
-from v4jax.model.v41 import V41Transformer, engram_table_rows
+from v4jax.model.v41 import V41Transformer, engram_table_rows, layer_plan, stack_dims
 from v4jax.model.vision import load_vision_params
 
 QUANTISED = ("F8_E4M3", "I8")  # stored with a `.scale` beside them
@@ -122,27 +122,41 @@ def test_every_parameter_has_its_release_tensor(release, flash):
     _, inv = release
     cfg, _, flat = flash
     problems = []
-    for path, var in flat.items():
-        if path[0] in ("vision", "aligner"):
+    for stacked_path, var in flat.items():
+        if stacked_path[0] in ("vision", "aligner"):
             continue  # load_vision_params: test_vision_tower_loads_the_release_tensors
-        key, _ = _official(path, cfg, inv)
-        if key not in inv:
-            problems.append(f"{'.'.join(map(str, path))}: no release tensor {key}")
-            continue
-        shape, dtype = inv[key]
-        want = _our_shape(path, shape, cfg)
-        if tuple(var.shape) != want:
-            problems.append(f"{'.'.join(map(str, path))} {tuple(var.shape)}: release {key} {dtype} {list(shape)} "
-                            f"gives {want}")
-        if dtype == "F32" and var.dtype != np.float32:  # the release keeps these in fp32: so must we
-            problems.append(f"{'.'.join(map(str, path))} is {var.dtype}, release {key} is F32")
-        if ".ffn.experts.0." in key:  # the other experts: present, one shape, no extra one
-            base, w = key.split(".ffn.experts.0.")
-            n = want[0]
-            odd = [e for e in range(n) if inv.get(f"{base}.ffn.experts.{e}.{w}") != (shape, dtype)]
-            if odd or f"{base}.ffn.experts.{n}.{w}" in inv:
-                problems.append(f"{base} experts {w}: {len(odd)} of {n} differ, or an expert past {n - 1}")
+        for path, our_shape in _per_layer(stacked_path, tuple(var.shape), cfg):
+            problems += _release_problems(path, our_shape, var.dtype, inv, cfg)
     assert not problems, "\n".join(problems)
+
+
+def _per_layer(path: tuple, shape: tuple[int, ...], cfg):
+    """A stacked backbone parameter (`segments.{s}.runs.{q}...`) -> its layers' paths and the shape of
+    each (the stack axes dropped); any other parameter as it is."""
+    if path[0] != "segments":
+        return [(path, shape)]
+    run = layer_plan(cfg)[path[1]][path[3]]
+    n = len(stack_dims(run))
+    return [(("layers", i) + tuple(path[4:]), shape[n:]) for ids in run for i in ids]
+
+
+def _release_problems(path: tuple, our_shape: tuple[int, ...], our_dtype, inv, cfg) -> list[str]:
+    key, _ = _official(path, cfg, inv)
+    if key not in inv:
+        return [f"{'.'.join(map(str, path))}: no release tensor {key}"]
+    shape, dtype = inv[key]
+    want, problems = _our_shape(path, shape, cfg), []
+    if our_shape != want:
+        problems.append(f"{'.'.join(map(str, path))} {our_shape}: release {key} {dtype} {list(shape)} gives {want}")
+    if dtype == "F32" and our_dtype != np.float32:  # the release keeps these in fp32: so must we
+        problems.append(f"{'.'.join(map(str, path))} is {our_dtype}, release {key} is F32")
+    if ".ffn.experts.0." in key:  # the other experts: present, one shape, no extra one
+        base, w = key.split(".ffn.experts.0.")
+        n = want[0]
+        odd = [e for e in range(n) if inv.get(f"{base}.ffn.experts.{e}.{w}") != (shape, dtype)]
+        if odd or f"{base}.ffn.experts.{n}.{w}" in inv:
+            problems.append(f"{base} experts {w}: {len(odd)} of {n} differ, or an expert past {n - 1}")
+    return problems
 
 
 class _Recording(dict):

@@ -13,6 +13,7 @@ from flax import nnx
 
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
+from v4jax.model.mhc import collapse
 from v4jax.model.v41 import Compressor, Image, V41Transformer, candidate_blocks
 
 from v41_fixtures import FIXTURES, engram_ids, needs_fixtures, quantised_release  # noqa: E402  (tests/v41_fixtures.py)
@@ -108,7 +109,7 @@ def test_a_ratio_one_query_can_pick_its_own_token():
                            n_mtp_layers=0, compress_ratios=(0, 2, 2, 2, 1, 1, 1, 1), index_topk=40,
                            candidate_topk_blocks=11)
     m = V41Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS)
-    layer = m.layers[4].attn  # ratio 1, KV and index source
+    layer = m.block(4).attn  # ratio 1, KV and index source
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 12, cfg.dim)), jnp.float32)
     from v4jax.model.v41 import Shared
 
@@ -134,7 +135,7 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
              for a in v.get_metadata().get("logical_axes", ()) if a is not None}
     assert names <= set(LOGICAL_AXES)
     sizes = {".".join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(nnx.state(abstract))}
-    experts = sum(n for k, n in sizes.items() if k.startswith("layers.") and ".ffn.experts." in k)
+    experts = sum(n for k, n in sizes.items() if k.startswith("segments.") and ".ffn.experts." in k)
     drafts = sum(n for k, n in sizes.items() if k.startswith("dspark.") and ".ffn.experts." in k)
     assert drafts == 3 * 128 * 3 * 5120 * 2304  # the DSpark stages' 128 experts each
     engram = sum(n for k, n in sizes.items() if k.endswith("engram.table"))
@@ -148,8 +149,8 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
     from sharding.rules import get_rules
 
     specs = spec_table(nnx.state(abstract), make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep"))
-    assert specs["layers.1.engram.table"][0] is not None
-    assert specs["layers.2.ffn.experts.w1"][0] == "expert"
+    assert specs["segments.0.runs.1.engram.table"][0] is not None  # layer 1
+    assert specs["segments.1.runs.0.ffn.experts.w1"][:2] == (None, "expert")  # layers 2 and 8, stacked
     jax.clear_caches()
 
 
@@ -245,3 +246,85 @@ def test_the_release_storage_loads_with_its_per_role_block_sizes(model):
                                                                                         128)
     with pytest.raises(QuantError, match="layers.2.attn.wo_b.weight"):
         dequantize_release_v41(bad)
+
+
+def _flash_shaped():
+    """v41-flash's layer pattern at CPU size: two ratio-0 layers (Engram on the second), two ratio-2 KV
+    groups of a source and two followers, a ratio-1 KV / index / candidate source with Engram, then
+    index sources each followed by one layer, the last three feeding DSpark."""
+    cfg = V41Config.preset("v41-tiny").replace(
+        n_layers=16, compress_ratios=(0, 0) + (2,) * 6 + (1,) * 8 + (0, 0), kv_source_layers=(2, 5, 8),
+        index_source_layers=(2, 5, 8, 10, 12, 14), candidate_source_layer=8, engram_layer_ids=(1, 8),
+        dspark_target_layer_ids=(13, 14, 15), vision_n_layers=0)
+    cfg.validate()
+    return cfg
+
+
+def test_the_layer_plan_stacks_each_kind_once():
+    from v4jax.model.v41 import layer_plan
+
+    def plan(cfg):
+        return [[(len(run), len(run[0]), run[0][0]) for run in segment] for segment in layer_plan(cfg)]
+
+    # v41-flash: (repeats, count, first layer) per run; a unit's runs repeat together
+    flash = V41Config.preset("v41-flash")
+    assert plan(flash.without_dspark()) == [[(1, 1, 0), (1, 1, 1)], [(2, 1, 2), (2, 5, 3)],
+                                            [(1, 1, 14), (1, 5, 15), (1, 1, 20), (1, 3, 21)], [(4, 1, 24), (4, 3, 25)]]
+    assert plan(flash)[-2:] == [[(4, 3, 21), (4, 1, 24)], [(1, 3, 37)]]  # 37-39 feed DSpark: their own kind
+    assert plan(_flash_shaped())[1] == [(2, 1, 2), (2, 2, 3)]  # layers 2, 3-4, then 5, 6-7
+    ids = [i for segment in layer_plan(flash) for run in segment for r in run for i in r]
+    assert sorted(ids) == list(range(40))
+
+
+def _rows(model, cfg, B, T, seed):
+    rng = np.random.default_rng(seed)
+    cols = cfg.engram_n_heads * (cfg.engram_max_ngram_size - 1)
+    n = [model.block(i).engram.table.shape[0] for i in cfg.engram_layer_ids]
+    return jnp.asarray(np.stack([rng.integers(0, r, (B, T, cols)) for r in n], axis=2), jnp.int32)
+
+
+def test_the_scanned_backbone_equals_a_loop_over_its_layers():
+    """Stacked runs in repeated units (scan in scan), single blocks, Engram and DSpark targets: the model's
+    forward equals the blocks called one by one, layer after layer (architecture.md §12.3); the hidden
+    states come back in layer order; prefill + decode through the stacked cache equal the stateless
+    forward; full remat changes neither the loss nor its gradient."""
+    from v4jax.model.v41 import Shared, init_v41_cache, widen
+
+    cfg = _flash_shaped()
+    model = V41Transformer(cfg, rngs=nnx.Rngs(3), options=OPTIONS)
+    B, T = 2, 24
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    rows = _rows(model, cfg, B, T, 1)
+    out = nnx.jit(lambda m, t, e: m(t, e))(model, tokens, rows)
+
+    streams, pre = widen(model.embed(tokens, jnp.float32), cfg.hc_mult)
+    shared, targets, positions = Shared(), [], jnp.broadcast_to(jnp.arange(T), (B, T))
+    for i in range(cfg.n_layers):
+        block = model.block(i)
+        if block.engram is not None:
+            streams = block.engram(streams, rows[:, :, cfg.engram_layer_ids.index(i)], None)
+        if i in cfg.dspark_target_layer_ids:
+            targets.append(jnp.mean(streams, axis=2))
+        streams, pre, shared, _ = block(streams, pre, shared, None, positions)
+        np.testing.assert_allclose(out.hidden_states[i], streams, rtol=1e-5, atol=1e-5, err_msg=f"layer {i}")
+    want = model.head(model.norm(collapse(pre, streams)), jnp.float32)
+    assert _rel(out.logits, want) <= 1e-6
+    assert _rel(out.target_features, jnp.concatenate(targets, -1)) <= 1e-6
+
+    step = nnx.jit(lambda m, t, e, c: m(t, e, cache=c))
+    cache, got = init_v41_cache(cfg, B, 32), []
+    for a, b in ((0, 15), (15, 16), (16, 17), (17, T)):
+        o = step(model, tokens[:, a:b], rows[:, a:b], cache)
+        cache = o.cache
+        got.append(o.logits)
+    assert _rel(jnp.concatenate(got, 1), out.logits) <= 1e-5
+
+    def loss(m):
+        return jnp.mean(m(tokens, rows, return_hidden_states=False).logits ** 2)
+
+    remat = V41Transformer(cfg, rngs=nnx.Rngs(3), options=RunOptions(dtype="float32", param_dtype="float32",
+                                                                      attention_chunk=64, remat="full"))
+    (l0, g0), (l1, g1) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (model, remat))
+    assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+        np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-7, err_msg=str(path))

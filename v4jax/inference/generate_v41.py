@@ -114,7 +114,7 @@ def teacher_forced_logits(model: V41Transformer, ids: np.ndarray, decode_from: i
     if not 1 <= decode_from <= S:
         raise ValueError(f"--decode-from must lie in [1, {S}] (the number of input ids), got {decode_from}")
     engram = engram_state(cfg, token_map, B)
-    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c))
+    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c, return_hidden_states=False))
     cache, out = init_v41_cache(cfg, B, S), []
     for lo, hi in [(0, decode_from)] + [(t, t + 1) for t in range(decode_from, S)]:
         rows, engram = engram_rows(model, engram, ids[:, lo:hi])
@@ -186,7 +186,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     if max_len > cfg.max_seq_len:
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
     engram = engram_state(cfg, token_map, B)
-    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c), mesh)
+    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c, return_hidden_states=False), mesh)
     drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh)
 
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
@@ -201,7 +201,8 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         embeddings, image = model_jit(model, lambda m, t, patches: m.embed_prompt(
             t, tuple(Image(r, s, p, g) for (r, s, g), p in zip(where, patches))), mesh)(
                 tokens, [img.patches for img in images])
-        embedded = model_jit(model, lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c), mesh)
+        embedded = model_jit(model, lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c,
+                                                                 return_hidden_states=False), mesh)
     features = []
     for lo in range(0, T, prefill_chunk or T):  # the prompt in calls of at most prefill_chunk tokens
         hi = min(T, lo + (prefill_chunk or T))

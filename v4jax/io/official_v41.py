@@ -21,7 +21,7 @@ from v4jax.io.sources import Kind, TensorSource
 from v4jax.io.tensorfile import TensorFileError, open_directory
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
-from v4jax.model.v41 import V41Transformer, engram_table_rows
+from v4jax.model.v41 import V41Transformer, engram_table_rows, layer_plan, stack_dims
 from v4jax.model.vision import load_vision_params
 
 ENGRAM_SCALE_BLOCK = 32  # columns per Engram table scale (release: 1 x 32 blocks)
@@ -119,14 +119,14 @@ def official_names_v41(model: V41Transformer) -> set[str]:
     for path, _ in nnx.to_flat_state(nnx.state(model)):
         if path[0] in ("vision", "aligner"):
             continue
-        key, _ = _official(path, cfg, {})
-        if ".ffn.experts.0." in key:
-            n = cfg.n_routed_experts if path[0] == "layers" else cfg.dspark_n_routed_experts
-            names |= {key.replace(".experts.0.", f".experts.{e}.") for e in range(n)}
-        elif key.endswith("engram.embed.weight"):
-            names |= {key, key[:-len("weight")] + "scale"}
-        else:
-            names.add(key)
+        for key in _sources(path, cfg, {})[0]:
+            if ".ffn.experts.0." in key:
+                n = cfg.n_routed_experts if key.startswith("layers.") else cfg.dspark_n_routed_experts
+                names |= {key.replace(".experts.0.", f".experts.{e}.") for e in range(n)}
+            elif key.endswith("engram.embed.weight"):
+                names |= {key, key[:-len("weight")] + "scale"}
+            else:
+                names.add(key)
     return names
 
 
@@ -237,6 +237,30 @@ def _t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
 
+def _sources(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], Callable[[], np.ndarray]]:
+    """Our parameter path -> (the official tensors it comes from, how to build our value). A stacked
+    backbone parameter (`segments.{s}.runs.{q}...`, architecture.md §12.3) is its layers' values
+    stacked in the run's [repeats, count] order (axes of size 1 dropped)."""
+    if path[0] != "segments":
+        key, build = _official(path, cfg, tensors)
+        return [key], build
+    run = np.asarray(layer_plan(cfg)[path[1]][path[3]])  # layer ids [repeats, count]
+    parts = [_official(("layers", int(i)) + tuple(path[4:]), cfg, tensors) for i in run.flat]
+    if run.size == 1:
+        return [parts[0][0]], parts[0][1]
+    return [k for k, _ in parts], lambda: _stacked([b for _, b in parts], stack_dims(run))
+
+
+def _stacked(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...]) -> np.ndarray:
+    """The layers' values one at a time into one [*lead, ...] array (host memory: the stack, one layer more)."""
+    first = builds[0]()
+    out = np.empty((len(builds),) + first.shape, first.dtype)
+    out[0] = first
+    for n, b in enumerate(builds[1:], 1):
+        out[n] = b()
+    return out.reshape(lead + first.shape)
+
+
 def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str, Callable[[], np.ndarray]]:
     """Our parameter path -> (the official tensor name it comes from, how to build our value)."""
     name = ".".join(str(p) for p in path)
@@ -302,12 +326,13 @@ def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray],
         if path[0] in ("vision", "aligner"):
             var.set_value(place(path, np.asarray(var.get_value())))
             continue
-        key, build = _official(path, cfg, tensors)
-        if key not in tensors:
-            raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {'.'.join(map(str, path))})")
+        keys, build = _sources(path, cfg, tensors)
+        for key in keys:
+            if key not in tensors:
+                raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {'.'.join(map(str, path))})")
         value = build()
         if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for "
+            raise ValueError(f"V4.1 tensor {', '.join(map(repr, keys))} gives shape {tuple(value.shape)} for "
                              f"{'.'.join(map(str, path))}, which is {tuple(var.shape)}")
         var.set_value(place(path, np.asarray(value).astype(var.dtype)))
         del value

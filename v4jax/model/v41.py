@@ -27,6 +27,7 @@ update their part of it (window ring, a KV source's pending tokens, entries and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -35,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.lightning_indexer_reference import index_scores
-from v4jax.config import AttentionKind, RunOptions
+from v4jax.config import AttentionKind, Remat, RunOptions, layer_schedule
 from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
 from v4jax.model.attention import past_indices
@@ -71,18 +72,60 @@ class LayerState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class V41Cache:
     lengths: jax.Array  # [B] int32: tokens held per sequence (= the next token's position)
-    layers: tuple[LayerState, ...]
+    layers: tuple[tuple[LayerState, ...], ...]  # per segment, per run (`layer_plan`): [*stack_dims, B, ...]
     dspark: tuple[jax.Array, ...]  # per DSpark stage [B, W, c]: ring of the main tokens' KV (slot = position mod W)
     dspark_lengths: jax.Array  # [B] int32: main tokens seeded into the DSpark rings
     max_len: int = dataclasses.field(metadata=dict(static=True))
 
 
+def layer_kind(cfg: V41Config, layer: int) -> tuple:
+    """What makes a backbone block's parameters and computation what they are: layers of one kind
+    stack and scan together (architecture.md §12.3). Engram layers are their own kind (each its own table)."""
+    index = layer in cfg.index_source_layers
+    uses = index and cfg.candidate_source_layer is not None and cfg.candidate_source_layer < layer
+    target = bool(cfg.n_mtp_layers) and layer in cfg.dspark_target_layer_ids  # DSpark reads its input streams
+    return (cfg.ratio(layer), layer in cfg.kv_source_layers, index, layer == cfg.candidate_source_layer, uses,
+            layer if layer in cfg.engram_layer_ids else None, target)
+
+
+Run = tuple[tuple[int, ...], ...]  # a run's layer ids [repeats][count]
+
+
+def layer_plan(cfg: V41Config) -> tuple[tuple[Run, ...], ...]:
+    """How the backbone is stacked and scanned: consecutive blocks of one kind form a run (scanned
+    over `count`), and a unit of runs repeated `repeats` times forms a segment (scanned over the
+    repeats). The split minimises the blocks XLA compiles (`layer_schedule` over the runs).
+    v41-flash without DSpark: 0 | 1 | (2, 3-7) x 2 | 14 | 15-19 | 20 | 21-23 | (24, 25-27) x 4: 10
+    compiled blocks for 40 layers; with DSpark (37-39 feed it): ... | 20 | (21-23, 24) x 4 | 37-39."""
+    runs: list[tuple[tuple, int]] = []
+    for i in range(cfg.n_layers):
+        kind = layer_kind(cfg, i)
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1] + 1)
+        else:
+            runs.append((kind, 1))
+    plan, layer = [], 0
+    for unit, repeats in layer_schedule(tuple(runs)):
+        ids = [np.zeros((repeats, count), np.int64) for _, count in unit]
+        for r in range(repeats):
+            for q, (_, count) in enumerate(unit):
+                ids[q][r] = np.arange(layer, layer + count)
+                layer += count
+        plan.append(tuple(tuple(map(tuple, a.tolist())) for a in ids))
+    return tuple(plan)
+
+
+def stack_dims(run: Run) -> tuple[int, ...]:
+    """The leading axes a run's parameters and cache carry: [repeats] if > 1, then [count] if > 1."""
+    return tuple(n for n in np.shape(run) if n > 1)
+
+
 def init_v41_cache(cfg: V41Config, batch: int, max_len: int, dtype=jnp.float32) -> V41Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    """An empty cache for `batch` sequences of up to `max_len` tokens, stacked as the blocks are."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    layers = []
-    for i in range(cfg.n_layers):
+
+    def layer(i: int) -> LayerState:
         m, source = cfg.ratio(i), i in cfg.kv_source_layers
         state = LayerState(jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype))
         if source:
@@ -92,18 +135,29 @@ def init_v41_cache(cfg: V41Config, batch: int, max_len: int, dtype=jnp.float32) 
             if m > 1:
                 state = state._replace(values=jnp.zeros((batch, m, cfg.head_dim), jnp.float32),
                                        logits=jnp.full((batch, m, cfg.head_dim), -jnp.inf, jnp.float32))
-        layers.append(state)
+        return state
+
+    def stacked(ids: np.ndarray) -> LayerState:  # layers of one kind: one state, broadcast over the stack
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, stack_dims(ids) + a.shape), layer(ids[0][0]))
+
+    layers = tuple(tuple(stacked(ids) for ids in segment) for segment in layer_plan(cfg))
     rings = tuple(jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype) for _ in range(cfg.n_mtp_layers))
-    return V41Cache(jnp.zeros((batch,), jnp.int32), tuple(layers), rings, jnp.zeros((batch,), jnp.int32), max_len)
+    return V41Cache(jnp.zeros((batch,), jnp.int32), layers, rings, jnp.zeros((batch,), jnp.int32), max_len)
 
 
 def v41_cache_shardings(cache: V41Cache, mesh: jax.sharding.Mesh, rules) -> V41Cache:
-    """NamedShardings for every V4.1 cache array (concrete or abstract): the sequences (leading dimension)
-    over the rules' `batch` axes, the rest whole; a batch that does not divide them stays whole."""
+    """NamedShardings for every V4.1 cache array (concrete or abstract): the sequences over the rules'
+    `batch` axes (after a layer state's stack axes), the rest whole; a batch that does not divide them
+    stays whole."""
     from jax.sharding import NamedSharding
 
-    return jax.tree.map(lambda a: NamedSharding(mesh, rules.spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh,
-                                                                 what="activation")), cache)
+    def shard(a, lead=0):
+        axes = (None,) * lead + ("batch",) + (None,) * (a.ndim - lead - 1)
+        return NamedSharding(mesh, rules.spec(axes, a.shape, mesh, what="activation"))
+
+    layers = tuple(tuple(jax.tree.map(lambda a, n=state.window.ndim - 3: shard(a, n), state)  # window [*stack, B, W, c]
+                         for state in states) for states in cache.layers)
+    return dataclasses.replace(jax.tree.map(shard, dataclasses.replace(cache, layers=())), layers=layers)
 
 
 def _rope_table(cfg: V41Config, ratio: int):
@@ -414,6 +468,106 @@ class Block(nnx.Module):
         return streams, pre, shared, state
 
 
+class Context(NamedTuple):
+    """What every backbone layer of one call reads besides the carried streams."""
+
+    positions: jax.Array  # [B, T]
+    image: jax.Array | None  # [B, T] bool: image-span positions (bias_vl)
+    text: jax.Array | None  # [B, T] bool: not image (Engram's gate)
+    engram_ids: jax.Array | None  # [B, T, n_engram_layers, cols]
+    keep_hidden: bool
+
+
+def _settle(fn, carry, xs):
+    """`carry` with each Shared field that `fn` (a scan body) writes but does not receive in the written
+    shape set to zeros of that shape (a KV source's entries after ratio-0 layers, or after another
+    ratio's), so the scan's carry keeps one structure. The body overwrites such a field before any of
+    its layers reads it: a layer reads the latest source of its own ratio."""
+    written = jax.eval_shape(fn, carry, jax.tree.map(lambda a: a[0], xs))[0][2]
+    streams, pre, shared = carry
+    fill = {f: jnp.zeros(w.shape, w.dtype) for f, have, w in zip(Shared._fields, shared, written)
+            if w is not None and (have is None or (have.shape, have.dtype) != (w.shape, w.dtype))}
+    return streams, pre, shared._replace(**fill)
+
+
+class Segment(nnx.Module):
+    """A unit of runs repeated `repeats` times (`layer_plan`). Run q is `count` consecutive blocks of
+    one kind whose parameters are stacked on leading "layers" axes ([repeats] if > 1, then [count]
+    if > 1): a scan over the count inside a scan over the repeats, so each kind compiles once."""
+
+    def __init__(self, cfg: V41Config, ids: tuple[Run, ...], *, rngs: nnx.Rngs, options: RunOptions):
+        runs = []
+        for run in ids:
+            layer, lead = run[0][0], stack_dims(run)
+            if not lead:
+                runs.append(Block(cfg, layer, rngs=rngs, options=options))
+                continue
+
+            def make(key, layer=layer):
+                return nnx.split(Block(cfg, layer, rngs=nnx.Rngs(params=key), options=options))[1]
+
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda layer=layer: Block(cfg, layer, rngs=nnx.Rngs(0),
+                                                                             options=options)))
+            keys = jax.random.split(rngs.params(), math.prod(lead))
+            build = make
+            for _ in lead:
+                build = jax.vmap(build)
+            block = nnx.merge(graphdef, build(keys.reshape(lead + keys.shape[1:])))
+            for _, var in nnx.to_flat_state(nnx.state(block)):
+                var.set_metadata(logical_axes=("layers",) * len(lead) + tuple(var.get_metadata()["logical_axes"]))
+            runs.append(block)
+        self.runs = nnx.List(runs)
+        self.ids, self.cfg, self.remat = ids, cfg, options.remat
+
+    def _step(self, q: int, ctx: Context):
+        """One block of run q as a scan body: ((streams, pre, shared), (params, state)) -> (carry,
+        (streams | None, DSpark target | None, Engram input | None, state | None))."""
+        cfg, layer = self.cfg, self.ids[q][0][0]
+        graphdef = nnx.graphdef(self.runs[q])
+        target = layer_kind(cfg, layer)[-1]
+
+        def step(carry, xs):
+            streams, pre, shared = carry
+            params, state = xs
+            block = nnx.merge(graphdef, params)
+            engram_in = feature = None
+            if block.engram is not None:  # Engram layers are their own kind: never stacked
+                streams = block.engram(streams, ctx.engram_ids[:, :, cfg.engram_layer_ids.index(layer)], ctx.text)
+                engram_in = streams
+            if target:
+                feature = jnp.mean(streams.astype(jnp.float32), axis=2)  # [B, T, d]
+            streams, pre, shared, state = block(streams, pre, shared, ctx.image, ctx.positions, state)
+            return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, state)
+
+        if self.remat is not Remat.NONE:
+            policy = None if self.remat is Remat.FULL else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+        return step
+
+    def __call__(self, carry, ctx: Context, states: tuple[LayerState, ...] | None):
+        """carry (streams [B, T, n_hc, d], pre [B, T, n_hc], Shared); states: per run the stacked cache
+        (None: a stateless call) -> (carry, per run the step outputs stacked [*stack_dims, ...])."""
+        params = [nnx.state(run) for run in self.runs]
+        states = (None,) * len(self.runs) if states is None else states
+        repeats, counts = len(self.ids[0]), [len(run[0]) for run in self.ids]
+
+        def unit(carry, xs):  # one repeat of the unit
+            outs = []
+            for q, (p, st) in enumerate(xs):
+                step = self._step(q, ctx)
+                if counts[q] > 1:
+                    carry, out = jax.lax.scan(step, _settle(step, carry, (p, st)), (p, st))
+                else:
+                    carry, out = step(carry, (p, st))
+                outs.append(out)
+            return carry, tuple(outs)
+
+        xs = tuple(zip(params, states))
+        if repeats > 1:
+            return jax.lax.scan(unit, _settle(unit, carry, xs), xs)
+        return unit(carry, xs)
+
+
 def sink_attention(q: jax.Array, keys: jax.Array, valid: jax.Array, sinks: jax.Array) -> jax.Array:
     """A few queries over an explicit key set (DSpark's draft block): q [B, Q, H, c], keys [B, K, c]
     (key = value), valid [B, K] bool -> [B, Q, H, c]; one fp32 softmax over the keys and the per-head
@@ -495,7 +649,7 @@ class Image(NamedTuple):
 
 class V41Output(NamedTuple):
     logits: jax.Array  # [B, T, V] fp32
-    hidden_states: tuple[jax.Array, ...]  # L x [B, T, n_hc, d]: each block's output streams
+    hidden_states: tuple[jax.Array, ...] | None  # L x [B, T, n_hc, d]: each block's output streams
     engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
     target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means before the targets)
     cache: V41Cache | None = None  # the updated cache (a cached call)
@@ -507,7 +661,8 @@ class V41Transformer(nnx.Module):
     def __init__(self, cfg: V41Config, *, rngs: nnx.Rngs, options: RunOptions = RunOptions()):
         pd = options.param_dtype
         self.embed = Embed(cfg.vocab_size, cfg.dim, param_dtype=pd, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs, options=options) for i in range(cfg.n_layers)])
+        self.plan = layer_plan(cfg)
+        self.segments = nnx.List([Segment(cfg, ids, rngs=rngs, options=options) for ids in self.plan])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, "embed", rngs=rngs)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
         self.dspark = nnx.List([DSparkStage(cfg, k, rngs=rngs, options=options) for k in range(cfg.n_mtp_layers)])
@@ -538,12 +693,14 @@ class V41Transformer(nnx.Module):
         return e, image
 
     def __call__(self, tokens: jax.Array, engram_ids: jax.Array | None = None, image: jax.Array | None = None,
-                 embeddings: jax.Array | None = None, cache: V41Cache | None = None) -> V41Output:
+                 embeddings: jax.Array | None = None, cache: V41Cache | None = None,
+                 return_hidden_states: bool = True) -> V41Output:
         """tokens [B, T]: from position 0, or with a cache at each row's cache.lengths (prefill into an
         empty cache, decode, chunks). engram_ids [B, T, n_engram_layers, cols] (host-computed hash rows,
         `engram_hash`, with the history for a cached call); image [B, T] bool: image-span positions
         (bias_vl, Engram gate 0); embeddings [B, T, d] or None: the input embeddings with the image
-        spans already placed (`embed_prompt`)."""
+        spans already placed (`embed_prompt`). return_hidden_states=False: no per-layer streams (a
+        training step keeps only what its backward needs)."""
         cfg = self.cfg
         B, T = tokens.shape
         start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
@@ -552,24 +709,38 @@ class V41Transformer(nnx.Module):
             raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
                              f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
         e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
-        streams, pre = widen(e, cfg.hc_mult)  # [B, T, n_hc, d], one-hot pre
-        text = None if image is None else ~image
-        shared, hidden, engram_inputs, targets, states = Shared(), [], [], [], []
-        for i, block in enumerate(self.layers):
-            if block.engram is not None:
-                streams = block.engram(streams, engram_ids[:, :, cfg.engram_layer_ids.index(i)], text)
-                engram_inputs.append(streams)
-            if i in cfg.dspark_target_layer_ids:
-                targets.append(jnp.mean(streams.astype(jnp.float32), axis=2))
-            streams, pre, shared, state = block(streams, pre, shared, image, positions,
-                                                None if cache is None else cache.layers[i])
-            hidden.append(streams)
-            states.append(state)
+        ctx = Context(positions, image, None if image is None else ~image, engram_ids, return_hidden_states)
+        carry = (*widen(e, cfg.hc_mult), Shared())  # streams [B, T, n_hc, d], one-hot pre
+        per_layer: dict[int, tuple] = {}  # layer -> (streams | None, DSpark target | None, Engram input | None)
+        states = []
+        for s, (segment, ids) in enumerate(zip(self.segments, self.plan)):
+            carry, outs = segment(carry, ctx, None if cache is None else cache.layers[s])
+            for run, out in zip(ids, outs):
+                run = np.asarray(run)
+                for at in np.ndindex(*run.shape):  # the stacked outputs back in layer order
+                    idx = tuple(i for i, n in zip(at, run.shape) if n > 1)
+                    per_layer[int(run[at])] = tuple(None if o is None else o[idx] for o in out[:3])
+            states.append(tuple(out[3] for out in outs))
+        streams, pre, _ = carry
         h = self.norm(collapse(pre, streams))  # [B, T, d]: the last FFN unit's pre, no hc head
         logits = self.head(h, jnp.float32)
+        ordered = [per_layer[i] for i in range(cfg.n_layers)]
+        targets = [t for _, t, _ in ordered if t is not None]
         new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
-        return V41Output(logits, tuple(hidden), tuple(engram_inputs),
+        return V41Output(logits, tuple(h for h, _, _ in ordered) if return_hidden_states else None,
+                         tuple(g for _, _, g in ordered if g is not None),
                          jnp.concatenate(targets, axis=-1) if targets else None, new_cache)
+
+    def block(self, layer: int) -> Block:
+        """Backbone layer `layer`'s block, its parameters sliced out of their stack (a copy, for reading)."""
+        for segment, ids in zip(self.segments, self.plan):
+            for run, block_ids in zip(segment.runs, map(np.asarray, ids)):
+                hit = np.argwhere(block_ids == layer)
+                if len(hit):
+                    idx = tuple(int(i) for i, n in zip(hit[0], block_ids.shape) if n > 1)
+                    graphdef, state = nnx.split(run)
+                    return nnx.merge(graphdef, jax.tree.map(lambda a: a[idx], state))
+        raise IndexError(f"layer {layer} out of range: the model has {self.cfg.n_layers}")
 
     def draft(self, features: jax.Array, cache: V41Cache, token: jax.Array | None = None):
         """DSpark (architecture.md §12.8). features [B, S, n_targets * d]: `V41Output.target_features` of
