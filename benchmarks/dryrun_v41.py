@@ -31,17 +31,18 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks.dryrun import libtpu_version, tpu_devices
-from benchmarks.hlo_costs import breakdown, collective_bytes
+from benchmarks.dryrun import _parse_sets, libtpu_version, tpu_devices
+from benchmarks.hlo_costs import async_overlaps, breakdown, by_function, collective_bytes
 from benchmarks.v41 import param_counts
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
 from sharding.mesh import compiler_options, describe, make_mesh
 from sharding.partition import data_sharding, state_shardings
 from sharding.rules import get_rules, parse_overrides
-from v4jax.config import RunOptions
+from v4jax.config import OPTION_FIELDS, RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, init_v41_cache, v41_cache_shardings
+from v4jax.train.losses import cross_entropy
 
 
 # v41-flash layers that keep one of each kind, for a depth-reduced compile (--layers): two ratio-0 layers
@@ -70,12 +71,18 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: str = "full"):
+def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: str = "full",
+          sets: dict | None = None):
     """(jitted step, abstract sharded arguments, the abstract model) for the mode; remat: what the
-    training step's backward recomputes per block (`Remat`)."""
+    training step's backward recomputes per block (`Remat`); sets: RunOptions fields (kernels, MoE
+    dispatch), as `benchmarks.dryrun --set` and train.py's model table give them."""
     serving = mode == "decode"
     options = RunOptions(dtype="bfloat16", param_dtype="bfloat16" if serving else "float32",
                          remat="none" if serving else remat)
+    unknown = sorted(set(sets or {}) - set(OPTION_FIELDS))
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a run-time option (V4.1 takes {sorted(OPTION_FIELDS)})")
+    options = options.replace(**(sets or {}))
     model = nnx.eval_shape(lambda: V41Transformer(cfg, rngs=nnx.Rngs(0), options=options))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     p_sh, r_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
@@ -110,8 +117,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
             with use_mesh_rules(mesh, rules):
                 logits = nnx.merge(graphdef, params, rest)(tokens, engram_ids,
                                                            return_hidden_states=False).logits  # [B, T, V] fp32
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+            return cross_entropy(logits[:, :-1], tokens[:, 1:])  # train.py's next-token loss
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt = optimizer.update(grads, opt, params)
@@ -127,7 +133,8 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
             seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "",
-            layers: tuple[int, ...] | None = None, remat: str = "full") -> dict:
+            layers: tuple[int, ...] | None = None, remat: str = "full", sets: dict | None = None,
+            hlo_out: str | None = None, breakdown_rows: int = 0) -> dict:
     """Compile one step; `layers`: keep only these backbone layers (`keep_layers`), full width."""
     chip = chip_for(topology)
     cfg = V41Config.preset(config).without_dspark()
@@ -137,12 +144,12 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     devices = tpu_devices(topology)
     rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
-    fn, args, model = build(cfg, mode, batch, seq, mesh, rules, remat)
+    fn, args, model = build(cfg, mode, batch, seq, mesh, rules, remat, sets)
     t0 = time.time()
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
             "batch": batch, "seq": seq, "layers": list(layers) if layers else "all",
-            **({"remat": remat} if mode == "train" else {})}
+            **({"remat": remat} if mode == "train" else {}), **{k: str(v) for k, v in (sets or {}).items()}}
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
@@ -159,7 +166,11 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     except jax.errors.JaxRuntimeError:
         hlo = None
     coll = None if hlo is None else collective_bytes(hlo)
+    if hlo is not None and hlo_out:
+        with open(hlo_out, "w") as f:
+            f.write(hlo)
     loops = breakdown(hlo) if hlo is not None else []  # every loop body times its trip count (hlo_costs)
+    overlaps = async_overlaps(hlo) if hlo is not None else []
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     counts = param_counts(cfg, model)  # the model `build` made, not a second abstract build
@@ -183,7 +194,13 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
                 "loop_vector_flops_per_device": sum(c.vector_flops for c in loops),
                 "loop_over_model_flops": loop_flops * len(devices) / model_flops if model_flops else None,
                 "loop_step_s": loop_step, "loop_bound": loop_bound,
-                "loop_tokens_per_s_per_chip": tokens / loop_step / (len(devices) / per_dev)}
+                "loop_tokens_per_s_per_chip": tokens / loop_step / (len(devices) / per_dev),
+                "loop_mfu": model_flops / (len(devices) / per_dev * chip.bf16_flops * loop_step),  # matmul FLOPs
+                # ragged all-to-alls: [in all, asynchronous, overlapping a matmul or kernel]
+                "ragged_all_to_alls": [len(overlaps), sum(o.compute is not None for o in overlaps),
+                                       sum(bool(o.compute) for o in overlaps)],
+                **({"breakdown": [[c.source, c.flops, c.bytes] for c in by_function(loops)[:breakdown_rows]]}
+                   if breakdown_rows else {})}
                if loops else {}),
             "libtpu": libtpu_version()}
 
@@ -204,11 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                         "cannot hold the 40-layer program")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"],
                    help="training: what the backward recomputes in each block (RunOptions.remat)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="run-time option, repeatable: --set moe_impl=pallas --set attention_impl=pallas")
+    p.add_argument("--hlo-out", default=None, metavar="FILE", help="also write the compiled HLO text here")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="also list the N source functions with the most FLOPs (benchmarks.hlo_costs, loop by loop)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     try:
         report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
                          mesh_spec=args.mesh, rule_overrides=args.rule, remat=args.remat,
+                         sets=_parse_sets(args.set), hlo_out=args.hlo_out, breakdown_rows=args.breakdown,
                          layers=None if args.layers is None else REPRESENTATIVE_LAYERS if args.layers == "representative"
                          else tuple(int(x) for x in args.layers.split(",")))
     except ValueError as e:  # ConfigError, ShardingError

@@ -31,7 +31,8 @@ class ShardingError(ValueError):
 
 # Logical names used by the model. Parameters:
 PARAM_AXES = ("layers", "vocab", "embed", "embed_out", "q_lora", "heads", "head_dim", "o_groups", "o_lora",
-              "index_heads", "compress_width", "experts", "expert_mlp", "mlp", "hc", "hc_mix", "hc_embed")
+              "index_heads", "compress_width", "experts", "expert_mlp", "mlp", "hc", "hc_mix", "hc_embed",
+              "engram_cols")
 # Activations:
 ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_hc", "act_heads", "act_index_heads", "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
@@ -46,7 +47,7 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "layers": (), "vocab": ("fsdp",), "embed": ("fsdp",), "embed_out": ("fsdp",), "q_lora": ("fsdp",),
         "heads": ("fsdp",), "head_dim": (), "o_groups": (), "o_lora": ("fsdp",), "index_heads": (),
         "compress_width": ("fsdp",), "experts": (), "expert_mlp": ("fsdp",), "mlp": ("fsdp",), "hc": (),
-        "hc_mix": (), "hc_embed": ("fsdp",),
+        "hc_mix": (), "hc_embed": ("fsdp",), "engram_cols": ("fsdp",),
         "batch": ("data", "fsdp"), "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
         "act_vocab": (),
     },
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "q_lora": ("fsdp", "expert"), "heads": ("fsdp", "expert"), "head_dim": (), "o_groups": (),
         "o_lora": ("fsdp", "expert"), "index_heads": (), "compress_width": ("fsdp", "expert"),
         "experts": ("expert",), "expert_mlp": ("fsdp",), "mlp": ("fsdp", "expert"), "hc": (), "hc_mix": (),
-        "hc_embed": ("fsdp", "expert"),
+        "hc_embed": ("fsdp", "expert"), "engram_cols": ("fsdp", "expert"),
         "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
         "act_vocab": (),
     },
@@ -67,7 +68,7 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "q_lora": ("fsdp", "expert"), "heads": ("tensor",), "head_dim": (), "o_groups": ("tensor",),
         "o_lora": ("fsdp", "expert"), "index_heads": ("tensor",), "compress_width": ("fsdp", "expert"),
         "experts": ("expert",), "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (),
-        "hc_embed": ("fsdp", "expert"),
+        "hc_embed": ("fsdp", "expert"), "engram_cols": ("fsdp", "expert"),
         "batch": _DATA, "seq": (), "act_embed": (), "act_hc": (), "act_heads": ("tensor",),
         "act_index_heads": (), "act_vocab": ("tensor",),
     },
@@ -84,6 +85,7 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "heads": ("tensor",), "head_dim": (), "o_groups": ("tensor",), "o_lora": ("tensor",),
         "index_heads": ("tensor",), "compress_width": ("tensor",), "experts": ("expert",),
         "expert_mlp": ("tensor",), "mlp": ("tensor",), "hc": (), "hc_mix": (), "hc_embed": ("tensor",),
+        "engram_cols": ("tensor",),
         "batch": _DATA, "seq": (), "act_embed": ("tensor",), "act_hc": (), "act_heads": ("tensor",),
         "act_index_heads": ("tensor",), "act_vocab": ("tensor",),
     },
@@ -96,6 +98,7 @@ PRESETS: dict[str, dict[str, Axes]] = {
         "o_lora": ("fsdp", "context", "expert"), "index_heads": (), "compress_width": ("fsdp", "context"),
         "experts": ("expert",), "expert_mlp": ("fsdp", "context"), "mlp": ("fsdp", "context", "expert"),
         "hc": (), "hc_mix": (), "hc_embed": ("fsdp", "context", "expert"),
+        "engram_cols": ("fsdp", "context", "expert"),
         "batch": _DATA, "seq": ("context",), "act_embed": (), "act_hc": (), "act_heads": (), "act_index_heads": (),
         "act_vocab": (),
     },

@@ -143,13 +143,13 @@ def test_v41_flash_builds_abstractly_with_known_logical_axes():
     assert engram == (384008192 + 384020480) * 256  # the two Engram tables, rows padded to a multiple of 4096
     assert 7.5e11 < sum(sizes.values()) < 7.8e11  # text, vision and the three DSpark stages
     # every matrix places under the fsdp_ep rules on 8 devices (fsdp 2 x expert 4): nothing that
-    # should split is left whole (the rules' strict check), the Engram tables split by rows
+    # should split is left whole (the rules' strict check), the Engram tables split by columns (engram_cols)
     from sharding.mesh import make_mesh
     from sharding.partition import spec_table
     from sharding.rules import get_rules
 
     specs = spec_table(nnx.state(abstract), make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep"))
-    assert specs["segments.0.runs.1.engram.table"][0] is not None  # layer 1
+    assert tuple(specs["segments.0.runs.1.engram.table"]) == (None, ("fsdp", "expert"))  # layer 1
     assert specs["segments.1.runs.0.ffn.experts.w1"][:2] == (None, "expert")  # layers 2 and 8, stacked
     jax.clear_caches()
 
@@ -328,3 +328,30 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
     assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
     for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
         np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-7, err_msg=str(path))
+
+
+def test_a_stacked_variable_is_read_one_layer_at_a_time_into_its_devices():
+    """The loader builds a stacked parameter layer by layer (each layer's tensors read once, host memory
+    one layer beside the devices' slices), in the plan's order, into the sharding the rules give."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sharding.mesh import make_mesh
+    from v4jax.io.official_v41 import _layer_by_layer
+
+    rng = np.random.default_rng(0)
+    layers = [rng.normal(size=(6, 8)).astype(np.float32) for _ in range(6)]
+    calls = []
+    builds = [lambda k=k: calls.append(k) or layers[k] for k in range(6)]
+    keys = [f"layers.{k}.w" for k in range(6)]
+    sharding = NamedSharding(make_mesh("fsdp=2,expert=4"), PartitionSpec(None, None, "fsdp", "expert"))
+    for where in (sharding, None):
+        calls.clear()
+        got = _layer_by_layer(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", where)
+        assert calls == list(range(6))  # once each, whatever the devices
+        np.testing.assert_array_equal(np.asarray(got), np.stack(layers).reshape(2, 3, 6, 8))
+        assert where is None or got.sharding == where
+    layers[4] = layers[4][:, :7]
+    with pytest.raises(ValueError, match=r"'layers.4.w' gives shape \(6, 7\) for a layer of segments.1.runs.0.w"):
+        _layer_by_layer(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", sharding)

@@ -237,28 +237,47 @@ def _t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
 
-def _sources(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], Callable[[], np.ndarray]]:
-    """Our parameter path -> (the official tensors it comes from, how to build our value). A stacked
-    backbone parameter (`segments.{s}.runs.{q}...`, architecture.md §12.3) is its layers' values
-    stacked in the run's [repeats, count] order (axes of size 1 dropped)."""
+def _sources(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], list[Callable[[], np.ndarray]],
+                                                                          tuple[int, ...]]:
+    """Our parameter path -> (the official tensors it comes from, how to build each layer's value, the
+    stack axes). A stacked backbone parameter (`segments.{s}.runs.{q}...`, architecture.md §12.3) is its
+    layers' values in the run's [repeats, count] order (axes of size 1 dropped); any other is one value
+    with no stack axes."""
     if path[0] != "segments":
         key, build = _official(path, cfg, tensors)
-        return [key], build
-    run = np.asarray(layer_plan(cfg)[path[1]][path[3]])  # layer ids [repeats, count]
-    parts = [_official(("layers", int(i)) + tuple(path[4:]), cfg, tensors) for i in run.flat]
-    if run.size == 1:
-        return [parts[0][0]], parts[0][1]
-    return [k for k, _ in parts], lambda: _stacked([b for _, b in parts], stack_dims(run))
+        return [key], [build], ()
+    run = layer_plan(cfg)[path[1]][path[3]]  # layer ids [repeats][count]
+    parts = [_official(("layers", i) + tuple(path[4:]), cfg, tensors) for ids in run for i in ids]
+    return [k for k, _ in parts], [b for _, b in parts], stack_dims(run)
 
 
-def _stacked(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...]) -> np.ndarray:
-    """The layers' values one at a time into one [*lead, ...] array (host memory: the stack, one layer more)."""
-    first = builds[0]()
-    out = np.empty((len(builds),) + first.shape, first.dtype)
-    out[0] = first
-    for n, b in enumerate(builds[1:], 1):
-        out[n] = b()
-    return out.reshape(lead + first.shape)
+def _layer_by_layer(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...], shape: tuple[int, ...], dtype,
+                    keys: list[str], name: str, sharding=None) -> jax.Array:
+    """A stacked variable [*lead, ...] built one layer at a time, so host memory holds one layer's
+    tensors beside what the variable keeps: the whole stack (no sharding), or each of this process's
+    devices' slice of every layer (a sharding: the slices go straight to their devices)."""
+    n = len(lead)
+    if sharding is None:
+        slots = {None: tuple(slice(0, k) for k in shape)}
+    else:
+        slots = {d: tuple(i if isinstance(i, slice) else slice(i, i + 1) for i in idx)
+                 for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+    ranges = {d: [range(*s.indices(k)) for s, k in zip(idx, shape)] for d, idx in slots.items()}
+    bufs = {d: np.empty([len(r) for r in rs], dtype) for d, rs in ranges.items()}
+    for k, (build, key) in enumerate(zip(builds, keys)):
+        at = np.unravel_index(k, lead)  # the layer's place in the stack
+        value = build()
+        if tuple(value.shape) != shape[n:]:
+            raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for a layer of {name}, "
+                             f"whose layers are {shape[n:]}")
+        for d, rs in ranges.items():
+            if all(i in r for i, r in zip(at, rs)):
+                local = tuple(r.index(i) for i, r in zip(at, rs))
+                bufs[d][local] = np.asarray(value[slots[d][n:]]).astype(dtype)
+        del value
+    if sharding is None:
+        return jnp.asarray(bufs[None])
+    return jax.make_array_from_single_device_arrays(shape, sharding, [jax.device_put(b, d) for d, b in bufs.items()])
 
 
 def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str, Callable[[], np.ndarray]]:
@@ -309,31 +328,40 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
     return name, lambda: get(name)
 
 
-def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray],
-                      place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> None:
+def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray], shardings: dict | None = None) -> None:
     """Set every parameter and buffer of `model` (concrete, or abstract from `nnx.eval_shape`) from
     `tensors` (official names, unquantised; a read-on-demand mapping such as `SourceTensors` is read one
-    variable at a time). place(path, value): the array the variable then holds (default: on the default
-    device; `assemble_v41` puts each straight into its sharding). ValueError naming the tensor when one
-    is missing or has the wrong shape."""
+    variable, and for a stacked one one layer, at a time). shardings {path: NamedSharding}: each variable
+    goes straight into its layout (`assemble_v41`), else onto the default device. ValueError naming the
+    tensor when one is missing or has the wrong shape."""
     cfg = model.cfg
-    place = place or (lambda path, value: jnp.asarray(value))
+
+    def place(path, value):
+        if shardings is None:
+            return jnp.asarray(value)
+        return jax.make_array_from_callback(value.shape, shardings[path].get_value(), lambda idx: value[idx])
+
     if cfg.vision_n_layers:  # the vision tower's own loader (its fused wqkv / w1 split over modules)
         load_vision_params(model.vision, model.aligner,
                            {k: tensors[k] for k in tensors if k.startswith(("vision.", "aligner."))})
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
         if path[0] in ("vision", "aligner"):
             var.set_value(place(path, np.asarray(var.get_value())))
             continue
-        keys, build = _sources(path, cfg, tensors)
+        keys, builds, lead = _sources(path, cfg, tensors)
         for key in keys:
             if key not in tensors:
-                raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {'.'.join(map(str, path))})")
-        value = build()
+                raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {name})")
+        if lead:
+            var.set_value(_layer_by_layer(builds, lead, tuple(var.shape), var.dtype, keys, name,
+                                          None if shardings is None else shardings[path].get_value()))
+            continue
+        value = builds[0]()
         if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"V4.1 tensor {', '.join(map(repr, keys))} gives shape {tuple(value.shape)} for "
-                             f"{'.'.join(map(str, path))}, which is {tuple(var.shape)}")
+            raise ValueError(f"V4.1 tensor {keys[0]!r} gives shape {tuple(value.shape)} for {name}, "
+                             f"which is {tuple(var.shape)}")
         var.set_value(place(path, np.asarray(value).astype(var.dtype)))
         del value
     nnx.update(model, state)
@@ -353,9 +381,5 @@ def assemble_v41(cfg: V41Config, source: TensorSource, *, mesh=None, rules=None,
             raise ValueError("assemble_v41: a mesh needs an AxisRules table (sharding.rules.get_rules)")
         shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(model), mesh, rules)))
 
-    def place(path, value):
-        if shardings is None:
-            return jnp.asarray(value)
-        return jax.make_array_from_callback(value.shape, shardings[path].get_value(), lambda idx: value[idx])
-    load_official_v41(model, SourceTensors(source), place)
+    load_official_v41(model, SourceTensors(source), shardings)
     return model

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.lightning_indexer_reference import index_scores
+from sharding.context import constrain
 from v4jax.config import AttentionKind, Remat, RunOptions, layer_schedule
 from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
@@ -395,12 +396,15 @@ class Engram(nnx.Module):
     """Engram conditional memory at one layer (architecture.md §12.4): the rows of the hashed n-grams
     -> one key per stream and a shared value; each stream takes the value times a gate from the
     normalised stream-key product (signed square root, then sigmoid); image positions pass unchanged.
-    The table (384e6 rows at the released size) splits its rows like the vocabulary."""
+    The table (384e6 rows at the released size) splits its columns (`engram_cols`): every device looks
+    up its columns of every token's rows, and one all-to-all hands each token its row (architecture.md
+    §12.9; split by rows, the partitioner gathered every token's rows on every device)."""
 
     def __init__(self, cfg: V41Config, rows: int, *, rngs: nnx.Rngs, options: RunOptions):
         pd, n, d = options.param_dtype, cfg.hc_mult, cfg.dim
         cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
-        self.table = param(rngs, (engram_table_rows(rows), cfg.engram_head_dim), ("vocab", None), pd)  # [rows, hd]
+        rows = engram_table_rows(rows)
+        self.table = param(rngs, (rows, cfg.engram_head_dim), (None, "engram_cols"), pd)  # [rows, hd]
         self.wkv = Linear(cols * cfg.engram_head_dim, (n + 1) * d, (None, "embed"), param_dtype=pd, rngs=rngs)
         self.q_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
         self.k_weight = param(rngs, (n, d), ("hc", "embed"), jnp.float32, init="ones")
@@ -410,8 +414,10 @@ class Engram(nnx.Module):
         """streams [B, T, n_hc, d]; ids [B, T, cols] rows of this layer's table; text [B, T] bool or None
         (False: an image position, gate 0)."""
         B, T = ids.shape[:2]
-        rows = jnp.take(self.table[...], ids, axis=0).reshape(B, T, -1)  # [B, T, cols * head_dim]
-        kv = self.wkv(rows.astype(streams.dtype), jnp.float32)  # [B, T, (n_hc + 1) d]
+        ids = constrain(ids, (None, None, None))  # every token's ids on every device
+        rows = jnp.take(self.table[...], ids, axis=0).astype(streams.dtype)  # [B, T, cols, head_dim]
+        rows = constrain(constrain(rows, (None, None, None, "engram_cols")), ("batch", "seq", None, None))
+        kv = self.wkv(rows.reshape(B, T, -1), jnp.float32)  # [B, T, (n_hc + 1) d]
         key, value = kv[..., :self.n * self.d].reshape(B, T, self.n, self.d), kv[..., self.n * self.d:]
         h = streams.astype(jnp.float32)
         rstd = (rms_scale(h, self.eps) * rms_scale(key, self.eps))[..., 0]  # [B, T, n_hc]: per stream
