@@ -67,6 +67,10 @@ def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
                        engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
 
 
+STEPS = {"train": "benchmarks.dryrun_v41 train_step: v4jax.train.losses.cross_entropy, AdamW (no DSpark loss)",
+         "decode": "V41Transformer(tokens, engram_ids, cache=cache), greedy"}
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
@@ -149,7 +153,8 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
             "batch": batch, "seq": seq, "layers": list(layers) if layers else "all",
-            **({"remat": remat} if mode == "train" else {}), **{k: str(v) for k, v in (sets or {}).items()}}
+            **({"remat": remat} if mode == "train" else {}), **{k: str(v) for k, v in (sets or {}).items()},
+            "settings": {"step": STEPS[mode], **{k: str(v) for k, v in (sets or {}).items()}}}
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
