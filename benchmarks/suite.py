@@ -258,6 +258,12 @@ def _verdict(fits: bool | None, why: str) -> str:
     return "no" + (f": {why[:80]}" if why else "")
 
 
+def _model_name(d: dict) -> str:
+    """The model a dry-run report compiled: a depth-reduced one (V4.1's --layers) names its layers."""
+    layers = d.get("layers")
+    return d["config"] + (f" (layers {','.join(map(str, layers))} only)" if isinstance(layers, list) else "")
+
+
 def dryrun_tables(runs: list[dict]) -> str:
     g = 2**30
     # two readings of one program (docs/sharding.md, Dry runs): XLA's cost analysis scaled by one analytic
@@ -280,7 +286,7 @@ def dryrun_tables(runs: list[dict]) -> str:
         st = d.get("settings") or {}
         knobs = ", ".join(f"{k} {st[k]}" for k in ("optimizer", "moe_dispatch_chunk", "moe_impl") if k in st)
         if d.get("mode") == "train" and "step" not in st:  # before issue 16 the dry run compiled its own loss
-            knobs += ", own CE+MTP loss, not make_step"
+            knobs += (", " if knobs else "") + "own loss, not make_step"
         if "TPU_LIBRARY_PATH" in st.get("libtpu", ""):  # compiled by another libtpu than the installed one
             knobs += f", libtpu {st['libtpu'].split()[0]}"
         model_per_device = "-" if not devices or d.get("model_flops") is None else f"{d['model_flops'] / devices:.2e}"
@@ -288,7 +294,7 @@ def dryrun_tables(runs: list[dict]) -> str:
         # a report whose HLO could not be read back (another libtpu) has no collectives term
         no_ici = " (ICI not counted: HLO unreadable)" if d.get("fits") and d.get("collective_bytes_per_device", 0) is None else ""
         lines.append(
-            f"| {d['config']} {d.get('mode', '?')}{f' ({knobs})' if knobs else ''} | {d['topology']} "
+            f"| {_model_name(d)} {d.get('mode', '?')}{f' ({knobs})' if knobs else ''} | {d['topology']} "
             f"({devices or '-'}) | {d.get('mesh') or '-'} | "
             f"{d.get('batch') or '-'} x {d.get('seq', '-')} | {peak} ({hbm}) | {fits_s} | "
             f"{num(d, 'flops_per_device', lambda v: f'{v:.2e}')} | {model_per_device} | "
@@ -306,7 +312,7 @@ def dryrun_tables(runs: list[dict]) -> str:
     tried: dict[tuple, list[str]] = {}
     unknown: set[tuple] = set()  # some run of the key ended without a verdict (a compiler abort)
     for d in runs:
-        key = (d["config"], d.get("mode", "?"), d.get("seq", 0), d["topology"].split(":")[0])
+        key = (_model_name(d), d.get("mode", "?"), d.get("seq", 0), d["topology"].split(":")[0])
         tried.setdefault(key, []).append(d["topology"])
         if d.get("fits") is None:
             unknown.add(key)
