@@ -657,7 +657,7 @@ class V41Output(NamedTuple):
     logits: jax.Array  # [B, T, V] fp32
     hidden_states: tuple[jax.Array, ...] | None  # L x [B, T, n_hc, d]: each block's output streams
     engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
-    target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means before the targets)
+    target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means); None without DSpark
     cache: V41Cache | None = None  # the updated cache (a cached call)
 
 
