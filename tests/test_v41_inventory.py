@@ -26,8 +26,8 @@ from benchmarks.v41_inventory import load_inventory, release_param_counts, store
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.io.official_v41 import (ENGRAM_SCALE_BLOCK, FP4_BLOCK_V41, FP8_BLOCK_V41, _is_consumed_scale, _official,
-                                   official_names_v41)
-from v4jax.model.v41 import V41Transformer, engram_table_rows, layer_plan, stack_dims
+                                   layer_paths, official_names_v41)
+from v4jax.model.v41 import V41Transformer, engram_table_rows, layer_plan
 from v4jax.model.vision import load_vision_params
 
 QUANTISED = ("F8_E4M3", "I8")  # stored with a `.scale` beside them
@@ -121,23 +121,14 @@ def _our_shape(path: tuple, release_shape: tuple[int, ...], cfg) -> tuple[int, .
 def test_every_parameter_has_its_release_tensor(release, flash):
     _, inv = release
     cfg, _, flat = flash
-    problems = []
+    plan, problems = layer_plan(cfg), []
     for stacked_path, var in flat.items():
         if stacked_path[0] in ("vision", "aligner"):
             continue  # load_vision_params: test_vision_tower_loads_the_release_tensors
-        for path, our_shape in _per_layer(stacked_path, tuple(var.shape), cfg):
-            problems += _release_problems(path, our_shape, var.dtype, inv, cfg)
+        paths, lead = layer_paths(stacked_path, plan)  # a stacked parameter: each layer's, stack axes dropped
+        for path in paths:
+            problems += _release_problems(path, tuple(var.shape)[len(lead):], var.dtype, inv, cfg)
     assert not problems, "\n".join(problems)
-
-
-def _per_layer(path: tuple, shape: tuple[int, ...], cfg):
-    """A stacked backbone parameter (`segments.{s}.runs.{q}...`) -> its layers' paths and the shape of
-    each (the stack axes dropped); any other parameter as it is."""
-    if path[0] != "segments":
-        return [(path, shape)]
-    run = layer_plan(cfg)[path[1]][path[3]]
-    n = len(stack_dims(run))
-    return [(("layers", i) + tuple(path[4:]), shape[n:]) for ids in run for i in ids]
 
 
 def _release_problems(path: tuple, our_shape: tuple[int, ...], our_dtype, inv, cfg) -> list[str]:

@@ -338,7 +338,7 @@ def test_a_stacked_variable_is_read_one_layer_at_a_time_into_its_devices():
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sharding.mesh import make_mesh
-    from v4jax.io.official_v41 import _layer_by_layer
+    from v4jax.io.official_v41 import _placed
 
     rng = np.random.default_rng(0)
     layers = [rng.normal(size=(6, 8)).astype(np.float32) for _ in range(6)]
@@ -348,10 +348,10 @@ def test_a_stacked_variable_is_read_one_layer_at_a_time_into_its_devices():
     sharding = NamedSharding(make_mesh("fsdp=2,expert=4"), PartitionSpec(None, None, "fsdp", "expert"))
     for where in (sharding, None):
         calls.clear()
-        got = _layer_by_layer(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", where)
+        got = _placed(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", where)
         assert calls == list(range(6))  # once each, whatever the devices
         np.testing.assert_array_equal(np.asarray(got), np.stack(layers).reshape(2, 3, 6, 8))
         assert where is None or got.sharding == where
     layers[4] = layers[4][:, :7]
     with pytest.raises(ValueError, match=r"'layers.4.w' gives shape \(6, 7\) for a layer of segments.1.runs.0.w"):
-        _layer_by_layer(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", sharding)
+        _placed(builds, (2, 3), (2, 3, 6, 8), np.float32, keys, "segments.1.runs.0.w", sharding)

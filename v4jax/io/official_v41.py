@@ -21,7 +21,7 @@ from v4jax.io.sources import Kind, TensorSource
 from v4jax.io.tensorfile import TensorFileError, open_directory
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
-from v4jax.model.v41 import V41Transformer, engram_table_rows, layer_plan, stack_dims
+from v4jax.model.v41 import V41Transformer, engram_table_rows, stack_dims
 from v4jax.model.vision import load_vision_params
 
 ENGRAM_SCALE_BLOCK = 32  # columns per Engram table scale (release: 1 x 32 blocks)
@@ -119,7 +119,7 @@ def official_names_v41(model: V41Transformer) -> set[str]:
     for path, _ in nnx.to_flat_state(nnx.state(model)):
         if path[0] in ("vision", "aligner"):
             continue
-        for key in _sources(path, cfg, {})[0]:
+        for key in _sources(path, model, {})[0]:
             if ".ffn.experts.0." in key:
                 n = cfg.n_routed_experts if key.startswith("layers.") else cfg.dspark_n_routed_experts
                 names |= {key.replace(".experts.0.", f".experts.{e}.") for e in range(n)}
@@ -237,25 +237,30 @@ def _t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
 
-def _sources(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], list[Callable[[], np.ndarray]],
-                                                                          tuple[int, ...]]:
-    """Our parameter path -> (the official tensors it comes from, how to build each layer's value, the
-    stack axes). A stacked backbone parameter (`segments.{s}.runs.{q}...`, architecture.md §12.3) is its
-    layers' values in the run's [repeats, count] order (axes of size 1 dropped); any other is one value
-    with no stack axes."""
+def layer_paths(path: tuple, plan) -> tuple[list[tuple], tuple[int, ...]]:
+    """A parameter path -> (the per-layer paths its value is built from, its stack axes). A stacked
+    backbone parameter (`segments.{s}.runs.{q}...`, architecture.md §12.3) comes from its run's layers
+    (`layers.{i}...`) in the run's [repeats, count] order (axes of size 1 dropped); any other path is
+    its own, with no stack axes. plan: the model's `layer_plan`."""
     if path[0] != "segments":
-        key, build = _official(path, cfg, tensors)
-        return [key], [build], ()
-    run = layer_plan(cfg)[path[1]][path[3]]  # layer ids [repeats][count]
-    parts = [_official(("layers", i) + tuple(path[4:]), cfg, tensors) for ids in run for i in ids]
-    return [k for k, _ in parts], [b for _, b in parts], stack_dims(run)
+        return [path], ()
+    run = plan[path[1]][path[3]]  # layer ids [repeats][count]
+    return [("layers", i) + tuple(path[4:]) for ids in run for i in ids], stack_dims(run)
 
 
-def _layer_by_layer(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...], shape: tuple[int, ...], dtype,
-                    keys: list[str], name: str, sharding=None) -> jax.Array:
-    """A stacked variable [*lead, ...] built one layer at a time, so host memory holds one layer's
-    tensors beside what the variable keeps: the whole stack (no sharding), or each of this process's
-    devices' slice of every layer (a sharding: the slices go straight to their devices)."""
+def _sources(path: tuple, model: V41Transformer, tensors: Mapping[str, np.ndarray]):
+    """Our parameter path -> (the official tensors it comes from, how to build each layer's value, the
+    stack axes)."""
+    paths, lead = layer_paths(path, model.plan)
+    parts = [_official(p, model.cfg, tensors) for p in paths]
+    return [k for k, _ in parts], [b for _, b in parts], lead
+
+
+def _placed(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...], shape: tuple[int, ...], dtype,
+            keys: list[str], name: str, sharding=None) -> jax.Array:
+    """A variable [*lead, ...] built one layer at a time (lead = (): one value), so host memory holds one
+    layer's tensors beside what the variable keeps: the whole variable (no sharding), or each of this
+    process's devices' slice of every layer (a sharding: the slices go straight to their devices)."""
     n = len(lead)
     if sharding is None:
         slots = {None: tuple(slice(0, k) for k in shape)}
@@ -268,8 +273,8 @@ def _layer_by_layer(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...
         at = np.unravel_index(k, lead)  # the layer's place in the stack
         value = build()
         if tuple(value.shape) != shape[n:]:
-            raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for a layer of {name}, "
-                             f"whose layers are {shape[n:]}")
+            raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for " +
+                             (f"a layer of {name}, whose layers are {shape[n:]}" if n else f"{name}, which is {shape}"))
         for d, rs in ranges.items():
             if all(i in r for i, r in zip(at, rs)):
                 local = tuple(r.index(i) for i, r in zip(at, rs))
@@ -335,35 +340,22 @@ def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray], 
     goes straight into its layout (`assemble_v41`), else onto the default device. ValueError naming the
     tensor when one is missing or has the wrong shape."""
     cfg = model.cfg
-
-    def place(path, value):
-        if shardings is None:
-            return jnp.asarray(value)
-        return jax.make_array_from_callback(value.shape, shardings[path].get_value(), lambda idx: value[idx])
-
     if cfg.vision_n_layers:  # the vision tower's own loader (its fused wqkv / w1 split over modules)
         load_vision_params(model.vision, model.aligner,
                            {k: tensors[k] for k in tensors if k.startswith(("vision.", "aligner."))})
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
-        if path[0] in ("vision", "aligner"):
-            var.set_value(place(path, np.asarray(var.get_value())))
-            continue
-        keys, builds, lead = _sources(path, cfg, tensors)
-        for key in keys:
-            if key not in tensors:
-                raise ValueError(f"V4.1 checkpoint lacks {key!r} (for {name})")
-        if lead:
-            var.set_value(_layer_by_layer(builds, lead, tuple(var.shape), var.dtype, keys, name,
-                                          None if shardings is None else shardings[path].get_value()))
-            continue
-        value = builds[0]()
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"V4.1 tensor {keys[0]!r} gives shape {tuple(value.shape)} for {name}, "
-                             f"which is {tuple(var.shape)}")
-        var.set_value(place(path, np.asarray(value).astype(var.dtype)))
-        del value
+        if path[0] in ("vision", "aligner"):  # loaded above: placed as they are
+            value = np.asarray(var.get_value())
+            keys, builds, lead = [name], [lambda value=value: value], ()
+        else:
+            keys, builds, lead = _sources(path, model, tensors)
+            missing = [key for key in keys if key not in tensors]
+            if missing:
+                raise ValueError(f"V4.1 checkpoint lacks {missing[0]!r} (for {name})")
+        var.set_value(_placed(builds, lead, tuple(var.shape), var.dtype, keys, name,
+                              None if shardings is None else shardings[path].get_value()))
     nnx.update(model, state)
 
 
