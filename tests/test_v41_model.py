@@ -16,7 +16,7 @@ from v4jax.config_v41 import V41Config
 from v4jax.model.mhc import collapse
 from v4jax.model.v41 import Compressor, Image, V41Transformer, candidate_blocks
 
-from v41_fixtures import FIXTURES, engram_ids, needs_fixtures, quantised_release  # noqa: E402  (tests/v41_fixtures.py)
+from v41_fixtures import FIXTURES, engram_ids, flash_shaped, needs_fixtures, quantised_release  # noqa: E402  (tests/v41_fixtures.py)
 OPTIONS = RunOptions(dtype="float32", param_dtype="float32", attention_chunk=64)
 
 
@@ -248,18 +248,6 @@ def test_the_release_storage_loads_with_its_per_role_block_sizes(model):
         dequantize_release_v41(bad)
 
 
-def _flash_shaped():
-    """v41-flash's layer pattern at CPU size: two ratio-0 layers (Engram on the second), two ratio-2 KV
-    groups of a source and two followers, a ratio-1 KV / index / candidate source with Engram, then
-    index sources each followed by one layer, the last three feeding DSpark."""
-    cfg = V41Config.preset("v41-tiny").replace(
-        n_layers=16, compress_ratios=(0, 0) + (2,) * 6 + (1,) * 8 + (0, 0), kv_source_layers=(2, 5, 8),
-        index_source_layers=(2, 5, 8, 10, 12, 14), candidate_source_layer=8, engram_layer_ids=(1, 8),
-        dspark_target_layer_ids=(13, 14, 15), vision_n_layers=0)
-    cfg.validate()
-    return cfg
-
-
 def test_the_layer_plan_stacks_each_kind_once():
     from v4jax.model.v41 import layer_plan
 
@@ -271,7 +259,7 @@ def test_the_layer_plan_stacks_each_kind_once():
     assert plan(flash.without_dspark()) == [[(1, 1, 0), (1, 1, 1)], [(2, 1, 2), (2, 5, 3)],
                                             [(1, 1, 14), (1, 5, 15), (1, 1, 20), (1, 3, 21)], [(4, 1, 24), (4, 3, 25)]]
     assert plan(flash)[-2:] == [[(4, 3, 21), (4, 1, 24)], [(1, 3, 37)]]  # 37-39 feed DSpark: their own kind
-    assert plan(_flash_shaped())[1] == [(2, 1, 2), (2, 2, 3)]  # layers 2, 3-4, then 5, 6-7
+    assert plan(flash_shaped())[1] == [(2, 1, 2), (2, 2, 3)]  # layers 2, 3-4, then 5, 6-7
     ids = [i for segment in layer_plan(flash) for run in segment for r in run for i in r]
     assert sorted(ids) == list(range(40))
 
@@ -286,11 +274,11 @@ def _rows(model, cfg, B, T, seed):
 def test_the_scanned_backbone_equals_a_loop_over_its_layers():
     """Stacked runs in repeated units (scan in scan), single blocks, Engram and DSpark targets: the model's
     forward equals the blocks called one by one, layer after layer (architecture.md §12.3); the hidden
-    states come back in layer order; prefill + decode through the stacked cache equal the stateless
-    forward; full remat changes neither the loss nor its gradient."""
+    states and the routing statistics come back in layer order; prefill + decode through the stacked
+    cache equal the stateless forward; full remat changes neither the loss nor its gradient."""
     from v4jax.model.v41 import Shared, init_v41_cache, widen
 
-    cfg = _flash_shaped()
+    cfg = flash_shaped()
     model = V41Transformer(cfg, rngs=nnx.Rngs(3), options=OPTIONS)
     B, T = 2, 24
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -305,8 +293,10 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
             streams = block.engram(streams, rows[:, :, cfg.engram_layer_ids.index(i)], None)
         if i in cfg.dspark_target_layer_ids:
             targets.append(jnp.mean(streams, axis=2))
-        streams, pre, shared, _ = block(streams, pre, shared, None, positions)
+        streams, pre, shared, _, stats = block(streams, pre, shared, None, positions)
         np.testing.assert_allclose(out.hidden_states[i], streams, rtol=1e-5, atol=1e-5, err_msg=f"layer {i}")
+        np.testing.assert_array_equal(out.routing.load[i], stats.load, err_msg=f"layer {i}: expert load")
+        np.testing.assert_allclose(out.routing.mean_affinity[i], stats.mean_affinity, rtol=1e-5, err_msg=f"layer {i}")
     want = model.head(model.norm(collapse(pre, streams)), jnp.float32)
     assert _rel(out.logits, want) <= 1e-6
     assert _rel(out.target_features, jnp.concatenate(targets, -1)) <= 1e-6

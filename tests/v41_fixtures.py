@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from v4jax.config_v41 import V41Config
+
 FIXTURES = os.environ.get("V4JAX_V41_FIXTURES") or os.path.join(os.path.dirname(__file__), "fixtures", "deepseek_v41")
 needs_fixtures = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"no V4.1 fixtures at {FIXTURES}")
 
@@ -54,3 +56,15 @@ def engram_ids(cfg, tokens, dead=None):
     pad = pad_compressed_id(cfg, token_map)
     return jnp.asarray(np.stack([ngram_hash_ids(ids, dead, layout, i, pad) for i in range(len(layout.layer_ids))],
                                 axis=2), jnp.int32)  # [B, T, n_engram_layers, cols]
+
+
+def flash_shaped():
+    """v41-flash's layer pattern at CPU size: two ratio-0 layers (Engram on the second), two ratio-2 KV
+    groups of a source and two followers, a ratio-1 KV / index / candidate source with Engram, then
+    index sources each followed by one layer, the last three feeding DSpark."""
+    cfg = V41Config.preset("v41-tiny").replace(
+        n_layers=16, compress_ratios=(0, 0) + (2,) * 6 + (1,) * 8 + (0, 0), kv_source_layers=(2, 5, 8),
+        index_source_layers=(2, 5, 8, 10, 12, 14), candidate_source_layer=8, engram_layer_ids=(1, 8),
+        dspark_target_layer_ids=(13, 14, 15), vision_n_layers=0)
+    cfg.validate()
+    return cfg

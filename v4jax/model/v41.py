@@ -44,7 +44,7 @@ from v4jax.model.attention import past_indices
 from v4jax.model.compressor import open_windows, ring_write
 from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param, rms_scale
 from v4jax.model.mhc import HyperConnection, collapse
-from v4jax.model.moe import Experts, Routing, SharedExpert, affinity
+from v4jax.model.moe import Experts, Routing, RoutingStats, SharedExpert, affinity, routing_stats
 from v4jax.model.rope import apply_rope, inv_frequencies
 from v4jax.model.vision import (TOKEN_IMAGE, TOKEN_IMAGE_END, TOKEN_IMAGE_NEWLINE, TOKEN_IMAGE_START, Aligner,
                                 VisionTower, encode_image, image_span_layout)
@@ -377,11 +377,11 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs=rngs, options=options)
         self.shared_experts = SharedExpert(cfg, rngs=rngs, options=options)
 
-    def __call__(self, x: jax.Array, image: jax.Array | None) -> jax.Array:
-        """x [B, T, d], image [B, T] bool or None -> [B, T, d]."""
+    def __call__(self, x: jax.Array, image: jax.Array | None) -> tuple[jax.Array, Routing]:
+        """x [B, T, d], image [B, T] bool or None -> ([B, T, d], Routing over the B*T tokens)."""
         B, T, d = x.shape
         routing = self.gate(x.reshape(B * T, d), None if image is None else image.reshape(-1))
-        return (self.experts(x, routing) + self.shared_experts(x)).astype(x.dtype)
+        return (self.experts(x, routing) + self.shared_experts(x)).astype(x.dtype), routing
 
 
 ENGRAM_ROW_MULTIPLE = 4096  # Engram tables are padded to this many rows: they split over any mesh up to 4096
@@ -440,13 +440,13 @@ def preshift_sublayers(unit, streams: jax.Array, pre: jax.Array, attend, image):
     """mHC with the pre-shift around a unit's attention and MoE (architecture.md §12.3), shared by the
     backbone blocks and the DSpark stages: the attention input is collapsed with `pre` (the previous
     sublayer's), the FFN input with the `pre` computed from the unit's input. attend(x [B, T, d]) ->
-    (out [B, T, d], aux). Returns (streams, the pre for the next unit, aux)."""
+    (out [B, T, d], aux). Returns (streams, the pre for the next unit, aux, the MoE's Routing)."""
     attn_pre, post, comb = unit.attn_hc.coefficients(streams)  # from the unit's input
     a, aux = attend(unit.attn_norm(collapse(pre, streams)))
     streams = unit.attn_hc.hc_post(a, streams, post, comb)
     ffn_pre, post, comb = unit.ffn_hc.coefficients(streams)
-    y = unit.ffn(unit.ffn_norm(collapse(attn_pre, streams)), image)
-    return unit.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, aux
+    y, routing = unit.ffn(unit.ffn_norm(collapse(attn_pre, streams)), image)
+    return unit.ffn_hc.hc_post(y, streams, post, comb), ffn_pre, aux, routing
 
 
 class Block(nnx.Module):
@@ -465,13 +465,13 @@ class Block(nnx.Module):
 
     def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None):
         """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
-        for the next block's attention, shared, the layer's state | None)."""
+        for the next block's attention, shared, the layer's state | None, RoutingStats [B, E])."""
         def attend(x):
             out, new_shared, new_state = self.attn(x, shared, positions, state)
             return out, (new_shared, new_state)
 
-        streams, pre, (shared, state) = preshift_sublayers(self, streams, pre, attend, image)
-        return streams, pre, shared, state
+        streams, pre, (shared, state), routing = preshift_sublayers(self, streams, pre, attend, image)
+        return streams, pre, shared, state, routing_stats(routing, *streams.shape[:2])
 
 
 class Context(NamedTuple):
@@ -527,7 +527,7 @@ class Segment(nnx.Module):
 
     def _step(self, q: int, ctx: Context):
         """One block of run q as a scan body: ((streams, pre, shared), (params, state)) -> (carry,
-        (streams | None, DSpark target | None, Engram input | None, state | None))."""
+        (streams | None, DSpark target | None, Engram input | None, RoutingStats, state | None))."""
         cfg, layer = self.cfg, self.ids[q][0][0]
         graphdef = nnx.graphdef(self.runs[q])
         target = layer_kind(cfg, layer)[-1]
@@ -542,8 +542,8 @@ class Segment(nnx.Module):
                 engram_in = streams
             if target:
                 feature = jnp.mean(streams.astype(jnp.float32), axis=2)  # [B, T, d]
-            streams, pre, shared, state = block(streams, pre, shared, ctx.image, ctx.positions, state)
-            return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, state)
+            streams, pre, shared, state, stats = block(streams, pre, shared, ctx.image, ctx.positions, state)
+            return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, stats, state)
 
         if self.remat is not Remat.NONE:
             policy = None if self.remat is Remat.FULL else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -658,6 +658,7 @@ class V41Output(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None  # L x [B, T, n_hc, d]: each block's output streams
     engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
     target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means); None without DSpark
+    routing: RoutingStats | None = None  # [L, B, E] per backbone layer, in layer order (balance loss, bias update)
     cache: V41Cache | None = None  # the updated cache (a cached call)
 
 
@@ -717,7 +718,7 @@ class V41Transformer(nnx.Module):
         e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
         ctx = Context(positions, image, None if image is None else ~image, engram_ids, return_hidden_states)
         carry = (*widen(e, cfg.hc_mult), Shared())  # streams [B, T, n_hc, d], one-hot pre
-        per_layer: dict[int, tuple] = {}  # layer -> (streams | None, DSpark target | None, Engram input | None)
+        per_layer: dict[int, tuple] = {}  # layer -> (streams | None, DSpark target | None, Engram input | None, stats)
         states = []
         for s, (segment, ids) in enumerate(zip(self.segments, self.plan)):
             carry, outs = segment(carry, ctx, None if cache is None else cache.layers[s])
@@ -725,17 +726,19 @@ class V41Transformer(nnx.Module):
                 run = np.asarray(run)
                 for at in np.ndindex(*run.shape):  # the stacked outputs back in layer order
                     idx = tuple(i for i, n in zip(at, run.shape) if n > 1)
-                    per_layer[int(run[at])] = tuple(None if o is None else o[idx] for o in out[:3])
-            states.append(tuple(out[3] for out in outs))
+                    per_layer[int(run[at])] = tuple(None if o is None else jax.tree.map(lambda a: a[idx], o)
+                                                    for o in out[:4])
+            states.append(tuple(out[4] for out in outs))
         streams, pre, _ = carry
         h = self.norm(collapse(pre, streams))  # [B, T, d]: the last FFN unit's pre, no hc head
         logits = self.head(h, jnp.float32)
         ordered = [per_layer[i] for i in range(cfg.n_layers)]
-        targets = [t for _, t, _ in ordered if t is not None]
+        targets = [t for _, t, _, _ in ordered if t is not None]
         new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
-        return V41Output(logits, tuple(h for h, _, _ in ordered) if return_hidden_states else None,
-                         tuple(g for _, _, g in ordered if g is not None),
-                         jnp.concatenate(targets, axis=-1) if targets else None, new_cache)
+        routing = jax.tree.map(lambda *a: jnp.stack(a), *(r for *_, r in ordered))
+        return V41Output(logits, tuple(h for h, *_ in ordered) if return_hidden_states else None,
+                         tuple(g for _, _, g, _ in ordered if g is not None),
+                         jnp.concatenate(targets, axis=-1) if targets else None, routing, new_cache)
 
     def block(self, layer: int) -> Block:
         """Backbone layer `layer`'s block, its parameters sliced out of their stack (a copy, for reading)."""
@@ -768,7 +771,7 @@ class V41Transformer(nnx.Module):
             if h is None:
                 _, rings[k] = stage.attend(None, main_x, rings[k], start)
             else:  # drafts are text: no bias_vl
-                h, pre, rings[k] = preshift_sublayers(
+                h, pre, rings[k], _ = preshift_sublayers(
                     stage, h, pre, lambda x, ring=rings[k], stage=stage: stage.attend(x, main_x, ring, start), None)
         cache = dataclasses.replace(cache, dspark=tuple(rings), dspark_lengths=start + S)
         if h is None:
