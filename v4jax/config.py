@@ -669,7 +669,8 @@ _PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "tiny-b": _tiny_b
 # query chunks that still split the tiny configs' short test sequences
 _PRESET_OPTIONS = {"v4-flash": dict(dtype="bfloat16", param_dtype="bfloat16"),
                    "v4-pro": dict(dtype="bfloat16", param_dtype="bfloat16"),
-                   "tiny": dict(attention_chunk=32), "tiny-b": dict(attention_chunk=16)}
+                   "tiny": dict(attention_chunk=32), "tiny-b": dict(attention_chunk=16),
+                   "v41-flash": dict(dtype="bfloat16", param_dtype="bfloat16"), "v41-tiny": {}}  # V4.1 (config_v41)
 PRESETS = tuple(_PRESETS)
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 
 from v4jax.config import OPTION_FIELDS, RunOptions, V4Config, split_options
+from v4jax.config_v41 import PRESETS as V41_PRESETS
+from v4jax.config_v41 import V41Config
 from v4jax.train.optim import OptimConfig, Schedule
 
 BATCH_AXES = ("batch", None, "seq")  # [batch, grad_accum, seq_len + 1] (data_sharding wants batch first)
@@ -24,8 +26,8 @@ class TrainConfig:
     """Every training setting. A TOML file sets them (top-level keys or any table except [model],
     whose keys override V4Config or RunOptions); `key=value` / `model.key=value` arguments override the file."""
 
-    preset: str = "tiny"  # V4Config preset
-    model: dict = dataclasses.field(default_factory=dict)  # V4Config and RunOptions overrides (vocab_size, dtype)
+    preset: str = "tiny"  # V4Config preset, or a V4.1 one (v41-tiny, v41-flash: its text backbone, see model_config)
+    model: dict = dataclasses.field(default_factory=dict)  # V4Config (V41Config) and RunOptions overrides
     mesh: str = ""  # ici mesh, "fsdp=4,expert=2"; "" = every device on fsdp
     dcn: str = ""  # mesh across slices
     num_devices: int = 0  # use only the first n devices (single process; 0 = all)
@@ -83,19 +85,28 @@ class TrainConfig:
     compile_cache: str = "~/.cache/v4jax/jax"  # persistent XLA compilation cache directory ("" = off)
     progress: bool = True
 
-    def model_config(self) -> V4Config:
-        """The architecture: the preset with the `model` table's V4Config keys."""
+    def model_config(self) -> V4Config | V41Config:
+        """The architecture: the preset with the `model` table's V4Config (V41Config) keys. A V4.1 preset
+        trains its text backbone (architecture.md §12.10): no DSpark stages (their training objective is
+        not published) and no vision tower (text data); model.n_mtp_layers / vision_n_layers > 0 is refused."""
         arch, _ = split_options(self.model)  # one table on the command line, two objects in the code
         self.run_options()  # a bad option value is refused here too, before anything is built
-        known = [f.name for f in dataclasses.fields(V4Config)]
+        family = V41Config if self.preset in V41_PRESETS else V4Config
+        known = [f.name for f in dataclasses.fields(family)]
         unknown = sorted(set(arch) - set(known))
         if unknown:
             raise ValueError(f"unknown model setting(s) {['model.' + k for k in unknown]}; known: "
                              f"{sorted(known + list(OPTION_FIELDS))}")
+        if family is V41Config:
+            for k in ("n_mtp_layers", "vision_n_layers"):
+                if arch.get(k, 0):
+                    raise ValueError(f"model.{k}={arch[k]}: train.py trains the V4.1 text backbone (DSpark's "
+                                     f"objective is not published; no image data), set it to 0")
         try:
-            return V4Config.preset(self.preset, **arch)
-        except (TypeError, AttributeError) as e:  # a wrong type caught by V4Config's own checks
+            cfg = family.preset(self.preset, **arch)
+        except (TypeError, AttributeError) as e:  # a wrong type caught by the config's own checks
             raise ValueError(f"model settings {self.model}: {e}") from None
+        return cfg.without_dspark().replace(vision_n_layers=0) if family is V41Config else cfg
 
     def run_options(self) -> RunOptions:
         """How the model runs: the preset's options with the `model` table's RunOptions keys."""
@@ -203,6 +214,13 @@ def check_settings(tc: TrainConfig, cfg: V4Config) -> None:
             raise ValueError(f"setting {k} must be in [0, 1), got {getattr(tc, k)}")
     if tc.seq_len < 2 or tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {tc.seq_len} must be in [2, max_seq_len={cfg.max_seq_len}] of the model config")
+    if isinstance(cfg, V41Config):  # what the V4.1 step does not have yet (architecture.md §12.10)
+        if tc.document_mask:
+            raise ValueError("document_mask=true: the V4.1 model has no packed-document masking yet; set "
+                             "document_mask=false (each row is then one stream of documents)")
+        if tc.indexer_loss_weight:
+            raise ValueError(f"indexer_loss_weight={tc.indexer_loss_weight}: the V4.1 indexers' KL loss is not "
+                             f"implemented yet; set indexer_loss_weight=0 (the indexers then get no gradient)")
     for k in ("nan_steps", "nan_update_steps"):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in getattr(tc, k)):
             raise ValueError(f"setting {k} must be a list of step numbers, got {list(getattr(tc, k))}")

@@ -15,6 +15,10 @@ mid-epoch. Multi-host: every host sees the same permutation and reads only its o
 global batch (with `cache_dir` the packed stream is a memory-mapped file, so a host touches only
 the rows it reads). `GrainBatches` serves the same batches, in the same order and with the same
 (epoch, batch) state, from a `grain.MapDataset` of this host's batches read ahead by grain threads.
+
+V4.1 models with Engram layers (architecture.md §12.10) also take each row's Engram table rows:
+`EngramRows` hashes the rows' inputs on the host (`v4jax.model.engram_hash`, like tokenisation) with the
+tokenizer's compressed token map (`engram_token_map`).
 """
 
 from __future__ import annotations
@@ -75,6 +79,48 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+class _ByteBackend:
+    """ByteTokenizer seen as a `tokenizers` backend (what `engram_hash.token_map_from_tokenizer` reads):
+    a byte decodes to its character when it is one alone (ASCII), else to U+FFFD (then keyed by its
+    token name, as the release keys its partial UTF-8 tokens); bos / eos to their names."""
+
+    SPECIALS = ("<bos>", "<eos>")
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return ByteTokenizer.vocab_size
+
+    def id_to_token(self, i: int) -> str:
+        return self.SPECIALS[i] if i < N_SPECIAL else f"<0x{i - N_SPECIAL:02X}>"
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.id_to_token(i) if i < N_SPECIAL else ByteTokenizer().decode([i]) for i in ids)
+
+
+def engram_token_map(tokenizer, vocab_size: int) -> np.ndarray:
+    """The Engram compressed token map [vocab_size] of a training tokenizer (architecture.md §12.4: the
+    release's normaliser over each id decoded alone); ids past the tokenizer's get ids of their own."""
+    from v4jax.model.engram_hash import token_map_from_tokenizer
+
+    backend = _ByteBackend() if isinstance(tokenizer, ByteTokenizer) else tokenizer._tok
+    known = token_map_from_tokenizer(backend, tokenizer.vocab_size)
+    extra = np.arange(vocab_size - len(known), dtype=np.int64) + (int(known.max()) + 1 if len(known) else 0)
+    return np.concatenate([known, extra])
+
+
+def engram_pad(cfg, token_map: np.ndarray) -> int:
+    """The compressed pad id; a DataError naming model.engram_compressed_vocab_size when the map does not
+    fit the config (its multipliers derive from that size)."""
+    from v4jax.model.engram_hash import pad_compressed_id
+
+    try:
+        return pad_compressed_id(cfg, token_map)
+    except ValueError as e:
+        n = np.unique(token_map).size
+        raise DataError(f"model.engram_compressed_vocab_size={cfg.engram_compressed_vocab_size} does not fit the "
+                        f"tokenizer's Engram token map ({n} compressed ids; set model.engram_compressed_vocab_size={n}): "
+                        f"{e}") from None
 
 
 def make_tokenizer(spec: str):
@@ -346,3 +392,38 @@ class GrainBatches:
         e, b = self._state.epoch, self._state.batch
         self._state = IteratorState(e, b + 1) if b + 1 < self.batches_per_epoch else IteratorState(e + 1, 0)
         return out
+
+
+class EngramRows:
+    """Batches (`PackedBatches` or `GrainBatches`) with the Engram table rows of their inputs:
+    {"tokens": [B, A, T+1], "engram": [B, A, T, n_engram_layers, cols]} (int32), each row hashed as a
+    sequence from its first token (the model sees each row from position 0; no image spans). Same
+    order and (epoch, batch) state as the batches it wraps."""
+
+    def __init__(self, batches, cfg, token_map: np.ndarray):
+        from v4jax.model.engram_hash import engram_layout
+
+        self.batches, self.cfg, self.token_map = batches, cfg, np.asarray(token_map, np.int64)
+        self.layout, self.pad = engram_layout(cfg), engram_pad(cfg, self.token_map)
+        self.n_rows, self.batches_per_epoch = batches.n_rows, batches.batches_per_epoch
+
+    @property
+    def state(self) -> IteratorState:
+        return self.batches.state
+
+    @state.setter
+    def state(self, state: IteratorState):
+        self.batches.state = state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from v4jax.model.engram_hash import compressed_ids, ngram_hash_ids
+
+        tokens = next(self.batches)  # [B, A, T+1]
+        B, A, T1 = tokens.shape
+        ids = compressed_ids(tokens[..., :-1].reshape(B * A, T1 - 1), self.token_map)  # [B*A, T]
+        rows = np.stack([ngram_hash_ids(ids, None, self.layout, i, self.pad)
+                         for i in range(len(self.layout.layer_ids))], axis=2)  # [B*A, T, n_layers, cols]
+        return {"tokens": tokens, "engram": rows.reshape(B, A, T1 - 1, *rows.shape[2:]).astype(np.int32)}

@@ -22,11 +22,13 @@ from sharding.context import use_mesh_rules
 from sharding.mesh import describe, make_mesh
 from sharding.partition import data_sharding, host_local_to_global
 from sharding.rules import get_rules, parse_overrides
-from v4jax.train.data import DataError, GrainBatches, PackedBatches, make_tokenizer, pack_tokens, resolve_files
+from v4jax.config_v41 import V41Config
+from v4jax.train.data import (DataError, EngramRows, GrainBatches, PackedBatches, engram_pad, engram_token_map,
+                              make_tokenizer, pack_tokens, resolve_files)
 from v4jax.train.checkpointer import Checkpointer, _sync
 from v4jax.train.config import BATCH_AXES, TrainConfig, check_settings, config_dict
 from v4jax.train.metrics import Progress, TensorBoardWriter, json_line, last_loss, peak_flops, plot_loss
-from v4jax.train.step import StepProgram, hyperparams, make_setup, step_program
+from v4jax.train.step import StepProgram, batch_layout, hyperparams, make_setup, step_program
 
 # --------------------------------------------------------------------------------------------------
 # The run
@@ -186,6 +188,10 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
         raise DataError(f"document_mask finds documents by the model's eos_token_id {cfg.eos_token_id}, but tokenizer "
                         f"{tokenizer.name} ends documents with {tokenizer.eos_id} (set model.eos_token_id, or "
                         f"document_mask=false)")
+    token_map = None
+    if isinstance(cfg, V41Config) and cfg.engram_layer_ids:  # the n-gram hash's compressed ids (architecture.md §12.10)
+        token_map = engram_token_map(tokenizer, cfg.vocab_size)
+        engram_pad(cfg, token_map)
     files = resolve_files(tc.data)
     metrics_path = tc.metrics_file or os.path.join(tc.run_dir, "metrics.jsonl")
     ckpt_dir = os.path.join(tc.run_dir, "checkpoints")
@@ -206,6 +212,8 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
         raise DataError(f"data {tc.data!r}: {e}") from None
     if tc.grain_threads:
         batches = GrainBatches(batches, tc.grain_threads)
+    if token_map is not None:
+        batches = EngramRows(batches, cfg, token_map)
     setup = make_setup(tc, cfg)
 
     has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
@@ -227,6 +235,8 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
             dest = os.path.join(tc.run_dir, "tokenizer.json")
             if not (os.path.exists(dest) and os.path.samefile(tc.tokenizer, dest)):
                 shutil.copyfile(tc.tokenizer, dest)
+        if token_map is not None:  # what inference hashes with (infer.py --engram-token-map)
+            np.save(os.path.join(tc.run_dir, "engram_token_map.npy"), token_map)
     _sync("run-dir-prepared")
 
     # ---- state: shardings, init, restore (the same program the TPU dry run compiles)
@@ -276,6 +286,7 @@ def _run(tc, say, signals, ckpt, program: "StepProgram", mesh, rules, batches, m
     progress = Progress(tc.steps, tc.progress and primary, tc.log_every)
 
     tokens_per_step = tc.grad_accum * tc.batch_size * tc.seq_len
+    layout = batch_layout(tc, setup.cfg)  # (global shape, logical axes) of the batch's leaves
     step = int(jax.device_get(state["step"]))
     first_step = step
     bad_in_row, skipped, last = 0, [], {}
@@ -288,8 +299,7 @@ def _run(tc, say, signals, ckpt, program: "StepProgram", mesh, rules, batches, m
             while step < tc.steps:
                 data_state = batches.state
                 local = next(batches)
-                batch = host_local_to_global(local, mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1),
-                                             BATCH_AXES)
+                batch = jax.tree.map(lambda a, la: host_local_to_global(a, mesh, rules, *la), local, layout)
                 hyper = jax.device_put(hyperparams(tc, setup.schedule, step), replicated)
                 state, m = compiled(state, batch, hyper)
                 m = jax.device_get(m)

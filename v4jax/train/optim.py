@@ -9,6 +9,9 @@ Split (architecture.md §8.3):
     attention sinks and the compressor position tables `ape` (a positional bias, not a projection).
     Weight decay applies to the 2-D tables (embedding, head, ape) only: decaying norm gains and mHC
     gates towards zero is not what the report's "weight decay 0.1" is about (a choice; see docs).
+    V4.1's Engram (architecture.md §12.4; its recipe is not published, choices): the tables on AdamW
+    without weight decay (a step touches few of their rows; a decay would shrink every row every step),
+    the per-stream gains `q_weight`, `k_weight` on AdamW without decay like the other gains.
   Muon: every other parameter. The matrix is a parameter's last two axes; the axes before them must
     be "layers" (scanned stacks), "experts" (each expert's w1/w2/w3 on its own) or "o_groups" (the
     grouped output projection as g separate blocks): one Newton–Schulz orthogonalisation per matrix.
@@ -40,6 +43,7 @@ from flax import nnx
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2  # architecture.md §8.4, ten steps
 BATCH_AXES = ("layers", "experts", "o_groups")  # logical axes Muon treats as independent matrices
 ADAMW_NAMES = ("embed.embedding", "head.kernel")  # top-level tables always on AdamW (architecture.md §8.3)
+ENGRAM_ADAMW = ("table", "q_weight", "k_weight")  # V4.1 Engram: tables and gains on AdamW, no decay
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,6 +90,8 @@ def split_params(axes: dict[str, tuple]) -> dict[str, ParamGroup]:
         vector = len(ax) < 2 or all(a in BATCH_AXES for a in ax[:-1]) and ax[-2] == "layers"
         if name in ADAMW_NAMES or leaf == "ape":
             groups[name] = ParamGroup("adamw", decay=True)
+        elif ".engram." in f".{name}" and leaf in ENGRAM_ADAMW:
+            groups[name] = ParamGroup("adamw", decay=False)
         elif vector:  # norms, sinks, mHC base/scale: vectors (possibly stacked over layers)
             groups[name] = ParamGroup("adamw", decay=False)
         elif all(a in BATCH_AXES for a in lead):

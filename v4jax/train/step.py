@@ -5,6 +5,8 @@ compiles.
 
 One step: for each of grad_accum micro-batches, forward in options.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
+   (V4.1, architecture.md §12.10: CE + alpha * balance; its batch also carries the host-computed
+   Engram rows, `batch_layout`)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
 (outside the gradient, architecture.md §5.4). A non-finite loss, gradient norm or new state keeps the old state
 (the step is skipped and reported).
@@ -13,7 +15,7 @@ One step: for each of grad_accum micro-batches, forward in options.dtype (bf16 o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,18 +29,28 @@ from sharding.mesh import compiler_options
 from sharding.partition import data_sharding, state_shardings
 from v4jax.train import losses
 from v4jax.config import AttentionKind, RouterKind, V4Config, stage_units
+from v4jax.config_v41 import V41Config
 from v4jax.model.documents import eos_segments
+from v4jax.model.indexer import IndexerTraces
 from v4jax.model.layers import Buffer
+from v4jax.model.moe import RoutingStats
 from v4jax.model.transformer import Transformer
+from v4jax.model.v41 import V41Transformer, layer_plan, stack_dims
 from v4jax.train.config import BATCH_AXES, TrainConfig
 from v4jax.train.optim import Schedule, flat_params, logical_axes, make_optimizer, split_params, unflat_params
 
 # --------------------------------------------------------------------------------------------------
 # The step
 
+def build_model(cfg: V4Config | V41Config, seed: int, options):
+    """The model a config describes: V4's Transformer or V4.1's text backbone (architecture.md §12.10)."""
+    family = V41Transformer if isinstance(cfg, V41Config) else Transformer
+    return family(cfg, rngs=nnx.Rngs(seed), options=options)
+
+
 @dataclasses.dataclass
 class Setup:
-    cfg: V4Config
+    cfg: V4Config | V41Config
     graphdef: Any
     param_template: nnx.State
     buffer_template: nnx.State
@@ -47,8 +59,8 @@ class Setup:
     schedule: Schedule
 
 
-def make_setup(tc: TrainConfig, cfg: V4Config) -> Setup:
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options()))
+def make_setup(tc: TrainConfig, cfg: V4Config | V41Config) -> Setup:
+    abstract = nnx.eval_shape(lambda: build_model(cfg, tc.seed, tc.run_options()))
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     groups = split_params(logical_axes(params))
     schedule = tc.schedule()
@@ -57,23 +69,39 @@ def make_setup(tc: TrainConfig, cfg: V4Config) -> Setup:
     return Setup(cfg, graphdef, params, buffers, rest, make_optimizer(groups, None, tc.optim()), schedule)
 
 
-def _learned_mask(cfg: V4Config, include_hash: bool) -> np.ndarray:
+def _learned_mask(cfg: V4Config | V41Config, include_hash: bool) -> np.ndarray:
+    if isinstance(cfg, V41Config):  # no hash layers
+        return np.ones(cfg.n_layers, np.float32)
     return np.asarray([include_hash or r is RouterKind.LEARNED for r in cfg.router_types], np.float32)
 
 
-def _bias_updates(cfg: V4Config, buffers: dict, load: jax.Array, mtp_load: jax.Array | None, speed: float,
-                  model_stages) -> dict:
-    """Apply the aux-loss-free update to every Gate.bias. load [L, E] in main-layer order."""
-    out = dict(buffers)
+def gate_biases(cfg: V4Config | V41Config) -> dict[str, np.ndarray]:
+    """{the buffer name of every learned router's selection bias: the main layer of each of its rows}, an
+    int array shaped like the bias's leading (stacked) axes: V4's stages [repeats], V4.1's runs
+    `stack_dims` (`layer_plan`)."""
+    out = {}
+    if isinstance(cfg, V41Config):
+        for s, ids in enumerate(layer_plan(cfg)):
+            for q, run in enumerate(ids):
+                layers = np.asarray(run)  # [repeats, count]
+                out[f"segments.{s}.runs.{q}.ffn.gate.bias"] = layers.reshape(stack_dims(run))
+        return out
     offset = 0
-    for s, (unit, repeats) in enumerate(model_stages):
-        P = len(unit)
-        stage_load = load[offset:offset + repeats * P].reshape(repeats, P, -1)
+    for s, (unit, repeats) in enumerate(stage_units(cfg)):
         for p, (_, router) in enumerate(unit):
-            name = f"stages.{s}.blocks.{p}.ffn.gate.bias"
             if router is RouterKind.LEARNED:
-                out[name] = losses.bias_update(buffers[name], stage_load[:, p], speed)
-        offset += repeats * P
+                out[f"stages.{s}.blocks.{p}.ffn.gate.bias"] = offset + np.arange(repeats) * len(unit) + p
+        offset += repeats * len(unit)
+    return out
+
+
+def _bias_updates(buffers: dict, load: jax.Array, mtp_load: jax.Array | None, speed: float,
+                  biases: dict[str, np.ndarray]) -> dict:
+    """Apply the aux-loss-free update to every Gate.bias. load [L, E] in main-layer order; biases:
+    `gate_biases`."""
+    out = dict(buffers)
+    for name, layers in biases.items():
+        out[name] = losses.bias_update(buffers[name], load[layers], speed)  # [*stack, E]
     if mtp_load is not None and "mtp.block.ffn.gate.bias" in buffers:
         out["mtp.block.ffn.gate.bias"] = losses.bias_update(buffers["mtp.block.ffn.gate.bias"], mtp_load, speed)
     return out
@@ -99,25 +127,72 @@ def nan_update_target(params: dict) -> str:
     return next((k for k in params if k.startswith("mtp.") and k.endswith("experts.w1")), sorted(params)[-1])
 
 
+class Predictions(NamedTuple):
+    """What the loss reads from one micro-batch's forward, for either model family."""
+
+    logits: jax.Array  # [B, T, V] fp32
+    targets: jax.Array  # [B, T]
+    mask: jax.Array | None  # [B, T] bool: predictions inside one document (None: all)
+    routing: RoutingStats  # [L, B, E] per main layer
+    mtp_logits: jax.Array | None = None  # [B, T-1, V] (V4 with MTP)
+    mtp_mask: jax.Array | None = None  # [B, T-1]
+    mtp_routing: RoutingStats | None = None  # [B, E]
+    indexer: IndexerTraces | None = None  # V4's CSA layers (indexer_loss_weight > 0)
+
+
+def _predict_v4(tc: TrainConfig, cfg: V4Config, model: Transformer, micro: jax.Array) -> Predictions:
+    """micro [B, T+1] token ids."""
+    inputs, targets = micro[:, :-1], micro[:, 1:]
+    segments = main_mask = mtp_mask = None
+    if tc.document_mask:  # sample-level masking (architecture.md §8.5): eos closes each packed document
+        row_segments = eos_segments(micro, cfg.eos_token_id)  # [B, T+1]
+        segments = row_segments[:, :-1]
+        main_mask, mtp_mask = losses.packed_targets_mask(segments, row_segments[:, 1:])
+    out = model(inputs, segment_ids=segments, return_indexer_traces=tc.indexer_loss_weight > 0)
+    return Predictions(out.logits, targets, main_mask, out.routing, out.mtp_logits, mtp_mask, out.mtp_routing,
+                       out.indexer)
+
+
+def _predict_v41(model: V41Transformer, micro: dict) -> Predictions:
+    """micro {"tokens": [B, T+1], "engram": [B, T, n_engram_layers, cols] (Engram models)}."""
+    tokens = micro["tokens"]
+    out = model(tokens[:, :-1], micro.get("engram"), return_hidden_states=False)
+    return Predictions(out.logits, tokens[:, 1:], None, out.routing)
+
+
+def batch_layout(tc: TrainConfig, cfg: V4Config | V41Config):
+    """The step's batch as (global shape, logical axes) leaves: V4 one [B, grad_accum, T+1] token array;
+    V4.1 {"tokens": that, "engram": [B, grad_accum, T, n_engram_layers, cols] rows} (the n-gram hash is
+    host-side, `v4jax.train.data.EngramRows`)."""
+    tokens = ((tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)
+    if not isinstance(cfg, V41Config):
+        return tokens
+    out = {"tokens": tokens}
+    if cfg.engram_layer_ids:
+        cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
+        out["engram"] = ((tc.batch_size, tc.grad_accum, tc.seq_len, len(cfg.engram_layer_ids), cols),
+                         ("batch", None, "seq", None, None))
+    return out
+
+
+def _is_layout(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
 def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
-    """loss_fn(params, buffers, micro [B, T+1], hyper) -> (total, (parts, load [L, E], mtp_load [E]))."""
+    """loss_fn(params, buffers, micro, hyper) -> (total, (parts, load [L, E], mtp_load [E])); micro: one
+    micro-batch of `batch_layout` (without the grad_accum axis)."""
     cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
 
     def loss_fn(params, buffers, micro, hyper):
         model = nnx.merge(setup.graphdef, unflat_params(setup.param_template, params),
                           unflat_params(setup.buffer_template, buffers), setup.rest)
-        inputs, targets = micro[:, :-1], micro[:, 1:]
-        segments = main_mask = mtp_mask = None
-        if tc.document_mask:  # sample-level masking (architecture.md §8.5): eos closes each packed document
-            row_segments = eos_segments(micro, cfg.eos_token_id)  # [B, T+1]
-            segments = row_segments[:, :-1]
-            main_mask, mtp_mask = losses.packed_targets_mask(segments, row_segments[:, 1:])
-        out = model(inputs, segment_ids=segments, return_indexer_traces=tc.indexer_loss_weight > 0)
-        parts = {"ce": losses.cross_entropy(out.logits, targets, main_mask)}
+        out = _predict_v41(model, micro) if isinstance(cfg, V41Config) else _predict_v4(tc, cfg, model, micro)
+        parts = {"ce": losses.cross_entropy(out.logits, out.targets, out.mask)}
         total = parts["ce"]
         if out.mtp_logits is not None:
-            parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, targets, mtp_mask)
+            parts["mtp"] = losses.mtp_cross_entropy(out.mtp_logits, out.targets, out.mtp_mask)
             total = total + hyper["mtp_weight"] * parts["mtp"]
         stats = out.routing
         bal = losses.balance_loss(stats._replace(balance=stats.balance * mask[:, None]), cfg.n_activated_experts)
@@ -141,21 +216,22 @@ def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Call
     return_grads: also put the (accumulated, unclipped) gradients in metrics["grads"] (tests)."""
     cfg = setup.cfg
     mask = jnp.asarray(_learned_mask(cfg, tc.balance_hash_layers))
-    stages = stage_units(cfg)
+    biases = gate_biases(cfg)
     grad_fn = jax.value_and_grad(make_loss(tc, setup), has_aux=True)
 
     def step_fn(state, batch, hyper):
         params, buffers, step = state["params"], state["buffers"], state["step"]
-        batch = jnp.swapaxes(batch, 0, 1)  # [A, B, T+1]: one micro-batch per scan step
-        A = batch.shape[0]
+        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)  # [A, B, ...]: one micro-batch per scan step
+        A = jax.tree.leaves(batch)[0].shape[0]
 
         def micro_step(carry, micro):
             return jax.tree.map(jnp.add, carry, grad_fn(params, buffers, micro, hyper)), None
 
+        first = jax.tree.map(lambda x: x[0], batch)
         if A == 1:
-            (loss, aux), grads = grad_fn(params, buffers, batch[0], hyper)
+            (loss, aux), grads = grad_fn(params, buffers, first, hyper)
         else:  # sum over micro-batches in fp32 (one traced copy of the model), then the mean
-            shapes = jax.eval_shape(grad_fn, params, buffers, batch[0], hyper)
+            shapes = jax.eval_shape(grad_fn, params, buffers, first, hyper)
             zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
             summed, _ = jax.lax.scan(micro_step, zeros, batch)
             (loss, aux), grads = jax.tree.map(lambda x: x / A, summed)
@@ -166,7 +242,7 @@ def make_step(tc: TrainConfig, setup: Setup, return_grads: bool = False) -> Call
         poisoned = nan_update_target(updates)  # testing hook (nan_update_steps)
         updates = {**updates, poisoned: updates[poisoned] * jnp.where(hyper["nan_update"], jnp.nan, 1.0)}
         new = {"params": optax.apply_updates(params, updates), "opt": opt,
-               "buffers": _bias_updates(cfg, buffers, load, mtp_load, tc.bias_update_speed, stages)}
+               "buffers": _bias_updates(buffers, load, mtp_load, tc.bias_update_speed, biases)}
         # A finite loss and gradient can still produce a non-finite state (an overflowing moment, a
         # corrupt restored tensor): check the new state itself, so a bad step is never kept or saved.
         state_ok = all_finite(new)
@@ -208,7 +284,7 @@ class StepProgram:
     setup: Setup
     shardings: dict  # {"params", "buffers", "opt", "step", "rng"} -> NamedShardings
     state: dict  # abstract state (ShapeDtypeStructs with shardings)
-    batch: jax.ShapeDtypeStruct  # [B, grad_accum, T+1] int32
+    batch: Any  # `batch_layout` as ShapeDtypeStructs (int32): [B, grad_accum, T+1] tokens (V4.1: and Engram rows)
     hyper: dict  # abstract `hyperparams`
     jitted: Callable  # (state, batch, hyper) -> (state, metrics), state donated
     init: Callable  # () -> a fresh state (jit it with out_shardings=shardings)
@@ -219,8 +295,8 @@ class StepProgram:
     def loss_terms(self) -> list[str]:
         """The loss terms the compiled step adds up (CE always)."""
         cfg, tc = self.setup.cfg, self.tc
-        return (["ce"] + (["mtp"] if cfg.n_mtp_layers else []) + ["balance"]
-                + (["indexer"] if tc.indexer_loss_weight > 0 and AttentionKind.CSA in cfg.layer_types else []))
+        indexer = not isinstance(cfg, V41Config) and tc.indexer_loss_weight > 0 and AttentionKind.CSA in cfg.layer_types
+        return ["ce"] + (["mtp"] if cfg.n_mtp_layers else []) + ["balance"] + (["indexer"] if indexer else [])
 
 
 def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | None = None) -> StepProgram:
@@ -234,7 +310,7 @@ def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | Non
     shardings = {"params": param_sh, "buffers": buffer_sh, "opt": opt_sh, "step": replicated, "rng": replicated}
 
     def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed), options=tc.run_options())
+        model = build_model(cfg, tc.seed, tc.run_options())
         _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
         p, b = flat_params(p), flat_params(b)
         return {"params": p, "buffers": b, "opt": setup.tx.init(p), "step": jnp.zeros((), jnp.int32),
@@ -242,8 +318,10 @@ def step_program(tc: TrainConfig, cfg: V4Config, mesh, rules, setup: Setup | Non
 
     spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
     state = jax.tree.map(spec, jax.eval_shape(init), shardings)
-    batch_sharding = data_sharding(mesh, rules, (tc.batch_size, tc.grad_accum, tc.seq_len + 1), BATCH_AXES)
-    batch = jax.ShapeDtypeStruct((tc.batch_size, tc.grad_accum, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
+    layout = batch_layout(tc, cfg)
+    batch_sharding = jax.tree.map(lambda la: data_sharding(mesh, rules, *la), layout, is_leaf=_is_layout)
+    batch = jax.tree.map(lambda la, sh: jax.ShapeDtypeStruct(la[0], jnp.int32, sharding=sh), layout, batch_sharding,
+                         is_leaf=_is_layout)
     hyper = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                          hyperparams(tc, setup.schedule, 0))
     step_fn = make_step(tc, setup)
