@@ -6,9 +6,10 @@
 
 decode: one token per sequence against a V4.1 cache of --seq positions, through the model's own forward
 (`V41Transformer(tokens, engram_ids, cache=cache)`, bf16 weights; the cache's rows split over the batch
-axes). train: the next-token cross-entropy of the stateless forward, its gradient and an AdamW update
-(fp32 master weights and moments, bf16 compute); DSpark stages and the vision tower are left out of both
-(the text backbone is what a pod trains and serves). The blocks are stacked and scanned by kind
+axes). train: the step train.py runs (`v4jax.train.step.step_program`: cross-entropy + balance loss, its
+gradient, Muon for the matrices and AdamW for the rest with a bf16 Newton-Schulz, fp32 master weights and
+optimiser state, bf16 compute, the selection-bias update); DSpark stages and the vision tower are left
+out of both (the text backbone is what a pod trains and serves, architecture.md §12.10). The blocks are stacked and scanned by kind
 (`v41.layer_plan`: 10 compiled blocks for v41-flash's 40), and the training step recomputes each block
 in its backward (--remat full, the default), keeping only the blocks' input streams.
 
@@ -27,7 +28,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -37,12 +37,13 @@ from benchmarks.v41 import param_counts
 from sharding.chips import chip_for
 from sharding.context import use_mesh_rules
 from sharding.mesh import compiler_options, describe, make_mesh
-from sharding.partition import data_sharding, state_shardings
+from sharding.partition import state_shardings
 from sharding.rules import get_rules, parse_overrides
 from v4jax.config import OPTION_FIELDS, RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, init_v41_cache, v41_cache_shardings
-from v4jax.train.losses import cross_entropy
+from v4jax.train.config import TrainConfig
+from v4jax.train.step import step_program
 
 
 # v41-flash layers that keep one of each kind, for a depth-reduced compile (--layers): two ratio-0 layers
@@ -67,7 +68,7 @@ def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
                        engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
 
 
-STEPS = {"train": "benchmarks.dryrun_v41 train_step: v4jax.train.losses.cross_entropy, AdamW (no DSpark loss)",
+STEPS = {"train": "v4jax.train.step.step_program (train.py's step: CE + balance, Muon/AdamW, bias update)",
          "decode": "V41Transformer(tokens, engram_ids, cache=cache), greedy"}
 
 
@@ -108,31 +109,12 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
                 jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh),
                 jax.ShapeDtypeStruct((batch, 1, n_engram, cols), jnp.int32, sharding=eng_sh))
         return fn, args, model
-    tok_sh = data_sharding(mesh, rules, (batch, seq))
-    eng_sh = NamedSharding(mesh, PartitionSpec(*tok_sh.spec, None, None))
-    optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-    opt = jax.eval_shape(optimizer.init, params)
-    o_sh = jax.tree.map(lambda a: NamedSharding(mesh, PartitionSpec()), opt)
-    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, o_sh, p_sh,
-                                 transform_non_params=lambda s: s) if hasattr(optax, "tree_map_params") else o_sh
-
-    def train_step(params, rest, opt, tokens, engram_ids):
-        def loss_fn(params):
-            with use_mesh_rules(mesh, rules):
-                logits = nnx.merge(graphdef, params, rest)(tokens, engram_ids,
-                                                           return_hidden_states=False).logits  # [B, T, V] fp32
-            return cross_entropy(logits[:, :-1], tokens[:, 1:])  # train.py's next-token loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = optimizer.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
-    fn = jax.jit(train_step, in_shardings=(p_sh, r_sh, o_sh, tok_sh, eng_sh), out_shardings=(p_sh, o_sh, None),
-                 donate_argnums=(0, 2), compiler_options=compiler_options(mesh))
-    args = (_abstract(params, p_sh), _abstract(rest, r_sh), _abstract(opt, o_sh),
-            jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=tok_sh),
-            jax.ShapeDtypeStruct((batch, seq, n_engram, cols), jnp.int32, sharding=eng_sh))
-    return fn, args, model
+    # train.py's step (one program): its RunOptions come from the `model` table (every field given here, so
+    # the preset names no default that matters), the rest from TrainConfig
+    tc = TrainConfig(preset="v41-flash", batch_size=batch, seq_len=seq, document_mask=False, indexer_loss_weight=0.0,
+                     muon_ns_dtype="bfloat16", model={k: getattr(options, k) for k in OPTION_FIELDS})
+    program = step_program(tc, cfg, mesh, rules)
+    return program.jitted, (program.state, program.batch, program.hyper), model
 
 
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
