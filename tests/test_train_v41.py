@@ -5,6 +5,7 @@ V4.1 step does not support are refused before anything compiles."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,6 @@ def test_a_v41_preset_trains_its_text_backbone():
 
 @pytest.mark.parametrize("override,match", [
     ("document_mask=true", "document_mask=true: the V4.1 model has no packed-document masking yet"),
-    ("indexer_loss_weight=1.0", "indexer_loss_weight=1.0: the V4.1 indexers' KL loss is not implemented yet"),
     ("model.engram_compressed_vocab_size=122",
      r"model.engram_compressed_vocab_size=122 does not fit .* set model.engram_compressed_vocab_size=229"),
 ])
@@ -121,8 +121,8 @@ def test_each_stacked_selection_bias_moves_with_its_own_layers_load(shape):
         np.testing.assert_array_equal(updated.block(i).ffn.gate.bias[...], want, err_msg=f"layer {i}")
 
 
-def test_the_step_loss_is_cross_entropy_plus_the_balance_term(corpus):
-    tc = load_config(CONFIG, overrides("/tmp/unused", corpus) + ["balance_alpha=0.1"])
+def test_the_step_loss_is_cross_entropy_plus_the_balance_and_indexer_terms(corpus):
+    tc = load_config(CONFIG, overrides("/tmp/unused", corpus) + ["balance_alpha=0.1", "indexer_loss_weight=0.5"])
     cfg = tc.model_config()
     setup = make_setup(tc, cfg)
     model = V41Transformer(cfg, rngs=nnx.Rngs(0), options=tc.run_options())
@@ -133,33 +133,39 @@ def test_the_step_loss_is_cross_entropy_plus_the_balance_term(corpus):
     rows = jnp.asarray(np.stack([rng.integers(0, n, (2, 32, cols)) for n in cfg.engram_num_embeddings], 2), jnp.int32)
     total, (parts, load, _) = make_loss(tc, setup)(flat_params(p), flat_params(b), {"tokens": tokens, "engram": rows},
                                                    hyperparams(tc, setup.schedule, 0))
-    out = model(tokens[:, :-1], rows, return_hidden_states=False)
+    out = model(tokens[:, :-1], rows, return_hidden_states=False, return_indexer_traces=True)
     ce = losses.cross_entropy(out.logits, tokens[:, 1:])
     bal = losses.balance_loss(out.routing, cfg.n_activated_experts)
+    assert len(out.indexer) == len(cfg.index_source_layers)  # one KL per index source
+    kl = sum(losses.indexer_kl_loss(*t) for t in out.indexer)
+    assert float(kl) > 0 and float(parts["indexer"]) == pytest.approx(float(kl), rel=1e-6)
     assert float(parts["ce"]) == pytest.approx(float(ce), rel=1e-6)
-    assert float(total) == pytest.approx(float(ce + 0.1 * bal), rel=1e-6)
+    assert float(total) == pytest.approx(float(ce + 0.1 * bal + 0.5 * kl), rel=1e-6)
     np.testing.assert_array_equal(load, jnp.sum(out.routing.load, axis=1))
     assert float(jnp.sum(load)) == 2 * 32 * cfg.n_activated_experts * cfg.n_layers
 
 
 def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
-    """6 steps straight vs 3 steps then a resume to 6 (checkpoint at 3): the same losses step by step;
-    the loss falls; the Engram token map is saved beside the run."""
+    """6 steps straight vs a resume from the same run's checkpoint at step 3: the same losses step by
+    step; the loss falls; every loss term is logged; the Engram token map is saved beside the run."""
     straight = tmp_path / "straight"
     summary = train(load_config(CONFIG, overrides(straight, corpus, lr=1e-2)), log=lambda s: None)
     assert summary["end_step"] == 6 and summary["skipped"] == []
     want = read_metrics(summary["metrics_file"])
     assert want[6]["ce"] < want[1]["ce"] - 0.2, (want[1]["ce"], want[6]["ce"])
-    assert all(rec["balance"] > 0 for rec in want.values())
+    assert all(rec["balance"] > 0 and rec["indexer"] > 0 for rec in want.values())  # every loss term logged
     assert np.load(straight / "engram_token_map.npy").shape == (258,)
 
-    split = tmp_path / "split"
-    train(load_config(CONFIG, overrides(split, corpus, lr=1e-2, steps=3)), log=lambda s: None)
+    split = tmp_path / "split"  # the run as it was at step 3 (a shorter run would differ: its schedule ends earlier)
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "3", split / "checkpoints" / "3")
+    shutil.copy(straight / "config.json", split / "config.json")
     logs = []
     train(load_config(CONFIG, overrides(split, corpus, lr=1e-2)), log=logs.append)
     assert any("resumed from step 3" in s for s in logs)
     got = read_metrics(str(split / "metrics.jsonl"))
-    assert [got[s]["loss"] for s in range(1, 7)] == [want[s]["loss"] for s in range(1, 7)]
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s]["loss"] for s in range(4, 7)] == [want[s]["loss"] for s in range(4, 7)]
 
 
 def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus):
@@ -185,3 +191,58 @@ def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus)
         grads.append(m["grads"])
     for k in grads[0]:
         np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
+
+
+def test_the_v41_indexer_loss_trains_only_the_indexers_and_the_lm_loss_never_reaches_them():
+    """Each index source's KL (architecture.md §12.10): its gradient reaches only indexer parameters (the
+    index sources' query and head weights, and the key projections of the KV sources that own the index
+    keys), the LM loss's none of them; the traces leave the logits unchanged; a few Adam steps on the KL
+    lower it."""
+    import optax
+
+    cfg = load_config(CONFIG).model_config()
+    model = V41Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(2, 258, (2, 41)), jnp.int32)
+    cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
+    rows = jnp.asarray(np.stack([rng.integers(0, n, (2, 40, cols)) for n in cfg.engram_num_embeddings], 2), jnp.int32)
+
+    def parts(p):
+        out = nnx.merge(graphdef, p, rest)(tokens[:, :-1], rows, return_hidden_states=False, return_indexer_traces=True)
+        return sum(losses.indexer_kl_loss(*t) for t in out.indexer), losses.cross_entropy(out.logits, tokens[:, 1:])
+
+    fn = jax.jit(lambda p: (jax.value_and_grad(lambda q: parts(q)[0])(p), jax.value_and_grad(lambda q: parts(q)[1])(p)))
+    (kl0, kl_tree), (_, lm_tree) = fn(params)
+    kl_grad, lm_grad = flat_params(kl_tree), flat_params(lm_tree)
+    indexer = sorted(k for k in kl_grad if ".indexer." in k)
+    owners = [k for k in indexer if k.endswith("indexer.wk.kernel")]
+    assert len(owners) == len(cfg.kv_source_layers)  # the key projections learn from the KL of their group
+    for k, g in kl_grad.items():
+        if k in indexer:
+            assert np.abs(g).sum() > 0, k
+        else:
+            assert not np.any(g), k  # exactly zero: detached inputs, a target without gradient
+    for k in indexer:
+        assert not np.any(lm_grad[k]), k  # top-k ids carry no gradient
+    out = nnx.merge(graphdef, params, rest)(tokens[:, :-1], rows, return_indexer_traces=True)
+    plain = nnx.merge(graphdef, params, rest)(tokens[:, :-1], rows)
+    assert plain.indexer is None
+    np.testing.assert_array_equal(np.asarray(plain.logits), np.asarray(out.logits))
+    for layer, t in zip(cfg.index_source_layers, out.indexer):  # mass: a probability per head, summed over heads
+        mass = np.asarray(t.attention_mass)
+        assert np.all(mass >= 0) and np.all(mass.sum(-1) <= cfg.n_heads + 1e-4) and np.all(mass[~np.asarray(t.valid)] == 0)
+        visible = (np.arange(40) + 1) // cfg.ratio(layer)  # entries a query sees; the source picks min(k, visible)
+        if layer <= cfg.candidate_source_layer:
+            want = np.minimum(t.valid.shape[-1], visible)
+            np.testing.assert_array_equal(np.asarray(t.valid).sum(-1), np.broadcast_to(want, (2, 40)), err_msg=str(layer))
+
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+    kls, g = [float(kl0)], kl_tree
+    for _ in range(5):
+        updates, opt = tx.update(g, opt, params)
+        params = optax.apply_updates(params, updates)
+        (kl, g), _ = fn(params)
+        kls.append(float(kl))
+    assert kls[-1] < 0.9 * kls[0], kls

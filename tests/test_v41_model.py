@@ -113,7 +113,7 @@ def test_a_ratio_one_query_can_pick_its_own_token():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 12, cfg.dim)), jnp.float32)
     from v4jax.model.v41 import Shared
 
-    _, shared, _ = layer(x, Shared(), jnp.arange(12)[None])
+    _, shared, _, _ = layer(x, Shared(), jnp.arange(12)[None])
     picks = np.asarray(shared.topk)[0]  # [T, k]
     for t in range(12):
         assert sorted(p for p in picks[t] if p >= 0) == list(range(t + 1))
@@ -293,7 +293,7 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
             streams = block.engram(streams, rows[:, :, cfg.engram_layer_ids.index(i)], None)
         if i in cfg.dspark_target_layer_ids:
             targets.append(jnp.mean(streams, axis=2))
-        streams, pre, shared, _, stats = block(streams, pre, shared, None, positions)
+        streams, pre, shared, _, stats, _ = block(streams, pre, shared, None, positions)
         np.testing.assert_allclose(out.hidden_states[i], streams, rtol=1e-5, atol=1e-5, err_msg=f"layer {i}")
         np.testing.assert_array_equal(out.routing.load[i], stats.load, err_msg=f"layer {i}: expert load")
         np.testing.assert_allclose(out.routing.mean_affinity[i], stats.mean_affinity, rtol=1e-5, err_msg=f"layer {i}")

@@ -36,12 +36,14 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.lightning_indexer_reference import index_scores
+from pallas_kernels.sparse_attention_reference import entry_attention_mass
 from sharding.context import constrain
 from v4jax.config import AttentionKind, Remat, RunOptions, layer_schedule
 from v4jax.config_v41 import V41Config
 from v4jax.model import kernels
 from v4jax.model.attention import past_indices
 from v4jax.model.compressor import open_windows, ring_write
+from v4jax.model.indexer import IndexerTraces
 from v4jax.model.layers import Buffer, Embed, Linear, RMSNorm, param, rms_scale
 from v4jax.model.mhc import HyperConnection, collapse
 from v4jax.model.moe import Experts, Routing, RoutingStats, SharedExpert, affinity, routing_stats
@@ -273,23 +275,31 @@ class Attention(nnx.Module):
         self.uses_candidates = cfg.candidate_source_layer is not None and cfg.candidate_source_layer < layer
         self.cfg, self.options = cfg, options
 
-    def __call__(self, x: jax.Array, shared: Shared, positions: jax.Array, state: LayerState | None = None):
+    def __call__(self, x: jax.Array, shared: Shared, positions: jax.Array, state: LayerState | None = None,
+                 traces: bool = False):
         """x [B, T, d] (attn_norm-ed) at positions [B, T] (0..T-1 without a state) -> (out [B, T, d],
-        what later layers read, the layer's updated state | None)."""
+        what later layers read, the layer's updated state | None, IndexerTraces | None: an index source's
+        KL-loss inputs on request, architecture.md §12.10)."""
         cfg, m = self.cfg, self.ratio
         B, T, _ = x.shape
         inv_freq = _rope_table(cfg, m)
         cq = self.q_norm(self.wq_a(x))  # [B, T, d_c]
         q = apply_rope(self.wq_b(cq, heads=cfg.n_heads), positions[..., None], inv_freq)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, inv_freq)  # [B, T, c]; q has no head norm
-        entries = topk = None
+        entries = topk = trace = None
         if m:
             if self.compressor is not None:  # a KV source: its entries (and index keys) serve its group
                 shared, state = self._compress(x, shared, positions, state, inv_freq)
             entries = shared.entries
             if self.indexer is not None:  # an index source: score, pick, publish
-                topk, candidates = self._select(x, cq, shared, positions, inv_freq)
+                topk, candidates, scores = self._select(x, cq, shared, positions, inv_freq)
                 shared = shared._replace(topk=topk, candidates=candidates)
+                if traces:  # the main attention's mass on the picks is the indexer's target (architecture.md §8.2)
+                    if state is not None:
+                        raise ValueError("indexer traces are a training output: call without a cache")
+                    mass = entry_attention_mass(q, kv, self.sinks[...], cfg.window_size, entries, topk, m,
+                                                self.options.attention_chunk)  # [B, T, k]
+                    trace = IndexerTraces(mass, jnp.take_along_axis(scores, jnp.maximum(topk, 0), axis=-1), topk >= 0)
             topk = shared.topk
         core = kernels.sparse_attention(self.options.attention_impl)
         if state is None:
@@ -298,7 +308,7 @@ class Attention(nnx.Module):
             past, idx = past_indices(state.window, entries, topk, positions, m)
             o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, m, self.options.attention_chunk)
             state = state._replace(window=ring_write(state.window, kv, positions[:, 0], jnp.full((B,), T, jnp.int32)))
-        return self.project_out(o, positions, inv_freq, x.dtype), shared, state
+        return self.project_out(o, positions, inv_freq, x.dtype), shared, state, trace
 
     def project_out(self, o: jax.Array, positions: jax.Array, inv_freq, dtype) -> jax.Array:
         """o [B, T, H, c] -> de-rotated at the query, grouped low-rank output projection -> [B, T, d]."""
@@ -316,8 +326,10 @@ class Attention(nnx.Module):
         if state is None:
             latents = self.compressor(x)  # [B, N, c] before RoPE
             first = m * jnp.arange(latents.shape[1], dtype=jnp.int32)  # each group's first token
+            # index keys read the latent detached: the indexers learn only from their KL loss (architecture.md §8.2)
+            key_in = jax.lax.stop_gradient(latents) if self.options.indexer_detach else latents
             return shared._replace(entries=apply_rope(latents, first, inv_freq),
-                                   index_keys=self.indexer.keys(latents, first, inv_freq)), None
+                                   index_keys=self.indexer.keys(key_in, first, inv_freq)), None
         latents, groups, values, logits = self.compressor(x, positions[:, 0], state)  # groups [B, G]
         first = m * jnp.where(groups < state.entries.shape[1], groups, 0)  # [B, G]: each group's first token
         entries = apply_rope(latents, first, inv_freq).astype(state.entries.dtype)
@@ -328,14 +340,17 @@ class Attention(nnx.Module):
         return shared._replace(entries=state.entries, index_keys=state.index_keys), state
 
     def _select(self, x, cq, shared: Shared, positions, inv_freq):
-        """Top-k entries per query: [B, T, k] sorted ids, -1 for picks the query cannot see; and the
-        candidate mask this layer publishes (the source's own, or the one it received)."""
+        """Top-k entries per query: [B, T, k] sorted ids, -1 for picks the query cannot see; the
+        candidate mask this layer publishes (the source's own, or the one it received); the scores
+        [B, T, N] before any masking (the KL loss reads them at the picks)."""
         cfg, m = self.cfg, self.ratio
         keys = shared.index_keys  # [B, N, c_I]
         N = keys.shape[1]
         visible = (positions + 1) // m  # [B, T] entries each query sees
-        scores = self.indexer.scores(x, cq, keys, positions, inv_freq)
-        scores = jnp.where(jnp.arange(N) < visible[..., None], scores, -jnp.inf)  # [B, T, N]
+        if self.options.indexer_detach:  # the indexer learns only from its KL loss (architecture.md §8.2)
+            x, cq = jax.lax.stop_gradient((x, cq))
+        raw = self.indexer.scores(x, cq, keys, positions, inv_freq)
+        scores = jnp.where(jnp.arange(N) < visible[..., None], raw, -jnp.inf)  # [B, T, N]
         candidates = shared.candidates
         if self.candidate_source:  # its own top-k stays unrestricted
             candidates = candidate_blocks(scores, visible, cfg.candidate_topk_blocks, cfg.candidate_block_size)
@@ -343,7 +358,7 @@ class Attention(nnx.Module):
             scores = jnp.where(candidates, scores, -jnp.inf)
         k = min(cfg.index_topk, N)
         picked = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
-        return jnp.where(picked < visible[..., None], picked, -1).astype(jnp.int32), candidates
+        return jnp.where(picked < visible[..., None], picked, -1).astype(jnp.int32), candidates, raw
 
 
 class Gate(nnx.Module):
@@ -463,15 +478,17 @@ class Block(nnx.Module):
         rows = cfg.engram_num_embeddings[cfg.engram_layer_ids.index(layer)] if engram else 0
         self.engram = Engram(cfg, rows, rngs=rngs, options=options) if engram else None
 
-    def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None):
+    def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None,
+                 traces: bool = False):
         """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
-        for the next block's attention, shared, the layer's state | None, RoutingStats [B, E])."""
+        for the next block's attention, shared, the layer's state | None, RoutingStats [B, E],
+        IndexerTraces | None)."""
         def attend(x):
-            out, new_shared, new_state = self.attn(x, shared, positions, state)
-            return out, (new_shared, new_state)
+            out, new_shared, new_state, trace = self.attn(x, shared, positions, state, traces)
+            return out, (new_shared, new_state, trace)
 
-        streams, pre, (shared, state), routing = preshift_sublayers(self, streams, pre, attend, image)
-        return streams, pre, shared, state, routing_stats(routing, *streams.shape[:2])
+        streams, pre, (shared, state, trace), routing = preshift_sublayers(self, streams, pre, attend, image)
+        return streams, pre, shared, state, routing_stats(routing, *streams.shape[:2]), trace
 
 
 class Context(NamedTuple):
@@ -482,6 +499,7 @@ class Context(NamedTuple):
     text: jax.Array | None  # [B, T] bool: not image (Engram's gate)
     engram_ids: jax.Array | None  # [B, T, n_engram_layers, cols]
     keep_hidden: bool
+    traces: bool = False  # index sources return their IndexerTraces
 
 
 def _settle(fn, carry, xs):
@@ -527,7 +545,8 @@ class Segment(nnx.Module):
 
     def _step(self, q: int, ctx: Context):
         """One block of run q as a scan body: ((streams, pre, shared), (params, state)) -> (carry,
-        (streams | None, DSpark target | None, Engram input | None, RoutingStats, state | None))."""
+        (streams | None, DSpark target | None, Engram input | None, RoutingStats, IndexerTraces | None,
+        state | None))."""
         cfg, layer = self.cfg, self.ids[q][0][0]
         graphdef = nnx.graphdef(self.runs[q])
         target = layer_kind(cfg, layer)[-1]
@@ -542,8 +561,10 @@ class Segment(nnx.Module):
                 engram_in = streams
             if target:
                 feature = jnp.mean(streams.astype(jnp.float32), axis=2)  # [B, T, d]
-            streams, pre, shared, state, stats = block(streams, pre, shared, ctx.image, ctx.positions, state)
-            return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, stats, state)
+            streams, pre, shared, state, stats, trace = block(streams, pre, shared, ctx.image, ctx.positions, state,
+                                                              ctx.traces)
+            return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, stats, trace,
+                                            state)
 
         if self.remat is not Remat.NONE:
             policy = None if self.remat is Remat.FULL else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -659,6 +680,7 @@ class V41Output(NamedTuple):
     engram_inputs: tuple[jax.Array, ...]  # per Engram layer [B, T, n_hc, d]: the streams after its update
     target_features: jax.Array | None  # [B, T, n_targets * d]: DSpark's inputs (stream means); None without DSpark
     routing: RoutingStats | None = None  # [L, B, E] per backbone layer, in layer order (balance loss, bias update)
+    indexer: tuple[IndexerTraces, ...] | None = None  # per index source, layer order ([B, T, k] each), on request
     cache: V41Cache | None = None  # the updated cache (a cached call)
 
 
@@ -701,13 +723,14 @@ class V41Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, engram_ids: jax.Array | None = None, image: jax.Array | None = None,
                  embeddings: jax.Array | None = None, cache: V41Cache | None = None,
-                 return_hidden_states: bool = True) -> V41Output:
+                 return_hidden_states: bool = True, return_indexer_traces: bool = False) -> V41Output:
         """tokens [B, T]: from position 0, or with a cache at each row's cache.lengths (prefill into an
         empty cache, decode, chunks). engram_ids [B, T, n_engram_layers, cols] (host-computed hash rows,
         `engram_hash`, with the history for a cached call); image [B, T] bool: image-span positions
         (bias_vl, Engram gate 0); embeddings [B, T, d] or None: the input embeddings with the image
         spans already placed (`embed_prompt`). return_hidden_states=False: no per-layer streams (a
-        training step keeps only what its backward needs)."""
+        training step keeps only what its backward needs); return_indexer_traces: each index source's
+        KL-loss inputs (V41Output.indexer, architecture.md §12.10), stateless calls only."""
         cfg = self.cfg
         B, T = tokens.shape
         start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
@@ -716,9 +739,10 @@ class V41Transformer(nnx.Module):
             raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
                              f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
         e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
-        ctx = Context(positions, image, None if image is None else ~image, engram_ids, return_hidden_states)
+        ctx = Context(positions, image, None if image is None else ~image, engram_ids, return_hidden_states,
+                      return_indexer_traces)
         carry = (*widen(e, cfg.hc_mult), Shared())  # streams [B, T, n_hc, d], one-hot pre
-        per_layer: dict[int, tuple] = {}  # layer -> (streams | None, DSpark target | None, Engram input | None, stats)
+        per_layer: dict[int, tuple] = {}  # layer -> (streams, DSpark target, Engram input, stats, indexer traces)
         states = []
         for s, (segment, ids) in enumerate(zip(self.segments, self.plan)):
             carry, outs = segment(carry, ctx, None if cache is None else cache.layers[s])
@@ -727,18 +751,19 @@ class V41Transformer(nnx.Module):
                 for at in np.ndindex(*run.shape):  # the stacked outputs back in layer order
                     idx = tuple(i for i, n in zip(at, run.shape) if n > 1)
                     per_layer[int(run[at])] = tuple(None if o is None else jax.tree.map(lambda a: a[idx], o)
-                                                    for o in out[:4])
-            states.append(tuple(out[4] for out in outs))
+                                                    for o in out[:5])
+            states.append(tuple(out[5] for out in outs))
         streams, pre, _ = carry
         h = self.norm(collapse(pre, streams))  # [B, T, d]: the last FFN unit's pre, no hc head
         logits = self.head(h, jnp.float32)
         ordered = [per_layer[i] for i in range(cfg.n_layers)]
-        targets = [t for _, t, _, _ in ordered if t is not None]
+        targets = [t for _, t, *_ in ordered if t is not None]
         new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
-        routing = jax.tree.map(lambda *a: jnp.stack(a), *(r for *_, r in ordered))
+        routing = jax.tree.map(lambda *a: jnp.stack(a), *(r for *_, r, _ in ordered))
+        indexer = tuple(t for *_, t in ordered if t is not None) if return_indexer_traces else None
         return V41Output(logits, tuple(h for h, *_ in ordered) if return_hidden_states else None,
-                         tuple(g for _, _, g, _ in ordered if g is not None),
-                         jnp.concatenate(targets, axis=-1) if targets else None, routing, new_cache)
+                         tuple(g for _, _, g, *_ in ordered if g is not None),
+                         jnp.concatenate(targets, axis=-1) if targets else None, routing, indexer, new_cache)
 
     def block(self, layer: int) -> Block:
         """Backbone layer `layer`'s block, its parameters sliced out of their stack (a copy, for reading)."""

@@ -218,9 +218,6 @@ def check_settings(tc: TrainConfig, cfg: V4Config) -> None:
         if tc.document_mask:
             raise ValueError("document_mask=true: the V4.1 model has no packed-document masking yet; set "
                              "document_mask=false (each row is then one stream of documents)")
-        if tc.indexer_loss_weight:
-            raise ValueError(f"indexer_loss_weight={tc.indexer_loss_weight}: the V4.1 indexers' KL loss is not "
-                             f"implemented yet; set indexer_loss_weight=0 (the indexers then get no gradient)")
     for k in ("nan_steps", "nan_update_steps"):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in getattr(tc, k)):
             raise ValueError(f"setting {k} must be a list of step numbers, got {list(getattr(tc, k))}")

@@ -5,8 +5,8 @@ compiles.
 
 One step: for each of grad_accum micro-batches, forward in options.dtype (bf16 on TPU)
 -> loss = CE + w_mtp(step) * CE_mtp + alpha * balance + w_I * indexer KL (CSA layers)
-   (V4.1, architecture.md §12.10: CE + alpha * balance; its batch also carries the host-computed
-   Engram rows, `batch_layout`)
+   (V4.1, architecture.md §12.10: the same without MTP, the KL at its index sources; its batch also
+   carries the host-computed Engram rows, `batch_layout`)
 -> grads summed in fp32 -> clip -> Muon/AdamW -> selection-bias update from the step's expert load
 (outside the gradient, architecture.md §5.4). A non-finite loss, gradient norm or new state keeps the old state
 (the step is skipped and reported).
@@ -137,7 +137,8 @@ class Predictions(NamedTuple):
     mtp_logits: jax.Array | None = None  # [B, T-1, V] (V4 with MTP)
     mtp_mask: jax.Array | None = None  # [B, T-1]
     mtp_routing: RoutingStats | None = None  # [B, E]
-    indexer: IndexerTraces | None = None  # V4's CSA layers (indexer_loss_weight > 0)
+    indexer: tuple[IndexerTraces, ...] | None = None  # (indexer_loss_weight > 0) V4: one, its CSA layers stacked;
+    # V4.1: one per index source (their top-k widths differ)
 
 
 def _predict_v4(tc: TrainConfig, cfg: V4Config, model: Transformer, micro: jax.Array) -> Predictions:
@@ -150,14 +151,15 @@ def _predict_v4(tc: TrainConfig, cfg: V4Config, model: Transformer, micro: jax.A
         main_mask, mtp_mask = losses.packed_targets_mask(segments, row_segments[:, 1:])
     out = model(inputs, segment_ids=segments, return_indexer_traces=tc.indexer_loss_weight > 0)
     return Predictions(out.logits, targets, main_mask, out.routing, out.mtp_logits, mtp_mask, out.mtp_routing,
-                       out.indexer)
+                       None if out.indexer is None else (out.indexer,))
 
 
-def _predict_v41(model: V41Transformer, micro: dict) -> Predictions:
+def _predict_v41(tc: TrainConfig, model: V41Transformer, micro: dict) -> Predictions:
     """micro {"tokens": [B, T+1], "engram": [B, T, n_engram_layers, cols] (Engram models)}."""
     tokens = micro["tokens"]
-    out = model(tokens[:, :-1], micro.get("engram"), return_hidden_states=False)
-    return Predictions(out.logits, tokens[:, 1:], None, out.routing)
+    out = model(tokens[:, :-1], micro.get("engram"), return_hidden_states=False,
+                return_indexer_traces=tc.indexer_loss_weight > 0)
+    return Predictions(out.logits, tokens[:, 1:], None, out.routing, indexer=out.indexer)
 
 
 def batch_layout(tc: TrainConfig, cfg: V4Config | V41Config):
@@ -188,7 +190,7 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
     def loss_fn(params, buffers, micro, hyper):
         model = nnx.merge(setup.graphdef, unflat_params(setup.param_template, params),
                           unflat_params(setup.buffer_template, buffers), setup.rest)
-        out = _predict_v41(model, micro) if isinstance(cfg, V41Config) else _predict_v4(tc, cfg, model, micro)
+        out = _predict_v41(tc, model, micro) if isinstance(cfg, V41Config) else _predict_v4(tc, cfg, model, micro)
         parts = {"ce": losses.cross_entropy(out.logits, out.targets, out.mask)}
         total = parts["ce"]
         if out.mtp_logits is not None:
@@ -200,8 +202,8 @@ def make_loss(tc: TrainConfig, setup: Setup) -> Callable:
             bal = bal + losses.balance_loss(out.mtp_routing, cfg.n_activated_experts)
         parts["balance"] = bal
         total = total + tc.balance_alpha * bal
-        if out.indexer is not None:  # CSA layers' KL (architecture.md §8.2); trains only the indexers (indexer_detach)
-            parts["indexer"] = losses.indexer_kl_loss(*out.indexer)
+        if out.indexer:  # the indexers' KL (architecture.md §8.2); trains only the indexers (indexer_detach)
+            parts["indexer"] = sum(losses.indexer_kl_loss(*t) for t in out.indexer)
             total = total + tc.indexer_loss_weight * parts["indexer"]
         total = total * jnp.where(hyper["nan"], jnp.nan, 1.0)  # testing hook (nan_steps): loss and grads NaN
         mtp_load = None if out.mtp_routing is None else jnp.sum(out.mtp_routing.load, axis=0)
@@ -295,7 +297,8 @@ class StepProgram:
     def loss_terms(self) -> list[str]:
         """The loss terms the compiled step adds up (CE always)."""
         cfg, tc = self.setup.cfg, self.tc
-        indexer = not isinstance(cfg, V41Config) and tc.indexer_loss_weight > 0 and AttentionKind.CSA in cfg.layer_types
+        indexer = tc.indexer_loss_weight > 0 and (bool(cfg.index_source_layers) if isinstance(cfg, V41Config)
+                                                  else AttentionKind.CSA in cfg.layer_types)
         return ["ce"] + (["mtp"] if cfg.n_mtp_layers else []) + ["balance"] + (["indexer"] if indexer else [])
 
 
