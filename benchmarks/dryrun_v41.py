@@ -6,8 +6,8 @@
 
 decode: one token per sequence against a V4.1 cache of --seq positions, through the model's own forward
 (`V41Transformer(tokens, engram_ids, cache=cache)`, bf16 weights; the cache's rows split over the batch
-axes). train: the step train.py runs (`v4jax.train.step.step_program`: cross-entropy + balance loss, its
-gradient, Muon for the matrices and AdamW for the rest with a bf16 Newton-Schulz, fp32 master weights and
+axes). train: the step train.py runs (`v4jax.train.step.step_program`: cross-entropy + balance loss + the
+indexers' KL (--indexer-loss-weight), its gradient, Muon for the matrices and AdamW for the rest with a bf16 Newton-Schulz, fp32 master weights and
 optimiser state, bf16 compute, the selection-bias update); DSpark stages and the vision tower are left
 out of both (the text backbone is what a pod trains and serves, architecture.md §12.10). The blocks are stacked and scanned by kind
 (`v41.layer_plan`: 10 compiled blocks for v41-flash's 40), and the training step recomputes each block
@@ -68,7 +68,7 @@ def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
                        engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
 
 
-STEPS = {"train": "v4jax.train.step.step_program (train.py's step: CE + balance, Muon/AdamW, bias update)",
+STEPS = {"train": "v4jax.train.step.step_program (train.py's step: CE + balance + indexer KL, Muon/AdamW, bias update)",
          "decode": "V41Transformer(tokens, engram_ids, cache=cache), greedy"}
 
 
@@ -77,7 +77,7 @@ def _abstract(tree, shardings):
 
 
 def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: str = "full",
-          sets: dict | None = None):
+          sets: dict | None = None, indexer_loss_weight: float = TrainConfig.indexer_loss_weight):
     """(jitted step, abstract sharded arguments, the abstract model) for the mode; remat: what the
     training step's backward recomputes per block (`Remat`); sets: RunOptions fields (kernels, MoE
     dispatch), as `benchmarks.dryrun --set` and train.py's model table give them."""
@@ -111,8 +111,8 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
         return fn, args, model
     # train.py's step (one program): its RunOptions come from the `model` table (every field given here, so
     # the preset names no default that matters), the rest from TrainConfig
-    tc = TrainConfig(preset="v41-flash", batch_size=batch, seq_len=seq, document_mask=False, indexer_loss_weight=0.0,
-                     muon_ns_dtype="bfloat16", model={k: getattr(options, k) for k in OPTION_FIELDS})
+    tc = TrainConfig(preset="v41-flash", batch_size=batch, seq_len=seq, document_mask=False,
+                     indexer_loss_weight=indexer_loss_weight, muon_ns_dtype="bfloat16", model={k: getattr(options, k) for k in OPTION_FIELDS})
     program = step_program(tc, cfg, mesh, rules)
     return program.jitted, (program.state, program.batch, program.hyper), model
 
@@ -120,6 +120,7 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
 def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-flash", batch: int = 64,
             seq: int = 8192, mesh_spec: str = "fsdp=8,expert=8", rule_overrides: str = "",
             layers: tuple[int, ...] | None = None, remat: str = "full", sets: dict | None = None,
+            indexer_loss_weight: float = TrainConfig.indexer_loss_weight,
             hlo_out: str | None = None, breakdown_rows: int = 0) -> dict:
     """Compile one step; `layers`: keep only these backbone layers (`keep_layers`), full width."""
     chip = chip_for(topology)
@@ -130,13 +131,14 @@ def dry_run(mode: str, topology: str, rules_name: str, *, config: str = "v41-fla
     devices = tpu_devices(topology)
     rules = get_rules(rules_name, **parse_overrides(rule_overrides))
     mesh = make_mesh(mesh_spec, devices=devices)
-    fn, args, model = build(cfg, mode, batch, seq, mesh, rules, remat, sets)
+    fn, args, model = build(cfg, mode, batch, seq, mesh, rules, remat, sets, indexer_loss_weight)
     t0 = time.time()
     head = {"config": config, "mode": mode, "topology": topology, "chip": chip.name, "devices": len(devices),
             "mesh": describe(mesh), "rules": rules_name + (f" ({rule_overrides})" if rule_overrides else ""),
             "batch": batch, "seq": seq, "layers": list(layers) if layers else "all",
             **({"remat": remat} if mode == "train" else {}), **{k: str(v) for k, v in (sets or {}).items()},
-            "settings": {"step": STEPS[mode], **{k: str(v) for k, v in (sets or {}).items()}}}
+            "settings": {"step": STEPS[mode], **{k: str(v) for k, v in (sets or {}).items()},
+                         **({"indexer_loss_weight": indexer_loss_weight} if mode == "train" else {})}}
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
@@ -213,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hlo-out", default=None, metavar="FILE", help="also write the compiled HLO text here")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="also list the N source functions with the most FLOPs (benchmarks.hlo_costs, loop by loop)")
+    p.add_argument("--indexer-loss-weight", type=float, default=TrainConfig.indexer_loss_weight,
+                   help="training: the indexers' KL weight (train.py's indexer_loss_weight; 0 = no KL in the step)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     try:
         report = dry_run(args.mode, args.topology, args.rules, config=args.config, batch=args.batch, seq=args.seq,
                          mesh_spec=args.mesh, rule_overrides=args.rule, remat=args.remat,
+                         indexer_loss_weight=args.indexer_loss_weight,
                          sets=_parse_sets(args.set), hlo_out=args.hlo_out, breakdown_rows=args.breakdown,
                          layers=None if args.layers is None else REPRESENTATIVE_LAYERS if args.layers == "representative"
                          else tuple(int(x) for x in args.layers.split(",")))
