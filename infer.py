@@ -425,16 +425,23 @@ def run_v41(args) -> int:
     from v4jax.model.v41 import Image
 
     for flag, used in (("--slots (continuous batching)", args.slots is not None),
-                       ("--step", args.step is not None), ("--numerics release", args.numerics != "exact")):
+                       ("--numerics release", args.numerics != "exact")):
         if used:
             raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (generation, greedy "
                              "or sampled, plain or --speculative, over --prompt / --prompt-ids / --prompts-file, "
                              "with --prefill-chunk)")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise InferError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
-    cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
+    from v4jax.io.restore import Kind, _train_step_dir, detect, train_run_config
+
+    if detect(args.checkpoint) is Kind.TRAIN_RUN:  # a V4.1 text backbone trained by train.py
+        cfg = train_run_config(_train_step_dir(args.checkpoint, args.step)[1])
+    elif args.step is not None:
+        raise InferError("--step is for train.py runs; this DeepSeek-V4.1 checkpoint has one set of weights")
+    else:
+        cfg = V41Config.from_json_file(os.path.join(args.checkpoint, "config.json"))
     prompts, tok, tok_path = read_prompts(args, cfg.vocab_size, "--tokenizer FILE")
-    token_map = resolve_token_map(cfg, args.engram_token_map, tok_path)
+    token_map = resolve_token_map(cfg, args.engram_token_map, tok_path, args.checkpoint)
     images = [load_image(f, cfg) for f in args.image or ()]  # [(patches [h*w, 3*p*p], grid)]
     if images and (len(prompts) != 1 or not cfg.vision_n_layers):
         raise InferError("--image needs one prompt and a model with a vision tower" if cfg.vision_n_layers else
@@ -450,7 +457,7 @@ def run_v41(args) -> int:
         from sharding.rules import get_rules
 
         mesh, rules = make_mesh(args.mesh), get_rules(args.rules)
-    loaded = load_model(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
+    loaded = load_model(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, step=args.step,
                         mtp=True if args.speculative else False, mesh=mesh, rules=rules)
     print(f"loaded DeepSeek-V4.1 {loaded.kind.value} checkpoint {args.checkpoint}"
           + (f" on mesh {args.mesh} ({rules.name} rules)" if mesh is not None else ""), file=sys.stderr)

@@ -167,6 +167,30 @@ def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
     assert sorted(got) == [4, 5, 6]
     assert [got[s]["loss"] for s in range(4, 7)] == [want[s]["loss"] for s in range(4, 7)]
 
+    # the run loads for inference: load_model gives the V4.1 text backbone with the trained weights, and
+    # infer.py generates from it (the run's own tokenizer and Engram token map)
+    import infer
+    from v4jax.io.restore import Kind, load_model
+    from v4jax.train.checkpointer import Checkpointer
+    from v4jax.train.loop import build_mesh
+    from v4jax.train.step import step_program
+
+    tc = load_config(CONFIG, overrides(straight, corpus, lr=1e-2))
+    loaded = load_model(str(straight))
+    assert loaded.kind is Kind.TRAIN_RUN and loaded.step == 6 and isinstance(loaded.model, V41Transformer)
+    assert loaded.cfg == tc.model_config()
+    program = step_program(tc, tc.model_config(), *build_mesh(tc))
+    ck = Checkpointer(str(straight / "checkpoints"), 3, False)
+    try:
+        state, _ = ck.restore_latest(program.state, lambda s: None)
+    finally:
+        ck.close()
+    weights = flat_params(nnx.state(loaded.model, nnx.Param))
+    assert sorted(weights) == sorted(state["params"])
+    for k, v in state["params"].items():
+        np.testing.assert_array_equal(np.asarray(weights[k]), np.asarray(v), err_msg=k)
+    assert infer.main(["--checkpoint", str(straight), "--prompt", "import os", "--max-new-tokens", "4"]) == 0
+
 
 def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus):
     """grad_accum=2 of 2 rows = one micro-batch of 4 rows (the Engram rows travel with their tokens)."""

@@ -100,7 +100,7 @@ def _dump_v41(model, ids: np.ndarray, decode_from: int | None, checkpoint: str, 
 
     cfg = model.cfg
     tok = os.path.join(checkpoint, "tokenizer.json")
-    token_map = resolve_token_map(cfg, token_map_file, tok if os.path.isfile(tok) else None)
+    token_map = resolve_token_map(cfg, token_map_file, tok if os.path.isfile(tok) else None, checkpoint)
     rows, _ = engram_rows(model, engram_state(cfg, token_map, ids.shape[0]), ids)
     o = nnx.jit(lambda m, t, e: m(t, e))(model, jnp.asarray(ids), rows)
     arrays = {"logits": o.logits, "hidden_states": jnp.stack(o.hidden_states)}

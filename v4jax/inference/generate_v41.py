@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,12 +82,20 @@ def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray
     return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids, dead))
 
 
-def resolve_token_map(cfg, token_map_file: str | None, tokenizer_file: str | None) -> np.ndarray | None:
-    """The Engram compressed token map [V] for `cfg`'s model: a saved one (.npy), else rebuilt from the
-    release's tokenizer.json (architecture.md §12.4); None for a model without Engram layers. A one-line
+def resolve_token_map(cfg, token_map_file: str | None, tokenizer_file: str | None,
+                      checkpoint: str | None = None) -> np.ndarray | None:
+    """The Engram compressed token map [V] for `cfg`'s model: a saved one (.npy; a train.py run keeps its
+    own as `engram_token_map.npy`, used when none is given), else rebuilt from the release's
+    tokenizer.json (architecture.md §12.4); None for a model without Engram layers. A one-line
     ValueError naming the file or what is missing."""
     if not cfg.engram_layer_ids:
         return None
+    if not token_map_file and checkpoint:
+        from v4jax.io.restore import Kind, _train_step_dir, detect
+
+        if detect(checkpoint) is Kind.TRAIN_RUN:  # the map the run trained with (v4jax.train.loop)
+            own = os.path.join(_train_step_dir(checkpoint, None)[1], "engram_token_map.npy")
+            token_map_file = own if os.path.isfile(own) else None
     if token_map_file:
         try:
             token_map = np.load(token_map_file, allow_pickle=False)

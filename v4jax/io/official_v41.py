@@ -40,7 +40,8 @@ def is_v41_config(d: object) -> bool:
         return False
     if d.get("model_type") in V41_MODEL_TYPES:
         return True
-    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
+    # HF-style: the text model's keys in text_config; a train.py run: in its config.json's model table
+    text = next((d[k] for k in ("text_config", "model") if isinstance(d.get(k), dict)), d)
     return any(k in text for k in V41_ONLY_KEYS)
 
 

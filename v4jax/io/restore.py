@@ -150,9 +150,17 @@ def train_run_steps(path: str) -> list[int]:
     return complete_steps(os.path.join(os.fspath(path), "checkpoints"))[::-1]
 
 
-def train_run_config(run_dir: str) -> V4Config:
-    """The architecture a train.py run trained (its config.json's `model` table, options left out)."""
-    return V4Config(**_train_run_model(run_dir)[0])
+def train_run_config(run_dir: str):
+    """The architecture a train.py run trained (its config.json's `model` table, options left out): a
+    V4Config, or a V41Config for a V4.1 run (architecture.md §12.10)."""
+    arch = _train_run_model(run_dir)[0]
+    return _run_family(arch)(**arch)
+
+
+def _run_family(arch: dict):
+    from v4jax.config_v41 import V41Config
+
+    return V41Config if is_v41_config(arch) else V4Config
 
 
 def train_run_options(run_dir: str) -> RunOptions:
@@ -166,7 +174,7 @@ def _train_run_model(run_dir: str) -> tuple[dict, dict]:
         with open(p) as f:
             model = json.load(f)["model"]
         arch, options = split_options(model)  # train.py writes both into one `model` table
-        V4Config(**arch), RunOptions(**options)  # refuse a bad table here, where the file is named
+        _run_family(arch)(**arch), RunOptions(**options)  # refuse a bad table here, where the file is named
         return arch, options
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir}: no config.json (train.py writes it next to checkpoints/)") from None
@@ -174,7 +182,7 @@ def _train_run_model(run_dir: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{p}: not a train.py run config ({e})") from None
 
 
-def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | None = None, mesh=None, rules=None,
+def restore_train_run(path: str, cfg=None, *, step: int | None = None, mesh=None, rules=None,
                       verify: bool = True, options: RunOptions | None = None):
     """(model, cfg, step) from a train.py checkpoint: parameters and buffers only (no optimiser state
     is read). options: how the model runs (default: the run's own); model.options holds them.
@@ -184,20 +192,23 @@ def restore_train_run(path: str, cfg: V4Config | None = None, *, step: int | Non
 
     from sharding.partition import state_shardings
     from v4jax.model.layers import Buffer
-    from v4jax.model.transformer import Transformer
     from v4jax.train.optim import flat_params, unflat_params
     from v4jax.train.checkpointer import _fingerprint
+    from v4jax.train.step import build_model
 
     step_dir, run = _train_step_dir(os.fspath(path), step)
     stored_cfg, stored_options = train_run_config(run), train_run_options(run)
     cfg, options = cfg or stored_cfg, options or stored_options
     # run-time options (RunOptions) may differ from training; every shape-determining field must not
-    shape_fields = [f.name for f in dataclasses.fields(V4Config) if f.name != "max_seq_len"]
+    if type(cfg) is not type(stored_cfg):
+        raise CheckpointError(f"{run}: the checkpoint is a {type(stored_cfg).__name__} model, the requested config "
+                              f"a {type(cfg).__name__}")
+    shape_fields = [f.name for f in dataclasses.fields(cfg) if f.name != "max_seq_len"]
     diff = [f for f in shape_fields if getattr(cfg, f) != getattr(stored_cfg, f)]
     if diff:
         raise CheckpointError(f"{run}: the checkpoint was trained with {diff[0]}={getattr(stored_cfg, diff[0])!r}, "
                               f"the requested config has {getattr(cfg, diff[0])!r}")
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), options=options))
+    abstract = nnx.eval_shape(lambda: build_model(cfg, 0, options))  # V4's Transformer or V4.1's text backbone
     graphdef, params, buffers, rest = nnx.split(abstract, nnx.Param, Buffer, ...)
     if mesh is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

@@ -235,7 +235,7 @@ def _train(tc: TrainConfig, log: Callable[[str], None], signals: StopSignals) ->
             dest = os.path.join(tc.run_dir, "tokenizer.json")
             if not (os.path.exists(dest) and os.path.samefile(tc.tokenizer, dest)):
                 shutil.copyfile(tc.tokenizer, dest)
-        if token_map is not None:  # what inference hashes with (infer.py --engram-token-map)
+        if token_map is not None:  # what generation hashes with (generate_v41's token_map)
             np.save(os.path.join(tc.run_dir, "engram_token_map.npy"), token_map)
     _sync("run-dir-prepared")
 
