@@ -7,9 +7,10 @@
 decode: one token per sequence against a V4.1 cache of --seq positions, through the model's own forward
 (`V41Transformer(tokens, engram_ids, cache=cache)`, bf16 weights; the cache's rows split over the batch
 axes). train: the step train.py runs (`v4jax.train.step.step_program`: cross-entropy + balance loss + the
-indexers' KL (--indexer-loss-weight), its gradient, Muon for the matrices and AdamW for the rest with a bf16 Newton-Schulz, fp32 master weights and
-optimiser state, bf16 compute, the selection-bias update); DSpark stages and the vision tower are left
-out of both (the text backbone is what a pod trains and serves, architecture.md §12.10). The blocks are stacked and scanned by kind
+indexers' KL (--indexer-loss-weight), its gradient, Muon for the matrices and AdamW for the rest with a
+bf16 Newton-Schulz, fp32 master weights and optimiser state, bf16 compute, the selection-bias update);
+DSpark stages and the vision tower are left out of both (the text backbone is what a pod trains and
+serves, architecture.md §12.10). The blocks are stacked and scanned by kind
 (`v41.layer_plan`: 10 compiled blocks for v41-flash's 40), and the training step recomputes each block
 in its backward (--remat full, the default), keeping only the blocks' input streams.
 
@@ -68,7 +69,8 @@ def keep_layers(cfg: V41Config, keep: tuple[int, ...]) -> V41Config:
                        engram_layer_ids=tuple(i for i, _ in engram), engram_num_embeddings=tuple(n for _, n in engram))
 
 
-STEPS = {"train": "v4jax.train.step.step_program (train.py's step: CE + balance + indexer KL, Muon/AdamW, bias update)",
+STEPS = {"train": "v4jax.train.step.step_program (train.py's step: CE + balance + indexer KL, Muon/AdamW, "
+                  "bias update)",
          "decode": "V41Transformer(tokens, engram_ids, cache=cache), greedy"}
 
 
@@ -112,7 +114,8 @@ def build(cfg: V41Config, mode: str, batch: int, seq: int, mesh, rules, remat: s
     # train.py's step (one program): its RunOptions come from the `model` table (every field given here, so
     # the preset names no default that matters), the rest from TrainConfig
     tc = TrainConfig(preset="v41-flash", batch_size=batch, seq_len=seq, document_mask=False,
-                     indexer_loss_weight=indexer_loss_weight, muon_ns_dtype="bfloat16", model={k: getattr(options, k) for k in OPTION_FIELDS})
+                     indexer_loss_weight=indexer_loss_weight, muon_ns_dtype="bfloat16",
+                     model={k: getattr(options, k) for k in OPTION_FIELDS})
     program = step_program(tc, cfg, mesh, rules)
     return program.jitted, (program.state, program.batch, program.hyper), model
 

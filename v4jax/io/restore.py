@@ -323,8 +323,6 @@ def _load_v41(path: str, config: dict, kind: Kind, *, mesh, rules, options: RunO
     from v4jax.config_v41 import V41Config
     from v4jax.io.official_v41 import V41Source, assemble_v41, v41_weights_dtype
 
-    if kind is Kind.TRAIN_RUN:
-        raise CheckpointError(f"{path}: V4.1 train runs are not supported (train.py builds V4 models)")
     config_path = os.path.join(path, "config.json")
     source = ConvertedSource(path) if kind is Kind.CONVERTED else V41Source(path)
     try:

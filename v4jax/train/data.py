@@ -403,7 +403,7 @@ class EngramRows:
     def __init__(self, batches, cfg, token_map: np.ndarray):
         from v4jax.model.engram_hash import engram_layout
 
-        self.batches, self.cfg, self.token_map = batches, cfg, np.asarray(token_map, np.int64)
+        self.batches, self.token_map = batches, np.asarray(token_map, np.int64)
         self.layout, self.pad = engram_layout(cfg), engram_pad(cfg, self.token_map)
         self.n_rows, self.batches_per_epoch = batches.n_rows, batches.batches_per_epoch
 
