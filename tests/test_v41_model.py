@@ -320,6 +320,46 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
         np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-7, err_msg=str(path))
 
 
+def test_a_cached_call_reads_the_stacked_parameters_in_place():
+    """A cached call (prefill, decode) scans layer indices and each block reads its slice of the full
+    parameter stacks, so no scan takes a stack, or a repeat's slice of one, as its input (XLA copies
+    such a slice out of the stack before an inner scan; architecture.md §12.3); a stateless call (the
+    one training differentiates) scans the stacks themselves."""
+    from v4jax.model.v41 import init_v41_cache, stack_dims
+
+    cfg = flash_shaped()
+    # bf16 parameters: the caches and activations are fp32, so a bf16 scan input is a parameter slice
+    model = V41Transformer(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(param_dtype="bfloat16"))
+    stacked = set()
+    for segment, ids in zip(model.segments, model.plan):
+        for run, block in zip(ids, segment.runs):
+            lead = stack_dims(run)
+            for a in jax.tree.leaves(nnx.state(block, nnx.Param)):
+                if lead and a.dtype == jnp.bfloat16:
+                    stacked.update({a.shape, a.shape[1:]} if len(lead) == 2 else {a.shape})
+    assert any(len(stack_dims(run)) == 2 for ids in model.plan for run in ids)  # a scan in a scan is covered
+
+    def scanned_inputs(jaxpr):  # the shapes of every bf16 array any scan (at any depth) takes as xs
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                skip = eqn.params["num_consts"] + eqn.params["num_carry"]
+                yield from (v.aval.shape for v in eqn.invars[skip:] if v.aval.dtype == jnp.bfloat16)
+            for value in eqn.params.values():  # nested jaxprs: scan, cond, jit, checkpoint bodies
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from scanned_inputs(sub)
+
+    B, T = 2, 8
+    tokens, rows = jnp.zeros((B, T), jnp.int32), _rows(model, cfg, B, T, 1)
+    graphdef, state = nnx.split(model)
+    decode = lambda s, c: nnx.merge(graphdef, s)(tokens[:, :1], rows[:, :1], cache=c)  # noqa: E731
+    cached = jax.make_jaxpr(decode)(state, init_v41_cache(cfg, B, 16))
+    stateless = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, rows))(state)
+    assert stacked & set(scanned_inputs(stateless.jaxpr))  # the stateless call scans the stacks
+    assert not stacked & set(scanned_inputs(cached.jaxpr))
+
+
 def test_a_stacked_variable_is_read_one_layer_at_a_time_into_its_devices():
     """The loader builds a stacked parameter layer by layer (each layer's tensors read once, host memory
     one layer beside the devices' slices), in the plan's order, into the sharding the rules give."""

@@ -573,26 +573,45 @@ class Segment(nnx.Module):
 
     def __call__(self, carry, ctx: Context, states: tuple[LayerState, ...] | None):
         """carry (streams [B, T, n_hc, d], pre [B, T, n_hc], Shared); states: per run the stacked cache
-        (None: a stateless call) -> (carry, per run the step outputs stacked [*stack_dims, ...])."""
+        (None: a stateless call) -> (carry, per run the step outputs stacked [*stack_dims, ...]).
+
+        A stateless call (training) scans the parameter stacks themselves: each iteration's slice is the
+        scan's input, so the backward pass returns each layer's gradient as its own slice. A cached call
+        (prefill, decode; never differentiated) scans layer indices instead and each block reads its
+        slice of the full stacks in place: a repeat's slice of a run's [repeats, count, ...] stack, fed
+        to the inner scan, would be copied out of the stack once per repeat (architecture.md §12.3)."""
         params = [nnx.state(run) for run in self.runs]
+        in_place = states is not None
         states = (None,) * len(self.runs) if states is None else states
         repeats, counts = len(self.ids[0]), [len(run[0]) for run in self.ids]
 
+        def layer(q, r, c):  # run q's block at repeat r, position c (None: that stack dim is absent)
+            idx = tuple(i for i in (r, c) if i is not None)
+            return jax.tree.map(lambda a: a[idx], params[q]) if idx else params[q]
+
         def unit(carry, xs):  # one repeat of the unit
+            r, runs = xs
             outs = []
-            for q, (p, st) in enumerate(xs):
+            for q, (p, st) in enumerate(runs):
                 step = self._step(q, ctx)
-                if counts[q] > 1:
+                if counts[q] > 1 and in_place:
+                    def indexed(carry, xs, q=q, step=step):
+                        return step(carry, (layer(q, r, xs[0]), xs[1]))
+
+                    ys = (jnp.arange(counts[q]), st)
+                    carry, out = jax.lax.scan(indexed, _settle(indexed, carry, ys), ys)
+                elif counts[q] > 1:
                     carry, out = jax.lax.scan(step, _settle(step, carry, (p, st)), (p, st))
                 else:
-                    carry, out = step(carry, (p, st))
+                    carry, out = step(carry, (layer(q, r, None) if in_place else p, st))
                 outs.append(out)
             return carry, tuple(outs)
 
-        xs = tuple(zip(params, states))
+        runs = tuple(zip([None] * len(params) if in_place else params, states))
         if repeats > 1:
+            xs = (jnp.arange(repeats) if in_place else None, runs)
             return jax.lax.scan(unit, _settle(unit, carry, xs), xs)
-        return unit(carry, xs)
+        return unit(carry, (None, runs))
 
 
 def sink_attention(q: jax.Array, keys: jax.Array, valid: jax.Array, sinks: jax.Array) -> jax.Array:
