@@ -351,9 +351,11 @@ def _activation_buffers(cfg: V4Config, options: RunOptions, mode: str, batch: in
     out = [("logits (fp32) of one step", n * cfg.vocab_size * 4)]
     ep = math.prod(mesh.shape[a] for a in expert_axes(mesh, rules)) if expert_axes(mesh, rules) else 1
     if ep > 1 and n * ep <= options.moe_gather_tokens:  # gather dispatch (architecture.md §5.5)
-        rows = gather_window(n * ep, cfg.n_activated_experts, ep)
+        dense = n * ep <= options.moe_dense_tokens  # every local expert on every gathered token
+        rows = n * ep * (cfg.n_routed_experts // ep) if dense else gather_window(n * ep, cfg.n_activated_experts, ep)
         out.append(("gathered tokens of the expert group per layer", n * ep * cfg.dim * 2))
-        out.append(("routed-expert hidden [window, 2 x moe_inter_dim] fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
+        out.append((f"routed-expert hidden [{'tokens x local experts' if dense else 'window'}, 2 x moe_inter_dim] "
+                    "fp32 per layer", rows * 2 * cfg.moe_inter_dim * 4))
     elif ep > 1:
         rows = receive_capacity(min(n, options.moe_dispatch_chunk) * cfg.n_activated_experts, ep,
                                 options.moe_capacity_factor)

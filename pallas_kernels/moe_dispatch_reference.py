@@ -7,7 +7,8 @@ DeepSeek's inference code has them (`Expert.forward`: `w1(x).float()`, `w3(x).fl
 returned in the input's dtype; the caller sums a token's rows in fp32): `expert_gemm`.
 `grouped_swiglu` uses `jax.lax.ragged_dot`; `grouped_swiglu_onehot` computes the same function with
 one masked dense FFN per expert.
-`gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode).
+`gathered_swiglu` computes it for a few unsorted rows with each row's expert weights gathered (decode);
+`dense_swiglu` runs every expert on every token (a device's local experts at decode).
 `permute` / `unpermute_combine` sort the (token, choice) rows by expert and sum them back per token.
 """
 
@@ -68,6 +69,27 @@ def grouped_swiglu_onehot(xs: jax.Array, sizes: jax.Array, w1: jax.Array, w3: ja
     down = expert_gemm(lambda a, w: jnp.einsum("emi,eid->md", a, w.astype(dt), preferred_element_type=jnp.float32),
                        act_quant)
     return down(h.astype(dt), w2).astype(dt)  # [M, d]
+
+
+def dense_swiglu(x: jax.Array, combine: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float,
+                 act_quant: Callable | None = None) -> jax.Array:
+    """sum_e combine[:, e] FFN_e(x): every expert on every token, one dense FFN per expert (a device's
+    few local experts on an expert group's few tokens: decode under expert parallelism).
+
+    x [N, d]; combine [N, E] fp32, each token's combine weight for each expert (0 where it did not
+    choose it); w1/w3 [E, d, I], w2 [E, I, d]. Returns [N, d] fp32: each (token, expert) result as
+    `grouped_swiglu` computes its row (each GEMM's result rounded to x.dtype, the combine weight applied
+    before W2), summed over the experts in fp32. E times the FLOPs of the chosen rows and each expert's
+    weights read once, by plain dots: inside the scan over layers XLA reads the layer's slice of the
+    stacked weights in place, where a grouped matmul's custom call, or a loop over row windows, gets
+    the slice copied out of the stack first (architecture.md §5.5)."""
+    dt = x.dtype
+    up = expert_gemm(lambda a, w: jnp.einsum("nd,edi->eni", a, w.astype(dt), preferred_element_type=jnp.float32),
+                     act_quant)
+    h = swiglu(up(x, w1), up(x, w3), limit) * combine.T[..., None]  # [E, N, I] fp32
+    down = expert_gemm(lambda a, w: jnp.einsum("eni,eid->end", a, w.astype(dt), preferred_element_type=jnp.float32),
+                       act_quant)
+    return jnp.sum(down(h.astype(dt), w2), axis=0)  # [N, d]
 
 
 def gathered_swiglu(x: jax.Array, experts: jax.Array, row_weights: jax.Array, w1: jax.Array, w3: jax.Array,

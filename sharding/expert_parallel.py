@@ -12,7 +12,8 @@ sequence axes) and E/ep experts. Two dispatches, chosen by how many tokens the e
 * gather (few tokens: decode, short prefill chunks; or tokens replicated over the expert axes): every
   device of the group takes all N of the group's tokens (one all-gather when they were split), runs
   its local experts on the rows routed to them, and the partial outputs are summed over the expert
-  axes (a reduce-scatter back to the tokens' devices, or a psum when they were replicated).
+  axes (a reduce-scatter back to the tokens' devices, or a psum when they were replicated). With very
+  few tokens (`dense_tokens`: decode) each device runs its local experts densely on all of them.
 
 Dropless both ways: no row is ever dropped, and no buffer is sized for the worst case. The tokens go
 through the all-to-all in rounds of `chunk` per device (a scan); inside a round the rows travel in
@@ -61,7 +62,8 @@ def _flat(axes: tuple[str, ...]):
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                         w2: jax.Array, ffn: GroupedFFN, mesh: jax.sharding.Mesh, rules: AxisRules,
                         chunk: int = 1024, gather_tokens: int = 1024, window: int | None = None,
-                        capacity_factor: float = CAPACITY_FACTOR, check_vma: bool = True) -> jax.Array:
+                        capacity_factor: float = CAPACITY_FACTOR, check_vma: bool = True,
+                        dense: Callable | None = None, dense_tokens: int = 0) -> jax.Array:
     """sum_k w_k FFN_{e_k}(x) with the experts split over the mesh. x [B, T, d]; experts, weights
     [B, T, k]; w1, w3 [E, d, I]; w2 [E, I, d]. Returns [B, T, d] fp32. `chunk`: tokens per device per
     all-to-all round. `capacity_factor`: rows a device receives per all-to-all pass, as a multiple of the
@@ -69,6 +71,10 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
     0: one pass with the worst case's ep x chunk x k rows). `gather_tokens`: the
     gather dispatch runs when the expert group holds at most this many tokens (always when the tokens
     are replicated over the expert axes); `window`: its rows per window (default `gather_window`).
+    `dense` (x [N, d], combine [N, E_loc] fp32, w1, w3, w2) -> [N, d] fp32, e.g. `dense_swiglu`: with
+    the group at most `dense_tokens` tokens the gather dispatch runs every local expert on every token
+    of the group instead of the windows (decode: E_loc times the rows' FLOPs, but plain dots that read a
+    layer's slice of stacked weights in place, where the windows' loop gets it copied).
     check_vma=False for an `ffn` that cannot run on values typed as varying over the mesh axes (the
     Pallas interpreter, moe_impl=pallas on CPU): the shard_map then differentiates by its untyped rule
     (cotangents of inputs psum-ed over the axes they are whole on), which gives the same gradients
@@ -107,9 +113,15 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w1
             else:  # mark the replicated inputs as per-device values explicitly, so their gradients are
                 # summed over the expert axes (the transpose of this cast is a psum)
                 x, weights = (jax.lax.pcast(a, ep_axes, to="varying") for a in (x, weights))
-            rows = window or gather_window(group, k, ep)
-            mean = -(-group * k // ep)  # rows a device holds at the mean load
-            out = _local_experts(x, experts, weights, w1, w3, w2, ffn, rank * E_loc, E_loc, rows, mean)  # [group, d]
+            if dense is not None and group <= dense_tokens:  # every local expert on every token
+                local = experts - rank * E_loc  # [group, k]: local expert ids, others out of range
+                combine = jnp.sum(jnp.where(local[..., None] == jnp.arange(E_loc), weights[..., None], 0.0),
+                                  axis=1)  # [group, E_loc] fp32
+                out = dense(x, combine, w1, w3, w2)  # [group, d] fp32
+            else:  # the rows routed here, sorted by expert, through `ffn` in windows
+                rows = window or gather_window(group, k, ep)
+                mean = -(-group * k // ep)  # rows a device holds at the mean load
+                out = _local_experts(x, experts, weights, w1, w3, w2, ffn, rank * E_loc, E_loc, rows, mean)
             if split_tokens:  # the partial sums of my tokens, summed over the group
                 out = jax.lax.psum_scatter(out, ep_axes, tiled=True)
             reduce = tp_axes + (() if split_tokens else ep_axes)

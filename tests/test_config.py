@@ -563,7 +563,7 @@ def test_v4config_has_no_run_time_field():
     arch = {f.name for f in dataclasses.fields(V4Config)}
     options = {f.name for f in dataclasses.fields(RunOptions)}
     assert options == set(OPTION_FIELDS) == {"dtype", "param_dtype", "attention_chunk", "moe_dispatch_chunk",
-                                             "moe_gather_tokens", "moe_capacity_factor", "remat", "attention_impl", "moe_impl", "csa_dense", "indexer_detach", "numerics"}
+                                             "moe_gather_tokens", "moe_dense_tokens", "moe_capacity_factor", "remat", "attention_impl", "moe_impl", "csa_dense", "indexer_detach", "numerics"}
     assert arch & options == set()
 
 

@@ -171,7 +171,7 @@ def test_expert_parallel_pallas_equals_the_unsharded_reference_moe(pattern, case
     mesh_spec, preset, batch, gather_tokens = EP_CASES[case]
     base = V4Config.preset("tiny", n_mtp_layers=0, n_routed_experts=8, n_activated_experts=3)
     # 12 tokens per device: 3 all-to-all rounds, the last padded
-    chunk = RunOptions(moe_dispatch_chunk=5, moe_gather_tokens=gather_tokens)
+    chunk = RunOptions(moe_dispatch_chunk=5, moe_gather_tokens=gather_tokens, moe_dense_tokens=0)
     reference = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="reference"))  # one masked FFN per expert
     pallas = Experts(base, rngs=nnx.Rngs(0), options=chunk.replace(moe_impl="pallas"))
     rng = np.random.default_rng(3)
@@ -291,8 +291,8 @@ def test_mosaic_compiles_the_expert_parallel_pallas_layer_forward_and_backward(m
     # The typed (check_vma) shard_map of TPU: received rows and weights must be typed varying for the
     # gmm's custom VJP (this failed to trace before the ragged all-to-all buffers were typed varying)
     mesh, rules = _tpu_mesh(mesh_spec), get_rules("fsdp_ep")
-    loss, args = _tiny_experts_loss(mesh, rules, RunOptions(moe_impl="pallas", moe_gather_tokens=gather_tokens),
-                                    batch, 64, jnp.float32)
+    options = RunOptions(moe_impl="pallas", moe_gather_tokens=gather_tokens, moe_dense_tokens=0)  # the windows' gmm
+    loss, args = _tiny_experts_loss(mesh, rules, options, batch, 64, jnp.float32)
     with use_mesh_rules(mesh, rules):
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
     assert "tpu_custom_call" in hlo and "moe_tgmm" in hlo

@@ -168,13 +168,18 @@ def _routing(pattern, N, k, E, rng):
 @pytest.mark.parametrize("mesh_spec,preset,batch,dispatch", [
     ("fsdp=2,expert=4", "fsdp_ep", 8, "all_to_all"),  # tokens meet experts by all-to-all
     ("fsdp=2,expert=4", "fsdp_ep", 8, "gather"),  # the same tokens few enough to gather
+    ("fsdp=2,expert=4", "fsdp_ep", 8, "dense"),  # and few enough for every local expert on every token
     ("expert=8", "fsdp_ep", 1, "gather"),  # batch 1: tokens replicated, psum
+    ("expert=8", "fsdp_ep", 1, "dense"),
     ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "all_to_all"),
-    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "gather")])
+    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "gather"),
+    ("expert=2,tensor=2,fsdp=2", "fsdp_tp_ep", 4, "dense")])
 def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh_spec, preset, batch, dispatch):
     cfg = small_cfg(n_routed_experts=8, n_activated_experts=3)
-    gather = {"all_to_all": 0, "gather": 1024}[dispatch]  # 12 tokens/device: 3 all-to-all rounds of 5
-    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5, moe_gather_tokens=gather))
+    gather = {"all_to_all": 0, "gather": 1024, "dense": 1024}[dispatch]  # 12 tokens/device: 3 all-to-all rounds of 5
+    dense = 1024 if dispatch == "dense" else 0  # the gather dispatch's windows, or every local expert densely
+    experts = Experts(cfg, rngs=nnx.Rngs(0), options=OPTIONS.replace(moe_dispatch_chunk=5, moe_gather_tokens=gather,
+                                                                      moe_dense_tokens=dense))
     rng = np.random.default_rng(3)
     T = 12
     x = jnp.asarray(rng.normal(size=(batch, T, cfg.dim)), jnp.float32)
@@ -190,7 +195,8 @@ def test_expert_parallel_dispatch_is_dropless_and_equals_unsharded(pattern, mesh
     with use_mesh_rules(mesh, rules):
         got, vjp1 = jax.vjp(jax.jit(f), x, w, sharded)
         prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(f)(x, w, sharded).jaxpr)}
-    assert ("all_to_all" in prims) == (dispatch == "all_to_all") and ("all_gather" in prims) == (batch > 1 and dispatch == "gather")
+    assert ("all_to_all" in prims) == (dispatch == "all_to_all") and ("all_gather" in prims) == (batch > 1 and dispatch != "all_to_all")
+    assert ("while" in prims) == (dispatch != "dense")  # the dense way has no loop over windows or passes
     assert rel_err(got, want) <= 1e-5
     # dropless: every (token, choice) contributes; the per-token loop agrees with the dispatch
     W1, W3, W2 = (np.asarray(v[...]) for v in (experts.w1, experts.w3, experts.w2))

@@ -170,6 +170,7 @@ def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
     # the run loads for inference: load_model gives the V4.1 text backbone with the trained weights, and
     # infer.py generates from it (the run's own tokenizer and Engram token map)
     import infer
+    from v4jax.io.checkpoint import CheckpointError
     from v4jax.io.restore import Kind, load_model
     from v4jax.train.checkpointer import Checkpointer
     from v4jax.train.loop import build_mesh
@@ -190,6 +191,8 @@ def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
     for k, v in state["params"].items():
         np.testing.assert_array_equal(np.asarray(weights[k]), np.asarray(v), err_msg=k)
     assert infer.main(["--checkpoint", str(straight), "--prompt", "import os", "--max-new-tokens", "4"]) == 0
+    with pytest.raises(CheckpointError, match="DSpark stages requested but train.py trains the V4.1 text backbone"):
+        load_model(str(straight), mtp=True)  # what infer.py --speculative asks for
 
 
 def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus):

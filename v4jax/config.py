@@ -95,6 +95,13 @@ class RunOptions:
         split the experts) that go the decode-shaped way: gathered onto every device of the group, each
         device running its own experts on the rows routed to them (architecture.md §5.5). 0: always
         the all-to-all. Chosen from the token count at trace time; both ways compute the same function.
+      moe_dense_tokens: under expert parallelism, the most tokens per expert group for which each device
+        runs every one of its experts on every token of the group (the combine weight 0 where a token did
+        not choose it) instead of the routed rows in windows: E/ep times the routed FLOPs, but plain dots
+        that read a layer's expert weights in place inside the scan over stacked layers, where the
+        windows' loop and grouped matmul get them copied out of the stack (architecture.md §5.5). At the
+        default 128 the extra FLOPs stay under the time the weights take to read on TPUs (decode).
+        0: never.
       moe_capacity_factor: rows a device receives per all-to-all pass, as a multiple of the rows it sends
         (the mean load); a device routed more takes further passes, so no row is ever dropped
         (architecture.md §5.5). 0: one pass with room for the worst case (every row on one device).
@@ -114,6 +121,7 @@ class RunOptions:
     attention_chunk: int = 512
     moe_dispatch_chunk: int = 1024
     moe_gather_tokens: int = 1024
+    moe_dense_tokens: int = 128
     moe_capacity_factor: float = 1.25
     remat: Remat = Remat.NONE
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ConfigError, RunOptions, V4Config, json_weights_dtype, split_options
+from v4jax.config_v41 import V41Config
 from v4jax.io.checkpoint import (CheckpointError, FusedExperts, LoadInfo, Rule, check_names, check_tensor, hf_rules,
                                  to_ours, transformers_name)
 from v4jax.io.official_v41 import is_v41_checkpoint, is_v41_config, read_config_dict
@@ -158,8 +159,6 @@ def train_run_config(run_dir: str):
 
 
 def _run_family(arch: dict):
-    from v4jax.config_v41 import V41Config
-
     return V41Config if is_v41_config(arch) else V4Config
 
 
@@ -284,7 +283,9 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
         _, run = _train_step_dir(path, step)
         cfg = train_run_config(run)
         if mtp and not cfg.n_mtp_layers:
-            raise CheckpointError(f"{path}: MTP requested but the run trained no MTP block")
+            raise CheckpointError(f"{path}: DSpark stages requested but train.py trains the V4.1 text backbone "
+                                  "without them (their training objective is not published)"
+                                  if isinstance(cfg, V41Config) else f"{path}: MTP requested but the run trained no MTP block")
         keep_mtp = bool(cfg.n_mtp_layers)  # stored with the run; dropped after loading when mtp=False
         options = (options or train_run_options(run)).replace(**overrides)
         model, cfg, got_step = restore_train_run(path, cfg, step=step, mesh=mesh, rules=rules, options=options)

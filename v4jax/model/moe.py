@@ -18,7 +18,7 @@ from flax import nnx
 
 from sharding.context import active
 from sharding.expert_parallel import expert_axes, expert_parallel_ffn
-from pallas_kernels.moe_dispatch_reference import gathered_swiglu, permute, swiglu, unpermute_combine
+from pallas_kernels.moe_dispatch_reference import dense_swiglu, gathered_swiglu, permute, swiglu, unpermute_combine
 from v4jax.model import kernels
 from v4jax.model.documents import Documents
 from v4jax.config import MoEImpl, Numerics, RouterKind, RunOptions, V4Config
@@ -108,6 +108,7 @@ class Experts(nnx.Module):
         self.w2 = param(rngs, (E, I, d), ("experts", "expert_mlp", "embed"), pd)
         self.limit, self.impl, self.dispatch_chunk = cfg.swiglu_limit, options.moe_impl, options.moe_dispatch_chunk
         self.gather_tokens = options.moe_gather_tokens  # up to this many tokens per expert group: gather dispatch
+        self.dense_tokens = options.moe_dense_tokens  # up to this many: every local expert on every token
         self.capacity_factor = options.moe_capacity_factor  # all-to-all receive buffer / mean load
         self.release = options.numerics is Numerics.RELEASE  # FP4 weights used as stored, FP8 activations
 
@@ -123,10 +124,11 @@ class Experts(nnx.Module):
             # Pallas' interpreter (moe_impl=pallas off TPU and GPU) cannot take values typed as varying
             # over the mesh axes, so that one case runs in an untyped shard_map (same gradients)
             interpreted = self.impl is MoEImpl.PALLAS and ctx[0].devices.flat[0].platform not in ("tpu", "gpu")
+            dense = functools.partial(dense_swiglu, limit=self.limit, act_quant=fp8_act_quant if self.release else None)
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
                                        w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk,
                                        gather_tokens=self.gather_tokens, capacity_factor=self.capacity_factor,
-                                       check_vma=not interpreted)
+                                       check_vma=not interpreted, dense=dense, dense_tokens=self.dense_tokens)
         E, k = w1.shape[0], routing.experts.shape[1]
         if B * T * k <= min(E, GATHER_ROWS):  # a few rows (decode): each row's own expert, architecture.md §5.5
             return gathered_swiglu(x.reshape(B * T, d), routing.experts, routing.weights, w1, w3, w2,
