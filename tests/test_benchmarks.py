@@ -162,6 +162,7 @@ def _check_peer_rows(rows, expected):
         assert all(math.isfinite(t) and t > 0 for t in r["ours"] + r["peer"])
 
 
+@pytest.mark.slow
 def test_quick_peer_comparison_agrees_and_reports_finite_times():
     from benchmarks import peer_compare
 

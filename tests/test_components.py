@@ -362,6 +362,7 @@ def test_changing_later_tokens_never_changes_earlier_outputs(tiny_model, t):
     assert not np.allclose(np.asarray(oa.logits[:, t + 1:]), np.asarray(ob.logits[:, t + 1:]))
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_and_reach_every_trainable_parameter(tiny_model):
     cfg, model, _ = tiny_model
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40)))

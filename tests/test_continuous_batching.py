@@ -56,6 +56,7 @@ def test_stop_tokens_free_slots_early(gen):
     assert got == want
 
 
+@pytest.mark.slow
 def test_continuous_batching_over_a_mesh(gen):
     alone = [gen.generate([p], max_new_tokens=5, max_len=40, prefill_chunk=8).tokens[0] for p in PROMPTS]
     sharded = Generator(model(), mesh=make_mesh("data=2,tensor=2,expert=2"), rules=get_rules("fsdp_tp_ep"))
@@ -70,6 +71,7 @@ def test_serve_refuses_what_does_not_fit(gen):
         list(gen.serve(PROMPTS, slots=0, max_new_tokens=6))
 
 
+@pytest.mark.slow
 def test_infer_serves_a_prompts_file(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     ckpt = tmp_path / "ckpt"

@@ -68,7 +68,8 @@ def _outputs(model, tokens, seg):
     return out.logits, out.mtp_logits, losses.balance_loss(out.routing, k) + losses.balance_loss(out.mtp_routing, k)
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_packed_documents_give_each_document_its_own_logits_and_gradients(impl):
     model = Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS.replace(attention_impl=impl))
     tokens, seg = _rows()

@@ -16,11 +16,10 @@ from v4jax.inference.generate import Generator, Sampling
 CFG = V4Config.preset("tiny")  # SWA, CSA, HCA, CSA + MTP; 4 heads, 8 experts
 OPTIONS = RunOptions.preset("tiny")
 PROMPTS = [list(range(5, 22)), list(range(40, 49)), [7, 3, 300, 11, 9, 2, 100, 64, 1, 5, 6, 8, 13]]
-SLOW = pytest.mark.slow  # the default run keeps the mesh with every split (data, tensor, expert)
-MESHES = [pytest.param("fsdp=8", "fsdp", marks=SLOW, id="fsdp"),
-          pytest.param("fsdp=4,expert=2", "fsdp_ep", marks=SLOW, id="fsdp_ep"),
+MESHES = [pytest.param("fsdp=8", "fsdp", id="fsdp"),
+          pytest.param("fsdp=4,expert=2", "fsdp_ep", id="fsdp_ep"),
           pytest.param("data=2,tensor=2,expert=2", "fsdp_tp_ep", id="fsdp_tp_ep"),
-          pytest.param("context=2,expert=2,fsdp=2", "long_context", marks=SLOW, id="long_context"),
+          pytest.param("context=2,expert=2,fsdp=2", "long_context", id="long_context"),
           # serving layout: experts whole, every matrix over tensor; decode's 3 x 2 rows take the
           # gathered expert path (architecture.md §5.5)
           pytest.param("data=2,tensor=4", "serve_tp", id="serve_tp")]
@@ -55,6 +54,7 @@ def single():
     return gen, follow, teacher_forced_logits(gen, PROMPTS, follow)
 
 
+@pytest.mark.slow  # the default run checks V4.1's sharded generation (tests/test_v41_checkpoint.py)
 @pytest.mark.parametrize("axes,rules", MESHES)
 def test_sharded_generation_gives_the_single_device_tokens_and_logits(single, axes, rules):
     gen1, follow, want = single
@@ -66,6 +66,7 @@ def test_sharded_generation_gives_the_single_device_tokens_and_logits(single, ax
         assert gen.generate(PROMPTS, max_new_tokens=6, **kw).tokens == a, kw
 
 
+@pytest.mark.slow
 def test_sharded_speculative_decoding_gives_the_single_device_tokens(single):
     gen1, _, _ = single
     gen = Generator(model(), mesh=make_mesh("fsdp=4,expert=2"), rules=get_rules("fsdp_ep"))

@@ -111,7 +111,7 @@ def numpy_kl(mass, scores, keep):
     return np.mean(kls)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dense", [pytest.param(False, marks=pytest.mark.slow), True], ids=["sparse", "dense"])
 def test_model_traces_and_kl_loss_equal_a_dense_numpy_recomputation(tokens, dense):
     model = make_model(tiny(), csa_dense=dense)
     out = model(tokens, return_indexer_traces=True, return_hidden_states=True)
@@ -164,6 +164,7 @@ def flat(state) -> dict:
     return {".".join(map(str, k)): v.value for k, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.slow
 def test_indexer_loss_trains_only_the_indexers_and_the_lm_loss_never_reaches_them(tokens):
     fn, params = _loss_grads(make_model(tiny()), tokens)
     (kl0, kl_tree), (_, lm_grad) = fn(params)

@@ -31,6 +31,7 @@ def _run(capsys, *argv):
 
 
 @pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.slow
 def test_the_fixture_generates_the_official_tokens(checkpoint, capsys, speculative):
     code, out, err = _run(capsys, "--checkpoint", checkpoint, "--prompt-ids", os.path.join(checkpoint, "prompt.npy"),
                           "--engram-token-map", TOKEN_MAP, "--max-new-tokens", "7", "--dtype", "float32",
@@ -41,6 +42,7 @@ def test_the_fixture_generates_the_official_tokens(checkpoint, capsys, speculati
     assert "DeepSeek-V4.1" in err and ("DSpark accepted" in err) == speculative
 
 
+@pytest.mark.slow
 def test_an_image_file_enters_the_prompt(checkpoint, capsys, tmp_path):
     from PIL import Image
 
@@ -60,6 +62,7 @@ def test_an_image_file_enters_the_prompt(checkpoint, capsys, tmp_path):
     assert f"{image_tokens(grid, cfg) + 4} prompt" in err
 
 
+@pytest.mark.slow
 def test_a_prompts_file_of_mixed_lengths_gives_each_prompt_its_own_tokens(checkpoint, capsys, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -94,6 +97,7 @@ def test_unsupported_or_bad_input_is_refused_in_one_line(checkpoint, capsys, arg
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_parity_dump_compares_equal_to_the_official_arrays(checkpoint, tmp_path, capsys):
     """`parity dump` on the fixture directory, then `parity compare` against the official code's arrays of the
     same names (logits, every block's streams, the Engram-updated streams); the teacher-forced cached decode

@@ -27,6 +27,7 @@ def _run(args, timeout=600):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     port = _free_port()
     procs = [_run([tmp_path / "two.npz", 2, i, port, 4]) for i in range(2)]

@@ -221,6 +221,7 @@ def release_logits():
     return logits(RELEASE)
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_in_release_formats_equal_the_stateless_release_forward(release_logits):
     model = Transformer(CFG, rngs=nnx.Rngs(0), options=RELEASE)
     cache = init_cache(CFG, 2, 32, "bfloat16", numerics="release")
@@ -239,6 +240,7 @@ def test_prefill_and_decode_in_release_formats_equal_the_stateless_release_forwa
     assert rel(decoded, release_logits[:, 17:].astype(jnp.float32)) <= 0.1
 
 
+@pytest.mark.slow
 def test_release_differs_from_exact_by_what_the_quantisers_add(release_logits, monkeypatch):
     f32 = logits(RunOptions.preset("tiny"))
     exact = logits(EXACT)

@@ -35,7 +35,8 @@ def stateless():
     return Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS)(TOKENS).logits
 
 
-@pytest.mark.parametrize("impls", [dict(), dict(attention_impl="pallas"), dict(moe_impl="pallas")],
+@pytest.mark.parametrize("impls", [dict(), pytest.param(dict(attention_impl="pallas"), marks=pytest.mark.slow),
+                                   dict(moe_impl="pallas")],
                          ids=["reference", "attention_pallas", "moe_pallas"])
 def test_prefill_and_decode_equal_the_stateless_forward_with_each_implementation(stateless, impls):
     got = cached_logits(Transformer(CFG, rngs=nnx.Rngs(0), options=OPTIONS.replace(**impls)), TOKENS, PROMPT)

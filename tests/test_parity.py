@@ -102,6 +102,7 @@ def test_parity_tool_rejects_out_of_range_token_ids(tmp_root, tmp_path, capsys):
     assert "exceeds max_seq_len" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bf16_forward_runs_and_stays_near_fp32(tmp_root):
     """bf16 is not held to parity: routing and indexer choices flip near their boundaries. Layer 0
     (SWA + hash routing: no data-dependent choice) must stay within bf16 rounding of fp32."""

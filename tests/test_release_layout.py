@@ -67,6 +67,7 @@ def test_the_fixture_has_the_release_names_dtypes_and_shards(release):
     assert "mtp.0.attn.kv_norm.weight" in found
 
 
+@pytest.mark.slow
 def test_the_release_loads_to_exactly_the_tensors_it_holds_and_to_the_logits_of_its_hf_form(release):
     ckpt, truth, hf = release
     got = load_model(ckpt, dtype="float32", param_dtype="float32")
@@ -139,6 +140,7 @@ def test_a_missing_shard_is_refused_naming_it(release, tmp_path):
         load_model(ckpt)
 
 
+@pytest.mark.slow
 def test_parity_dump_and_infer_read_the_release_as_its_hf_form(release, tmp_path):
     ckpt, _, hf = release
     ids = tmp_path / "ids.npy"
@@ -160,6 +162,7 @@ def test_parity_dump_and_infer_read_the_release_as_its_hf_form(release, tmp_path
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_release_numerics_through_parity_dump_and_infer(release, tmp_path):
     """Issue 17: `--numerics release` runs the release's own roundings on the released weights (bf16);
     its cached decode (FP8 / FP4 cache) reproduces its stateless logits, and they differ from exact mode."""

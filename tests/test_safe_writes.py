@@ -258,6 +258,7 @@ def test_interrupted_save_hf_and_parity_dump_leave_the_target_as_it_was(model, h
 # train.py run -> infer.py / convert / load_model through relative paths
 
 
+@pytest.mark.slow
 def test_train_run_to_infer_with_a_relative_path_prints_text(train_run, tmp_path, monkeypatch, capsys):
     import infer
     from v4jax.train.data import ByteTokenizer

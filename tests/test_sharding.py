@@ -69,12 +69,12 @@ def test_every_preset_maps_every_logical_axis_and_overrides_apply():
 
 
 # (preset, mesh, batch): every preset, at least four mesh shapes, batch divisible by the token axes
-CASES = [
-    ("fsdp", "fsdp=8", 8),
+CASES = [  # the default run keeps one mesh (FSDP and experts split); the rest are `slow`
+    pytest.param("fsdp", "fsdp=8", 8, marks=pytest.mark.slow),
     ("fsdp_ep", "fsdp=2,expert=4", 8),
-    ("fsdp_tp_ep", "fsdp=2,expert=2,tensor=2", 4),
-    ("long_context", "fsdp=2,expert=2,context=2", 4),
-    ("serve_tp", "data=2,tensor=4", 2),
+    pytest.param("fsdp_tp_ep", "fsdp=2,expert=2,tensor=2", 4, marks=pytest.mark.slow),
+    pytest.param("long_context", "fsdp=2,expert=2,context=2", 4, marks=pytest.mark.slow),
+    pytest.param("serve_tp", "data=2,tensor=4", 2, marks=pytest.mark.slow),
 ]
 SLOW_CASES = [("fsdp", "data=2,fsdp=4", 8), ("fsdp_ep", "expert=8", 8), ("fsdp_tp_ep", "expert=4,tensor=2", 4), ("long_context", "context=8", 1),
               ("serve_tp", "expert=2,tensor=4", 2)]
@@ -143,6 +143,7 @@ def test_sharded_equals_unsharded_more_meshes(preset, mesh_spec, batch):
     _check_sharded_equals_unsharded(preset, mesh_spec, batch)
 
 
+@pytest.mark.slow
 def test_create_sharded_builds_variables_in_place_with_the_table_layout():
     cfg = small_cfg()
     mesh, rules = make_mesh("fsdp=2,expert=4"), get_rules("fsdp_ep")
@@ -292,7 +293,7 @@ def test_gather_dispatch_equals_the_all_to_all_and_the_one_hot_reference_in_wind
 
 
 @pytest.mark.parametrize("pattern", ["random", "all_to_one_expert", "empty_experts"])
-@pytest.mark.parametrize("ep", [2, 4, 8])
+@pytest.mark.parametrize("ep", [2, pytest.param(4, marks=pytest.mark.slow), 8])
 def test_all_to_all_passes_bound_the_receive_buffer_and_drop_nothing(pattern, ep):
     # The all-to-all's receive buffer holds `capacity` rows; a device routed more takes further
     # passes. At the default factor, at a buffer of 8 rows (many passes; all_to_one_expert sends
@@ -400,6 +401,7 @@ def test_layer_schedule_scans_the_repeating_period():
     assert sum(len(u) for u, _ in layer_schedule(tuple(zip(p.layer_types, p.router_types)))) <= 4
 
 
+@pytest.mark.slow
 def test_scanned_stack_equals_applying_each_layer_in_turn_and_compiles_each_unit_once():
     L = RouterKind.LEARNED
     cfg = small_cfg(n_layers=7, layer_types=(S, C, H, C, H, C, H), router_types=(RouterKind.HASH,) + (L,) * 6)

@@ -267,6 +267,7 @@ def test_overfits_one_batch_and_skips_an_injected_nan_step(tmp_path, corpus, cac
     assert late < 0.8 * rec[1]["indexer"], (rec[1]["indexer"], late)
 
 
+@pytest.mark.slow
 def test_consecutive_nan_steps_stop_with_a_clear_message(tmp_path, corpus, cache):
     tc = load_config(None, small_overrides(tmp_path / "run", corpus, nan_steps=[2, 3], max_bad_steps=2,
                                            compile_cache=cache))
@@ -295,6 +296,7 @@ def _wait_for_steps(path, n, proc, timeout=600):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_identical_per_step_losses(tmp_path, corpus, cache, straight_run):
     kill_after = random.Random(os.getpid()).randint(5, 10)  # past the first checkpoint (step 4)
     args = small_overrides(tmp_path, corpus, compile_cache=cache)
@@ -311,6 +313,7 @@ def test_kill_9_then_resume_gives_identical_per_step_losses(tmp_path, corpus, ca
     assert got == want  # bitwise: fp32 CPU, same programs, same data order
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus, cache, straight_run):
     """Also: batches read through grain (grain_threads) give the plain loader's losses, resumed too."""
     args = small_overrides(tmp_path, corpus, compile_cache=cache, ckpt_every=100,  # only SIGTERM saves mid-run

@@ -74,6 +74,7 @@ def strict_json(line):
 # --------------------------------------------------------------------------------------------------
 # Non-finite states
 
+@pytest.mark.slow
 def test_a_step_whose_update_is_not_finite_is_skipped_and_never_saved(base_run, corpus, tmp_path):
     run, logs, summary = base_run
     rec = read_metrics(str(run / "metrics.jsonl"))
@@ -175,6 +176,7 @@ def test_a_finished_run_says_so_and_does_nothing(base_run, corpus, cache, capsys
 # --------------------------------------------------------------------------------------------------
 # Signals (subprocesses)
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, corpus, cache, base_run):
     """The first SIGINT saves after the current step (exit 130, as shells expect from Ctrl-C)."""
     p = cli(args_for(tmp_path, corpus, cache, steps=200, ckpt_every=1000), devices=8)  # as here: cache hits

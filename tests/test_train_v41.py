@@ -104,6 +104,7 @@ def test_the_training_batches_hash_engram_rows_as_inference_does(corpus):
 
 
 @pytest.mark.parametrize("shape", ["v41-tiny", "flash-shaped"])
+@pytest.mark.slow
 def test_each_stacked_selection_bias_moves_with_its_own_layers_load(shape):
     """The bias update reaches every layer of every stacked run through `gate_biases`: after one update
     from a load that differs per layer, `V41Transformer.block(i)` holds the bias that layer i's load gives
@@ -145,6 +146,7 @@ def test_the_step_loss_is_cross_entropy_plus_the_balance_and_indexer_terms(corpu
     assert float(jnp.sum(load)) == 2 * 32 * cfg.n_activated_experts * cfg.n_layers
 
 
+@pytest.mark.slow
 def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
     """6 steps straight vs a resume from the same run's checkpoint at step 3: the same losses step by
     step; the loss falls; every loss term is logged; the Engram token map is saved beside the run."""
@@ -195,6 +197,7 @@ def test_train_py_runs_v41_and_resumes_exactly(tmp_path, corpus):
         load_model(str(straight), mtp=True)  # what infer.py --speculative asks for
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus):
     """grad_accum=2 of 2 rows = one micro-batch of 4 rows (the Engram rows travel with their tokens)."""
     base = overrides("/tmp/unused", corpus, balance_alpha=0.0, clip_norm=0.0)
@@ -220,6 +223,7 @@ def test_gradient_accumulation_of_v41_micro_batches_equals_one_big_batch(corpus)
         np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=2e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_the_v41_indexer_loss_trains_only_the_indexers_and_the_lm_loss_never_reaches_them():
     """Each index source's KL (architecture.md §12.10): its gradient reaches only indexer parameters (the
     index sources' query and head weights, and the key projections of the KV sources that own the index

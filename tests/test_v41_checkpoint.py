@@ -86,6 +86,7 @@ def test_the_release_storage_loads_through_load_model(tmp_path, release):
     assert _rel(got, load("logits.npy")) > 1e-3  # the rounding is really there
 
 
+@pytest.mark.slow
 def test_the_release_converts_to_orbax_and_loads_back(tmp_path, release):
     from v4jax.io.convert import convert
     from v4jax.io.restore import load_model
@@ -140,7 +141,8 @@ def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
     assert _rel(got, load("logits.npy")) <= 1e-5
 
 
-@pytest.mark.parametrize("axes,preset", [("data=2,fsdp=2,expert=2", "fsdp_ep"), ("data=2,tensor=4", "serve_tp")])
+@pytest.mark.parametrize("axes,preset", [("data=2,fsdp=2,expert=2", "fsdp_ep"),
+                                         pytest.param("data=2,tensor=4", "serve_tp", marks=pytest.mark.slow)])
 def test_sharded_generation_gives_the_official_tokens(tmp_path, monkeypatch, axes, preset):
     """The model loaded over data=2 x fsdp=2 x expert=2 (or every matrix over tensor=4, the experts whole:
     the decode-shaped expert path), the cache's two sequences split over the batch axes: plain and

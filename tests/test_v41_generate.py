@@ -56,6 +56,7 @@ def test_bad_requests_are_refused(model):
         generate_v41(model, prompt, 2, np.zeros(256, np.int64), prefill_chunk=0)
 
 
+@pytest.mark.slow
 def test_an_image_prompt_generates_the_official_tokens(model):
     """The VL case: two images (ViT grids 5 x 7 and 4 x 3) in a batch of two prompts; the prefill embeds them,
     then plain and DSpark greedy decoding give the official code's tokens."""
@@ -77,6 +78,7 @@ def test_an_image_prompt_generates_the_official_tokens(model):
     assert (prompt[0, 5:15] == model.cfg.image_token_id).all()
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     from v4jax.inference.generate import Sampling
 
@@ -91,6 +93,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     assert (a != greedy).any()
 
 
+@pytest.mark.slow
 def test_sampled_dspark_speculation_is_seeded_and_top_k_1_is_greedy(model):
     # Sampled speculation (speculative_tokens): with top_k = 1 the sampling distribution is the argmax,
     # so the drafts stand exactly where greedy speculation keeps them and the tokens are greedy decoding's;

@@ -125,6 +125,7 @@ def test_engram_layers_need_their_hash_ids():
         m(jnp.zeros((1, 4), jnp.int32))
 
 
+@pytest.mark.slow
 def test_v41_flash_builds_abstractly_with_known_logical_axes():
     from sharding.rules import LOGICAL_AXES
 
@@ -275,7 +276,7 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
     """Stacked runs in repeated units (scan in scan), single blocks, Engram and DSpark targets: the model's
     forward equals the blocks called one by one, layer after layer (architecture.md §12.3); the hidden
     states and the routing statistics come back in layer order; prefill + decode through the stacked
-    cache equal the stateless forward; full remat changes neither the loss nor its gradient."""
+    cache equal the stateless forward."""
     from v4jax.model.v41 import Shared, init_v41_cache, widen
 
     cfg = flash_shaped()
@@ -309,11 +310,20 @@ def test_the_scanned_backbone_equals_a_loop_over_its_layers():
         got.append(o.logits)
     assert _rel(jnp.concatenate(got, 1), out.logits) <= 1e-5
 
+
+@pytest.mark.slow
+def test_remat_changes_neither_the_scanned_backbones_loss_nor_its_gradient():
+    """Full remat (each stacked block recomputed in the backward pass) on the flash-shaped backbone."""
+    cfg = flash_shaped()
+    model = V41Transformer(cfg, rngs=nnx.Rngs(3), options=OPTIONS)
+    B, T = 2, 24
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    rows = _rows(model, cfg, B, T, 1)
+
     def loss(m):
         return jnp.mean(m(tokens, rows, return_hidden_states=False).logits ** 2)
 
-    remat = V41Transformer(cfg, rngs=nnx.Rngs(3), options=RunOptions(dtype="float32", param_dtype="float32",
-                                                                      attention_chunk=64, remat="full"))
+    remat = V41Transformer(cfg, rngs=nnx.Rngs(3), options=OPTIONS.replace(remat="full"))
     (l0, g0), (l1, g1) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (model, remat))
     assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
     for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
