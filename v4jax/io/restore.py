@@ -282,10 +282,11 @@ def load_model(path: str | os.PathLike, *, mesh=None, rules=None, dtype: str | N
     if kind is Kind.TRAIN_RUN:
         _, run = _train_step_dir(path, step)
         cfg = train_run_config(run)
-        if mtp and not cfg.n_mtp_layers:
+        if mtp and not cfg.n_mtp_layers and isinstance(cfg, V41Config):
             raise CheckpointError(f"{path}: DSpark stages requested but train.py trains the V4.1 text backbone "
-                                  "without them (their training objective is not published)"
-                                  if isinstance(cfg, V41Config) else f"{path}: MTP requested but the run trained no MTP block")
+                                  "without them (their training objective is not published)")
+        if mtp and not cfg.n_mtp_layers:
+            raise CheckpointError(f"{path}: MTP requested but the run trained no MTP block")
         keep_mtp = bool(cfg.n_mtp_layers)  # stored with the run; dropped after loading when mtp=False
         options = (options or train_run_options(run)).replace(**overrides)
         model, cfg, got_step = restore_train_run(path, cfg, step=step, mesh=mesh, rules=rules, options=options)

@@ -598,8 +598,8 @@ class Segment(nnx.Module):
                     def indexed(carry, xs, q=q, step=step):
                         return step(carry, (layer(q, r, xs[0]), xs[1]))
 
-                    ys = (jnp.arange(counts[q]), st)
-                    carry, out = jax.lax.scan(indexed, _settle(indexed, carry, ys), ys)
+                    inputs = (jnp.arange(counts[q]), st)
+                    carry, out = jax.lax.scan(indexed, _settle(indexed, carry, inputs), inputs)
                 elif counts[q] > 1:
                     carry, out = jax.lax.scan(step, _settle(step, carry, (p, st)), (p, st))
                 else:
