@@ -181,7 +181,9 @@ def test_batch_one_decode_under_serve_tp_counts_the_model_once_by_the_loop_readi
     ep = dryrun.dry_run(small(), "v5p:2x2x1", "fsdp_ep", mode="decode", batch=1, seq=48)
     assert tp.mesh == "tensor=4" and tp.loop_vector_flops_per_device > 0
     ratio = lambda r: (r.loop_flops_per_device + r.loop_vector_flops_per_device) * r.devices / r.model_flops  # noqa: E731
-    assert ratio(tp) < 0.5 * ratio(ep)  # measured 1.6x vs 4.9x
+    # measured 1.9x vs 2.6x (5.4x for fsdp_ep with its experts in row windows, moe_dense_tokens=0: the
+    # dense local experts read less and compute less for one token)
+    assert ratio(tp) < 0.8 * ratio(ep)
     assert "vector FLOPs" in tp.table()
 
 
