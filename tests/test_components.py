@@ -145,6 +145,13 @@ def test_linear_with_heads_is_the_flat_product_reshaped_exactly(act_quant):
     heads = lin(x, heads=4)
     assert heads.shape == (2, 5, 4, 8)
     np.testing.assert_array_equal(np.asarray(heads), np.asarray(flat).reshape(2, 5, 4, 8))
+    # one token per sequence (decode): the flat product split after a barrier, the same values; the
+    # per-head product (kernel viewed [in, heads, out / heads]) only for longer inputs
+    one = lin(x[:, :1], heads=4)
+    assert one.shape == (2, 1, 4, 8)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(lin(x[:, :1])).reshape(2, 1, 4, 8))
+    prims = lambda t: {e.primitive.name for e in jax.make_jaxpr(lambda a: lin(a, heads=4))(x[:, :t]).jaxpr.eqns}  # noqa: E731
+    assert "optimization_barrier" in prims(1) and "optimization_barrier" not in prims(5)
 
 
 # ---------------------------------------------------------------- compressor (architecture.md §4.3)

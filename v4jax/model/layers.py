@@ -54,16 +54,26 @@ class Linear(nnx.Module):
         """x [..., in] -> [..., out], or [..., heads, out / heads] with `heads`: the product itself
         writes the per-head layout (the kernel viewed [in, heads, out / heads]), where a reshape of
         its [..., out] result would be a relayout copy on TPU (tiles over tokens x columns, not
-        heads x columns)."""
+        heads x columns). Except for one token per sequence (x [B, 1, in], decode): on a device that
+        holds one sequence the per-head product is a vector times a 3-D kernel, which XLA:TPU rewrites
+        into an fp32 multiply-reduce over a converted, re-laid-out copy of the kernel (9x the kernel's
+        bytes per step); the flat product reads the kernel once, its small result is split into heads,
+        and an optimisation barrier keeps XLA from folding the split back into the product
+        (architecture.md §12.9)."""
         dtype = dtype or x.dtype
         w = self.kernel[...]
-        if heads is not None:
+        one_token = heads is not None and x.ndim >= 3 and x.shape[-2] == 1
+        if heads is not None and not one_token:
             w = w.reshape(w.shape[0], heads, -1)  # [in, heads, out / heads]
         if self.act_quant:
             x = fp8_act_quant(x.astype(jnp.bfloat16))  # [..., in] on the E4M3 grid
             y = jnp.tensordot(x, w.astype(jnp.bfloat16), axes=1, preferred_element_type=jnp.float32)
-            return y.astype(jnp.bfloat16).astype(dtype)
-        return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1, preferred_element_type=jnp.float32).astype(dtype)
+            y = y.astype(jnp.bfloat16).astype(dtype)
+        else:
+            y = jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1, preferred_element_type=jnp.float32).astype(dtype)
+        if one_token:
+            y = jax.lax.optimization_barrier(y).reshape(*y.shape[:-1], heads, -1)  # [B, 1, heads, out / heads]
+        return y
 
 
 class RMSNorm(nnx.Module):
