@@ -115,8 +115,8 @@ class Experts(nnx.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless sorted dispatch. x [B, T, d] -> sum_k w_k FFN_{e_k}(x) [B, T, d] fp32."""
         B, T, d = x.shape
-        ffn = functools.partial(kernels.grouped_swiglu(self.impl), limit=self.limit,
-                                act_quant=fp8_act_quant if self.release else None)
+        act_quant = fp8_act_quant if self.release else None  # release numerics: FP8 inputs to every GEMM
+        ffn = functools.partial(kernels.grouped_swiglu(self.impl), limit=self.limit, act_quant=act_quant)
         w1, w3, w2 = self.w1[...], self.w3[...], self.w2[...]
         ctx = active()
         if ctx is not None and expert_axes(*ctx):  # experts split over the mesh (rules table), architecture.md §5.5
@@ -124,7 +124,7 @@ class Experts(nnx.Module):
             # Pallas' interpreter (moe_impl=pallas off TPU and GPU) cannot take values typed as varying
             # over the mesh axes, so that one case runs in an untyped shard_map (same gradients)
             interpreted = self.impl is MoEImpl.PALLAS and ctx[0].devices.flat[0].platform not in ("tpu", "gpu")
-            dense = functools.partial(dense_swiglu, limit=self.limit, act_quant=fp8_act_quant if self.release else None)
+            dense = functools.partial(dense_swiglu, limit=self.limit, act_quant=act_quant)
             return expert_parallel_ffn(x, routing.experts.reshape(B, T, k), routing.weights.reshape(B, T, k),
                                        w1, w3, w2, ffn, *ctx, chunk=self.dispatch_chunk,
                                        gather_tokens=self.gather_tokens, capacity_factor=self.capacity_factor,
@@ -132,7 +132,7 @@ class Experts(nnx.Module):
         E, k = w1.shape[0], routing.experts.shape[1]
         if B * T * k <= min(E, GATHER_ROWS):  # a few rows (decode): each row's own expert, architecture.md §5.5
             return gathered_swiglu(x.reshape(B * T, d), routing.experts, routing.weights, w1, w3, w2,
-                                   self.limit, fp8_act_quant if self.release else None).reshape(B, T, d)
+                                   self.limit, act_quant).reshape(B, T, d)
         xs, sizes, order = permute(x.reshape(B * T, d), routing.experts, E)  # [N*k, d] grouped by expert, [E]
         y = ffn(xs, sizes, w1, w3, w2, routing.weights.reshape(-1)[order])  # [N*k, d] in x.dtype, weighted per row
         return unpermute_combine(y, order, B * T, k).reshape(B, T, d)  # each token's k rows summed in fp32
