@@ -7,7 +7,7 @@ import pytest
 
 from v4jax.io import quant
 from v4jax.io.quant import (QuantError, count_nonfinite_codes, dequant_fp4, dequant_fp8_block, fp4_to_fp8,
-                         quant_fp4, quant_fp8_block, ue8m0_to_float)
+                         quant_fp4, quant_fp8_block, quant_fp8_rows, ue8m0_to_float)
 
 
 def _bytes(a):
@@ -90,6 +90,23 @@ def test_fp4_quant_is_idempotent_and_scale_shape_uses_ceil(shape):
     assert s.shape == (shape[0], -(-shape[1] // 32))
     d = dequant_fp4(q, s)
     q2, s2 = quant_fp4(d)
+    np.testing.assert_array_equal(_bytes(q2), _bytes(q))
+    np.testing.assert_array_equal(_bytes(s2), _bytes(s))
+
+
+def test_row_block_fp8_has_a_scale_per_32_columns_of_each_row_and_is_idempotent():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((7, 70)).astype(np.float32) * np.exp2(rng.integers(-8, 8, (7, 1)))  # rows of own range
+    q, s = quant_fp8_rows(w, 32)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and s.dtype == ml_dtypes.float8_e8m0fnu and s.shape == (7, 3)
+    d = q.astype(np.float32) * np.repeat(ue8m0_to_float(s), 32, axis=1)[:, :70]  # by hand: code x its row block's scale
+    assert np.abs(d - w).max(axis=1).max() > 0 and (np.abs(d - w) <= np.abs(w).max(axis=1, keepdims=True) / 16).all()
+    # each row block is the square quantiser's block of one row: same scale, same codes
+    for r in range(7):
+        q1, s1 = quant_fp8_block(w[r:r + 1], 32)
+        np.testing.assert_array_equal(_bytes(q1)[0], _bytes(q)[r])
+        np.testing.assert_array_equal(_bytes(s1)[0], _bytes(s)[r])
+    q2, s2 = quant_fp8_rows(d, 32)
     np.testing.assert_array_equal(_bytes(q2), _bytes(q))
     np.testing.assert_array_equal(_bytes(s2), _bytes(s))
 

@@ -63,7 +63,8 @@ def write_train_run(run, model, step=7, tokenizer="byte"):
 
     _, p, b, _ = nnx.split(model, nnx.Param, Buffer, ...)
     os.makedirs(run, exist_ok=True)
-    cfg_dict = {k: (v.value if hasattr(v, "value") else ([x.value for x in v] if isinstance(v, tuple) else v))
+    cfg_dict = {k: (v.value if hasattr(v, "value") else
+                    ([getattr(x, "value", x) for x in v] if isinstance(v, tuple) else v))
                 for k, v in {**vars(model.cfg), **vars(model.options)}.items()}  # train.py's one `model` table
     train = {} if tokenizer is None else {"tokenizer": tokenizer}
     with open(os.path.join(run, "config.json"), "w") as f:

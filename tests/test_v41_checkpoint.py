@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from v41_fixtures import FIXTURES, engram_ids, load, needs_fixtures, quantised_release
+from v41_fixtures import (FIXTURES, INVENTORY, engram_ids, load, needs_fixtures, quantised_release, release_dtype,
+                          release_dtypes)
 
 pytestmark = needs_fixtures
 
@@ -118,8 +119,117 @@ def test_a_release_missing_a_tensor_is_refused_naming_it(tmp_path, release):
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(CheckpointError, match="layers.3.attn.wo_b.weight"):
         load_model(bad)
-    with pytest.raises(ConvertError, match="orbax only"):
+    with pytest.raises(ConvertError, match="no transformers spelling"):
         convert(release[0], str(tmp_path / "hf"), fmt="hf", progress=False)
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def _stored(directory):
+    """{name: array as stored} of a safetensors directory."""
+    from v4jax.io.official import read_stored
+    from v4jax.io.tensorfile import open_directory
+
+    files = open_directory(directory)
+    return {k: read_stored(f, k) for k, f in files.items()}
+
+
+def _engram_table(tensors, name):
+    """An Engram table's values: its FP8 (or float) rows times their scales per 32 columns."""
+    from v4jax.io.official_v41 import engram_scale_values
+
+    w, s = tensors[name], tensors[name[:-len("weight")] + "scale"]
+    return np.asarray(w, np.float32) * np.repeat(engram_scale_values(s), 32, axis=1)
+
+
+def test_the_unquantised_fixture_exports_to_the_release_layout_role_by_role(tmp_path, release):
+    """`convert --format official` of the fixture's unquantised directory writes every tensor in the dtype
+    the released checkpoint's inventory stores its role in, the same bytes the test's own quantisation gives
+    (the Engram tables: the same values, their scales canonical), the release's quantization_config; it
+    loads to exactly the logits of that rounding and converts again to the same bytes, directly or
+    through Orbax."""
+    from v4jax.io.convert import convert
+    from v4jax.io.restore import load_model
+
+    out = str(tmp_path / "release")
+    convert(_directory(tmp_path, "plain"), out, fmt="official", progress=False)
+    got, want, table = _stored(out), _stored(release[0]), release_dtypes()
+    assert set(got) == set(want)
+    names = {"float8_e4m3fn": "F8_E4M3", "float8_e8m0fnu": "F8_E8M0", "int8": "I8", "bfloat16": "BF16",
+             "float32": "F32"}
+    for name, a in got.items():
+        assert names[a.dtype.name] == release_dtype(name, table), name
+        assert a.shape == want[name].shape, name
+        if "engram.embed" in name:
+            continue
+        assert a.tobytes() == want[name].tobytes(), name
+    for name in (n for n in got if n.endswith("engram.embed.weight")):
+        np.testing.assert_array_equal(_engram_table(got, name), _engram_table(want, name))
+    with open(INVENTORY) as f:
+        quantization = {k: v for k, v in json.load(f)["quantization_config"].items() if k != "source"}
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["quantization_config"] == quantization
+    kw = dict(dtype="float32", param_dtype="float32")
+    np.testing.assert_array_equal(_logits(load_model(out, **kw).model), _logits(load_model(release[0], **kw).model))
+    convert(out, str(tmp_path / "again"), fmt="official", progress=False)
+    convert(out, str(tmp_path / "orbax"), progress=False)
+    convert(str(tmp_path / "orbax"), str(tmp_path / "via_orbax"), fmt="official", progress=False)
+    for other in ("again", "via_orbax"):
+        again = _stored(str(tmp_path / other))
+        assert set(again) == set(got) and all(again[k].tobytes() == got[k].tobytes() for k in got), other
+
+
+def test_the_model_gives_back_the_official_tensors_it_was_loaded_from():
+    """`official_tensors_v41` inverts the loader: the fixture's model (DSpark stages, vision tower, stacked
+    runs, padded Engram tables) gives the fixture's tensors back, every name and value."""
+    from safetensors.numpy import load_file
+
+    from v4jax.io.official_v41 import official_tensors_v41
+    from v4jax.io.restore import load_model
+
+    want = load_file(os.path.join(FIXTURES, "model.safetensors"))
+    got = dict(official_tensors_v41(load_model(FIXTURES, dtype="float32", param_dtype="float32").model))
+    assert set(got) == set(want)
+    for name, a in want.items():
+        assert got[name].shape == a.shape and np.array_equal(np.asarray(got[name], np.float32), a), name
+
+
+def test_a_v41_train_run_exports_to_orbax_and_to_the_release_layout(tmp_path):
+    """A train.py run of the V4.1 text backbone (the fixture's weights, trained layout: no DSpark, no vision)
+    through `convert`: to Orbax it loads back to the run's exact logits, to the release layout to exactly
+    the logits of its tensors rounded by the test's own release quantisation; the HF-style config.json
+    written alongside describes the run's model."""
+    import dataclasses
+
+    from safetensors.numpy import save_file
+    from test_safe_writes import write_train_run
+    from v4jax.config import RunOptions
+    from v4jax.config_v41 import V41Config
+    from v4jax.io.convert import convert
+    from v4jax.io.official_v41 import V41Source, assemble_v41, official_tensors_v41
+    from v4jax.io.restore import load_model
+
+    cfg = V41Config.from_json_file(os.path.join(FIXTURES, "config.json")).without_dspark().replace(vision_n_layers=0)
+    model = assemble_v41(cfg, V41Source(FIXTURES, np.float32), options=RunOptions.for_weights("float32"))
+    run = write_train_run(str(tmp_path / "run"), model, step=3, tokenizer=None)
+    want = _logits(model)
+    assert _rel(want, load("logits.npy")) <= 1e-5  # text-only input: the backbone alone gives the official logits
+
+    convert(run, str(tmp_path / "orbax"), progress=False)
+    back = load_model(str(tmp_path / "orbax"))
+    shape = [f.name for f in dataclasses.fields(cfg) if not f.name.startswith("vision_")]
+    assert back.options.param_dtype == "float32" and all(getattr(back.cfg, f) == getattr(cfg, f) for f in shape)
+    np.testing.assert_array_equal(_logits(back.model), want)
+
+    convert(run, str(tmp_path / "release"), fmt="official", progress=False)
+    got = load_model(str(tmp_path / "release"), dtype="float32", param_dtype="float32")
+    rounded = tmp_path / "rounded"
+    rounded.mkdir()
+    save_file(quantised_release({k: np.asarray(v, np.float32) for k, v in official_tensors_v41(model)}),
+              str(rounded / "model.safetensors"))
+    shutil.copyfile(tmp_path / "release" / "config.json", rounded / "config.json")
+    np.testing.assert_array_equal(_logits(got.model), _logits(load_model(str(rounded), dtype="float32",
+                                                                             param_dtype="float32").model))
+    assert not any(n.startswith(("mtp.", "vision.")) for n in _stored(str(tmp_path / "release")))
 
 
 def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):

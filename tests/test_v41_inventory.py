@@ -10,7 +10,8 @@ source; observed entries and config-derived ones marked). Abstract shapes only: 
   tensor, with the shapes equal after the layout change: [out, in] -> [in, out], routed experts stacked
   and their MXFP4 bytes two inputs each, `wo_a` grouped, Engram tables padded to `engram_table_rows`.
 * Every scale has its role's block: FP8 32 x 32, MXFP4 experts 1 x 32 along the inputs, Engram rows 1 x 32.
-* The parameter counts of both sides agree, in total and per role (`benchmarks.v41.param_counts`)."""
+* The parameter counts of both sides agree, in total and per role (`benchmarks.v41.param_counts`).
+* The release writer (`release_format_v41`) stores every tensor in the release's dtype."""
 
 from __future__ import annotations
 
@@ -116,6 +117,21 @@ def _our_shape(path: tuple, release_shape: tuple[int, ...], cfg) -> tuple[int, .
     if str(path[-1]) == "kernel":
         return tuple(reversed(release_shape))
     return release_shape
+
+
+def test_the_release_writer_stores_each_tensor_as_the_release_does(release):
+    """`release_format_v41` (what `convert --format official` writes) gives every one of the release's 96,085
+    tensors its stored dtype; each `.scale` belongs to an FP8 or MXFP4 weight."""
+    from v4jax.io.official import Format
+    from v4jax.io.official_v41 import release_format_v41
+
+    stored = {Format.FP8: "F8_E4M3", Format.FP4: "I8", Format.BF16: "BF16", Format.FP32: "F32"}
+    _, inv = release
+    for name, (_, dtype) in inv.items():
+        if dtype == "F8_E8M0":
+            assert release_format_v41(name[:-len("scale")] + "weight") in (Format.FP8, Format.FP4), name
+        else:
+            assert stored[release_format_v41(name)] == dtype, name
 
 
 def test_every_parameter_has_its_release_tensor(release, flash):

@@ -16,32 +16,54 @@ def load(name: str) -> np.ndarray:
     return np.load(os.path.join(FIXTURES, name))
 
 
-FP8_ROLES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_b.weight", "indexer.wq_b.weight",
-             "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight", "engram.wkv.weight")
+INVENTORY = os.path.join(os.path.dirname(__file__), "fixtures", "v41_flash_inventory.json")
+
+
+def release_dtypes() -> list:
+    """(name pattern, stored dtype) of every tensor of the released V4.1-Flash checkpoint, from its tensor
+    inventory (tests/fixtures/v41_flash_inventory.json), any layer / stage / expert / block number."""
+    import json
+    import re
+
+    with open(INVENTORY) as f:
+        entries = json.load(f)["tensors"]
+    number = re.compile(r"(layers|mtp|experts|blocks)\\\.(?:\\\{[LKEB]\\\}|\d+)")
+    return [(re.compile(number.sub(r"\1\\.\\d+", re.escape(e["name"]))), e["dtype"]) for e in entries]
+
+
+def release_dtype(name: str, table=None) -> str:
+    """The dtype the release stores the tensor `name` in (KeyError when the inventory has no such tensor)."""
+    for pattern, dtype in table or release_dtypes():
+        if pattern.fullmatch(name):
+            return dtype
+    raise KeyError(name)
 
 
 def quantised_release(tensors: dict) -> dict:
-    """The fixture's fp32 tensors in the release's storage: FP8 32 x 32 blocks for the FP8 roles, MXFP4 routed
-    experts, the Engram tables FP8 rows with a scale per 32 columns."""
+    """The fixture's fp32 tensors in the release's storage, role by role as the release inventory stores them:
+    FP8 32 x 32 blocks, MXFP4 routed experts, the Engram tables FP8 rows with a scale per 32 columns, the
+    rest BF16 or F32."""
     import ml_dtypes
 
     from v4jax.io.quant import quant_fp4, quant_fp8_block
 
-    out = {}
+    out, table = {}, release_dtypes()
     for name, w in tensors.items():
         if name.endswith("engram.embed.scale"):
             continue
+        stored = release_dtype(name, table)
         if name.endswith("engram.embed.weight"):
+            w = w * np.repeat(tensors[name[:-len("weight")] + "scale"], 32, axis=1)  # the table the pair holds
             blocks = w.reshape(w.shape[0], -1, 32)
             scale = 2.0 ** np.ceil(np.log2(np.abs(blocks).max(-1) / 448.0))  # power-of-two scale per 32 columns
             out[name] = (blocks / scale[..., None]).reshape(w.shape).astype(ml_dtypes.float8_e4m3fn)
             out[name[:-len("weight")] + "scale"] = scale.astype(ml_dtypes.float8_e8m0fnu)
-        elif ".ffn.experts." in name:
+        elif stored == "I8":
             out[name], out[name[:-len("weight")] + "scale"] = quant_fp4(w, 32)
-        elif name.endswith(FP8_ROLES):
+        elif stored == "F8_E4M3":
             out[name], out[name[:-len("weight")] + "scale"] = quant_fp8_block(w, 32)
-        else:
-            out[name] = w
+        else:  # BF16 and F32 roles as stored
+            out[name] = w.astype(ml_dtypes.bfloat16) if stored == "BF16" else w.astype(np.float32)
     return out
 
 

@@ -21,15 +21,18 @@ complete and verified (`v4jax.io.safe_io`). Targets:
   `manifest.json` records every tensor's shape, dtype and CRC-32 and which are saved, so an
   interrupted conversion resumes (from `OUT.partial`) where it stopped; it is marked complete only after a final pass
   re-reads every tensor and checks count, names, shapes, dtypes and checksums.
-* `hf`: unquantised safetensors under transformers' spelling (shards + index).
+* `hf`: unquantised safetensors under transformers' spelling (shards + index); V4 only (transformers
+  has no V4.1 model).
 * `official`: the release layout, re-quantised (byte-identical to the source release when that
-  release's scales are canonical, see `v4jax.io.quant`).
+  release's scales are canonical, see `v4jax.io.quant`); for V4.1 its own layout (32 x 32 FP8 blocks,
+  MXFP4 experts, Engram tables as FP8 rows with a scale per 32 columns: `official_v41.write_release_v41`).
   Safetensors targets are verified the same way (every written tensor re-read and checksummed) and
   marked complete in `OUT/conversion.json`; an interrupted one restarts from scratch.
 
 Re-running a finished conversion with the same source and dtype is a no-op.
 
-Memory: one tensor (plus one Orbax batch when writing Orbax); the peak RSS is printed at the end.
+Memory: one tensor (plus one Orbax batch when writing Orbax; a V4.1 Engram table beside its scales when
+writing the release layout); the peak RSS is printed at the end.
 `load_converted` restores the Orbax checkpoint, optionally straight into per-tensor shardings.
 """
 
@@ -121,16 +124,20 @@ def _effective_dtype(source: TensorSource) -> str:
     several. Recorded in the manifest, so `--dtype bf16` and the default resume each other exactly
     when they produce the same tensors."""
     names = set()
+    if isinstance(source.config, dict) and _is_v41(source.config):
+        from v4jax.io.official_v41 import release_format_v41 as release_format
+    else:
+        release_format = official.release_format
     for n, (_, dt) in source.specs.items():
         try:
-            if official.release_format(n) not in (Format.FP32, Format.INT):
+            if release_format(n) not in (Format.FP32, Format.INT):
                 names.add(np.dtype(dt).name)
         except ReleaseError:
             names.add(SOURCE_DTYPE)
     return names.pop() if len(names) == 1 else SOURCE_DTYPE
 
 
-def _is_v41(config: dict) -> bool:
+def _is_v41(config: dict | None) -> bool:
     from v4jax.io.official_v41 import is_v41_config
     return is_v41_config(config)
 
@@ -350,7 +357,10 @@ def _to_safetensors(source: TensorSource, dst: str, *, fmt: str, max_shard_bytes
             if after_batch is not None:
                 after_batch(count[0])
 
-    write = official.write_release if fmt == "official" else official.write_hf
+    if _is_v41(source.config):  # convert() refuses hf for V4.1: only the release layout has its names
+        from v4jax.io.official_v41 import write_release_v41 as write
+    else:
+        write = official.write_release if fmt == "official" else official.write_hf
     try:
         writer = write(dst, stream(), max_shard_bytes=max_shard_bytes, config=source.config, overwrite=True)
     except ReleaseError as e:
@@ -408,9 +418,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "orbax
     if fmt == "orbax" and source.kind is Kind.CONVERTED:
         raise ConvertError(f"{src} is already an Orbax checkpoint")
     _check_against_config(source)
-    if fmt != "orbax" and isinstance(source.config, dict) and _is_v41(source.config):
-        raise ConvertError(f"{src} is a DeepSeek-V4.1 checkpoint: it converts to --format orbax only "
-                           f"(got {fmt}); load_model and infer.py read the release directory as it is")
+    if fmt == "hf" and _is_v41(source.config):
+        raise ConvertError(f"{src} is a DeepSeek-V4.1 checkpoint, which has no transformers spelling: convert it "
+                           f"to --format official (the release layout) or orbax")
     if fmt == "orbax":
         return _to_orbax(source, dst, dtype_name=dtype_name, batch_bytes=batch_bytes, progress=progress,
                          after_batch=after_batch, compress=compress, overwrite=overwrite)

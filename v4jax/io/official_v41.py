@@ -2,11 +2,14 @@
 architecture.md §12.6) into `V41Transformer`: unquantised tensors (fp32 / bf16) as the golden fixtures
 and a converted checkpoint hold them, or the release's quantised ones through `dequantize_release_v41`. Matrices are stored [out, in] there and [in, out] here; routed
 experts one module per expert there, stacked here; `wo_a` [g * o_lora, H c / g] there, [g, H c / g,
-o_lora] here; the Engram table FP8 rows with one scale per 32 columns there, the product here."""
+o_lora] here; the Engram table FP8 rows with one scale per 32 columns there, the product here. The way
+back: `official_tensors_v41` (a model's tensors under the official names) and `write_release_v41` (the
+release's quantised layout, role by role)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import re
+from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +18,15 @@ import numpy as np
 from flax import nnx
 
 from v4jax.io.checkpoint import CheckpointError
-from v4jax.io.official import read_stored
-from v4jax.io.quant import E4M3_VALUES, QuantError, dequant_fp4, dequant_fp8_block, ue8m0_to_float
+from v4jax.io.official import Format, ReleaseError, read_stored
+from v4jax.io.quant import (E4M3_VALUES, FP8_DTYPE, UE8M0_DTYPE, QuantError, dequant_fp4, dequant_fp8_block, quant_fp4,
+                            quant_fp8_block, quant_fp8_rows, ue8m0_to_float)
 from v4jax.io.sources import Kind, TensorSource
 from v4jax.io.tensorfile import TensorFileError, open_directory
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
 from v4jax.model.v41 import V41Transformer, engram_table_rows, stack_dims
-from v4jax.model.vision import load_vision_params
+from v4jax.model.vision import load_vision_params, vision_tensors
 
 ENGRAM_SCALE_BLOCK = 32  # columns per Engram table scale (release: 1 x 32 blocks)
 FP8_BLOCK_V41 = 32  # V4.1's FP8 weights: one UE8M0 scale per 32 x 32 block (V4: 128 x 128)
@@ -332,6 +336,162 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
         key = name[:-len("kernel")] + "weight"
         return key, lambda: _t(get(key))
     return name, lambda: get(name)
+
+
+def _to_official(path: tuple, cfg, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The inverse of `_official`: one layer's value of our parameter `path` -> the official tensors it
+    is stored as (an unquantised Engram table with unit scales: the release quantises it on writing)."""
+    name = ".".join(str(p) for p in path)
+    if name == "embed.embedding":
+        return [("embed.weight", value)]
+    if path[0] in ("layers", "dspark"):
+        i, rest = path[1], ".".join(str(p) for p in path[2:])
+        base = f"layers.{i}." if path[0] == "layers" else f"mtp.{i}."
+        if rest.startswith(("attn_hc.", "ffn_hc.")):
+            unit, field = rest.split(".")
+            return [(f"{base}hc_{unit[:-3]}_{field}", value)]
+        if rest == "attn.sinks":
+            return [(base + "attn.attn_sink", value)]
+        if rest == "attn.wo_a":  # [g, H c / g, o_lora] -> [g * o_lora, H c / g]
+            return [(base + "attn.wo_a.weight",
+                     np.ascontiguousarray(value.transpose(0, 2, 1).reshape(-1, value.shape[1])))]
+        if rest in ("ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3"):  # [E, in, out] -> E x [out, in]
+            w = rest.rsplit(".", 1)[1]
+            return [(f"{base}ffn.experts.{e}.{w}.weight", _t(value[e])) for e in range(value.shape[0])]
+        if rest == "engram.table":
+            rows = cfg.engram_num_embeddings[cfg.engram_layer_ids.index(i)]  # the hashed rows, no padding
+            cols = value.shape[1] // ENGRAM_SCALE_BLOCK
+            return [(base + "engram.embed.weight", np.ascontiguousarray(value[:rows])),
+                    (base + "engram.embed.scale", np.ones((rows, cols), np.float32))]
+        if rest == "markov_embed":
+            return [(base + "markov_head.embed.weight", value)]
+        if rest in ("markov_head.kernel", "confidence.kernel"):
+            key = "markov_head.head.weight" if rest == "markov_head.kernel" else "confidence_head.proj.weight"
+            return [(base + key, _t(value))]
+        if rest.endswith(".kernel"):
+            key = base + rest[:-len(".kernel")] + ("" if rest == "ffn.gate.weight.kernel" else ".weight")
+            return [(key, _t(value))]
+        return [(base + rest, value)]
+    if name.endswith(".kernel"):
+        return [(name[:-len("kernel")] + "weight", _t(value))]
+    return [(name, value)]
+
+
+def official_tensors_v41(model: V41Transformer) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of `model` under the official names, unquantised, in the model's dtypes (host numpy,
+    one variable at a time): what `load_official_v41` reads back to the same model. A stacked variable
+    is split into its layers; the Engram tables lose their never-hashed padding rows and get unit
+    scales; the vision tower's tensors come from `vision_tensors`."""
+    state = nnx.state(model)
+    for path, var in nnx.to_flat_state(state):
+        if path[0] in ("vision", "aligner"):
+            continue
+        paths, lead = layer_paths(path, model.plan)
+        value = np.asarray(jax.device_get(var.get_value()))
+        value = value.reshape((-1,) + value.shape[len(lead):]) if lead else value[None]
+        for p, v in zip(paths, value):
+            yield from _to_official(p, model.cfg, v)
+    if model.cfg.vision_n_layers:
+        yield from vision_tensors(model.vision, model.aligner).items()
+
+
+# --------------------------------------------------------------------------------------------------
+# The release layout, written (architecture.md §12.6)
+
+_L41 = r"(?:layers|mtp)\.\d+\."
+_FORMAT_TABLE_V41: list[tuple[re.Pattern, Format]] = [(re.compile(p), f) for p, f in [
+    (_L41 + r"ffn\.experts\.\d+\.w[123]\.weight", Format.FP4),
+    (_L41 + r"attn\.(?:wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)\.weight", Format.FP8),
+    (_L41 + r"ffn\.shared_experts\.w[123]\.weight", Format.FP8),
+    (_L41 + r"engram\.(?:embed|wkv)\.weight", Format.FP8),
+    (r"mtp\.\d+\.main_proj\.weight", Format.FP8),
+]]
+# config.json's entry for this layout, as the release writes it (architecture.md §12.6)
+V41_QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                           "weight_block_size": [FP8_BLOCK_V41, FP8_BLOCK_V41], "scale_fmt": "ue8m0",
+                           "expert_dtype": "fp4"}
+
+
+def release_format_v41(name: str) -> Format:
+    """How the V4.1 release stores a tensor (official name): FP8 (32 x 32 blocks; the Engram tables 1 x 32),
+    MXFP4 (routed experts), FP32 (`fp32_class`) or BF16 (everything else: embeddings, head, norms, router
+    weights, compressors, the indexer's other projections, Engram's q/k weights, DSpark's heads, the
+    vision tower)."""
+    if fp32_class(name):
+        return Format.FP32
+    for pattern, fmt in _FORMAT_TABLE_V41:
+        if pattern.fullmatch(name):
+            return fmt
+    return Format.BF16
+
+
+def release_tensors_v41(name: str, a: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """One unquantised tensor (official name, not an Engram table) -> its stored tensors in the release."""
+    fmt, a = release_format_v41(name), np.asarray(a)
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16)):
+        raise ReleaseError(f"tensor {name!r} has dtype {a.dtype}, expected a floating-point dtype")
+    try:
+        if fmt is Format.FP8:
+            return list(zip((name, _scale_of(name)), quant_fp8_block(a, FP8_BLOCK_V41)))
+        if fmt is Format.FP4:
+            return list(zip((name, _scale_of(name)), quant_fp4(a, FP4_BLOCK_V41)))
+    except QuantError as e:
+        raise ReleaseError(f"tensor {name!r}: {e}") from None
+    return [(name, a.astype(np.float32 if fmt is Format.FP32 else ml_dtypes.bfloat16))]
+
+
+def engram_release_tensors(name: str, weight: np.ndarray, scale: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """An Engram table given as (weight, float scales per 32 columns), the way every V4.1 source holds it
+    -> its release storage: the table they multiply to, re-quantised as FP8 rows with UE8M0 scales per 32
+    columns (the same bytes again when the scales are canonical, `v4jax.io.quant`)."""
+    rows, cols = weight.shape
+    if tuple(scale.shape) != (rows, -(-cols // ENGRAM_SCALE_BLOCK)):
+        raise ReleaseError(f"tensor {name[:-len('weight')] + 'scale'!r} has shape {tuple(scale.shape)}, expected "
+                           f"one scale per {ENGRAM_SCALE_BLOCK} columns of {name!r} {tuple(weight.shape)}")
+    out_w = np.empty((rows, cols), FP8_DTYPE)
+    out_s = np.empty((rows, scale.shape[1]), UE8M0_DTYPE)
+    step = max(1, (1 << 22) // max(cols, 1))
+    try:
+        for r0 in range(0, rows, step):  # a few MiB of float32 rows at a time
+            part = slice(r0, r0 + step)
+            table = (weight[part].astype(np.float32).reshape(-1, cols // ENGRAM_SCALE_BLOCK, ENGRAM_SCALE_BLOCK)
+                     * engram_scale_values(scale[part])[..., None]).reshape(-1, cols)
+            out_w[part], out_s[part] = quant_fp8_rows(table, ENGRAM_SCALE_BLOCK)
+    except QuantError as e:
+        raise ReleaseError(f"tensor {name!r}: {e}") from None
+    return [(name, out_w), (name[:-len("weight")] + "scale", out_s)]
+
+
+def _release_groups_v41(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, list]]:
+    """(name, stored tensors) per weight, streaming; an Engram table's weight and scale are held until
+    both have arrived (they are quantised together)."""
+    held: dict[str, np.ndarray] = {}
+    for name, a in tensors:
+        if name.endswith(("engram.embed.weight", "engram.embed.scale")):
+            stem, part = name.rsplit(".", 1)
+            other = f"{stem}.{'scale' if part == 'weight' else 'weight'}"
+            if other not in held:
+                held[name] = a
+                continue
+            weight, scale = (a, held.pop(other)) if part == "weight" else (held.pop(other), a)
+            yield stem + ".weight", engram_release_tensors(stem + ".weight", weight, scale)
+            continue
+        yield name, release_tensors_v41(name, a)
+    if held:
+        name = next(iter(held))
+        raise ReleaseError(f"tensor {name!r} came without its Engram partner "
+                           f"{name.rsplit('.', 1)[0] + ('.scale' if name.endswith('weight') else '.weight')!r}")
+
+
+def write_release_v41(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int = 5 << 30,
+                      config: dict | None = None, overwrite: bool = False):
+    """Quantise and write unquantised official-name tensors in the V4.1 release layout (`release_format_v41`;
+    a weight and its scales share a shard), streaming. `config`: a config.json dict to write alongside,
+    with the layout's `quantization_config`."""
+    from v4jax.io.official import _write
+
+    return _write(directory, _release_groups_v41(tensors), max_shard_bytes,
+                  None if config is None else {**config, "quantization_config": V41_QUANTIZATION_CONFIG}, overwrite)
 
 
 def load_official_v41(model: V41Transformer, tensors: Mapping[str, np.ndarray], shardings: dict | None = None) -> None:

@@ -9,6 +9,9 @@ Three number formats, all decoded here by table:
   (`scale` shape `[out, ceil(in/32)]`); `W[o, i] = E2M1[nibble(o, i)] * S[o, i//32]`.
 * UE8M0 (`float8_e8m0fnu`): an exponent byte `b`, value `2**(b - 127)`; `b = 255` is NaN.
 
+Block sizes are arguments: V4.1's release uses 32 x 32 FP8 blocks and, for its Engram tables, FP8 rows
+with one scale per 32 columns (`quant_fp8_rows`).
+
 Quantisation follows the official kernels: the block scale is the smallest power of two with
 `amax / scale <= FMT_MAX` (448 for E4M3, 6 for E2M1), values are divided by it, clipped to the format's
 range and rounded to nearest (ties to even). Consequences:
@@ -185,6 +188,32 @@ def quant_fp8_block(w, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
         scale[r] = _pow2_scale(amax, FP8_MAX, FP8_DTYPE)
         inv = np.repeat(ue8m0_to_float(np.uint8(254) - scale[r]), block)[:fan_in]  # 1/scale, exact
         q[rows] = np.clip(x * inv, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+    return q, scale.view(UE8M0_DTYPE)
+
+
+def quant_fp8_rows(w, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, cols] floats -> (E4M3 codes [rows, cols], UE8M0 scales [rows, ceil(cols/block)]): one scale per
+    `block` columns of each row (1 x block blocks: the V4.1 release's Engram tables), chosen as for the
+    square blocks. Processed a few MiB of rows at a time."""
+    w = np.asarray(w)
+    _check_2d(w, "FP8 row-block input")
+    rows, cols = w.shape
+    nb = _cdiv(cols, block)
+    pad = nb * block - cols
+    q = np.empty((rows, cols), FP8_DTYPE)
+    scale = np.empty((rows, nb), np.uint8)
+    step = max(1, (1 << 22) // max(cols, 1))
+    for r0 in range(0, rows, step):
+        part = slice(r0, r0 + step)
+        x = w[part].astype(np.float32)
+        _check_finite(x, "FP8 row-block input")
+        a = np.abs(x)
+        if pad:
+            a = np.pad(a, ((0, 0), (0, pad)))
+        s = _pow2_scale(a.reshape(a.shape[0], nb, block).max(axis=2), FP8_MAX, FP8_DTYPE)
+        scale[part] = s
+        inv = ue8m0_to_float(np.uint8(254) - s)  # 1/scale, exact
+        q[part] = np.clip(_scale_blocks(x, inv, block), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
     return q, scale.view(UE8M0_DTYPE)
 
 

@@ -398,15 +398,22 @@ class TrainRunSource(TensorSource):
                   file=sys.stderr)
         self.step = loaded.step
         self.arrays = {}
-        for key, a in hf_tensors(loaded.model).items():
-            name = canonical_name(key)
-            want = official.output_dtype(official.release_format(name), a.dtype, a.dtype if dtype is None else dtype)
-            self.arrays[name] = a.astype(want, copy=False)
+        if isinstance(loaded.cfg, V41Config):  # V4.1 has no transformers spelling: the official names (§12.6)
+            from v4jax.io.official_v41 import fp32_class, official_tensors_v41
+            for name, a in official_tensors_v41(loaded.model):
+                want = np.float32 if fp32_class(name) else (a.dtype if dtype is None else dtype)
+                self.arrays[name] = a.astype(want, copy=False)
+        else:
+            for key, a in hf_tensors(loaded.model).items():
+                name = canonical_name(key)
+                want = official.output_dtype(official.release_format(name), a.dtype,
+                                             a.dtype if dtype is None else dtype)
+                self.arrays[name] = a.astype(want, copy=False)
         del loaded
         self.specs = {n: (a.shape, a.dtype) for n, a in self.arrays.items()}
         self._attach(run)
         self.config_path = None  # the run's own config: consistent with its tensors by construction
-        # as an HF config.json, in the saved weights' dtype
+        # as an HF config.json (V4.1: the release's HF-style spelling), in the saved weights' dtype
         self.config = train_run_config(run).to_hf_dict(train_run_options(run).param_dtype)
 
     def read(self, names):

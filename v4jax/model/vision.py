@@ -318,6 +318,37 @@ def load_vision_params(tower: VisionTower, aligner: Aligner, tensors: dict[str, 
         var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=var.dtype))
 
 
+def vision_tensors(tower: VisionTower, aligner: Aligner) -> dict[str, np.ndarray]:
+    """The inverse of `load_vision_params`: the modules' values under the official names (host numpy, in
+    the parameters' dtypes; q, k, v joined into `attn.wqkv`, gate and up into `mlp.w1`)."""
+    out: dict[str, np.ndarray] = {}
+
+    def get(var: nnx.Variable) -> np.ndarray:
+        return np.asarray(jax.device_get(var.get_value()))
+
+    def linear(kernels: list[nnx.Variable], name: str) -> None:
+        out[name] = np.ascontiguousarray(np.concatenate([get(k).T for k in kernels]))
+
+    def biased(mod: BiasedLinear, name: str) -> None:
+        linear([mod.linear.kernel], f"{name}.weight")
+        out[f"{name}.bias"] = get(mod.bias)
+
+    biased(tower.patch_embed, "vision.patch_embed.proj")
+    for i, block in enumerate(tower.blocks):
+        pre = f"vision.blocks.{i}"
+        out[f"{pre}.norm1.weight"], out[f"{pre}.norm2.weight"] = get(block.norm1.weight), get(block.norm2.weight)
+        a = block.attn
+        linear([a.wq.linear.kernel, a.wk.linear.kernel, a.wv.linear.kernel], f"{pre}.attn.wqkv.weight")
+        out[f"{pre}.attn.wqkv.bias"] = np.concatenate([get(a.wq.bias), get(a.wk.bias), get(a.wv.bias)])
+        biased(a.wo, f"{pre}.attn.wo")
+        linear([block.mlp.gate.kernel, block.mlp.up.kernel], f"{pre}.mlp.w1.weight")
+        linear([block.mlp.w2.kernel], f"{pre}.mlp.w2.weight")
+    out["vision.norm.weight"] = get(tower.norm.weight)
+    biased(aligner.w1, "aligner.w1")
+    biased(aligner.w2, "aligner.w2")
+    return out
+
+
 def _check_grid(grid) -> tuple[int, int]:
     h, w = grid
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in (h, w)):
