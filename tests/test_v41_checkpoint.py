@@ -232,6 +232,42 @@ def test_a_v41_train_run_exports_to_orbax_and_to_the_release_layout(tmp_path):
     assert not any(n.startswith(("mtp.", "vision.")) for n in _stored(str(tmp_path / "release")))
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_an_engram_table_is_read_a_few_rows_at_a_time(tmp_path, monkeypatch, release, devices):
+    """`load_model` never reads an Engram table whole (each released one is 98 GB in FP8): its rows come a
+    block at a time (here 3 rows) from the file and go straight into the slices of the devices that hold
+    them. The table equals the whole-tensor path's (the release's E4M3 rows times their scales, the
+    padding rows zero), on one device and over 8 (fsdp x expert)."""
+    from sharding.mesh import make_mesh
+    from sharding.rules import get_rules
+    from v4jax.io import official_v41
+    from v4jax.io.restore import load_model
+
+    if jax.device_count() < devices:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    path, rounded = release
+    whole = official_v41.V41Source.read
+
+    def read(self, names):
+        assert not any("engram.embed" in n for n in names), "an Engram table read whole"
+        return whole(self, names)
+
+    monkeypatch.setattr(official_v41.V41Source, "read", read)
+    cols = load_model(path, dtype="float32", param_dtype="float32").cfg.engram_head_dim
+    monkeypatch.setattr(official_v41, "ROWS_BYTES", 3 * 4 * cols)
+    mesh = make_mesh("fsdp=2,expert=4") if devices == 8 else None
+    got = load_model(path, dtype="float32", param_dtype="float32", mesh=mesh,
+                     rules=get_rules("fsdp_ep") if mesh is not None else None).model
+    for layer in got.cfg.engram_layer_ids:
+        table = got.block(layer).engram.table[...]
+        if mesh is not None:
+            assert len(table.sharding.device_set) == 8
+        key = f"layers.{layer}.engram.embed."
+        want = rounded[key + "weight"] * np.repeat(rounded[key + "scale"], 32, axis=1)
+        np.testing.assert_array_equal(np.asarray(table)[:len(want)], want)
+        assert not np.asarray(table)[len(want):].any() and table.shape[0] > len(want)  # the padding rows
+
+
 def test_a_sharded_load_puts_each_variable_in_its_layout(tmp_path):
     """8 CPU devices (conftest): fsdp x expert; the logits equal the single-device load's."""
     from sharding.context import use_mesh_rules

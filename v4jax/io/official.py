@@ -236,6 +236,24 @@ def output_dtype(entry_format: Format, stored_dtype: np.dtype, dtype) -> np.dtyp
 _DATA_START: "weakref.WeakKeyDictionary[TensorFile, tuple[int, dict]]" = weakref.WeakKeyDictionary()
 
 
+def read_stored_rows(tf: TensorFile, key: str, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a stored tensor (along its first axis), read alone with a plain file read (as
+    `read_stored`): a tensor too large to hold whole (V4.1's Engram tables: 384e6 rows) read in pieces."""
+    if tf not in _DATA_START:
+        with open(tf.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            _DATA_START[tf] = (8 + n, json.loads(f.read(n)))
+    start, header = _DATA_START[tf]
+    shape, dt = tf.shape(key), tf.dtype(key)
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+    lo, hi = max(0, lo), min(hi, shape[0])
+    count = max(0, hi - lo) * row
+    a = np.fromfile(tf.path, dtype=np.uint8, count=count, offset=start + header[key]["data_offsets"][0] + lo * row)
+    if a.size != count:
+        raise ReleaseError(f"{tf.path}: tensor {key!r} is truncated")
+    return a.view(dt).reshape((max(0, hi - lo),) + tuple(shape[1:]))
+
+
 def read_stored(tf: TensorFile, key: str) -> np.ndarray:
     """One tensor read into fresh memory with a plain file read. Reading through the TensorFile's
     memory map would leave every touched page of the file resident (and counted in RSS) for as long

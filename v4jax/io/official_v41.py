@@ -9,7 +9,7 @@ release's quantised layout, role by role)."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.io.checkpoint import CheckpointError
-from v4jax.io.official import Format, ReleaseError, read_stored
+from v4jax.io.official import Format, ReleaseError, read_stored, read_stored_rows
 from v4jax.io.quant import (E4M3_VALUES, FP8_DTYPE, UE8M0_DTYPE, QuantError, dequant_fp4, dequant_fp8_block, quant_fp4,
                             quant_fp8_block, quant_fp8_rows, ue8m0_to_float)
 from v4jax.io.sources import Kind, TensorSource
@@ -99,7 +99,13 @@ def dequantize_tensor_v41(name: str, w: np.ndarray, scale: np.ndarray | None, ou
         if name.endswith("engram.embed.weight"):  # rows x head_dim codes; [rows, head_dim / 32] scales
             if tuple(scale.shape) != (w.shape[0], -(-w.shape[1] // ENGRAM_SCALE_BLOCK)):
                 raise QuantError(f"scale {tuple(scale.shape)} is not one per {ENGRAM_SCALE_BLOCK} columns of a row")
-            return E4M3_VALUES[w.view(np.uint8)].astype(out_dtype) if w.dtype.itemsize == 1 and w.dtype != np.int8 else w
+            if w.dtype.itemsize != 1 or w.dtype == np.int8:
+                return w
+            out, codes = np.empty(w.shape, out_dtype), w.view(np.uint8)
+            step = max(1, (1 << 24) // max(1, w.shape[1]))
+            for r0 in range(0, w.shape[0], step):  # a few rows at a time: no float32 copy of a whole table
+                out[r0:r0 + step] = E4M3_VALUES[codes[r0:r0 + step]]
+            return out
         if ".ffn.experts." in name:
             return dequant_fp4(w, scale, FP4_BLOCK_V41, out_dtype)
         return dequant_fp8_block(w, scale, FP8_BLOCK_V41, out_dtype)
@@ -202,6 +208,19 @@ class V41Source(TensorSource):
             self.specs[name] = (shape, dt)
         self._attach(directory)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray | None:
+        """Rows [lo, hi) of a tensor as `read` gives it, reading only those rows, for the tensors whose
+        values are row by row (unquantised ones, an Engram table's FP8 rows and their scales); None for
+        the block-quantised weights."""
+        if name in self.quantised and not name.endswith("engram.embed.weight"):
+            return None
+        w = read_stored_rows(self.files[name], name, lo, hi)
+        if name.endswith("engram.embed.scale"):
+            return engram_scale_values(w)
+        if name in self.quantised:  # the Engram table's E4M3 codes, kept as their values
+            return E4M3_VALUES[w.view(np.uint8)].astype(self.specs[name][1])
+        return w.astype(self.specs[name][1], copy=False)
+
     def read(self, names):
         out = {}
         for name in names:
@@ -237,6 +256,15 @@ class SourceTensors(Mapping):
     def __len__(self):
         return len(self.source.specs)
 
+    def rows(self, name: str) -> int | None:
+        """The rows of `name` when the source reads a range of them alone (`read_rows`), else None."""
+        if not hasattr(self.source, "read_rows") or self.source.read_rows(name, 0, 0) is None:
+            return None
+        return self.source.specs[name][0][0]
+
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        return self.source.read_rows(name, lo, hi)
+
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
@@ -261,7 +289,30 @@ def _sources(path: tuple, model: V41Transformer, tensors: Mapping[str, np.ndarra
     return [k for k, _ in parts], [b for _, b in parts], lead
 
 
-def _placed(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...], shape: tuple[int, ...], dtype,
+class Rows(NamedTuple):
+    """A value built a block of rows at a time (an Engram table), instead of whole."""
+
+    n: int  # rows of the value
+    read: Callable[[int, int], np.ndarray]  # (lo, hi) -> the value's rows [lo, hi)
+
+
+def _table_rows(tensors: SourceTensors, key: str, stored: int, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of an Engram table: the stored rows times their scales per 32 columns, the padding
+    rows past the `stored` hashed ones zero."""
+    cols = tensors.source.specs[key][0][1]
+    out = np.zeros((hi - lo, cols), np.float32)
+    top = min(hi, stored)
+    if lo < top:
+        w = tensors.read_rows(key, lo, top).astype(np.float32)
+        scale = tensors.read_rows(key[:-len("weight")] + "scale", lo, top)  # [rows, cols / 32]
+        out[:top - lo] = (w.reshape(top - lo, -1, ENGRAM_SCALE_BLOCK) * scale[..., None]).reshape(top - lo, cols)
+    return out
+
+
+ROWS_BYTES = 256 << 20  # float32 bytes of one block of rows built at a time
+
+
+def _placed(builds: list[Callable[[], np.ndarray] | Rows], lead: tuple[int, ...], shape: tuple[int, ...], dtype,
             keys: list[str], name: str, sharding=None) -> jax.Array:
     """A variable [*lead, ...] built one layer at a time (lead = (): one value), so host memory holds one
     layer's tensors beside what the variable keeps: the whole variable (no sharding), or each of this
@@ -276,6 +327,22 @@ def _placed(builds: list[Callable[[], np.ndarray]], lead: tuple[int, ...], shape
     bufs = {d: np.empty([len(r) for r in rs], dtype) for d, rs in ranges.items()}
     for k, (build, key) in enumerate(zip(builds, keys)):
         at = np.unravel_index(k, lead)  # the layer's place in the stack
+        if isinstance(build, Rows):  # a block of rows at a time, each into the devices that hold them
+            if (build.n,) + shape[n + 1:] != shape[n:]:
+                raise ValueError(f"V4.1 tensor {key!r} gives {build.n} rows for {name}, whose layers are {shape[n:]}")
+            step = max(1, ROWS_BYTES // (4 * max(1, int(np.prod(shape[n + 1:], dtype=np.int64)))))
+            for lo in range(0, build.n, step):
+                hi = min(build.n, lo + step)
+                part = build.read(lo, hi)
+                for d, rs in ranges.items():
+                    rows = rs[n]  # the device's rows of the value (contiguous)
+                    a, b = max(lo, rows.start), min(hi, rows.stop)
+                    if a < b and all(i in r for i, r in zip(at, rs)):
+                        local = tuple(r.index(i) for i, r in zip(at, rs))
+                        bufs[d][local + (slice(a - rows.start, b - rows.start),)] = \
+                            part[(slice(a - lo, b - lo),) + slots[d][n + 1:]].astype(dtype)
+                del part
+            continue
         value = build()
         if tuple(value.shape) != shape[n:]:
             raise ValueError(f"V4.1 tensor {key!r} gives shape {tuple(value.shape)} for " +
@@ -316,6 +383,9 @@ def _official(path: tuple, cfg, tensors: Mapping[str, np.ndarray]) -> tuple[str,
                                           for e in range(n_experts)])
         if rest == "engram.table":
             key = base + "engram.embed.weight"
+            stored = tensors.rows(key) if isinstance(tensors, SourceTensors) else None
+            if stored is not None:  # built a block of rows at a time: the released tables are 98 GB each
+                return key, Rows(engram_table_rows(stored), lambda lo, hi: _table_rows(tensors, key, stored, lo, hi))
 
             def table():
                 w = get(key).astype(np.float32)
