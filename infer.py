@@ -466,18 +466,21 @@ def run_v41(args) -> int:
         rows = [i for i, p in enumerate(prompts) if len(p) == n]
         got = generate_v41(loaded.model, np.array([prompts[i] for i in rows]), args.max_new_tokens, token_map,
                            draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
-                           prefill_chunk=args.prefill_chunk,
+                           prefill_chunk=args.prefill_chunk, stop_tokens=stop,
                            sampling=Sampling(args.temperature, args.top_k, args.top_p),
                            images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
         steps, accepted = steps + got.steps, accepted + got.accepted
         outputs.update({i: list(map(int, got.tokens[j])) for j, i in enumerate(rows)})
     seconds = time.perf_counter() - t0
+    produced = 0
     for i in range(len(prompts)):
         ids = outputs[i]
-        ids = ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]  # up to the first stop token
+        end = next((k for k, t in enumerate(ids) if t in stop), None)  # the first stop token
+        produced += len(ids) if end is None else end + 1
+        ids = ids if end is None else ids[:end]
         text = tok.decode(ids) if tok else " ".join(map(str, ids))
         print(text if len(prompts) == 1 else f"[{i}] {text}")
-    line = (f"{sum(map(len, prompts))} prompt + {len(prompts) * args.max_new_tokens} new tokens in {seconds:.2f} s "
+    line = (f"{sum(map(len, prompts))} prompt + {produced} new tokens in {seconds:.2f} s "
             f"({steps} main-model steps after the prefill, includes compilation)")
     if args.speculative:
         line += f"; DSpark accepted {accepted} drafted tokens"

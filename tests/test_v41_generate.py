@@ -46,6 +46,22 @@ def test_plain_and_speculative_greedy_give_the_official_tokens(model):
         np.testing.assert_array_equal(got.tokens, plain.tokens)
 
 
+def test_generation_ends_once_every_row_has_emitted_a_stop_token(model):
+    prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    plain = generate_v41(model, prompt, 12, token_map).tokens
+    stop = {int(plain[0, 3]), int(plain[-1, 5])}
+    first = [next(k for k, t in enumerate(row) if t in stop) for row in plain]  # each row's first stop token
+    n = max(first) + 1
+    assert n < 12
+    got = generate_v41(model, prompt, 12, token_map, stop_tokens=sorted(stop))
+    np.testing.assert_array_equal(got.tokens, plain[:, :n])  # rows that stopped earlier kept decoding
+    assert got.steps == n - 1
+    spec = generate_v41(model, prompt, 12, token_map, draft=True, stop_tokens=sorted(stop))
+    assert n <= spec.tokens.shape[1] <= 12  # a step may end past it by its accepted drafts
+    np.testing.assert_array_equal(spec.tokens, plain[:, :spec.tokens.shape[1]])
+
+
 def test_bad_requests_are_refused(model):
     prompt = np.zeros((1, 4), np.int64)
     with pytest.raises(ValueError, match="pass token_map"):

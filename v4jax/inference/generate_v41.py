@@ -45,7 +45,7 @@ class Engram(NamedTuple):
 
 
 class V41Generation(NamedTuple):
-    tokens: np.ndarray  # [B, max_new] greedy tokens
+    tokens: np.ndarray  # [B, n] new tokens: n = max_new, or fewer once every row has emitted a stop token
     steps: int  # main-model calls after the prefill (= max_new - 1 without drafting)
     accepted: int  # drafted tokens accepted in all
 
@@ -150,7 +150,7 @@ def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[
 def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
                  draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = (),
                  mesh=None, rules=None, sampling: Sampling = Sampling(), seed: int = 0,
-                 prefill_chunk: int | None = None) -> V41Generation:
+                 prefill_chunk: int | None = None, stop_tokens=()) -> V41Generation:
     """prompt [B, T] int -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
     top-k, top-p as for V4; each row's draw keyed by (seed, row, position)). token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
@@ -160,7 +160,9 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
     mesh, rules: over a device mesh (the model loaded sharded by `rules`, `load_model(mesh=, rules=)`):
     the cache's sequences split over the rules' batch axes, every step SPMD over the mesh.
     prefill_chunk: prefill the prompt through the cache in calls of at most this many tokens (a long
-    prompt's activations bounded by the chunk; the same tokens as one call)."""
+    prompt's activations bounded by the chunk; the same tokens as one call). stop_tokens: generation
+    ends once every row has emitted one (a row that stopped earlier keeps decoding with the others;
+    its tokens after the stop are what it would generate, for the caller to drop)."""
     if (mesh is None) != (rules is None):
         raise ValueError("generate_v41: mesh and rules go together")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -170,13 +172,13 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
 
         with use_mesh_rules(mesh, rules):
             return _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling, seed,
-                             prefill_chunk)
+                             prefill_chunk, stop_tokens)
     return _generate(model, prompt, max_new, token_map, draft, max_len, images, None, None, sampling, seed,
-                     prefill_chunk)
+                     prefill_chunk, stop_tokens)
 
 
 def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling,
-              seed, prefill_chunk) -> V41Generation:
+              seed, prefill_chunk, stop_tokens) -> V41Generation:
     cfg = model.cfg
     prompt = np.asarray(prompt, np.int64)
     B, T = prompt.shape
@@ -226,13 +228,16 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     features = features[0] if len(features) == 1 or features[0] is None else jnp.concatenate(features, axis=1)
     token = choose(out.logits[:, -1], cache.lengths)  # [B]: the token at each row's next position
     generated, steps, accepted = [np.asarray(token)], 0, 0
-    while len(generated) < max_new:
+    stop = np.asarray(sorted({int(t) for t in stop_tokens}), np.int64)
+    stopped = np.isin(generated[0], stop)  # [B]: rows that have emitted a stop token
+    while len(generated) < max_new and not stopped.all():
         if not draft:
             rows, engram = engram_rows(model, engram, np.asarray(token)[:, None])
             out = forward(token[:, None], rows, cache)
             cache = out.cache
             token = choose(out.logits[:, -1], cache.lengths)
             generated.append(np.asarray(token))
+            stopped |= np.isin(generated[-1], stop)
             steps += 1
             continue
         d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
@@ -250,5 +255,6 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         generated += [keep[:, i] for i in range(1, 1 + n)]
         token = jnp.asarray(emitted[:, n], jnp.int32)  # what the main model emits after them
         generated.append(np.asarray(token))
+        stopped |= np.isin(np.stack(generated[-1 - n:], axis=1), stop).any(axis=1)
         steps, accepted = steps + 1, accepted + n
     return V41Generation(np.stack(generated[:max_new], axis=1), steps, accepted)
