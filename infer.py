@@ -461,16 +461,14 @@ def run_v41(args) -> int:
                         mtp=True if args.speculative else False, mesh=mesh, rules=rules)
     print(f"loaded DeepSeek-V4.1 {loaded.kind.value} checkpoint {args.checkpoint}"
           + (f" on mesh {args.mesh} ({rules.name} rules)" if mesh is not None else ""), file=sys.stderr)
-    t0, steps, accepted, outputs = time.perf_counter(), 0, 0, {}
-    for n in sorted({len(p) for p in prompts}):  # rows of one length decode together (no padding)
-        rows = [i for i, p in enumerate(prompts) if len(p) == n]
-        got = generate_v41(loaded.model, np.array([prompts[i] for i in rows]), args.max_new_tokens, token_map,
-                           draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
-                           prefill_chunk=args.prefill_chunk, stop_tokens=stop,
-                           sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                           images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
-        steps, accepted = steps + got.steps, accepted + got.accepted
-        outputs.update({i: list(map(int, got.tokens[j])) for j, i in enumerate(rows)})
+    t0 = time.perf_counter()
+    got = generate_v41(loaded.model, prompts, args.max_new_tokens, token_map,  # rows of any lengths, right-padded
+                       draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
+                       prefill_chunk=args.prefill_chunk, stop_tokens=stop,
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                       images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
+    steps, accepted = got.steps, got.accepted
+    outputs = {i: list(map(int, got.tokens[i])) for i in range(len(prompts))}
     seconds = time.perf_counter() - t0
     produced = 0
     for i in range(len(prompts)):

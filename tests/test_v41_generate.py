@@ -62,6 +62,20 @@ def test_generation_ends_once_every_row_has_emitted_a_stop_token(model):
     np.testing.assert_array_equal(spec.tokens, plain[:, :spec.tokens.shape[1]])
 
 
+def test_prompts_of_several_lengths_decode_together_each_as_alone(model):
+    """Rows of several lengths, right-padded into one batch (the padding kept out of every cache, the
+    Engram history and the DSpark rings), give each row the tokens it gets alone: plain, speculative,
+    and prefilled in chunks that end inside some rows' padding."""
+    prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
+    token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
+    prompts = [prompt[0].tolist(), prompt[1, :-5].tolist(), prompt[0, :4].tolist()]
+    alone = [generate_v41(model, np.array([p]), 6, token_map).tokens[0] for p in prompts]
+    for draft, chunk in ((False, None), (True, 5)):
+        got = generate_v41(model, prompts, 6, token_map, draft=draft, prefill_chunk=chunk)
+        for row, want in zip(got.tokens, alone):
+            np.testing.assert_array_equal(row, want)
+
+
 def test_bad_requests_are_refused(model):
     prompt = np.zeros((1, 4), np.int64)
     with pytest.raises(ValueError, match="pass token_map"):

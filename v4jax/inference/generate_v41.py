@@ -68,9 +68,11 @@ def engram_state(cfg, token_map: np.ndarray | None, batch: int) -> Engram | None
     return Engram(np.asarray(token_map), empty_history(batch, engram_layout(cfg)))
 
 
-def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None):
+def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray, dead: np.ndarray | None = None,
+                n_valid: np.ndarray | None = None):
     """(engram row ids [B, T, n_layers, cols] for the model, the history after these tokens). dead [B, T]:
-    image-span positions, which hash as pad and block the look-back across them."""
+    image-span positions, which hash as pad and block the look-back across them. n_valid [B]: each row's
+    tokens (the rest right padding, left out of the history)."""
     cfg = model.cfg
     if not cfg.engram_layer_ids:
         return None, engram
@@ -79,7 +81,7 @@ def engram_rows(model: V41Transformer, engram: Engram | None, tokens: np.ndarray
     pad = pad_compressed_id(cfg, engram.token_map)
     rows = np.stack([ngram_hash_ids(ids, dead, layout, i, pad, engram.history) for i in range(len(layout.layer_ids))],
                     axis=2)
-    return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids, dead))
+    return jnp.asarray(rows, jnp.int32), engram._replace(history=advance_history(engram.history, ids, dead, n_valid))
 
 
 def resolve_token_map(cfg, token_map_file: str | None, tokenizer_file: str | None,
@@ -147,11 +149,29 @@ def image_prompt(cfg, tokens: list[int], grids: list[tuple[int, int]]) -> tuple[
     return out + list(tokens), starts
 
 
-def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_map: np.ndarray | None = None,
+def _right_padded(prompt) -> tuple[np.ndarray, np.ndarray]:
+    """A [B, T] array, or B sequences of several lengths right-padded with 0 -> (prompt [B, T] int64,
+    lengths [B])."""
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2 or not len(prompt) or np.ndim(prompt[0]) != 1:
+        prompt = np.asarray(prompt, np.int64)
+        if prompt.ndim != 2:
+            raise ValueError(f"prompt must be [B, T] or a list of token sequences, got shape {prompt.shape}")
+        return prompt, np.full(prompt.shape[0], prompt.shape[1], np.int64)
+    lengths = np.array([len(p) for p in prompt], np.int64)
+    if not lengths.min() > 0:
+        raise ValueError("every prompt needs at least one token")
+    out = np.zeros((len(prompt), int(lengths.max())), np.int64)
+    for b, p in enumerate(prompt):
+        out[b, :len(p)] = p
+    return out, lengths
+
+
+def generate_v41(model: V41Transformer, prompt, max_new: int, token_map: np.ndarray | None = None,
                  draft: bool = False, max_len: int | None = None, images: tuple[Image, ...] = (),
                  mesh=None, rules=None, sampling: Sampling = Sampling(), seed: int = 0,
                  prefill_chunk: int | None = None, stop_tokens=()) -> V41Generation:
-    """prompt [B, T] int -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
+    """prompt [B, T] int, or B sequences of several lengths (decoded together, right-padded: each row's
+    tokens are those it gets alone) -> `max_new` tokens per row, greedy unless `sampling` says otherwise (temperature,
     top-k, top-p as for V4; each row's draw keyed by (seed, row, position)). token_map: the Engram compressed token map
     (`engram_hash.token_map_from_tokenizer`), needed when the model has Engram layers. draft: speculate
     with the DSpark stages (fewer main-model calls; greedy: the same tokens, sampled: tokens from the
@@ -180,8 +200,11 @@ def generate_v41(model: V41Transformer, prompt: np.ndarray, max_new: int, token_
 def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, rules, sampling,
               seed, prefill_chunk, stop_tokens) -> V41Generation:
     cfg = model.cfg
-    prompt = np.asarray(prompt, np.int64)
+    prompt, lengths = _right_padded(prompt)
     B, T = prompt.shape
+    ragged = bool((lengths < T).any())
+    if ragged and images:
+        raise ValueError("images go with prompts of one length (one row)")
     if images and not cfg.vision_n_layers:
         raise ValueError("this model has no vision tower (vision_n_layers = 0): it takes no images")
     if cfg.engram_layer_ids and token_map is None:
@@ -199,6 +222,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
     engram = engram_state(cfg, token_map, B)
     forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c, return_hidden_states=False), mesh)
+    padded = model_jit(model, lambda m, t, e, c, n: m(t, e, cache=c, return_hidden_states=False, n_valid=n), mesh)
     drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh)
 
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
@@ -215,18 +239,23 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
                 tokens, [img.patches for img in images])
         embedded = model_jit(model, lambda m, t, e, c, x, im: m(t, e, image=im, embeddings=x, cache=c,
                                                                  return_hidden_states=False), mesh)
-    features = []
+    features, last = [], None
     for lo in range(0, T, prefill_chunk or T):  # the prompt in calls of at most prefill_chunk tokens
         hi = min(T, lo + (prefill_chunk or T))
-        rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi])
+        n = np.clip(lengths - lo, 0, hi - lo)  # [B]: each row's tokens in this call (right padding after)
+        rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi], n if ragged else None)
         if images:
             out = embedded(tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
+        elif ragged:
+            out = padded(tokens[:, lo:hi], rows, cache, jnp.asarray(n, jnp.int32))
         else:
             out = forward(tokens[:, lo:hi], rows, cache)
         cache = out.cache
         features.append(out.target_features)
+        here = out.logits[jnp.arange(B), jnp.asarray(np.maximum(n - 1, 0))]  # [B, V]: each row's last token here
+        last = here if last is None else jnp.where(jnp.asarray(n > 0)[:, None], here, last)
     features = features[0] if len(features) == 1 or features[0] is None else jnp.concatenate(features, axis=1)
-    token = choose(out.logits[:, -1], cache.lengths)  # [B]: the token at each row's next position
+    token = choose(last, cache.lengths)  # [B]: the token at each row's next position
     generated, steps, accepted = [np.asarray(token)], 0, 0
     stop = np.asarray(sorted({int(t) for t in stop_tokens}), np.int64)
     stopped = np.isin(generated[0], stop)  # [B]: rows that have emitted a stop token
@@ -240,7 +269,11 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
             stopped |= np.isin(generated[-1], stop)
             steps += 1
             continue
-        d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
+        if ragged and steps == 0:  # the prompt's features: each row's own, the padding left out
+            d, cache = model_jit(model, lambda m, f, c, t, n: m.draft(f, c, t, n), mesh)(
+                features, cache, token, jnp.asarray(lengths, jnp.int32))
+        else:
+            d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
         candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
         rows, _ = engram_rows(model, engram, candidate)
         verify = forward(jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped

@@ -194,13 +194,19 @@ def empty_history(batch: int, layout: EngramLayout) -> HashHistory:
     return HashHistory(np.zeros((batch, h), np.int64), np.zeros((batch, h), bool), np.zeros(batch, np.int64))
 
 
-def advance_history(history: HashHistory, ids: np.ndarray, dead: np.ndarray | None = None) -> HashHistory:
-    """The history after hashing `ids` ([B, T] compressed, `dead` [B, T] bool) with `history`."""
+def advance_history(history: HashHistory, ids: np.ndarray, dead: np.ndarray | None = None,
+                    n_valid: np.ndarray | None = None) -> HashHistory:
+    """The history after hashing `ids` ([B, T] compressed, `dead` [B, T] bool) with `history`; n_valid
+    [B]: only each row's first n_valid tokens are its own (a right-padded batch; default all T)."""
     ids = np.asarray(ids, np.int64)
     dead = np.zeros(ids.shape, bool) if dead is None else np.asarray(dead, bool)
-    t = ids.shape[1]  # keep the last max_ngram-1 columns of history ++ call
-    return HashHistory(np.concatenate([history.ids, ids], axis=1)[:, t:],
-                       np.concatenate([history.dead, dead], axis=1)[:, t:], history.length + t)
+    b, t = ids.shape
+    n = np.full(b, t, np.int64) if n_valid is None else np.asarray(n_valid, np.int64)
+    h = history.ids.shape[1]  # keep each row's last max_ngram-1 columns of history ++ its valid tokens
+    cols = n[:, None] + np.arange(h)  # [B, h]: in history ++ call, the h columns before column h + n
+    take = lambda a: np.take_along_axis(a, cols, axis=1)  # noqa: E731
+    return HashHistory(take(np.concatenate([history.ids, ids], axis=1)),
+                       take(np.concatenate([history.dead, dead], axis=1)), history.length + n)
 
 
 # --------------------------------------------------------------------------------------------------

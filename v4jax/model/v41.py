@@ -179,16 +179,21 @@ class Compressor(nnx.Module):
         self.norm = RMSNorm(c, cfg.norm_eps, "head_dim", rngs=rngs)
         self.ratio = ratio
 
-    def __call__(self, x: jax.Array, start: jax.Array | None = None, state: LayerState | None = None):
+    def __call__(self, x: jax.Array, start: jax.Array | None = None, state: LayerState | None = None,
+                 count: jax.Array | None = None):
         """x [B, T, d]. Without a state (positions 0..T-1): latents [B, T // m, c] (a trailing partial
-        group pools nothing). With one (positions start + j, start [B]): (latents [B, G, c], their group
-        ids [B, G] (out of range: not complete in this call), values ring, logits ring) over the G
-        windows the open group and the new tokens span."""
+        group pools nothing). With one (positions start + j, start [B]; each row's first `count` [B]
+        tokens its own, the rest right padding): (latents [B, G, c], their group ids [B, G] (out of
+        range: not complete in this call), values ring, logits ring) over the G windows the open group
+        and the new tokens span."""
         B, T, _ = x.shape
         m = self.ratio
         if self.wgate is None:  # ratio 1: a latent per token, no state
             latents = self.norm(self.wkv(x))  # [B, T, c]
-            return latents if state is None else (latents, start[:, None] + jnp.arange(T), None, None)
+            if state is None:
+                return latents
+            j = jnp.arange(T)[None, :]
+            return latents, jnp.where(j < count[:, None], start[:, None] + j, jnp.iinfo(jnp.int32).max), None, None
         x32 = x.astype(jnp.float32)
         new_v, new_l = self.wkv(x32, jnp.float32), self.wgate(x32, jnp.float32)  # [B, T, c]
         if state is None:
@@ -205,11 +210,10 @@ class Compressor(nnx.Module):
         if state is None:
             return latents
         k = jnp.arange(n)[None, :]
-        done = ((k + 1) * m > offset[:, None]) & ((k + 1) * m <= (offset + T)[:, None])  # completed by a new token
+        done = ((k + 1) * m > offset[:, None]) & ((k + 1) * m <= (offset + count)[:, None])  # completed by a new token
         groups = jnp.where(done, base[:, None] // m + k, jnp.iinfo(jnp.int32).max)
-        full = jnp.full((B,), T, jnp.int32)
-        return (latents, groups, ring_write(state.values, new_v, start, full),
-                ring_write(state.logits, new_l, start, full))
+        return (latents, groups, ring_write(state.values, new_v, start, count),
+                ring_write(state.logits, new_l, start, count))
 
 
 class Indexer(nnx.Module):
@@ -276,10 +280,11 @@ class Attention(nnx.Module):
         self.cfg, self.options = cfg, options
 
     def __call__(self, x: jax.Array, shared: Shared, positions: jax.Array, state: LayerState | None = None,
-                 traces: bool = False):
+                 traces: bool = False, count: jax.Array | None = None):
         """x [B, T, d] (attn_norm-ed) at positions [B, T] (0..T-1 without a state) -> (out [B, T, d],
         what later layers read, the layer's updated state | None, IndexerTraces | None: an index source's
-        KL-loss inputs on request, architecture.md §12.10)."""
+        KL-loss inputs on request, architecture.md §12.10). count [B] (with a state): each row's first
+        `count` tokens enter the cache, the rest are right padding."""
         cfg, m = self.cfg, self.ratio
         B, T, _ = x.shape
         inv_freq = _rope_table(cfg, m)
@@ -289,7 +294,7 @@ class Attention(nnx.Module):
         entries = topk = trace = None
         if m:
             if self.compressor is not None:  # a KV source: its entries (and index keys) serve its group
-                shared, state = self._compress(x, shared, positions, state, inv_freq)
+                shared, state = self._compress(x, shared, positions, state, inv_freq, count)
             entries = shared.entries
             if self.indexer is not None:  # an index source: score, pick, publish
                 topk, candidates, scores = self._select(x, cq, shared, positions, inv_freq)
@@ -307,7 +312,7 @@ class Attention(nnx.Module):
         else:  # the new tokens' own window through the core's band, the past as index lists
             past, idx = past_indices(state.window, entries, topk, positions, m)
             o = core(q, kv, self.sinks[...], cfg.window_size, past, idx, m, self.options.attention_chunk)
-            state = state._replace(window=ring_write(state.window, kv, positions[:, 0], jnp.full((B,), T, jnp.int32)))
+            state = state._replace(window=ring_write(state.window, kv, positions[:, 0], count))
         return self.project_out(o, positions, inv_freq, x.dtype), shared, state, trace
 
     def project_out(self, o: jax.Array, positions: jax.Array, inv_freq, dtype) -> jax.Array:
@@ -319,7 +324,7 @@ class Attention(nnx.Module):
         u = jnp.einsum("gni,gio->gno", o, self.wo_a[...].astype(o.dtype), preferred_element_type=jnp.float32)
         return self.wo_b(jnp.moveaxis(u, 0, 1).astype(dtype).reshape(B, T, -1))
 
-    def _compress(self, x, shared: Shared, positions, state: LayerState | None, inv_freq):
+    def _compress(self, x, shared: Shared, positions, state: LayerState | None, inv_freq, count=None):
         """A KV source's entries and index keys (the whole call's, or the cache's buffers with the groups
         this call completes written in) published for its group."""
         m = self.ratio
@@ -330,7 +335,7 @@ class Attention(nnx.Module):
             key_in = jax.lax.stop_gradient(latents) if self.options.indexer_detach else latents
             return shared._replace(entries=apply_rope(latents, first, inv_freq),
                                    index_keys=self.indexer.keys(key_in, first, inv_freq)), None
-        latents, groups, values, logits = self.compressor(x, positions[:, 0], state)  # groups [B, G]
+        latents, groups, values, logits = self.compressor(x, positions[:, 0], state, count)  # groups [B, G]
         first = m * jnp.where(groups < state.entries.shape[1], groups, 0)  # [B, G]: each group's first token
         entries = apply_rope(latents, first, inv_freq).astype(state.entries.dtype)
         keys = self.indexer.keys(latents, first, inv_freq).astype(state.index_keys.dtype)
@@ -479,12 +484,12 @@ class Block(nnx.Module):
         self.engram = Engram(cfg, rows, rngs=rngs, options=options) if engram else None
 
     def __call__(self, streams, pre, shared: Shared, image, positions, state: LayerState | None = None,
-                 traces: bool = False):
+                 traces: bool = False, count: jax.Array | None = None):
         """streams [B, T, n_hc, d]; pre [B, T, n_hc] from the previous sublayer -> (streams, the pre
         for the next block's attention, shared, the layer's state | None, RoutingStats [B, E],
-        IndexerTraces | None)."""
+        IndexerTraces | None). count [B]: the tokens of each row that enter the cache."""
         def attend(x):
-            out, new_shared, new_state, trace = self.attn(x, shared, positions, state, traces)
+            out, new_shared, new_state, trace = self.attn(x, shared, positions, state, traces, count)
             return out, (new_shared, new_state, trace)
 
         streams, pre, (shared, state, trace), routing = preshift_sublayers(self, streams, pre, attend, image)
@@ -500,6 +505,7 @@ class Context(NamedTuple):
     engram_ids: jax.Array | None  # [B, T, n_engram_layers, cols]
     keep_hidden: bool
     traces: bool = False  # index sources return their IndexerTraces
+    count: jax.Array | None = None  # [B] (cached calls): each row's tokens that enter the cache
 
 
 def _settle(fn, carry, xs):
@@ -562,7 +568,7 @@ class Segment(nnx.Module):
             if target:
                 feature = jnp.mean(streams.astype(jnp.float32), axis=2)  # [B, T, d]
             streams, pre, shared, state, stats, trace = block(streams, pre, shared, ctx.image, ctx.positions, state,
-                                                              ctx.traces)
+                                                              ctx.traces, ctx.count)
             return (streams, pre, shared), (streams if ctx.keep_hidden else None, feature, engram_in, stats, trace,
                                             state)
 
@@ -654,20 +660,20 @@ class DSparkStage(nnx.Module):
         self.confidence = Linear(d + r, 1, (None, None), param_dtype=jnp.float32, rngs=rngs) if last else None
         self.cfg = cfg
 
-    def attend(self, x: jax.Array | None, main_x: jax.Array, ring: jax.Array, start: jax.Array):
-        """Write the main tokens' KV (main_x [B, S, d] at positions start + j) into the ring; with a
-        draft block x [B, bs, d] (positions after the last main token), attend over the ring and the
-        block. -> (out [B, bs, d] | None, ring)."""
+    def attend(self, x: jax.Array | None, main_x: jax.Array, ring: jax.Array, start: jax.Array, count: jax.Array):
+        """Write the main tokens' KV (main_x [B, S, d] at positions start + j, each row's first `count`)
+        into the ring; with a draft block x [B, bs, d] (positions after the last main token), attend over
+        the ring and the block. -> (out [B, bs, d] | None, ring)."""
         a, cfg = self.attn, self.cfg
         inv_freq = _rope_table(cfg, 0)
         B, S, _ = main_x.shape
         main_pos = start[:, None] + jnp.arange(S, dtype=jnp.int32)
         ring = ring_write(ring, apply_rope(a.kv_norm(a.wkv(main_x)), main_pos, inv_freq).astype(ring.dtype),
-                          start, jnp.full((B,), S, jnp.int32))
+                          start, count)
         if x is None:
             return None, ring
         bs, W = x.shape[1], ring.shape[1]
-        newest = main_pos[:, -1]  # [B]
+        newest = start + count - 1  # [B]: the last main token's position
         pos = newest[:, None] + 1 + jnp.arange(bs, dtype=jnp.int32)  # [B, bs]
         q = apply_rope(a.wq_b(a.q_norm(a.wq_a(x)), heads=cfg.n_heads), pos[..., None], inv_freq)
         kv = apply_rope(a.kv_norm(a.wkv(x)), pos, inv_freq)  # [B, bs, c]
@@ -742,24 +748,32 @@ class V41Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, engram_ids: jax.Array | None = None, image: jax.Array | None = None,
                  embeddings: jax.Array | None = None, cache: V41Cache | None = None,
-                 return_hidden_states: bool = True, return_indexer_traces: bool = False) -> V41Output:
+                 return_hidden_states: bool = True, return_indexer_traces: bool = False,
+                 n_valid: jax.Array | None = None) -> V41Output:
         """tokens [B, T]: from position 0, or with a cache at each row's cache.lengths (prefill into an
         empty cache, decode, chunks). engram_ids [B, T, n_engram_layers, cols] (host-computed hash rows,
         `engram_hash`, with the history for a cached call); image [B, T] bool: image-span positions
         (bias_vl, Engram gate 0); embeddings [B, T, d] or None: the input embeddings with the image
         spans already placed (`embed_prompt`). return_hidden_states=False: no per-layer streams (a
         training step keeps only what its backward needs); return_indexer_traces: each index source's
-        KL-loss inputs (V41Output.indexer, architecture.md §12.10), stateless calls only."""
+        KL-loss inputs (V41Output.indexer, architecture.md §12.10), stateless calls only. n_valid [B]
+        (with a cache): each row's first n_valid tokens are its own and enter the cache, the rest are
+        right padding (rows of several lengths in one call; a row with 0 is left as it was); their
+        outputs are computed and meaningless."""
         cfg = self.cfg
         B, T = tokens.shape
+        if n_valid is not None and cache is None:
+            raise ValueError("n_valid is for cached calls (right-padded rows entering a cache)")
         start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+        count = None if cache is None else (jnp.full((B,), T, jnp.int32) if n_valid is None else
+                                            jnp.asarray(n_valid, jnp.int32))
         positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
         if cfg.engram_layer_ids and engram_ids is None:
             raise ValueError(f"this model has Engram layers {list(cfg.engram_layer_ids)}: pass engram_ids "
                              f"[B, T, {len(cfg.engram_layer_ids)}, cols] (v4jax.model.engram_hash)")
         e = self.embed(tokens, jnp.dtype(self.options.dtype)) if embeddings is None else embeddings  # [B, T, d]
         ctx = Context(positions, image, None if image is None else ~image, engram_ids, return_hidden_states,
-                      return_indexer_traces)
+                      return_indexer_traces, count)
         carry = (*widen(e, cfg.hc_mult), Shared())  # streams [B, T, n_hc, d], one-hot pre
         per_layer: dict[int, tuple] = {}  # layer -> (streams, DSpark target, Engram input, stats, indexer traces)
         states = []
@@ -777,7 +791,7 @@ class V41Transformer(nnx.Module):
         logits = self.head(h, jnp.float32)
         ordered = [per_layer[i] for i in range(cfg.n_layers)]
         targets = [t for _, t, *_ in ordered if t is not None]
-        new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + T, layers=tuple(states))
+        new_cache = None if cache is None else dataclasses.replace(cache, lengths=start + count, layers=tuple(states))
         routing = jax.tree.map(lambda *a: jnp.stack(a), *(r for *_, r, _ in ordered))
         indexer = tuple(t for *_, t in ordered if t is not None) if return_indexer_traces else None
         return V41Output(logits, tuple(h for h, *_ in ordered) if return_hidden_states else None,
@@ -795,16 +809,19 @@ class V41Transformer(nnx.Module):
                     return nnx.merge(graphdef, jax.tree.map(lambda a: a[idx], state))
         raise IndexError(f"layer {layer} out of range: the model has {self.cfg.n_layers}")
 
-    def draft(self, features: jax.Array, cache: V41Cache, token: jax.Array | None = None):
+    def draft(self, features: jax.Array, cache: V41Cache, token: jax.Array | None = None,
+              n_valid: jax.Array | None = None):
         """DSpark (architecture.md §12.8). features [B, S, n_targets * d]: `V41Output.target_features` of
         the main tokens at positions cache.dspark_lengths + j (a prefill's, or one decode step's); their
         KV enters every stage's ring. With `token` [B] (the token just sampled after them) the stages
-        draft a block [token, noise...] and return a Draft. -> (Draft | None, cache)."""
+        draft a block [token, noise...] and return a Draft. n_valid [B]: each row's features are its first
+        n_valid (a right-padded prefill's). -> (Draft | None, cache)."""
         cfg, stages = self.cfg, self.dspark
         if not stages:
             raise ValueError("this model has no DSpark stages (n_mtp_layers = 0)")
         B, S, _ = features.shape
         start = cache.dspark_lengths
+        count = jnp.full((B,), S, jnp.int32) if n_valid is None else jnp.asarray(n_valid, jnp.int32)
         main_x = stages[0].main_norm(stages[0].main_proj(features.astype(jnp.dtype(self.options.dtype))))  # [B, S, d]
         rings, h, pre = list(cache.dspark), None, None
         if token is not None:
@@ -813,11 +830,12 @@ class V41Transformer(nnx.Module):
             h, pre = widen(self.embed(block, jnp.dtype(self.options.dtype)), cfg.hc_mult)  # [B, bs, n_hc, d]
         for k, stage in enumerate(stages):
             if h is None:
-                _, rings[k] = stage.attend(None, main_x, rings[k], start)
+                _, rings[k] = stage.attend(None, main_x, rings[k], start, count)
             else:  # drafts are text: no bias_vl
                 h, pre, rings[k], _ = preshift_sublayers(
-                    stage, h, pre, lambda x, ring=rings[k], stage=stage: stage.attend(x, main_x, ring, start), None)
-        cache = dataclasses.replace(cache, dspark=tuple(rings), dspark_lengths=start + S)
+                    stage, h, pre, lambda x, ring=rings[k], stage=stage: stage.attend(x, main_x, ring, start, count),
+                    None)
+        cache = dataclasses.replace(cache, dspark=tuple(rings), dspark_lengths=start + count)
         if h is None:
             return None, cache
         last = stages[-1]
