@@ -424,12 +424,13 @@ def run_v41(args) -> int:
     from v4jax.io.restore import load_model
     from v4jax.model.v41 import Image
 
-    for flag, used in (("--slots (continuous batching)", args.slots is not None),
-                       ("--numerics release", args.numerics != "exact")):
-        if used:
-            raise InferError(f"{flag} is not supported for DeepSeek-V4.1 checkpoints yet (generation, greedy "
-                             "or sampled, plain or --speculative, over --prompt / --prompt-ids / --prompts-file, "
-                             "with --prefill-chunk)")
+    if args.numerics != "exact":
+        raise InferError("--numerics release is not supported for DeepSeek-V4.1 checkpoints yet (generation, greedy "
+                         "or sampled, plain or --speculative, over --prompt / --prompt-ids / --prompts-file, "
+                         "with --prefill-chunk or --slots)")
+    if args.slots is not None and (args.slots < 1 or args.speculative or args.image or args.prompt is not None):
+        raise InferError("--slots must be a positive integer, with --prompts-file or --prompt-ids, without "
+                         "--speculative or --image")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise InferError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     from v4jax.io.restore import Kind, _train_step_dir, detect, train_run_config
@@ -461,11 +462,27 @@ def run_v41(args) -> int:
                         mtp=True if args.speculative else False, mesh=mesh, rules=rules)
     print(f"loaded DeepSeek-V4.1 {loaded.kind.value} checkpoint {args.checkpoint}"
           + (f" on mesh {args.mesh} ({rules.name} rules)" if mesh is not None else ""), file=sys.stderr)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.slots is not None or (args.prompts_file is not None and not args.speculative and not images):
+        from v4jax.inference.generate_v41 import serve_v41
+
+        slots, t0, produced = args.slots or min(4, len(prompts)), time.perf_counter(), 0
+        for index, ids in serve_v41(loaded.model, prompts, args.max_new_tokens, token_map, slots=slots,
+                                    stop_tokens=stop, sampling=sampling, seed=args.seed, max_len=args.max_len,
+                                    mesh=mesh, rules=rules):
+            produced += len(ids)
+            ids = ids[:-1] if ids[-1] in stop else ids
+            print(f"[{index}] " + (tok.decode(ids) if tok else " ".join(map(str, ids))), flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"served {len(prompts)} prompts over {slots} slots: {sum(map(len, prompts))} prompt + {produced} new "
+              f"tokens in {seconds:.2f} s ({produced / seconds:.1f} new tokens/s, includes compilation)",
+              file=sys.stderr)
+        return 0
     t0 = time.perf_counter()
     got = generate_v41(loaded.model, prompts, args.max_new_tokens, token_map,  # rows of any lengths, right-padded
                        draft=args.speculative, max_len=args.max_len, mesh=mesh, rules=rules, seed=args.seed,
                        prefill_chunk=args.prefill_chunk, stop_tokens=stop,
-                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                       sampling=sampling,
                        images=tuple(Image(0, s, p, g) for (p, g), s in zip(images, starts)) if images else ())
     steps, accepted = got.steps, got.accepted
     outputs = {i: list(map(int, got.tokens[i])) for i in range(len(prompts))}

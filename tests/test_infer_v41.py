@@ -75,8 +75,8 @@ def test_a_prompts_file_of_mixed_lengths_gives_each_prompt_its_own_tokens(checkp
               "--max-new-tokens", "4", "--dtype", "float32"]
     code, out, err = _run(capsys, *common, "--prompts-file", str(tmp_path / "prompts.txt"))
     assert code == 0, err
-    lines = out.splitlines()
-    assert [line[:4] for line in lines] == ["[0] ", "[1] "]
+    lines = sorted(out.splitlines())  # served over 2 slots (continuous batching): printed as each finishes
+    assert [line[:4] for line in lines] == ["[0] ", "[1] "] and "served 2 prompts over 2 slots" in err
     for i, text in enumerate(prompts):
         code, alone, err = _run(capsys, *common, "--prompt", text)
         assert code == 0, err
@@ -84,7 +84,8 @@ def test_a_prompts_file_of_mixed_lengths_gives_each_prompt_its_own_tokens(checkp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--slots", "2"], "--slots (continuous batching) is not supported"),
+    (["--slots", "0"], "--slots must be a positive integer"),
+    (["--slots", "2", "--speculative"], "without --speculative"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be a positive number of tokens, got 0"),
     (["--image", "/nonexistent/pic.png"], "/nonexistent/pic.png"),
     ([], "needs the release's tokenizer.json"),  # no --engram-token-map and no tokenizer

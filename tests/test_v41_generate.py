@@ -9,7 +9,7 @@ from flax import nnx
 
 from v4jax.config import RunOptions
 from v4jax.config_v41 import V41Config
-from v4jax.inference.generate_v41 import generate_v41
+from v4jax.inference.generate_v41 import generate_v41, serve_v41
 from v4jax.model.v41 import V41Transformer
 
 from v41_fixtures import FIXTURES, needs_fixtures  # noqa: E402  (tests/v41_fixtures.py)
@@ -65,7 +65,8 @@ def test_generation_ends_once_every_row_has_emitted_a_stop_token(model):
 def test_prompts_of_several_lengths_decode_together_each_as_alone(model):
     """Rows of several lengths, right-padded into one batch (the padding kept out of every cache, the
     Engram history and the DSpark rings), give each row the tokens it gets alone: plain, speculative,
-    and prefilled in chunks that end inside some rows' padding."""
+    and prefilled in chunks that end inside some rows' padding; and served over two slots (continuous
+    batching, a slot reused once its prompt stops), each prompt its tokens alone up to its stop."""
     prompt = np.load(os.path.join(FIXTURES, "input_ids.npy"))
     token_map = np.load(os.path.join(FIXTURES, "engram_token_map.npy"))
     prompts = [prompt[0].tolist(), prompt[1, :-5].tolist(), prompt[0, :4].tolist()]
@@ -74,6 +75,12 @@ def test_prompts_of_several_lengths_decode_together_each_as_alone(model):
         got = generate_v41(model, prompts, 6, token_map, draft=draft, prefill_chunk=chunk)
         for row, want in zip(got.tokens, alone):
             np.testing.assert_array_equal(row, want)
+    # continuous batching: two slots, the prompt that stops first frees its slot for the next one
+    stop = int(alone[1][2])
+    want = {i: a[:next((k + 1 for k, t in enumerate(a) if t == stop), len(a))].tolist() for i, a in enumerate(alone)}
+    assert len(want[1]) == 3 and len(want[0]) > 3  # the second prompt stops early: the third takes its slot
+    got = dict(serve_v41(model, prompts, 6, token_map, slots=2, stop_tokens=[stop]))
+    assert got == want
 
 
 def test_bad_requests_are_refused(model):

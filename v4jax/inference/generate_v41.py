@@ -291,3 +291,97 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         stopped |= np.isin(np.stack(generated[-1 - n:], axis=1), stop).any(axis=1)
         steps, accepted = steps + 1, accepted + n
     return V41Generation(np.stack(generated[:max_new], axis=1), steps, accepted)
+
+
+def serve_v41(model: V41Transformer, prompts, max_new: int, token_map: np.ndarray | None = None, *, slots: int,
+              stop_tokens=(), sampling: Sampling = Sampling(), seed: int = 0, max_len: int | None = None,
+              mesh=None, rules=None):
+    """Continuous batching for V4.1 (architecture.md §12.7): `slots` sequences decode together; when one
+    finishes (a stop token or `max_new` tokens) its slot takes the next waiting prompt. Yields (prompt
+    index, generated ids, the stop token included) as each prompt finishes. A prompt gets the tokens
+    `generate_v41([prompt], seed=seed, ...)` gives it alone.
+
+    Every call is right-padded (`n_valid`): the prompts that enter free slots are prefilled together,
+    padded to the longest prompt (one compiled prefill), the other slots passing 0 tokens; a decode step
+    feeds one token to each busy slot and 0 to an idle one. A slot is reused by setting its lengths to 0:
+    what its cache still holds lies past the new sequence's positions and is never read (the window's
+    past keys are those below the row's start, the entries those its positions have completed, the DSpark
+    ring's those up to its newest main token); the host's Engram history of the slot starts empty."""
+    import dataclasses
+    from collections import deque
+
+    cfg = model.cfg
+    prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be a positive integer, got {slots!r}")
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("every prompt needs at least one token")
+    if cfg.engram_layer_ids and token_map is None:
+        raise ValueError("this model has Engram layers: pass token_map (engram_hash.token_map_from_tokenizer)")
+    if (mesh is None) != (rules is None):
+        raise ValueError("serve_v41: mesh and rules go together")
+    sampling.validate(cfg.vocab_size)
+    P = max(len(p) for p in prompts)
+    max_len = max_len or P + max_new + 1
+    if P + max_new > max_len or max_len > cfg.max_seq_len:
+        raise ValueError(f"prompt {P} + {max_new} new tokens need {P + max_new} positions; max_len is {max_len}, "
+                         f"max_seq_len {cfg.max_seq_len}")
+    params = sampling.as_arrays() if sampling.temperature > 0 else sampling
+    base = jax.random.key(seed)  # each slot draws as row 0 of a batch of its own prompt does
+
+    @jax.jit
+    def choose(logits, position):
+        keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.fold_in(base, 0), t))(position)
+        return sample(logits, keys, params)
+
+    def run():
+        step = model_jit(model, lambda m, t, e, c, n: m(t, e, cache=c, return_hidden_states=False, n_valid=n), mesh)
+        cache = init_v41_cache(cfg, slots, max_len)
+        if mesh is not None:
+            cache = jax.device_put(cache, v41_cache_shardings(cache, mesh, rules))
+        engram = engram_state(cfg, token_map, slots)
+        stop = np.asarray(sorted({int(t) for t in stop_tokens}), np.int64)
+        waiting, busy = deque(enumerate(prompts)), {}  # slot -> (prompt index, ids so far)
+        token = np.zeros(slots, np.int64)
+        while waiting or busy:
+            free = [s for s in range(slots) if s not in busy][:len(waiting)]
+            if free:  # the next prompts enter the free slots, prefilled together
+                tokens, n = np.zeros((slots, P), np.int64), np.zeros(slots, np.int64)
+                for s in free:
+                    i, p = waiting.popleft()
+                    tokens[s, :len(p)], n[s], busy[s] = p, len(p), (i, [])
+                reset = jnp.asarray(np.isin(np.arange(slots), free))
+                cache = dataclasses.replace(cache, lengths=jnp.where(reset, 0, cache.lengths),
+                                            dspark_lengths=jnp.where(reset, 0, cache.dspark_lengths))
+                if engram is not None:
+                    fresh = empty_history(slots, engram_layout(cfg))
+                    engram = engram._replace(history=type(fresh)(*(np.where(
+                        np.isin(np.arange(slots), free).reshape((-1,) + (1,) * (a.ndim - 1)), f, a)
+                        for f, a in zip(fresh, engram.history))))
+                rows, engram = engram_rows(model, engram, tokens, None, n)
+                out = step(jnp.asarray(tokens, jnp.int32), rows, cache, jnp.asarray(n, jnp.int32))
+                cache = out.cache
+                first = np.asarray(choose(out.logits[jnp.arange(slots), jnp.asarray(np.maximum(n - 1, 0))],
+                                          cache.lengths))
+                token = np.where(n > 0, first, token)
+            else:  # one token for every busy slot
+                n = np.array([1 if s in busy else 0 for s in range(slots)], np.int64)
+                rows, engram = engram_rows(model, engram, token[:, None], None, n)
+                out = step(jnp.asarray(token[:, None], jnp.int32), rows, cache, jnp.asarray(n, jnp.int32))
+                cache = out.cache
+                token = np.where(n > 0, np.asarray(choose(out.logits[:, 0], cache.lengths)), token)
+            for s in sorted(busy):  # the token each busy slot just produced
+                if s in busy and (not free or s in free):
+                    i, ids = busy[s]
+                    ids.append(int(token[s]))
+                    if len(ids) >= max_new or np.isin(token[s], stop):
+                        del busy[s]
+                        yield i, ids
+
+    if mesh is None:
+        yield from run()
+        return
+    from sharding.context import use_mesh_rules
+
+    with use_mesh_rules(mesh, rules):
+        yield from run()
