@@ -20,6 +20,7 @@ their features.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import os
@@ -50,14 +51,37 @@ class V41Generation(NamedTuple):
     accepted: int  # drafted tokens accepted in all
 
 
-def model_jit(model: V41Transformer, fn, mesh=None):
+_JITTED: "OrderedDict[tuple, object]" = OrderedDict()  # (graphdef, name, mesh) -> jitted, the newest last
+_JITTED_KEEP = 16
+
+
+def model_jit(model: V41Transformer, fn, mesh=None, name: str | None = None):
     """fn(model, *args) jitted over the model's state (split once, passed to every call) with the mesh's
     XLA options (`sharding.mesh.compiler_options`: on TPU the expert exchange's all-to-alls run
-    asynchronously, overlapping the experts). -> f(*args)."""
+    asynchronously, overlapping the experts). -> f(*args). name: reuse the function jitted under this name
+    for a model of the same structure and mesh (its compiled programs too: a later generation call with
+    the same shapes compiles nothing); fn must then depend on nothing but its arguments."""
     graphdef, state = nnx.split(model)
-    jitted = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
-                     compiler_options=compiler_options(mesh))
+    key = None if name is None else (graphdef, name, mesh)
+    jitted = None if key is None else _JITTED.get(key)
+    if jitted is None:
+        jitted = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
+                         compiler_options=compiler_options(mesh))
+        if key is not None:
+            _JITTED[key] = jitted
+            while len(_JITTED) > _JITTED_KEEP:
+                _JITTED.popitem(last=False)
+    else:
+        _JITTED.move_to_end(key)
     return lambda *args: jitted(state, *args)
+
+
+def _forward(m: V41Transformer, tokens, rows, cache):
+    return m(tokens, rows, cache=cache, return_hidden_states=False)
+
+
+def _padded(m: V41Transformer, tokens, rows, cache, n_valid):  # right-padded rows (§12.7)
+    return m(tokens, rows, cache=cache, return_hidden_states=False, n_valid=n_valid)
 
 
 def engram_state(cfg, token_map: np.ndarray | None, batch: int) -> Engram | None:
@@ -221,9 +245,8 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     if max_len > cfg.max_seq_len:
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
     engram = engram_state(cfg, token_map, B)
-    forward = model_jit(model, lambda m, t, e, c: m(t, e, cache=c, return_hidden_states=False), mesh)
-    padded = model_jit(model, lambda m, t, e, c, n: m(t, e, cache=c, return_hidden_states=False, n_valid=n), mesh)
-    drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh)
+    forward = model_jit(model, _forward, mesh, "forward")
+    drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh, "draft")
 
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
     for img in images:
@@ -247,7 +270,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
         if images:
             out = embedded(tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
         elif ragged:
-            out = padded(tokens[:, lo:hi], rows, cache, jnp.asarray(n, jnp.int32))
+            out = model_jit(model, _padded, mesh, "padded")(tokens[:, lo:hi], rows, cache, jnp.asarray(n, jnp.int32))
         else:
             out = forward(tokens[:, lo:hi], rows, cache)
         cache = out.cache
@@ -270,7 +293,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
             steps += 1
             continue
         if ragged and steps == 0:  # the prompt's features: each row's own, the padding left out
-            d, cache = model_jit(model, lambda m, f, c, t, n: m.draft(f, c, t, n), mesh)(
+            d, cache = model_jit(model, lambda m, f, c, t, n: m.draft(f, c, t, n), mesh, "draft_padded")(
                 features, cache, token, jnp.asarray(lengths, jnp.int32))
         else:
             d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
@@ -335,7 +358,7 @@ def serve_v41(model: V41Transformer, prompts, max_new: int, token_map: np.ndarra
         return sample(logits, keys, params)
 
     def run():
-        step = model_jit(model, lambda m, t, e, c, n: m(t, e, cache=c, return_hidden_states=False, n_valid=n), mesh)
+        step = model_jit(model, _padded, mesh, "padded")
         cache = init_v41_cache(cfg, slots, max_len)
         if mesh is not None:
             cache = jax.device_put(cache, v41_cache_shardings(cache, mesh, rules))
