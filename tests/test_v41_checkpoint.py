@@ -313,3 +313,23 @@ def test_sharded_generation_gives_the_official_tokens(tmp_path, monkeypatch, axe
         got = generate_v41(model, load("input_ids.npy"), want.shape[1], token_map, draft=draft, mesh=mesh, rules=rules)
         np.testing.assert_array_equal(got.tokens, want)
     assert len(asked) == 2 and all(m is mesh for m in asked)  # forward and drafter, jitted once for both calls
+
+
+@pytest.mark.slow
+def test_continuous_batching_over_a_mesh_gives_each_prompt_its_tokens(tmp_path):
+    """`serve_v41` with the model and the slots' cache over data=2 x fsdp=2 x expert=2: three prompts of
+    several lengths over two slots (one reused) get the tokens the unsharded model gives them."""
+    from sharding.mesh import make_mesh
+    from sharding.rules import get_rules
+    from v4jax.inference.generate_v41 import serve_v41
+    from v4jax.io.restore import load_model
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    path, ids, token_map = _directory(tmp_path, "ck"), load("input_ids.npy"), load("engram_token_map.npy")
+    prompts = [ids[0].tolist(), ids[1, :-5].tolist(), ids[0, :4].tolist()]
+    want = dict(serve_v41(load_model(path, dtype="float32").model, prompts, 5, token_map, slots=2))
+    mesh, rules = make_mesh("data=2,fsdp=2,expert=2"), get_rules("fsdp_ep")
+    model = load_model(path, mesh=mesh, rules=rules, dtype="float32").model
+    got = dict(serve_v41(model, prompts, 5, token_map, slots=2, mesh=mesh, rules=rules))
+    assert got == want and sorted(got) == [0, 1, 2]
