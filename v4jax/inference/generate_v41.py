@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sharding.context import active
 from sharding.mesh import compiler_options
 from v4jax.inference.generate import Sampling, row_keys, sample, speculative_tokens
 from v4jax.model.engram_hash import (advance_history, compressed_ids, empty_history, engram_layout, ngram_hash_ids,
@@ -51,7 +52,7 @@ class V41Generation(NamedTuple):
     accepted: int  # drafted tokens accepted in all
 
 
-_JITTED: "OrderedDict[tuple, object]" = OrderedDict()  # (graphdef, name, mesh) -> jitted, the newest last
+_JITTED: "OrderedDict[tuple, object]" = OrderedDict()  # (graphdef, name, mesh, rules) -> jitted, newest last
 _JITTED_KEEP = 16
 
 
@@ -62,7 +63,7 @@ def model_jit(model: V41Transformer, fn, mesh=None, name: str | None = None):
     for a model of the same structure and mesh (its compiled programs too: a later generation call with
     the same shapes compiles nothing); fn must then depend on nothing but its arguments."""
     graphdef, state = nnx.split(model)
-    key = None if name is None else (graphdef, name, mesh)
+    key = None if name is None else (graphdef, name, mesh, active())  # traced under the active rules
     jitted = None if key is None else _JITTED.get(key)
     if jitted is None:
         jitted = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
