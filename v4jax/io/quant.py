@@ -191,6 +191,17 @@ def quant_fp8_block(w, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.view(UE8M0_DTYPE)
 
 
+def _row_scales(x: np.ndarray, block: int, fmt_max: float, fmt_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """x [r, n] float32 -> (the canonical UE8M0 bytes [r, ceil(n/block)] of each row's blocks of `block`
+    columns, their inverses as float32: exact powers of two)."""
+    nb = _cdiv(x.shape[1], block)
+    a = np.abs(x)
+    if nb * block != x.shape[1]:
+        a = np.pad(a, ((0, 0), (0, nb * block - x.shape[1])))
+    s = _pow2_scale(a.reshape(a.shape[0], nb, block).max(axis=2), fmt_max, fmt_dtype)
+    return s, ue8m0_to_float(np.uint8(254) - s)
+
+
 def quant_fp8_rows(w, block: int) -> tuple[np.ndarray, np.ndarray]:
     """[rows, cols] floats -> (E4M3 codes [rows, cols], UE8M0 scales [rows, ceil(cols/block)]): one scale per
     `block` columns of each row (1 x block blocks: the V4.1 release's Engram tables), chosen as for the
@@ -198,21 +209,14 @@ def quant_fp8_rows(w, block: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(w)
     _check_2d(w, "FP8 row-block input")
     rows, cols = w.shape
-    nb = _cdiv(cols, block)
-    pad = nb * block - cols
     q = np.empty((rows, cols), FP8_DTYPE)
-    scale = np.empty((rows, nb), np.uint8)
+    scale = np.empty((rows, _cdiv(cols, block)), np.uint8)
     step = max(1, (1 << 22) // max(cols, 1))
     for r0 in range(0, rows, step):
         part = slice(r0, r0 + step)
         x = w[part].astype(np.float32)
         _check_finite(x, "FP8 row-block input")
-        a = np.abs(x)
-        if pad:
-            a = np.pad(a, ((0, 0), (0, pad)))
-        s = _pow2_scale(a.reshape(a.shape[0], nb, block).max(axis=2), FP8_MAX, FP8_DTYPE)
-        scale[part] = s
-        inv = ue8m0_to_float(np.uint8(254) - s)  # 1/scale, exact
+        scale[part], inv = _row_scales(x, block, FP8_MAX, FP8_DTYPE)
         q[part] = np.clip(_scale_blocks(x, inv, block), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
     return q, scale.view(UE8M0_DTYPE)
 
@@ -269,21 +273,14 @@ def quant_fp4(w, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     out, fan_in = w.shape
     if fan_in % 2:
         raise QuantError(f"FP4 input needs an even number of columns to pack two per byte, got shape {(out, fan_in)}")
-    nb = _cdiv(fan_in, block)
-    pad = nb * block - fan_in
     packed = np.empty((out, fan_in // 2), np.uint8)
-    scale = np.empty((out, nb), np.uint8)
+    scale = np.empty((out, _cdiv(fan_in, block)), np.uint8)
     step = max(1, (1 << 22) // max(fan_in, 1))
     for r0 in range(0, out, step):
         rows = slice(r0, r0 + step)
         x = w[rows].astype(np.float32)
         _check_finite(x, "FP4 input")
-        a = np.abs(x)
-        if pad:
-            a = np.pad(a, ((0, 0), (0, pad)))
-        s = _pow2_scale(a.reshape(a.shape[0], nb, block).max(axis=2), FP4_MAX, ml_dtypes.float4_e2m1fn)
-        scale[rows] = s
-        inv = ue8m0_to_float(np.uint8(254) - s)  # 1/scale, exact
+        scale[rows], inv = _row_scales(x, block, FP4_MAX, ml_dtypes.float4_e2m1fn)
         c = np.clip(_scale_blocks(x, inv, block), -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
         packed[rows] = c[:, 0::2] | (c[:, 1::2] << 4)
     return packed.view(FP4_PACKED_DTYPE), scale.view(UE8M0_DTYPE)
