@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 host CPU devices for the sharding tests (set before jax initialises its backend); tests that do
 # not shard run on the first device as before.
@@ -40,3 +42,27 @@ def pytest_collection_modifyitems(config, items):
             src = ""
         if item.module.__name__ == "test_dryrun" or any(s in src for s in _NEEDS_LIBTPU):
             item.add_marker(pytest.mark.tpu)
+
+
+
+def _compilation_cache_settings():
+    import jax
+
+    return {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_compilation_cache():
+    """train.py's loop points JAX's persistent compilation cache at the run's cache directory for the rest of
+    the process. A test that trains in-process must not leave every later test of the session reading and
+    writing that cache (on a loaded host more compiles pass its 0.5 s threshold and get cached; reading one
+    back crashed a later V4.1 test with a segfault in the cache read)."""
+    before = _compilation_cache_settings()
+    yield
+    if _compilation_cache_settings() != before:
+        import jax
+        from jax._src import compilation_cache
+
+        for k, v in before.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
