@@ -51,18 +51,28 @@ def _compilation_cache_settings():
     return {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_compilation_cache():
-    """train.py's loop points JAX's persistent compilation cache at the run's cache directory for the rest of
-    the process. A test that trains in-process must not leave every later test of the session reading and
-    writing that cache (on a loaded host more compiles pass its 0.5 s threshold and get cached; reading one
-    back crashed a later V4.1 test with a segfault in the cache read)."""
-    before = _compilation_cache_settings()
-    yield
-    if _compilation_cache_settings() != before:
+_BASELINE: dict = {}  # the compilation cache settings the session started with
+
+
+def _restore_compilation_cache():
+    if _compilation_cache_settings() != _BASELINE:
         import jax
         from jax._src import compilation_cache
 
-        for k, v in before.items():
+        for k, v in _BASELINE.items():
             jax.config.update(k, v)
         compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_compilation_cache():
+    """train.py's loop points JAX's persistent compilation cache at the run's cache directory for the rest of
+    the process. A test (or a module fixture) that trains in-process must not leave the later tests of the
+    session reading and writing that cache (on a loaded host more compiles pass its 0.5 s threshold and get
+    cached; reading one back crashed a later V4.1 test in the cache read): every test starts and ends with
+    the session's own settings."""
+    if not _BASELINE:
+        _BASELINE.update(_compilation_cache_settings())
+    _restore_compilation_cache()
+    yield
+    _restore_compilation_cache()
