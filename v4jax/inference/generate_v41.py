@@ -77,10 +77,6 @@ def model_jit(model: V41Transformer, fn, mesh=None, name: str | None = None):
     return lambda *args: jitted(state, *args)
 
 
-def _forward(m: V41Transformer, tokens, rows, cache):
-    return m(tokens, rows, cache=cache, return_hidden_states=False)
-
-
 def _padded(m: V41Transformer, tokens, rows, cache, n_valid):  # right-padded rows (§12.7)
     return m(tokens, rows, cache=cache, return_hidden_states=False, n_valid=n_valid)
 
@@ -227,8 +223,7 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     cfg = model.cfg
     prompt, lengths = _right_padded(prompt)
     B, T = prompt.shape
-    ragged = bool((lengths < T).any())
-    if ragged and images:
+    if images and (lengths < T).any():
         raise ValueError("images go with prompts of one length (one row)")
     if images and not cfg.vision_n_layers:
         raise ValueError("this model has no vision tower (vision_n_layers = 0): it takes no images")
@@ -246,8 +241,12 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     if max_len > cfg.max_seq_len:
         raise ValueError(f"prompt {T} + {max_new} new tokens need {max_len} positions; max_seq_len is {cfg.max_seq_len}")
     engram = engram_state(cfg, token_map, B)
-    forward = model_jit(model, _forward, mesh, "forward")
-    drafter = model_jit(model, lambda m, f, c, t: m.draft(f, c, t), mesh, "draft")
+    padded = model_jit(model, _padded, mesh, "padded")  # the one step: prefill, decode, verification
+
+    def forward(t, e, c):  # every row's tokens its own
+        return padded(t, e, c, jnp.full((B,), t.shape[1], jnp.int32))
+
+    drafter = model_jit(model, lambda m, f, c, t, n: m.draft(f, c, t, n), mesh, "draft")
 
     spans = np.zeros(prompt.shape, bool)  # [B, T]: the image spans, delimiters included
     for img in images:
@@ -267,13 +266,11 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
     for lo in range(0, T, prefill_chunk or T):  # the prompt in calls of at most prefill_chunk tokens
         hi = min(T, lo + (prefill_chunk or T))
         n = np.clip(lengths - lo, 0, hi - lo)  # [B]: each row's tokens in this call (right padding after)
-        rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi], n if ragged else None)
+        rows, engram = engram_rows(model, engram, prompt[:, lo:hi], spans[:, lo:hi], n)
         if images:
             out = embedded(tokens[:, lo:hi], rows, cache, embeddings[:, lo:hi], image[:, lo:hi])
-        elif ragged:
-            out = model_jit(model, _padded, mesh, "padded")(tokens[:, lo:hi], rows, cache, jnp.asarray(n, jnp.int32))
         else:
-            out = forward(tokens[:, lo:hi], rows, cache)
+            out = padded(tokens[:, lo:hi], rows, cache, jnp.asarray(n, jnp.int32))
         cache = out.cache
         features.append(out.target_features)
         here = out.logits[jnp.arange(B), jnp.asarray(np.maximum(n - 1, 0))]  # [B, V]: each row's last token here
@@ -293,11 +290,9 @@ def _generate(model, prompt, max_new, token_map, draft, max_len, images, mesh, r
             stopped |= np.isin(generated[-1], stop)
             steps += 1
             continue
-        if ragged and steps == 0:  # the prompt's features: each row's own, the padding left out
-            d, cache = model_jit(model, lambda m, f, c, t, n: m.draft(f, c, t, n), mesh, "draft_padded")(
-                features, cache, token, jnp.asarray(lengths, jnp.int32))
-        else:
-            d, cache = drafter(features, cache, token)  # the rings take the features of the tokens so far
+        # the rings take the features of the tokens so far: the prompt's each row's own (padding left out)
+        seen = lengths if steps == 0 else np.full(B, features.shape[1])
+        d, cache = drafter(features, cache, token, jnp.asarray(seen, jnp.int32))
         candidate = np.asarray(d.ids)  # [B, 1 + k]: the token, then the drafts
         rows, _ = engram_rows(model, engram, candidate)
         verify = forward(jnp.asarray(candidate, jnp.int32), rows, cache)  # scored, its cache dropped
