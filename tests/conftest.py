@@ -76,3 +76,18 @@ def _no_leaked_compilation_cache():
     _restore_compilation_cache()
     yield
     _restore_compilation_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Every XLA:CPU executable keeps its code in memory mappings of its own until JAX's caches drop it;
+    a session of ~900 tests keeps thousands alive and reaches the kernel's limit on mappings per process
+    (vm.max_map_count, 65,530 by default: the full suite's core dump had 65,382), where the next compile
+    or cache load segfaults inside XLA. Each test module's programs are dropped when it ends."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
