@@ -14,8 +14,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 def tpu_devices_or_skip(topology: str):
     """The devices of a TPU topology for ahead-of-time compile tests (libtpu from PyPI, no TPU needed),
     as the dry run builds them; skips the test where libtpu is missing or cannot start."""
-    import pytest
-
     from benchmarks.dryrun import tpu_devices
 
     try:
@@ -32,8 +30,6 @@ _NEEDS_LIBTPU = ("tpu_devices_or_skip", "compile_for_tpu", "_tpu_mesh(")
 def pytest_collection_modifyitems(config, items):
     import inspect
 
-    import pytest
-
     for item in items:
         fn = getattr(item, "function", None)
         try:
@@ -42,7 +38,6 @@ def pytest_collection_modifyitems(config, items):
             src = ""
         if item.module.__name__ == "test_dryrun" or any(s in src for s in _NEEDS_LIBTPU):
             item.add_marker(pytest.mark.tpu)
-
 
 
 def _compilation_cache_settings():
@@ -68,9 +63,8 @@ def _restore_compilation_cache():
 def _no_leaked_compilation_cache():
     """train.py's loop points JAX's persistent compilation cache at the run's cache directory for the rest of
     the process. A test (or a module fixture) that trains in-process must not leave the later tests of the
-    session reading and writing that cache (on a loaded host more compiles pass its 0.5 s threshold and get
-    cached; reading one back crashed a later V4.1 test in the cache read): every test starts and ends with
-    the session's own settings."""
+    session reading and writing that cache (their results would depend on what earlier tests compiled):
+    every test starts and ends with the session's own settings."""
     if not _BASELINE:
         _BASELINE.update(_compilation_cache_settings())
     _restore_compilation_cache()
